@@ -1,0 +1,27 @@
+"""Errors of mfd: each carries one line a user can act on.
+
+The CLI prints ``str(error)`` on stderr and exits 1; anything else escaping is a bug.
+"""
+
+
+class MfdError(Exception):
+    """Base class: a failure the user should see as one clear line."""
+
+
+class UsageError(MfdError):
+    """A wrong option or argument (exit status 2)."""
+
+
+class ProtocolError(MfdError):
+    """Bytes read from a file or a socket do not follow the format.
+
+    The message names where (file offset or channel), what was read and what was expected.
+    """
+
+
+class BrokenPipeline(MfdError):
+    """A worker died or reported an error; the pipeline refuses further work."""
+
+
+class GuestError(MfdError):
+    """The guest process is missing, refused a command, or died."""

@@ -1,0 +1,82 @@
+"""QEMU's constants for the savevm stream, RAM records, mapped-ram and multifd.
+
+Values are QEMU 10.x's (migration/savevm.h, migration/ram.h, migration/multifd.h); see
+shared/qemu-format.md for where each comes from.
+"""
+
+TARGET_PAGE_SIZE = 4096
+TARGET_PAGE_BITS = 12
+
+# savevm.h
+QEMU_VM_FILE_MAGIC = 0x5145564D  # "QEVM"
+QEMU_VM_FILE_VERSION = 3
+QEMU_VM_FILE_VERSION_COMPAT = 2  # refused by QEMU's loader as obsolete
+
+QEMU_VM_EOF = 0x00
+QEMU_VM_SECTION_START = 0x01
+QEMU_VM_SECTION_PART = 0x02
+QEMU_VM_SECTION_END = 0x03
+QEMU_VM_SECTION_FULL = 0x04
+QEMU_VM_SUBSECTION = 0x05
+QEMU_VM_VMDESCRIPTION = 0x06
+QEMU_VM_CONFIGURATION = 0x07
+QEMU_VM_COMMAND = 0x08
+QEMU_VM_SECTION_FOOTER = 0x7E
+
+SECTION_NAMES = {
+    QEMU_VM_SECTION_START: "SECTION_START",
+    QEMU_VM_SECTION_PART: "SECTION_PART",
+    QEMU_VM_SECTION_END: "SECTION_END",
+    QEMU_VM_SECTION_FULL: "SECTION_FULL",
+}
+
+# MIG_CMD_* (migration/savevm.c)
+MIG_CMD_NAMES = {
+    0: "INVALID",
+    1: "OPEN_RETURN_PATH",
+    2: "PING",
+    3: "POSTCOPY_ADVISE",
+    4: "POSTCOPY_LISTEN",
+    5: "POSTCOPY_RUN",
+    6: "POSTCOPY_RAM_DISCARD",
+    7: "PACKAGED",
+    8: "ENABLE_COLO",
+    9: "POSTCOPY_RESUME",
+    10: "RECV_BITMAP",
+    11: "SWITCHOVER_START",
+}
+MIG_CMD_SWITCHOVER_START = 11
+
+# RAM section: idstr "ram", instance 0, version 4 (the loader rejects any other version)
+RAM_SECTION_IDSTR = "ram"
+RAM_SECTION_VERSION = 4
+
+# RAM_SAVE_FLAG_* (migration/ram.h): low bits of a be64 word
+RAM_SAVE_FLAG_FULL = 0x001
+RAM_SAVE_FLAG_ZERO = 0x002
+RAM_SAVE_FLAG_MEM_SIZE = 0x004
+RAM_SAVE_FLAG_PAGE = 0x008
+RAM_SAVE_FLAG_EOS = 0x010
+RAM_SAVE_FLAG_CONTINUE = 0x020
+RAM_SAVE_FLAG_XBZRLE = 0x040
+RAM_SAVE_FLAG_HOOK = 0x080
+RAM_SAVE_FLAG_COMPRESS_PAGE = 0x100
+RAM_SAVE_FLAG_MULTIFD_FLUSH = 0x200
+
+# mapped-ram (migration/ram.c)
+MAPPED_RAM_HDR_VERSION = 1
+MAPPED_RAM_HDR_SIZE = 28
+MAPPED_RAM_FILE_OFFSET_ALIGNMENT = 0x100000
+MAPPED_RAM_LOAD_BUF_SIZE = 0x100000
+
+# Capabilities QEMU validates through the configuration section (migration/savevm.c)
+VALIDATED_CAPABILITIES = ("x-ignore-shared", "mapped-ram")
+CAP_MAPPED_RAM = "mapped-ram"
+
+# multifd (migration/multifd.h)
+MULTIFD_MAGIC = 0x11223344
+MULTIFD_VERSION = 1
+MULTIFD_PACKET_SIZE = 512 * 1024
+MULTIFD_PAGE_COUNT = MULTIFD_PACKET_SIZE // TARGET_PAGE_SIZE  # 128
+
+IDSTR_MAX = 255

@@ -1,0 +1,119 @@
+"""Device sections that QEMU writes for ``-machine none`` (``timer``, ``globalstate``) and
+the vmdesc JSON that describes them.
+
+mfd writes them exactly as QEMU 10 does, so an mfd file of an image is byte-identical to
+QEMU's own up to the end of the vmdesc; they are also what mfd knows how to skip when it reads
+a QEMU file. Layouts: ``migration/global_state.c`` and ``system/cpu-timers.c``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+
+from mfd.protocol import constants as C
+from mfd.protocol.codec import Reader
+
+TIMER_SECTION_ID = 0
+RAM_SECTION_ID = 1
+GLOBALSTATE_SECTION_ID = 3
+
+_TIMER = struct.Struct(">q8sq")
+_RUNSTATE_LEN = 32
+_GLOBALSTATE_UNUSED = 66
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    """A decoded device section: its name and its fields (for ``inspect``)."""
+
+    idstr: str
+    instance_id: int
+    version_id: int
+    fields: dict[str, object]
+
+
+def encode_timer(cpu_ticks_offset: int = 0, cpu_clock_offset: int = 0) -> bytes:
+    return _TIMER.pack(cpu_ticks_offset, bytes(8), cpu_clock_offset)
+
+
+def encode_globalstate(runstate: str) -> bytes:
+    """``globalstate`` v1: be32 size (strlen + NUL), runstate[32], two u8 flags, unused[66]."""
+    raw = runstate.encode()
+    assert len(raw) < _RUNSTATE_LEN
+    return (struct.pack(">I", len(raw) + 1) + raw.ljust(_RUNSTATE_LEN, b"\0")
+            + bytes([1, 0]) + bytes(_GLOBALSTATE_UNUSED))
+
+
+def _decode_timer(r: Reader) -> dict[str, object]:
+    ticks, _unused, clock = _TIMER.unpack(r.take(_TIMER.size, "timer state"))
+    return {"cpu_ticks_offset": ticks, "cpu_clock_offset": clock}
+
+
+def _decode_globalstate(r: Reader) -> dict[str, object]:
+    at = r.pos
+    size = r.be32("globalstate size")
+    if not 1 <= size <= _RUNSTATE_LEN:
+        raise r.error(f"globalstate runstate size {size}, expected 1..{_RUNSTATE_LEN}", at=at)
+    raw = bytes(r.take(_RUNSTATE_LEN, "globalstate runstate"))
+    has_suspended = r.u8("globalstate has_vm_was_suspended")
+    suspended = r.u8("globalstate vm_was_suspended")
+    r.take(_GLOBALSTATE_UNUSED, "globalstate unused")
+    runstate = raw[: size - 1].decode("ascii", errors="replace")
+    return {"runstate": runstate, "has_vm_was_suspended": has_suspended,
+            "vm_was_suspended": suspended}
+
+
+# idstr -> (version_id, decoder); a device not listed here cannot be skipped, because the
+# stream does not record section lengths.
+KNOWN_DEVICES = {
+    "timer": (2, _decode_timer),
+    "globalstate": (1, _decode_globalstate),
+}
+
+
+def decode_device(r: Reader, idstr: str, instance_id: int, version_id: int) -> DeviceState:
+    known = KNOWN_DEVICES.get(idstr)
+    if known is None:
+        raise r.error(f"device section {idstr!r} has no layout mfd knows (the stream does not "
+                      "record section lengths, so it cannot be skipped)")
+    version, decode = known
+    if version_id != version:
+        raise r.error(f"device {idstr!r} version {version_id}, expected {version}")
+    return DeviceState(idstr, instance_id, version_id, decode(r))
+
+
+def _field(name: str, kind: str, size: int) -> dict[str, object]:
+    return {"name": name, "type": kind, "size": size}
+
+
+def vmdesc_json(machine: str, capabilities: tuple[str, ...]) -> bytes:
+    """QEMU's vmdesc for the configuration, timer and globalstate (``vmstate_save`` JSON).
+
+    Python's default separators give QEMU's ``", "`` and ``": "`` spacing.
+    """
+    configuration: dict[str, object] = {
+        "vmsd_name": "configuration", "version": 1,
+        "fields": [_field("len", "uint32", 4), _field("name", "buffer", len(machine.encode()))],
+    }
+    if capabilities:
+        configuration["subsections"] = [{
+            "vmsd_name": "configuration/capabilities", "version": 1,
+            "fields": [_field("caps_count", "uint32", 4),
+                       _field("capabilities", "capability",
+                              sum(1 + len(c.encode()) for c in capabilities))],
+        }]
+    devices = [
+        {"name": "timer", "instance_id": 0, "vmsd_name": "timer", "version": 2,
+         "fields": [_field("cpu_ticks_offset", "int64", 8),
+                    _field("unused", "unused_buffer", 8),
+                    _field("cpu_clock_offset", "int64", 8)]},
+        {"name": "globalstate", "instance_id": 0, "vmsd_name": "globalstate", "version": 1,
+         "fields": [_field("size", "uint32", 4), _field("runstate", "buffer", _RUNSTATE_LEN),
+                    _field("has_vm_was_suspended", "uint8", 1),
+                    _field("vm_was_suspended", "uint8", 1),
+                    _field("unused", "buffer", _GLOBALSTATE_UNUSED)]},
+    ]
+    doc = {"configuration": configuration, "page_size": C.TARGET_PAGE_SIZE, "devices": devices}
+    return json.dumps(doc).encode()

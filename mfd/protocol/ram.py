@@ -1,0 +1,129 @@
+"""RAM section records (``migration/ram.c``): MEM_SIZE and the block list, page records, EOS.
+
+Each record starts with a be64 word ``offset_in_block | flags``; flags are the low bits below
+the page size. Mirrors ``ram_save_setup`` (MEM_SIZE + block list), ``save_page_header``,
+``save_zero_page`` and ``ram_load_precopy``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mfd.protocol import constants as C
+from mfd.protocol.codec import Reader, Writer
+
+FLAG_MASK = C.TARGET_PAGE_SIZE - 1
+
+FLAG_NAMES = {
+    C.RAM_SAVE_FLAG_ZERO: "ZERO",
+    C.RAM_SAVE_FLAG_MEM_SIZE: "MEM_SIZE",
+    C.RAM_SAVE_FLAG_PAGE: "PAGE",
+    C.RAM_SAVE_FLAG_EOS: "EOS",
+    C.RAM_SAVE_FLAG_CONTINUE: "CONTINUE",
+    C.RAM_SAVE_FLAG_XBZRLE: "XBZRLE",
+    C.RAM_SAVE_FLAG_HOOK: "HOOK",
+    C.RAM_SAVE_FLAG_COMPRESS_PAGE: "COMPRESS_PAGE",
+    C.RAM_SAVE_FLAG_MULTIFD_FLUSH: "MULTIFD_FLUSH",
+}
+
+
+def flag_names(flags: int) -> str:
+    return "|".join(n for f, n in FLAG_NAMES.items() if flags & f) or "0"
+
+
+@dataclass(frozen=True)
+class RamRecord:
+    """One decoded record. ``data_offset`` is the absolute offset of a PAGE's bytes."""
+
+    flags: int
+    addr: int
+    idstr: str | None = None  # the block, resolved through CONTINUE
+    fill: int = 0  # ZERO's fill byte
+    data_offset: int = -1
+    total: int = 0  # MEM_SIZE's total
+
+
+def encode_mem_size(total: int) -> bytes:
+    assert total % C.TARGET_PAGE_SIZE == 0
+    return Writer().be64(total | C.RAM_SAVE_FLAG_MEM_SIZE).getvalue()
+
+
+def encode_block_entry(idstr: str, used_length: int) -> bytes:
+    """u8 len + idstr + be64 used_length (mapped-ram's header follows separately)."""
+    return Writer().counted_str(idstr).be64(used_length).getvalue()
+
+
+def encode_eos() -> bytes:
+    return Writer().be64(C.RAM_SAVE_FLAG_EOS).getvalue()
+
+
+def encode_multifd_flush() -> bytes:
+    return Writer().be64(C.RAM_SAVE_FLAG_MULTIFD_FLUSH).getvalue()
+
+
+def encode_page_header(addr: int, flags: int, idstr: str | None) -> bytes:
+    """``save_page_header``: the block's name only when the record does not CONTINUE."""
+    assert addr & FLAG_MASK == 0
+    if idstr is None:
+        return Writer().be64(addr | flags | C.RAM_SAVE_FLAG_CONTINUE).getvalue()
+    return Writer().be64(addr | flags).counted_str(idstr).getvalue()
+
+
+def encode_page(addr: int, data: bytes, idstr: str | None) -> bytes:
+    assert len(data) == C.TARGET_PAGE_SIZE
+    return encode_page_header(addr, C.RAM_SAVE_FLAG_PAGE, idstr) + bytes(data)
+
+
+def encode_zero_page(addr: int, idstr: str | None) -> bytes:
+    return encode_page_header(addr, C.RAM_SAVE_FLAG_ZERO, idstr) + b"\x00"
+
+
+def decode_block_entry(r: Reader) -> tuple[str, int, int]:
+    """Returns (idstr, used_length, entry offset)."""
+    at = r.offset
+    idstr = r.counted_str("block idstr")
+    if not idstr:
+        raise r.error("empty block idstr", at=at - r.base)
+    used_length = r.be64(f"used_length of block {idstr!r}")
+    if used_length == 0 or used_length % C.TARGET_PAGE_SIZE:
+        raise r.error(f"block {idstr!r}: used_length {used_length:#x} is not a positive "
+                      f"multiple of {C.TARGET_PAGE_SIZE}", at=r.pos - 8)
+    return idstr, used_length, at
+
+
+def decode_record(r: Reader, blocks: dict[str, int], last_block: str | None) -> RamRecord:
+    """One page record or EOS/MULTIFD_FLUSH; validates the block and the offset in it.
+
+    ``blocks`` maps idstr -> used_length (the block list); ``last_block`` resolves CONTINUE.
+    """
+    at = r.pos
+    word = r.be64("RAM record")
+    flags = word & FLAG_MASK
+    addr = word & ~FLAG_MASK
+    kind = flags & ~C.RAM_SAVE_FLAG_CONTINUE
+    if kind in (C.RAM_SAVE_FLAG_EOS, C.RAM_SAVE_FLAG_MULTIFD_FLUSH):
+        if addr or flags & C.RAM_SAVE_FLAG_CONTINUE:
+            raise r.error(f"RAM record {word:#x}: {flag_names(kind)} with an address", at=at)
+        return RamRecord(flags, 0)
+    if kind not in (C.RAM_SAVE_FLAG_PAGE, C.RAM_SAVE_FLAG_ZERO):
+        raise r.error(f"unexpected RAM flags {flags:#x} ({flag_names(flags)})", at=at)
+    if flags & C.RAM_SAVE_FLAG_CONTINUE:
+        if last_block is None:
+            raise r.error("RAM record with CONTINUE but no block named before", at=at)
+        idstr = last_block
+    else:
+        idstr = r.counted_str("page record block idstr")
+        if idstr not in blocks:
+            raise r.error(f"page record names unknown block {idstr!r}", at=at)
+    if addr + C.TARGET_PAGE_SIZE > blocks[idstr]:
+        raise r.error(f"page offset {addr:#x} is past the end of block {idstr!r} "
+                      f"(used_length {blocks[idstr]:#x})", at=at)
+    if kind == C.RAM_SAVE_FLAG_ZERO:
+        fill = r.u8("zero page fill byte")
+        if fill:
+            raise r.error(f"zero page record with fill byte {fill:#04x}, expected 0",
+                          at=r.pos - 1)
+        return RamRecord(flags, addr, idstr)
+    data_offset = r.offset
+    r.take(C.TARGET_PAGE_SIZE, f"page data at {addr:#x} of block {idstr!r}")
+    return RamRecord(flags, addr, idstr, data_offset=data_offset)
