@@ -120,8 +120,10 @@ def bits_to_words(bits: np.ndarray) -> np.ndarray:
 
 def words_to_bits(words: np.ndarray | bytes, num_pages: int) -> np.ndarray:
     """Bitmap words -> bool per page; bits beyond ``num_pages`` are ignored (as QEMU does)."""
-    raw = np.frombuffer(words, dtype=np.uint8) if isinstance(words, bytes | bytearray | memoryview) \
-        else np.asarray(words, dtype="<u8").view(np.uint8)
+    if isinstance(words, np.ndarray):
+        raw = np.asarray(words, dtype="<u8").view(np.uint8)
+    else:
+        raw = np.frombuffer(words, dtype=np.uint8)
     return np.unpackbits(raw, count=num_pages, bitorder="little").astype(bool)
 
 
@@ -130,3 +132,14 @@ def set_runs(bits: np.ndarray) -> np.ndarray:
     padded = np.concatenate(([False], bits.astype(bool, copy=False), [False]))
     edges = np.flatnonzero(padded[1:] != padded[:-1])
     return edges.reshape(-1, 2)
+
+
+def page_runs(pages: np.ndarray) -> np.ndarray:
+    """Sorted page indices -> (n, 2) array of [start, end) runs of consecutive pages."""
+    if len(pages) == 0:
+        return np.empty((0, 2), dtype=np.int64)
+    pages = pages.astype(np.int64, copy=False)
+    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+    starts = pages[np.concatenate(([0], breaks))]
+    ends = pages[np.concatenate((breaks - 1, [len(pages) - 1]))] + 1
+    return np.stack((starts, ends), axis=1)

@@ -1,0 +1,5 @@
+import sys
+
+from mfd.cli import main
+
+sys.exit(main())

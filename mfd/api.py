@@ -1,0 +1,172 @@
+"""mfd's Python API: the functions the CLI is a thin layer over.
+
+    >>> import mfd
+    >>> mfd.save("vm.mig", images={"mem": "ram.bin"})          # parallel mapped-ram save
+    >>> mfd.restore("vm.mig", images={"mem": "out.bin"})        # any number of channels
+    >>> mfd.inspect("vm.mig")["ram_blocks"]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+
+from mfd.describe import describe
+from mfd.errors import MfdError
+from mfd.main_thread import load as loader
+from mfd.main_thread.save import FileSaver, Progress, SaveOptions
+from mfd.options import MigrationParameters
+from mfd.protocol.constants import TARGET_PAGE_SIZE
+from mfd.shm import control
+from mfd.shm.ramblock import RAMBlock
+from mfd.shm.workload import WorkloadState
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    path: str
+    status: str
+    total_time_ms: float
+    downtime_ms: float | None
+    setup_time_ms: float
+    rounds: int
+    transferred: int
+    normal_pages: int
+    zero_pages: int
+    cpu_throttle_percentage: int
+    digests: dict[str, str]
+    query_migrate: dict = field(repr=False)
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    path: str
+    blocks: dict[str, str]  # idstr -> where the RAM went (image path or shm path)
+    seconds: float
+    bytes_read: int
+    verified: bool  # blake3 digests matched mfd's trailer
+    guest: str | None = None
+
+
+def image_blocks(images: dict[str, str]) -> list[RAMBlock]:
+    out = []
+    for name, path in images.items():
+        try:
+            size = os.stat(path).st_size
+        except OSError as e:
+            raise MfdError(f"image {name}={path}: {e.strerror}") from None
+        if size == 0 or size % TARGET_PAGE_SIZE:
+            raise MfdError(f"image {name}={path}: size {size} is not a positive multiple of "
+                           f"{TARGET_PAGE_SIZE}")
+        out.append(RAMBlock(name, size, path))
+    return out
+
+
+def guest_blocks(status: dict) -> list[RAMBlock]:
+    return [RAMBlock(b["idstr"], int(b["used_length"]), b["path"]) for b in status["blocks"]]
+
+
+def save(path: str, *, images: dict[str, str] | None = None, guest: str | None = None,
+         params: MigrationParameters | None = None, machine: str = "none", offset: int = 0,
+         stop_first: bool = False, progress: Progress | None = None,
+         options: SaveOptions | None = None) -> SaveResult:
+    """Save raw images or a running guest's RAM to ``path`` in QEMU's mapped-ram format."""
+    if (images is None) == (guest is None):
+        raise MfdError("save needs either images or a guest")
+    params = params or MigrationParameters()
+    opts = options or SaveOptions(machine=machine, offset=offset, stop_first=stop_first)
+    client = None
+    try:
+        if guest is not None:
+            client = control.GuestClient(guest)
+            blocks = guest_blocks(client.query())
+        else:
+            assert images is not None
+            blocks = image_blocks(images)
+        saver = FileSaver(path, blocks, params, opts, client, progress)
+        stats = saver.run()
+    finally:
+        if client is not None:
+            client.close()
+    return SaveResult(path, stats.status, stats.total_time_ms, stats.downtime_ms,
+                      stats.setup_time * 1000, stats.dirty_sync_count, stats.transferred,
+                      stats.normal, stats.duplicate, stats.cpu_throttle_percentage,
+                      {k: v.blake3 for k, v in saver.digests.items()}, stats.query_migrate())
+
+
+def _fresh_file(path: str, size: int) -> None:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, size)  # sparse and zeroed: restore relies on zeroed RAM
+    finally:
+        os.close(fd)
+
+
+def restore(path: str, *, images: dict[str, str] | None = None, guest: str | None = None,
+            channels: int = 2, offset: int = 0, direct_io: bool = False) -> RestoreResult:
+    """Restore a migration file (mapped-ram or stream, QEMU's or mfd's) into raw images or
+    into a new, stopped guest. Nothing the user had is touched unless the restore succeeds:
+    images are written to temporary files renamed into place at the end."""
+    if (images is None) == (guest is None):
+        raise MfdError("restore needs either images or a guest")
+    if not 1 <= channels <= 255:
+        raise MfdError(f"multifd-channels {channels}, expected 1..255")
+    with loader.OpenedFile(path, offset) as opened:
+        mf = opened.file
+        if images is not None:
+            return _restore_images(opened, images, channels, direct_io)
+        assert guest is not None
+        workload = WorkloadState(0, "random", 1)
+        if mf.trailer is not None and mf.trailer.guest:
+            w = mf.trailer.guest.get("workload") or {}
+            workload = WorkloadState(**{k: w[k] for k in vars(workload) if k in w})
+        argv = ["--name", guest, "--stopped", "--dirty-rate", str(workload.dirty_rate),
+                "--pattern", workload.pattern, "--seed", str(workload.seed),
+                "--counter", str(workload.counter), "--cursor", str(workload.cursor)]
+        for b in mf.blocks:
+            argv += ["--block", f"{b.idstr}={b.used_length}"]
+        client = control.start_guest_daemon(argv, guest)
+        try:
+            targets = {b.idstr: b for b in guest_blocks(client.query())}
+            result = loader.load(opened, targets, channels, direct_io)
+        except BaseException:
+            with contextlib.suppress(MfdError):
+                client.quit()
+            raise
+        finally:
+            client.close()
+        return RestoreResult(path, {k: v.path for k, v in targets.items()}, result.seconds,
+                             result.bytes_read, result.verified, guest)
+
+
+def _restore_images(opened: loader.OpenedFile, images: dict[str, str], channels: int,
+                    direct_io: bool) -> RestoreResult:
+    sizes = {b.idstr: b.used_length for b in opened.file.blocks}
+    temps = {name: f"{p}.mfd-restore-{os.getpid()}" for name, p in images.items()}
+    targets = {name: RAMBlock(name, sizes.get(name, 0), t) for name, t in temps.items()}
+    loader.check_targets(opened.file, targets)
+    created: list[str] = []
+    try:
+        for t in targets.values():
+            try:
+                _fresh_file(t.path, t.used_length)
+            except OSError as e:
+                raise MfdError(f"cannot create {t.path}: {e.strerror}") from None
+            created.append(t.path)
+        result = loader.load(opened, targets, channels, direct_io)
+        for name, t in targets.items():
+            os.replace(t.path, images[name])
+        created.clear()
+    finally:
+        for p in created:
+            with contextlib.suppress(OSError):
+                os.unlink(p)
+    return RestoreResult(opened.path, dict(images), result.seconds, result.bytes_read,
+                         result.verified)
+
+
+def inspect(path: str, offset: int = 0) -> dict[str, object]:
+    """The structure of any QEMU migration file (QEMU's own included)."""
+    with loader.OpenedFile(path, offset) as opened:
+        return describe(opened.file, opened.mm)

@@ -1,0 +1,269 @@
+"""The ``mfd`` command: one entry point, subcommands, QEMU's option names.
+
+Errors are one line on stderr: exit 2 for usage errors, 1 for everything else, 130 on Ctrl-C.
+Set MFD_DEBUG=1 to see a traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+import orjson
+
+from mfd import __version__, api
+from mfd.errors import MfdError, UsageError
+from mfd.options import MigrationParameters
+from mfd.shm import control
+from mfd.shm.guest import GuestConfig, run_guest
+from mfd.shm.workload import PATTERNS, WorkloadState
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """``4096``, ``16384K``, ``200M``, ``1G``, ``1.5GiB`` (binary units, as QEMU's -m)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 4096, 200M, 1G)")
+    mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
+    return int(float(m.group(1)) * mult)
+
+
+def parse_named(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name or not value:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
+def named_size(text: str) -> tuple[str, int]:
+    name, value = parse_named(text)
+    return name, parse_size(value)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _channels(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--multifd-channels", type=int, default=2, metavar="N",
+                   help="parallel channels (default 2, as QEMU)")
+
+
+def _params(args: argparse.Namespace) -> MigrationParameters:
+    return MigrationParameters(
+        multifd_channels=args.multifd_channels,
+        zero_page_detection=args.zero_page_detection,
+        direct_io=args.direct_io,
+        downtime_limit=args.downtime_limit,
+        max_bandwidth=args.max_bandwidth,
+        auto_converge=args.auto_converge,
+        cpu_throttle_initial=args.cpu_throttle_initial,
+        cpu_throttle_increment=args.cpu_throttle_increment,
+        cpu_throttle_tailslow=args.cpu_throttle_tailslow,
+        max_cpu_throttle=args.max_cpu_throttle,
+        throttle_trigger_threshold=args.throttle_trigger_threshold,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    top = _Parser(prog="mfd", description="QEMU multifd RAM migration and mapped-ram "
+                  "save/restore, as a multiprocess pipeline.")
+    top.add_argument("--version", action="version", version=f"mfd {__version__}")
+    sub = top.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    g = sub.add_parser("guest", help="start or control the built-in guest")
+    g.add_argument("--name", required=True)
+    g.add_argument("--ram", type=parse_size, help="size of the RAM block 'mem' (e.g. 1G)")
+    g.add_argument("--block", type=named_size, action="append", default=[],
+                   metavar="NAME=SIZE", help="another RAM block")
+    g.add_argument("--dirty-rate", type=parse_size, default=0,
+                   help="bytes the guest dirties per second of run time (0 = idle)")
+    g.add_argument("--pattern", choices=PATTERNS, default="random")
+    g.add_argument("--seed", type=int, default=1)
+    g.add_argument("--counter", type=int, default=0, help=argparse.SUPPRESS)
+    g.add_argument("--cursor", type=int, default=0, help=argparse.SUPPRESS)
+    g.add_argument("--stopped", action="store_true", help="start paused (like QEMU's -S)")
+    g.add_argument("--daemonize", action="store_true",
+                   help="run in the background; return once the guest answers")
+    act = g.add_mutually_exclusive_group()
+    for name in ("stop", "cont", "quit", "query"):
+        act.add_argument(f"--{name}", dest="action", action="store_const", const=name)
+    act.add_argument("--throttle", type=int, metavar="PCT", help="set cpu throttle percentage")
+
+    s = sub.add_parser("save", help="save guest RAM to a mapped-ram file, in parallel")
+    s.add_argument("file")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--image", type=parse_named, action="append", metavar="NAME=PATH",
+                     help="a raw RAM image saved as the RAMBlock NAME")
+    src.add_argument("--guest", help="a running guest (live save)")
+    s.add_argument("--stop-first", action="store_true",
+                   help="pause the guest before saving, as virsh save does")
+    s.add_argument("--machine", default="none", help="machine type in the file (default none)")
+    s.add_argument("--offset", type=parse_size, default=0,
+                   help="start of the stream in FILE; bytes before it are kept")
+    _channels(s)
+    s.add_argument("--zero-page-detection", choices=("multifd", "legacy", "none"),
+                   default="multifd")
+    s.add_argument("--direct-io", action="store_true", help="O_DIRECT channel writes")
+    s.add_argument("--downtime-limit", type=int, default=300, metavar="MS")
+    s.add_argument("--max-bandwidth", type=parse_size, default=0,
+                   help="bytes per second (0 = unlimited, mfd's default)")
+    s.add_argument("--auto-converge", action="store_true")
+    s.add_argument("--cpu-throttle-initial", type=int, default=20)
+    s.add_argument("--cpu-throttle-increment", type=int, default=10)
+    s.add_argument("--cpu-throttle-tailslow", action="store_true")
+    s.add_argument("--max-cpu-throttle", type=int, default=99)
+    s.add_argument("--throttle-trigger-threshold", type=int, default=50)
+    s.add_argument("--json", action="store_true")
+
+    r = sub.add_parser("restore", help="restore a migration file (mfd's or QEMU's)")
+    r.add_argument("file")
+    dst = r.add_mutually_exclusive_group(required=True)
+    dst.add_argument("--image", type=parse_named, action="append", metavar="NAME=PATH",
+                     help="write RAMBlock NAME to the raw image PATH")
+    dst.add_argument("--guest", help="start a new, stopped guest with the restored RAM")
+    r.add_argument("--offset", type=parse_size, default=0)
+    _channels(r)
+    r.add_argument("--direct-io", action="store_true")
+    r.add_argument("--json", action="store_true")
+
+    i = sub.add_parser("inspect", help="show the structure of a QEMU migration file")
+    i.add_argument("file")
+    i.add_argument("--offset", type=parse_size, default=0)
+    i.add_argument("--json", action="store_true")
+    return top
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError
+
+
+def _progress_line(stats) -> None:
+    q = stats.query_migrate()
+    r = q["ram"]
+    sys.stderr.write(f"\rround {r['dirty-sync-count']:>3}  transferred {_human(r['transferred'])}"
+                     f"  remaining {_human(r['remaining'])}  {r['mbps']:.0f} Mbps  throttle "
+                     f"{stats.cpu_throttle_percentage}%   ")
+    sys.stderr.flush()
+
+
+def cmd_guest(args: argparse.Namespace) -> int:
+    if args.action or args.throttle is not None:
+        with control.GuestClient(args.name) as g:
+            if args.throttle is not None:
+                out = g.set_throttle(args.throttle)
+            elif args.action == "quit":
+                g.quit()
+                print(f"guest {args.name} quit")
+                return 0
+            else:
+                out = getattr(g, args.action)()
+        print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    blocks = ([("mem", args.ram)] if args.ram else []) + list(args.block)
+    if not blocks:
+        raise UsageError("mfd guest: give --ram SIZE and/or --block NAME=SIZE")
+    for name, size in blocks:
+        if size <= 0 or size % 4096:
+            raise UsageError(f"mfd guest: block {name!r} size {size} is not a positive "
+                             "multiple of 4096")
+    if args.daemonize:
+        argv = [a for a in sys.argv[sys.argv.index("guest") + 1:] if a != "--daemonize"]
+        control.start_guest_daemon(argv, args.name).close()
+        print(f"guest {args.name} running in the background "
+              f"(control socket {control.socket_path(args.name)})")
+        return 0
+    cfg = GuestConfig(args.name, tuple(blocks),
+                      WorkloadState(args.dirty_rate, args.pattern, args.seed, args.counter,
+                                    args.cursor), start_stopped=args.stopped)
+
+    def ready(ram) -> None:
+        paths = ", ".join(f"{b.idstr}={b.path}" for b in ram.blocks)
+        print(f"guest {args.name} {'paused' if args.stopped else 'running'}: {paths}",
+              flush=True)
+
+    run_guest(cfg, ready)
+    return 0
+
+
+def cmd_save(args: argparse.Namespace) -> int:
+    images = dict(args.image) if args.image else None
+    progress = _progress_line if sys.stderr.isatty() and args.guest and not args.json else None
+    res = api.save(args.file, images=images, guest=args.guest, params=_params(args),
+                   machine=args.machine, offset=args.offset, stop_first=args.stop_first,
+                   progress=progress)
+    if progress:
+        sys.stderr.write("\n")
+    if args.json:
+        print(orjson.dumps(res.query_migrate | {"file": args.file,
+                                                "digests": res.digests}).decode())
+        return 0
+    total = res.normal_pages * 4096
+    secs = res.total_time_ms / 1000
+    down = f", downtime {res.downtime_ms:.0f} ms" if args.guest else ""
+    print(f"saved {args.file}: {res.normal_pages} pages written ({_human(total)}), "
+          f"{res.zero_pages} zero pages, {res.rounds} round(s), {secs:.3f} s{down}")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    images = dict(args.image) if args.image else None
+    res = api.restore(args.file, images=images, guest=args.guest,
+                      channels=args.multifd_channels, offset=args.offset,
+                      direct_io=args.direct_io)
+    if args.json:
+        print(orjson.dumps(vars(res)).decode())
+        return 0
+    where = f"guest {res.guest} (paused)" if res.guest else ", ".join(
+        f"{k}={v}" for k, v in res.blocks.items())
+    check = "digests verified" if res.verified else "no mfd trailer: nothing to verify"
+    print(f"restored {args.file} -> {where}: {_human(res.bytes_read)} read in "
+          f"{res.seconds:.3f} s, {check}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from mfd.describe import as_text
+
+    d = api.inspect(args.file, args.offset)
+    print(orjson.dumps(d, option=orjson.OPT_INDENT_2).decode() if args.json else as_text(d))
+    return 0
+
+
+COMMANDS = {"guest": cmd_guest, "save": cmd_save, "restore": cmd_restore,
+            "inspect": cmd_inspect}
+
+
+def main(argv: list[str] | None = None) -> int:
+    debug = bool(os.environ.get("MFD_DEBUG"))
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except UsageError as e:
+        print(f"mfd: {e}" if not str(e).startswith("mfd") else str(e), file=sys.stderr)
+        return 2
+    except MfdError as e:
+        if debug:
+            raise
+        print(f"mfd: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("mfd: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+    except Exception as e:  # a bug: still one line, the traceback only on request
+        if debug:
+            raise
+        print(f"mfd: internal error: {type(e).__name__}: {e} (MFD_DEBUG=1 for a traceback)",
+              file=sys.stderr)
+        return 1

@@ -1,0 +1,93 @@
+"""When to stop iterating, how fast we may go, and how hard to throttle the guest.
+
+Mirrors ``migration/migration.c`` (``migration_update_counters``: bandwidth per >= 100 ms
+window, ``threshold_size = bandwidth * downtime_limit``, expected downtime),
+``migration/ram.c`` (``migration_trigger_throttle`` and ``mig_throttle_guest_down``) and
+``migration_rate_limit`` (a budget of ``max-bandwidth / 10`` bytes per 100 ms window).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from mfd.options import MigrationParameters
+
+BUFFER_DELAY = 0.100  # QEMU's window for bandwidth and rate limiting
+THROTTLE_PERIOD = 1.0  # a dirty-rate period is judged at a bitmap sync >= 1 s after the last
+
+
+class BandwidthMeter:
+    """Bytes per second over the last complete window of at least 100 ms."""
+
+    def __init__(self) -> None:
+        self.window_start = time.monotonic()
+        self.window_bytes = 0
+        self.bandwidth = 0.0  # bytes per second
+
+    def add(self, nbytes: int) -> None:
+        self.window_bytes += nbytes
+        now = time.monotonic()
+        elapsed = now - self.window_start
+        if elapsed >= BUFFER_DELAY:
+            self.bandwidth = self.window_bytes / elapsed
+            self.window_start = now
+            self.window_bytes = 0
+
+    def threshold(self, downtime_limit_ms: int) -> float:
+        """Bytes that can still be sent within the downtime limit."""
+        return self.bandwidth * downtime_limit_ms / 1000.0
+
+
+class RateLimiter:
+    """``max-bandwidth``: after a window's budget is spent, sleep to the window's end."""
+
+    def __init__(self, max_bandwidth: int) -> None:
+        self.budget = max_bandwidth * BUFFER_DELAY
+        self.window_start = time.monotonic()
+        self.used = 0
+
+    def account(self, nbytes: int) -> None:
+        if self.budget <= 0:
+            return
+        self.used += nbytes
+        now = time.monotonic()
+        if now - self.window_start >= BUFFER_DELAY:
+            self.window_start, self.used = now, nbytes
+        elif self.used >= self.budget:
+            time.sleep(self.window_start + BUFFER_DELAY - now)
+            self.window_start, self.used = time.monotonic(), 0
+
+    def disable(self) -> None:
+        """At switchover QEMU lifts the limit."""
+        self.budget = 0
+
+
+@dataclass
+class AutoConverge:
+    """``migration_trigger_throttle`` + ``mig_throttle_guest_down``."""
+
+    params: MigrationParameters
+    percentage: int = 0
+    dirty_rate_high_cnt: int = 0
+
+    def on_period(self, bytes_dirty_period: int, bytes_xfer_period: int) -> int | None:
+        """Judge one >= 1 s period; returns a new throttle percentage, or None."""
+        threshold = bytes_xfer_period * self.params.throttle_trigger_threshold // 100
+        if bytes_dirty_period <= threshold:
+            return None
+        self.dirty_rate_high_cnt += 1
+        if self.dirty_rate_high_cnt < 2 or not self.params.auto_converge:
+            return None
+        self.dirty_rate_high_cnt = 0
+        p = self.params
+        if self.percentage == 0:
+            self.percentage = p.cpu_throttle_initial
+        else:
+            inc = p.cpu_throttle_increment
+            if p.cpu_throttle_tailslow:
+                cpu_now = 100 - self.percentage
+                cpu_ideal = cpu_now * (threshold / bytes_dirty_period)
+                inc = int(min(cpu_now - cpu_ideal, inc))
+            self.percentage = min(self.percentage + inc, p.max_cpu_throttle)
+        return self.percentage

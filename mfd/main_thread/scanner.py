@@ -1,0 +1,54 @@
+"""Page search over ``bmap`` (``migration_bitmap_find_dirty`` / ``find_dirty_block``).
+
+bmap is QEMU's layout: little-endian u64 words, bit set = the page must be sent. The scan is
+word-level: ``flatnonzero`` over words, then the set bits of only the non-zero words, in
+windows so the index arrays stay small whatever the RAM size (bounded memory).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from mfd.protocol.constants import MULTIFD_PAGE_COUNT
+
+WINDOW_WORDS = 1 << 14  # 1 Mi pages (4 GiB of RAM) per scan window
+
+
+def new_bmap(num_pages: int) -> np.ndarray:
+    """All pages dirty, as at setup (``ram_list_init_bitmaps``); bits past the end clear."""
+    words = np.full((num_pages + 63) // 64, np.uint64(0xFFFF_FFFF_FFFF_FFFF), dtype="<u8")
+    tail = num_pages % 64
+    if tail:
+        words[-1] = np.uint64((1 << tail) - 1)
+    return words
+
+
+def popcount(words: np.ndarray) -> int:
+    return int(np.unpackbits(words.view(np.uint8)).sum()) if len(words) else 0
+
+
+def take_dirty(words: np.ndarray, start: int, count: int) -> np.ndarray:
+    """Indices of the set bits in ``words[start:start+count]``, clearing them.
+
+    QEMU clears a page's bit before it sends the page (``migration_bitmap_clear_dirty``):
+    a write after this point sets it again in the guest's log and reaches the next round.
+    """
+    window = words[start : start + count]
+    nz = np.flatnonzero(window)
+    if len(nz) == 0:
+        return np.empty(0, dtype=np.uint32)
+    bits = np.unpackbits(window[nz].view(np.uint8), bitorder="little").reshape(-1, 64)
+    row, col = np.nonzero(bits)
+    window[nz] = 0
+    return ((nz[row] + start) * 64 + col).astype(np.uint32)
+
+
+def dirty_batches(words: np.ndarray,
+                  batch: int = MULTIFD_PAGE_COUNT) -> Iterator[np.ndarray]:
+    """One round over a block's bmap: batches of at most ``batch`` dirty pages, in order."""
+    for start in range(0, len(words), WINDOW_WORDS):
+        pages = take_dirty(words, start, WINDOW_WORDS)
+        for i in range(0, len(pages), batch):
+            yield pages[i : i + batch]

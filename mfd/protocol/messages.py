@@ -1,0 +1,67 @@
+"""Frames between the main process and its channel processes (ZeroMQ ROUTER <-> DEALER).
+
+Offsets only, never page bytes: a channel reads and writes guest RAM in shared memory itself.
+
+=========  ===========================================================  =========
+message    frames                                                       direction
+=========  ===========================================================  =========
+READY      b"READY", be32 channel id                                    channel ->
+JOB        b"JOB", be64 job id + be32 block index, u32 page array        -> channel
+           (save: page indices; restore: [start, end) pairs)
+DONE       b"DONE", be64 job id + be64 bytes moved, u8 nonzero mask      channel ->
+           (save: one byte per page of the job, 1 = written)
+ERROR      b"ERROR", text (a traceback)                                  channel ->
+STOP       b"STOP"                                                       -> channel
+=========  ===========================================================  =========
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+from mfd.errors import ProtocolError
+
+READY = b"READY"
+JOB = b"JOB"
+DONE = b"DONE"
+ERROR = b"ERROR"
+STOP = b"STOP"
+
+_JOB = struct.Struct(">QI")
+_DONE = struct.Struct(">QQ")
+_READY = struct.Struct(">I")
+
+
+def encode_ready(channel_id: int) -> list[bytes]:
+    return [READY, _READY.pack(channel_id)]
+
+
+def encode_job(job_id: int, block: int, pages: np.ndarray) -> list[bytes]:
+    return [JOB, _JOB.pack(job_id, block), np.ascontiguousarray(pages, dtype=np.uint32).data]
+
+
+def decode_job(frames: list) -> tuple[int, int, np.ndarray]:
+    if len(frames) != 3 or len(frames[1]) != _JOB.size:
+        raise ProtocolError(f"malformed JOB message ({len(frames)} frames)")
+    job_id, block = _JOB.unpack(frames[1])
+    return job_id, block, np.frombuffer(frames[2], dtype=np.uint32)
+
+
+def encode_done(job_id: int, moved: int, nonzero: np.ndarray | None = None) -> list[bytes]:
+    mask = b"" if nonzero is None else np.ascontiguousarray(nonzero, dtype=np.uint8).data
+    return [DONE, _DONE.pack(job_id, moved), mask]
+
+
+def decode_done(frames: list) -> tuple[int, int, np.ndarray]:
+    if len(frames) != 3 or len(frames[1]) != _DONE.size:
+        raise ProtocolError(f"malformed DONE message ({len(frames)} frames)")
+    job_id, moved = _DONE.unpack(frames[1])
+    return job_id, moved, np.frombuffer(frames[2], dtype=np.uint8).astype(bool)
+
+
+def decode_ready(frames: list) -> int:
+    if len(frames) != 2 or len(frames[1]) != _READY.size:
+        raise ProtocolError("malformed READY message")
+    return _READY.unpack(frames[1])[0]

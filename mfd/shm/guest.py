@@ -1,0 +1,169 @@
+"""The built-in guest: a process that owns RAM blocks in /dev/shm and keeps writing them.
+
+::
+
+    mfd guest --name vm0 ...                 GuestClient (main process, CLI)
+      SharedRAM (creates, unlinks)   <--REQ/REP over ipc://<run dir>/vm0.sock-->
+      Workload.tick() every 10 ms of run time   query, stop, cont, quit, harvest,
+      private dirty log                          set-throttle, get-state
+
+Throttle follows QEMU's cpu-throttle (``cpu_throttle_thread``): for each 10 ms timeslice the
+guest runs, it sleeps ``pct / (1 - pct)`` timeslices. Sleeps are polls on the control socket,
+so commands (stop, harvest) are served at once, even while throttled.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+import orjson
+import zmq
+
+from mfd.errors import MfdError
+from mfd.shm import control
+from mfd.shm.ramblock import SharedRAM, attach
+from mfd.shm.workload import Workload, WorkloadState
+
+TIMESLICE = 0.010  # QEMU's CPU_THROTTLE_TIMESLICE_NS
+
+
+@dataclass(frozen=True)
+class GuestConfig:
+    name: str
+    blocks: tuple[tuple[str, int], ...]
+    workload: WorkloadState
+    start_stopped: bool = False
+
+
+class _Quit(Exception):
+    pass
+
+
+def throttle_sleep(pct: int) -> float:
+    """Seconds to sleep after one timeslice of run time at ``pct`` percent throttle."""
+    if pct <= 0:
+        return 0.0
+    ratio = pct / 100.0
+    return ratio / (1.0 - ratio) * TIMESLICE
+
+
+class Guest:
+    def __init__(self, cfg: GuestConfig) -> None:
+        self.cfg = cfg
+        self.running = not cfg.start_stopped
+        self.throttle = 0
+        self.started = time.monotonic()
+
+    def serve(self, ram: SharedRAM, sock: zmq.Socket) -> None:
+        mapped = [attach(b, writable=True) for b in ram.blocks]
+        self.ram = ram
+        self.workload = Workload(mapped, self.cfg.workload)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        next_run = time.monotonic()
+        try:
+            while True:
+                now = time.monotonic()
+                wait = max(0.0, next_run - now) if self.running else None
+                if wait is None or wait > 0:
+                    events = dict(poller.poll(None if wait is None else wait * 1000))
+                    if sock in events:
+                        self.handle(sock)
+                    continue
+                self.workload.tick(TIMESLICE)
+                # run one timeslice, then the throttle's sleep; don't catch up after a stall
+                next_run = max(next_run + TIMESLICE, now) + throttle_sleep(self.throttle)
+        except _Quit:
+            pass
+        finally:
+            for m in mapped:
+                m.close()
+
+    def handle(self, sock: zmq.Socket) -> None:
+        try:
+            req = orjson.loads(sock.recv())
+            cmd = req["execute"]
+            args = req.get("arguments", {})
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            sock.send(orjson.dumps({"error": "malformed request"}))
+            return
+        if cmd == "harvest":
+            words = self.workload.harvest()
+            sock.send_multipart([orjson.dumps({"return": self.status()}), *words])
+            return
+        try:
+            reply = self.command(cmd, args)
+        except _Quit:
+            sock.send(orjson.dumps({"return": {}}))
+            raise
+        except (ValueError, TypeError, KeyError) as e:
+            reply = {"error": f"{cmd}: {e}"}
+        sock.send(orjson.dumps(reply))
+
+    def command(self, cmd: str, args: dict) -> dict:
+        if cmd == "query":
+            return {"return": self.status()}
+        if cmd == "stop":
+            self.running = False
+        elif cmd == "cont":
+            self.running = True
+        elif cmd == "set-throttle":
+            pct = int(args["percentage"])
+            if not 0 <= pct <= 99:
+                raise ValueError(f"throttle {pct}% outside 0..99")
+            self.throttle = pct
+        elif cmd == "quit":
+            raise _Quit
+        else:
+            return {"error": f"unknown command {cmd!r}"}
+        return {"return": self.status()}
+
+    def status(self) -> dict:
+        return {
+            "name": self.cfg.name,
+            "pid": os.getpid(),
+            "status": "running" if self.running else "paused",
+            "cpu-throttle-percentage": self.throttle,
+            "pages-written": self.workload.pages_written,
+            "workload": self.workload.state.to_json(),
+            "blocks": [{"idstr": b.idstr, "used_length": b.used_length, "path": b.path}
+                       for b in self.ram.blocks],
+        }
+
+
+def run_guest(cfg: GuestConfig, on_ready=None) -> None:
+    """Create the RAM, serve until quit, SIGTERM or Ctrl-C; always unlink what it created."""
+    path = control.socket_path(cfg.name)
+    if control.is_alive(cfg.name):
+        raise MfdError(f"a guest named {cfg.name!r} is already running")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+
+    def _term(signum, frame):  # SIGTERM ends like Ctrl-C: through the finally below
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _term)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.REP)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        with SharedRAM(cfg.name, list(cfg.blocks)) as ram:
+            if os.path.exists(path):
+                os.unlink(path)  # stale socket of a guest that died
+            sock.bind(f"ipc://{path}")
+            try:
+                guest = Guest(cfg)
+                guest.ram = ram
+                if on_ready is not None:
+                    on_ready(ram)
+                guest.serve(ram, sock)
+            except KeyboardInterrupt:
+                pass
+            finally:
+                if os.path.exists(path):
+                    os.unlink(path)
+    finally:
+        sock.close(0)
+        ctx.term()

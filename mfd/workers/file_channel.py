@@ -1,0 +1,156 @@
+"""A mapped-ram channel process: writes (save) or reads (restore) pages at fixed file offsets.
+
+Mirrors QEMU's file channels (``multifd_file_send``/``file_write_ramblock_iov`` and
+``multifd_file_recv_data``): each channel opens the file itself (``O_DIRECT`` with
+direct-io), reads guest RAM straight from shared memory and ``pwritev``s each run of
+contiguous pages at ``pages_offset + page * page_size``; on restore it ``preadv``s each run
+straight into the destination's shared memory. Only offsets cross the socket.
+
+::
+
+    main process (ROUTER)  --JOB(block, pages)-->  channel (DEALER)
+                           <--DONE(nonzero mask)--   zero check, pwritev per run
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import time
+import traceback
+from dataclasses import dataclass
+
+import numpy as np
+import zmq
+
+from mfd.protocol import messages
+from mfd.protocol.constants import TARGET_PAGE_SIZE
+from mfd.protocol.mapped_ram import page_runs
+from mfd.shm.ramblock import MappedBlock, RAMBlock, attach
+
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class FileChannelConfig:
+    channel_id: int
+    endpoint: str  # the main process's ROUTER
+    path: str  # the migration file
+    saving: bool  # True: pages -> file; False: file -> pages
+    blocks: tuple[RAMBlock, ...]
+    pages_offsets: tuple[int, ...]  # per block, absolute file offsets
+    direct_io: bool = False
+    zero_page_detection: bool = True  # multifd mode: the channel finds zero pages
+    delay: float = 0.0  # test-only: sleep before each job (slow channel)
+
+
+def _die_with_parent() -> None:
+    """The channel must not outlive the main process (which alone unlinks shm)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def channel_main(cfg: FileChannelConfig) -> None:
+    """Process entry point (spawned): one DEALER socket, one file descriptor, one loop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    _die_with_parent()
+    parent = os.getppid()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(cfg.endpoint)
+    try:
+        channel = FileChannel(cfg)
+        try:
+            sock.send_multipart(messages.encode_ready(cfg.channel_id))
+            while True:
+                if not sock.poll(1000):
+                    if os.getppid() != parent:
+                        return
+                    continue
+                frames = sock.recv_multipart(copy=False)
+                kind = frames[0].bytes
+                if kind == messages.STOP:
+                    return
+                if kind != messages.JOB:
+                    raise RuntimeError(f"unexpected message {kind[:16]!r}")
+                job_id, block, pages = messages.decode_job([f.bytes for f in frames])
+                if cfg.delay:
+                    time.sleep(cfg.delay)
+                sock.send_multipart(channel.run(job_id, block, pages), copy=False)
+        finally:
+            channel.close()
+    except Exception:
+        sock.send_multipart([messages.ERROR, traceback.format_exc().encode()])
+        raise SystemExit(1) from None
+    finally:
+        sock.close(0)
+        ctx.term()
+
+
+def open_channel_fd(path: str, saving: bool, direct_io: bool) -> int:
+    flags = (os.O_WRONLY if saving else os.O_RDONLY) | (os.O_DIRECT if direct_io else 0)
+    return os.open(path, flags)
+
+
+class FileChannel:
+    def __init__(self, cfg: FileChannelConfig) -> None:
+        self.cfg = cfg
+        self.fd = open_channel_fd(cfg.path, cfg.saving, cfg.direct_io)
+        self.blocks: list[MappedBlock] = [attach(b, writable=not cfg.saving) for b in cfg.blocks]
+        self.words = [b.words for b in self.blocks]
+
+    def run(self, job_id: int, block: int, pages: np.ndarray) -> list:
+        if self.cfg.saving:
+            return self.save_pages(job_id, block, pages)
+        return self.load_runs(job_id, block, pages.reshape(-1, 2))
+
+    def save_pages(self, job_id: int, block: int, pages: np.ndarray) -> list:
+        """Zero check per packet (max over (pages, 512) words), then one pwritev per run."""
+        words = self.words[block]
+        if self.cfg.zero_page_detection:
+            lo, hi = int(pages[0]), int(pages[-1]) + 1
+            if hi - lo == len(pages):  # contiguous: a view, no gather copy
+                nonzero = words[lo:hi].max(axis=1) != 0
+            else:
+                nonzero = words[pages].max(axis=1) != 0
+        else:
+            nonzero = np.ones(len(pages), dtype=bool)
+        moved = self._pwrite_runs(block, page_runs(pages[nonzero]))
+        return messages.encode_done(job_id, moved, nonzero)
+
+    def _pwrite_runs(self, block: int, runs) -> int:
+        view = self.blocks[block].view
+        base = self.cfg.pages_offsets[block]
+        moved = 0
+        for start, end in runs:
+            a, b = int(start) * TARGET_PAGE_SIZE, int(end) * TARGET_PAGE_SIZE
+            n = os.pwritev(self.fd, [view[a:b]], base + a)
+            if n != b - a:
+                raise OSError(f"short write: {n} of {b - a} bytes at {base + a:#x}")
+            moved += n
+        return moved
+
+    def load_runs(self, job_id: int, block: int, runs: np.ndarray) -> list:
+        """``preadv`` each run straight into the destination block."""
+        view = self.blocks[block].view
+        base = self.cfg.pages_offsets[block]
+        moved = 0
+        for start, end in runs:
+            a, b = int(start) * TARGET_PAGE_SIZE, int(end) * TARGET_PAGE_SIZE
+            n = os.preadv(self.fd, [view[a:b]], base + a)
+            if n != b - a:
+                raise OSError(f"short read: {n} of {b - a} bytes at {base + a:#x} "
+                              "(file truncated?)")
+            moved += n
+        return messages.encode_done(job_id, moved)
+
+    def close(self) -> None:
+        os.close(self.fd)
+        self.words = []
+        for b in self.blocks:
+            b.close()
