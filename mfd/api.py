@@ -123,7 +123,8 @@ def restore(path: str, *, images: dict[str, str] | None = None, guest: str | Non
             workload = WorkloadState(**{k: w[k] for k in vars(workload) if k in w})
         argv = ["--name", guest, "--stopped", "--dirty-rate", str(workload.dirty_rate),
                 "--pattern", workload.pattern, "--seed", str(workload.seed),
-                "--counter", str(workload.counter), "--cursor", str(workload.cursor)]
+                "--counter", str(workload.counter), "--cursor", str(workload.cursor),
+                "--zero-fraction", str(workload.zero_fraction)]
         for b in mf.blocks:
             argv += ["--block", f"{b.idstr}={b.used_length}"]
         client = control.start_guest_daemon(argv, guest)

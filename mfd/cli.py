@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bytes the guest dirties per second of run time (0 = idle)")
     g.add_argument("--pattern", choices=PATTERNS, default="random")
     g.add_argument("--seed", type=int, default=1)
+    g.add_argument("--zero-fraction", type=float, default=0.0,
+                   help="share of writes that zero a whole page, as freed memory (0..1)")
     g.add_argument("--counter", type=int, default=0, help=argparse.SUPPRESS)
     g.add_argument("--cursor", type=int, default=0, help=argparse.SUPPRESS)
     g.add_argument("--stopped", action="store_true", help="start paused (like QEMU's -S)")
@@ -184,7 +186,8 @@ def cmd_guest(args: argparse.Namespace) -> int:
         return 0
     cfg = GuestConfig(args.name, tuple(blocks),
                       WorkloadState(args.dirty_rate, args.pattern, args.seed, args.counter,
-                                    args.cursor), start_stopped=args.stopped)
+                                    args.cursor, args.zero_fraction),
+                      start_stopped=args.stopped)
 
     def ready(ram) -> None:
         paths = ", ".join(f"{b.idstr}={b.path}" for b in ram.blocks)

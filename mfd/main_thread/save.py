@@ -51,9 +51,12 @@ class SaveOptions:
     offset: int = 0  # file:PATH,offset=N: keep the first N bytes (libvirt's header)
     stop_first: bool = False
     runstate: str | None = None  # globalstate; default from the guest's state
-    # test-only: sleep in channel i before reporting each job; skip the per-round sync
+    batch_pages: int = C.MULTIFD_PAGE_COUNT  # pages per job: QEMU's 128 (512 KiB)
+    # test-only, each disables one mechanism so a test can show it bites: channel i sleeps
+    # before reporting each job; no local sync at the end of a round; no harvest after stop
     channel_delays: tuple[float, ...] = ()
     skip_round_sync: bool = False
+    skip_final_harvest: bool = False
 
 
 def _probe_direct_io(path: str) -> bool:
@@ -201,7 +204,7 @@ class FileSaver:
         start = time.monotonic()
         legacy = self.params.zero_page_detection == "legacy"
         for i, words in enumerate(self.bmap):
-            for pages in dirty_batches(words):
+            for pages in dirty_batches(words, self.options.batch_pages):
                 self.stats.remaining -= len(pages) * C.TARGET_PAGE_SIZE
                 if legacy:  # the main thread finds zero pages (zero-page-detection=legacy)
                     nonzero = self.mapped[i].words[pages].max(axis=1) != 0
@@ -281,7 +284,8 @@ class FileSaver:
             self.stats.stop_time = time.monotonic()
             status = self.guest.stop()
             self.limiter.disable()
-            self._bitmap_sync()
+            if not self.options.skip_final_harvest:
+                self._bitmap_sync()
             self.stats.remaining = self._remaining()
             guest_state = {"name": status["name"], "runstate": self.runstate,
                            "workload": status["workload"]}

@@ -31,6 +31,7 @@ class WorkloadState:
     seed: int
     counter: int = 0  # ticks run so far; stamps written pages
     cursor: int = 0  # sequential pattern's next page
+    zero_fraction: float = 0.0  # share of writes that zero a whole page (memory freed)
 
     def to_json(self) -> dict[str, object]:
         return dict(vars(self))
@@ -83,10 +84,19 @@ class Workload:
         pages = self.choose(n)
         block_of = np.searchsorted(self.starts, pages, side="right") - 1
         stamp = np.uint64((self.state.counter << 20) | 0xA5)
+        zeroing = self.rng.random(n) < self.state.zero_fraction if self.state.zero_fraction \
+            else None
         for i in np.unique(block_of):
-            local = pages[block_of == i] - self.starts[i]
+            mine = block_of == i
+            local = pages[mine] - self.starts[i]
             # write first, then log: pairs with harvest() reading the log after the write
-            self.words[i][local * WORDS_PER_PAGE + local % WORDS_PER_PAGE] = stamp
+            if zeroing is None:
+                self.words[i][local * WORDS_PER_PAGE + local % WORDS_PER_PAGE] = stamp
+            else:
+                z = zeroing[mine]
+                stamped = local[~z]
+                self.words[i][stamped * WORDS_PER_PAGE + stamped % WORDS_PER_PAGE] = stamp
+                self.blocks[i].words[local[z]] = 0
             self.dirty[i][local] = True
         self.pages_written += n
         return n

@@ -42,7 +42,7 @@ class FileChannelConfig:
     pages_offsets: tuple[int, ...]  # per block, absolute file offsets
     direct_io: bool = False
     zero_page_detection: bool = True  # multifd mode: the channel finds zero pages
-    delay: float = 0.0  # test-only: sleep before each job (slow channel)
+    delay: float = 0.0  # test-only: sleep after each job's I/O, before DONE (slow channel)
 
 
 def _die_with_parent() -> None:
@@ -79,9 +79,10 @@ def channel_main(cfg: FileChannelConfig) -> None:
                 if kind != messages.JOB:
                     raise RuntimeError(f"unexpected message {kind[:16]!r}")
                 job_id, block, pages = messages.decode_job([f.bytes for f in frames])
-                if cfg.delay:
+                reply = channel.run(job_id, block, pages)
+                if cfg.delay:  # test-only: a channel slow to finish after its I/O
                     time.sleep(cfg.delay)
-                sock.send_multipart(channel.run(job_id, block, pages), copy=False)
+                sock.send_multipart(reply, copy=False)
         finally:
             channel.close()
     except Exception:
