@@ -53,10 +53,11 @@ class SaveOptions:
     runstate: str | None = None  # globalstate; default from the guest's state
     batch_pages: int = C.MULTIFD_PAGE_COUNT  # pages per job: QEMU's 128 (512 KiB)
     # test-only, each disables one mechanism so a test can show it bites: channel i sleeps
-    # before reporting each job; no local sync at the end of a round; no harvest after stop
+    # before reporting each job; no local sync at the end of a round; the guest's dirty
+    # log is never harvested (so every write after setup is lost)
     channel_delays: tuple[float, ...] = ()
     skip_round_sync: bool = False
-    skip_final_harvest: bool = False
+    ignore_dirty_log: bool = False
 
 
 def _probe_direct_io(path: str) -> bool:
@@ -234,6 +235,8 @@ class FileSaver:
         """``migration_bitmap_sync``: OR the guest's log into bmap; returns dirty pages."""
         assert self.guest is not None
         status, logs = self.guest.harvest()
+        if self.options.ignore_dirty_log:
+            logs = [np.zeros_like(w) for w in self.bmap]
         dirty = 0
         for words, log in zip(self.bmap, logs, strict=True):
             if len(log) != len(words):
@@ -284,8 +287,7 @@ class FileSaver:
             self.stats.stop_time = time.monotonic()
             status = self.guest.stop()
             self.limiter.disable()
-            if not self.options.skip_final_harvest:
-                self._bitmap_sync()
+            self._bitmap_sync()
             self.stats.remaining = self._remaining()
             guest_state = {"name": status["name"], "runstate": self.runstate,
                            "workload": status["workload"]}

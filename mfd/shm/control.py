@@ -79,8 +79,12 @@ class GuestClient:
         return self.execute("set-throttle", percentage=pct)
 
     def quit(self) -> None:
+        """Ask the guest to quit; return once it has unlinked its RAM and its socket."""
         self.execute("quit")
         self.close()
+        deadline = time.monotonic() + self.timeout
+        while os.path.exists(self.path) and time.monotonic() < deadline:
+            time.sleep(0.005)
 
     def harvest(self) -> tuple[dict, list[np.ndarray]]:
         """The guest's dirty log since the last harvest, as bmap words per block (cleared)."""

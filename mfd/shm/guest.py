@@ -162,6 +162,7 @@ def run_guest(cfg: GuestConfig, on_ready=None) -> None:
             except KeyboardInterrupt:
                 pass
             finally:
+                ram.close()  # RAM first: a client that sees the socket gone may rely on it
                 if os.path.exists(path):
                     os.unlink(path)
     finally:
