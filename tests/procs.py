@@ -30,7 +30,7 @@ def cmdline(pid: int) -> str:
 
 def channel_pids(pid: int) -> list[int]:
     """The spawned channel processes of an mfd process."""
-    return [c for c in children(pid) if "spawn_main" in cmdline(c)]
+    return [c for c in children(pid) if "mfd.workers" in cmdline(c)]
 
 
 def rss_anon_kib(pid: int) -> int:

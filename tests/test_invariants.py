@@ -65,16 +65,17 @@ def test_no_lost_write_bites_without_the_dirty_log(tmp_path, guests):
 # channel 0 slow to report: without the round sync, channel 0's "written" for a page lands
 # after channel 1's "zero" of the next round, and the file says the page has (stale) data.
 ZEROING = ["--dirty-rate", "200M", "--pattern", "hotset", "--zero-fraction", "0.5"]
-SLOW = SaveOptions(channel_delays=(0.03,))
+FEW_ROUNDS = MigrationParameters(downtime_limit=2000)
 
 
 def test_round_order_with_a_slow_channel(tmp_path, guests):
-    assert _live_save_matches(tmp_path, guests, ZEROING, MANY_ROUNDS, SLOW)
+    slow = SaveOptions(channel_delays=(0.3,))
+    assert _live_save_matches(tmp_path, guests, ZEROING, FEW_ROUNDS, slow)
 
 
 def test_round_order_bites_without_round_sync(tmp_path, guests):
-    broken = SaveOptions(channel_delays=(0.03,), skip_round_sync=True)
-    assert not _live_save_matches(tmp_path, guests, ZEROING, MANY_ROUNDS, broken)
+    broken = SaveOptions(channel_delays=(0.3,), skip_round_sync=True)
+    assert not _live_save_matches(tmp_path, guests, ZEROING, FEW_ROUNDS, broken)
 
 
 def _peak_channel_rss(size: int, options: SaveOptions) -> int:

@@ -29,7 +29,7 @@ from mfd.protocol import migration_file as mfile
 from mfd.protocol.constants import MAPPED_RAM_LOAD_BUF_SIZE, TARGET_PAGE_SIZE
 from mfd.protocol.mapped_ram import set_runs
 from mfd.shm.ramblock import RAMBlock, attach
-from mfd.workers.file_channel import FileChannelConfig, channel_main
+from mfd.workers.file_channel import CHANNEL_MODULE, FileChannelConfig
 
 RUN_PAGES = MAPPED_RAM_LOAD_BUF_SIZE // TARGET_PAGE_SIZE  # 256 pages = 1 MiB
 RECORD_STRIDE = 8 + TARGET_PAGE_SIZE  # a PAGE|CONTINUE record: be64 header + data
@@ -128,7 +128,7 @@ def load_mapped_ram(opened: OpenedFile, targets: dict[str, RAMBlock], channels: 
     def on_done(_context: object, nbytes: int, _mask: np.ndarray) -> None:
         moved[0] += nbytes
 
-    with ChannelPool(configs, channel_main, on_done) as pool:
+    with ChannelPool(configs, CHANNEL_MODULE, on_done) as pool:
         for block, jobs in work:
             for runs in jobs:
                 pool.send(block, runs)

@@ -8,7 +8,10 @@ threads::
     ChannelPool.sync()           wait until every channel is idle again (SYNC LOCAL)
     on_done(job, moved, mask)    called in order of completion, in the main process only
 
-A channel that dies (its ``sentinel`` becomes readable) or reports an ERROR breaks the pool:
+Channels are ``python -m <module>`` processes fed their frozen config (pickled) on stdin:
+unlike multiprocessing's spawn they never re-import the caller's ``__main__`` (a script
+using the API needs no ``if __name__ == "__main__"`` guard), and a pidfd is their sentinel.
+A channel that dies (its pidfd becomes readable) or reports an ERROR breaks the pool:
 the first error wins, the pool raises :class:`BrokenPipeline` and refuses further work.
 Shutdown order: one STOP per live channel, join with a deadline, terminate stragglers,
 close the socket with LINGER 0, terminate the context, remove the socket directory.
@@ -17,9 +20,12 @@ close the socket with LINGER 0, terminate the context, remove the socket directo
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import os
+import pickle
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 from collections import deque
@@ -40,9 +46,9 @@ OnDone = Callable[[Any, int, np.ndarray], None]
 
 
 class ChannelPool:
-    def __init__(self, configs: list[Any], target: Callable[[Any], None],
-                 on_done: OnDone) -> None:
-        """``configs[i]`` is channel i's frozen config; it gets ``endpoint`` filled in."""
+    def __init__(self, configs: list[Any], module: str, on_done: OnDone) -> None:
+        """``configs[i]`` is channel i's frozen config (``endpoint`` is filled in here);
+        ``module`` is run as ``python -m module`` and reads its config from stdin."""
         self.on_done = on_done
         self.broken: BrokenPipeline | None = None
         self.tmpdir = tempfile.mkdtemp(prefix="mfd-ch-")
@@ -52,10 +58,8 @@ class ChannelPool:
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.router.bind(endpoint)
-        mp = multiprocessing.get_context("spawn")
-        self.procs = [mp.Process(target=target, args=(replace(cfg, endpoint=endpoint),),
-                                 name=f"mfd-channel-{i}", daemon=True)
-                      for i, cfg in enumerate(configs)]
+        self.procs: list[subprocess.Popen] = []
+        self.sentinels: list[int] = []
         self.idle: deque[bytes] = deque()
         self.channel_of: dict[bytes, int] = {}
         self.inflight: dict[int, tuple[bytes, Any]] = {}
@@ -63,17 +67,26 @@ class ChannelPool:
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
         try:
-            for p in self.procs:
-                p.start()
-                self.poller.register(p.sentinel, zmq.POLLIN)
+            for cfg in configs:
+                self._spawn(module, replace(cfg, endpoint=endpoint))
             deadline = time.monotonic() + START_TIMEOUT
-            while len(self.channel_of) < len(self.procs):
+            while len(self.channel_of) < len(configs):
                 if time.monotonic() > deadline:
                     raise BrokenPipeline(f"channels did not start within {START_TIMEOUT:g} s")
                 self._pump(500)
         except BaseException:
             self.close()
             raise
+
+    def _spawn(self, module: str, cfg: Any) -> None:
+        p = subprocess.Popen([sys.executable, "-m", module], stdin=subprocess.PIPE)
+        self.procs.append(p)
+        assert p.stdin is not None
+        with p.stdin:
+            p.stdin.write(pickle.dumps(cfg))
+        fd = os.pidfd_open(p.pid)
+        self.sentinels.append(fd)
+        self.poller.register(fd, zmq.POLLIN)
 
     @property
     def channels(self) -> int:
@@ -115,11 +128,11 @@ class ChannelPool:
                 except zmq.Again:
                     break
                 self._message(frames[0], frames[1:])
-        for i, p in enumerate(self.procs):
-            if p.sentinel in events:
-                p.join(0)
+        for i, fd in enumerate(self.sentinels):
+            if fd in events:
+                status = self.procs[i].wait()
                 raise self._fail(BrokenPipeline(
-                    f"channel {i} died unexpectedly (exit status {p.exitcode})"))
+                    f"channel {i} died unexpectedly ({_exit_reason(status)})"))
 
     def _message(self, ident: bytes, frames: list[bytes]) -> None:
         kind = frames[0]
@@ -146,15 +159,18 @@ class ChannelPool:
                 self.router.send_multipart([ident, messages.STOP], zmq.NOBLOCK)
         deadline = time.monotonic() + JOIN_TIMEOUT
         for p in self.procs:
-            if p.pid is None:
-                continue
-            p.join(max(0.0, deadline - time.monotonic()))
-            if p.is_alive():
+            try:
+                p.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
                 p.terminate()
-                p.join(1.0)
-            if p.is_alive():
-                p.kill()
-                p.join()
+                try:
+                    p.wait(1.0)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        for fd in self.sentinels:
+            os.close(fd)
+        self.sentinels = []
         self.router.close(0)
         self.ctx.term()
         shutil.rmtree(self.tmpdir, ignore_errors=True)
@@ -166,6 +182,9 @@ class ChannelPool:
         self.close()
 
 
-def pids(pool: ChannelPool) -> list[int]:
-    """Channel process ids (tests kill one to check failure handling)."""
-    return [p.pid for p in pool.procs if p.pid is not None and p.pid != os.getpid()]
+def _exit_reason(status: int) -> str:
+    if status < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-status).name}"
+        return f"killed by signal {-status}"
+    return f"exit status {status}"

@@ -297,8 +297,26 @@ def _parse_tail(r: Reader, mf: MigrationFile) -> None:
     tail = bytes(r.buf[mf.file_size - tail_len : mf.file_size])
     if mf.file_size - mf.stream_end >= trailer.TAIL_SIZE and trailer.has_trailer(tail):
         mf.trailer = trailer.decode_trailer(r.buf, mf.file_size)
+        _check_trailer_blocks(mf)
     else:
         mf.trailing_bytes = mf.file_size - mf.stream_end
+
+
+def _check_trailer_blocks(mf: MigrationFile) -> None:
+    """The trailer describes the blocks the stream lists, page for page; if not, the stream
+    was changed after mfd wrote it (the trailer's digest covers only the trailer)."""
+    assert mf.trailer is not None and mf.stream_end is not None
+    names = [b.idstr for b in mf.blocks]
+    if sorted(mf.trailer.blocks) != sorted(names):
+        raise ProtocolError(f"mfd trailer at offset {mf.stream_end:#x} lists RAM block(s) "
+                            f"{', '.join(map(repr, mf.trailer.blocks))} but the stream has "
+                            f"{', '.join(map(repr, names))} (file changed after the save?)")
+    for b in mf.blocks:
+        d = mf.trailer.blocks[b.idstr]
+        if d.normal_pages + d.zero_pages != b.num_pages:
+            raise ProtocolError(f"mfd trailer at offset {mf.stream_end:#x} counts "
+                                f"{d.normal_pages + d.zero_pages} pages for block {b.idstr!r}, "
+                                f"the stream {b.num_pages} (file changed after the save?)")
 
 
 def read_bitmap(buf, block: RamBlockEntry) -> np.ndarray:

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+import pickle
 import signal
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ from mfd.protocol.mapped_ram import page_runs
 from mfd.shm.ramblock import MappedBlock, RAMBlock, attach
 
 PR_SET_PDEATHSIG = 1
+CHANNEL_MODULE = "mfd.workers.file_channel"
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ def _die_with_parent() -> None:
 
 
 def channel_main(cfg: FileChannelConfig) -> None:
-    """Process entry point (spawned): one DEALER socket, one file descriptor, one loop."""
+    """Process entry point: one DEALER socket, one file descriptor, one loop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     _die_with_parent()
     parent = os.getppid()
@@ -155,3 +158,7 @@ class FileChannel:
         self.words = []
         for b in self.blocks:
             b.close()
+
+
+if __name__ == "__main__":  # started by ChannelPool: config on stdin
+    channel_main(pickle.load(sys.stdin.buffer))
