@@ -120,7 +120,8 @@ def load_mapped_ram(opened: OpenedFile, targets: dict[str, RAMBlock], channels: 
     blocks = [targets[b.idstr] for b in mf.blocks]
     work = [(i, _jobs(mfile.read_bitmap(opened.mm, b))) for i, b in enumerate(mf.blocks)]
     configs = [FileChannelConfig(
-        channel_id=i, endpoint="", path=opened.path, saving=False, blocks=tuple(blocks),
+        channel_id=i, endpoint="", parent_pid=0, path=opened.path, saving=False,
+        blocks=tuple(blocks),
         pages_offsets=tuple(b.mapped_ram.pages_offset for b in mf.blocks),
         direct_io=direct_io) for i in range(channels)]
     moved = [0]

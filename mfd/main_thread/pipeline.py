@@ -47,7 +47,8 @@ OnDone = Callable[[Any, int, np.ndarray], None]
 
 class ChannelPool:
     def __init__(self, configs: list[Any], module: str, on_done: OnDone) -> None:
-        """``configs[i]`` is channel i's frozen config (``endpoint`` is filled in here);
+        """``configs[i]`` is channel i's frozen config (``endpoint`` and ``parent_pid`` are
+        filled in here);
         ``module`` is run as ``python -m module`` and reads its config from stdin."""
         self.on_done = on_done
         self.broken: BrokenPipeline | None = None
@@ -68,7 +69,7 @@ class ChannelPool:
         self.poller.register(self.router, zmq.POLLIN)
         try:
             for cfg in configs:
-                self._spawn(module, replace(cfg, endpoint=endpoint))
+                self._spawn(module, replace(cfg, endpoint=endpoint, parent_pid=os.getpid()))
             deadline = time.monotonic() + START_TIMEOUT
             while len(self.channel_of) < len(configs):
                 if time.monotonic() > deadline:

@@ -159,7 +159,8 @@ class FileSaver:
 
         delays = self.options.channel_delays
         configs = [FileChannelConfig(
-            channel_id=i, endpoint="", path=self.path, saving=True, blocks=tuple(self.blocks),
+            channel_id=i, endpoint="", parent_pid=0, path=self.path, saving=True,
+            blocks=tuple(self.blocks),
             pages_offsets=tuple(lay.header.pages_offset for lay in layout), direct_io=direct_io,
             zero_page_detection=self.params.zero_page_detection == "multifd",
             delay=delays[i] if i < len(delays) else 0.0)

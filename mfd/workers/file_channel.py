@@ -39,6 +39,7 @@ CHANNEL_MODULE = "mfd.workers.file_channel"
 class FileChannelConfig:
     channel_id: int
     endpoint: str  # the main process's ROUTER
+    parent_pid: int  # the main process: the channel exits when it is gone
     path: str  # the migration file
     saving: bool  # True: pages -> file; False: file -> pages
     blocks: tuple[RAMBlock, ...]
@@ -61,7 +62,8 @@ def channel_main(cfg: FileChannelConfig) -> None:
     """Process entry point: one DEALER socket, one file descriptor, one loop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     _die_with_parent()
-    parent = os.getppid()
+    if os.getppid() != cfg.parent_pid:  # died before PR_SET_PDEATHSIG was in place
+        return
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -72,7 +74,7 @@ def channel_main(cfg: FileChannelConfig) -> None:
             sock.send_multipart(messages.encode_ready(cfg.channel_id))
             while True:
                 if not sock.poll(1000):
-                    if os.getppid() != parent:
+                    if os.getppid() != cfg.parent_pid:
                         return
                     continue
                 frames = sock.recv_multipart(copy=False)

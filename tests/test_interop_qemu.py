@@ -1,0 +1,77 @@
+"""Real QEMU 10 loads what mfd writes, and mfd restores what QEMU writes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import mfd
+from mfd.options import MigrationParameters
+from mfd.qemu import QemuError, qemu_binary, qemu_restore, qemu_save
+from mfd.ramimage import generate
+
+pytestmark = [pytest.mark.qemu,
+              pytest.mark.skipif(qemu_binary() is None,
+                                 reason="qemu-system-x86_64 >= 9 not installed")]
+
+SIZE = (32 << 20) + 40 * 1024  # the last bitmap word is partly used
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("img") / "ram.bin"
+    generate(str(p), SIZE, seed=11)
+    return p
+
+
+@pytest.mark.parametrize("qemu_channels", [0, 4])
+@pytest.mark.parametrize("mode", ["multifd", "none"])
+def test_qemu_loads_what_mfd_wrote(tmp_path, image, qemu_channels, mode):
+    mig = tmp_path / "mfd.mig"
+    mfd.save(str(mig), images={"mem": str(image)},
+             params=MigrationParameters(multifd_channels=3, zero_page_detection=mode))
+    out = tmp_path / "qemu-ram.bin"
+    qemu_restore(str(mig), str(out), SIZE, multifd_channels=qemu_channels)
+    assert out.read_bytes() == image.read_bytes()
+
+
+def test_qemu_loads_a_live_save_of_a_writing_guest(tmp_path, guests):
+    """The trailer after the vmdesc does not bother QEMU, nor does a guest's runstate."""
+    name, g = guests.start("16M", "--dirty-rate", "200M", "--zero-fraction", "0.2")
+    mig = tmp_path / "live.mig"
+    mfd.save(str(mig), guest=name)
+    (block,) = g.query()["blocks"]
+    out = tmp_path / "qemu-ram.bin"
+    qemu_restore(str(mig), str(out), 16 << 20, multifd_channels=2)
+    assert out.read_bytes() == Path(block["path"]).read_bytes()
+
+
+@pytest.mark.parametrize("qemu_channels", [0, 2])
+@pytest.mark.parametrize("mfd_channels", [1, 4])
+def test_mfd_restores_what_qemu_wrote(tmp_path, image, qemu_channels, mfd_channels):
+    mig = tmp_path / "qemu.mig"
+    qemu_save(str(image), str(mig), multifd_channels=qemu_channels)
+    out = tmp_path / "out.bin"
+    mfd.restore(str(mig), images={"mem": str(out)}, channels=mfd_channels)
+    assert out.read_bytes() == image.read_bytes()
+
+
+def test_mfd_restores_a_qemu_stream_file_at_an_offset(tmp_path, image):
+    mig = tmp_path / "qemu-stream.mig"
+    mig.write_bytes(b"H" * 8192)
+    qemu_save(str(image), str(mig), mapped_ram=False, offset=8192)
+    assert mig.read_bytes()[:8192] == b"H" * 8192
+    out = tmp_path / "out.bin"
+    mfd.restore(str(mig), images={"mem": str(out)}, offset=8192)
+    assert out.read_bytes() == image.read_bytes()
+
+
+def test_qemu_refuses_an_mfd_file_with_another_machine_name(tmp_path, image):
+    """The configuration section is QEMU's: a machine name QEMU does not run is refused."""
+    mig = tmp_path / "pc.mig"
+    mfd.save(str(mig), images={"mem": str(image)}, machine="pc-q35-10.0")
+    with pytest.raises(QemuError, match=r"Machine type received is 'pc-q35-10\.0'"):
+        qemu_restore(str(mig), str(tmp_path / "x.bin"), SIZE)
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith("mfd-qemu")]
