@@ -134,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--direct-io", action="store_true")
     r.add_argument("--json", action="store_true")
 
+    d = sub.add_parser("demo", help="live save of a writing guest, restore, verify")
+    d.add_argument("--ram", type=parse_size, default=512 << 20)
+    d.add_argument("--dirty-rate", type=parse_size, default=100 << 20)
+    _channels(d)
+    d.set_defaults(multifd_channels=4)
+    d.add_argument("--dir", help="where the file goes (default /var/tmp)")
+    d.add_argument("--json", action="store_true")
+
     i = sub.add_parser("inspect", help="show the structure of a QEMU migration file")
     i.add_argument("file")
     i.add_argument("--offset", type=parse_size, default=0)
@@ -242,8 +250,25 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mfd import demo
+
+    progress = _progress_line if sys.stderr.isatty() and not args.json else None
+
+    def say(line: str) -> None:
+        if progress:
+            sys.stderr.write("\r\033[K")
+        if not args.json:
+            print(line, flush=True)
+
+    out = demo.run(args.ram, args.dirty_rate, args.multifd_channels, args.dir, say, progress)
+    if args.json:
+        print(orjson.dumps(out).decode())
+    return 0
+
+
 COMMANDS = {"guest": cmd_guest, "save": cmd_save, "restore": cmd_restore,
-            "inspect": cmd_inspect}
+            "inspect": cmd_inspect, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,8 +29,8 @@ def cmdline(pid: int) -> str:
 
 
 def channel_pids(pid: int) -> list[int]:
-    """The spawned channel processes of an mfd process."""
-    return [c for c in children(pid) if "mfd.workers" in cmdline(c)]
+    """The channel processes of an mfd process (forked: same command line as the parent)."""
+    return children(pid)
 
 
 def rss_anon_kib(pid: int) -> int:

@@ -29,7 +29,7 @@ from mfd.protocol import migration_file as mfile
 from mfd.protocol.constants import MAPPED_RAM_LOAD_BUF_SIZE, TARGET_PAGE_SIZE
 from mfd.protocol.mapped_ram import set_runs
 from mfd.shm.ramblock import RAMBlock, attach
-from mfd.workers.file_channel import CHANNEL_MODULE, FileChannelConfig
+from mfd.workers.file_channel import FileChannelConfig, channel_main
 
 RUN_PAGES = MAPPED_RAM_LOAD_BUF_SIZE // TARGET_PAGE_SIZE  # 256 pages = 1 MiB
 RECORD_STRIDE = 8 + TARGET_PAGE_SIZE  # a PAGE|CONTINUE record: be64 header + data
@@ -83,7 +83,8 @@ def check_targets(mf: mfile.MigrationFile, targets: dict[str, RAMBlock]) -> None
     missing = [n for n in names if n not in targets]
     if missing:
         raise MfdError(f"no destination for RAM block(s) {', '.join(map(repr, missing))} "
-                       f"(the file has {', '.join(map(repr, names))})")
+                       f"(the file has {', '.join(map(repr, names))}; given: "
+                       f"{', '.join(map(repr, targets)) or 'none'})")
     extra = [n for n in targets if n not in names]
     if extra:
         raise MfdError(f"the file has no RAM block {', '.join(map(repr, extra))} "
@@ -129,7 +130,7 @@ def load_mapped_ram(opened: OpenedFile, targets: dict[str, RAMBlock], channels: 
     def on_done(_context: object, nbytes: int, _mask: np.ndarray) -> None:
         moved[0] += nbytes
 
-    with ChannelPool(configs, CHANNEL_MODULE, on_done) as pool:
+    with ChannelPool(configs, channel_main, on_done) as pool:
         for block, jobs in work:
             for runs in jobs:
                 pool.send(block, runs)

@@ -40,7 +40,7 @@ from mfd.protocol import constants as C
 from mfd.protocol import devices, mapped_ram, ram, stream, trailer
 from mfd.shm.control import GuestClient
 from mfd.shm.ramblock import MappedBlock, RAMBlock, attach
-from mfd.workers.file_channel import CHANNEL_MODULE, FileChannelConfig
+from mfd.workers.file_channel import FileChannelConfig, channel_main
 
 Progress = Callable[[MigrationStats], None]
 
@@ -169,7 +169,7 @@ class FileSaver:
         self.limiter = RateLimiter(self.params.max_bandwidth)
         self.throttle = AutoConverge(self.params)
         try:
-            with ChannelPool(configs, CHANNEL_MODULE, self._on_done) as pool:
+            with ChannelPool(configs, channel_main, self._on_done) as pool:
                 self.pool = pool
                 self.stats.setup_time = time.monotonic() - self.stats.start
                 self.stats.status = "active"

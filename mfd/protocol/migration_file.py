@@ -105,6 +105,7 @@ class _Walker:
         self.by_name: dict[str, RamBlockEntry] = {}
         self.last_block: str | None = None
         self.section_names: dict[int, str] = {}
+        self.resumes_after: tuple[int, str] = (-1, "")  # mapped-ram: (pos, block) after pages
 
     def count(self, name: str) -> None:
         self.mf.record_counts[name] = self.mf.record_counts.get(name, 0) + 1
@@ -113,6 +114,9 @@ class _Walker:
         r, mf = self.r, self.mf
         while True:
             at = r.pos
+            if not r.remaining:
+                raise r.error("truncated: the file ends before QEMU_VM_EOF (a save that did not "
+                              "complete, or a cut copy)")
             kind = r.peek_u8("next section type")
             if kind == C.QEMU_VM_EOF:
                 r.u8("EOF")
@@ -180,7 +184,14 @@ class _Walker:
         self.count("MEM_SIZE")
         remaining = total
         while remaining > 0:
-            idstr, used_length, entry = ram.decode_block_entry(r)
+            try:
+                idstr, used_length, entry = ram.decode_block_entry(r)
+            except ProtocolError as e:
+                if not mf.blocks:
+                    raise
+                raise ProtocolError(f"{e} (MEM_SIZE {total:#x} leaves {remaining:#x} bytes for "
+                                    f"a block after {mf.blocks[-1].idstr!r}: is a used_length "
+                                    "or MEM_SIZE wrong?)") from None
             if idstr in self.by_name:
                 raise r.error(f"block {idstr!r} listed twice", at=entry - r.base)
             if used_length > remaining:
@@ -221,11 +232,24 @@ class _Walker:
             raise r.error(f"block {block.idstr!r}: pages region {hdr.pages_offset:#x}..{end:#x} "
                           "is past the end of the file (truncated?)", at=hdr_at)
         r.seek(end - r.base, f"end of block {block.idstr!r} pages")
+        self.resumes_after = (r.pos, block.idstr)
 
     def records(self) -> None:
         """Records up to EOS. mapped-ram streams carry none but EOS (QEMU: 'Unexpected RAM
         flags' otherwise)."""
         r, mf = self.r, self.mf
+        if mf.mapped_ram:
+            at = r.pos
+            word = r.be64("RAM record")
+            if word != C.RAM_SAVE_FLAG_EOS:
+                pos, idstr = self.resumes_after
+                where = (f", right after block {idstr!r}'s pages region (is its pages_offset "
+                         "or used_length wrong?)" if pos == at else
+                         ": mapped-ram streams carry no page records")
+                raise r.error(f"RAM record {word:#x} ({ram.flag_names(word & ram.FLAG_MASK)}) "
+                              f"where EOS was expected{where}", at=at)
+            self.count("EOS")
+            return
         while True:
             at = r.pos
             rec = ram.decode_record(r, self.sizes, self.last_block)
@@ -233,9 +257,6 @@ class _Walker:
             if kind == C.RAM_SAVE_FLAG_EOS:
                 self.count("EOS")
                 return
-            if mf.mapped_ram:
-                raise r.error(f"unexpected RAM flags {rec.flags:#x} ({ram.flag_names(rec.flags)})"
-                              " in a mapped-ram stream", at=at)
             if kind == C.RAM_SAVE_FLAG_MULTIFD_FLUSH:
                 self.count("MULTIFD_FLUSH")
                 continue

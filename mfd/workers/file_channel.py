@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-import pickle
 import signal
-import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -32,7 +30,6 @@ from mfd.protocol.mapped_ram import page_runs
 from mfd.shm.ramblock import MappedBlock, RAMBlock, attach
 
 PR_SET_PDEATHSIG = 1
-CHANNEL_MODULE = "mfd.workers.file_channel"
 
 
 @dataclass(frozen=True)
@@ -160,7 +157,3 @@ class FileChannel:
         self.words = []
         for b in self.blocks:
             b.close()
-
-
-if __name__ == "__main__":  # started by ChannelPool: config on stdin
-    channel_main(pickle.load(sys.stdin.buffer))
