@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -317,13 +318,19 @@ class FileSaver:
             + stream.encode_footer(devices.GLOBALSTATE_SECTION_ID)
             + stream.encode_eof()
             + stream.encode_vmdesc(devices.vmdesc_json(self.options.machine, caps)))
-        digests = {}
-        for m, fb in zip(self.mapped, self.file_bmap, strict=True):
-            h = blake3.blake3(max_threads=blake3.blake3.AUTO)
-            h.update(m.view)
-            n = int(fb.sum())
-            digests[m.block.idstr] = trailer.BlockDigest(h.hexdigest(), n, len(fb) - n)
-        os.fdatasync(self.fd)  # everything QEMU needs is on disk before the trailer says so
+        # the digests (reading RAM) and the fdatasync (writing the file) overlap: both
+        # release the GIL
+        syncer = threading.Thread(target=os.fdatasync, args=(self.fd,))
+        syncer.start()
+        try:
+            digests = {}
+            for m, fb in zip(self.mapped, self.file_bmap, strict=True):
+                h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+                h.update(m.view)
+                n = int(fb.sum())
+                digests[m.block.idstr] = trailer.BlockDigest(h.hexdigest(), n, len(fb) - n)
+        finally:
+            syncer.join()  # everything QEMU needs is on disk before the trailer says so
         tr = trailer.Trailer(f"mfd {__version__}", digests, self.stream_pos, guest_state)
         os.pwrite(self.fd, tr.encode(), self.stream_pos)
         os.fdatasync(self.fd)

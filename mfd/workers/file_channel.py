@@ -30,6 +30,9 @@ from mfd.protocol.mapped_ram import page_runs
 from mfd.shm.ramblock import MappedBlock, RAMBlock, attach
 
 PR_SET_PDEATHSIG = 1
+SYNC_FILE_RANGE_WRITE = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
 
 
 @dataclass(frozen=True)
@@ -48,11 +51,7 @@ class FileChannelConfig:
 
 def _die_with_parent() -> None:
     """The channel must not outlive the main process (which alone unlinks shm)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def channel_main(cfg: FileChannelConfig) -> None:
@@ -136,6 +135,11 @@ class FileChannel:
             if n != b - a:
                 raise OSError(f"short write: {n} of {b - a} bytes at {base + a:#x}")
             moved += n
+        if moved and not self.cfg.direct_io:
+            # start writeback now, so the fdatasync at completion finds little left to do
+            first, last = int(runs[0][0]), int(runs[-1][1])
+            _libc.sync_file_range(self.fd, base + first * TARGET_PAGE_SIZE,
+                                  (last - first) * TARGET_PAGE_SIZE, SYNC_FILE_RANGE_WRITE)
         return moved
 
     def load_runs(self, job_id: int, block: int, runs: np.ndarray) -> list:
