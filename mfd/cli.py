@@ -54,6 +54,20 @@ def _channels(p: argparse.ArgumentParser) -> None:
                    help="parallel channels (default 2, as QEMU)")
 
 
+def _file_args(p: argparse.ArgumentParser, image_help: str, guest_help: str) -> None:
+    """What save and restore share: the file, where the RAM comes from or goes, offset."""
+    p.add_argument("file")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--image", type=parse_named, action="append", metavar="NAME=PATH",
+                       help=image_help)
+    where.add_argument("--guest", help=guest_help)
+    p.add_argument("--offset", type=parse_size, default=0,
+                   help="start of the stream in FILE (bytes before it are kept)")
+    _channels(p)
+    p.add_argument("--direct-io", action="store_true", help="O_DIRECT channel I/O")
+    p.add_argument("--json", action="store_true")
+
+
 def _params(args: argparse.Namespace) -> MigrationParameters:
     return MigrationParameters(
         multifd_channels=args.multifd_channels,
@@ -98,20 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     act.add_argument("--throttle", type=int, metavar="PCT", help="set cpu throttle percentage")
 
     s = sub.add_parser("save", help="save guest RAM to a mapped-ram file, in parallel")
-    s.add_argument("file")
-    src = s.add_mutually_exclusive_group(required=True)
-    src.add_argument("--image", type=parse_named, action="append", metavar="NAME=PATH",
-                     help="a raw RAM image saved as the RAMBlock NAME")
-    src.add_argument("--guest", help="a running guest (live save)")
+    _file_args(s, "a raw RAM image saved as the RAMBlock NAME", "a running guest (live save)")
     s.add_argument("--stop-first", action="store_true",
                    help="pause the guest before saving, as virsh save does")
     s.add_argument("--machine", default="none", help="machine type in the file (default none)")
-    s.add_argument("--offset", type=parse_size, default=0,
-                   help="start of the stream in FILE; bytes before it are kept")
-    _channels(s)
     s.add_argument("--zero-page-detection", choices=("multifd", "legacy", "none"),
                    default="multifd")
-    s.add_argument("--direct-io", action="store_true", help="O_DIRECT channel writes")
     s.add_argument("--downtime-limit", type=int, default=300, metavar="MS")
     s.add_argument("--max-bandwidth", type=parse_size, default=0,
                    help="bytes per second (0 = unlimited, mfd's default)")
@@ -121,18 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cpu-throttle-tailslow", action="store_true")
     s.add_argument("--max-cpu-throttle", type=int, default=99)
     s.add_argument("--throttle-trigger-threshold", type=int, default=50)
-    s.add_argument("--json", action="store_true")
 
     r = sub.add_parser("restore", help="restore a migration file (mfd's or QEMU's)")
-    r.add_argument("file")
-    dst = r.add_mutually_exclusive_group(required=True)
-    dst.add_argument("--image", type=parse_named, action="append", metavar="NAME=PATH",
-                     help="write RAMBlock NAME to the raw image PATH")
-    dst.add_argument("--guest", help="start a new, stopped guest with the restored RAM")
-    r.add_argument("--offset", type=parse_size, default=0)
-    _channels(r)
-    r.add_argument("--direct-io", action="store_true")
-    r.add_argument("--json", action="store_true")
+    _file_args(r, "write RAMBlock NAME to the raw image PATH",
+               "start a new, stopped guest with the restored RAM")
 
     d = sub.add_parser("demo", help="live save of a writing guest, restore, verify")
     d.add_argument("--ram", type=parse_size, default=512 << 20)

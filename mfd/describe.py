@@ -51,9 +51,7 @@ def describe(mf: mfile.MigrationFile, buf) -> dict[str, object]:
         "skipped_devices": [{"idstr": n, "offset": o, "length": n_} for n, o, n_ in
                             mf.skipped_devices],
         "eof_offset": mf.eof_offset,
-        "vmdesc": None if mf.vmdesc is None else {"offset": mf.vmdesc_offset,
-                                                  "length": len(mf.vmdesc),
-                                                  "json": orjson.loads(mf.vmdesc)},
+        "vmdesc": None if mf.vmdesc is None else _vmdesc(mf),
         "stream_end": mf.stream_end,
         "trailing_bytes": mf.trailing_bytes,
         "mfd_trailer": None,
@@ -62,6 +60,23 @@ def describe(mf: mfile.MigrationFile, buf) -> dict[str, object]:
         t = mf.trailer
         out["mfd_trailer"] = {"tool": t.tool, "stream_end": t.stream_end, "guest": t.guest,
                               "blocks": {k: vars(v) for k, v in t.blocks.items()}}
+    return out
+
+
+def _vmdesc(mf: mfile.MigrationFile) -> dict[str, object]:
+    """QEMU reads the vmdesc and throws it away; a broken one is shown, not fatal."""
+    assert mf.vmdesc is not None
+    out: dict[str, object] = {"offset": mf.vmdesc_offset, "length": len(mf.vmdesc)}
+    try:
+        doc = orjson.loads(mf.vmdesc)
+        devices = doc.get("devices", []) if isinstance(doc, dict) else None
+        out["json"] = doc
+        out["devices"] = [d.get("name") for d in devices if isinstance(d, dict)] \
+            if isinstance(devices, list) else []
+    except orjson.JSONDecodeError as e:
+        out["json"] = None
+        out["devices"] = []
+        out["error"] = f"not valid JSON: {e}"
     return out
 
 
@@ -105,8 +120,8 @@ def as_text(d: dict) -> str:
     lines.append(f"EOF @{d['eof_offset']:#x}")
     if d["vmdesc"]:
         v = d["vmdesc"]
-        names = [x["name"] for x in v["json"].get("devices", [])]
-        lines.append(f"vmdesc @{v['offset']:#x}: {v['length']} bytes JSON, devices {names}")
+        what = f"devices {v['devices']}" if "error" not in v else v["error"]
+        lines.append(f"vmdesc @{v['offset']:#x}: {v['length']} bytes JSON, {what}")
     lines.append(f"QEMU stream ends at {d['stream_end']:#x}")
     t = d["mfd_trailer"]
     if t:

@@ -122,39 +122,33 @@ class FileChannel:
                 nonzero = words[pages].max(axis=1) != 0
         else:
             nonzero = np.ones(len(pages), dtype=bool)
-        moved = self._pwrite_runs(block, page_runs(pages[nonzero]))
-        return messages.encode_done(job_id, moved, nonzero)
-
-    def _pwrite_runs(self, block: int, runs) -> int:
-        view = self.blocks[block].view
-        base = self.cfg.pages_offsets[block]
-        moved = 0
-        for start, end in runs:
-            a, b = int(start) * TARGET_PAGE_SIZE, int(end) * TARGET_PAGE_SIZE
-            n = os.pwritev(self.fd, [view[a:b]], base + a)
-            if n != b - a:
-                raise OSError(f"short write: {n} of {b - a} bytes at {base + a:#x}")
-            moved += n
+        runs = page_runs(pages[nonzero])
+        moved = self._io(block, runs, os.pwritev, "write")
         if moved and not self.cfg.direct_io:
             # start writeback now, so the fdatasync at completion finds little left to do
+            base = self.cfg.pages_offsets[block]
             first, last = int(runs[0][0]), int(runs[-1][1])
             _libc.sync_file_range(self.fd, base + first * TARGET_PAGE_SIZE,
                                   (last - first) * TARGET_PAGE_SIZE, SYNC_FILE_RANGE_WRITE)
-        return moved
+        return messages.encode_done(job_id, moved, nonzero)
 
     def load_runs(self, job_id: int, block: int, runs: np.ndarray) -> list:
         """``preadv`` each run straight into the destination block."""
+        return messages.encode_done(job_id, self._io(block, runs, os.preadv, "read"))
+
+    def _io(self, block: int, runs: np.ndarray, io, verb: str) -> int:
+        """One ``pwritev``/``preadv`` per run of pages, between the block and its slots."""
         view = self.blocks[block].view
         base = self.cfg.pages_offsets[block]
         moved = 0
-        for start, end in runs:
-            a, b = int(start) * TARGET_PAGE_SIZE, int(end) * TARGET_PAGE_SIZE
-            n = os.preadv(self.fd, [view[a:b]], base + a)
+        for start, end in runs.tolist():
+            a, b = start * TARGET_PAGE_SIZE, end * TARGET_PAGE_SIZE
+            n = io(self.fd, [view[a:b]], base + a)
             if n != b - a:
-                raise OSError(f"short read: {n} of {b - a} bytes at {base + a:#x} "
-                              "(file truncated?)")
+                hint = " (file truncated?)" if verb == "read" else ""
+                raise OSError(f"short {verb}: {n} of {b - a} bytes at {base + a:#x}{hint}")
             moved += n
-        return messages.encode_done(job_id, moved)
+        return moved
 
     def close(self) -> None:
         os.close(self.fd)
