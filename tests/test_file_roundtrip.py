@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import mmap
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -174,3 +176,38 @@ def _in(d, args):
         return run_mfd(*args)
     finally:
         os.chdir(cwd)
+
+
+def test_direct_io_on_disk_and_fallback_on_tmpfs(tmp_path, images):
+    """O_DIRECT channel writes and reads on a real disk. Where tmpfs refuses O_DIRECT (before
+    Linux 6.6) that is said once on stderr and mfd falls back to buffered I/O."""
+    disk = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="mfd-dio-"))
+    try:
+        mig = disk / "dio.mig"
+        r = run_mfd("save", str(mig), "--image", f"mem={images['pc.ram']}", "--direct-io",
+                    "--multifd-channels", "3")
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+        out = tmp_path / "o.bin"
+        r = run_mfd("restore", str(mig), "--image", f"mem={out}", "--direct-io")
+        assert r.returncode == 0, r.stderr
+        assert out.read_bytes() == Path(images["pc.ram"]).read_bytes()
+    finally:
+        shutil.rmtree(disk)
+    shm_dir = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="dio-"))
+    try:
+        probe = shm_dir / "probe"
+        probe.touch()
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_DIRECT))
+            refused = False
+        except OSError:
+            refused = True
+        r = run_mfd("save", str(shm_dir / "x.mig"), "--image", f"mem={images['pc.ram']}",
+                    "--direct-io")
+        assert r.returncode == 0
+        if refused:
+            assert "refuses O_DIRECT" in r.stderr and r.stderr.count("\n") == 1
+        else:
+            assert r.stderr == ""
+    finally:
+        shutil.rmtree(shm_dir)
