@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import orjson
 
-from mfd.protocol import mapped_ram
+from mfd.protocol import mapped_ram, trailer
 from mfd.protocol import migration_file as mfile
 
 
@@ -59,7 +59,12 @@ def describe(mf: mfile.MigrationFile, buf) -> dict[str, object]:
     if mf.trailer is not None:
         t = mf.trailer
         out["mfd_trailer"] = {"tool": t.tool, "stream_end": t.stream_end, "guest": t.guest,
-                              "blocks": {k: vars(v) for k, v in t.blocks.items()}}
+                              "blocks": {k: {"blake3": v.blake3,
+                                             "chunks": len(v.chunks) // trailer.DIGEST_SIZE,
+                                             "chunk_pages": trailer.CHUNK_PAGES,
+                                             "normal_pages": v.normal_pages,
+                                             "zero_pages": v.zero_pages}
+                                         for k, v in t.blocks.items()}}
     return out
 
 
@@ -127,8 +132,8 @@ def as_text(d: dict) -> str:
     if t:
         lines.append(f"mfd trailer ({t['tool']}):")
         for name, bd in t["blocks"].items():
-            lines.append(f"  {name!r}: blake3 {bd['blake3'][:16]}... normal {bd['normal_pages']}"
-                         f" zero {bd['zero_pages']}")
+            lines.append(f"  {name!r}: blake3 {bd['blake3'][:16]}... ({bd['chunks']} chunk "
+                         f"digests) normal {bd['normal_pages']} zero {bd['zero_pages']}")
         if t["guest"]:
             lines.append(f"  guest state: {t['guest']}")
     elif d["trailing_bytes"]:

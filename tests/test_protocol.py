@@ -126,8 +126,8 @@ def test_page_record_validation():
         ram.decode_record(Reader(ram.encode_page(0, bytes(4096), "mem")[:-1]), blocks, None)
 
 
-@given(blocks=st.dictionaries(idstrs, st.tuples(st.text(max_size=8), u64, st.integers(0, 99)),
-                              max_size=4),
+@given(blocks=st.dictionaries(idstrs, st.tuples(st.binary(max_size=4).map(lambda b: b * 32),
+                                                u64, st.integers(0, 99)), max_size=4),
        guest=st.none() | st.fixed_dictionaries({"name": st.text(max_size=8)}),
        end=st.integers(0, 2**40))
 def test_trailer_round_trip(blocks, guest, end):

@@ -3,11 +3,11 @@
 ::
 
     parse + validate the whole file (mfd.protocol.migration_file), before any write
-    mapped-ram: per block, read file_bmap; runs of set bits, cut at 1 MiB
-                (MAPPED_RAM_LOAD_BUF_SIZE); jobs of runs up to 1 MiB go to idle channels,
-                which preadv straight into the destination's shared memory; sync
+    mapped-ram: per block, read file_bmap; runs of set bits, cut at 1 MiB chunks; jobs of
+                whole chunks go to idle channels, which preadv straight into the
+                destination's shared memory and hash each chunk they read; sync; every
+                chunk digest equal to mfd's trailer's, when there is one
     stream:     every page's last record, copied with strided numpy views (no per-page loop)
-    verify:     blake3 of every block against mfd's trailer, when there is one
 
 Destination RAM must start zeroed: clear bits are never read (invariant 5). The targets are
 created by the caller (fresh files, so they are zero).
@@ -20,18 +20,17 @@ import os
 import time
 from dataclasses import dataclass
 
-import blake3
 import numpy as np
 
 from mfd.errors import MfdError, ProtocolError
-from mfd.main_thread.pipeline import ChannelPool
+from mfd.main_thread.pipeline import ChannelPool, OnDone
+from mfd.main_thread.scanner import chunk_jobs
 from mfd.protocol import migration_file as mfile
-from mfd.protocol.constants import MAPPED_RAM_LOAD_BUF_SIZE, TARGET_PAGE_SIZE
-from mfd.protocol.mapped_ram import set_runs
+from mfd.protocol import trailer
+from mfd.protocol.constants import TARGET_PAGE_SIZE
 from mfd.shm.ramblock import RAMBlock, attach
 from mfd.workers.file_channel import FileChannelConfig, channel_main
 
-RUN_PAGES = MAPPED_RAM_LOAD_BUF_SIZE // TARGET_PAGE_SIZE  # 256 pages = 1 MiB
 RECORD_STRIDE = 8 + TARGET_PAGE_SIZE  # a PAGE|CONTINUE record: be64 header + data
 
 
@@ -96,46 +95,68 @@ def check_targets(mf: mfile.MigrationFile, targets: dict[str, RAMBlock]) -> None
                            f"{t.used_length} at the destination")
 
 
-def _jobs(bits: np.ndarray) -> list[np.ndarray]:
-    """Runs of set bits cut at 1 MiB, grouped into jobs of at most 1 MiB of pages."""
-    runs = set_runs(bits)
-    if len(runs) == 0:
-        return []
-    starts, ends = runs[:, 0], runs[:, 1]
-    pieces = np.maximum(1, -(-(ends - starts) // RUN_PAGES))
-    idx = np.repeat(np.arange(len(runs)), pieces)
-    first = np.repeat(np.cumsum(pieces) - pieces, pieces)
-    s = starts[idx] + (np.arange(len(idx)) - first) * RUN_PAGES
-    e = np.minimum(s + RUN_PAGES, ends[idx])
-    cut = np.stack((s, e), axis=1)
-    # group consecutive runs while their pages add up to <= 1 MiB
-    group = np.cumsum(e - s) // RUN_PAGES
-    group = np.concatenate(([0], group[:-1]))  # a run starts the group its predecessor ended
-    bounds = np.flatnonzero(np.diff(group)) + 1
-    return [c.astype(np.uint32).reshape(-1) for c in np.split(cut, bounds)]
+class ChunkCheck:
+    """Restore side of mfd's trailer: the chunk digests the channels report, compared with
+    the trailer's as they arrive; chunks no job covers must be empty (no page in the file)."""
+
+    def __init__(self, idstr: str, want: bytes) -> None:
+        self.idstr = idstr
+        self.want = np.frombuffer(want, dtype=np.uint8).reshape(-1, trailer.DIGEST_SIZE)
+        self.covered = np.zeros(len(self.want), dtype=bool)
+        self.bad: list[int] = []
+
+    def job_done(self, pairs: np.ndarray, digests: bytes) -> None:
+        chunks = np.unique(trailer.run_chunks(pairs.reshape(-1, 2)))
+        got = np.frombuffer(digests, dtype=np.uint8).reshape(-1, trailer.DIGEST_SIZE)
+        if got.shape[0] != len(chunks):
+            raise MfdError(f"a channel returned {got.shape[0]} digests for {len(chunks)} chunks")
+        self.covered[chunks] = True
+        self.bad.extend(chunks[(got != self.want[chunks]).any(axis=1)].tolist())
+
+    def check(self) -> None:
+        empty = np.frombuffer(trailer.EMPTY_DIGEST, dtype=np.uint8)
+        self.bad.extend(np.flatnonzero(~self.covered & (self.want != empty).any(axis=1))
+                        .tolist())
+        if self.bad:
+            first = min(self.bad)
+            raise ProtocolError(
+                f"restored block {self.idstr!r} does not match the digest in the file's mfd "
+                f"trailer in {len(set(self.bad))} MiB, first at RAM offset "
+                f"{first * trailer.CHUNK_PAGES * TARGET_PAGE_SIZE:#x} (file corrupt?)")
 
 
 def load_mapped_ram(opened: OpenedFile, targets: dict[str, RAMBlock], channels: int,
-                    direct_io: bool = False) -> int:
+                    direct_io: bool = False) -> tuple[int, bool]:
+    """Returns bytes read and whether mfd's trailer was verified (False: no trailer)."""
     mf = opened.file
     blocks = [targets[b.idstr] for b in mf.blocks]
-    work = [(i, _jobs(mfile.read_bitmap(opened.mm, b))) for i, b in enumerate(mf.blocks)]
+    verify = mf.trailer is not None
+    checks = [ChunkCheck(b.idstr, mf.trailer.blocks[b.idstr].chunks) if verify else None
+              for b in mf.blocks]
+    work = [(i, chunk_jobs(mfile.read_bitmap(opened.mm, b))) for i, b in enumerate(mf.blocks)]
     configs = [FileChannelConfig(
         channel_id=i, endpoint="", parent_pid=0, path=opened.path, saving=False,
         blocks=tuple(blocks),
         pages_offsets=tuple(b.mapped_ram.pages_offset for b in mf.blocks),
-        direct_io=direct_io) for i in range(channels)]
+        direct_io=direct_io, verify=verify) for i in range(channels)]
     moved = [0]
 
-    def on_done(_context: object, nbytes: int, _mask: np.ndarray) -> None:
-        moved[0] += nbytes
+    def done(check: ChunkCheck | None, pairs: np.ndarray) -> OnDone:
+        def on_done(nbytes: int, _mask: np.ndarray, digests: bytes) -> None:
+            moved[0] += nbytes
+            if check is not None:
+                check.job_done(pairs, digests)
+        return on_done
 
-    with ChannelPool(configs, channel_main, on_done) as pool:
+    with ChannelPool(configs, channel_main) as pool:
         for block, jobs in work:
-            for runs in jobs:
-                pool.send(block, runs)
+            for pairs in jobs:
+                pool.send(block, pairs, done(checks[block], pairs))
         pool.sync()
-    return moved[0]
+    for check in checks:
+        if check is not None:
+            check.check()
+    return moved[0], verify
 
 
 def load_stream(opened: OpenedFile, targets: dict[str, RAMBlock]) -> int:
@@ -166,35 +187,13 @@ def load_stream(opened: OpenedFile, targets: dict[str, RAMBlock]) -> int:
     return moved
 
 
-def verify(mf: mfile.MigrationFile, targets: dict[str, RAMBlock]) -> bool:
-    """Compare each restored block's blake3 with mfd's trailer; False if there is none."""
-    if mf.trailer is None:
-        return False
-    for b in mf.blocks:
-        want = mf.trailer.blocks.get(b.idstr)
-        if want is None:
-            raise ProtocolError(f"mfd trailer has no digest for block {b.idstr!r}")
-        m = attach(targets[b.idstr])
-        try:
-            h = blake3.blake3(max_threads=blake3.blake3.AUTO)
-            h.update(m.view)
-            got = h.hexdigest()
-        finally:
-            m.close()
-        if got != want.blake3:
-            raise ProtocolError(f"restored block {b.idstr!r} does not match the digest in the "
-                                f"file's mfd trailer (file corrupt?)")
-    return True
-
-
 def load(opened: OpenedFile, targets: dict[str, RAMBlock], channels: int,
          direct_io: bool = False) -> LoadResult:
     mf = opened.file
     check_targets(mf, targets)
     start = time.monotonic()
     if mf.mapped_ram:
-        moved = load_mapped_ram(opened, targets, channels, direct_io)
-    else:
-        moved = load_stream(opened, targets)
-    ok = verify(mf, targets)
+        moved, ok = load_mapped_ram(opened, targets, channels, direct_io)
+    else:  # mfd writes no stream files, so no trailer here (the parser refuses one)
+        moved, ok = load_stream(opened, targets), False
     return LoadResult(mf, time.monotonic() - start, moved, ok)

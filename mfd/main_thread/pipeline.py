@@ -3,10 +3,11 @@
 Mirrors QEMU's ``multifd_send`` / ``multifd_send_sync_main`` with processes instead of
 threads::
 
-    ChannelPool.send(job)        wait for an idle channel (channels_ready), hand it the job
+    ChannelPool.send(job, done)  wait for an idle channel (channels_ready), hand it the job
                                  (pending_job = true); a busy channel never gets a second one
     ChannelPool.sync()           wait until every channel is idle again (SYNC LOCAL)
-    on_done(job, moved, mask)    called in order of completion, in the main process only
+    done(moved, mask, digests)   the job's own callback, in order of completion, in the main
+                                 process only
 
 Channels are forked from the main process and run ``target(config)``, then ``os._exit``.
 DESIGN.md asked for spawn/forkserver because ZeroMQ contexts and threads do not survive a
@@ -47,15 +48,13 @@ from mfd.protocol import messages
 START_TIMEOUT = 60.0
 JOIN_TIMEOUT = 5.0
 
-OnDone = Callable[[Any, int, np.ndarray], None]
+OnDone = Callable[[int, np.ndarray, bytes], None]  # bytes moved, nonzero mask, chunk digests
 
 
 class ChannelPool:
-    def __init__(self, configs: list[Any], target: Callable[[Any], None],
-                 on_done: OnDone) -> None:
+    def __init__(self, configs: list[Any], target: Callable[[Any], None]) -> None:
         """``configs[i]`` is channel i's frozen config (``endpoint`` and ``parent_pid`` are
         filled in here); each channel process runs ``target(config)``."""
-        self.on_done = on_done
         self.broken: BrokenPipeline | None = None
         self.tmpdir = tempfile.mkdtemp(prefix="mfd-ch-")
         endpoint = f"ipc://{self.tmpdir}/main.sock"
@@ -69,7 +68,7 @@ class ChannelPool:
         self.statuses: list[int | None] = []
         self.idle: deque[bytes] = deque()
         self.channel_of: dict[bytes, int] = {}
-        self.inflight: dict[int, tuple[bytes, Any]] = {}
+        self.inflight: dict[int, tuple[bytes, OnDone | None]] = {}
         self.next_job = 0
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
@@ -106,16 +105,18 @@ class ChannelPool:
     def channels(self) -> int:
         return len(self.pids)
 
-    def send(self, block: int, pages: np.ndarray, context: Any = None) -> None:
-        """``multifd_send``: hand a JOB (pages of one block) to an idle channel."""
+    def send(self, block: int, pages: np.ndarray, done: OnDone | None = None,
+             kind: bytes = messages.JOB) -> None:
+        """``multifd_send``: hand a job (pages of one block) to an idle channel; ``done`` is
+        called with its DONE."""
         self._check()
         while not self.idle:
             self._pump(None)
         ident = self.idle.popleft()
         job_id = self.next_job
         self.next_job += 1
-        self.inflight[job_id] = (ident, context)
-        self.router.send_multipart([ident, *messages.encode_job(job_id, block, pages)],
+        self.inflight[job_id] = (ident, done)
+        self.router.send_multipart([ident, *messages.encode_job(job_id, block, pages, kind)],
                                    copy=False)
 
     def sync(self) -> None:
@@ -153,11 +154,12 @@ class ChannelPool:
             self.channel_of[ident] = messages.decode_ready(frames)
             self.idle.append(ident)
         elif kind == messages.DONE:
-            job_id, moved, mask = messages.decode_done(frames)
-            owner, context = self.inflight.pop(job_id)
+            job_id, moved, mask, digests = messages.decode_done(frames)
+            owner, done = self.inflight.pop(job_id)
             assert owner == ident
             self.idle.append(ident)
-            self.on_done(context, moved, mask)
+            if done is not None:
+                done(moved, mask, digests)
         elif kind == messages.ERROR:
             text = frames[1].decode(errors="replace").strip().splitlines()
             ch = self.channel_of.get(ident, "?")

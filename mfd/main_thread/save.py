@@ -9,8 +9,9 @@
               (all channels idle); an empty PART section. Channels report which pages they
               wrote and which were zero; only this process updates file_bmap (invariant 3).
     complete  stop the guest, final harvest and round, sync; file_bmap of every block;
-              SWITCHOVER_START, END, timer, globalstate, EOF, vmdesc; fdatasync; mfd's
-              trailer (blake3 per block, page counts, guest state); fdatasync
+              SWITCHOVER_START, END, timer, globalstate, EOF, vmdesc; fdatasync while the
+              channels hash the final RAM chunk by chunk (DIGEST jobs); mfd's trailer
+              (chunk digests per block, page counts, guest state); fdatasync
 
 A stopped guest or plain images need exactly one round. The file is written in place, like
 QEMU's ``file:`` URI (``ftruncate`` to the offset first); a save that fails cleanly removes
@@ -27,18 +28,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import blake3
 import numpy as np
 
 from mfd import __version__
 from mfd.errors import MfdError
 from mfd.main_thread.convergence import AutoConverge, BandwidthMeter, RateLimiter
-from mfd.main_thread.pipeline import ChannelPool
-from mfd.main_thread.scanner import dirty_batches, new_bmap, popcount
+from mfd.main_thread.pipeline import ChannelPool, OnDone
+from mfd.main_thread.scanner import chunk_jobs, dirty_batches, new_bmap, popcount
 from mfd.main_thread.stats import MigrationStats
 from mfd.options import MigrationParameters, check_params
 from mfd.protocol import constants as C
-from mfd.protocol import devices, mapped_ram, ram, stream, trailer
+from mfd.protocol import devices, mapped_ram, messages, ram, stream, trailer
 from mfd.shm.control import GuestClient
 from mfd.shm.ramblock import MappedBlock, RAMBlock, attach
 from mfd.workers.file_channel import FileChannelConfig, channel_main
@@ -157,6 +157,13 @@ class FileSaver:
             self.guest.harvest()  # the dirty log starts now; bmap is all ones anyway
         self.runstate = self.options.runstate or (
             "prelaunch" if self.guest is None else "running" if was_running else "paused")
+        live = self.guest is not None and self.guest.query()["status"] == "running"
+        # chunk digests: hashed by the channel that writes a whole chunk, where RAM no longer
+        # changes; any other chunk with pages in the file is hashed at completion
+        self.hashed = [np.zeros(trailer.num_chunks(b.num_pages), dtype=bool)
+                       for b in self.blocks]
+        self.chunk_table = [np.tile(np.frombuffer(trailer.EMPTY_DIGEST, dtype=np.uint8),
+                                    (trailer.num_chunks(b.num_pages), 1)) for b in self.blocks]
 
         delays = self.options.channel_delays
         configs = [FileChannelConfig(
@@ -164,18 +171,17 @@ class FileSaver:
             blocks=tuple(self.blocks),
             pages_offsets=tuple(lay.header.pages_offset for lay in layout), direct_io=direct_io,
             zero_page_detection=self.params.zero_page_detection == "multifd",
-            delay=delays[i] if i < len(delays) else 0.0)
+            digest_chunks=not live, delay=delays[i] if i < len(delays) else 0.0)
             for i in range(self.params.multifd_channels)]
         self.meter = BandwidthMeter()
         self.limiter = RateLimiter(self.params.max_bandwidth)
         self.throttle = AutoConverge(self.params)
         try:
-            with ChannelPool(configs, channel_main, self._on_done) as pool:
+            with ChannelPool(configs, channel_main) as pool:
                 self.pool = pool
                 self.stats.setup_time = time.monotonic() - self.stats.start
                 self.stats.status = "active"
-                self._iterate(live=self.guest is not None and self.guest.query()["status"]
-                              == "running")
+                self._iterate(live)
                 self._complete()
         except BaseException:
             if self.guest is not None and was_running:
@@ -189,8 +195,16 @@ class FileSaver:
 
     # ------------------------------------------------------------------ rounds
 
-    def _on_done(self, context: tuple[int, np.ndarray], moved: int, nonzero: np.ndarray) -> None:
-        block, pages = context
+    def _sent(self, block: int, pages: np.ndarray) -> OnDone:
+        return lambda moved, nonzero, digests: self._on_done(block, pages, moved, nonzero,
+                                                             digests)
+
+    def _on_done(self, block: int, pages: np.ndarray, moved: int, nonzero: np.ndarray,
+                 digest: bytes) -> None:
+        if digest:  # the job was one whole chunk, hashed by its channel
+            chunk = int(pages[0]) // trailer.CHUNK_PAGES
+            self.chunk_table[block][chunk] = np.frombuffer(digest, dtype=np.uint8)
+            self.hashed[block][chunk] = True
         fb = self.file_bmap[block]
         fb[pages[nonzero]] = True  # written: data is at its slot
         fb[pages[~nonzero]] = False  # zero: nothing written, the bit says "zero"
@@ -218,7 +232,7 @@ class FileSaver:
                     if len(pages) == 0:
                         continue
                 self.limiter.account(len(pages) * C.TARGET_PAGE_SIZE)
-                self.pool.send(i, pages, (i, pages))
+                self.pool.send(i, pages, self._sent(i, pages))
         if not self.options.skip_round_sync:
             self.pool.sync()
         self.stats.dirty_sync_count += 1
@@ -318,17 +332,12 @@ class FileSaver:
             + stream.encode_footer(devices.GLOBALSTATE_SECTION_ID)
             + stream.encode_eof()
             + stream.encode_vmdesc(devices.vmdesc_json(self.options.machine, caps)))
-        # the digests (reading RAM) and the fdatasync (writing the file) overlap: both
-        # release the GIL
+        # the channels hash the final RAM (their mappings are already faulted in) while this
+        # thread waits for the fdatasync, which releases the GIL
         syncer = threading.Thread(target=os.fdatasync, args=(self.fd,))
         syncer.start()
         try:
-            digests = {}
-            for m, fb in zip(self.mapped, self.file_bmap, strict=True):
-                h = blake3.blake3(max_threads=blake3.blake3.AUTO)
-                h.update(m.view)
-                n = int(fb.sum())
-                digests[m.block.idstr] = trailer.BlockDigest(h.hexdigest(), n, len(fb) - n)
+            digests = self._chunk_digests()
         finally:
             syncer.join()  # everything QEMU needs is on disk before the trailer says so
         tr = trailer.Trailer(f"mfd {__version__}", digests, self.stream_pos, guest_state)
@@ -337,3 +346,24 @@ class FileSaver:
         self.stats.end_time = time.monotonic()
         self.stats.status = "completed"
         self.digests = digests
+
+    def _chunk_digests(self) -> dict[str, trailer.BlockDigest]:
+        """Every block's chunk digests over the pages ``file_bmap`` says are in the file.
+        Chunks no channel hashed while writing them are hashed now, by the channels (DIGEST
+        jobs); chunks with no page in the file keep the digest of nothing."""
+        for i, (fb, hashed) in enumerate(zip(self.file_bmap, self.hashed, strict=True)):
+            todo = fb & np.repeat(~hashed, trailer.CHUNK_PAGES)[: len(fb)]
+            for pairs in chunk_jobs(todo):
+                self.pool.send(i, pairs, self._hashed(self.chunk_table[i], pairs),
+                               messages.DIGEST)
+        self.pool.sync()
+        return {b.idstr: trailer.BlockDigest(table.tobytes(), int(fb.sum()), int((~fb).sum()))
+                for b, fb, table in zip(self.blocks, self.file_bmap, self.chunk_table,
+                                        strict=True)}
+
+    @staticmethod
+    def _hashed(table: np.ndarray, pairs: np.ndarray) -> OnDone:
+        def on_done(_moved: int, _mask: np.ndarray, digests: bytes) -> None:
+            chunks = np.unique(trailer.run_chunks(pairs.reshape(-1, 2)))
+            table[chunks] = np.frombuffer(digests, dtype=np.uint8).reshape(len(chunks), -1)
+        return on_done

@@ -11,7 +11,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from mfd.protocol.constants import MULTIFD_PAGE_COUNT
+from mfd.protocol.constants import MAPPED_RAM_LOAD_BUF_SIZE, MULTIFD_PAGE_COUNT, TARGET_PAGE_SIZE
+from mfd.protocol.mapped_ram import set_runs
+from mfd.protocol.trailer import CHUNK_PAGES
 
 WINDOW_WORDS = 1 << 14  # 1 Mi pages (4 GiB of RAM) per scan window
 
@@ -52,3 +54,32 @@ def dirty_batches(words: np.ndarray,
         pages = take_dirty(words, start, WINDOW_WORDS)
         for i in range(0, len(pages), batch):
             yield pages[i : i + batch]
+
+
+JOB_PAGES = MAPPED_RAM_LOAD_BUF_SIZE // TARGET_PAGE_SIZE  # 256 pages = 1 MiB, QEMU's read buffer
+
+
+def chunk_jobs(bits: np.ndarray) -> list[np.ndarray]:
+    """The pages of a page map (bool per page) as jobs of whole digest chunks.
+
+    Runs of set bits are cut at chunk boundaries (1 MiB of RAM, so no read is longer than
+    QEMU's 1 MiB ``MAPPED_RAM_LOAD_BUF_SIZE``), and consecutive chunks share a job while their
+    pages before it add up to less than 1 MiB: a job moves less than 2 MiB. A channel can then
+    hash every chunk of its job by itself. Each job is a flat u32 array of [start, end) pairs.
+    """
+    runs = set_runs(bits)
+    if len(runs) == 0:
+        return []
+    starts, ends = runs[:, 0], runs[:, 1]
+    first = starts // CHUNK_PAGES
+    pieces = (ends - 1) // CHUNK_PAGES - first + 1
+    idx = np.repeat(np.arange(len(runs)), pieces)
+    chunk = first[idx] + np.arange(len(idx)) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+    s = np.maximum(starts[idx], chunk * CHUNK_PAGES)
+    e = np.minimum(ends[idx], (chunk + 1) * CHUNK_PAGES)
+    heads = np.flatnonzero(np.concatenate(([True], chunk[1:] != chunk[:-1])))  # chunk starts
+    before = np.cumsum(np.add.reduceat(e - s, heads)) - np.add.reduceat(e - s, heads)
+    group = before // JOB_PAGES  # a chunk joins the job its predecessors' pages reached
+    cuts = heads[np.flatnonzero(np.diff(group)) + 1]
+    cut = np.stack((s, e), axis=1).astype(np.uint32)
+    return [c.reshape(-1) for c in np.split(cut, cuts)]

@@ -8,8 +8,10 @@ message    frames                                                       directio
 READY      b"READY", be32 channel id                                    channel ->
 JOB        b"JOB", be64 job id + be32 block index, u32 page array        -> channel
            (save: page indices; restore: [start, end) pairs)
-DONE       b"DONE", be64 job id + be64 bytes moved, u8 nonzero mask      channel ->
-           (save: one byte per page of the job, 1 = written)
+DIGEST     b"DIGEST", as JOB with [start, end) pairs: hash, move nothing  -> channel
+DONE       b"DONE", be64 job id + be64 bytes moved, u8 nonzero mask,     channel ->
+           chunk digests (save JOB: one mask byte per page of the job,
+           1 = written; restore JOB and DIGEST: 32 bytes per chunk)
 ERROR      b"ERROR", text (a traceback)                                  channel ->
 STOP       b"STOP"                                                       -> channel
 =========  ===========================================================  =========
@@ -25,6 +27,7 @@ from mfd.errors import ProtocolError
 
 READY = b"READY"
 JOB = b"JOB"
+DIGEST = b"DIGEST"
 DONE = b"DONE"
 ERROR = b"ERROR"
 STOP = b"STOP"
@@ -38,8 +41,8 @@ def encode_ready(channel_id: int) -> list[bytes]:
     return [READY, _READY.pack(channel_id)]
 
 
-def encode_job(job_id: int, block: int, pages: np.ndarray) -> list[bytes]:
-    return [JOB, _JOB.pack(job_id, block), np.ascontiguousarray(pages, dtype=np.uint32).data]
+def encode_job(job_id: int, block: int, pages: np.ndarray, kind: bytes = JOB) -> list[bytes]:
+    return [kind, _JOB.pack(job_id, block), np.ascontiguousarray(pages, dtype=np.uint32).data]
 
 
 def decode_job(frames: list) -> tuple[int, int, np.ndarray]:
@@ -49,16 +52,17 @@ def decode_job(frames: list) -> tuple[int, int, np.ndarray]:
     return job_id, block, np.frombuffer(frames[2], dtype=np.uint32)
 
 
-def encode_done(job_id: int, moved: int, nonzero: np.ndarray | None = None) -> list[bytes]:
+def encode_done(job_id: int, moved: int, nonzero: np.ndarray | None = None,
+                digests: bytes = b"") -> list[bytes]:
     mask = b"" if nonzero is None else np.ascontiguousarray(nonzero, dtype=np.uint8).data
-    return [DONE, _DONE.pack(job_id, moved), mask]
+    return [DONE, _DONE.pack(job_id, moved), mask, digests]
 
 
-def decode_done(frames: list) -> tuple[int, int, np.ndarray]:
-    if len(frames) != 3 or len(frames[1]) != _DONE.size:
+def decode_done(frames: list) -> tuple[int, int, np.ndarray, bytes]:
+    if len(frames) != 4 or len(frames[1]) != _DONE.size:
         raise ProtocolError(f"malformed DONE message ({len(frames)} frames)")
     job_id, moved = _DONE.unpack(frames[1])
-    return job_id, moved, np.frombuffer(frames[2], dtype=np.uint8).astype(bool)
+    return job_id, moved, np.frombuffer(frames[2], dtype=np.uint8).astype(bool), frames[3]
 
 
 def decode_ready(frames: list) -> int:

@@ -332,8 +332,17 @@ def _check_trailer_blocks(mf: MigrationFile) -> None:
         raise ProtocolError(f"mfd trailer at offset {mf.stream_end:#x} lists RAM block(s) "
                             f"{', '.join(map(repr, mf.trailer.blocks))} but the stream has "
                             f"{', '.join(map(repr, names))} (file changed after the save?)")
+    if not mf.mapped_ram:
+        raise ProtocolError(f"mfd trailer at offset {mf.stream_end:#x} after a stream without "
+                            "mapped-ram (mfd writes its trailer only into mapped-ram files)")
     for b in mf.blocks:
         d = mf.trailer.blocks[b.idstr]
+        if len(d.chunks) != trailer.num_chunks(b.num_pages) * trailer.DIGEST_SIZE:
+            raise ProtocolError(f"mfd trailer at offset {mf.stream_end:#x} has "
+                                f"{len(d.chunks) // trailer.DIGEST_SIZE} chunk digests for "
+                                f"block {b.idstr!r}, expected "
+                                f"{trailer.num_chunks(b.num_pages)} (file changed after the "
+                                "save?)")
         if d.normal_pages + d.zero_pages != b.num_pages:
             raise ProtocolError(f"mfd trailer at offset {mf.stream_end:#x} counts "
                                 f"{d.normal_pages + d.zero_pages} pages for block {b.idstr!r}, "

@@ -5,6 +5,14 @@ trailer is written last, after the bitmaps and an fsync: its presence means the 
 completed. It is found from the end of the file::
 
     body (JSON) | be64 body_len | blake3(body) (32 bytes) | magic b"MFDTRLR1"
+
+Digests are per chunk of 128 pages (512 KiB of RAM, aligned: one full multifd packet):
+blake3 over the data of the chunk's pages whose ``file_bmap`` bit is set, in page order.
+Restored RAM starts zeroed and clear-bit pages are never touched (invariant 5), so the chunk
+digests and the bitmap fix the whole block; corrupting either changes a digest. Chunks rather
+than one hash per block let each channel hash exactly what it has just written or read, in
+parallel and while the data is in its cache, instead of the main process reading (and
+faulting in) all of RAM again.
 """
 
 from __future__ import annotations
@@ -13,23 +21,61 @@ import struct
 from dataclasses import dataclass, field
 
 import blake3
+import numpy as np
 import orjson
 
 from mfd.errors import ProtocolError
+from mfd.protocol import constants as C
 
 MAGIC = b"MFDTRLR1"
 TRAILER_VERSION = 1
 _TAIL = struct.Struct(">Q32s8s")  # body_len, digest, magic
 TAIL_SIZE = _TAIL.size
+CHUNK_PAGES = C.MULTIFD_PAGE_COUNT  # pages per digest chunk: one full packet, 512 KiB
+DIGEST_SIZE = 32
+EMPTY_DIGEST = blake3.blake3(b"").digest()  # a chunk with no page in the file
+
+
+def num_chunks(num_pages: int) -> int:
+    return -(-num_pages // CHUNK_PAGES)
+
+
+def run_chunks(runs: np.ndarray) -> np.ndarray:
+    """The chunk of each run; runs never cross a chunk boundary (see ``chunk_jobs``)."""
+    return runs[:, 0] // CHUNK_PAGES
+
+
+def chunk_digests(ram: memoryview, runs: np.ndarray, page_size: int) -> bytes:
+    """blake3 of each chunk's runs of pages in ``ram``, 32 bytes per chunk in run order.
+
+    ``runs`` is an (n, 2) array of [start, end) pages, sorted, each within one chunk.
+    """
+    out = bytearray()
+    chunk = run_chunks(runs)
+    for group in np.split(runs, np.flatnonzero(np.diff(chunk)) + 1):
+        h = blake3.blake3()
+        for start, end in group.tolist():
+            h.update(ram[start * page_size : end * page_size])
+        out += h.digest()
+    return bytes(out)
 
 
 @dataclass(frozen=True)
 class BlockDigest:
-    """What the saved RAM of one block must hash to, and how its pages were stored."""
+    """What one block's saved pages hash to, chunk by chunk, and how its pages were stored."""
 
-    blake3: str
+    chunks: bytes  # DIGEST_SIZE bytes per chunk of CHUNK_PAGES pages
     normal_pages: int
     zero_pages: int
+
+    @property
+    def blake3(self) -> str:
+        """One name for the block's content: blake3 over its chunk digests."""
+        return blake3.blake3(self.chunks).hexdigest()
+
+    def to_json(self) -> dict[str, object]:
+        return {"chunk_pages": CHUNK_PAGES, "chunks": self.chunks.hex(),
+                "normal_pages": self.normal_pages, "zero_pages": self.zero_pages}
 
 
 @dataclass(frozen=True)
@@ -45,7 +91,7 @@ class Trailer:
             "version": TRAILER_VERSION,
             "tool": self.tool,
             "stream_end": self.stream_end,
-            "blocks": {k: vars(v) for k, v in self.blocks.items()},
+            "blocks": {k: v.to_json() for k, v in self.blocks.items()},
             "guest": self.guest,
             **self.extra,
         }, option=orjson.OPT_SORT_KEYS)
@@ -74,12 +120,23 @@ def decode_trailer(buf, file_size: int) -> Trailer:
         if doc["version"] != TRAILER_VERSION:
             raise ProtocolError(f"mfd trailer version {doc['version']}, expected "
                                 f"{TRAILER_VERSION}")
-        blocks = {k: BlockDigest(str(v["blake3"]), int(v["normal_pages"]),
-                                 int(v["zero_pages"])) for k, v in doc["blocks"].items()}
+        blocks = {k: _block_digest(v) for k, v in doc["blocks"].items()}
         trailer = Trailer(str(doc["tool"]), blocks, int(doc["stream_end"]), doc.get("guest"))
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise ProtocolError(f"mfd trailer at offset {start:#x} is malformed: {e}") from None
+    for name, d in trailer.blocks.items():
+        if len(d.chunks) % DIGEST_SIZE:
+            raise ProtocolError(f"mfd trailer at offset {start:#x}: block {name!r} has "
+                                f"{len(d.chunks)} bytes of chunk digests, not a multiple of "
+                                f"{DIGEST_SIZE}")
     if trailer.stream_end != start:
         raise ProtocolError(f"mfd trailer says the stream ends at {trailer.stream_end:#x} "
                             f"but the trailer starts at {start:#x}")
     return trailer
+
+
+def _block_digest(doc: dict) -> BlockDigest:
+    if doc["chunk_pages"] != CHUNK_PAGES:
+        raise ValueError(f"chunk_pages {doc['chunk_pages']}, expected {CHUNK_PAGES}")
+    return BlockDigest(bytes.fromhex(doc["chunks"]), int(doc["normal_pages"]),
+                       int(doc["zero_pages"]))

@@ -9,7 +9,11 @@ straight into the destination's shared memory. Only offsets cross the socket.
 ::
 
     main process (ROUTER)  --JOB(block, pages)-->  channel (DEALER)
-                           <--DONE(nonzero mask)--   zero check, pwritev per run
+                           <--DONE(nonzero mask)--   save: zero check, pwritev per run
+                           --JOB(block, runs)--->    restore: preadv per run, then the
+                           <--DONE(digests)-------   digest of each chunk just read
+                           --DIGEST(block, runs)->   save completion: digest of each chunk
+                           <--DONE(digests)-------   of the final RAM (mfd's trailer)
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import zmq
 from mfd.protocol import messages
 from mfd.protocol.constants import TARGET_PAGE_SIZE
 from mfd.protocol.mapped_ram import page_runs
+from mfd.protocol.trailer import CHUNK_PAGES, EMPTY_DIGEST, chunk_digests
 from mfd.shm.ramblock import MappedBlock, RAMBlock, attach
 
 PR_SET_PDEATHSIG = 1
@@ -46,6 +51,8 @@ class FileChannelConfig:
     pages_offsets: tuple[int, ...]  # per block, absolute file offsets
     direct_io: bool = False
     zero_page_detection: bool = True  # multifd mode: the channel finds zero pages
+    verify: bool = False  # restore: hash each chunk read (the file has mfd's trailer)
+    digest_chunks: bool = False  # save of RAM that no longer changes: hash whole-chunk jobs
     delay: float = 0.0  # test-only: sleep after each job's I/O, before DONE (slow channel)
 
 
@@ -77,10 +84,10 @@ def channel_main(cfg: FileChannelConfig) -> None:
                 kind = frames[0].bytes
                 if kind == messages.STOP:
                     return
-                if kind != messages.JOB:
+                if kind not in (messages.JOB, messages.DIGEST):
                     raise RuntimeError(f"unexpected message {kind[:16]!r}")
                 job_id, block, pages = messages.decode_job([f.bytes for f in frames])
-                reply = channel.run(job_id, block, pages)
+                reply = channel.run(job_id, block, pages, kind == messages.DIGEST)
                 if cfg.delay:  # test-only: a channel slow to finish after its I/O
                     time.sleep(cfg.delay)
                 sock.send_multipart(reply, copy=False)
@@ -106,10 +113,12 @@ class FileChannel:
         self.blocks: list[MappedBlock] = [attach(b, writable=not cfg.saving) for b in cfg.blocks]
         self.words = [b.words for b in self.blocks]
 
-    def run(self, job_id: int, block: int, pages: np.ndarray) -> list:
+    def run(self, job_id: int, block: int, pages: np.ndarray, digest_only: bool) -> list:
+        if digest_only:
+            return messages.encode_done(job_id, 0, None, self._digests(block, pages))
         if self.cfg.saving:
             return self.save_pages(job_id, block, pages)
-        return self.load_runs(job_id, block, pages.reshape(-1, 2))
+        return self.load_runs(job_id, block, pages)
 
     def save_pages(self, job_id: int, block: int, pages: np.ndarray) -> list:
         """Zero check per packet (max over (pages, 512) words), then one pwritev per run."""
@@ -124,17 +133,28 @@ class FileChannel:
             nonzero = np.ones(len(pages), dtype=bool)
         runs = page_runs(pages[nonzero])
         moved = self._io(block, runs, os.pwritev, "write")
+        digest = b""
+        if (self.cfg.digest_chunks and len(pages) == CHUNK_PAGES
+                and pages[0] % CHUNK_PAGES == 0 and pages[-1] - pages[0] == CHUNK_PAGES - 1):
+            digest = (chunk_digests(self.blocks[block].view, runs, TARGET_PAGE_SIZE)
+                      if len(runs) else EMPTY_DIGEST)
         if moved and not self.cfg.direct_io:
             # start writeback now, so the fdatasync at completion finds little left to do
             base = self.cfg.pages_offsets[block]
             first, last = int(runs[0][0]), int(runs[-1][1])
             _libc.sync_file_range(self.fd, base + first * TARGET_PAGE_SIZE,
                                   (last - first) * TARGET_PAGE_SIZE, SYNC_FILE_RANGE_WRITE)
-        return messages.encode_done(job_id, moved, nonzero)
+        return messages.encode_done(job_id, moved, nonzero, digest)
 
-    def load_runs(self, job_id: int, block: int, runs: np.ndarray) -> list:
-        """``preadv`` each run straight into the destination block."""
-        return messages.encode_done(job_id, self._io(block, runs, os.preadv, "read"))
+    def load_runs(self, job_id: int, block: int, pairs: np.ndarray) -> list:
+        """``preadv`` each run straight into the destination block, then hash its chunks
+        while they are still in this CPU's cache."""
+        moved = self._io(block, pairs.reshape(-1, 2), os.preadv, "read")
+        digests = self._digests(block, pairs) if self.cfg.verify else b""
+        return messages.encode_done(job_id, moved, None, digests)
+
+    def _digests(self, block: int, pairs: np.ndarray) -> bytes:
+        return chunk_digests(self.blocks[block].view, pairs.reshape(-1, 2), TARGET_PAGE_SIZE)
 
     def _io(self, block: int, runs: np.ndarray, io, verb: str) -> int:
         """One ``pwritev``/``preadv`` per run of pages, between the block and its slots."""
