@@ -116,8 +116,9 @@ class ChannelPool:
         job_id = self.next_job
         self.next_job += 1
         self.inflight[job_id] = (ident, done)
-        self.router.send_multipart([ident, *messages.encode_job(job_id, block, pages, kind)],
-                                   copy=False)
+        # copied, not zero-copy: a job is at most a few KiB, and pyzmq hands each zero-copy
+        # frame back through its garbage-collector thread, which cost more than the copy
+        self.router.send_multipart([ident, *messages.encode_job(job_id, block, pages, kind)])
 
     def sync(self) -> None:
         """Return when every channel has finished all work handed to it."""

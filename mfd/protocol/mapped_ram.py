@@ -135,11 +135,16 @@ def set_runs(bits: np.ndarray) -> np.ndarray:
 
 
 def page_runs(pages: np.ndarray) -> np.ndarray:
-    """Sorted page indices -> (n, 2) array of [start, end) runs of consecutive pages."""
+    """Sorted page indices -> (n, 2) array of [start, end) runs of consecutive pages.
+
+    Called once per packet on the save path: a few numpy calls, no temporaries to stack.
+    """
     if len(pages) == 0:
         return np.empty((0, 2), dtype=np.int64)
     pages = pages.astype(np.int64, copy=False)
-    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
-    starts = pages[np.concatenate(([0], breaks))]
-    ends = pages[np.concatenate((breaks - 1, [len(pages) - 1]))] + 1
-    return np.stack((starts, ends), axis=1)
+    brk = np.flatnonzero(pages[1:] != pages[:-1] + 1)
+    runs = np.empty((len(brk) + 1, 2), dtype=np.int64)
+    runs[0, 0], runs[-1, 1] = pages[0], pages[-1] + 1
+    runs[1:, 0] = pages[brk + 1]
+    runs[:-1, 1] = pages[brk] + 1
+    return runs

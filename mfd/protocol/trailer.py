@@ -51,13 +51,14 @@ def chunk_digests(ram: memoryview, runs: np.ndarray, page_size: int) -> bytes:
     ``runs`` is an (n, 2) array of [start, end) pages, sorted, each within one chunk.
     """
     out = bytearray()
-    chunk = run_chunks(runs)
-    for group in np.split(runs, np.flatnonzero(np.diff(chunk)) + 1):
-        h = blake3.blake3()
-        for start, end in group.tolist():
-            h.update(ram[start * page_size : end * page_size])
-        out += h.digest()
-    return bytes(out)
+    h = blake3.blake3()
+    chunk = int(runs[0, 0]) // CHUNK_PAGES if len(runs) else 0
+    for start, end in runs.tolist():  # per run (a few per chunk), never per page
+        if start // CHUNK_PAGES != chunk:
+            out += h.digest()
+            h, chunk = blake3.blake3(), start // CHUNK_PAGES
+        h.update(ram[start * page_size : end * page_size])
+    return bytes(out + h.digest())
 
 
 @dataclass(frozen=True)

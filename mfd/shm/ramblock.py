@@ -11,6 +11,7 @@ segments it did not create when an attaching process exits (gh-82300), and warns
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
 import re
@@ -82,6 +83,30 @@ class MappedBlock:
         # numpy views may still reference the mmap; it is unmapped when they go away.
         with contextlib.suppress(BufferError):
             self.mm.close()
+
+
+def data_runs(fd: int, lo: int, hi: int) -> list[tuple[int, int]]:
+    """[start, end) runs of the pages in [lo, hi) that hold data in the block's backing file.
+
+    The rest are holes: pages nobody ever wrote (guest RAM a VM never touched, a sparse
+    image's zero pages), which read as zero without being read at all. A page partly in a
+    hole counts as data. One SEEK_DATA/SEEK_HOLE pair per extent, never per page.
+    """
+    start, end = lo * TARGET_PAGE_SIZE, hi * TARGET_PAGE_SIZE
+    runs = []
+    while start < end:
+        try:
+            data = os.lseek(fd, start, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # only a hole up to the end of the file
+                break
+            raise
+        if data >= end:
+            break
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        runs.append((data // TARGET_PAGE_SIZE, -(-hole // TARGET_PAGE_SIZE)))
+        start = hole
+    return runs
 
 
 def attach(block: RAMBlock, *, writable: bool = False) -> MappedBlock:

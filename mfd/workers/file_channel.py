@@ -32,7 +32,7 @@ from mfd.protocol import messages
 from mfd.protocol.constants import TARGET_PAGE_SIZE
 from mfd.protocol.mapped_ram import page_runs
 from mfd.protocol.trailer import CHUNK_PAGES, EMPTY_DIGEST, chunk_digests
-from mfd.shm.ramblock import MappedBlock, RAMBlock, attach
+from mfd.shm.ramblock import MappedBlock, RAMBlock, attach, data_runs
 
 PR_SET_PDEATHSIG = 1
 SYNC_FILE_RANGE_WRITE = 2
@@ -80,17 +80,17 @@ def channel_main(cfg: FileChannelConfig) -> None:
                     if os.getppid() != cfg.parent_pid:
                         return
                     continue
-                frames = sock.recv_multipart(copy=False)
-                kind = frames[0].bytes
+                frames = sock.recv_multipart()  # small frames: copies are cheapest
+                kind = frames[0]
                 if kind == messages.STOP:
                     return
                 if kind not in (messages.JOB, messages.DIGEST):
                     raise RuntimeError(f"unexpected message {kind[:16]!r}")
-                job_id, block, pages = messages.decode_job([f.bytes for f in frames])
+                job_id, block, pages = messages.decode_job(frames)
                 reply = channel.run(job_id, block, pages, kind == messages.DIGEST)
                 if cfg.delay:  # test-only: a channel slow to finish after its I/O
                     time.sleep(cfg.delay)
-                sock.send_multipart(reply, copy=False)
+                sock.send_multipart(reply)
         finally:
             channel.close()
     except Exception:
@@ -112,6 +112,8 @@ class FileChannel:
         self.fd = open_channel_fd(cfg.path, cfg.saving, cfg.direct_io)
         self.blocks: list[MappedBlock] = [attach(b, writable=not cfg.saving) for b in cfg.blocks]
         self.words = [b.words for b in self.blocks]
+        # save: the blocks' files, to find their holes (see _nonzero)
+        self.src_fds = [os.open(b.path, os.O_RDONLY) for b in cfg.blocks] if cfg.saving else []
 
     def run(self, job_id: int, block: int, pages: np.ndarray, digest_only: bool) -> list:
         if digest_only:
@@ -122,13 +124,8 @@ class FileChannel:
 
     def save_pages(self, job_id: int, block: int, pages: np.ndarray) -> list:
         """Zero check per packet (max over (pages, 512) words), then one pwritev per run."""
-        words = self.words[block]
         if self.cfg.zero_page_detection:
-            lo, hi = int(pages[0]), int(pages[-1]) + 1
-            if hi - lo == len(pages):  # contiguous: a view, no gather copy
-                nonzero = words[lo:hi].max(axis=1) != 0
-            else:
-                nonzero = words[pages].max(axis=1) != 0
+            nonzero = self._nonzero(block, pages)
         else:
             nonzero = np.ones(len(pages), dtype=bool)
         runs = page_runs(pages[nonzero])
@@ -145,6 +142,19 @@ class FileChannel:
             _libc.sync_file_range(self.fd, base + first * TARGET_PAGE_SIZE,
                                   (last - first) * TARGET_PAGE_SIZE, SYNC_FILE_RANGE_WRITE)
         return messages.encode_done(job_id, moved, nonzero, digest)
+
+    def _nonzero(self, block: int, pages: np.ndarray) -> np.ndarray:
+        """multifd zero-page detection. A contiguous packet (every packet of a first round)
+        is checked only where the block's file has data: holes are zero without a read,
+        which would also allocate memory for them. Scattered pages are gathered."""
+        words = self.words[block]
+        lo, hi = int(pages[0]), int(pages[-1]) + 1
+        if hi - lo != len(pages):
+            return words[pages].max(axis=1) != 0
+        nonzero = np.zeros(len(pages), dtype=bool)
+        for start, end in data_runs(self.src_fds[block], lo, hi):
+            nonzero[start - lo : end - lo] = words[start:end].max(axis=1) != 0
+        return nonzero
 
     def load_runs(self, job_id: int, block: int, pairs: np.ndarray) -> list:
         """``preadv`` each run straight into the destination block, then hash its chunks
@@ -172,6 +182,8 @@ class FileChannel:
 
     def close(self) -> None:
         os.close(self.fd)
+        for fd in self.src_fds:
+            os.close(fd)
         self.words = []
         for b in self.blocks:
             b.close()
