@@ -205,6 +205,8 @@ class FileSaver:
             chunk = int(pages[0]) // trailer.CHUNK_PAGES
             self.chunk_table[block][chunk] = np.frombuffer(digest, dtype=np.uint8)
             self.hashed[block][chunk] = True
+        else:  # pages sent again (say, in the final round) make their chunks' digests stale
+            self.hashed[block][pages // trailer.CHUNK_PAGES] = False
         fb = self.file_bmap[block]
         fb[pages[nonzero]] = True  # written: data is at its slot
         fb[pages[~nonzero]] = False  # zero: nothing written, the bit says "zero"
