@@ -3,8 +3,8 @@
 ::
 
     parse + validate the whole file (mfd.protocol.migration_file), before any write
-    mapped-ram: per block, read file_bmap; runs of set bits, cut at 1 MiB chunks; jobs of
-                whole chunks go to idle channels, which preadv straight into the
+    mapped-ram: per block, read file_bmap; runs of set bits, cut at 512 KiB chunks; jobs
+                of whole chunks go to idle channels, which preadv straight into the
                 destination's shared memory and hash each chunk they read; sync; every
                 chunk digest equal to mfd's trailer's, when there is one
     stream:     every page's last record, copied with strided numpy views (no per-page loop)
@@ -106,10 +106,7 @@ class ChunkCheck:
         self.bad: list[int] = []
 
     def job_done(self, pairs: np.ndarray, digests: bytes) -> None:
-        chunks = np.unique(trailer.run_chunks(pairs.reshape(-1, 2)))
-        got = np.frombuffer(digests, dtype=np.uint8).reshape(-1, trailer.DIGEST_SIZE)
-        if got.shape[0] != len(chunks):
-            raise MfdError(f"a channel returned {got.shape[0]} digests for {len(chunks)} chunks")
+        chunks, got = trailer.job_digests(pairs, digests)
         self.covered[chunks] = True
         self.bad.extend(chunks[(got != self.want[chunks]).any(axis=1)].tolist())
 
@@ -121,7 +118,8 @@ class ChunkCheck:
             first = min(self.bad)
             raise ProtocolError(
                 f"restored block {self.idstr!r} does not match the digest in the file's mfd "
-                f"trailer in {len(set(self.bad))} MiB, first at RAM offset "
+                f"trailer in {len(set(self.bad))} chunk(s) of "
+                f"{trailer.CHUNK_PAGES * TARGET_PAGE_SIZE >> 10} KiB, first at RAM offset "
                 f"{first * trailer.CHUNK_PAGES * TARGET_PAGE_SIZE:#x} (file corrupt?)")
 
 

@@ -366,6 +366,6 @@ class FileSaver:
     @staticmethod
     def _hashed(table: np.ndarray, pairs: np.ndarray) -> OnDone:
         def on_done(_moved: int, _mask: np.ndarray, digests: bytes) -> None:
-            chunks = np.unique(trailer.run_chunks(pairs.reshape(-1, 2)))
-            table[chunks] = np.frombuffer(digests, dtype=np.uint8).reshape(len(chunks), -1)
+            chunks, rows = trailer.job_digests(pairs, digests)
+            table[chunks] = rows
         return on_done

@@ -85,7 +85,8 @@ def chunk_jobs(bits: np.ndarray) -> list[np.ndarray]:
     s = np.maximum(starts[idx], chunk * CHUNK_PAGES)
     e = np.minimum(ends[idx], (chunk + 1) * CHUNK_PAGES)
     heads = np.flatnonzero(np.concatenate(([True], chunk[1:] != chunk[:-1])))  # chunk starts
-    before = np.cumsum(np.add.reduceat(e - s, heads)) - np.add.reduceat(e - s, heads)
+    in_chunk = np.add.reduceat(e - s, heads)  # pages of each chunk
+    before = np.cumsum(in_chunk) - in_chunk
     group = before // JOB_PAGES  # a chunk joins the job its predecessors' pages reached
     cuts = heads[np.flatnonzero(np.diff(group)) + 1]
     cut = np.stack((s, e), axis=1).astype(np.uint32)

@@ -45,10 +45,22 @@ def run_chunks(runs: np.ndarray) -> np.ndarray:
     return runs[:, 0] // CHUNK_PAGES
 
 
+def job_digests(pairs: np.ndarray, digests: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """A job's chunks (sorted, unique) and the digests a channel returned for them, one
+    DIGEST_SIZE row per chunk; ``pairs`` are the job's flat [start, end) pages."""
+    chunks = np.unique(run_chunks(pairs.reshape(-1, 2)))
+    rows = np.frombuffer(digests, dtype=np.uint8)
+    if len(rows) != len(chunks) * DIGEST_SIZE:
+        raise ProtocolError(f"a channel returned {len(rows)} bytes of digests for "
+                            f"{len(chunks)} chunks")
+    return chunks, rows.reshape(-1, DIGEST_SIZE)
+
+
 def chunk_digests(ram: memoryview, runs: np.ndarray, page_size: int) -> bytes:
     """blake3 of each chunk's runs of pages in ``ram``, 32 bytes per chunk in run order.
 
-    ``runs`` is an (n, 2) array of [start, end) pages, sorted, each within one chunk.
+    ``runs`` is an (n, 2) array of [start, end) pages, sorted, each within one chunk; no runs
+    give one digest, of nothing (EMPTY_DIGEST).
     """
     out = bytearray()
     h = blake3.blake3()

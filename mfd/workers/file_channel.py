@@ -31,7 +31,7 @@ import zmq
 from mfd.protocol import messages
 from mfd.protocol.constants import TARGET_PAGE_SIZE
 from mfd.protocol.mapped_ram import page_runs
-from mfd.protocol.trailer import CHUNK_PAGES, EMPTY_DIGEST, chunk_digests
+from mfd.protocol.trailer import CHUNK_PAGES, chunk_digests
 from mfd.shm.ramblock import MappedBlock, RAMBlock, attach, data_runs
 
 PR_SET_PDEATHSIG = 1
@@ -117,7 +117,8 @@ class FileChannel:
 
     def run(self, job_id: int, block: int, pages: np.ndarray, digest_only: bool) -> list:
         if digest_only:
-            return messages.encode_done(job_id, 0, None, self._digests(block, pages))
+            return messages.encode_done(job_id, 0, None,
+                                        self._digests(block, pages.reshape(-1, 2)))
         if self.cfg.saving:
             return self.save_pages(job_id, block, pages)
         return self.load_runs(job_id, block, pages)
@@ -133,8 +134,7 @@ class FileChannel:
         digest = b""
         if (self.cfg.digest_chunks and len(pages) == CHUNK_PAGES
                 and pages[0] % CHUNK_PAGES == 0 and pages[-1] - pages[0] == CHUNK_PAGES - 1):
-            digest = (chunk_digests(self.blocks[block].view, runs, TARGET_PAGE_SIZE)
-                      if len(runs) else EMPTY_DIGEST)
+            digest = chunk_digests(self.blocks[block].view, runs, TARGET_PAGE_SIZE)
         if moved and not self.cfg.direct_io:
             # start writeback now, so the fdatasync at completion finds little left to do
             base = self.cfg.pages_offsets[block]
@@ -166,12 +166,13 @@ class FileChannel:
             os.posix_fadvise(self.fd, base + int(pairs[0]) * TARGET_PAGE_SIZE,
                              (int(pairs[-1]) - int(pairs[0])) * TARGET_PAGE_SIZE,
                              os.POSIX_FADV_WILLNEED)
-        moved = self._io(block, pairs.reshape(-1, 2), os.preadv, "read")
-        digests = self._digests(block, pairs) if self.cfg.verify else b""
+        runs = pairs.reshape(-1, 2)
+        moved = self._io(block, runs, os.preadv, "read")
+        digests = self._digests(block, runs) if self.cfg.verify else b""
         return messages.encode_done(job_id, moved, None, digests)
 
-    def _digests(self, block: int, pairs: np.ndarray) -> bytes:
-        return chunk_digests(self.blocks[block].view, pairs.reshape(-1, 2), TARGET_PAGE_SIZE)
+    def _digests(self, block: int, runs: np.ndarray) -> bytes:
+        return chunk_digests(self.blocks[block].view, runs, TARGET_PAGE_SIZE)
 
     def _io(self, block: int, runs: np.ndarray, io, verb: str) -> int:
         """One ``pwritev``/``preadv`` per run of pages, between the block and its slots."""
