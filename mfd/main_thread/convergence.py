@@ -47,6 +47,10 @@ class RateLimiter:
         self.window_start = time.monotonic()
         self.used = 0
 
+    def set_bandwidth(self, max_bandwidth: int) -> None:
+        """A new ``max-bandwidth`` (``migrate-set-parameters``), from the next window on."""
+        self.budget = max_bandwidth * BUFFER_DELAY
+
     def account(self, nbytes: int) -> None:
         if self.budget <= 0:
             return

@@ -6,6 +6,13 @@ threads::
     ChannelPool.send(job, done)  wait for an idle channel (channels_ready), hand it the job
                                  (pending_job = true); a busy channel never gets a second one
     ChannelPool.sync()           wait until every channel is idle again (SYNC LOCAL)
+    ChannelPool.sync(SYNC)       and then hand every channel a SYNC job of its own: it puts
+                                 a SYNC packet on its connection (SYNC ALL)
+    ChannelPool.recv_sync()      receiver: wait until every channel has reached a SYNC
+                                 packet (SYNCED), then RELEASE them all
+                                 (``multifd_recv_sync_main``)
+    watch(fd, callback)          anything else the main process must react to while it waits
+                                 for channels: its peer's main channel, a monitor's cancel
     done(moved, mask, digests)   the job's own callback, in order of completion, in the main
                                  process only
 
@@ -47,6 +54,8 @@ from mfd.protocol import messages
 
 START_TIMEOUT = 60.0
 JOIN_TIMEOUT = 5.0
+TICK_MS = 100
+_NO_PAGES = np.empty(0, dtype=np.uint32)
 
 OnDone = Callable[[int, np.ndarray, bytes], None]  # bytes moved, nonzero mask, chunk digests
 
@@ -70,6 +79,9 @@ class ChannelPool:
         self.channel_of: dict[bytes, int] = {}
         self.inflight: dict[int, tuple[bytes, OnDone | None]] = {}
         self.next_job = 0
+        self.synced: dict[bytes, int] = {}  # channel -> packet_num of the SYNC it waits at
+        self.watched: dict[Any, Callable[[], None]] = {}
+        self.tick: Callable[[], None] | None = None
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
         try:
@@ -105,26 +117,63 @@ class ChannelPool:
     def channels(self) -> int:
         return len(self.pids)
 
+    def watch(self, source: Any, callback: Callable[[], None]) -> None:
+        """Call ``callback`` whenever ``source`` (a zmq socket or a file descriptor) is readable
+        while the pool waits; it may raise to abort what the main process is doing."""
+        self.watched[source] = callback
+        self.poller.register(source, zmq.POLLIN)
+
+    def unwatch(self, source: Any) -> None:
+        if self.watched.pop(source, None) is not None:
+            self.poller.unregister(source)
+
     def send(self, block: int, pages: np.ndarray, done: OnDone | None = None,
-             kind: bytes = messages.JOB) -> None:
+             kind: bytes = messages.JOB) -> int:
         """``multifd_send``: hand a job (pages of one block) to an idle channel; ``done`` is
-        called with its DONE."""
+        called with its DONE. Returns the job id, which socket channels use as QEMU's
+        ``packet_num`` (one counter over all channels, SYNC packets included)."""
         self._check()
         while not self.idle:
             self._pump(None)
-        ident = self.idle.popleft()
+        return self._hand(self.idle.popleft(), block, pages, done, kind)
+
+    def _hand(self, ident: bytes, block: int, pages: np.ndarray, done: OnDone | None,
+              kind: bytes) -> int:
         job_id = self.next_job
         self.next_job += 1
         self.inflight[job_id] = (ident, done)
         # copied, not zero-copy: a job is at most a few KiB, and pyzmq hands each zero-copy
         # frame back through its garbage-collector thread, which cost more than the copy
         self.router.send_multipart([ident, *messages.encode_job(job_id, block, pages, kind)])
+        return job_id
 
-    def sync(self) -> None:
-        """Return when every channel has finished all work handed to it."""
+    def sync(self, kind: bytes | None = None) -> None:
+        """``multifd_send_sync_main``: return when every channel has finished all work handed
+        to it (LOCAL). With ``kind`` (SYNC ALL), each channel is then handed one ``kind`` job
+        of its own as soon as it is idle, and this returns when all of those are done."""
         self._check()
+        if kind is not None:
+            for ident in list(self.channel_of):
+                while ident not in self.idle:
+                    self._pump(None)
+                self.idle.remove(ident)
+                self._hand(ident, 0, _NO_PAGES, None, kind)
         while self.inflight:
             self._pump(None)
+
+    def recv_sync(self) -> int:
+        """``multifd_recv_sync_main``: wait until every channel has reached its SYNC packet,
+        then release them all; returns the highest packet_num seen. No channel is released
+        before all have arrived (invariant 2: no page of the next round can land while an
+        older copy is still in flight on another channel)."""
+        self._check()
+        while len(self.synced) < len(self.channel_of):
+            self._pump(None)
+        top = max(self.synced.values(), default=0)
+        for ident in self.synced:
+            self.router.send_multipart([ident, messages.RELEASE])
+        self.synced.clear()
+        return top
 
     def _check(self) -> None:
         if self.broken is not None:
@@ -136,7 +185,14 @@ class ChannelPool:
         return self.broken
 
     def _pump(self, timeout_ms: int | None) -> None:
+        if self.tick is not None:  # bounded waits, so the tick runs at least every 100 ms
+            timeout_ms = TICK_MS if timeout_ms is None else min(timeout_ms, TICK_MS)
         events = dict(self.poller.poll(timeout_ms))
+        if self.tick is not None:
+            self.tick()
+        for source, callback in list(self.watched.items()):
+            if source in events:
+                callback()
         if self.router in events:
             while True:
                 try:
@@ -161,6 +217,11 @@ class ChannelPool:
             self.idle.append(ident)
             if done is not None:
                 done(moved, mask, digests)
+        elif kind == messages.SYNCED:
+            if ident in self.synced:
+                raise self._fail(BrokenPipeline(
+                    f"channel {self.channel_of.get(ident, '?')} reported SYNC twice"))
+            self.synced[ident] = messages.decode_synced(frames)
         elif kind == messages.ERROR:
             text = frames[1].decode(errors="replace").strip().splitlines()
             ch = self.channel_of.get(ident, "?")

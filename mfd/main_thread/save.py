@@ -25,25 +25,22 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from mfd import __version__
 from mfd.errors import MfdError
-from mfd.main_thread.convergence import AutoConverge, BandwidthMeter, RateLimiter
 from mfd.main_thread.pipeline import ChannelPool, OnDone
-from mfd.main_thread.scanner import chunk_jobs, dirty_batches, new_bmap, popcount
+from mfd.main_thread.precopy import Precopy, Progress
+from mfd.main_thread.scanner import chunk_jobs
 from mfd.main_thread.stats import MigrationStats
 from mfd.options import MigrationParameters, check_params
 from mfd.protocol import constants as C
 from mfd.protocol import devices, mapped_ram, messages, ram, stream, trailer
 from mfd.shm.control import GuestClient
-from mfd.shm.ramblock import MappedBlock, RAMBlock, attach
+from mfd.shm.ramblock import RAMBlock
 from mfd.workers.file_channel import FileChannelConfig, channel_main
-
-Progress = Callable[[MigrationStats], None]
 
 
 @dataclass(frozen=True)
@@ -73,22 +70,15 @@ def _probe_direct_io(path: str) -> bool:
     return True
 
 
-class FileSaver:
+class FileSaver(Precopy):
     def __init__(self, path: str, blocks: list[RAMBlock], params: MigrationParameters,
                  options: SaveOptions, guest: GuestClient | None = None,
                  progress: Progress | None = None) -> None:
-        self.params = check_params(params, mapped_ram=True)
-        names = [b.idstr for b in blocks]
-        if len(set(names)) != len(names):
-            raise MfdError(f"duplicate RAM block names: {names}")
-        if not blocks:
-            raise MfdError("nothing to save: no RAM blocks")
+        super().__init__(blocks, check_params(params, mapped_ram=True), guest, progress,
+                         options.batch_pages, options.ignore_dirty_log,
+                         options.skip_round_sync)
         self.path = path
-        self.blocks = blocks
         self.options = options
-        self.guest = guest
-        self.progress = progress
-        self.stats = MigrationStats(total=sum(b.used_length for b in blocks))
         self.configuration = stream.Configuration(options.machine, (C.CAP_MAPPED_RAM,))
 
     # ------------------------------------------------------------------ setup
@@ -145,62 +135,44 @@ class FileSaver:
             1 + len(lay.idstr.encode()) + 8 + C.MAPPED_RAM_HDR_SIZE for lay in layout)
         self._write_stream(ram.encode_eos() + stream.encode_footer(devices.RAM_SECTION_ID))
 
-        self.mapped: list[MappedBlock] = [attach(b) for b in self.blocks]
-        self.bmap = [new_bmap(b.num_pages) for b in self.blocks]
         self.file_bmap = [np.zeros(b.num_pages, dtype=bool) for b in self.blocks]
-        was_running = False
-        if self.guest is not None:
-            status = self.guest.query()
-            was_running = status["status"] == "running"
-            if self.options.stop_first and was_running:
-                self.guest.stop()
-            self.guest.harvest()  # the dirty log starts now; bmap is all ones anyway
-        self.runstate = self.options.runstate or (
-            "prelaunch" if self.guest is None else "running" if was_running else "paused")
-        live = self.guest is not None and self.guest.query()["status"] == "running"
-        # chunk digests: hashed by the channel that writes a whole chunk, where RAM no longer
-        # changes; any other chunk with pages in the file is hashed at completion
-        self.hashed = [np.zeros(trailer.num_chunks(b.num_pages), dtype=bool)
-                       for b in self.blocks]
-        self.chunk_table = [np.tile(np.frombuffer(trailer.EMPTY_DIGEST, dtype=np.uint8),
-                                    (trailer.num_chunks(b.num_pages), 1)) for b in self.blocks]
-
-        delays = self.options.channel_delays
-        configs = [FileChannelConfig(
-            channel_id=i, endpoint="", parent_pid=0, path=self.path, saving=True,
-            blocks=tuple(self.blocks),
-            pages_offsets=tuple(lay.header.pages_offset for lay in layout), direct_io=direct_io,
-            zero_page_detection=self.params.zero_page_detection == "multifd",
-            digest_chunks=not live, delay=delays[i] if i < len(delays) else 0.0)
-            for i in range(self.params.multifd_channels)]
-        self.meter = BandwidthMeter()
-        self.limiter = RateLimiter(self.params.max_bandwidth)
-        self.throttle = AutoConverge(self.params)
         try:
+            live = self.start_guest_log(self.options.stop_first)
+            self.runstate = self.options.runstate or (
+                "prelaunch" if self.guest is None else "running" if self.was_running
+                else "paused")
+            # chunk digests: hashed by the channel that writes a whole chunk, where RAM no
+            # longer changes; any other chunk with pages in the file is hashed at completion
+            self.hashed = [np.zeros(trailer.num_chunks(b.num_pages), dtype=bool)
+                           for b in self.blocks]
+            self.chunk_table = [np.tile(np.frombuffer(trailer.EMPTY_DIGEST, dtype=np.uint8),
+                                        (trailer.num_chunks(b.num_pages), 1))
+                                for b in self.blocks]
+            delays = self.options.channel_delays
+            configs = [FileChannelConfig(
+                channel_id=i, endpoint="", parent_pid=0, path=self.path, saving=True,
+                blocks=tuple(self.blocks),
+                pages_offsets=tuple(lay.header.pages_offset for lay in layout),
+                direct_io=direct_io,
+                zero_page_detection=self.params.zero_page_detection == "multifd",
+                digest_chunks=not live, delay=delays[i] if i < len(delays) else 0.0)
+                for i in range(self.params.multifd_channels)]
             with ChannelPool(configs, channel_main) as pool:
                 self.pool = pool
                 self.stats.setup_time = time.monotonic() - self.stats.start
                 self.stats.status = "active"
-                self._iterate(live)
+                self.iterate(live)
                 self._complete()
         except BaseException:
-            if self.guest is not None and was_running:
-                with contextlib.suppress(MfdError):
-                    self.guest.set_throttle(0)
-                    self.guest.cont()  # the source stays authoritative
+            self.resume_guest()
             raise
         finally:
-            for m in self.mapped:
-                m.close()
+            self.release()
 
     # ------------------------------------------------------------------ rounds
 
-    def _sent(self, block: int, pages: np.ndarray) -> OnDone:
-        return lambda moved, nonzero, digests: self._on_done(block, pages, moved, nonzero,
-                                                             digests)
-
-    def _on_done(self, block: int, pages: np.ndarray, moved: int, nonzero: np.ndarray,
-                 digest: bytes) -> None:
+    def on_done(self, block: int, pages: np.ndarray, moved: int, nonzero: np.ndarray,
+                digest: bytes) -> None:
         if digest:  # the job was one whole chunk, hashed by its channel
             chunk = int(pages[0]) // trailer.CHUNK_PAGES
             self.chunk_table[block][chunk] = np.frombuffer(digest, dtype=np.uint8)
@@ -210,110 +182,34 @@ class FileSaver:
         fb = self.file_bmap[block]
         fb[pages[nonzero]] = True  # written: data is at its slot
         fb[pages[~nonzero]] = False  # zero: nothing written, the bit says "zero"
-        n = int(nonzero.sum())
-        self.stats.normal += n
-        self.stats.duplicate += len(pages) - n
-        self.stats.transferred += moved
-        self.round_bytes += moved
-        self.meter.add(moved)
+        super().on_done(block, pages, moved, nonzero, digest)
 
-    def _round(self) -> None:
-        """One sweep over every block's bmap, then a local sync and an empty PART."""
-        self.round_bytes = 0
-        start = time.monotonic()
-        legacy = self.params.zero_page_detection == "legacy"
-        for i, words in enumerate(self.bmap):
-            for pages in dirty_batches(words, self.options.batch_pages):
-                self.stats.remaining -= len(pages) * C.TARGET_PAGE_SIZE
-                if legacy:  # the main thread finds zero pages (zero-page-detection=legacy)
-                    nonzero = self.mapped[i].words[pages].max(axis=1) != 0
-                    zero = pages[~nonzero]
-                    self.file_bmap[i][zero] = False
-                    self.stats.duplicate += len(zero)
-                    pages = pages[nonzero]
-                    if len(pages) == 0:
-                        continue
-                self.limiter.account(len(pages) * C.TARGET_PAGE_SIZE)
-                self.pool.send(i, pages, self._sent(i, pages))
-        if not self.options.skip_round_sync:
-            self.pool.sync()
-        self.stats.dirty_sync_count += 1
-        elapsed = time.monotonic() - start
-        self.stats.rounds.append({"round": self.stats.dirty_sync_count,
-                                  "bytes": self.round_bytes, "seconds": elapsed})
-        if self.progress is not None:
-            self.progress(self.stats)
+    def on_legacy_zero(self, block: int, pages: np.ndarray) -> None:
+        self.file_bmap[block][pages] = False
 
-    def _part_section(self) -> None:
+    def end_round(self) -> None:
+        self.pool.sync()  # SYNC LOCAL: mapped-ram writes no SYNC packets, no MULTIFD_FLUSH
+
+    def end_section(self, final: bool) -> None:
+        """An empty PART section per round, as QEMU writes one per ram_save_iterate; the
+        final round's pages belong to the END section, written after the bitmaps."""
+        if final:
+            return
         self._write_stream(stream.encode_section_part(C.QEMU_VM_SECTION_PART,
                                                       devices.RAM_SECTION_ID)
                            + ram.encode_eos() + stream.encode_footer(devices.RAM_SECTION_ID))
-
-    def _bitmap_sync(self) -> int:
-        """``migration_bitmap_sync``: OR the guest's log into bmap; returns dirty pages."""
-        assert self.guest is not None
-        status, logs = self.guest.harvest()
-        if self.options.ignore_dirty_log:
-            logs = [np.zeros_like(w) for w in self.bmap]
-        dirty = 0
-        for words, log in zip(self.bmap, logs, strict=True):
-            if len(log) != len(words):
-                raise MfdError("guest returned a dirty log of the wrong size")
-            dirty += popcount(log)
-            np.bitwise_or(words, log, out=words)
-        self.stats.cpu_throttle_percentage = int(status["cpu-throttle-percentage"])
-        return dirty
-
-    def _remaining(self) -> int:
-        return sum(popcount(w) for w in self.bmap) * C.TARGET_PAGE_SIZE
-
-    def _iterate(self, live: bool) -> None:
-        self.stats.remaining = self._remaining()
-        if not live:
-            self._round()
-            self._part_section()
-            return
-        period_start = time.monotonic()
-        period_dirty = 0
-        period_xfer = self.stats.transferred
-        while True:
-            self._round()
-            self._part_section()
-            dirty = self._bitmap_sync()
-            period_dirty += dirty
-            self.stats.remaining = self._remaining()
-            self.stats.bandwidth = self.meter.bandwidth
-            if self.meter.bandwidth:
-                self.stats.expected_downtime = self.stats.remaining / self.meter.bandwidth * 1000
-            now = time.monotonic()
-            if now - period_start >= 1.0:
-                self.stats.dirty_pages_rate = period_dirty / (now - period_start)
-                pct = self.throttle.on_period(period_dirty * C.TARGET_PAGE_SIZE,
-                                              self.stats.transferred - period_xfer)
-                if pct is not None:
-                    self.guest.set_throttle(pct)
-                    self.stats.cpu_throttle_percentage = pct
-                period_start, period_dirty, period_xfer = now, 0, self.stats.transferred
-            if self.stats.remaining <= self.meter.threshold(self.params.downtime_limit):
-                return
 
     # ------------------------------------------------------------------ completion
 
     def _complete(self) -> None:
         guest_state = None
-        if self.guest is not None:
-            self.stats.stop_time = time.monotonic()
-            status = self.guest.stop()
-            self.limiter.disable()
-            self._bitmap_sync()
-            self.stats.remaining = self._remaining()
+        status = self.stop_guest()
+        if status is not None:
             guest_state = {"name": status["name"], "runstate": self.runstate,
                            "workload": status["workload"]}
-        else:
-            self.stats.stop_time = time.monotonic()
         self._write_stream(stream.encode_command(stream.Command(C.MIG_CMD_SWITCHOVER_START)))
         if self.guest is not None:
-            self._round()  # what the guest dirtied since the last sync
+            self.round(final=True)  # what the guest dirtied since the last sync
         self.pool.sync()  # every channel idle before file_bmap is written (invariant 3)
         self.stats.remaining = 0
         for lay, fb in zip(self.layout, self.file_bmap, strict=True):

@@ -12,6 +12,11 @@ DIGEST     b"DIGEST", as JOB with [start, end) pairs: hash, move nothing  -> cha
 DONE       b"DONE", be64 job id + be64 bytes moved, u8 nonzero mask,     channel ->
            chunk digests (save JOB: one mask byte per page of the job,
            1 = written; restore JOB and DIGEST: 32 bytes per chunk)
+SYNC       b"SYNC", as JOB with no pages: put a SYNC packet on the       -> channel
+           connection (socket send channels), answered with DONE
+SYNCED     b"SYNCED", be64 packet_num: reached a SYNC packet and waits   channel ->
+           (socket receive channels)
+RELEASE    b"RELEASE": every channel reached its SYNC, go on             -> channel
 ERROR      b"ERROR", text (a traceback)                                  channel ->
 STOP       b"STOP"                                                       -> channel
 =========  ===========================================================  =========
@@ -29,12 +34,16 @@ READY = b"READY"
 JOB = b"JOB"
 DIGEST = b"DIGEST"
 DONE = b"DONE"
+SYNC = b"SYNC"
+SYNCED = b"SYNCED"
+RELEASE = b"RELEASE"
 ERROR = b"ERROR"
 STOP = b"STOP"
 
 _JOB = struct.Struct(">QI")
 _DONE = struct.Struct(">QQ")
 _READY = struct.Struct(">I")
+_SYNCED = struct.Struct(">Q")
 
 
 def encode_ready(channel_id: int) -> list[bytes]:
@@ -69,3 +78,13 @@ def decode_ready(frames: list) -> int:
     if len(frames) != 2 or len(frames[1]) != _READY.size:
         raise ProtocolError("malformed READY message")
     return _READY.unpack(frames[1])[0]
+
+
+def encode_synced(packet_num: int) -> list[bytes]:
+    return [SYNCED, _SYNCED.pack(packet_num)]
+
+
+def decode_synced(frames: list) -> int:
+    if len(frames) != 2 or len(frames[1]) != _SYNCED.size:
+        raise ProtocolError("malformed SYNCED message")
+    return _SYNCED.unpack(frames[1])[0]
