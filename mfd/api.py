@@ -4,6 +4,8 @@
     >>> mfd.save("vm.mig", images={"mem": "ram.bin"})          # parallel mapped-ram save
     >>> mfd.restore("vm.mig", images={"mem": "out.bin"})        # any number of channels
     >>> mfd.inspect("vm.mig")["ram_blocks"]
+    >>> mfd.incoming("tcp://0.0.0.0:4444", guest="vm1")       # destination (blocks until done)
+    >>> mfd.migrate("tcp://dst:4444", guest="vm0")             # live migration, 2 channels
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from dataclasses import dataclass, field
 from mfd.describe import describe
 from mfd.errors import MfdError
 from mfd.main_thread import load as loader
+from mfd.main_thread.incoming import Incoming, IncomingOptions, IncomingResult
+from mfd.main_thread.migrate import MigrateOptions, Migration
 from mfd.main_thread.save import FileSaver, Progress, SaveOptions
 from mfd.options import MigrationParameters
 from mfd.protocol.constants import TARGET_PAGE_SIZE
@@ -165,6 +169,74 @@ def _restore_images(opened: loader.OpenedFile, images: dict[str, str], channels:
                 os.unlink(p)
     return RestoreResult(opened.path, dict(images), result.seconds, result.bytes_read,
                          result.verified)
+
+
+@dataclass(frozen=True)
+class MigrateResult:
+    uri: str
+    status: str
+    total_time_ms: float
+    downtime_ms: float | None
+    setup_time_ms: float
+    rounds: int
+    transferred: int
+    normal_pages: int
+    zero_pages: int
+    cpu_throttle_percentage: int
+    digests: dict[str, str]  # blake3 per block at switchover, equal on both ends
+    query_migrate: dict = field(repr=False)
+    round_log: list[dict] = field(repr=False, default_factory=list)
+
+
+def _monitored(path: str | None, handlers, run):
+    if path is None:
+        return run()
+    from mfd.monitor import MonitorServer
+
+    with MonitorServer(path, handlers) as server:
+        try:
+            return run()
+        finally:
+            server.emit("MIGRATION", {"status": handlers.query_migrate()["status"]})
+
+
+def migrate(uri: str, *, images: dict[str, str] | None = None, guest: str | None = None,
+            params: MigrationParameters | None = None, options: MigrateOptions | None = None,
+            progress: Progress | None = None, monitor: str | None = None) -> MigrateResult:
+    """Live-migrate a running guest (or raw images) to ``mfd incoming`` at ``uri``
+    (``tcp://HOST:PORT``). On success the guest runs on the destination and is gone here;
+    on failure or cancel it keeps running here and :class:`MfdError` says why."""
+    if (images is None) == (guest is None):
+        raise MfdError("migrate needs either images or a guest")
+    params = params or MigrationParameters()
+    client = None
+    try:
+        if guest is not None:
+            client = control.GuestClient(guest)
+            blocks = guest_blocks(client.query())
+        else:
+            assert images is not None
+            blocks = image_blocks(images)
+        mig = Migration(uri, blocks, params, options or MigrateOptions(), client, progress)
+        _monitored(monitor, mig, mig.run)
+    finally:
+        if client is not None:
+            client.close()
+    st = mig.stats
+    return MigrateResult(uri, st.status, st.total_time_ms, st.downtime_ms,
+                         st.setup_time * 1000, st.dirty_sync_count, st.transferred, st.normal,
+                         st.duplicate, st.cpu_throttle_percentage, mig.digests,
+                         mig.query_migrate(), st.rounds)
+
+
+def incoming(listen: str, *, images: dict[str, str] | None = None, guest: str | None = None,
+             options: IncomingOptions | None = None, monitor: str | None = None,
+             warn=None) -> IncomingResult:
+    """Wait at ``listen`` (``tcp://HOST:PORT``) for one migration; its RAM goes to a new
+    guest (named ``guest``, default the source's name) that runs once the RAM is verified,
+    or to raw image files."""
+    inc = Incoming(listen, images=images, guest=guest, options=options, warn=warn)
+    return _monitored(monitor, inc, inc.run)
 
 
 def inspect(path: str, offset: int = 0) -> dict[str, object]:

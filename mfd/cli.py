@@ -15,9 +15,12 @@ import orjson
 
 from mfd import __version__, api
 from mfd.errors import MfdError, UsageError
+from mfd.main_thread.incoming import IncomingOptions
+from mfd.main_thread.migrate import Cancelled, MigrateOptions
 from mfd.options import MigrationParameters
 from mfd.shm import control
 from mfd.shm.guest import GuestConfig, run_guest
+from mfd.shm.ramblock import RAMBlock
 from mfd.shm.workload import PATTERNS, WorkloadState
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
@@ -68,11 +71,29 @@ def _file_args(p: argparse.ArgumentParser, image_help: str, guest_help: str) -> 
     p.add_argument("--json", action="store_true")
 
 
+def _precopy_args(p: argparse.ArgumentParser) -> None:
+    """What a live save and a live migration share: QEMU's precopy parameters."""
+    p.add_argument("--zero-page-detection", choices=("multifd", "legacy", "none"),
+                   default="multifd")
+    p.add_argument("--downtime-limit", type=int, default=300, metavar="MS")
+    p.add_argument("--max-bandwidth", type=parse_size, default=0,
+                   help="bytes per second (0 = unlimited, mfd's default)")
+    p.add_argument("--auto-converge", action="store_true")
+    p.add_argument("--cpu-throttle-initial", type=int, default=20)
+    p.add_argument("--cpu-throttle-increment", type=int, default=10)
+    p.add_argument("--cpu-throttle-tailslow", action="store_true")
+    p.add_argument("--max-cpu-throttle", type=int, default=99)
+    p.add_argument("--throttle-trigger-threshold", type=int, default=50)
+
+
 def _params(args: argparse.Namespace) -> MigrationParameters:
     return MigrationParameters(
         multifd_channels=args.multifd_channels,
+        multifd_compression=getattr(args, "multifd_compression", "none"),
+        multifd_zstd_level=getattr(args, "multifd_zstd_level", 1),
+        multifd_zlib_level=getattr(args, "multifd_zlib_level", 1),
         zero_page_detection=args.zero_page_detection,
-        direct_io=args.direct_io,
+        direct_io=getattr(args, "direct_io", False),
         downtime_limit=args.downtime_limit,
         max_bandwidth=args.max_bandwidth,
         auto_converge=args.auto_converge,
@@ -104,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--counter", type=int, default=0, help=argparse.SUPPRESS)
     g.add_argument("--cursor", type=int, default=0, help=argparse.SUPPRESS)
     g.add_argument("--stopped", action="store_true", help="start paused (like QEMU's -S)")
+    g.add_argument("--attach", type=parse_named, action="append", default=[],
+                   help=argparse.SUPPRESS)  # an incoming migration's unnamed RAM: NAME=PATH
     g.add_argument("--daemonize", action="store_true",
                    help="run in the background; return once the guest answers")
     act = g.add_mutually_exclusive_group()
@@ -116,21 +139,46 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stop-first", action="store_true",
                    help="pause the guest before saving, as virsh save does")
     s.add_argument("--machine", default="none", help="machine type in the file (default none)")
-    s.add_argument("--zero-page-detection", choices=("multifd", "legacy", "none"),
-                   default="multifd")
-    s.add_argument("--downtime-limit", type=int, default=300, metavar="MS")
-    s.add_argument("--max-bandwidth", type=parse_size, default=0,
-                   help="bytes per second (0 = unlimited, mfd's default)")
-    s.add_argument("--auto-converge", action="store_true")
-    s.add_argument("--cpu-throttle-initial", type=int, default=20)
-    s.add_argument("--cpu-throttle-increment", type=int, default=10)
-    s.add_argument("--cpu-throttle-tailslow", action="store_true")
-    s.add_argument("--max-cpu-throttle", type=int, default=99)
-    s.add_argument("--throttle-trigger-threshold", type=int, default=50)
+    _precopy_args(s)
 
     r = sub.add_parser("restore", help="restore a migration file (mfd's or QEMU's)")
     _file_args(r, "write RAMBlock NAME to the raw image PATH",
                "start a new, stopped guest with the restored RAM")
+
+    m = sub.add_parser("migrate", help="live-migrate a guest to 'mfd incoming' over TCP")
+    m.add_argument("uri", help="tcp://HOST:PORT of the destination")
+    src = m.add_mutually_exclusive_group(required=True)
+    src.add_argument("--guest", help="the running guest to migrate")
+    src.add_argument("--image", type=parse_named, action="append", metavar="NAME=PATH",
+                     help="a raw RAM image sent as the RAMBlock NAME (a stopped guest)")
+    _channels(m)
+    m.add_argument("--multifd-compression", choices=("none", "zstd", "zlib"), default="none")
+    m.add_argument("--multifd-zstd-level", type=int, default=1)
+    m.add_argument("--multifd-zlib-level", type=int, default=1)
+    _precopy_args(m)
+    m.add_argument("--multifd-flush-after-each-section", action="store_true",
+                   help="legacy sync per section (QEMU machine types <= 8.0)")
+    m.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="cancel when the migration would take longer")
+    m.add_argument("--monitor", metavar="PATH", help="serve a QMP-style monitor at PATH")
+    m.add_argument("--machine", default="none", help="machine type in the stream")
+    m.add_argument("--json", action="store_true")
+
+    n = sub.add_parser("incoming", help="wait for a migration from 'mfd migrate'")
+    n.add_argument("--listen", required=True, metavar="tcp://HOST:PORT",
+                   help="main channel on PORT, channel i on PORT+1+i")
+    dst = n.add_mutually_exclusive_group()
+    dst.add_argument("--guest", help="name of the guest that will run here (default: the "
+                     "source's name)")
+    dst.add_argument("--image", type=parse_named, action="append", metavar="NAME=PATH",
+                     help="write RAMBlock NAME to the raw image PATH instead of a guest")
+    n.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="give up when no migration completed within this")
+    n.add_argument("--monitor", metavar="PATH", help="serve a QMP-style monitor at PATH")
+    n.add_argument("--json", action="store_true")
+    # test-only: slow receive channels (seconds per packet, comma separated); no recv sync
+    n.add_argument("--x-channel-delay", default="", help=argparse.SUPPRESS)
+    n.add_argument("--x-skip-sync", action="store_true", help=argparse.SUPPRESS)
 
     d = sub.add_parser("demo", help="live save of a writing guest, restore, verify")
     d.add_argument("--ram", type=parse_size, default=512 << 20)
@@ -177,7 +225,9 @@ def cmd_guest(args: argparse.Namespace) -> int:
                 out = getattr(g, args.action)()
         print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
         return 0
-    blocks = ([("mem", args.ram)] if args.ram else []) + list(args.block)
+    attached = tuple(RAMBlock(idstr, os.stat(path).st_size, path) for idstr, path in args.attach)
+    blocks = ([("mem", args.ram)] if args.ram else []) + list(args.block) + \
+        [(b.idstr, b.used_length) for b in attached]
     if not blocks:
         raise UsageError("mfd guest: give --ram SIZE and/or --block NAME=SIZE")
     for name, size in blocks:
@@ -193,7 +243,7 @@ def cmd_guest(args: argparse.Namespace) -> int:
     cfg = GuestConfig(args.name, tuple(blocks),
                       WorkloadState(args.dirty_rate, args.pattern, args.seed, args.counter,
                                     args.cursor, args.zero_fraction),
-                      start_stopped=args.stopped)
+                      start_stopped=args.stopped, attached=attached)
 
     def ready(ram) -> None:
         paths = ", ".join(f"{b.idstr}={b.path}" for b in ram.blocks)
@@ -240,6 +290,57 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    progress = _progress_line if sys.stderr.isatty() and not args.json else None
+    opts = MigrateOptions(machine=args.machine,
+                          flush_after_each_section=args.multifd_flush_after_each_section,
+                          timeout=args.timeout)
+    try:
+        res = api.migrate(args.uri, images=dict(args.image) if args.image else None,
+                          guest=args.guest, params=_params(args), options=opts,
+                          progress=progress, monitor=args.monitor)
+    except Cancelled as e:
+        raise MfdError(f"migration cancelled: {e}") from None
+    except MfdError as e:
+        if isinstance(e, UsageError):
+            raise
+        raise MfdError(f"migration failed: {e}") from None
+    finally:
+        if progress:
+            sys.stderr.write("\n")
+    if args.json:
+        print(orjson.dumps(res.query_migrate | {"digests": res.digests}).decode())
+        return 0
+    secs = res.total_time_ms / 1000
+    print(f"migrated to {args.uri}: {res.rounds} round(s), {_human(res.transferred)} "
+          f"transferred, {res.normal_pages} pages sent, {res.zero_pages} zero, {secs:.3f} s, "
+          f"downtime {res.downtime_ms:.0f} ms, RAM verified equal on both ends")
+    return 0
+
+
+def cmd_incoming(args: argparse.Namespace) -> int:
+    delays = tuple(float(x) for x in args.x_channel_delay.split(",") if x)
+    opts = IncomingOptions(timeout=args.timeout, channel_delays=delays,
+                           skip_sync=args.x_skip_sync)
+    try:
+        res = api.incoming(args.listen, images=dict(args.image) if args.image else None,
+                           guest=args.guest, options=opts, monitor=args.monitor)
+    except Cancelled as e:
+        raise MfdError(f"incoming migration cancelled: {e}") from None
+    except MfdError as e:
+        if isinstance(e, UsageError):
+            raise
+        raise MfdError(f"incoming migration failed: {e}") from None
+    if args.json:
+        print(orjson.dumps(vars(res)).decode())
+        return 0
+    where = f"guest {res.guest} running" if res.guest else ", ".join(
+        f"{k}={v}" for k, v in res.blocks.items())
+    print(f"incoming migration completed: {where}, RAM verified equal to the source's "
+          f"({res.total_time_ms / 1000:.3f} s)")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from mfd.describe import as_text
 
@@ -266,7 +367,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"guest": cmd_guest, "save": cmd_save, "restore": cmd_restore,
-            "inspect": cmd_inspect, "demo": cmd_demo}
+            "inspect": cmd_inspect, "demo": cmd_demo, "migrate": cmd_migrate,
+            "incoming": cmd_incoming}
 
 
 def main(argv: list[str] | None = None) -> int:

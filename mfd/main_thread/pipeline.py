@@ -81,7 +81,8 @@ class ChannelPool:
         self.next_job = 0
         self.synced: dict[bytes, int] = {}  # channel -> packet_num of the SYNC it waits at
         self.watched: dict[Any, Callable[[], None]] = {}
-        self.tick: Callable[[], None] | None = None
+        self.tick: Callable[[], None] | None = None  # called every <= 100 ms while waiting
+        self.next_tick = 0.0
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
         try:
@@ -188,7 +189,8 @@ class ChannelPool:
         if self.tick is not None:  # bounded waits, so the tick runs at least every 100 ms
             timeout_ms = TICK_MS if timeout_ms is None else min(timeout_ms, TICK_MS)
         events = dict(self.poller.poll(timeout_ms))
-        if self.tick is not None:
+        if self.tick is not None and time.monotonic() >= self.next_tick:
+            self.next_tick = time.monotonic() + TICK_MS / 1000 / 2
             self.tick()
         for source, callback in list(self.watched.items()):
             if source in events:

@@ -18,6 +18,11 @@ from mfd.protocol.codec import Reader
 TIMER_SECTION_ID = 0
 RAM_SECTION_ID = 1
 GLOBALSTATE_SECTION_ID = 3
+GUEST_SECTION_ID = 4
+# mfd's guest (its workload's state) as a device of its own: be32 length + JSON
+GUEST_IDSTR = "mfd-guest"
+GUEST_VERSION = 1
+GUEST_STATE_MAX = 1 << 20
 
 _TIMER = struct.Struct(">q8sq")
 _RUNSTATE_LEN = 32
@@ -65,11 +70,33 @@ def _decode_globalstate(r: Reader) -> dict[str, object]:
             "vm_was_suspended": suspended}
 
 
+def encode_guest(state: dict | None) -> bytes:
+    body = json.dumps(state, separators=(",", ":")).encode()
+    return struct.pack(">I", len(body)) + body
+
+
+def _decode_guest(r: Reader) -> dict[str, object]:
+    at = r.pos
+    n = r.be32("guest state length")
+    if n > GUEST_STATE_MAX:
+        raise r.error(f"guest state of {n} bytes is implausible (at most {GUEST_STATE_MAX})",
+                      at=at)
+    raw = bytes(r.take(n, "guest state"))
+    try:
+        state = json.loads(raw)
+    except ValueError:
+        raise r.error("guest state is not JSON", at=at) from None
+    if state is not None and not isinstance(state, dict):
+        raise r.error("guest state is not a JSON object", at=at)
+    return {"guest": state}
+
+
 # idstr -> (version_id, decoder); a device not listed here cannot be skipped, because the
 # stream does not record section lengths.
 KNOWN_DEVICES = {
     "timer": (2, _decode_timer),
     "globalstate": (1, _decode_globalstate),
+    GUEST_IDSTR: (GUEST_VERSION, _decode_guest),
 }
 
 

@@ -173,31 +173,10 @@ class _Walker:
             mf.ram_complete = True
 
     def block_list(self) -> None:
-        """MEM_SIZE and the blocks (``ram_load_precopy``/``parse_ramblocks``)."""
-        r, mf = self.r, self.mf
-        at = r.pos
-        word = r.be64("RAM MEM_SIZE record")
-        if word & ram.FLAG_MASK != C.RAM_SAVE_FLAG_MEM_SIZE:
-            raise r.error(f"first RAM record {word:#x} is not MEM_SIZE", at=at)
-        total = word & ~ram.FLAG_MASK
-        mf.mem_size = total
-        self.count("MEM_SIZE")
-        remaining = total
-        while remaining > 0:
-            try:
-                idstr, used_length, entry = ram.decode_block_entry(r)
-            except ProtocolError as e:
-                if not mf.blocks:
-                    raise
-                raise ProtocolError(f"{e} (MEM_SIZE {total:#x} leaves {remaining:#x} bytes for "
-                                    f"a block after {mf.blocks[-1].idstr!r}: is a used_length "
-                                    "or MEM_SIZE wrong?)") from None
-            if idstr in self.by_name:
-                raise r.error(f"block {idstr!r} listed twice", at=entry - r.base)
-            if used_length > remaining:
-                raise r.error(f"block {idstr!r} used_length {used_length:#x} exceeds what "
-                              f"MEM_SIZE {total:#x} leaves ({remaining:#x})", at=entry - r.base)
-            remaining -= used_length
+        """MEM_SIZE and the blocks; mapped-ram's header follows each entry."""
+        mf = self.mf
+
+        def on_block(idstr: str, used_length: int, entry: int) -> None:
             block = RamBlockEntry(idstr, used_length, entry)
             if mf.mapped_ram:
                 self.mapped_ram_block(block)
@@ -206,8 +185,9 @@ class _Walker:
             mf.blocks.append(block)
             self.by_name[idstr] = block
             self.sizes[idstr] = used_length
-        if not mf.blocks:
-            raise r.error("MEM_SIZE is 0: no RAM blocks", at=at)
+
+        mf.mem_size, _ = ram.decode_block_list(self.r, on_block)
+        self.count("MEM_SIZE")
 
     def mapped_ram_block(self, block: RamBlockEntry) -> None:
         """Validate the header against the file, then continue after the pages region."""

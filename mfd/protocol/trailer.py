@@ -73,6 +73,11 @@ def chunk_digests(ram: memoryview, runs: np.ndarray, page_size: int) -> bytes:
     return bytes(out + h.digest())
 
 
+def blake3_of(chunks: bytes) -> str:
+    """One name for a block's content: blake3 over its chunk digests."""
+    return blake3.blake3(chunks).hexdigest()
+
+
 @dataclass(frozen=True)
 class BlockDigest:
     """What one block's saved pages hash to, chunk by chunk, and how its pages were stored."""
@@ -83,8 +88,7 @@ class BlockDigest:
 
     @property
     def blake3(self) -> str:
-        """One name for the block's content: blake3 over its chunk digests."""
-        return blake3.blake3(self.chunks).hexdigest()
+        return blake3_of(self.chunks)
 
     def to_json(self) -> dict[str, object]:
         return {"chunk_pages": CHUNK_PAGES, "chunks": self.chunks.hex(),

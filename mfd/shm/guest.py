@@ -24,8 +24,9 @@ import zmq
 
 from mfd.errors import MfdError
 from mfd.shm import control
-from mfd.shm.ramblock import SharedRAM, attach
+from mfd.shm.ramblock import RAMBlock, SharedRAM, attach
 from mfd.shm.workload import Workload, WorkloadState
+from mfd.sysutil import set_parent_death_signal
 
 TIMESLICE = 0.010  # QEMU's CPU_THROTTLE_TIMESLICE_NS
 
@@ -36,6 +37,9 @@ class GuestConfig:
     blocks: tuple[tuple[str, int], ...]
     workload: WorkloadState
     start_stopped: bool = False
+    # an incoming migration's guest: RAM it does not own yet (unnamed, see PendingRAM); it
+    # dies with the process that started it until that process says "commit"
+    attached: tuple[RAMBlock, ...] = ()
 
 
 class _Quit(Exception):
@@ -58,7 +62,7 @@ class Guest:
         self.started = time.monotonic()
 
     def serve(self, ram: SharedRAM, sock: zmq.Socket) -> None:
-        mapped = [attach(b, writable=True) for b in ram.blocks]
+        mapped = self.mapped = [attach(b, writable=True) for b in ram.blocks]
         self.ram = ram
         self.workload = Workload(mapped, self.cfg.workload)
         poller = zmq.Poller()
@@ -89,6 +93,14 @@ class Guest:
             args = req.get("arguments", {})
         except (orjson.JSONDecodeError, KeyError, TypeError):
             sock.send(orjson.dumps({"error": "malformed request"}))
+            return
+        if cmd == "commit":
+            try:
+                self.commit(args)
+            except (ValueError, TypeError, KeyError, MfdError) as e:
+                sock.send(orjson.dumps({"error": f"commit: {e}"}))
+                return
+            sock.send(orjson.dumps({"return": self.status()}))
             return
         if cmd == "harvest":
             words = self.workload.harvest()
@@ -121,6 +133,20 @@ class Guest:
             return {"error": f"unknown command {cmd!r}"}
         return {"return": self.status()}
 
+    def commit(self, args: dict) -> None:
+        """The incoming migration succeeded: own the now named RAM, outlive the process
+        that started us, take the source guest's workload state, and run."""
+        named = args["blocks"]
+        blocks = [RAMBlock(b.idstr, b.used_length, str(named[b.idstr]))
+                  for b in self.ram.blocks]
+        for b in blocks:
+            if not os.path.exists(b.path):
+                raise MfdError(f"{b.path} does not exist")
+        self.ram.take(blocks)
+        set_parent_death_signal(0)
+        self.workload = Workload(self.mapped, WorkloadState(**args["workload"]))
+        self.running = True
+
     def status(self) -> dict:
         return {
             "name": self.cfg.name,
@@ -148,8 +174,14 @@ def run_guest(cfg: GuestConfig, on_ready=None) -> None:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.REP)
     sock.setsockopt(zmq.LINGER, 0)
+    if cfg.attached:
+        parent = os.getppid()
+        set_parent_death_signal(signal.SIGTERM)
+        if os.getppid() != parent:  # the incoming migration died before we could watch it
+            return
     try:
-        with SharedRAM(cfg.name, list(cfg.blocks)) as ram:
+        with (SharedRAM.attached(list(cfg.attached)) if cfg.attached
+              else SharedRAM(cfg.name, list(cfg.blocks))) as ram:
             if os.path.exists(path):
                 os.unlink(path)  # stale socket of a guest that died
             sock.bind(f"ipc://{path}")

@@ -21,6 +21,7 @@ import numpy as np
 
 from mfd.errors import MfdError
 from mfd.protocol.constants import TARGET_PAGE_SIZE
+from mfd.sysutil import link_fd
 
 SHM_DIR = "/dev/shm"
 WORDS_PER_PAGE = TARGET_PAGE_SIZE // 8
@@ -109,6 +110,20 @@ def data_runs(fd: int, lo: int, hi: int) -> list[tuple[int, int]]:
     return runs
 
 
+def nonzero_pages(words: np.ndarray, fd: int, pages: np.ndarray) -> np.ndarray:
+    """multifd zero-page detection of one packet's pages (``multifd_send_zero_page_detect``):
+    a bool per page. A contiguous packet (every packet of a first round) is checked only where
+    the block's file ``fd`` has data: holes are zero without a read, which would also allocate
+    memory for them. Scattered pages are gathered."""
+    lo, hi = int(pages[0]), int(pages[-1]) + 1
+    if hi - lo != len(pages):
+        return words[pages].max(axis=1) != 0
+    nonzero = np.zeros(len(pages), dtype=bool)
+    for start, end in data_runs(fd, lo, hi):
+        nonzero[start - lo : end - lo] = words[start:end].max(axis=1) != 0
+    return nonzero
+
+
 def attach(block: RAMBlock, *, writable: bool = False) -> MappedBlock:
     return MappedBlock(block, writable=writable)
 
@@ -118,6 +133,7 @@ class SharedRAM:
 
     def __init__(self, owner: str, blocks: list[tuple[str, int]]) -> None:
         self.blocks: list[RAMBlock] = []
+        self.owned = True
         try:
             for idstr, size in blocks:
                 check_block_size(idstr, size)
@@ -136,11 +152,26 @@ class SharedRAM:
             self.close()
             raise
 
+    @classmethod
+    def attached(cls, blocks: list[RAMBlock]) -> SharedRAM:
+        """Blocks someone else owns for now (an incoming migration's unnamed RAM): nothing is
+        unlinked until :meth:`take` hands the named files over."""
+        ram = cls.__new__(cls)
+        ram.blocks = list(blocks)
+        ram.owned = False
+        return ram
+
+    def take(self, blocks: list[RAMBlock]) -> None:
+        """Become the owner (the unlinker) of ``blocks``: the same RAM, now with names."""
+        self.blocks = list(blocks)
+        self.owned = True
+
     def close(self) -> None:
-        """Unlink every block file this owner created (idempotent)."""
-        for b in self.blocks:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(b.path)
+        """Unlink every block file this owner created or took (idempotent)."""
+        if self.owned:
+            for b in self.blocks:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(b.path)
         self.blocks = []
 
     def __enter__(self) -> SharedRAM:
@@ -148,3 +179,52 @@ class SharedRAM:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class PendingRAM:
+    """Destination RAM that has no name until the migration succeeds.
+
+    Each block is an ``O_TMPFILE`` file held only by file descriptors: every process of the
+    incoming migration reaches it as ``/proc/<pid>/fd/<fd>``, and a destination that fails,
+    or is killed outright, leaves nothing behind in /dev/shm (the kernel frees the RAM with
+    the last descriptor or mapping). :meth:`link` names a block once the migration succeeded.
+    """
+
+    def __init__(self, directory: str, blocks: list[tuple[str, int]]) -> None:
+        self.fds: list[int] = []
+        self.blocks: list[RAMBlock] = []
+        try:
+            for idstr, size in blocks:
+                check_block_size(idstr, size)
+                self.blocks.append(RAMBlock(idstr, size, self._tmpfile(directory, size)))
+        except BaseException:
+            self.close()
+            raise
+
+    def _tmpfile(self, directory: str, size: int) -> str:
+        try:
+            fd = os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600)
+        except OSError as e:
+            raise MfdError(f"cannot create RAM in {directory}: {e.strerror}") from None
+        self.fds.append(fd)
+        try:
+            os.ftruncate(fd, size)
+        except OSError as e:
+            raise MfdError(f"cannot size RAM in {directory} to {size} bytes: "
+                           f"{e.strerror}") from None
+        return f"/proc/{os.getpid()}/fd/{fd}"
+
+    def link(self, i: int, path: str) -> None:
+        """Give block i the name ``path`` (which must not exist)."""
+        try:
+            link_fd(self.fds[i], path)
+        except FileExistsError:
+            raise MfdError(f"{path} already exists") from None
+        except OSError as e:
+            raise MfdError(f"cannot create {path}: {e.strerror}") from None
+
+    def close(self) -> None:
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds = []

@@ -32,9 +32,9 @@ from mfd.protocol import messages
 from mfd.protocol.constants import TARGET_PAGE_SIZE
 from mfd.protocol.mapped_ram import page_runs
 from mfd.protocol.trailer import CHUNK_PAGES, chunk_digests
-from mfd.shm.ramblock import MappedBlock, RAMBlock, attach, data_runs
+from mfd.shm.ramblock import MappedBlock, RAMBlock, attach, nonzero_pages
+from mfd.sysutil import set_parent_death_signal
 
-PR_SET_PDEATHSIG = 1
 SYNC_FILE_RANGE_WRITE = 2
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
@@ -56,15 +56,15 @@ class FileChannelConfig:
     delay: float = 0.0  # test-only: sleep after each job's I/O, before DONE (slow channel)
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """The channel must not outlive the main process (which alone unlinks shm)."""
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    set_parent_death_signal(signal.SIGTERM)
 
 
 def channel_main(cfg: FileChannelConfig) -> None:
     """Process entry point: one DEALER socket, one file descriptor, one loop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
-    _die_with_parent()
+    die_with_parent()
     if os.getppid() != cfg.parent_pid:  # died before PR_SET_PDEATHSIG was in place
         return
     ctx = zmq.Context()
@@ -112,7 +112,7 @@ class FileChannel:
         self.fd = open_channel_fd(cfg.path, cfg.saving, cfg.direct_io)
         self.blocks: list[MappedBlock] = [attach(b, writable=not cfg.saving) for b in cfg.blocks]
         self.words = [b.words for b in self.blocks]
-        # save: the blocks' files, to find their holes (see _nonzero)
+        # save: the blocks' files, to find their holes (see nonzero_pages)
         self.src_fds = [os.open(b.path, os.O_RDONLY) for b in cfg.blocks] if cfg.saving else []
 
     def run(self, job_id: int, block: int, pages: np.ndarray, digest_only: bool) -> list:
@@ -126,7 +126,7 @@ class FileChannel:
     def save_pages(self, job_id: int, block: int, pages: np.ndarray) -> list:
         """Zero check per packet (max over (pages, 512) words), then one pwritev per run."""
         if self.cfg.zero_page_detection:
-            nonzero = self._nonzero(block, pages)
+            nonzero = nonzero_pages(self.words[block], self.src_fds[block], pages)
         else:
             nonzero = np.ones(len(pages), dtype=bool)
         runs = page_runs(pages[nonzero])
@@ -142,19 +142,6 @@ class FileChannel:
             _libc.sync_file_range(self.fd, base + first * TARGET_PAGE_SIZE,
                                   (last - first) * TARGET_PAGE_SIZE, SYNC_FILE_RANGE_WRITE)
         return messages.encode_done(job_id, moved, nonzero, digest)
-
-    def _nonzero(self, block: int, pages: np.ndarray) -> np.ndarray:
-        """multifd zero-page detection. A contiguous packet (every packet of a first round)
-        is checked only where the block's file has data: holes are zero without a read,
-        which would also allocate memory for them. Scattered pages are gathered."""
-        words = self.words[block]
-        lo, hi = int(pages[0]), int(pages[-1]) + 1
-        if hi - lo != len(pages):
-            return words[pages].max(axis=1) != 0
-        nonzero = np.zeros(len(pages), dtype=bool)
-        for start, end in data_runs(self.src_fds[block], lo, hi):
-            nonzero[start - lo : end - lo] = words[start:end].max(axis=1) != 0
-        return nonzero
 
     def load_runs(self, job_id: int, block: int, pairs: np.ndarray) -> list:
         """``preadv`` each run straight into the destination block, then hash its chunks

@@ -1,0 +1,346 @@
+"""multifd socket channels: one process per channel on each host, one TCP link between them.
+
+Mirrors ``multifd_send_thread`` / ``multifd_recv_thread`` (``migration/multifd.c``) and
+``multifd-nocomp.c``: the send channel reads its pages straight from the guest's shared memory,
+finds zero pages, compresses the rest with its own streaming context and writes one
+``MultiFDPacket`` (header frame + payload frame); the receive channel validates every field,
+decompresses and places the pages straight into the destination's shared memory.
+
+::
+
+    source main (ROUTER, ipc)   send channel i            receive channel i   dest main
+      --JOB(block, pages)-->    zero check, compress   (ROUTER, tcp PORT+1+i) (ROUTER, ipc)
+      <--DONE(bytes, mask)--    [packet, payload] ====>  validate, decompress,
+      --SYNC-->                 [SYNC packet] ========>  place, receivedmap
+      <--DONE--                                          --SYNCED(packet_num)-->
+                                                         waits     <--RELEASE--
+      --DIGEST(chunks)-->       hash final RAM           hash final RAM <--DIGEST--
+      <--DONE(digests)--                                 --DONE(digests)-->
+
+A channel whose link goes down, whose peer sends anything invalid, or whose main process
+goes away fails with one line (ERROR to its main process) and exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import mmap
+import os
+import signal
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import zmq
+
+from mfd.errors import MfdError, ProtocolError
+from mfd.protocol import messages, multifd
+from mfd.protocol.constants import TARGET_PAGE_SIZE
+from mfd.shm.ramblock import WORDS_PER_PAGE, MappedBlock, RAMBlock, attach, nonzero_pages
+from mfd.workers import tcp
+from mfd.workers.file_channel import die_with_parent
+from mfd.workers.methods import get_method
+from mfd.workers.ramdigest import ram_digests
+
+POLL_MS = 500
+
+
+@dataclass(frozen=True)
+class SocketChannelConfig:
+    channel_id: int
+    endpoint: str  # the main process's ROUTER (ipc)
+    parent_pid: int  # the main process: the channel exits when it is gone
+    blocks: tuple[RAMBlock, ...]
+    peer: str  # tcp endpoint: the destination channel's (send) or our own to bind (receive)
+    uuid: bytes  # this migration's; every channel's MultiFDInit carries it
+    channels: int
+    compression: str = "none"
+    level: int = 1
+    zero_page_detection: bool = True  # multifd mode: the send channel finds zero pages
+    receivedmap: str = ""  # receive: byte-per-page map file shared by every channel
+    connect_timeout: float = 30.0
+    # test-only: a receive channel sleeps this long before placing each packet; a receive
+    # channel ignores SYNC packets (round order is then not kept: the test must fail)
+    delay: float = 0.0
+    skip_sync: bool = False
+
+
+class _Channel:
+    """What both directions share: the main-process link, RAM mappings, the peer link."""
+
+    def __init__(self, cfg: SocketChannelConfig, ctx: zmq.Context, kind: int,
+                 writable: bool) -> None:
+        self.cfg = cfg
+        self.main = ctx.socket(zmq.DEALER)
+        self.main.setsockopt(zmq.LINGER, 0)
+        self.main.connect(cfg.endpoint)
+        self.blocks: list[MappedBlock] = [attach(b, writable=writable) for b in cfg.blocks]
+        self.words = [b.words for b in self.blocks]
+        self.fds = [os.open(b.path, os.O_RDONLY) for b in cfg.blocks]  # holes, for digests
+        self.peer = tcp.peer_socket(ctx, kind)
+        self.link = tcp.LinkWatch(self.peer, f"channel {cfg.channel_id}")
+        self.poller = zmq.Poller()
+        self.poller.register(self.main, zmq.POLLIN)
+        self.poller.register(self.link.monitor, zmq.POLLIN)
+
+    def where(self) -> str:
+        return f"channel {self.cfg.channel_id}"
+
+    def wait(self, sock: zmq.Socket, event: int, deadline: float | None = None,
+             what: str = "") -> None:
+        """Poll ``sock`` for ``event`` while watching the link and the parent; bounded."""
+        poller = zmq.Poller()
+        poller.register(sock, event)
+        poller.register(self.link.monitor, zmq.POLLIN)
+        while True:
+            ready = dict(poller.poll(POLL_MS))
+            if self.link.monitor in ready:
+                self.link.check()
+            if ready.get(sock, 0) & event:
+                return
+            if os.getppid() != self.cfg.parent_pid:
+                raise SystemExit(0)
+            if deadline is not None and time.monotonic() > deadline:
+                raise MfdError(f"{self.where()}: {what} within {self.cfg.connect_timeout:g} s")
+
+    def send_peer(self, frames: list) -> None:
+        self.wait(self.peer, zmq.POLLOUT)
+        self.peer.send_multipart(frames, copy=False)
+
+    def digests(self, job_id: int, block: int, pairs: np.ndarray) -> list:
+        """The RAM content digests of whole chunks (``mfd.workers.ramdigest``)."""
+        return messages.encode_done(job_id, 0, None, ram_digests(
+            self.words[block], self.blocks[block].view, self.fds[block], pairs))
+
+    def close(self) -> None:
+        self.link.close()
+        self.peer.close(0)
+        self.main.close(0)
+        self.words = []
+        for fd in self.fds:
+            os.close(fd)
+        for b in self.blocks:
+            b.close()
+
+
+class SendChannel(_Channel):
+    def __init__(self, cfg: SocketChannelConfig, ctx: zmq.Context) -> None:
+        super().__init__(cfg, ctx, zmq.DEALER, writable=False)
+        method = get_method(cfg.compression)
+        self.flag = method.flag
+        self.compressor = method.send_setup(cfg.level)
+        self.idstrs = [b.idstr for b in cfg.blocks]
+
+    def start(self) -> None:
+        """Connect and send ``MultiFDInit_t`` (``multifd_send_initial_packet``)."""
+        self.peer.connect(self.cfg.peer)
+        self.wait(self.peer, zmq.POLLOUT, time.monotonic() + self.cfg.connect_timeout,
+                  f"no connection to {self.cfg.peer}")
+        self.peer.send(multifd.encode_init(multifd.MultiFDInit(self.cfg.uuid,
+                                                               self.cfg.channel_id)))
+
+    def handle(self, kind: bytes, job_id: int, block: int, pages: np.ndarray) -> list:
+        if kind == messages.SYNC:
+            return self.sync(job_id)
+        if kind == messages.DIGEST:
+            return self.digests(job_id, block, pages)
+        return self.send_pages(job_id, block, pages)
+
+    def send_pages(self, job_id: int, block: int, pages: np.ndarray) -> list:
+        """``multifd_send_prepare`` + write: zero check, gather, compress, one packet."""
+        words = self.words[block]
+        if self.cfg.zero_page_detection:
+            nonzero = nonzero_pages(words, self.fds[block], pages)
+        else:
+            nonzero = np.ones(len(pages), dtype=bool)
+        normal = pages[nonzero]
+        # the pages are copied out of guest memory once, here: what is compressed and sent
+        # is this private copy, never bytes the guest may be rewriting underneath
+        data = words[normal] if len(normal) else None
+        payload = self.compressor.prepare(memoryview(data).cast("B")) if data is not None \
+            else b""
+        header = multifd.encode_packet(
+            flags=self.flag, packet_num=job_id,
+            ramblock=self.idstrs[block],
+            normal=normal.astype(np.uint64) * TARGET_PAGE_SIZE,
+            zero=pages[~nonzero].astype(np.uint64) * TARGET_PAGE_SIZE,
+            next_packet_size=len(payload))
+        self.send_peer([header, payload] if len(payload) else [header])
+        return messages.encode_done(job_id, len(header) + len(payload), nonzero)
+
+    def sync(self, job_id: int) -> list:
+        """``multifd_send_sync_main`` (ALL) for this channel: a SYNC packet, no pages."""
+        header = multifd.encode_packet(
+            flags=multifd.MULTIFD_FLAG_SYNC, packet_num=job_id, ramblock="",
+            normal=_NONE, zero=_NONE, next_packet_size=0)
+        self.send_peer([header])
+        return messages.encode_done(job_id, len(header))
+
+    def close(self) -> None:
+        self.compressor.close()
+        super().close()
+
+
+_NONE = np.empty(0, dtype=np.uint64)
+
+
+class RecvChannel(_Channel):
+    def __init__(self, cfg: SocketChannelConfig, ctx: zmq.Context) -> None:
+        super().__init__(cfg, ctx, zmq.ROUTER, writable=True)
+        method = get_method(cfg.compression)
+        self.flag = method.flag
+        self.decompressor = method.recv_setup()
+        self.sizes = {b.idstr: b.used_length for b in cfg.blocks}
+        self.index = {b.idstr: i for i, b in enumerate(cfg.blocks)}
+        self.source: bytes | None = None  # the ZeroMQ identity of our source channel
+        self.poller.register(self.peer, zmq.POLLIN)
+        # receivedmap: one byte per page, shared by every channel and the main process (a
+        # byte store is atomic, so channels never lose each other's marks as bits would)
+        fd = os.open(cfg.receivedmap, os.O_RDWR)
+        try:
+            self.rmap_mm = mmap.mmap(fd, sum(b.num_pages for b in cfg.blocks))
+        finally:
+            os.close(fd)
+        rmap = np.frombuffer(self.rmap_mm, dtype=np.uint8)
+        starts = np.cumsum([0] + [b.num_pages for b in cfg.blocks])
+        self.received = [rmap[a:b] for a, b in itertools.pairwise(starts)]
+        self.scratch = bytearray(multifd.MULTIFD_PAGE_COUNT * TARGET_PAGE_SIZE)
+
+    def start(self) -> None:
+        tcp.bind(self.peer, self.cfg.peer, self.where())
+
+    def from_peer(self) -> tuple[int, ...] | None:
+        """One message from the link: the handshake, a packet, or a stranger's noise.
+        Returns the packet_num of a SYNC packet (the caller then waits for RELEASE)."""
+        frames = self.peer.recv_multipart(copy=False)
+        ident = frames[0].bytes
+        body = frames[1:]
+        if self.source is None:
+            if len(body) != 1:
+                raise ProtocolError(f"{self.where()}: expected MultiFDInit_t, got a message "
+                                    f"of {len(body)} frames")
+            init = multifd.decode_init(body[0].buffer, channels=self.cfg.channels,
+                                       uuid=self.cfg.uuid, where=self.where())
+            if init.id != self.cfg.channel_id:
+                raise ProtocolError(
+                    f"{self.where()}: MultiFDInit_t names channel {init.id}, on channel "
+                    f"{self.cfg.channel_id}'s port (duplicate channel id?)")
+            self.source = ident
+            self.link.peer_fd = body[0].get(zmq.SRCFD)
+            return None
+        if ident != self.source:  # a second peer on a port that is in use: not ours
+            with contextlib.suppress(zmq.ZMQError):
+                self.peer.send_multipart([ident, b"mfd: this channel is taken"],
+                                         zmq.NOBLOCK)
+            return None
+        if len(body) not in (1, 2):
+            raise ProtocolError(f"{self.where()}: a packet of {len(body)} frames, expected "
+                                "the header and at most one payload frame")
+        pkt = multifd.decode_packet(body[0].buffer, blocks=self.sizes,
+                                    compression_flag=self.flag, where=self.where())
+        payload = body[1].buffer if len(body) == 2 else b""
+        if len(payload) != pkt.next_packet_size:
+            raise ProtocolError(f"{self.where()}: packet {pkt.packet_num} payload is "
+                                f"{len(payload)} bytes, next_packet_size says "
+                                f"{pkt.next_packet_size}")
+        if pkt.normal_pages or pkt.zero_pages:
+            if self.cfg.delay:
+                time.sleep(self.cfg.delay)
+            self.place(pkt, payload)
+        if pkt.flags & multifd.MULTIFD_FLAG_SYNC and not self.cfg.skip_sync:
+            return (pkt.packet_num,)
+        return None
+
+    def place(self, pkt: multifd.MultiFDPacket, payload) -> None:
+        """``multifd_nocomp_recv`` / the compressed recv methods, then the zero pages."""
+        block = self.index[pkt.ramblock]
+        words = self.words[block]
+        received = self.received[block]
+        normal = (pkt.normal // TARGET_PAGE_SIZE).astype(np.intp)
+        zero = (pkt.zero // TARGET_PAGE_SIZE).astype(np.intp)
+        if len(normal):
+            out = memoryview(self.scratch)[: len(normal) * TARGET_PAGE_SIZE]
+            self.decompressor.recv(payload, out)
+            words[normal] = np.frombuffer(out, dtype=np.uint64).reshape(-1, WORDS_PER_PAGE)
+            received[normal] = 1
+        if len(zero):
+            # QEMU's rule: memset only a page received before; a page never received is
+            # still zero (destination RAM starts zeroed) and stays untouched (unallocated)
+            again = zero[received[zero] != 0]
+            if len(again):
+                words[again] = 0
+            received[zero] = 1
+
+
+def _loop(channel: SendChannel | RecvChannel, cfg: SocketChannelConfig) -> None:
+    channel.start()
+    channel.main.send_multipart(messages.encode_ready(cfg.channel_id))
+    handle: Callable[[bytes, int, int, np.ndarray], list] | None = (
+        channel.handle if isinstance(channel, SendChannel) else None)
+    waiting_release = False
+    while True:
+        ready = dict(channel.poller.poll(POLL_MS))
+        if channel.link.monitor in ready:
+            channel.link.check()
+        if channel.main in ready:
+            frames = channel.main.recv_multipart()
+            kind = frames[0]
+            if kind == messages.STOP:
+                return
+            if kind == messages.RELEASE and waiting_release:
+                waiting_release = False
+                channel.poller.register(channel.peer, zmq.POLLIN)
+            elif kind in (messages.JOB, messages.SYNC, messages.DIGEST):
+                job_id, block, pages = messages.decode_job(frames)
+                if handle is not None:
+                    reply = handle(kind, job_id, block, pages)
+                elif kind == messages.DIGEST:
+                    reply = channel.digests(job_id, block, pages)
+                else:
+                    raise RuntimeError(f"a receive channel got {kind!r}")
+                channel.main.send_multipart(reply)
+            else:
+                raise RuntimeError(f"unexpected message {kind[:16]!r}")
+        if isinstance(channel, RecvChannel) and channel.peer in ready and not waiting_release:
+            synced = channel.from_peer()
+            if synced is not None:
+                channel.main.send_multipart(messages.encode_synced(synced[0]))
+                # wait at the SYNC: read nothing more from the link until RELEASE
+                waiting_release = True
+                channel.poller.unregister(channel.peer)
+        if not ready and os.getppid() != cfg.parent_pid:
+            return
+
+
+def channel_main(cfg: SocketChannelConfig, receive: bool) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    die_with_parent()
+    if os.getppid() != cfg.parent_pid:
+        return
+    ctx = zmq.Context()
+    channel: SendChannel | RecvChannel | None = None
+    try:
+        channel = RecvChannel(cfg, ctx) if receive else SendChannel(cfg, ctx)
+        _loop(channel, cfg)
+    except SystemExit:
+        raise
+    except Exception as e:
+        text = str(e) if isinstance(e, MfdError) else traceback.format_exc()
+        if channel is not None:
+            channel.main.send_multipart([messages.ERROR, text.encode()])
+        raise SystemExit(1) from None
+    finally:
+        if channel is not None:
+            channel.close()
+        ctx.term()
+
+
+def send_main(cfg: SocketChannelConfig) -> None:
+    channel_main(cfg, receive=False)
+
+
+def recv_main(cfg: SocketChannelConfig) -> None:
+    channel_main(cfg, receive=True)
