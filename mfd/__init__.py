@@ -6,12 +6,13 @@ loading it.
 
 __version__ = "0.1.0"
 
-__all__ = ["MfdError", "MigrationParameters", "RestoreResult", "SaveResult", "inspect",
-           "restore", "save"]
+_API = ("IncomingOptions", "MigrateOptions", "MigrateResult", "RestoreResult", "SaveResult",
+        "incoming", "inspect", "migrate", "restore", "save")
+__all__ = ["MfdError", "MigrationParameters", *_API]
 
 
 def __getattr__(name: str):
-    if name in ("RestoreResult", "SaveResult", "inspect", "restore", "save"):
+    if name in _API:
         from mfd import api
 
         return getattr(api, name)

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 
-from mfd.errors import MfdError, ProtocolError
-from mfd.main_thread.migrate import LINGER_MS, Cancelled, all_chunks
+from mfd.errors import BrokenPipeline, MfdError, ProtocolError
+from mfd.main_thread.migrate import GRACE_MS, LINGER_MS, Cancelled, all_chunks, peer_error
 from mfd.main_thread.pipeline import ChannelPool, OnDone
 from mfd.protocol import livestream, mainchannel, messages, trailer
 from mfd.protocol.constants import TARGET_PAGE_SIZE
@@ -97,10 +97,23 @@ class Incoming:
     def _tick(self) -> None:
         """While waiting (also inside the pool): the link, the source's messages (queued in
         order; ERROR fails at once), cancel and the timeout."""
-        self.link.check()
+        try:
+            self.link.check()
+        except tcp.LinkLost:
+            self.main.poll(GRACE_MS)  # the source's ERROR, saying why, may still be coming
+            self._drain()
+            raise
         if self.link.strangers:
             self.warn(f"refused {self.link.strangers} connection(s) that did not speak ZeroMQ")
             self.link.strangers = 0
+        self._drain()
+        if self.cancel_requested is not None:
+            raise Cancelled(self.cancel_requested)
+        timeout = self.options.timeout
+        if timeout is not None and time.monotonic() - self.start > timeout:
+            raise Cancelled(f"no migration completed within {timeout:g} s (--timeout)")
+
+    def _drain(self) -> None:
         while self.main.poll(0):
             frames = self.main.recv_multipart(copy=False)
             ident, body = frames[0].bytes, [f.bytes for f in frames[1:]]
@@ -112,11 +125,6 @@ class Incoming:
                 raise MfdError(f"source: {mainchannel.error_text(body)}")
             else:
                 self.queue.append(body)
-        if self.cancel_requested is not None:
-            raise Cancelled(self.cancel_requested)
-        timeout = self.options.timeout
-        if timeout is not None and time.monotonic() - self.start > timeout:
-            raise Cancelled(f"no migration completed within {timeout:g} s (--timeout)")
 
     def _refuse(self, ident: bytes, why: str) -> None:
         self.warn(f"refused a peer: {why}")
@@ -134,9 +142,14 @@ class Incoming:
         self.status = "active"
 
     def _next(self) -> list[bytes]:
+        """The source's next message; meanwhile the channels are watched too (a channel that
+        fails, say on a bad handshake, fails the migration at once)."""
         while not self.queue:
-            self.main.poll(100)
-            self._tick()
+            if self.pool is not None:
+                self.pool.wait(100)
+            else:
+                self.main.poll(100)
+                self._tick()
         return self.queue.popleft()
 
     def _send(self, frames: list[bytes]) -> None:
@@ -162,11 +175,16 @@ class Incoming:
             self.status = "cancelled" if isinstance(e, Cancelled | KeyboardInterrupt) \
                 else "failed"
             self.error = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
+            why = peer_error(self.main, "source") if isinstance(e, BrokenPipeline) else None
+            if why is not None:  # a channel lost its link because the source gave up
+                self.error = why
             if self.source is not None:
                 with contextlib.suppress(Exception):
                     self._send(mainchannel.encode_error(
                         f"the destination {self.status}: {self.error}"))
             self._discard()
+            if why is not None:
+                raise MfdError(why) from e
             raise
         finally:
             self._release()
@@ -264,6 +282,7 @@ class Incoming:
             for i in range(self.hello.channels)]
         self.pool = ChannelPool(configs, recv_main)
         self.pool.tick = self._tick
+        self.pool.watch(self.main, self._drain)
         self.setup_time = time.monotonic() - self.start
 
     def _zero(self, idstr: str, pages: np.ndarray) -> None:

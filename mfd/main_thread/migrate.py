@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import zmq
 
-from mfd.errors import MfdError, ProtocolError, UsageError
+from mfd.errors import BrokenPipeline, MfdError, ProtocolError, UsageError
 from mfd.main_thread.pipeline import ChannelPool, OnDone
 from mfd.main_thread.precopy import Precopy, Progress
 from mfd.main_thread.scanner import chunk_jobs
@@ -44,6 +44,7 @@ from mfd.workers.socket_channel import SocketChannelConfig, send_main
 CONNECT_TIMEOUT = 30.0
 RESULT_TIMEOUT = 60.0  # the destination hashes its RAM and starts its guest
 LINGER_MS = 1000  # at close, time for a last message (RESULT, ERROR) to leave
+GRACE_MS = 300  # after a lost link, time for the peer's last message to show up
 
 
 class Cancelled(MfdError):
@@ -86,15 +87,18 @@ class Migration(Precopy):
         self.main = tcp.peer_socket(self.ctx, zmq.DEALER)
         self.link = tcp.LinkWatch(self.main, "main channel")
         self.main.connect(self.addr.main)
-        self._wait_out(time.monotonic() + self.options.connect_timeout,
-                       f"cannot reach the destination at {self.addr.main}")
+        deadline = time.monotonic() + self.options.connect_timeout
+        while not self.link.connected:
+            if time.monotonic() > deadline:
+                raise MfdError(f"cannot reach the destination at {self.addr.main} (no "
+                               f"connection within {self.options.connect_timeout:g} s)")
+            self.link.monitor.poll(50)
+            self.link.check()
 
-    def _wait_out(self, deadline: float | None = None, what: str = "") -> None:
+    def _wait_out(self) -> None:
         """Wait until the main channel can take a message, watching everything else."""
         while not self.main.poll(50, zmq.POLLOUT):
             self._tick()
-            if deadline is not None and time.monotonic() > deadline:
-                raise MfdError(f"{what} (no answer within {self.options.connect_timeout:g} s)")
 
     def _send(self, frames: list[bytes]) -> None:
         self._wait_out()
@@ -122,7 +126,16 @@ class Migration(Precopy):
         self._from_destination()
         if any(f[0] == mainchannel.RESULT for f in self.replies):
             return  # the destination has answered and may well have hung up since
-        self.link.check()
+        try:
+            self.link.check()
+        except tcp.LinkLost:
+            # the monitor's event can overtake the last message (RESULT, or an ERROR that
+            # says why): give it a moment to arrive
+            if self.main.poll(GRACE_MS):
+                self._from_destination()
+            if any(f[0] == mainchannel.RESULT for f in self.replies):
+                return
+            raise
         if self.cancel_requested is not None:
             raise Cancelled(self.cancel_requested)
         timeout = self.options.timeout
@@ -184,6 +197,11 @@ class Migration(Precopy):
             self.stats.status = "cancelled" if isinstance(e, Cancelled | KeyboardInterrupt) \
                 else "failed"
             self.error = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
+            why = peer_error(self.main, "destination") if isinstance(e, BrokenPipeline) \
+                else None
+            if why is not None:  # a channel lost its link because the destination gave up
+                self.error = why
+                raise MfdError(why) from e
             with contextlib.suppress(Exception):
                 self.main.send_multipart(mainchannel.encode_error(
                     f"the source {self.stats.status}: {self.error}"), zmq.NOBLOCK)
@@ -328,6 +346,21 @@ class Migration(Precopy):
 
     def migrate_cancel(self) -> None:
         self.cancel_requested = "cancelled by migrate_cancel"
+
+
+def peer_error(sock: zmq.Socket, peer: str) -> str | None:
+    """The other end's own reason, if it sent one (ERROR) just before going away: a channel
+    that lost its link tells less than that."""
+    deadline = time.monotonic() + GRACE_MS / 1000
+    with contextlib.suppress(zmq.ZMQError):
+        while time.monotonic() < deadline:
+            if sock.poll(20):
+                frames = sock.recv_multipart()
+                if sock.type == zmq.ROUTER:
+                    frames = frames[1:]
+                if frames and frames[0] == mainchannel.ERROR:
+                    return f"{peer}: {mainchannel.error_text(frames)}"
+    return None
 
 
 def _into(table: np.ndarray, pairs: np.ndarray) -> OnDone:

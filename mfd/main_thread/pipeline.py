@@ -124,10 +124,6 @@ class ChannelPool:
         self.watched[source] = callback
         self.poller.register(source, zmq.POLLIN)
 
-    def unwatch(self, source: Any) -> None:
-        if self.watched.pop(source, None) is not None:
-            self.poller.unregister(source)
-
     def send(self, block: int, pages: np.ndarray, done: OnDone | None = None,
              kind: bytes = messages.JOB) -> int:
         """``multifd_send``: hand a job (pages of one block) to an idle channel; ``done`` is
@@ -175,6 +171,11 @@ class ChannelPool:
             self.router.send_multipart([ident, messages.RELEASE])
         self.synced.clear()
         return top
+
+    def wait(self, timeout_ms: int) -> None:
+        """Wait up to ``timeout_ms`` for anything (channel messages, watched sources)."""
+        self._check()
+        self._pump(timeout_ms)
 
     def _check(self) -> None:
         if self.broken is not None:

@@ -89,6 +89,10 @@ class Precopy:
         self.stats.transferred += moved
         self.round_bytes += moved
         self.meter.add(moved)
+        # max-bandwidth counts what went out (QEMU: stream + multifd bytes), so zero pages
+        # cost almost nothing; over budget, this waits for the window's end before more
+        # work is handed out
+        self.limiter.account(moved)
 
     # ------------------------------------------------------------------ setup
 
@@ -154,7 +158,6 @@ class Precopy:
                     pages = pages[nonzero]
                     if len(pages) == 0:
                         continue
-                self.limiter.account(len(pages) * C.TARGET_PAGE_SIZE)
                 self.pool.send(i, pages, self._sent(i, pages))
         if not self.skip_round_sync:
             self.end_round()

@@ -86,7 +86,8 @@ def encode_zero_records(addrs: np.ndarray) -> bytes:
     """ZERO|CONTINUE records for many pages of the block named just before: 9 bytes each
     (be64 word + fill byte), built with one numpy pass instead of a loop per page."""
     out = np.zeros((len(addrs), 9), dtype=np.uint8)
-    words = addrs.astype(">u8") | np.uint64(C.RAM_SAVE_FLAG_ZERO | C.RAM_SAVE_FLAG_CONTINUE)
+    words = (addrs.astype(np.uint64)
+             | np.uint64(C.RAM_SAVE_FLAG_ZERO | C.RAM_SAVE_FLAG_CONTINUE)).astype(">u8")
     out[:, :8] = words.view(np.uint8).reshape(-1, 8)
     return out.tobytes()
 

@@ -80,7 +80,7 @@ class _Channel:
         self.blocks: list[MappedBlock] = [attach(b, writable=writable) for b in cfg.blocks]
         self.words = [b.words for b in self.blocks]
         self.fds = [os.open(b.path, os.O_RDONLY) for b in cfg.blocks]  # holes, for digests
-        self.peer = tcp.peer_socket(ctx, kind)
+        self.peer = tcp.peer_socket(ctx, kind, immediate=kind == zmq.DEALER)
         self.link = tcp.LinkWatch(self.peer, f"channel {cfg.channel_id}")
         self.poller = zmq.Poller()
         self.poller.register(self.main, zmq.POLLIN)

@@ -15,8 +15,8 @@ ZeroMQ reconnects silently and would resend queued messages to whoever answers n
 migration must instead fail when its peer goes away. So every link watches its socket's
 monitor: a disconnect of the accepted peer is fatal (:class:`LinkLost`), heartbeats (ZMTP
 PING) turn a peer that vanished without closing (cable cut, paused host) into a disconnect
-within HEARTBEAT_TIMEOUT, and ``IMMEDIATE`` keeps messages from queueing for a peer that is
-not connected.
+within HEARTBEAT_TIMEOUT, and ``IMMEDIATE`` keeps a channel's packets from queueing for a
+peer that is not connected.
 """
 
 from __future__ import annotations
@@ -64,8 +64,11 @@ def parse_uri(uri: str, channels: int = 0) -> Address:
     return Address(m.group(1), port)
 
 
-def peer_socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
-    """A socket for the other host: no linger, small queues, heartbeats."""
+def peer_socket(ctx: zmq.Context, kind: int, immediate: bool = False) -> zmq.Socket:
+    """A socket for the other host: no linger, small queues, heartbeats. ``immediate``
+    (ZMQ_IMMEDIATE, for a connecting socket that only sends): messages queue only to a
+    completed connection. It also drops unread incoming messages when the connection goes,
+    so a socket that must read its peer's last words (RESULT, ERROR) goes without it."""
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, HWM)
@@ -73,7 +76,7 @@ def peer_socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
     sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
     sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
-    if kind == zmq.DEALER:
+    if immediate:
         sock.setsockopt(zmq.IMMEDIATE, 1)
     if kind == zmq.ROUTER:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
