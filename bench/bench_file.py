@@ -35,79 +35,50 @@ directory, /dev/shm files) is removed at the end, also on Ctrl-C / SIGTERM.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
-import json
 import os
-import platform
-import re
-import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-import blake3
-import numpy as np
+from common import (
+    RESULTS,
+    Cleanup,
+    Config,
+    MiB,
+    Row,
+    allocated,
+    best,
+    check_same,
+    copy_image,
+    environment,
+    fdatasync_path,
+    fs_of,
+    human,
+    log,
+    make_image,
+    one_line,
+    parse_channels,
+    parse_size,
+    qemu_info,
+    rows_of,
+    run_interleaved,
+    run_notes,
+    sh,
+    stats_table,
+    unlink,
+    write_json,
+)
 
-MiB = 1 << 20
-GiB = 1 << 30
-PAGE = 4096
 QEMU_TIMEOUT = 600.0  # per QMP wait; direct-io saves of 2 GiB take ~10 s on the reference VM
-HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_OUT = os.path.join(HERE, "results", "bench_file.json")
+DEFAULT_OUT = os.path.join(RESULTS, "bench_file.json")
 
 
 # --------------------------------------------------------------------------- small helpers
 
-
-def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(i?B)?\s*", text, re.IGNORECASE)
-    if m is None:
-        raise argparse.ArgumentTypeError(f"bad size {text!r} (e.g. 256M, 2G)")
-    mult = {"": 1, "K": 1 << 10, "M": MiB, "G": GiB, "T": 1 << 40}[m[2].upper()]
-    size = int(m[1]) * mult
-    if size <= 0 or size % PAGE:
-        raise argparse.ArgumentTypeError(f"size {size} is not a positive multiple of {PAGE}")
-    return size
-
-
-def parse_channels(text: str) -> list[int]:
-    try:
-        chans = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad channel list {text!r} (e.g. 1,2,4)") from None
-    if not chans or any(not 1 <= c <= 255 for c in chans):
-        raise argparse.ArgumentTypeError(f"channels must be in 1..255, got {text!r}")
-    return chans
-
-
-def human(n: float) -> str:
-    for unit, div in (("GiB", GiB), ("MiB", MiB), ("KiB", 1 << 10)):
-        if abs(n) >= div:
-            return f"{n / div:.1f} {unit}"
-    return f"{n:.0f} B"
-
-
-def one_line(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip()
-    first = text.splitlines()[0] if text else type(exc).__name__
-    return first[:300]
-
-
-def unlink(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-
-
-def allocated(path: str) -> int:
-    return os.stat(path).st_blocks * 512
 
 
 def evict(path: str) -> None:
@@ -128,165 +99,13 @@ def warm(path: str) -> None:
             pass
 
 
-def fdatasync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
-
-
-def digest(path: str) -> str:
-    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
-    if hasattr(h, "update_mmap"):
-        h.update_mmap(path)
-    else:  # older blake3-py
-        with open(path, "rb") as f:
-            while chunk := f.read(16 * MiB):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def differing_pages(a: str, b: str, size: int) -> int:
-    """Number of 4 KiB pages that differ (only for the error message of a failed check)."""
-    x = np.memmap(a, dtype=np.uint64, mode="r", shape=(size // 8,))
-    y = np.memmap(b, dtype=np.uint64, mode="r", shape=(size // 8,))
-    step = 64 * MiB // 8
-    bad = 0
-    for i in range(0, size // 8, step):
-        d = (x[i : i + step] != y[i : i + step]).reshape(-1, PAGE // 8).any(axis=1)
-        bad += int(d.sum())
-    return bad
-
-
-def sh(argv: list[str]) -> float:
-    """Run a command, return its wall time; raise with its stderr tail if it fails."""
-    t0 = time.perf_counter()
-    p = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.PIPE, text=True)
-    dt = time.perf_counter() - t0
-    if p.returncode:
-        tail = p.stderr.strip().splitlines()
-        raise RuntimeError(f"{' '.join(argv)} exited {p.returncode}: "
-                           f"{tail[-1] if tail else ''}")
-    return dt
-
-
-# --------------------------------------------------------------------------- environment
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "?"
-
-
-def fs_of(path: str) -> dict[str, str]:
-    """Mount point, device and type of the filesystem holding ``path`` (from /proc/mounts)."""
-    path = os.path.realpath(path)
-    best = {"mount": "?", "device": "?", "fstype": "?"}
-    with contextlib.suppress(OSError), open("/proc/mounts") as f:
-        for line in f:
-            dev, mnt, fstype = line.split()[:3]
-            mnt = mnt.replace("\\040", " ")
-            inside = path == mnt or path.startswith(mnt.rstrip("/") + "/")
-            if inside and len(mnt) >= len(best["mount"].replace("?", "")):
-                best = {"mount": mnt, "device": dev, "fstype": fstype}
-    return best
-
-
-def git_state() -> dict[str, Any]:
-    try:
-        head = subprocess.run(["git", "-C", HERE, "rev-parse", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", HERE, "status", "--porcelain", "--", "mfd"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return {"commit": head or None, "mfd_dirty": bool(dirty)}
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "mfd_dirty": None}
-
-
-def mfd_sources_digest() -> str:
-    """blake3 over mfd's Python sources: a change during the run (others editing the tree)
-    makes the figures of the two halves incomparable, so the report warns about it."""
-    import mfd
-
-    root = os.path.dirname(os.path.abspath(mfd.__file__))
-    h = blake3.blake3()
-    for d, dirs, files in sorted(os.walk(root)):
-        dirs.sort()
-        for name in sorted(files):
-            if name.endswith(".py"):
-                path = os.path.join(d, name)
-                h.update(os.path.relpath(path, root).encode() + b"\0")
-                with contextlib.suppress(OSError), open(path, "rb") as f:
-                    h.update(f.read())
-    return h.hexdigest()
-
-
-def environment(qemu: dict[str, Any]) -> dict[str, Any]:
-    import mfd
-
-    versions = {"python": platform.python_version(), "numpy": np.__version__,
-                "mfd": mfd.__version__}
-    for mod in ("zmq", "blake3", "zstandard", "orjson"):
-        try:
-            versions[mod if mod != "zmq" else "pyzmq"] = __import__(mod).__version__
-        except (ImportError, AttributeError):
-            versions[mod] = None
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)),
-        "cpu_model": cpu_model(),
-        "kernel": platform.release(),
-        "kernel_version": platform.version(),
-        "machine": platform.machine(),
-        "mem_total": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
-        "versions": versions,
-        "qemu": qemu,
-        "git": git_state(),
-        "mfd_sources_blake3": mfd_sources_digest(),
-    }
-
-
-# --------------------------------------------------------------------------- configurations
-
-
-@dataclass
-class Config:
-    key: str
-    kind: str  # "save", "restore warm", "restore cold", "yardstick"
-    tool: str  # "mfd", "qemu", "dd", "cp"
-    label: str
-    params: dict[str, Any]
-    fn: Callable[[], dict[str, Any]]
-    runs: list[dict[str, Any]] = field(default_factory=list)
-    error: str | None = None
-
-
-@dataclass
-class Row:
-    kind: str
-    tool: str
-    label: str
-    key: str
-    seconds: list[float]
-    error: str | None = None
-    note: str = ""
-
-    def stats(self, size: int) -> dict[str, Any]:
-        if not self.seconds:
-            return {"n": 0}
-        med = statistics.median(self.seconds)
-        return {"n": len(self.seconds), "min": min(self.seconds), "median": med,
-                "max": max(self.seconds), "mib_s": size / MiB / med if med > 0 else None}
+# --------------------------------------------------------------------------- the benchmark
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, cleanup: Cleanup) -> None:
         self.args = args
+        self.cleanup = cleanup
         self.size: int = args.size
         self.workdir = ""
         self.shmdir = ""
@@ -332,14 +151,14 @@ class Bench:
     # ------------------------------------------------------------------ setup
 
     def prepare(self) -> None:
-        from mfd.ramimage import generate
-
         a = self.args
         parent = os.path.abspath(a.dir or "/var/tmp")
         os.makedirs(parent, exist_ok=True)
         self.check_space(parent)
         self.workdir = tempfile.mkdtemp(prefix="mfd-bench-", dir=parent)
+        self.cleanup.add_path(self.workdir)
         self.shmdir = tempfile.mkdtemp(prefix="mfd-bench-", dir="/dev/shm")
+        self.cleanup.add_path(self.shmdir)
         if "," in self.workdir or "," in self.shmdir:
             raise SystemExit(f"bench_file: QEMU file: URIs cannot contain ',': {self.workdir}")
         fs = fs_of(self.workdir)
@@ -353,17 +172,12 @@ class Bench:
             f"{self.shmdir}")
 
         self.img = self.p("image.ram")
-        t0 = time.perf_counter()
-        kinds = generate(self.img, self.size, seed=1, zero=a.zero, random=a.random, run=16)
-        fdatasync_path(self.img)
-        gen_s = time.perf_counter() - t0
-        self.img_digest = digest(self.img)
-        self.setup["image"] = {"path": self.img, "size": self.size, "pages": kinds,
-                               "seed": 1, "run": 16, "zero": a.zero, "random": a.random,
-                               "allocated": allocated(self.img), "blake3": self.img_digest,
-                               "generate_seconds": gen_s}
-        log(f"image {human(self.size)}: {kinds} pages, {human(allocated(self.img))} allocated "
-            f"(zero pages are holes), generated in {gen_s:.1f} s")
+        img = make_image(self.img, self.size, zero=a.zero, random=a.random, seed=1, run=16,
+                         sync=True)
+        self.img_digest = img["blake3"]
+        self.setup["image"] = img
+        log(f"image {human(self.size)}: {img['pages']} pages, {human(img['allocated'])} "
+            f"allocated (zero pages are holes), generated in {img['generate_seconds']:.1f} s")
 
         # restore sources: one file written by mfd, one by QEMU, flushed so "cold" can evict
         self.mfd_src = self.p("mfd-src.mig")
@@ -395,11 +209,6 @@ class Bench:
         return {"path": path, "made_by": made_by, "size": os.path.getsize(path),
                 "allocated": allocated(path)}
 
-    def cleanup(self) -> None:
-        for d in (self.workdir, self.shmdir):
-            if d:
-                shutil.rmtree(d, ignore_errors=True)
-
     # ------------------------------------------------------------------ mfd
 
     def guest_ram(self, ram: str) -> str:
@@ -408,31 +217,7 @@ class Bench:
         "sparse": the image's zero pages are holes, as RAM a guest never touched;
         "allocated": every page is in memory, zero pages written as zeros (freed memory).
         """
-        path = self.s("guest.ram")
-        unlink(path)
-        fi = os.open(self.img, os.O_RDONLY)
-        fo = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            if ram == "allocated":
-                os.posix_fallocate(fo, 0, self.size)
-            else:
-                os.ftruncate(fo, self.size)
-            pos = 0
-            while pos < self.size:  # copy only the image's data extents
-                try:
-                    start = os.lseek(fi, pos, os.SEEK_DATA)
-                except OSError:
-                    break
-                end = os.lseek(fi, start, os.SEEK_HOLE)
-                while start < end:
-                    buf = os.pread(fi, min(8 * MiB, end - start), start)
-                    os.pwrite(fo, buf, start)
-                    start += len(buf)
-                pos = end
-        finally:
-            os.close(fi)
-            os.close(fo)
-        return path
+        return copy_image(self.img, self.s("guest.ram"), self.size, ram=ram)
 
     def mfd_save_into(self, target: str, channels: int, direct_io: bool,
                       ram: str = "sparse") -> dict[str, Any]:
@@ -570,12 +355,7 @@ class Bench:
     # ------------------------------------------------------------------ checks
 
     def verify(self, out: str) -> None:
-        if os.path.getsize(out) != self.size:
-            raise RuntimeError(f"restored RAM has {os.path.getsize(out)} bytes, expected "
-                               f"{self.size}")
-        if digest(out) != self.img_digest:
-            bad = differing_pages(self.img, out, self.size)
-            raise RuntimeError(f"restored RAM differs from the image in {bad} pages")
+        check_same(out, self.size, self.img_digest, self.img)
 
     # ------------------------------------------------------------------ configs
 
@@ -649,86 +429,15 @@ class Bench:
     # ------------------------------------------------------------------ the run
 
     def run(self, configs: list[Config]) -> None:
-        reps = self.args.repeat
-        for rep in range(reps + 1):
-            tag = "warm-up" if rep == 0 else f"rep {rep}/{reps}"
-            for c in configs:
-                if c.error is not None:
-                    continue  # failed before: reported as FAILED, not retried
-                t0 = time.time()
-                load = os.getloadavg()[0]  # other work on the machine skews the figures
-                try:
-                    res = c.fn()
-                except KeyboardInterrupt:
-                    raise
-                except Exception as e:
-                    c.error = one_line(e)
-                    c.runs.append({"rep": rep, "warmup": rep == 0, "ok": False,
-                                   "error": c.error, "traceback": traceback.format_exc(),
-                                   "started": t0, "loadavg1": load})
-                    log(f"[{tag}] {c.key}: FAILED: {c.error}")
-                    continue
-                c.runs.append({"rep": rep, "warmup": rep == 0, "ok": True, "started": t0,
-                               "loadavg1": load, **res})
-                extra = (f" (+fdatasync {res['fdatasync_seconds']:.3f} s)"
-                         if "fdatasync_seconds" in res else "")
-                log(f"[{tag}] {c.key}: {res['seconds']:.3f} s{extra}")
+        def extra(res: dict[str, Any]) -> str:
+            if "fdatasync_seconds" in res:
+                return f" (+fdatasync {res['fdatasync_seconds']:.3f} s)"
+            return ""
+
+        run_interleaved(configs, self.args.repeat, extra)
 
 
 # --------------------------------------------------------------------------- reporting
-
-
-def rows_of(configs: list[Config]) -> list[Row]:
-    rows: list[Row] = []
-    for c in configs:
-        counted = [r for r in c.runs if r["ok"] and not r["warmup"]]
-        rows.append(Row(c.kind, c.tool, c.label, c.key, [r["seconds"] for r in counted],
-                        c.error))
-    return rows
-
-
-def best(rows: list[Row], kind: str, tool: str, size: int,
-         pred: Callable[[Row], bool] = lambda r: True) -> Row | None:
-    ok = [r for r in rows if r.kind == kind and r.tool == tool and r.error is None
-          and r.seconds and pred(r)]
-    return min(ok, key=lambda r: r.stats(size)["median"], default=None)
-
-
-def table(rows: list[Row], size: int) -> str:
-    head = ["kind", "tool", "config", "n", "min s", "median s", "max s", "MiB/s"]
-    body = []
-    for r in rows:
-        st = r.stats(size)
-        if r.error is not None:
-            body.append([r.kind, r.tool, r.label, str(st["n"]), "FAILED: " + r.error])
-        elif not st["n"]:
-            body.append([r.kind, r.tool, r.label, "0", "no runs"])
-        else:
-            body.append([r.kind, r.tool, r.label, str(st["n"]), f"{st['min']:.3f}",
-                         f"{st['median']:.3f}", f"{st['max']:.3f}", f"{st['mib_s']:.0f}"])
-    widths = [len(h) for h in head]
-    for b in body:
-        for i, cell in enumerate(b[: 4 if len(b) == 5 else 8]):
-            widths[i] = max(widths[i], len(cell))
-    right = {3, 4, 5, 6, 7}
-
-    def fmt(cells: list[str]) -> str:
-        out = []
-        for i, cell in enumerate(cells):
-            if len(cells) == 5 and i == 4:
-                out.append(cell)
-            else:
-                out.append(cell.rjust(widths[i]) if i in right else cell.ljust(widths[i]))
-        return "  ".join(out).rstrip()
-
-    lines = [fmt(head), "  ".join("-" * w for w in widths)]
-    prev = None
-    for r, b in zip(rows, body, strict=True):
-        if prev is not None and r.kind != prev:
-            lines.append("")
-        prev = r.kind
-        lines.append(fmt(b))
-    return "\n".join(lines)
 
 
 def targets(rows: list[Row], size: int) -> tuple[list[str], dict[str, Any]]:
@@ -791,10 +500,6 @@ NOTES = [
 ]
 
 
-def log(msg: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -817,16 +522,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeat < 1:
         ap.error("--repeat must be >= 1")
 
-    from mfd.qemu import qemu_binary, qemu_version
-
-    bench = Bench(args)
-    ver = qemu_version()
-    qemu = {"binary": shutil.which("qemu-system-x86_64"),
-            "version": ".".join(map(str, ver)) if ver else None,
-            "usable": qemu_binary() is not None}
+    cleanup = Cleanup()
+    bench = Bench(args, cleanup)
+    qemu = qemu_info()
     if args.no_qemu:
         bench.notes.append("QEMU skipped (--no-qemu).")
-    elif qemu_binary() is None:
+    elif not qemu["usable"]:
         bench.notes.append("QEMU not compared: qemu-system-x86_64 >= 9.0 not found "
                            f"(found {qemu['version']}).")
     else:
@@ -834,10 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(qemu)
     started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
-    def on_term(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_term)
+    Cleanup.install_signals()
     configs: list[Config] = []
     interrupted = False
     try:
@@ -849,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         interrupted = True
         log("interrupted: cleaning up, reporting what was measured")
     finally:
-        bench.cleanup()
+        cleanup.run()
 
     size = args.size
     rows = rows_of(configs)
@@ -868,22 +566,14 @@ def main(argv: list[str] | None = None) -> int:
             i = bench.setup[k]
             header.append(f"restore source {i['made_by']}: {human(i['size'])} apparent, "
                           f"{human(i['allocated'])} allocated")
-    env["mfd_sources_blake3_at_end"] = mfd_sources_digest()
-    if env["mfd_sources_blake3_at_end"] != env["mfd_sources_blake3"]:
-        bench.notes.append("WARNING: mfd's sources changed while the benchmark ran (someone "
-                           "edited the tree): runs before and after the change are mixed.")
-    loads = [r["loadavg1"] for c in configs for r in c.runs if "loadavg1" in r]
-    if loads:
-        bench.notes.append(f"1-minute load average at the start of the runs: {min(loads):.2f} "
-                           f"to {max(loads):.2f} (this machine has {env['cpu_count']} CPUs; "
-                           "anything else running skews the figures).")
+    bench.notes += run_notes(env, configs)
     syncs = [r["fdatasync_seconds"] for c in configs for r in c.runs
              if r.get("ok") and "fdatasync_seconds" in r and not c.params.get("direct_io")]
     if syncs:
         bench.notes.append(f"fdatasync of QEMU's buffered save files right after completion: "
                            f"median {statistics.median(syncs) * 1000:.1f} ms, max "
                            f"{max(syncs) * 1000:.1f} ms.")
-    text = "\n".join([*header, "", table(rows, size), "", *tgt_lines, "", "Notes:",
+    text = "\n".join([*header, "", stats_table(rows, size), "", *tgt_lines, "", "Notes:",
                       *(f"- {n}" for n in [*NOTES, *bench.notes])])
     if interrupted:
         text += "\n(INTERRUPTED: partial results)"
@@ -897,20 +587,13 @@ def main(argv: list[str] | None = None) -> int:
         "args": {k: v for k, v in vars(args).items()},
         "environment": env,
         "setup": bench.setup,
-        "configs": [{"key": c.key, "kind": c.kind, "tool": c.tool, "label": c.label,
-                     "params": c.params, "error": c.error, "runs": c.runs} for c in configs],
-        "summary": [{"key": r.key, "kind": r.kind, "tool": r.tool, "label": r.label,
-                     "error": r.error, "note": r.note, "seconds": r.seconds,
-                     **r.stats(size)} for r in rows],
+        "configs": [c.as_json() for c in configs],
+        "summary": [r.as_json(size) for r in rows],
         "targets": tgt,
         "notes": [*NOTES, *bench.notes],
         "table": text,
     }
-    out = os.path.abspath(args.out)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    log(f"wrote {out}")
+    write_json(args.out, result)
     return 130 if interrupted else 0
 
 

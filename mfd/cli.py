@@ -7,6 +7,7 @@ Set MFD_DEBUG=1 to see a traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -18,6 +19,7 @@ from mfd.errors import MfdError, UsageError
 from mfd.main_thread.incoming import IncomingOptions
 from mfd.main_thread.migrate import Cancelled, MigrateOptions
 from mfd.options import MigrationParameters
+from mfd.progress import LiveView, human
 from mfd.shm import control
 from mfd.shm.guest import GuestConfig, run_guest
 from mfd.shm.ramblock import RAMBlock
@@ -180,12 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--x-channel-delay", default="", help=argparse.SUPPRESS)
     n.add_argument("--x-skip-sync", action="store_true", help=argparse.SUPPRESS)
 
-    d = sub.add_parser("demo", help="live save of a writing guest, restore, verify")
-    d.add_argument("--ram", type=parse_size, default=512 << 20)
+    d = sub.add_parser("demo", help="live migration of a writing 1 GiB guest on this machine")
+    d.add_argument("--ram", type=parse_size, default=1 << 30)
     d.add_argument("--dirty-rate", type=parse_size, default=100 << 20)
     _channels(d)
     d.set_defaults(multifd_channels=4)
-    d.add_argument("--dir", help="where the file goes (default /var/tmp)")
+    d.add_argument("--multifd-compression", choices=("none", "zstd", "zlib"), default="none")
+    d.add_argument("--downtime-limit", type=int, default=300, metavar="MS")
+    d.add_argument("--auto-converge", action="store_true")
     d.add_argument("--json", action="store_true")
 
     i = sub.add_parser("inspect", help="show the structure of a QEMU migration file")
@@ -193,23 +197,6 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--offset", type=parse_size, default=0)
     i.add_argument("--json", action="store_true")
     return top
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    raise AssertionError
-
-
-def _progress_line(stats) -> None:
-    q = stats.query_migrate()
-    r = q["ram"]
-    sys.stderr.write(f"\rround {r['dirty-sync-count']:>3}  transferred {_human(r['transferred'])}"
-                     f"  remaining {_human(r['remaining'])}  {r['mbps']:.0f} Mbps  throttle "
-                     f"{stats.cpu_throttle_percentage}%   ")
-    sys.stderr.flush()
 
 
 def cmd_guest(args: argparse.Namespace) -> int:
@@ -256,12 +243,11 @@ def cmd_guest(args: argparse.Namespace) -> int:
 
 def cmd_save(args: argparse.Namespace) -> int:
     images = dict(args.image) if args.image else None
-    progress = _progress_line if sys.stderr.isatty() and args.guest and not args.json else None
-    res = api.save(args.file, images=images, guest=args.guest, params=_params(args),
-                   machine=args.machine, offset=args.offset, stop_first=args.stop_first,
-                   progress=progress)
-    if progress:
-        sys.stderr.write("\n")
+    show = sys.stderr.isatty() and args.guest and not args.json
+    with LiveView(f"live save of {args.guest}") if show else contextlib.nullcontext() as view:
+        res = api.save(args.file, images=images, guest=args.guest, params=_params(args),
+                       machine=args.machine, offset=args.offset, stop_first=args.stop_first,
+                       progress=view.update if view is not None else None)
     if args.json:
         print(orjson.dumps(res.query_migrate | {"file": args.file,
                                                 "digests": res.digests}).decode())
@@ -269,7 +255,7 @@ def cmd_save(args: argparse.Namespace) -> int:
     total = res.normal_pages * 4096
     secs = res.total_time_ms / 1000
     down = f", downtime {res.downtime_ms:.0f} ms" if args.guest else ""
-    print(f"saved {args.file}: {res.normal_pages} pages written ({_human(total)}), "
+    print(f"saved {args.file}: {res.normal_pages} pages written ({human(total)}), "
           f"{res.zero_pages} zero pages, {res.rounds} round(s), {secs:.3f} s{down}")
     return 0
 
@@ -285,34 +271,33 @@ def cmd_restore(args: argparse.Namespace) -> int:
     where = f"guest {res.guest} (paused)" if res.guest else ", ".join(
         f"{k}={v}" for k, v in res.blocks.items())
     check = "digests verified" if res.verified else "no mfd trailer: nothing to verify"
-    print(f"restored {args.file} -> {where}: {_human(res.bytes_read)} read in "
+    print(f"restored {args.file} -> {where}: {human(res.bytes_read)} read in "
           f"{res.seconds:.3f} s, {check}")
     return 0
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    progress = _progress_line if sys.stderr.isatty() and not args.json else None
     opts = MigrateOptions(machine=args.machine,
                           flush_after_each_section=args.multifd_flush_after_each_section,
                           timeout=args.timeout)
+    view = None if args.json else LiveView(f"migrate to {args.uri}")
     try:
-        res = api.migrate(args.uri, images=dict(args.image) if args.image else None,
-                          guest=args.guest, params=_params(args), options=opts,
-                          progress=progress, monitor=args.monitor)
+        with view or contextlib.nullcontext():
+            res = api.migrate(args.uri, images=dict(args.image) if args.image else None,
+                              guest=args.guest, params=_params(args), options=opts,
+                              progress=view.update if view is not None else None,
+                              monitor=args.monitor)
     except Cancelled as e:
         raise MfdError(f"migration cancelled: {e}") from None
     except MfdError as e:
         if isinstance(e, UsageError):
             raise
         raise MfdError(f"migration failed: {e}") from None
-    finally:
-        if progress:
-            sys.stderr.write("\n")
     if args.json:
         print(orjson.dumps(res.query_migrate | {"digests": res.digests}).decode())
         return 0
     secs = res.total_time_ms / 1000
-    print(f"migrated to {args.uri}: {res.rounds} round(s), {_human(res.transferred)} "
+    print(f"migrated to {args.uri}: {res.rounds} round(s), {human(res.transferred)} "
           f"transferred, {res.normal_pages} pages sent, {res.zero_pages} zero, {secs:.3f} s, "
           f"downtime {res.downtime_ms:.0f} ms, RAM verified equal on both ends")
     return 0
@@ -352,15 +337,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from mfd import demo
 
-    progress = _progress_line if sys.stderr.isatty() and not args.json else None
+    params = MigrationParameters(multifd_channels=args.multifd_channels,
+                                 multifd_compression=args.multifd_compression,
+                                 downtime_limit=args.downtime_limit,
+                                 auto_converge=args.auto_converge)
 
     def say(line: str) -> None:
-        if progress:
-            sys.stderr.write("\r\033[K")
         if not args.json:
             print(line, flush=True)
 
-    out = demo.run(args.ram, args.dirty_rate, args.multifd_channels, args.dir, say, progress)
+    view = None if args.json else LiveView("live migration")
+    with view or contextlib.nullcontext():
+        out = demo.run(args.ram, args.dirty_rate, params, say,
+                       view.update if view is not None else None)
     if args.json:
         print(orjson.dumps(out).decode())
     return 0

@@ -1,81 +1,114 @@
-"""``mfd demo``: the whole story on this machine with sensible defaults.
+"""``mfd demo``: a live migration between two ends on this machine, with sensible defaults.
 
-A guest writes its RAM; mfd saves it live, in parallel, to a mapped-ram file while it keeps
-writing; the file is restored into a new guest that continues; blake3 of the RAM at
-switchover equals blake3 of the restored RAM. (Live migration over sockets builds on the
-same pieces.)
+A guest of 1 GiB, half of its pages holding data, keeps writing (100 MiB/s, hotset); ``mfd
+incoming`` runs as a separate process (the destination host); the guest migrates over 4
+channels on TCP loopback while a live view shows round, transferred, remaining, throughput,
+dirty rate, throttle and expected downtime. At the end: total time, downtime, rounds, bytes,
+and the verification line (the blake3 of every block at switchover, computed on each end,
+equal), and the guest going on writing at the destination.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import socket
+import subprocess
+import sys
 import time
+from collections.abc import Callable
 
-import blake3
+import orjson
 
 from mfd import api
 from mfd.errors import MfdError
+from mfd.main_thread.precopy import Progress
 from mfd.options import MigrationParameters
+from mfd.progress import human
+from mfd.ramimage import generate
 from mfd.shm import control
 
 
-def _digest(status: dict) -> str:
-    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
-    for b in status["blocks"]:
-        with open(b["path"], "rb") as f:
-            h.update(f.read())
-    return h.hexdigest()
+def free_port(channels: int) -> int:
+    """A port with ``channels`` free ports after it (the destination's channel ports)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + channels >= 65536:
+            continue
+        try:
+            held = []
+            for p in range(base, base + channels + 1):
+                t = socket.socket()
+                held.append(t)
+                t.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for t in held:
+                t.close()
+    raise MfdError("no free range of ports on 127.0.0.1")
 
 
-def run(ram: int, dirty_rate: int, channels: int, directory: str | None, say,
-        progress=None) -> dict:
-    src, dst = f"demo-src-{os.getpid()}", f"demo-dst-{os.getpid()}"
-    workdir = tempfile.mkdtemp(prefix="mfd-demo-", dir=directory or "/var/tmp")
-    mig = os.path.join(workdir, "guest.mig")
+def run(ram: int, dirty_rate: int, params: MigrationParameters, say: Callable[[str], None],
+        progress: Progress | None = None) -> dict:
+    pid = os.getpid()
+    src, dst = f"demo-src-{pid}", f"demo-dst-{pid}"
     started: list[str] = []
+    incoming = None
     try:
         g = control.start_guest_daemon(["--name", src, "--ram", str(ram), "--dirty-rate",
-                                        str(dirty_rate), "--pattern", "hotset"], src)
+                                        str(dirty_rate), "--pattern", "hotset", "--stopped"],
+                                       src)
         started.append(src)
-        say(f"guest {src}: {ram >> 20} MiB of RAM, dirtying {dirty_rate >> 20} MiB/s (hotset)")
-        time.sleep(0.5)
-        res = api.save(mig, guest=src, params=MigrationParameters(multifd_channels=channels),
-                       progress=progress)
-        final = g.query()
-        source_digest = _digest(final)
-        size = os.stat(mig).st_size
-        say(f"live save to {mig}: {res.rounds} rounds, {res.normal_pages} pages written, "
-            f"{res.zero_pages} zero, {res.total_time_ms / 1000:.2f} s total, downtime "
-            f"{res.downtime_ms:.0f} ms, file {size >> 20} MiB (sparse)")
-        g.quit()
-        started.remove(src)
-        r = api.restore(mig, guest=dst, channels=channels)
+        (block,) = g.query()["blocks"]
+        generate(block["path"], ram, zero=0.5, random=0.5, create=False)  # it has been busy
+        g.cont()
+        say(f"guest {src}: {ram >> 20} MiB of RAM (half of it data), dirtying "
+            f"{dirty_rate >> 20} MiB/s (hotset)")
+        port = free_port(params.multifd_channels)
+        uri = f"tcp://127.0.0.1:{port}"
+        incoming = subprocess.Popen(
+            [sys.executable, "-m", "mfd", "incoming", "--listen", uri, "--guest", dst,
+             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         started.append(dst)
-        restored = control.GuestClient(dst)
-        dest_digest = _digest(restored.query())
-        say(f"restored into guest {dst} in {r.seconds:.2f} s ({r.bytes_read >> 20} MiB read, "
-            f"trailer digests {'verified' if r.verified else 'absent'})")
-        before = restored.cont()["pages-written"]
-        time.sleep(0.3)
-        after = restored.stop()["pages-written"]
-        ok = source_digest == dest_digest
-        say(f"verification: blake3 at switchover {source_digest[:16]}... "
-            f"{'==' if ok else '!='} restored {dest_digest[:16]}... "
-            f"{'OK' if ok else 'MISMATCH'}; the restored guest continued "
-            f"({after - before} pages written)")
+        say(f"destination: mfd incoming --listen {uri} --guest {dst} (pid {incoming.pid})")
+        say(f"migrating over {params.multifd_channels} channels "
+            f"(compression {params.multifd_compression}, downtime limit "
+            f"{params.downtime_limit} ms)")
+        time.sleep(0.3)  # let the destination bind
+        res = api.migrate(uri, guest=src, params=params, progress=progress)
+        started.remove(src)  # it runs on the destination now
+        out, err = incoming.communicate(timeout=60)
+        if incoming.returncode != 0:
+            raise MfdError(f"destination: {err.strip().splitlines()[-1] if err else '?'}")
+        theirs = orjson.loads(out)["digests"]
+        secs = res.total_time_ms / 1000
+        say(f"completed in {secs:.2f} s: {res.rounds} rounds, {human(res.transferred)} "
+            f"transferred ({res.transferred / secs / (1 << 20):.0f} MiB/s), "
+            f"{res.normal_pages} pages sent, {res.zero_pages} zero, downtime "
+            f"{res.downtime_ms:.0f} ms, final throttle {res.cpu_throttle_percentage}%")
+        ok = theirs == res.digests
+        for idstr, digest in res.digests.items():
+            say(f"verification: block {idstr!r} blake3 at switchover: source {digest[:16]}... "
+                f"{'==' if theirs.get(idstr) == digest else '!='} destination "
+                f"{theirs.get(idstr, '?')[:16]}... {'OK' if ok else 'MISMATCH'}")
+        with control.GuestClient(dst) as d:
+            before = d.query()["pages-written"]
+            time.sleep(0.3)
+            status = d.query()
+        say(f"guest {dst} is {status['status']} at the destination "
+            f"({status['pages-written'] - before} pages written in 0.3 s); the source's is gone")
         if not ok:
-            raise MfdError("demo: restored RAM differs from the source's")
-        return {"save": res.query_migrate, "restore_seconds": r.seconds,
-                "source_blake3": source_digest, "restored_blake3": dest_digest, "ok": ok}
+            raise MfdError("demo: RAM differs between the two ends")
+        return {"migrate": res.query_migrate, "digests": res.digests,
+                "destination_digests": theirs, "ok": ok, "guest": dst}
     finally:
+        if incoming is not None and incoming.poll() is None:
+            incoming.kill()
+            incoming.wait()
         for name in started:
             with contextlib.suppress(MfdError), control.GuestClient(name) as c:
                 c.quit()
-        with contextlib.suppress(OSError):
-            os.unlink(mig)
-        with contextlib.suppress(OSError):
-            os.rmdir(workdir)
-
-

@@ -45,22 +45,26 @@ def _text_pages(first: int, n: int, seed: int) -> np.ndarray:
 
 
 def generate(path: str, size: int, *, seed: int = 1, zero: float = 0.5, random: float = 0.25,
-             run: int = 16) -> dict[str, int]:
-    """Write the image to ``path``; returns the page-kind counts."""
+             run: int = 16, create: bool = True) -> dict[str, int]:
+    """Write the image to ``path``; returns the page-kind counts. ``create=False`` writes
+    the nonzero pages into an existing file of ``size`` bytes (a running guest's RAM) and
+    leaves the rest alone."""
     if size <= 0 or size % TARGET_PAGE_SIZE:
         raise ValueError(f"size {size} is not a positive multiple of {TARGET_PAGE_SIZE}")
     num_pages = size // TARGET_PAGE_SIZE
     kinds = page_kinds(num_pages, seed, zero, random, run)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(path, os.O_WRONLY | (os.O_CREAT | os.O_TRUNC if create else 0), 0o644)
     try:
-        os.ftruncate(fd, size)
+        if create:
+            os.ftruncate(fd, size)
         for first in range(0, num_pages, CHUNK_PAGES):
             k = kinds[first : first + CHUNK_PAGES]
             chunk = np.zeros((len(k), TARGET_PAGE_SIZE), dtype=np.uint8)
             rnd = np.flatnonzero(k == 1)
             if len(rnd):
                 rng = np.random.default_rng([seed, 2, first])
-                chunk[rnd] = rng.integers(0, 256, (len(rnd), TARGET_PAGE_SIZE), dtype=np.uint8)
+                chunk[rnd] = np.frombuffer(rng.bytes(len(rnd) * TARGET_PAGE_SIZE),
+                                           dtype=np.uint8).reshape(-1, TARGET_PAGE_SIZE)
             txt = np.flatnonzero(k == 2)
             if len(txt):
                 chunk[txt] = _text_pages(first, len(txt), seed)

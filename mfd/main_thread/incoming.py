@@ -220,12 +220,12 @@ class Incoming:
         if self.pool is None:
             raise ProtocolError("main channel: the stream ended without a RAM block list")
         chunks = {b.idstr: trailer.num_chunks(b.num_pages) for b in self.blocks}
+        ours = self._ram_digests()  # while the source hashes its side
         frames = self._next()
         if frames[0] != mainchannel.DIGESTS:
             raise ProtocolError(f"main channel: expected DIGESTS after EOF, got "
                                 f"{frames[0][:16]!r}")
         theirs = mainchannel.decode_digests(frames, chunks)
-        ours = self._ram_digests()
         for b in self.blocks:
             _compare(b.idstr, theirs[b.idstr], ours[b.idstr])
         where = self._commit()

@@ -145,6 +145,9 @@ class Migration(Precopy):
             params, self.pending_params = self.pending_params, None
         if params is not None:
             self.set_params(params)
+        if self.progress is not None and self.stats.status == "active":
+            self.stats.bandwidth = self.meter.bandwidth
+            self.progress(self.stats)
 
     def _wait_reply(self, kind: bytes, timeout: float) -> dict:
         deadline = time.monotonic() + timeout

@@ -141,8 +141,21 @@ class ChannelPool:
         self.inflight[job_id] = (ident, done)
         # copied, not zero-copy: a job is at most a few KiB, and pyzmq hands each zero-copy
         # frame back through its garbage-collector thread, which cost more than the copy
-        self.router.send_multipart([ident, *messages.encode_job(job_id, block, pages, kind)])
+        self._to(ident, messages.encode_job(job_id, block, pages, kind))
         return job_id
+
+    def _to(self, ident: bytes, frames: list) -> None:
+        """Send to one channel; one that is gone (EHOSTUNREACH) breaks the pool."""
+        try:
+            self.router.send_multipart([ident, *frames])
+        except zmq.ZMQError as e:
+            i = self.channel_of.get(ident)
+            if i is None:
+                raise self._fail(BrokenPipeline(f"a channel is gone ({e.strerror})")) from None
+            dying = select.select([self.sentinels[i]], [], [], JOIN_TIMEOUT)[0]
+            why = _exit_reason(self._reap(i)) if dying else e.strerror  # say how it died
+            raise self._fail(BrokenPipeline(
+                f"channel {i} died unexpectedly ({why})")) from None
 
     def sync(self, kind: bytes | None = None) -> None:
         """``multifd_send_sync_main``: return when every channel has finished all work handed
@@ -168,7 +181,7 @@ class ChannelPool:
             self._pump(None)
         top = max(self.synced.values(), default=0)
         for ident in self.synced:
-            self.router.send_multipart([ident, messages.RELEASE])
+            self._to(ident, [messages.RELEASE])
         self.synced.clear()
         return top
 

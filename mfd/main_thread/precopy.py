@@ -166,10 +166,7 @@ class Precopy:
         elapsed = time.monotonic() - start
         self.stats.rounds.append({"round": self.stats.dirty_sync_count,
                                   "bytes": self.round_bytes, "seconds": elapsed,
-                                  "remaining": self.stats.remaining,
                                   "throttle": self.stats.cpu_throttle_percentage})
-        if self.progress is not None:
-            self.progress(self.stats)
 
     def bitmap_sync(self) -> int:
         """``migration_bitmap_sync``: OR the guest's log into bmap; returns dirty pages."""
@@ -202,7 +199,7 @@ class Precopy:
             self.round()
             dirty = self.bitmap_sync()
             period_dirty += dirty
-            self.stats.remaining = self.remaining()
+            self.stats.remaining = self.stats.rounds[-1]["remaining"] = self.remaining()
             self.stats.bandwidth = self.meter.bandwidth
             if self.meter.bandwidth:
                 self.stats.expected_downtime = self.stats.remaining / self.meter.bandwidth * 1000
@@ -216,6 +213,8 @@ class Precopy:
                     self.guest.set_throttle(pct)
                     self.stats.cpu_throttle_percentage = pct
                 period_start, period_dirty, period_xfer = now, 0, self.stats.transferred
+            if self.progress is not None:
+                self.progress(self.stats)
             if self.stats.remaining <= self.meter.threshold(self.params.downtime_limit):
                 return
 
