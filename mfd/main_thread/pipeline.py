@@ -51,6 +51,7 @@ import zmq
 
 from mfd.errors import BrokenPipeline
 from mfd.protocol import messages
+from mfd.protocol.constants import MULTIFD_PAGE_COUNT
 
 START_TIMEOUT = 60.0
 JOIN_TIMEOUT = 5.0
@@ -127,8 +128,9 @@ class ChannelPool:
     def send(self, block: int, pages: np.ndarray, done: OnDone | None = None,
              kind: bytes = messages.JOB) -> int:
         """``multifd_send``: hand a job (pages of one block) to an idle channel; ``done`` is
-        called with its DONE. Returns the job id, which socket channels use as QEMU's
-        ``packet_num`` (one counter over all channels, SYNC packets included)."""
+        called with its DONE. Returns the job id. Ids advance by the job's packets of 128
+        pages, so a socket channel numbers its packets id, id + 1, ...: QEMU's
+        ``packet_num``, one counter over all channels, SYNC packets included."""
         self._check()
         while not self.idle:
             self._pump(None)
@@ -137,7 +139,8 @@ class ChannelPool:
     def _hand(self, ident: bytes, block: int, pages: np.ndarray, done: OnDone | None,
               kind: bytes) -> int:
         job_id = self.next_job
-        self.next_job += 1
+        self.next_job += max(1, -(-len(pages) // MULTIFD_PAGE_COUNT)) if kind == messages.JOB \
+            else 1
         self.inflight[job_id] = (ident, done)
         # copied, not zero-copy: a job is at most a few KiB, and pyzmq hands each zero-copy
         # frame back through its garbage-collector thread, which cost more than the copy

@@ -33,7 +33,7 @@ from mfd.main_thread.stats import MigrationStats
 from mfd.options import MigrationParameters
 from mfd.protocol import constants as C
 from mfd.shm.control import GuestClient
-from mfd.shm.ramblock import MappedBlock, RAMBlock, attach
+from mfd.shm.ramblock import MappedBlock, RAMBlock, attach, nonzero_rows
 
 Progress = Callable[[MigrationStats], None]
 
@@ -150,7 +150,7 @@ class Precopy:
                 pages = batch
                 self.stats.remaining -= len(pages) * C.TARGET_PAGE_SIZE
                 if legacy:  # the main thread finds zero pages (zero-page-detection=legacy)
-                    nonzero = self.mapped[i].words[pages].max(axis=1) != 0
+                    nonzero = nonzero_rows(self.mapped[i].words, pages)
                     zero = pages[~nonzero]
                     if len(zero):
                         self.on_legacy_zero(i, zero)

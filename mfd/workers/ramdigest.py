@@ -15,16 +15,15 @@ import numpy as np
 
 from mfd.protocol.constants import TARGET_PAGE_SIZE
 from mfd.protocol.mapped_ram import set_runs
-from mfd.shm.ramblock import data_runs
+from mfd.shm.ramblock import MappedBlock, nonzero_pages
 
 
-def ram_digests(words: np.ndarray, view: memoryview, fd: int, pairs: np.ndarray) -> bytes:
+def ram_digests(block: MappedBlock, pairs: np.ndarray) -> bytes:
     """32 bytes per [start, end) pair of ``pairs`` (whole chunks, one pair each, ascending)."""
     runs = pairs.reshape(-1, 2)
     lo, hi = int(runs[0, 0]), int(runs[-1, 1])
-    nonzero = np.zeros(hi - lo, dtype=bool)
-    for start, end in data_runs(fd, lo, hi):
-        nonzero[start - lo : end - lo] = words[start:end].max(axis=1) != 0
+    nonzero = nonzero_pages(block, np.arange(lo, hi))
+    view = block.view
     out = bytearray()
     for start, end in runs.tolist():  # per chunk, never per page
         mask = nonzero[start - lo : end - lo]

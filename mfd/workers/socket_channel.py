@@ -79,7 +79,6 @@ class _Channel:
         self.main.connect(cfg.endpoint)
         self.blocks: list[MappedBlock] = [attach(b, writable=writable) for b in cfg.blocks]
         self.words = [b.words for b in self.blocks]
-        self.fds = [os.open(b.path, os.O_RDONLY) for b in cfg.blocks]  # holes, for digests
         self.peer = tcp.peer_socket(ctx, kind, immediate=kind == zmq.DEALER)
         self.link = tcp.LinkWatch(self.peer, f"channel {cfg.channel_id}")
         self.poller = zmq.Poller()
@@ -112,16 +111,13 @@ class _Channel:
 
     def digests(self, job_id: int, block: int, pairs: np.ndarray) -> list:
         """The RAM content digests of whole chunks (``mfd.workers.ramdigest``)."""
-        return messages.encode_done(job_id, 0, None, ram_digests(
-            self.words[block], self.blocks[block].view, self.fds[block], pairs))
+        return messages.encode_done(job_id, 0, None, ram_digests(self.blocks[block], pairs))
 
     def close(self) -> None:
         self.link.close()
         self.peer.close(0)
         self.main.close(0)
         self.words = []
-        for fd in self.fds:
-            os.close(fd)
         for b in self.blocks:
             b.close()
 
@@ -150,26 +146,34 @@ class SendChannel(_Channel):
         return self.send_pages(job_id, block, pages)
 
     def send_pages(self, job_id: int, block: int, pages: np.ndarray) -> list:
-        """``multifd_send_prepare`` + write: zero check, gather, compress, one packet."""
+        """A job of up to JOB_PACKETS packets, each ``multifd_send_prepare`` + write: zero
+        check, gather, compress, header and payload on the link."""
         words = self.words[block]
         if self.cfg.zero_page_detection:
-            nonzero = nonzero_pages(words, self.fds[block], pages)
+            nonzero = nonzero_pages(self.blocks[block], pages)
         else:
             nonzero = np.ones(len(pages), dtype=bool)
-        normal = pages[nonzero]
-        # the pages are copied out of guest memory once, here: what is compressed and sent
-        # is this private copy, never bytes the guest may be rewriting underneath
-        data = words[normal] if len(normal) else None
-        payload = self.compressor.prepare(memoryview(data).cast("B")) if data is not None \
-            else b""
-        header = multifd.encode_packet(
-            flags=self.flag, packet_num=job_id,
-            ramblock=self.idstrs[block],
-            normal=normal.astype(np.uint64) * TARGET_PAGE_SIZE,
-            zero=pages[~nonzero].astype(np.uint64) * TARGET_PAGE_SIZE,
-            next_packet_size=len(payload))
-        self.send_peer([header, payload] if len(payload) else [header])
-        return messages.encode_done(job_id, len(header) + len(payload), nonzero)
+        moved = 0
+        for n, at in enumerate(range(0, len(pages), multifd.MULTIFD_PAGE_COUNT)):
+            packet = pages[at : at + multifd.MULTIFD_PAGE_COUNT]
+            mask = nonzero[at : at + multifd.MULTIFD_PAGE_COUNT]
+            normal = packet[mask]
+            payload = self._payload(words, normal) if len(normal) else b""
+            header = multifd.encode_packet(
+                flags=self.flag, packet_num=job_id + n, ramblock=self.idstrs[block],
+                normal=normal.astype(np.uint64) * TARGET_PAGE_SIZE,
+                zero=packet[~mask].astype(np.uint64) * TARGET_PAGE_SIZE,
+                next_packet_size=len(payload))
+            self.send_peer([header, payload] if len(payload) else [header])
+            moved += len(header) + len(payload)
+        return messages.encode_done(job_id, moved, nonzero)
+
+    def _payload(self, words: np.ndarray, normal: np.ndarray) -> bytes | memoryview:
+        """The normal pages, copied out of guest memory once: what is compressed and sent is
+        this private copy (a slice copy when they are contiguous, as in a first round)."""
+        lo, hi = int(normal[0]), int(normal[-1]) + 1
+        data = words[lo:hi].copy() if hi - lo == len(normal) else words[normal]
+        return self.compressor.prepare(memoryview(data).cast("B"))
 
     def sync(self, job_id: int) -> list:
         """``multifd_send_sync_main`` (ALL) for this channel: a SYNC packet, no pages."""
@@ -262,10 +266,17 @@ class RecvChannel(_Channel):
         normal = (pkt.normal // TARGET_PAGE_SIZE).astype(np.intp)
         zero = (pkt.zero // TARGET_PAGE_SIZE).astype(np.intp)
         if len(normal):
-            out = memoryview(self.scratch)[: len(normal) * TARGET_PAGE_SIZE]
-            self.decompressor.recv(payload, out)
-            words[normal] = np.frombuffer(out, dtype=np.uint64).reshape(-1, WORDS_PER_PAGE)
-            received[normal] = 1
+            lo, hi = int(normal[0]), int(normal[-1]) + 1
+            if hi - lo == len(normal):  # contiguous (a first round): straight into RAM
+                self.decompressor.recv(payload, self.blocks[block].view[
+                    lo * TARGET_PAGE_SIZE : hi * TARGET_PAGE_SIZE])
+                received[lo:hi] = 1
+            else:
+                out = memoryview(self.scratch)[: len(normal) * TARGET_PAGE_SIZE]
+                self.decompressor.recv(payload, out)
+                words[normal] = np.frombuffer(out, dtype=np.uint64).reshape(-1,
+                                                                          WORDS_PER_PAGE)
+                received[normal] = 1
         if len(zero):
             # QEMU's rule: memset only a page received before; a page never received is
             # still zero (destination RAM starts zeroed) and stays untouched (unallocated)
