@@ -20,7 +20,14 @@ class ProtocolError(MfdError):
 
 
 class BrokenPipeline(MfdError):
-    """A worker died or reported an error; the pipeline refuses further work."""
+    """A worker died or reported an error; the pipeline refuses further work.
+
+    ``link_lost``: a channel's connection to the other host went away (the other end's own
+    message, if it sent one, says why better)."""
+
+    def __init__(self, message: str, link_lost: bool = False) -> None:
+        super().__init__(message)
+        self.link_lost = link_lost
 
 
 class GuestError(MfdError):

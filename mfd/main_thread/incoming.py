@@ -33,9 +33,10 @@ import numpy as np
 import zmq
 
 from mfd.errors import BrokenPipeline, MfdError, ProtocolError
-from mfd.main_thread.migrate import GRACE_MS, LINGER_MS, Cancelled, all_chunks, peer_error
-from mfd.main_thread.pipeline import ChannelPool, OnDone
-from mfd.protocol import livestream, mainchannel, messages, trailer
+from mfd.main_thread.digests import ChunkTable
+from mfd.main_thread.migrate import GRACE_MS, LINGER_MS, Cancelled, peer_error
+from mfd.main_thread.pipeline import ChannelPool
+from mfd.protocol import livestream, mainchannel, trailer
 from mfd.protocol.constants import TARGET_PAGE_SIZE
 from mfd.protocol.devices import GUEST_IDSTR
 from mfd.shm import control
@@ -175,7 +176,8 @@ class Incoming:
             self.status = "cancelled" if isinstance(e, Cancelled | KeyboardInterrupt) \
                 else "failed"
             self.error = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
-            why = peer_error(self.main, "source") if isinstance(e, BrokenPipeline) else None
+            lost = isinstance(e, BrokenPipeline) and e.link_lost
+            why = peer_error(self.main, "source") if lost else None
             if why is not None:  # a channel lost its link because the source gave up
                 self.error = why
             if self.source is not None:
@@ -207,10 +209,10 @@ class Incoming:
                     self._send([mainchannel.READY, b"{}"])
                 elif isinstance(ev, livestream.Flush):
                     if sync and not legacy:
-                        self._pool().recv_sync()
+                        self._recv_sync()
                 elif isinstance(ev, livestream.SectionEnd):
                     if sync and legacy:
-                        self._pool().recv_sync()
+                        self._recv_sync()
                 elif isinstance(ev, livestream.ZeroPages):
                     self._zero(ev.idstr, ev.pages)
                 elif isinstance(ev, livestream.Page):
@@ -234,6 +236,10 @@ class Incoming:
                               (time.monotonic() - self.start) * 1000, self.setup_time * 1000,
                               {k: trailer.blake3_of(v) for k, v in ours.items()}, True)
 
+    def _recv_sync(self) -> None:
+        """Every channel at its SYNC; then what the round did to the chunk digests."""
+        self.chunks.merge(self._pool().recv_sync())
+
     def _pool(self) -> ChannelPool:
         if self.pool is None:
             raise ProtocolError("main channel: MULTIFD_FLUSH before the RAM block list")
@@ -256,6 +262,8 @@ class Incoming:
             directory = SHM_DIR
         self.pending = PendingRAM(directory, blocks)
         self.blocks: list[RAMBlock] = self.pending.blocks
+        self.index = {b.idstr: i for i, b in enumerate(self.blocks)}
+        self.chunks = ChunkTable(self.blocks)
         total_pages = sum(b.num_pages for b in self.blocks)
         rmap_size = -(-total_pages // TARGET_PAGE_SIZE) * TARGET_PAGE_SIZE
         self.rmap_ram = PendingRAM(SHM_DIR, [("receivedmap", rmap_size)])
@@ -287,6 +295,7 @@ class Incoming:
 
     def _zero(self, idstr: str, pages: np.ndarray) -> None:
         """Zero records on the main stream: QEMU's rule, as the channels apply it."""
+        self.chunks.stale(self.index[idstr], pages)
         received = self.received[idstr]
         again = pages[received[pages] != 0]
         if len(again):
@@ -294,22 +303,17 @@ class Incoming:
         received[pages] = 1
 
     def _page(self, idstr: str, page: int, data: bytes) -> None:
+        self.chunks.stale(self.index[idstr], np.array([page]))
         self.words[idstr][page] = np.frombuffer(data, dtype=np.uint64)
         self.received[idstr][page] = 1
 
     # ------------------------------------------------------------------ completion
 
     def _ram_digests(self) -> dict[str, bytes]:
-        pool = self._pool()
-        tables = {}
-        for i, b in enumerate(self.blocks):
-            table = np.zeros((trailer.num_chunks(b.num_pages), trailer.DIGEST_SIZE),
-                             dtype=np.uint8)
-            for pairs in all_chunks(b.num_pages):
-                pool.send(i, pairs, _into(table, pairs), messages.DIGEST)
-            tables[b.idstr] = table
-        pool.sync()
-        return {k: t.tobytes() for k, t in tables.items()}
+        """Our RAM, chunk by chunk: what the channels hashed as they placed it, and the
+        chunks touched since, hashed now."""
+        self.chunks.complete(self._pool())
+        return self.chunks.tables()
 
     def _commit(self) -> dict[str, str]:
         """Name the RAM; the guest takes it and runs (or the images appear)."""
@@ -391,13 +395,6 @@ class Incoming:
 
     def migrate_cancel(self) -> None:
         self.cancel_requested = "cancelled by migrate_cancel"
-
-
-def _into(table: np.ndarray, pairs: np.ndarray) -> OnDone:
-    def on_done(_moved: int, _mask: np.ndarray, digests: bytes) -> None:
-        chunks, rows = trailer.job_digests(pairs, digests)
-        table[chunks] = rows
-    return on_done
 
 
 def _compare(idstr: str, theirs: bytes, ours: bytes) -> None:

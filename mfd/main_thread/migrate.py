@@ -30,9 +30,9 @@ import numpy as np
 import zmq
 
 from mfd.errors import BrokenPipeline, MfdError, ProtocolError, UsageError
-from mfd.main_thread.pipeline import ChannelPool, OnDone
+from mfd.main_thread.digests import ChunkTable
+from mfd.main_thread.pipeline import ChannelPool
 from mfd.main_thread.precopy import Precopy, Progress
-from mfd.main_thread.scanner import chunk_jobs
 from mfd.options import MigrationParameters, check_params
 from mfd.protocol import constants as C
 from mfd.protocol import devices, mainchannel, messages, ram, stream, trailer
@@ -61,11 +61,6 @@ class MigrateOptions:
     flush_after_each_section: bool = False  # QEMU's multifd-flush-after-each-section
     timeout: float | None = None  # cancel when the migration would take longer
     connect_timeout: float = CONNECT_TIMEOUT
-
-
-def all_chunks(num_pages: int) -> list[np.ndarray]:
-    """Jobs covering a whole block, chunk by chunk (for the RAM digests)."""
-    return chunk_jobs(np.ones(num_pages, dtype=bool))
 
 
 class Migration(Precopy):
@@ -175,6 +170,7 @@ class Migration(Precopy):
         try:
             self._connect()
             live = self.start_guest_log()
+            self.chunks = ChunkTable(self.blocks)
             self._send(mainchannel.Hello(
                 self.uuid, self.params.multifd_channels, self.params.multifd_compression,
                 self.params.zero_page_detection, self.options.flush_after_each_section,
@@ -205,8 +201,8 @@ class Migration(Precopy):
             self.stats.status = "cancelled" if isinstance(e, Cancelled | KeyboardInterrupt) \
                 else "failed"
             self.error = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
-            why = peer_error(self.main, "destination") if isinstance(e, BrokenPipeline) \
-                else None
+            lost = isinstance(e, BrokenPipeline) and e.link_lost
+            why = peer_error(self.main, "destination") if lost else None
             if why is not None:  # a channel lost its link because the destination gave up
                 self.error = why
                 raise MfdError(why) from e
@@ -257,8 +253,14 @@ class Migration(Precopy):
     def end_section(self, final: bool) -> None:
         self._stream(ram.encode_eos() + stream.encode_footer(devices.RAM_SECTION_ID))
 
+    def on_done(self, block: int, pages: np.ndarray, moved: int, nonzero: np.ndarray,
+                digests: bytes) -> None:
+        self.chunks.job_done(block, pages, digests)
+        super().on_done(block, pages, moved, nonzero, digests)
+
     def on_legacy_zero(self, block: int, pages: np.ndarray) -> None:
         """zero-page-detection=legacy: RAM_SAVE_FLAG_ZERO records on the main stream."""
+        self.chunks.stale(block, pages)
         idstr = self.blocks[block].idstr
         addrs = pages.astype(np.int64) * C.TARGET_PAGE_SIZE
         first = ram.encode_zero_page(int(addrs[0]), idstr)
@@ -294,17 +296,12 @@ class Migration(Precopy):
         self.stats.status = "completed"
 
     def _ram_digests(self) -> dict[str, bytes]:
-        """Every block's RAM content at switchover, chunk by chunk, hashed by the channels."""
-        tables = {}
-        for i, b in enumerate(self.blocks):
-            table = np.zeros((trailer.num_chunks(b.num_pages), trailer.DIGEST_SIZE),
-                             dtype=np.uint8)
-            for pairs in all_chunks(b.num_pages):
-                self.pool.send(i, pairs, _into(table, pairs), messages.DIGEST)
-            tables[b.idstr] = table
-        self.pool.sync()
-        self.digests = {name: trailer.blake3_of(t.tobytes()) for name, t in tables.items()}
-        return {name: t.tobytes() for name, t in tables.items()}
+        """Every block's RAM content at switchover, chunk by chunk: what the channels hashed
+        as they sent it, and the chunks that changed since, hashed now by the channels."""
+        self.chunks.complete(self.pool)
+        tables = self.chunks.tables()
+        self.digests = {name: trailer.blake3_of(t) for name, t in tables.items()}
+        return tables
 
     # ------------------------------------------------------------------ monitor handlers
 
@@ -369,10 +366,3 @@ def peer_error(sock: zmq.Socket, peer: str) -> str | None:
                 if frames and frames[0] == mainchannel.ERROR:
                     return f"{peer}: {mainchannel.error_text(frames)}"
     return None
-
-
-def _into(table: np.ndarray, pairs: np.ndarray) -> OnDone:
-    def on_done(_moved: int, _mask: np.ndarray, digests: bytes) -> None:
-        chunks, rows = trailer.job_digests(pairs, digests)
-        table[chunks] = rows
-    return on_done

@@ -80,7 +80,8 @@ class ChannelPool:
         self.channel_of: dict[bytes, int] = {}
         self.inflight: dict[int, tuple[bytes, OnDone | None]] = {}
         self.next_job = 0
-        self.synced: dict[bytes, int] = {}  # channel -> packet_num of the SYNC it waits at
+        # channel -> (packet_num of the SYNC it waits at, its round report)
+        self.synced: dict[bytes, tuple[int, messages.RoundReport]] = {}
         self.watched: dict[Any, Callable[[], None]] = {}
         self.tick: Callable[[], None] | None = None  # called every <= 100 ms while waiting
         self.next_tick = 0.0
@@ -174,19 +175,19 @@ class ChannelPool:
         while self.inflight:
             self._pump(None)
 
-    def recv_sync(self) -> int:
+    def recv_sync(self) -> list[messages.RoundReport]:
         """``multifd_recv_sync_main``: wait until every channel has reached its SYNC packet,
-        then release them all; returns the highest packet_num seen. No channel is released
+        then release them all; returns each channel's round report. No channel is released
         before all have arrived (invariant 2: no page of the next round can land while an
         older copy is still in flight on another channel)."""
         self._check()
         while len(self.synced) < len(self.channel_of):
             self._pump(None)
-        top = max(self.synced.values(), default=0)
+        reports = [report for _, report in self.synced.values()]
         for ident in self.synced:
             self._to(ident, [messages.RELEASE])
         self.synced.clear()
-        return top
+        return reports
 
     def wait(self, timeout_ms: int) -> None:
         """Wait up to ``timeout_ms`` for anything (channel messages, watched sources)."""
@@ -244,7 +245,8 @@ class ChannelPool:
         elif kind == messages.ERROR:
             text = frames[1].decode(errors="replace").strip().splitlines()
             ch = self.channel_of.get(ident, "?")
-            raise self._fail(BrokenPipeline(f"channel {ch} failed: {text[-1] if text else '?'}"))
+            raise self._fail(BrokenPipeline(f"channel {ch} failed: {text[-1] if text else '?'}",
+                                            link_lost=frames[2:3] == [b"link"]))
         else:
             raise self._fail(BrokenPipeline(f"unexpected message {kind[:16]!r} from a channel"))
 

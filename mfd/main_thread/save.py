@@ -31,13 +31,13 @@ import numpy as np
 
 from mfd import __version__
 from mfd.errors import MfdError
-from mfd.main_thread.pipeline import ChannelPool, OnDone
+from mfd.main_thread.digests import ChunkTable
+from mfd.main_thread.pipeline import ChannelPool
 from mfd.main_thread.precopy import Precopy, Progress
-from mfd.main_thread.scanner import chunk_jobs
 from mfd.main_thread.stats import MigrationStats
 from mfd.options import MigrationParameters, check_params
 from mfd.protocol import constants as C
-from mfd.protocol import devices, mapped_ram, messages, ram, stream, trailer
+from mfd.protocol import devices, mapped_ram, ram, stream, trailer
 from mfd.shm.control import GuestClient
 from mfd.shm.ramblock import RAMBlock
 from mfd.workers.file_channel import FileChannelConfig, channel_main
@@ -143,11 +143,7 @@ class FileSaver(Precopy):
                 else "paused")
             # chunk digests: hashed by the channel that writes a whole chunk, where RAM no
             # longer changes; any other chunk with pages in the file is hashed at completion
-            self.hashed = [np.zeros(trailer.num_chunks(b.num_pages), dtype=bool)
-                           for b in self.blocks]
-            self.chunk_table = [np.tile(np.frombuffer(trailer.EMPTY_DIGEST, dtype=np.uint8),
-                                        (trailer.num_chunks(b.num_pages), 1))
-                                for b in self.blocks]
+            self.chunks = ChunkTable(self.blocks)
             delays = self.options.channel_delays
             configs = [FileChannelConfig(
                 channel_id=i, endpoint="", parent_pid=0, path=self.path, saving=True,
@@ -173,12 +169,7 @@ class FileSaver(Precopy):
 
     def on_done(self, block: int, pages: np.ndarray, moved: int, nonzero: np.ndarray,
                 digest: bytes) -> None:
-        if digest:  # the job was one whole chunk, hashed by its channel
-            chunk = int(pages[0]) // trailer.CHUNK_PAGES
-            self.chunk_table[block][chunk] = np.frombuffer(digest, dtype=np.uint8)
-            self.hashed[block][chunk] = True
-        else:  # pages sent again (say, in the final round) make their chunks' digests stale
-            self.hashed[block][pages // trailer.CHUNK_PAGES] = False
+        self.chunks.job_done(block, pages, digest)
         fb = self.file_bmap[block]
         fb[pages[nonzero]] = True  # written: data is at its slot
         fb[pages[~nonzero]] = False  # zero: nothing written, the bit says "zero"
@@ -249,19 +240,7 @@ class FileSaver(Precopy):
         """Every block's chunk digests over the pages ``file_bmap`` says are in the file.
         Chunks no channel hashed while writing them are hashed now, by the channels (DIGEST
         jobs); chunks with no page in the file keep the digest of nothing."""
-        for i, (fb, hashed) in enumerate(zip(self.file_bmap, self.hashed, strict=True)):
-            todo = fb & np.repeat(~hashed, trailer.CHUNK_PAGES)[: len(fb)]
-            for pairs in chunk_jobs(todo):
-                self.pool.send(i, pairs, self._hashed(self.chunk_table[i], pairs),
-                               messages.DIGEST)
-        self.pool.sync()
-        return {b.idstr: trailer.BlockDigest(table.tobytes(), int(fb.sum()), int((~fb).sum()))
-                for b, fb, table in zip(self.blocks, self.file_bmap, self.chunk_table,
-                                        strict=True)}
-
-    @staticmethod
-    def _hashed(table: np.ndarray, pairs: np.ndarray) -> OnDone:
-        def on_done(_moved: int, _mask: np.ndarray, digests: bytes) -> None:
-            chunks, rows = trailer.job_digests(pairs, digests)
-            table[chunks] = rows
-        return on_done
+        self.chunks.complete(self.pool, lambda i, pages: pages & self.file_bmap[i])
+        tables = self.chunks.tables()
+        return {b.idstr: trailer.BlockDigest(tables[b.idstr], int(fb.sum()), int((~fb).sum()))
+                for b, fb in zip(self.blocks, self.file_bmap, strict=True)}

@@ -14,8 +14,10 @@ DONE       b"DONE", be64 job id + be64 bytes moved, u8 nonzero mask,     channel
            1 = written; restore JOB and DIGEST: 32 bytes per chunk)
 SYNC       b"SYNC", as JOB with no pages: put a SYNC packet on the       -> channel
            connection (socket send channels), answered with DONE
-SYNCED     b"SYNCED", be64 packet_num: reached a SYNC packet and waits   channel ->
-           (socket receive channels)
+SYNCED     b"SYNCED", be64 packet_num, then what the round did to chunk  channel ->
+           digests: u32 (block, chunk) pairs hashed + their digests, u32
+           (block, chunk) pairs touched otherwise: reached a SYNC packet
+           and waits (socket receive channels)
 RELEASE    b"RELEASE": every channel reached its SYNC, go on             -> channel
 ERROR      b"ERROR", text (a traceback)                                  channel ->
 STOP       b"STOP"                                                       -> channel
@@ -25,6 +27,7 @@ STOP       b"STOP"                                                       -> chan
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -80,11 +83,26 @@ def decode_ready(frames: list) -> int:
     return _READY.unpack(frames[1])[0]
 
 
-def encode_synced(packet_num: int) -> list[bytes]:
-    return [SYNCED, _SYNCED.pack(packet_num)]
+@dataclass(frozen=True)
+class RoundReport:
+    """A receive channel's chunk digests since its last SYNC: whole-chunk packets it hashed
+    as it placed them, and chunks it touched otherwise (their digests are now stale)."""
+
+    hashed: np.ndarray  # (n, 2) u32 block, chunk
+    digests: bytes  # 32 bytes per hashed chunk
+    touched: np.ndarray  # (m, 2) u32 block, chunk
 
 
-def decode_synced(frames: list) -> int:
-    if len(frames) != 2 or len(frames[1]) != _SYNCED.size:
+def encode_synced(packet_num: int, report: RoundReport) -> list[bytes]:
+    return [SYNCED, _SYNCED.pack(packet_num),
+            np.ascontiguousarray(report.hashed, dtype=np.uint32).data, report.digests,
+            np.ascontiguousarray(report.touched, dtype=np.uint32).data]
+
+
+def decode_synced(frames: list) -> tuple[int, RoundReport]:
+    if len(frames) != 5 or len(frames[1]) != _SYNCED.size or len(frames[2]) % 8 \
+            or len(frames[4]) % 8 or len(frames[3]) != len(frames[2]) // 8 * 32:
         raise ProtocolError("malformed SYNCED message")
-    return _SYNCED.unpack(frames[1])[0]
+    hashed = np.frombuffer(frames[2], dtype=np.uint32).reshape(-1, 2)
+    touched = np.frombuffer(frames[4], dtype=np.uint32).reshape(-1, 2)
+    return _SYNCED.unpack(frames[1])[0], RoundReport(hashed, bytes(frames[3]), touched)

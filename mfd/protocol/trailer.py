@@ -157,3 +157,20 @@ def _block_digest(doc: dict) -> BlockDigest:
         raise ValueError(f"chunk_pages {doc['chunk_pages']}, expected {CHUNK_PAGES}")
     return BlockDigest(bytes.fromhex(doc["chunks"]), int(doc["normal_pages"]),
                        int(doc["zero_pages"]))
+
+
+def whole_chunks(pages: np.ndarray, num_pages: int) -> tuple[np.ndarray, np.ndarray]:
+    """Which packets of a job (its pages cut into packets of CHUNK_PAGES) are each exactly
+    one whole chunk: (packet indices, their chunks). A channel hashes such a packet as it
+    sends or places it, and the main process knows which digests it gets back."""
+    n = len(pages)
+    starts = np.arange(0, n, CHUNK_PAGES)
+    if n == 0:
+        return starts, starts
+    lens = np.minimum(CHUNK_PAGES, n - starts)
+    firsts = pages[starts].astype(np.int64)
+    lasts = pages[starts + lens - 1].astype(np.int64)
+    chunks = firsts // CHUNK_PAGES
+    ok = ((firsts % CHUNK_PAGES == 0) & (lasts - firsts + 1 == lens)
+          & (lens == np.minimum(CHUNK_PAGES, num_pages - chunks * CHUNK_PAGES)))
+    return np.flatnonzero(ok), chunks[ok]

@@ -31,7 +31,7 @@ import zmq
 from mfd.protocol import messages
 from mfd.protocol.constants import TARGET_PAGE_SIZE
 from mfd.protocol.mapped_ram import page_runs
-from mfd.protocol.trailer import CHUNK_PAGES, chunk_digests
+from mfd.protocol.trailer import CHUNK_PAGES, chunk_digests, whole_chunks
 from mfd.shm.ramblock import MappedBlock, RAMBlock, attach, nonzero_pages
 from mfd.sysutil import set_parent_death_signal
 
@@ -129,8 +129,8 @@ class FileChannel:
         runs = page_runs(pages[nonzero])
         moved = self._io(block, runs, os.pwritev, "write")
         digest = b""
-        if (self.cfg.digest_chunks and len(pages) == CHUNK_PAGES
-                and pages[0] % CHUNK_PAGES == 0 and pages[-1] - pages[0] == CHUNK_PAGES - 1):
+        whole, _ = whole_chunks(pages, self.cfg.blocks[block].num_pages)
+        if self.cfg.digest_chunks and len(pages) <= CHUNK_PAGES and len(whole) == 1:
             digest = chunk_digests(self.blocks[block].view, runs, TARGET_PAGE_SIZE)
         if moved and not self.cfg.direct_io:
             # start writeback now, so the fdatasync at completion finds little left to do

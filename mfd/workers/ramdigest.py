@@ -13,9 +13,27 @@ from __future__ import annotations
 import blake3
 import numpy as np
 
-from mfd.protocol.constants import TARGET_PAGE_SIZE
-from mfd.protocol.mapped_ram import set_runs
-from mfd.shm.ramblock import MappedBlock, nonzero_pages
+from mfd.shm.ramblock import MappedBlock, nonzero_pages, nonzero_rows
+
+
+def content_digest(nonzero: np.ndarray, pages: np.ndarray) -> bytes:
+    """One chunk's digest: ``nonzero`` is a bool per page of the chunk, ``pages`` a (n, 512)
+    uint64 array holding exactly the chunk's nonzero pages, in order."""
+    h = blake3.blake3(np.packbits(nonzero).tobytes())
+    if len(pages):
+        h.update(memoryview(np.ascontiguousarray(pages)).cast("B"))
+    return h.digest()
+
+
+def packet_digest(nonzero: np.ndarray, data: np.ndarray) -> bytes:
+    """The digest of a whole-chunk packet from its data: ``nonzero`` says which pages of the
+    chunk are normal (the others were sent or received as zero pages), ``data`` holds the
+    normal pages. A normal page may still be all zero (it became zero after the sender's
+    check): zero-ness is judged on the data itself, as ``ram_digests`` judges RAM."""
+    content = nonzero.copy()
+    rows = nonzero_rows(data, slice(0, len(data))) if len(data) else np.zeros(0, dtype=bool)
+    content[np.flatnonzero(nonzero)] = rows
+    return content_digest(content, data if rows.all() else data[rows])
 
 
 def ram_digests(block: MappedBlock, pairs: np.ndarray) -> bytes:
@@ -23,12 +41,10 @@ def ram_digests(block: MappedBlock, pairs: np.ndarray) -> bytes:
     runs = pairs.reshape(-1, 2)
     lo, hi = int(runs[0, 0]), int(runs[-1, 1])
     nonzero = nonzero_pages(block, np.arange(lo, hi))
-    view = block.view
+    words = block.words
     out = bytearray()
     for start, end in runs.tolist():  # per chunk, never per page
         mask = nonzero[start - lo : end - lo]
-        h = blake3.blake3(np.packbits(mask).tobytes())
-        for a, b in (set_runs(mask) + start).tolist():
-            h.update(view[a * TARGET_PAGE_SIZE : b * TARGET_PAGE_SIZE])
-        out += h.digest()
+        data = words[start:end] if mask.all() else words[np.flatnonzero(mask) + start]
+        out += content_digest(mask, data)
     return bytes(out)

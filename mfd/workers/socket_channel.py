@@ -39,11 +39,12 @@ import zmq
 from mfd.errors import MfdError, ProtocolError
 from mfd.protocol import messages, multifd
 from mfd.protocol.constants import TARGET_PAGE_SIZE
+from mfd.protocol.trailer import CHUNK_PAGES, whole_chunks
 from mfd.shm.ramblock import WORDS_PER_PAGE, MappedBlock, RAMBlock, attach, nonzero_pages
 from mfd.workers import tcp
 from mfd.workers.file_channel import die_with_parent
 from mfd.workers.methods import get_method
-from mfd.workers.ramdigest import ram_digests
+from mfd.workers.ramdigest import packet_digest, ram_digests
 
 POLL_MS = 500
 
@@ -147,18 +148,23 @@ class SendChannel(_Channel):
 
     def send_pages(self, job_id: int, block: int, pages: np.ndarray) -> list:
         """A job of up to JOB_PACKETS packets, each ``multifd_send_prepare`` + write: zero
-        check, gather, compress, header and payload on the link."""
+        check, gather, compress, header and payload on the link. A packet that is one whole
+        chunk is hashed from the copy it sent (``mfd.main_thread.digests``)."""
         words = self.words[block]
         if self.cfg.zero_page_detection:
             nonzero = nonzero_pages(self.blocks[block], pages)
         else:
             nonzero = np.ones(len(pages), dtype=bool)
+        whole = set(whole_chunks(pages, self.cfg.blocks[block].num_pages)[0].tolist())
         moved = 0
+        digests = bytearray()
         for n, at in enumerate(range(0, len(pages), multifd.MULTIFD_PAGE_COUNT)):
             packet = pages[at : at + multifd.MULTIFD_PAGE_COUNT]
             mask = nonzero[at : at + multifd.MULTIFD_PAGE_COUNT]
             normal = packet[mask]
-            payload = self._payload(words, normal) if len(normal) else b""
+            data = self._copy(words, normal)
+            payload = self.compressor.prepare(memoryview(data).cast("B")) if len(normal) \
+                else b""
             header = multifd.encode_packet(
                 flags=self.flag, packet_num=job_id + n, ramblock=self.idstrs[block],
                 normal=normal.astype(np.uint64) * TARGET_PAGE_SIZE,
@@ -166,14 +172,19 @@ class SendChannel(_Channel):
                 next_packet_size=len(payload))
             self.send_peer([header, payload] if len(payload) else [header])
             moved += len(header) + len(payload)
-        return messages.encode_done(job_id, moved, nonzero)
+            if n in whole:
+                digests += packet_digest(mask, data)
+        return messages.encode_done(job_id, moved, nonzero, bytes(digests))
 
-    def _payload(self, words: np.ndarray, normal: np.ndarray) -> bytes | memoryview:
-        """The normal pages, copied out of guest memory once: what is compressed and sent is
-        this private copy (a slice copy when they are contiguous, as in a first round)."""
+    @staticmethod
+    def _copy(words: np.ndarray, normal: np.ndarray) -> np.ndarray:
+        """The normal pages, copied out of guest memory once: what is compressed, sent and
+        hashed is this private copy (a slice copy when they are contiguous, as in a first
+        round)."""
+        if len(normal) == 0:
+            return words[:0]
         lo, hi = int(normal[0]), int(normal[-1]) + 1
-        data = words[lo:hi].copy() if hi - lo == len(normal) else words[normal]
-        return self.compressor.prepare(memoryview(data).cast("B"))
+        return words[lo:hi].copy() if hi - lo == len(normal) else words[normal]
 
     def sync(self, job_id: int) -> list:
         """``multifd_send_sync_main`` (ALL) for this channel: a SYNC packet, no pages."""
@@ -212,6 +223,20 @@ class RecvChannel(_Channel):
         starts = np.cumsum([0] + [b.num_pages for b in cfg.blocks])
         self.received = [rmap[a:b] for a, b in itertools.pairwise(starts)]
         self.scratch = bytearray(multifd.MULTIFD_PAGE_COUNT * TARGET_PAGE_SIZE)
+        self._new_report()
+
+    def _new_report(self) -> None:
+        self.hashed: list[tuple[int, int]] = []
+        self.digest_rows = bytearray()
+        self.touched: list[np.ndarray] = []
+
+    def report(self) -> messages.RoundReport:
+        """What this round did to chunk digests (sent with SYNCED), then start afresh."""
+        touched = np.concatenate(self.touched) if self.touched else np.empty((0, 2), np.uint32)
+        out = messages.RoundReport(np.array(self.hashed, dtype=np.uint32).reshape(-1, 2),
+                                   bytes(self.digest_rows), touched)
+        self._new_report()
+        return out
 
     def start(self) -> None:
         tcp.bind(self.peer, self.cfg.peer, self.where())
@@ -284,6 +309,27 @@ class RecvChannel(_Channel):
             if len(again):
                 words[again] = 0
             received[zero] = 1
+        self._account(block, normal, zero)
+
+    def _account(self, block: int, normal: np.ndarray, zero: np.ndarray) -> None:
+        """A packet that is exactly one whole chunk is hashed now, from the RAM it just
+        wrote; any other packet makes the digests of the chunks it touched stale."""
+        pages = np.concatenate((normal, zero))
+        chunk = int(pages.min()) // CHUNK_PAGES
+        num_pages = self.cfg.blocks[block].num_pages
+        if int(pages.max()) // CHUNK_PAGES == chunk and \
+                len(pages) == min(CHUNK_PAGES, num_pages - chunk * CHUNK_PAGES):
+            first = chunk * CHUNK_PAGES
+            mask = np.zeros(len(pages), dtype=bool)
+            mask[normal - first] = True
+            nz = np.flatnonzero(mask) + first
+            words = self.words[block]
+            data = words[first : first + len(pages)] if mask.all() else words[nz]
+            self.hashed.append((block, chunk))
+            self.digest_rows += packet_digest(mask, data)
+        else:
+            chunks = np.unique(pages // CHUNK_PAGES).astype(np.uint32)
+            self.touched.append(np.stack((np.full_like(chunks, block), chunks), axis=1))
 
 
 def _loop(channel: SendChannel | RecvChannel, cfg: SocketChannelConfig) -> None:
@@ -318,7 +364,8 @@ def _loop(channel: SendChannel | RecvChannel, cfg: SocketChannelConfig) -> None:
         if isinstance(channel, RecvChannel) and channel.peer in ready and not waiting_release:
             synced = channel.from_peer()
             if synced is not None:
-                channel.main.send_multipart(messages.encode_synced(synced[0]))
+                channel.main.send_multipart(messages.encode_synced(synced[0],
+                                                                   channel.report()))
                 # wait at the SYNC: read nothing more from the link until RELEASE
                 waiting_release = True
                 channel.poller.unregister(channel.peer)
@@ -341,7 +388,8 @@ def channel_main(cfg: SocketChannelConfig, receive: bool) -> None:
     except Exception as e:
         text = str(e) if isinstance(e, MfdError) else traceback.format_exc()
         if channel is not None:
-            channel.main.send_multipart([messages.ERROR, text.encode()])
+            channel.main.send_multipart([messages.ERROR, text.encode(),
+                                         b"link" if isinstance(e, tcp.LinkLost) else b""])
         raise SystemExit(1) from None
     finally:
         if channel is not None:
