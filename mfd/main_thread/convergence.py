@@ -40,12 +40,15 @@ class BandwidthMeter:
 
 
 class RateLimiter:
-    """``max-bandwidth``: after a window's budget is spent, sleep to the window's end."""
+    """``max-bandwidth``: a budget of ``max-bandwidth / 10`` bytes per 100 ms window; over
+    it, wait for the window's end (``migration_rate_limit``). A job can be larger than a
+    window's budget (8 packets, 4 MiB), so what a window could not pay is carried into the
+    next ones, and the wait lasts until it is paid: the rate holds for any job size."""
 
     def __init__(self, max_bandwidth: int) -> None:
         self.budget = max_bandwidth * BUFFER_DELAY
         self.window_start = time.monotonic()
-        self.used = 0
+        self.used = 0.0
 
     def set_bandwidth(self, max_bandwidth: int) -> None:
         """A new ``max-bandwidth`` (``migrate-set-parameters``), from the next window on."""
@@ -56,11 +59,15 @@ class RateLimiter:
             return
         self.used += nbytes
         now = time.monotonic()
-        if now - self.window_start >= BUFFER_DELAY:
-            self.window_start, self.used = now, nbytes
-        elif self.used >= self.budget:
-            time.sleep(self.window_start + BUFFER_DELAY - now)
-            self.window_start, self.used = time.monotonic(), 0
+        passed = int((now - self.window_start) / BUFFER_DELAY)
+        if passed:  # whole windows went by: each paid its budget
+            self.window_start += passed * BUFFER_DELAY
+            self.used = max(0.0, self.used - passed * self.budget)
+        if self.used >= self.budget:
+            windows = int(self.used // self.budget)
+            time.sleep(max(0.0, self.window_start + windows * BUFFER_DELAY - now))
+            self.window_start += windows * BUFFER_DELAY
+            self.used -= windows * self.budget
 
     def disable(self) -> None:
         """At switchover QEMU lifts the limit."""

@@ -40,7 +40,14 @@ from mfd.errors import MfdError, ProtocolError
 from mfd.protocol import messages, multifd
 from mfd.protocol.constants import TARGET_PAGE_SIZE
 from mfd.protocol.trailer import CHUNK_PAGES, whole_chunks
-from mfd.shm.ramblock import WORDS_PER_PAGE, MappedBlock, RAMBlock, attach, nonzero_pages
+from mfd.shm.ramblock import (
+    WORDS_PER_PAGE,
+    MappedBlock,
+    RAMBlock,
+    attach,
+    data_runs,
+    nonzero_rows,
+)
 from mfd.workers import tcp
 from mfd.workers.file_channel import die_with_parent
 from mfd.workers.methods import get_method
@@ -108,7 +115,7 @@ class _Channel:
 
     def send_peer(self, frames: list) -> None:
         self.wait(self.peer, zmq.POLLOUT)
-        self.peer.send_multipart(frames, copy=False)
+        self.peer.send_multipart(frames)
 
     def digests(self, job_id: int, block: int, pairs: np.ndarray) -> list:
         """The RAM content digests of whole chunks (``mfd.workers.ramdigest``)."""
@@ -130,6 +137,10 @@ class SendChannel(_Channel):
         self.flag = method.flag
         self.compressor = method.send_setup(cfg.level)
         self.idstrs = [b.idstr for b in cfg.blocks]
+        # one packet's pages; reused, so the link copies the payload (copy=True): a
+        # zero-copy frame would pin the buffer until sent, and pyzmq's release of such frames
+        # (its garbage-collector thread) cost more than copying 512 KiB in cache
+        self.buffer = np.empty((multifd.MULTIFD_PAGE_COUNT, WORDS_PER_PAGE), dtype=np.uint64)
 
     def start(self) -> None:
         """Connect and send ``MultiFDInit_t`` (``multifd_send_initial_packet``)."""
@@ -147,22 +158,22 @@ class SendChannel(_Channel):
         return self.send_pages(job_id, block, pages)
 
     def send_pages(self, job_id: int, block: int, pages: np.ndarray) -> list:
-        """A job of up to JOB_PACKETS packets, each ``multifd_send_prepare`` + write: zero
-        check, gather, compress, header and payload on the link. A packet that is one whole
-        chunk is hashed from the copy it sent (``mfd.main_thread.digests``)."""
-        words = self.words[block]
-        if self.cfg.zero_page_detection:
-            nonzero = nonzero_pages(self.blocks[block], pages)
-        else:
-            nonzero = np.ones(len(pages), dtype=bool)
+        """A job of up to JOB_PACKETS packets, each ``multifd_send_prepare`` + write: copy
+        the pages out of guest memory, find the zero ones, compress, header and payload on
+        the link. A packet that is one whole chunk is hashed from the copy it sent
+        (``mfd.main_thread.digests``)."""
         whole = set(whole_chunks(pages, self.cfg.blocks[block].num_pages)[0].tolist())
         moved = 0
         digests = bytearray()
+        nonzero = np.ones(len(pages), dtype=bool)
         for n, at in enumerate(range(0, len(pages), multifd.MULTIFD_PAGE_COUNT)):
             packet = pages[at : at + multifd.MULTIFD_PAGE_COUNT]
-            mask = nonzero[at : at + multifd.MULTIFD_PAGE_COUNT]
+            copy = self._copy(block, packet)
+            if self.cfg.zero_page_detection:  # multifd: on the private copy, in cache
+                nonzero[at : at + len(packet)] = nonzero_rows(copy, slice(0, len(packet)))
+            mask = nonzero[at : at + len(packet)]
+            data = copy if mask.all() else copy[mask]
             normal = packet[mask]
-            data = self._copy(words, normal)
             payload = self.compressor.prepare(memoryview(data).cast("B")) if len(normal) \
                 else b""
             header = multifd.encode_packet(
@@ -176,15 +187,26 @@ class SendChannel(_Channel):
                 digests += packet_digest(mask, data)
         return messages.encode_done(job_id, moved, nonzero, bytes(digests))
 
-    @staticmethod
-    def _copy(words: np.ndarray, normal: np.ndarray) -> np.ndarray:
-        """The normal pages, copied out of guest memory once: what is compressed, sent and
-        hashed is this private copy (a slice copy when they are contiguous, as in a first
-        round)."""
-        if len(normal) == 0:
-            return words[:0]
-        lo, hi = int(normal[0]), int(normal[-1]) + 1
-        return words[lo:hi].copy() if hi - lo == len(normal) else words[normal]
+    def _copy(self, block: int, packet: np.ndarray) -> np.ndarray:
+        """The packet's pages, copied out of guest memory once, into this channel's buffer:
+        what is checked, compressed, sent and hashed is this private copy, one pass over
+        guest memory. Contiguous pages (a first round) are read only where the block's file
+        has data, mapped in bulk; holes are zero without touching them (a read would
+        allocate them). Scattered pages (dirty ones, never holes) are gathered."""
+        mapped = self.blocks[block]
+        out = self.buffer[: len(packet)]
+        lo, hi = int(packet[0]), int(packet[-1]) + 1
+        if hi - lo != len(packet):
+            np.take(mapped.words, packet, axis=0, out=out)
+            return out
+        at = lo
+        for start, end in data_runs(mapped.fd, lo, hi):
+            out[at - lo : start - lo] = 0
+            mapped.populate(start, end)
+            out[start - lo : end - lo] = mapped.words[start:end]
+            at = end
+        out[at - lo :] = 0
+        return out
 
     def sync(self, job_id: int) -> list:
         """``multifd_send_sync_main`` (ALL) for this channel: a SYNC packet, no pages."""
