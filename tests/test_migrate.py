@@ -314,11 +314,12 @@ NEVER_CONVERGES = ["--max-bandwidth", "8M", "--multifd-channels", "2"]
 class Running:
     """A migration that cannot converge (the guest outruns the rate limit), in flight."""
 
-    def __init__(self, guests, *migrate_args: str, relay: bool = False) -> None:
+    def __init__(self, guests, *migrate_args: str, relay: bool = False,
+                 incoming_args: tuple[str, ...] = ()) -> None:
         self.src, _ = guests.start("32M", "--dirty-rate", "40M", "--pattern", "random")
         self.before = shm_entries()
         self.port = free_ports(3)
-        self.inc = start_incoming(self.port, "--guest", f"{self.src}d")
+        self.inc = start_incoming(self.port, "--guest", f"{self.src}d", *incoming_args)
         guests.adopt(f"{self.src}d")
         wait_listening(self.port)
         target = self.port
@@ -391,7 +392,12 @@ def test_connection_cut(guests):
 
 def test_migrate_cancel_through_the_monitor(guests, tmp_path):
     path = f"/tmp/mfdmon-{os.getpid()}-{time.monotonic_ns()}.sock"
-    r = Running(guests, "--monitor", path)
+    dest = f"{path}.dest"
+    r = Running(guests, "--monitor", path, incoming_args=("--monitor", dest))
+    q = monitor_command(dest, "query-migrate")["return"]
+    assert q["status"] == "active"
+    assert monitor_command(dest, "query-migrate-parameters")["return"][
+        "multifd-channels"] == 2
     q = monitor_command(path, "query-migrate")["return"]
     assert q["status"] == "active" and q["ram"]["total"] == 32 << 20
     params = monitor_command(path, "query-migrate-parameters")["return"]
@@ -403,7 +409,7 @@ def test_migrate_cancel_through_the_monitor(guests, tmp_path):
     assert "return" in monitor_command(path, "migrate_cancel")
     r.source_fails("migration cancelled: cancelled by migrate_cancel")
     r.destination_fails()
-    assert not os.path.exists(path)
+    assert not os.path.exists(path) and not os.path.exists(dest)
 
 
 def test_ctrl_c(guests):
@@ -426,3 +432,15 @@ def test_no_destination():
                         "--image", "mem=/dev/null"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 1
     assert "image" in one_line(p.stderr) or "reach" in one_line(p.stderr)
+
+
+def test_demo_end_to_end():
+    """The README's main command, small: a live migration on this machine, verified."""
+    before = shm_entries()
+    p = subprocess.run([sys.executable, "-m", "mfd", "demo", "--ram", "64M", "--dirty-rate",
+                        "20M", "--json"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    out = orjson.loads(p.stdout)
+    assert out["ok"] and out["digests"] == out["destination_digests"]
+    assert out["migrate"]["status"] == "completed"
+    assert shm_entries() == before
