@@ -20,6 +20,7 @@ from mfd.main_thread import load as loader
 from mfd.main_thread.incoming import Incoming, IncomingOptions, IncomingResult
 from mfd.main_thread.migrate import MigrateOptions, Migration
 from mfd.main_thread.save import FileSaver, Progress, SaveOptions
+from mfd.main_thread.stats import MigrationStats
 from mfd.options import MigrationParameters
 from mfd.protocol.constants import TARGET_PAGE_SIZE
 from mfd.shm import control
@@ -28,8 +29,9 @@ from mfd.shm.workload import WorkloadState
 
 
 @dataclass(frozen=True)
-class SaveResult:
-    path: str
+class PrecopyResult:
+    """What a save or a migration did, with ``query-migrate``'s figures."""
+
     status: str
     total_time_ms: float
     downtime_ms: float | None
@@ -39,8 +41,28 @@ class SaveResult:
     normal_pages: int
     zero_pages: int
     cpu_throttle_percentage: int
-    digests: dict[str, str]
+    digests: dict[str, str]  # blake3 per block (file: of the trailer; migration: both ends)
     query_migrate: dict = field(repr=False)
+    round_log: list[dict] = field(repr=False, default_factory=list)
+
+    @staticmethod
+    def fields_of(stats: MigrationStats, digests: dict[str, str]) -> dict:
+        return {"status": stats.status, "total_time_ms": stats.total_time_ms,
+                "downtime_ms": stats.downtime_ms, "setup_time_ms": stats.setup_time * 1000,
+                "rounds": stats.dirty_sync_count, "transferred": stats.transferred,
+                "normal_pages": stats.normal, "zero_pages": stats.duplicate,
+                "cpu_throttle_percentage": stats.cpu_throttle_percentage, "digests": digests,
+                "query_migrate": stats.query_migrate(), "round_log": stats.rounds}
+
+
+@dataclass(frozen=True)
+class SaveResult(PrecopyResult):
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class MigrateResult(PrecopyResult):
+    uri: str = ""
 
 
 @dataclass(frozen=True)
@@ -93,10 +115,8 @@ def save(path: str, *, images: dict[str, str] | None = None, guest: str | None =
     finally:
         if client is not None:
             client.close()
-    return SaveResult(path, stats.status, stats.total_time_ms, stats.downtime_ms,
-                      stats.setup_time * 1000, stats.dirty_sync_count, stats.transferred,
-                      stats.normal, stats.duplicate, stats.cpu_throttle_percentage,
-                      {k: v.blake3 for k, v in saver.digests.items()}, stats.query_migrate())
+    return SaveResult(**PrecopyResult.fields_of(stats, {k: v.blake3 for k, v in
+                                                         saver.digests.items()}), path=path)
 
 
 def _fresh_file(path: str, size: int) -> None:
@@ -171,23 +191,6 @@ def _restore_images(opened: loader.OpenedFile, images: dict[str, str], channels:
                          result.verified)
 
 
-@dataclass(frozen=True)
-class MigrateResult:
-    uri: str
-    status: str
-    total_time_ms: float
-    downtime_ms: float | None
-    setup_time_ms: float
-    rounds: int
-    transferred: int
-    normal_pages: int
-    zero_pages: int
-    cpu_throttle_percentage: int
-    digests: dict[str, str]  # blake3 per block at switchover, equal on both ends
-    query_migrate: dict = field(repr=False)
-    round_log: list[dict] = field(repr=False, default_factory=list)
-
-
 def _monitored(path: str | None, handlers, run):
     if path is None:
         return run()
@@ -222,11 +225,8 @@ def migrate(uri: str, *, images: dict[str, str] | None = None, guest: str | None
     finally:
         if client is not None:
             client.close()
-    st = mig.stats
-    return MigrateResult(uri, st.status, st.total_time_ms, st.downtime_ms,
-                         st.setup_time * 1000, st.dirty_sync_count, st.transferred, st.normal,
-                         st.duplicate, st.cpu_throttle_percentage, mig.digests,
-                         mig.query_migrate(), st.rounds)
+    fields = PrecopyResult.fields_of(mig.stats, mig.digests)
+    return MigrateResult(**fields | {"query_migrate": mig.query_migrate()}, uri=uri)
 
 
 def incoming(listen: str, *, images: dict[str, str] | None = None, guest: str | None = None,

@@ -11,6 +11,7 @@ import contextlib
 import os
 import re
 import sys
+from collections.abc import Iterator
 
 import orjson
 
@@ -276,23 +277,29 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _outcome(what: str) -> Iterator[None]:
+    """A migration's error line says whether it failed or was cancelled, then why."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except Cancelled as e:
+        raise MfdError(f"{what} cancelled: {e}") from None
+    except MfdError as e:
+        raise MfdError(f"{what} failed: {e}") from None
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     opts = MigrateOptions(machine=args.machine,
                           flush_after_each_section=args.multifd_flush_after_each_section,
                           timeout=args.timeout)
     view = None if args.json else LiveView(f"migrate to {args.uri}")
-    try:
-        with view or contextlib.nullcontext():
-            res = api.migrate(args.uri, images=dict(args.image) if args.image else None,
-                              guest=args.guest, params=_params(args), options=opts,
-                              progress=view.update if view is not None else None,
-                              monitor=args.monitor)
-    except Cancelled as e:
-        raise MfdError(f"migration cancelled: {e}") from None
-    except MfdError as e:
-        if isinstance(e, UsageError):
-            raise
-        raise MfdError(f"migration failed: {e}") from None
+    with _outcome("migration"), view or contextlib.nullcontext():
+        res = api.migrate(args.uri, images=dict(args.image) if args.image else None,
+                          guest=args.guest, params=_params(args), options=opts,
+                          progress=view.update if view is not None else None,
+                          monitor=args.monitor)
     if args.json:
         print(orjson.dumps(res.query_migrate | {"digests": res.digests}).decode())
         return 0
@@ -307,15 +314,9 @@ def cmd_incoming(args: argparse.Namespace) -> int:
     delays = tuple(float(x) for x in args.x_channel_delay.split(",") if x)
     opts = IncomingOptions(timeout=args.timeout, channel_delays=delays,
                            skip_sync=args.x_skip_sync)
-    try:
+    with _outcome("incoming migration"):
         res = api.incoming(args.listen, images=dict(args.image) if args.image else None,
                            guest=args.guest, options=opts, monitor=args.monitor)
-    except Cancelled as e:
-        raise MfdError(f"incoming migration cancelled: {e}") from None
-    except MfdError as e:
-        if isinstance(e, UsageError):
-            raise
-        raise MfdError(f"incoming migration failed: {e}") from None
     if args.json:
         print(orjson.dumps(vars(res)).decode())
         return 0

@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 
-from mfd.errors import BrokenPipeline, MfdError, ProtocolError
+from mfd.errors import MfdError, ProtocolError
 from mfd.main_thread.digests import ChunkTable
-from mfd.main_thread.migrate import GRACE_MS, LINGER_MS, Cancelled, peer_error
+from mfd.main_thread.migrate import GRACE_MS, LINGER_MS, Cancelled, failure
 from mfd.main_thread.pipeline import ChannelPool
 from mfd.protocol import livestream, mainchannel, trailer
 from mfd.protocol.constants import TARGET_PAGE_SIZE
@@ -43,8 +43,6 @@ from mfd.shm import control
 from mfd.shm.ramblock import SHM_DIR, MappedBlock, PendingRAM, RAMBlock, attach, shm_path
 from mfd.workers import tcp
 from mfd.workers.socket_channel import SocketChannelConfig, recv_main
-
-SETUP_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True)
@@ -173,13 +171,7 @@ class Incoming:
             self.status = "completed"
             return result
         except BaseException as e:
-            self.status = "cancelled" if isinstance(e, Cancelled | KeyboardInterrupt) \
-                else "failed"
-            self.error = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
-            lost = isinstance(e, BrokenPipeline) and e.link_lost
-            why = peer_error(self.main, "source") if lost else None
-            if why is not None:  # a channel lost its link because the source gave up
-                self.error = why
+            self.status, self.error, why = failure(e, self.main, "source")
             if self.source is not None:
                 with contextlib.suppress(Exception):
                     self._send(mainchannel.encode_error(

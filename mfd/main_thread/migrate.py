@@ -198,18 +198,14 @@ class Migration(Precopy):
                 self._complete()
             completed = True
         except BaseException as e:
-            self.stats.status = "cancelled" if isinstance(e, Cancelled | KeyboardInterrupt) \
-                else "failed"
-            self.error = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
-            lost = isinstance(e, BrokenPipeline) and e.link_lost
-            why = peer_error(self.main, "destination") if lost else None
-            if why is not None:  # a channel lost its link because the destination gave up
-                self.error = why
-                raise MfdError(why) from e
+            self.stats.status, self.error, why = failure(e, getattr(self, "main", None),
+                                                         "destination")
             with contextlib.suppress(Exception):
                 self.main.send_multipart(mainchannel.encode_error(
                     f"the source {self.stats.status}: {self.error}"), zmq.NOBLOCK)
             self.resume_guest()
+            if why is not None:
+                raise MfdError(why) from e
             raise
         finally:
             self.release()
@@ -351,6 +347,15 @@ class Migration(Precopy):
 
     def migrate_cancel(self) -> None:
         self.cancel_requested = "cancelled by migrate_cancel"
+
+
+def failure(e: BaseException, sock: zmq.Socket | None, peer: str) -> tuple[str, str, str | None]:
+    """How a migration ended on error: its status, the reason, and the other end's own
+    reason when a channel lost its link because that end gave up (it says why better)."""
+    status = "cancelled" if isinstance(e, Cancelled | KeyboardInterrupt) else "failed"
+    why = peer_error(sock, peer) if sock is not None and isinstance(e, BrokenPipeline) \
+        and e.link_lost else None
+    return status, why or ("interrupted" if isinstance(e, KeyboardInterrupt) else str(e)), why
 
 
 def peer_error(sock: zmq.Socket, peer: str) -> str | None:

@@ -124,18 +124,7 @@ class LiveStreamDecoder:
             if cmd.cmd != C.MIG_CMD_SWITCHOVER_START:
                 raise r.error(f"command {cmd.name} is not supported by mfd", at=at)
             return
-        if kind not in C.SECTION_NAMES:
-            raise r.error(f"unexpected byte {kind:#04x} where a section, command or EOF was "
-                          "expected", at=at)
-        hdr = stream.decode_section_header(r)
-        if hdr.type in (C.QEMU_VM_SECTION_START, C.QEMU_VM_SECTION_FULL):
-            if hdr.section_id in self.section_names:
-                raise r.error(f"section id {hdr.section_id} used twice", at=at)
-            self.section_names[hdr.section_id] = hdr.idstr or ""
-        name = self.section_names.get(hdr.section_id)
-        if name is None:
-            raise r.error(f"{hdr.type_name} for section id {hdr.section_id} that was never "
-                          "started", at=at)
+        hdr, name = stream.decode_named_section(r, self.section_names)
         if name == C.RAM_SECTION_IDSTR:
             self._ram_section(r, hdr, at, events)
             return
@@ -148,21 +137,13 @@ class LiveStreamDecoder:
 
     def _ram_section(self, r: Reader, hdr: stream.SectionHeader, at: int,
                      events: list[Event]) -> None:
+        stream.check_ram_section(r, hdr, at, self.ram_section_id is not None,
+                                 self.ram_complete)
         if hdr.type == C.QEMU_VM_SECTION_START:
-            if self.ram_section_id is not None:
-                raise r.error("second RAM section START", at=at)
-            if hdr.version_id != C.RAM_SECTION_VERSION or hdr.instance_id != 0:
-                raise r.error(f"RAM section instance {hdr.instance_id} version "
-                              f"{hdr.version_id}, expected instance 0 version "
-                              f"{C.RAM_SECTION_VERSION}", at=at)
             self.ram_section_id = hdr.section_id
             _, blocks = ram.decode_block_list(r)
             self.sizes = {idstr: size for idstr, size, _ in blocks}
             events.append(Blocks([(idstr, size) for idstr, size, _ in blocks]))
-        elif hdr.type == C.QEMU_VM_SECTION_FULL:
-            raise r.error("RAM saved as a FULL section", at=at)
-        elif self.ram_complete:
-            raise r.error(f"RAM {hdr.type_name} after the RAM section's END", at=at)
         self.in_ram = hdr
 
     def _records(self, r: Reader, events: list[Event]) -> None:

@@ -129,19 +129,8 @@ class _Walker:
             if kind == C.QEMU_VM_COMMAND:
                 mf.commands.append((r.base + at, stream.decode_command(r)))
                 continue
-            if kind not in C.SECTION_NAMES:
-                raise r.error(f"unexpected byte {kind:#04x} where a section, command or EOF "
-                              "was expected", at=at)
-            hdr = stream.decode_section_header(r)
+            hdr, name = stream.decode_named_section(r, self.section_names)
             mf.sections.append(hdr)
-            if hdr.type in (C.QEMU_VM_SECTION_START, C.QEMU_VM_SECTION_FULL):
-                if hdr.section_id in self.section_names:
-                    raise r.error(f"section id {hdr.section_id} used twice", at=at)
-                self.section_names[hdr.section_id] = hdr.idstr or ""
-            name = self.section_names.get(hdr.section_id)
-            if name is None:
-                raise r.error(f"{hdr.type_name} for section id {hdr.section_id} that was never "
-                              "started", at=at)
             if name == C.RAM_SECTION_IDSTR:
                 self.ram_section(hdr, at)
             elif hdr.type == C.QEMU_VM_SECTION_FULL:
@@ -153,19 +142,10 @@ class _Walker:
 
     def ram_section(self, hdr: stream.SectionHeader, at: int) -> None:
         r, mf = self.r, self.mf
+        stream.check_ram_section(r, hdr, at, self.ram_section_id is not None, mf.ram_complete)
         if hdr.type == C.QEMU_VM_SECTION_START:
-            if self.ram_section_id is not None:
-                raise r.error("second RAM section START", at=at)
-            if hdr.version_id != C.RAM_SECTION_VERSION or hdr.instance_id != 0:
-                raise r.error(f"RAM section instance {hdr.instance_id} version "
-                              f"{hdr.version_id}, expected instance 0 version "
-                              f"{C.RAM_SECTION_VERSION}", at=at)
             self.ram_section_id = hdr.section_id
             self.block_list()
-        elif hdr.type == C.QEMU_VM_SECTION_FULL:
-            raise r.error("RAM saved as a FULL section", at=at)
-        elif mf.ram_complete:
-            raise r.error(f"RAM {hdr.type_name} after the RAM section's END", at=at)
         else:
             self.count(hdr.type_name)
         self.records()

@@ -194,6 +194,42 @@ def decode_section_header(r: Reader) -> SectionHeader:
     raise r.error(f"section type {kind:#04x} is not START/PART/END/FULL", at=at)
 
 
+def decode_named_section(r: Reader, names: dict[int, str]) -> tuple[SectionHeader, str]:
+    """The next section header and the idstr it belongs to: START/FULL register their id in
+    ``names``, PART/END must name a started one (``qemu_loadvm_state_main``)."""
+    at = r.pos
+    kind = r.peek_u8("next section type")
+    if kind not in C.SECTION_NAMES:
+        raise r.error(f"unexpected byte {kind:#04x} where a section, command or EOF was "
+                      "expected", at=at)
+    hdr = decode_section_header(r)
+    if hdr.type in (C.QEMU_VM_SECTION_START, C.QEMU_VM_SECTION_FULL):
+        if hdr.section_id in names:
+            raise r.error(f"section id {hdr.section_id} used twice", at=at)
+        names[hdr.section_id] = hdr.idstr or ""
+    name = names.get(hdr.section_id)
+    if name is None:
+        raise r.error(f"{hdr.type_name} for section id {hdr.section_id} that was never "
+                      "started", at=at)
+    return hdr, name
+
+
+def check_ram_section(r: Reader, hdr: SectionHeader, at: int, started: bool,
+                      complete: bool) -> None:
+    """A RAM section header in its place: one START (instance 0, version 4), never FULL,
+    nothing after END."""
+    if hdr.type == C.QEMU_VM_SECTION_START:
+        if started:
+            raise r.error("second RAM section START", at=at)
+        if hdr.version_id != C.RAM_SECTION_VERSION or hdr.instance_id != 0:
+            raise r.error(f"RAM section instance {hdr.instance_id} version {hdr.version_id}, "
+                          f"expected instance 0 version {C.RAM_SECTION_VERSION}", at=at)
+    elif hdr.type == C.QEMU_VM_SECTION_FULL:
+        raise r.error("RAM saved as a FULL section", at=at)
+    elif complete:
+        raise r.error(f"RAM {hdr.type_name} after the RAM section's END", at=at)
+
+
 def decode_footer(r: Reader, section_id: int, idstr: str) -> None:
     at = r.pos
     kind = r.u8(f"footer of section {idstr!r}")
