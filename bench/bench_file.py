@@ -61,13 +61,12 @@ from common import (
     log,
     make_image,
     one_line,
-    parse_channels,
-    parse_size,
     qemu_info,
     rows_of,
     run_interleaved,
     run_notes,
     sh,
+    standard_args,
     stats_table,
     unlink,
     write_json,
@@ -505,11 +504,7 @@ NOTES = [
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--size", type=parse_size, default=parse_size("2G"),
-                    help="RAM image size (default 2G)")
-    ap.add_argument("--repeat", type=int, default=3, help="counted runs per config (default 3)")
-    ap.add_argument("--channels", type=parse_channels, default=[1, 2, 4],
-                    help="mfd channel counts (default 1,2,4)")
+    standard_args(ap, "mfd channel counts (default 1,2,4)")
     ap.add_argument("--dir", default=None,
                     help="parent of the work directory (default /var/tmp); a fresh "
                          "subdirectory is created there and removed at the end")

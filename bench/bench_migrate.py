@@ -73,12 +73,11 @@ from common import (
     log,
     make_image,
     one_line,
-    parse_channels,
-    parse_size,
     qemu_info,
     rows_of,
     run_interleaved,
     run_notes,
+    standard_args,
     stats_table,
     unlink,
     write_json,
@@ -243,6 +242,28 @@ class Incoming:
                 raise self.error(f"did not listen on port {self.port} within "
                                  f"{LISTEN_TIMEOUT:g} s")
             time.sleep(0.005)
+
+    def timed_migrate(self, uri: str, **kwargs: Any) -> tuple[Any, float, dict[str, Any], float]:
+        """:func:`mfd.api.migrate` to this destination, timed, under a watchdog that kills the
+        destination (so the source fails) when it hangs; returns (result, seconds, the
+        destination's JSON, seconds until the destination exited)."""
+        from mfd import api
+
+        watchdog = threading.Timer(MIGRATE_TIMEOUT, self.kill)
+        watchdog.start()
+        try:
+            t0 = time.perf_counter()
+            try:
+                r = api.migrate(uri, **kwargs)
+            except Exception as e:
+                raise self.explain(e) from e
+            dt = time.perf_counter() - t0
+            if r.status != "completed":
+                raise RuntimeError(f"mfd.api.migrate returned status {r.status!r}")
+            dest = self.finish()
+            return r, dt, dest, time.perf_counter() - t0
+        finally:
+            watchdog.cancel()
 
     def finish(self) -> dict[str, Any]:
         """Wait for the exit; return its JSON line; raise on failure."""
@@ -441,7 +462,6 @@ class Bench:
     # ------------------------------------------------------------------ A: mfd
 
     def mfd_stopped(self, channels: int, comp: str) -> dict[str, Any]:
-        from mfd import api
         from mfd.options import MigrationParameters
 
         src = self.source_ram()
@@ -452,25 +472,12 @@ class Bench:
         params = MigrationParameters(multifd_channels=channels, multifd_compression=comp,
                                      multifd_zstd_level=ZSTD_LEVEL)
         inc = Incoming(self, ["--listen", uri, "--image", f"mem={dst}", "--json"], port)
-        watchdog = threading.Timer(MIGRATE_TIMEOUT, inc.kill)
         try:
             inc.wait_listening()
-            watchdog.start()
-            t0 = time.perf_counter()
-            try:
-                r = api.migrate(uri, images={"mem": src}, params=params)
-            except Exception as e:
-                raise inc.explain(e) from e
-            dt = time.perf_counter() - t0
-            if r.status != "completed":
-                raise RuntimeError(f"mfd.api.migrate returned status {r.status!r}")
-            dest = inc.finish()
-            dest_s = time.perf_counter() - t0
-            watchdog.cancel()
+            r, dt, dest, dest_s = inc.timed_migrate(uri, images={"mem": src}, params=params)
             unlink(src)
             check_same(dst, self.size, self.img_digest, self.img, "destination RAM")
         finally:
-            watchdog.cancel()
             inc.stop()
             unlink(src)
             unlink(dst)
@@ -574,7 +581,6 @@ class Bench:
     # ------------------------------------------------------------------ C: live
 
     def live(self, rate: int) -> dict[str, Any]:
-        from mfd import api
         from mfd.options import MigrationParameters
 
         for name in (GUEST_SRC, GUEST_DST):
@@ -587,7 +593,6 @@ class Bench:
         dst_token = self.cleanup.add(f"quit guest {GUEST_DST}",
                                      lambda: release_guest(GUEST_DST, keep))
         inc: Incoming | None = None
-        watchdog: threading.Timer | None = None
         try:
             p = guest_cmd("--name", GUEST_SRC, "--ram", str(self.size), "--dirty-rate",
                           str(rate), "--pattern", "random", "--daemonize")
@@ -598,27 +603,13 @@ class Bench:
             port = free_ports(LIVE_CHANNELS + 1)
             uri = f"tcp://127.0.0.1:{port}"
             inc = Incoming(self, ["--listen", uri, "--guest", GUEST_DST, "--json"], port)
-            watchdog = threading.Timer(MIGRATE_TIMEOUT, inc.kill)
             inc.wait_listening()
             time.sleep(LIVE_SETTLE)
             before = guest_query(GUEST_SRC)
-            watchdog.start()
-            t0 = time.perf_counter()
-            try:
-                r = api.migrate(uri, guest=GUEST_SRC,
-                                params=MigrationParameters(multifd_channels=LIVE_CHANNELS))
-            except Exception as e:
-                raise inc.explain(e) from e
-            dt = time.perf_counter() - t0
-            if r.status != "completed":
-                raise RuntimeError(f"mfd.api.migrate returned status {r.status!r}")
-            dest = inc.finish()
-            dest_s = time.perf_counter() - t0
-            watchdog.cancel()
+            r, dt, dest, dest_s = inc.timed_migrate(
+                uri, guest=GUEST_SRC, params=MigrationParameters(multifd_channels=LIVE_CHANNELS))
             verified = self.verify_live(r, dest)
         finally:
-            if watchdog is not None:
-                watchdog.cancel()
             if inc is not None:
                 inc.stop()
             self.cleanup.done(dst_token)
@@ -860,11 +851,7 @@ NOTES = [
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--size", type=parse_size, default=parse_size("2G"),
-                    help="RAM image size (default 2G)")
-    ap.add_argument("--repeat", type=int, default=3, help="counted runs per config (default 3)")
-    ap.add_argument("--channels", type=parse_channels, default=[1, 2, 4],
-                    help="multifd channel counts (default 1,2,4)")
+    standard_args(ap, "multifd channel counts (default 1,2,4)")
     ap.add_argument("--compression", type=parse_compression, default=["none", "zstd"],
                     help="multifd compressions (default none,zstd; zstd at level 1)")
     ap.add_argument("--out", default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")

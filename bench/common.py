@@ -531,3 +531,11 @@ def write_json(path: str, result: dict[str, Any]) -> str:
         json.dump(result, f, indent=1, default=str)
     log(f"wrote {out}")
     return out
+
+
+def standard_args(ap: argparse.ArgumentParser, channels_help: str) -> None:
+    """What both benchmarks take: the image size, counted runs, channel counts."""
+    ap.add_argument("--size", type=parse_size, default=parse_size("2G"),
+                    help="RAM image size (default 2G)")
+    ap.add_argument("--repeat", type=int, default=3, help="counted runs per config (default 3)")
+    ap.add_argument("--channels", type=parse_channels, default=[1, 2, 4], help=channels_help)

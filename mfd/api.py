@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from mfd.describe import describe
@@ -93,28 +94,31 @@ def guest_blocks(status: dict) -> list[RAMBlock]:
     return [RAMBlock(b["idstr"], int(b["used_length"]), b["path"]) for b in status["blocks"]]
 
 
+@contextlib.contextmanager
+def _source(what: str, images: dict[str, str] | None, guest: str | None
+            ) -> Iterator[tuple[list[RAMBlock], control.GuestClient | None]]:
+    """The RAM a save or migration reads: raw images, or a running guest's blocks (and a
+    client to drive the guest, closed at the end)."""
+    if (images is None) == (guest is None):
+        raise MfdError(f"{what} needs either images or a guest")
+    if images is not None:
+        yield image_blocks(images), None
+        return
+    assert guest is not None
+    with control.GuestClient(guest) as client:
+        yield guest_blocks(client.query()), client
+
+
 def save(path: str, *, images: dict[str, str] | None = None, guest: str | None = None,
          params: MigrationParameters | None = None, machine: str = "none", offset: int = 0,
          stop_first: bool = False, progress: Progress | None = None,
          options: SaveOptions | None = None) -> SaveResult:
     """Save raw images or a running guest's RAM to ``path`` in QEMU's mapped-ram format."""
-    if (images is None) == (guest is None):
-        raise MfdError("save needs either images or a guest")
     params = params or MigrationParameters()
     opts = options or SaveOptions(machine=machine, offset=offset, stop_first=stop_first)
-    client = None
-    try:
-        if guest is not None:
-            client = control.GuestClient(guest)
-            blocks = guest_blocks(client.query())
-        else:
-            assert images is not None
-            blocks = image_blocks(images)
+    with _source("save", images, guest) as (blocks, client):
         saver = FileSaver(path, blocks, params, opts, client, progress)
         stats = saver.run()
-    finally:
-        if client is not None:
-            client.close()
     return SaveResult(**PrecopyResult.fields_of(stats, {k: v.blake3 for k, v in
                                                          saver.digests.items()}), path=path)
 
@@ -209,22 +213,10 @@ def migrate(uri: str, *, images: dict[str, str] | None = None, guest: str | None
     """Live-migrate a running guest (or raw images) to ``mfd incoming`` at ``uri``
     (``tcp://HOST:PORT``). On success the guest runs on the destination and is gone here;
     on failure or cancel it keeps running here and :class:`MfdError` says why."""
-    if (images is None) == (guest is None):
-        raise MfdError("migrate needs either images or a guest")
     params = params or MigrationParameters()
-    client = None
-    try:
-        if guest is not None:
-            client = control.GuestClient(guest)
-            blocks = guest_blocks(client.query())
-        else:
-            assert images is not None
-            blocks = image_blocks(images)
+    with _source("migrate", images, guest) as (blocks, client):
         mig = Migration(uri, blocks, params, options or MigrateOptions(), client, progress)
         _monitored(monitor, mig, mig.run)
-    finally:
-        if client is not None:
-            client.close()
     fields = PrecopyResult.fields_of(mig.stats, mig.digests)
     return MigrateResult(**fields | {"query_migrate": mig.query_migrate()}, uri=uri)
 
