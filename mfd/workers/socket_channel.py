@@ -244,7 +244,7 @@ class RecvChannel(_Channel):
         rmap = np.frombuffer(self.rmap_mm, dtype=np.uint8)
         starts = np.cumsum([0] + [b.num_pages for b in cfg.blocks])
         self.received = [rmap[a:b] for a, b in itertools.pairwise(starts)]
-        self.scratch = bytearray(multifd.MULTIFD_PAGE_COUNT * TARGET_PAGE_SIZE)
+        self.buffer = np.empty((multifd.MULTIFD_PAGE_COUNT, WORDS_PER_PAGE), dtype=np.uint64)
         self._new_report()
 
     def _new_report(self) -> None:
@@ -306,47 +306,52 @@ class RecvChannel(_Channel):
         return None
 
     def place(self, pkt: multifd.MultiFDPacket, payload) -> None:
-        """``multifd_nocomp_recv`` / the compressed recv methods, then the zero pages."""
+        """``multifd_nocomp_recv`` / the compressed recv methods, then the zero pages.
+
+        The payload is decompressed (or, uncompressed, checked and copied) into this
+        channel's buffer, in cache, then written to the block's file: one ``pwrite`` for
+        contiguous pages (a first round), which lets tmpfs allocate the pages without a page
+        fault each (a 1 GiB receive: 1.46 -> 1.01 s of system time), or a scatter through
+        the mapping for pages here and there."""
         block = self.index[pkt.ramblock]
-        words = self.words[block]
+        mapped = self.blocks[block]
         received = self.received[block]
         normal = (pkt.normal // TARGET_PAGE_SIZE).astype(np.intp)
         zero = (pkt.zero // TARGET_PAGE_SIZE).astype(np.intp)
+        data = self.buffer[: len(normal)]
         if len(normal):
+            self.decompressor.recv(payload, memoryview(data).cast("B"))
             lo, hi = int(normal[0]), int(normal[-1]) + 1
-            if hi - lo == len(normal):  # contiguous (a first round): straight into RAM
-                self.decompressor.recv(payload, self.blocks[block].view[
-                    lo * TARGET_PAGE_SIZE : hi * TARGET_PAGE_SIZE])
+            if hi - lo == len(normal):
+                n = os.pwrite(mapped.fd, data, lo * TARGET_PAGE_SIZE)
+                if n != data.nbytes:
+                    raise OSError(f"short write to RAM: {n} of {data.nbytes} bytes")
                 received[lo:hi] = 1
             else:
-                out = memoryview(self.scratch)[: len(normal) * TARGET_PAGE_SIZE]
-                self.decompressor.recv(payload, out)
-                words[normal] = np.frombuffer(out, dtype=np.uint64).reshape(-1,
-                                                                          WORDS_PER_PAGE)
+                self.words[block][normal] = data
                 received[normal] = 1
         if len(zero):
             # QEMU's rule: memset only a page received before; a page never received is
             # still zero (destination RAM starts zeroed) and stays untouched (unallocated)
             again = zero[received[zero] != 0]
             if len(again):
-                words[again] = 0
+                self.words[block][again] = 0
             received[zero] = 1
-        self._account(block, normal, zero)
+        self._account(block, normal, zero, data)
 
-    def _account(self, block: int, normal: np.ndarray, zero: np.ndarray) -> None:
-        """A packet that is exactly one whole chunk is hashed now, from the RAM it just
+    def _account(self, block: int, normal: np.ndarray, zero: np.ndarray,
+                 data: np.ndarray) -> None:
+        """A packet that is exactly one whole chunk is hashed now, from the data it just
         wrote; any other packet makes the digests of the chunks it touched stale."""
         pages = np.concatenate((normal, zero))
         chunk = int(pages.min()) // CHUNK_PAGES
         num_pages = self.cfg.blocks[block].num_pages
         if int(pages.max()) // CHUNK_PAGES == chunk and \
                 len(pages) == min(CHUNK_PAGES, num_pages - chunk * CHUNK_PAGES):
-            first = chunk * CHUNK_PAGES
             mask = np.zeros(len(pages), dtype=bool)
-            mask[normal - first] = True
-            nz = np.flatnonzero(mask) + first
-            words = self.words[block]
-            data = words[first : first + len(pages)] if mask.all() else words[nz]
+            mask[normal - chunk * CHUNK_PAGES] = True
+            if not np.all(normal[1:] > normal[:-1]):  # not in page order: hash as in RAM
+                data = self.words[block][np.flatnonzero(mask) + chunk * CHUNK_PAGES]
             self.hashed.append((block, chunk))
             self.digest_rows += packet_digest(mask, data)
         else:
