@@ -25,11 +25,14 @@ def content_digest(nonzero: np.ndarray, pages: np.ndarray) -> bytes:
     return h.digest()
 
 
-def packet_digest(nonzero: np.ndarray, data: np.ndarray) -> bytes:
+def packet_digest(nonzero: np.ndarray, data: np.ndarray, checked: bool = False) -> bytes:
     """The digest of a whole-chunk packet from its data: ``nonzero`` says which pages of the
     chunk are normal (the others were sent or received as zero pages), ``data`` holds the
-    normal pages. A normal page may still be all zero (it became zero after the sender's
-    check): zero-ness is judged on the data itself, as ``ram_digests`` judges RAM."""
+    normal pages. A normal page may still be all zero (a sender without zero-page detection
+    sends those): zero-ness is judged on the data itself, as ``ram_digests`` judges RAM,
+    unless the caller ``checked`` this very data already."""
+    if checked:
+        return content_digest(nonzero, data)
     content = nonzero.copy()
     rows = nonzero_rows(data, slice(0, len(data))) if len(data) else np.zeros(0, dtype=bool)
     content[np.flatnonzero(nonzero)] = rows

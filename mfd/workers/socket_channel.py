@@ -168,11 +168,13 @@ class SendChannel(_Channel):
         nonzero = np.ones(len(pages), dtype=bool)
         for n, at in enumerate(range(0, len(pages), multifd.MULTIFD_PAGE_COUNT)):
             packet = pages[at : at + multifd.MULTIFD_PAGE_COUNT]
-            copy = self._copy(block, packet)
-            if self.cfg.zero_page_detection:  # multifd: on the private copy, in cache
-                nonzero[at : at + len(packet)] = nonzero_rows(copy, slice(0, len(packet)))
             mask = nonzero[at : at + len(packet)]
-            data = copy if mask.all() else copy[mask]
+            data = self._copy(block, packet, mask)
+            if self.cfg.zero_page_detection:  # multifd: on the private copy, in cache
+                rows = nonzero_rows(data, slice(0, len(data)))
+                if not rows.all():
+                    mask[np.flatnonzero(mask)[~rows]] = False
+                    data = data[rows]
             normal = packet[mask]
             payload = self.compressor.prepare(memoryview(data).cast("B")) if len(normal) \
                 else b""
@@ -184,29 +186,35 @@ class SendChannel(_Channel):
             self.send_peer([header, payload] if len(payload) else [header])
             moved += len(header) + len(payload)
             if n in whole:
-                digests += packet_digest(mask, data)
+                digests += packet_digest(mask, data,
+                                         checked=self.cfg.zero_page_detection)
         return messages.encode_done(job_id, moved, nonzero, bytes(digests))
 
-    def _copy(self, block: int, packet: np.ndarray) -> np.ndarray:
-        """The packet's pages, copied out of guest memory once, into this channel's buffer:
-        what is checked, compressed, sent and hashed is this private copy, one pass over
-        guest memory. Contiguous pages (a first round) are read only where the block's file
-        has data, mapped in bulk; holes are zero without touching them (a read would
-        allocate them). Scattered pages (dirty ones, never holes) are gathered."""
+    def _copy(self, block: int, packet: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """The packet's pages that may hold data, copied out of guest memory once into this
+        channel's buffer, in page order: what is checked, compressed, sent and hashed is
+        this private copy. Contiguous pages (a first round) are read with ``preadv`` (no
+        page faults, no mapping to populate), with multifd zero-page detection only where
+        the block's file has data: the other pages are holes, zero without a touch, and
+        ``mask`` is cleared for them. Scattered
+        pages (dirty ones, never holes) are gathered through the mapping."""
         mapped = self.blocks[block]
-        out = self.buffer[: len(packet)]
         lo, hi = int(packet[0]), int(packet[-1]) + 1
         if hi - lo != len(packet):
-            np.take(mapped.words, packet, axis=0, out=out)
-            return out
-        at = lo
-        for start, end in data_runs(mapped.fd, lo, hi):
-            out[at - lo : start - lo] = 0
-            mapped.populate(start, end)
-            out[start - lo : end - lo] = mapped.words[start:end]
-            at = end
-        out[at - lo :] = 0
-        return out
+            return np.take(mapped.words, packet, axis=0, out=self.buffer[: len(packet)])
+        # zero-page-detection none sends every page as data, holes read as zeros (reading a
+        # tmpfs hole with preadv allocates nothing)
+        runs = data_runs(mapped.fd, lo, hi) if self.cfg.zero_page_detection else [(lo, hi)]
+        mask[:] = False
+        k = 0
+        for start, end in runs:
+            out = self.buffer[k : k + end - start]
+            n = os.preadv(mapped.fd, [out], start * TARGET_PAGE_SIZE)
+            if n != out.nbytes:
+                raise OSError(f"short read of guest RAM: {n} of {out.nbytes} bytes")
+            mask[start - lo : end - lo] = True
+            k += end - start
+        return self.buffer[:k]
 
     def sync(self, job_id: int) -> list:
         """``multifd_send_sync_main`` (ALL) for this channel: a SYNC packet, no pages."""
