@@ -51,10 +51,9 @@ def stream(seed: int = 0) -> list[np.ndarray]:
     return out
 
 
-def recv(state, payload, n_bytes: int) -> bytearray:
+def recv(state, payload, n_bytes: int) -> bytes:
     out = bytearray(n_bytes)
-    state.recv(payload, memoryview(out))
-    return out
+    return bytes(state.recv(payload, memoryview(out)))
 
 
 def payloads(name: str, packets, level: int = 1) -> list[bytes]:

@@ -59,8 +59,9 @@ class SendState(Protocol):
 class RecvState(Protocol):
     """One receive channel's decompression context."""
 
-    def recv(self, payload: bytes | memoryview, out: memoryview) -> None:
-        """Decode one packet's payload into ``out`` (``recv`` hook)."""
+    def recv(self, payload: bytes | memoryview, out: memoryview) -> memoryview:
+        """One packet's pages (``recv`` hook): ``out``, decoded into, or, for a method whose
+        payload already is the pages (none), the payload itself, checked, not copied."""
         ...
 
     def close(self) -> None:

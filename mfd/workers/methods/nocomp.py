@@ -62,20 +62,19 @@ class RecvBase:
     max_payload = 0
     _broken: str | None = None
 
-    def recv(self, payload: bytes | memoryview, out: memoryview) -> None:
+    def recv(self, payload: bytes | memoryview, out: memoryview) -> memoryview:
         if self._broken is not None:
             raise ProtocolError(f"{self.name}: the channel's context is unusable "
                                 f"({self._broken})")
         src, dst = flat_bytes(payload), flat_bytes(out)
         try:
             check_payload(self.name, src, dst, self.max_payload)
-            if dst.nbytes:
-                self._decode(src, dst)
+            return self._decode(src, dst) if dst.nbytes else dst
         except ProtocolError as e:
             self._broken = f"earlier error: {e}"
             raise
 
-    def _decode(self, payload: memoryview, out: memoryview) -> None:
+    def _decode(self, payload: memoryview, out: memoryview) -> memoryview:
         raise NotImplementedError
 
 
@@ -95,16 +94,17 @@ class NocompSend:
 
 
 class NocompRecv(RecvBase):
-    """``multifd_nocomp_recv``: the payload is the pages, copied into ``out``."""
+    """``multifd_nocomp_recv``: the payload is the pages (QEMU readv()s them straight into
+    guest memory; here the caller writes them from the payload, no copy in between)."""
 
     name = "none"
     max_payload = MULTIFD_PACKET_SIZE
 
-    def _decode(self, payload: memoryview, out: memoryview) -> None:
+    def _decode(self, payload: memoryview, out: memoryview) -> memoryview:
         if payload.nbytes != out.nbytes:
             raise ProtocolError(f"none: payload is {payload.nbytes} bytes, expected "
                                 f"{out.nbytes}")
-        out[:] = payload
+        return payload
 
     def close(self) -> None:
         self._broken = "closed"

@@ -63,7 +63,7 @@ class ZlibRecv(RecvBase):
     def __init__(self) -> None:
         self._dobj = zlib.decompressobj()
 
-    def _decode(self, payload: memoryview, out: memoryview) -> None:
+    def _decode(self, payload: memoryview, out: memoryview) -> memoryview:
         want = out.nbytes
         # One byte more than the packet holds: enough to see an overflow, never more. Any
         # output still pending in the stream would have filled that byte.
@@ -81,6 +81,7 @@ class ZlibRecv(RecvBase):
             raise size_error("zlib", len(data), want)
         assert not self._dobj.unconsumed_tail  # limited only by max_length, which it did not hit
         out[:] = data
+        return out
 
     def close(self) -> None:
         self._dobj = None

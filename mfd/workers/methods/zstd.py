@@ -96,7 +96,7 @@ class ZstdRecv(RecvBase):
         # with no limit, which a zstd bomb would turn into gigabytes.
         self._writer = dctx.stream_writer(self._sink, write_size=_CHUNK)
 
-    def _decode(self, payload: memoryview, out: memoryview) -> None:
+    def _decode(self, payload: memoryview, out: memoryview) -> memoryview:
         self._sink.out, self._sink.pos = out, 0
         try:
             self._writer.write(payload)
@@ -106,6 +106,7 @@ class ZstdRecv(RecvBase):
             self._sink.out = memoryview(bytearray())  # do not keep the caller's buffer
         if self._sink.pos != out.nbytes:
             raise size_error("zstd", self._sink.pos, out.nbytes)
+        return out
 
     def close(self) -> None:
         self._writer = None
