@@ -30,7 +30,6 @@ import os
 import signal
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,6 +116,18 @@ class _Channel:
         self.wait(self.peer, zmq.POLLOUT)
         self.peer.send_multipart(frames)
 
+    def handle(self, kind: bytes, job_id: int, block: int, pages: np.ndarray) -> list:
+        """A job from the main process; both directions hash RAM (DIGEST)."""
+        if kind == messages.DIGEST:
+            return self.digests(job_id, block, pages)
+        raise RuntimeError(f"{self.where()} cannot do {kind!r} jobs")
+
+    def on_peer(self) -> None:
+        """The link is readable (only receive channels listen to it)."""
+
+    def release(self) -> None:
+        """RELEASE from the main process (only receive channels wait for one)."""
+
     def digests(self, job_id: int, block: int, pairs: np.ndarray) -> list:
         """The RAM content digests of whole chunks (``mfd.workers.ramdigest``)."""
         return messages.encode_done(job_id, 0, None, ram_digests(self.blocks[block], pairs))
@@ -153,9 +164,9 @@ class SendChannel(_Channel):
     def handle(self, kind: bytes, job_id: int, block: int, pages: np.ndarray) -> list:
         if kind == messages.SYNC:
             return self.sync(job_id)
-        if kind == messages.DIGEST:
-            return self.digests(job_id, block, pages)
-        return self.send_pages(job_id, block, pages)
+        if kind == messages.JOB:
+            return self.send_pages(job_id, block, pages)
+        return super().handle(kind, job_id, block, pages)
 
     def send_pages(self, job_id: int, block: int, pages: np.ndarray) -> list:
         """A job of up to JOB_PACKETS packets, each ``multifd_send_prepare`` + write: copy
@@ -242,6 +253,7 @@ class RecvChannel(_Channel):
         self.index = {b.idstr: i for i, b in enumerate(cfg.blocks)}
         self.source: bytes | None = None  # the ZeroMQ identity of our source channel
         self.poller.register(self.peer, zmq.POLLIN)
+        self.waiting = False  # at a SYNC packet, until RELEASE
         # receivedmap: one byte per page, shared by every channel and the main process (a
         # byte store is atomic, so channels never lose each other's marks as bits would)
         fd = os.open(cfg.receivedmap, os.O_RDWR)
@@ -270,6 +282,19 @@ class RecvChannel(_Channel):
 
     def start(self) -> None:
         tcp.bind(self.peer, self.cfg.peer, self.where())
+
+    def on_peer(self) -> None:
+        synced = self.from_peer()
+        if synced is not None:
+            self.main.send_multipart(messages.encode_synced(synced[0], self.report()))
+            # wait at the SYNC: read nothing more from the link until RELEASE
+            self.poller.unregister(self.peer)
+            self.waiting = True
+
+    def release(self) -> None:
+        if self.waiting:
+            self.waiting = False
+            self.poller.register(self.peer, zmq.POLLIN)
 
     def from_peer(self) -> tuple[int, ...] | None:
         """One message from the link: the handshake, a packet, or a stranger's noise.
@@ -371,9 +396,6 @@ class RecvChannel(_Channel):
 def _loop(channel: SendChannel | RecvChannel, cfg: SocketChannelConfig) -> None:
     channel.start()
     channel.main.send_multipart(messages.encode_ready(cfg.channel_id))
-    handle: Callable[[bytes, int, int, np.ndarray], list] | None = (
-        channel.handle if isinstance(channel, SendChannel) else None)
-    waiting_release = False
     while True:
         ready = dict(channel.poller.poll(POLL_MS))
         if channel.link.monitor in ready:
@@ -383,28 +405,15 @@ def _loop(channel: SendChannel | RecvChannel, cfg: SocketChannelConfig) -> None:
             kind = frames[0]
             if kind == messages.STOP:
                 return
-            if kind == messages.RELEASE and waiting_release:
-                waiting_release = False
-                channel.poller.register(channel.peer, zmq.POLLIN)
+            if kind == messages.RELEASE:
+                channel.release()
             elif kind in (messages.JOB, messages.SYNC, messages.DIGEST):
                 job_id, block, pages = messages.decode_job(frames)
-                if handle is not None:
-                    reply = handle(kind, job_id, block, pages)
-                elif kind == messages.DIGEST:
-                    reply = channel.digests(job_id, block, pages)
-                else:
-                    raise RuntimeError(f"a receive channel got {kind!r}")
-                channel.main.send_multipart(reply)
+                channel.main.send_multipart(channel.handle(kind, job_id, block, pages))
             else:
                 raise RuntimeError(f"unexpected message {kind[:16]!r}")
-        if isinstance(channel, RecvChannel) and channel.peer in ready and not waiting_release:
-            synced = channel.from_peer()
-            if synced is not None:
-                channel.main.send_multipart(messages.encode_synced(synced[0],
-                                                                   channel.report()))
-                # wait at the SYNC: read nothing more from the link until RELEASE
-                waiting_release = True
-                channel.poller.unregister(channel.peer)
+        if channel.peer in ready:
+            channel.on_peer()
         if not ready and os.getppid() != cfg.parent_pid:
             return
 
