@@ -90,6 +90,11 @@ class _Channel:
         self.link = tcp.LinkWatch(self.peer, f"channel {cfg.channel_id}")
         self.poller = zmq.Poller()
         self.poller.register(self.main, zmq.POLLIN)
+        # one packet's (or digest chunk's) pages, reused: the send side lets the link copy
+        # the payload (copy=True), since a zero-copy frame would pin the buffer until sent
+        # and pyzmq's release of such frames (its garbage-collector thread) cost more than
+        # copying 512 KiB in cache
+        self.buffer = np.empty((multifd.MULTIFD_PAGE_COUNT, WORDS_PER_PAGE), dtype=np.uint64)
         self.poller.register(self.link.monitor, zmq.POLLIN)
 
     def where(self) -> str:
@@ -130,7 +135,8 @@ class _Channel:
 
     def digests(self, job_id: int, block: int, pairs: np.ndarray) -> list:
         """The RAM content digests of whole chunks (``mfd.workers.ramdigest``)."""
-        return messages.encode_done(job_id, 0, None, ram_digests(self.blocks[block], pairs))
+        return messages.encode_done(job_id, 0, None,
+                                    ram_digests(self.blocks[block], pairs, self.buffer))
 
     def close(self) -> None:
         self.link.close()
@@ -148,10 +154,6 @@ class SendChannel(_Channel):
         self.flag = method.flag
         self.compressor = method.send_setup(cfg.level)
         self.idstrs = [b.idstr for b in cfg.blocks]
-        # one packet's pages; reused, so the link copies the payload (copy=True): a
-        # zero-copy frame would pin the buffer until sent, and pyzmq's release of such frames
-        # (its garbage-collector thread) cost more than copying 512 KiB in cache
-        self.buffer = np.empty((multifd.MULTIFD_PAGE_COUNT, WORDS_PER_PAGE), dtype=np.uint64)
 
     def start(self) -> None:
         """Connect and send ``MultiFDInit_t`` (``multifd_send_initial_packet``)."""
@@ -264,7 +266,6 @@ class RecvChannel(_Channel):
         rmap = np.frombuffer(self.rmap_mm, dtype=np.uint8)
         starts = np.cumsum([0] + [b.num_pages for b in cfg.blocks])
         self.received = [rmap[a:b] for a, b in itertools.pairwise(starts)]
-        self.buffer = np.empty((multifd.MULTIFD_PAGE_COUNT, WORDS_PER_PAGE), dtype=np.uint64)
         self._new_report()
 
     def _new_report(self) -> None:
