@@ -86,7 +86,8 @@ class _Channel:
         self.main.connect(cfg.endpoint)
         self.blocks: list[MappedBlock] = [attach(b, writable=writable) for b in cfg.blocks]
         self.words = [b.words for b in self.blocks]
-        self.peer = tcp.peer_socket(ctx, kind, immediate=kind == zmq.DEALER)
+        self.peer = tcp.peer_socket(ctx, kind, immediate=kind == zmq.DEALER,
+                                    buffer=tcp.CHANNEL_BUFFER)
         self.link = tcp.LinkWatch(self.peer, f"channel {cfg.channel_id}")
         self.poller = zmq.Poller()
         self.poller.register(self.main, zmq.POLLIN)

@@ -32,8 +32,12 @@ from mfd.errors import MfdError, UsageError
 HEARTBEAT_IVL_MS = 1000
 HEARTBEAT_TIMEOUT_MS = 3000
 # messages queued per peer each way: with 512 KiB packets this bounds what is in flight
-# per channel (invariant 6), besides the kernel's socket buffers
+# per channel (invariant 6), with the kernel's socket buffers below
 HWM = 4
+# a channel link's kernel socket buffers (SO_SNDBUF/SO_RCVBUF): 8 packets; larger than the
+# default, fewer wake-ups per MiB (ZeroMQ over loopback moved 1 GiB 10-15% faster, with a
+# quarter less CPU, measured in one run with a bare sender and receiver)
+CHANNEL_BUFFER = 4 << 20
 
 _URI = re.compile(r"^tcp://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9._-]+):(\d{1,5})$")
 
@@ -64,15 +68,19 @@ def parse_uri(uri: str, channels: int = 0) -> Address:
     return Address(m.group(1), port)
 
 
-def peer_socket(ctx: zmq.Context, kind: int, immediate: bool = False) -> zmq.Socket:
+def peer_socket(ctx: zmq.Context, kind: int, immediate: bool = False,
+                buffer: int = -1) -> zmq.Socket:
     """A socket for the other host: no linger, small queues, heartbeats. ``immediate``
     (ZMQ_IMMEDIATE, for a connecting socket that only sends): messages queue only to a
     completed connection. It also drops unread incoming messages when the connection goes,
-    so a socket that must read its peer's last words (RESULT, ERROR) goes without it."""
+    so a socket that must read its peer's last words (RESULT, ERROR) goes without it.
+    ``buffer``: the kernel's socket buffers (-1: the system's default)."""
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, HWM)
     sock.setsockopt(zmq.RCVHWM, HWM)
+    sock.setsockopt(zmq.SNDBUF, buffer)
+    sock.setsockopt(zmq.RCVBUF, buffer)
     sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
     sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
