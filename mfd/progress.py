@@ -49,6 +49,7 @@ class LiveView:
         self.title = title
         self.tty = self.stream.isatty()
         self.live = None
+        self.stats: MigrationStats | None = None
         self.last = 0.0
         self.last_round = -1
 
@@ -63,6 +64,7 @@ class LiveView:
         return self
 
     def update(self, stats: MigrationStats) -> None:
+        self.stats = stats
         now = time.monotonic()
         if self.live is not None:
             if now - self.last >= REDRAW:
@@ -90,4 +92,6 @@ class LiveView:
 
     def __exit__(self, *exc: object) -> None:
         if self.live is not None:
+            if self.stats is not None:  # the final state, whatever the redraw rate skipped
+                self.live.update(self._table(self.stats), refresh=True)
             self.live.__exit__(None, None, None)
