@@ -61,6 +61,7 @@ from common import (
     log,
     make_image,
     one_line,
+    parse_standard,
     qemu_info,
     rows_of,
     run_interleaved,
@@ -504,18 +505,13 @@ NOTES = [
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    standard_args(ap, "mfd channel counts (default 1,2,4)")
+    standard_args(ap, "mfd channel counts (default 1,2,4)", DEFAULT_OUT,
+                  "skip QEMU's save/restore")
     ap.add_argument("--dir", default=None,
                     help="parent of the work directory (default /var/tmp); a fresh "
                          "subdirectory is created there and removed at the end")
-    ap.add_argument("--out", default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
-    ap.add_argument("--no-qemu", action="store_true", help="skip QEMU's save/restore")
     ap.add_argument("--no-direct-io", action="store_true", help="skip the direct-io configs")
-    ap.add_argument("--zero", type=float, default=0.5, help=argparse.SUPPRESS)
-    ap.add_argument("--random", type=float, default=0.25, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.repeat < 1:
-        ap.error("--repeat must be >= 1")
+    args = parse_standard(ap, argv)
 
     cleanup = Cleanup()
     bench = Bench(args, cleanup)

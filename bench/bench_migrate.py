@@ -73,6 +73,7 @@ from common import (
     log,
     make_image,
     one_line,
+    parse_standard,
     qemu_info,
     rows_of,
     run_interleaved,
@@ -851,17 +852,12 @@ NOTES = [
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    standard_args(ap, "multifd channel counts (default 1,2,4)")
+    standard_args(ap, "multifd channel counts (default 1,2,4)", DEFAULT_OUT,
+                  "skip QEMU -> QEMU")
     ap.add_argument("--compression", type=parse_compression, default=["none", "zstd"],
                     help="multifd compressions (default none,zstd; zstd at level 1)")
-    ap.add_argument("--out", default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
-    ap.add_argument("--no-qemu", action="store_true", help="skip QEMU -> QEMU")
     ap.add_argument("--no-live", action="store_true", help="skip the live run")
-    ap.add_argument("--zero", type=float, default=0.5, help=argparse.SUPPRESS)
-    ap.add_argument("--random", type=float, default=0.25, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.repeat < 1:
-        ap.error("--repeat must be >= 1")
+    args = parse_standard(ap, argv)
 
     cleanup = Cleanup()
     bench = Bench(args, cleanup)

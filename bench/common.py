@@ -533,9 +533,22 @@ def write_json(path: str, result: dict[str, Any]) -> str:
     return out
 
 
-def standard_args(ap: argparse.ArgumentParser, channels_help: str) -> None:
-    """What both benchmarks take: the image size, counted runs, channel counts."""
+def standard_args(ap: argparse.ArgumentParser, channels_help: str, out: str,
+                  qemu_help: str) -> None:
+    """What both benchmarks take: the image size and mix, counted runs, channel counts, the
+    JSON output, skipping QEMU."""
     ap.add_argument("--size", type=parse_size, default=parse_size("2G"),
                     help="RAM image size (default 2G)")
     ap.add_argument("--repeat", type=int, default=3, help="counted runs per config (default 3)")
     ap.add_argument("--channels", type=parse_channels, default=[1, 2, 4], help=channels_help)
+    ap.add_argument("--out", default=out, help=f"JSON output (default {out})")
+    ap.add_argument("--no-qemu", action="store_true", help=qemu_help)
+    ap.add_argument("--zero", type=float, default=0.5, help=argparse.SUPPRESS)
+    ap.add_argument("--random", type=float, default=0.25, help=argparse.SUPPRESS)
+
+
+def parse_standard(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    args = ap.parse_args(argv)
+    if args.repeat < 1:
+        ap.error("--repeat must be >= 1")
+    return args

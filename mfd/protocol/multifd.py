@@ -125,12 +125,7 @@ def decode_init(buf: bytes | bytearray | memoryview, *, channels: int, uuid: byt
     if size != INIT_SIZE:
         raise ProtocolError(f"{where}: MultiFDInit is {size} bytes, expected {INIT_SIZE}")
     magic, version, msg_uuid, chan = _INIT.unpack_from(buf, 0)
-    if magic != MULTIFD_MAGIC:
-        raise ProtocolError(f"{where}: MultiFDInit magic {magic:#010x}, expected "
-                            f"{MULTIFD_MAGIC:#010x}")
-    if version != MULTIFD_VERSION:
-        raise ProtocolError(f"{where}: MultiFDInit version {version}, expected "
-                            f"{MULTIFD_VERSION}")
+    _check_magic(f"{where}: MultiFDInit", magic, version)
     if msg_uuid != bytes(uuid):
         raise ProtocolError(f"{where}: MultiFDInit uuid {_uuid_str(msg_uuid)}, expected "
                             f"{_uuid_str(uuid)}")
@@ -235,12 +230,7 @@ def decode_packet(buf: bytes | bytearray | memoryview, *, blocks: Mapping[str, i
                             f"{expected_size}")
     (magic, version, flags, pages_alloc, normal, next_packet_size, packet_num,
      zero) = _HDR.unpack_from(buf, 0)
-    if magic != MULTIFD_MAGIC:
-        raise ProtocolError(f"{where}: multifd packet magic {magic:#010x}, expected "
-                            f"{MULTIFD_MAGIC:#010x}")
-    if version != MULTIFD_VERSION:
-        raise ProtocolError(f"{where}: multifd packet version {version}, expected "
-                            f"{MULTIFD_VERSION}")
+    _check_magic(f"{where}: multifd packet", magic, version)
     at = f"{where}: multifd packet {packet_num}"
     if flags & MULTIFD_FLAG_DEVICE_STATE:
         raise ProtocolError(f"{at}: device-state packets (flag {MULTIFD_FLAG_DEVICE_STATE:#x},"
@@ -289,6 +279,13 @@ def decode_packet(buf: bytes | bytearray | memoryview, *, blocks: Mapping[str, i
     _check_offsets(at, offsets, normal, ramblock, used_length)
     return MultiFDPacket(flags, pages_alloc, normal, next_packet_size, packet_num, zero,
                          ramblock, _readonly(offsets))
+
+
+def _check_magic(what: str, magic: int, version: int) -> None:
+    if magic != MULTIFD_MAGIC:
+        raise ProtocolError(f"{what} magic {magic:#010x}, expected {MULTIFD_MAGIC:#010x}")
+    if version != MULTIFD_VERSION:
+        raise ProtocolError(f"{what} version {version}, expected {MULTIFD_VERSION}")
 
 
 def _check_payload_size(at: str, compression_flag: int, normal: int, next_packet_size: int,
