@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -196,15 +197,35 @@ def _restore_images(opened: loader.OpenedFile, images: dict[str, str], channels:
 
 
 def _monitored(path: str | None, handlers, run):
+    """``run()`` with a QMP-style monitor at ``path``: QEMU's MIGRATION event for every
+    status the migration goes through (setup, active, device, completed / failed /
+    cancelled), watched every 50 ms by a thread so the migration loop knows nothing of it."""
     if path is None:
         return run()
     from mfd.monitor import MonitorServer
 
     with MonitorServer(path, handlers) as server:
+        done = threading.Event()
+        last: list[str] = []
+
+        def emit_changes() -> None:
+            status = handlers.query_migrate()["status"]
+            if not last or status != last[-1]:
+                last.append(status)
+                server.emit("MIGRATION", {"status": status})
+
+        def watch() -> None:
+            while not done.wait(0.05):
+                emit_changes()
+
+        watcher = threading.Thread(target=watch, name="mfd-migration-events", daemon=True)
+        watcher.start()
         try:
             return run()
         finally:
-            server.emit("MIGRATION", {"status": handlers.query_migrate()["status"]})
+            done.set()
+            watcher.join()
+            emit_changes()
 
 
 def migrate(uri: str, *, images: dict[str, str] | None = None, guest: str | None = None,

@@ -406,10 +406,43 @@ def test_migrate_cancel_through_the_monitor(guests, tmp_path):
                                        {"downtime-limit": 250})
     assert monitor_command(path, "query-migrate-parameters")["return"] \
         .get("downtime-limit") in (250, 300)  # applied at the next tick
+    events = _qmp_client(path)  # QEMU's MIGRATION events, as a QMP client sees them
     assert "return" in monitor_command(path, "migrate_cancel")
     r.source_fails("migration cancelled: cancelled by migrate_cancel")
+    seen = _read_events(events)
+    assert seen and seen[-1] == "cancelled", seen
     r.destination_fails()
     assert not os.path.exists(path) and not os.path.exists(dest)
+
+
+def _qmp_client(path: str):
+    import socket
+
+    c = socket.socket(socket.AF_UNIX)
+    c.settimeout(10)
+    c.connect(path)
+    f = c.makefile("rwb")
+    assert b"QMP" in f.readline()
+    f.write(b'{"execute": "qmp_capabilities"}\n')
+    f.flush()
+    assert b"return" in f.readline()
+    return c, f
+
+
+def _read_events(client) -> list[str]:
+    """MIGRATION statuses until a final one (or the monitor closes), bounded by the
+    socket's timeout."""
+    c, f = client
+    seen = []
+    with c, f:
+        while not seen or seen[-1] not in ("completed", "failed", "cancelled"):
+            line = f.readline()
+            if not line:
+                break
+            msg = orjson.loads(line)
+            if msg.get("event") == "MIGRATION":
+                seen.append(msg["data"]["status"])
+    return seen
 
 
 def test_ctrl_c(guests):
