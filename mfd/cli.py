@@ -306,7 +306,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     secs = res.total_time_ms / 1000
     print(f"migrated to {args.uri}: {res.rounds} round(s), {human(res.transferred)} "
           f"transferred, {res.normal_pages} pages sent, {res.zero_pages} zero, {secs:.3f} s, "
-          f"downtime {res.downtime_ms:.0f} ms, RAM verified equal on both ends")
+          f"downtime {res.downtime_ms:.0f} ms (verifying RAM "
+          f"{res.query_migrate.get('x-verify-time', 0)} ms of it), RAM equal on both ends")
     return 0
 
 

@@ -89,7 +89,9 @@ def run(ram: int, dirty_rate: int, params: MigrationParameters, say: Callable[[s
         say(f"completed in {secs:.2f} s: {res.rounds} rounds, {human(res.transferred)} "
             f"transferred ({res.transferred / secs / (1 << 20):.0f} MiB/s), "
             f"{res.normal_pages} pages sent, {res.zero_pages} zero, downtime "
-            f"{res.downtime_ms:.0f} ms, final throttle {res.cpu_throttle_percentage}%")
+            f"{res.downtime_ms:.0f} ms (of which verifying RAM on both ends "
+            f"{res.query_migrate.get('x-verify-time', 0)} ms), final throttle "
+            f"{res.cpu_throttle_percentage}%")
         ok = theirs == res.digests
         for idstr, digest in res.digests.items():
             say(f"verification: block {idstr!r} blake3 at switchover: source {digest[:16]}... "

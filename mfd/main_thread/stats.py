@@ -25,6 +25,7 @@ class MigrationStats:
     bandwidth: float = 0.0  # bytes per second
     expected_downtime: float = 0.0  # ms
     cpu_throttle_percentage: int = 0
+    verify_time: float | None = None  # live migration: seconds of the downtime spent verifying
     rounds: list[dict] = field(default_factory=list)
 
     @property
@@ -62,4 +63,6 @@ class MigrationStats:
             out["downtime"] = round(self.downtime_ms)
         if self.cpu_throttle_percentage:
             out["cpu-throttle-percentage"] = self.cpu_throttle_percentage
+        if self.verify_time is not None:  # mfd's own, so x- as QEMU marks experimental ones
+            out["x-verify-time"] = round(self.verify_time * 1000)
         return out
