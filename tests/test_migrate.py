@@ -340,10 +340,9 @@ class Running:
         mine = cmdline(pid)
         return [c for c in children(pid) if cmdline(c) == mine]
 
-    def source_fails(self, expect: str, rc_expected: int = 1, within: float = 10) -> str:
-        start = time.monotonic()
+    def source_fails(self, expect: str, rc_expected: int = 1) -> str:
+        """The source gives up by itself (bounded: a hang fails the test) with one line."""
         rc, _, err = finish(self.mig, 30)
-        assert time.monotonic() - start < within
         assert rc == rc_expected, err
         line = one_line(err)
         assert expect in line, line
