@@ -48,7 +48,6 @@ import datetime
 import glob
 import json
 import os
-import random
 import socket
 import statistics
 import subprocess
@@ -84,6 +83,8 @@ from common import (
     write_json,
 )
 
+from mfd.workers.tcp import free_ports
+
 DEFAULT_OUT = os.path.join(RESULTS, "bench_migrate.json")
 QEMU_TIMEOUT = 600.0  # per QMP wait
 MIGRATE_TIMEOUT = 600.0  # an mfd migration taking longer: the destination is killed
@@ -99,7 +100,6 @@ GUEST_SRC = "benchsrc"
 GUEST_DST = "benchdst"
 MFD = [sys.executable, "-m", "mfd"]
 MFD_INCOMING = [*MFD, "incoming"]
-_rng = random.SystemRandom()
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -121,39 +121,6 @@ def tail(path: str, lines: int = 1) -> str:
         text = f.read().decode("utf-8", "replace").strip().splitlines()
         return " | ".join(text[-lines:])
     return ""
-
-
-def _bindable(port: int) -> bool:
-    """Nobody holds ``port`` on 127.0.0.1 (checked without SO_REUSEADDR, so a port in
-    TIME_WAIT counts as taken)."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        s.bind(("127.0.0.1", port))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-
-
-def free_ports(count: int) -> int:
-    """A port P with P..P+count-1 all free, below the ephemeral range (so no outgoing
-    connection takes one meanwhile), picked at random; by binding port 0 if there is no room."""
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            low = int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    for _ in range(200):
-        if low - count > 10000:
-            base = _rng.randrange(10000, low - count)
-        else:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                base = s.getsockname()[1]
-        if base + count <= 65536 and all(_bindable(base + i) for i in range(count)):
-            return base
-    raise RuntimeError(f"found no {count} consecutive free TCP ports")
 
 
 def listening(port: int) -> bool:

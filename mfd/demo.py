@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -27,29 +26,7 @@ from mfd.options import MigrationParameters
 from mfd.progress import human
 from mfd.ramimage import generate
 from mfd.shm import control
-
-
-def free_port(channels: int) -> int:
-    """A port with ``channels`` free ports after it (the destination's channel ports)."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + channels >= 65536:
-            continue
-        try:
-            held = []
-            for p in range(base, base + channels + 1):
-                t = socket.socket()
-                held.append(t)
-                t.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for t in held:
-                t.close()
-    raise MfdError("no free range of ports on 127.0.0.1")
+from mfd.workers.tcp import free_ports
 
 
 def run(ram: int, dirty_rate: int, params: MigrationParameters, say: Callable[[str], None],
@@ -68,7 +45,7 @@ def run(ram: int, dirty_rate: int, params: MigrationParameters, say: Callable[[s
         g.cont()
         say(f"guest {src}: {ram >> 20} MiB of RAM (half of it data), dirtying "
             f"{dirty_rate >> 20} MiB/s (hotset)")
-        port = free_port(params.multifd_channels)
+        port = free_ports(params.multifd_channels + 1)
         uri = f"tcp://127.0.0.1:{port}"
         incoming = subprocess.Popen(
             [sys.executable, "-m", "mfd", "incoming", "--listen", uri, "--guest", dst,

@@ -1,10 +1,10 @@
-"""Loopback helpers for migration tests: free port ranges, a TCP relay whose connections can be
-cut, and a fake mfd source that can say anything on the main channel and the channels."""
+"""Loopback helpers for migration tests: a TCP relay whose connections can be cut, and a fake
+mfd source that can say anything on the main channel and the channels (free port ranges
+come from mfd itself: ``mfd.workers.tcp.free_ports``)."""
 
 from __future__ import annotations
 
 import contextlib
-import random
 import selectors
 import socket
 import struct
@@ -17,25 +17,6 @@ import zmq
 from mfd.protocol import constants as C
 from mfd.protocol import devices, mainchannel, ram, stream
 from mfd.workers import tcp
-
-
-def free_ports(n: int) -> int:
-    """A base port with ``n`` free consecutive ports (main channel + channels)."""
-    for _ in range(200):
-        base = random.randrange(20000, 60000 - n)
-        socks = []
-        try:
-            for p in range(base, base + n):
-                s = socket.socket()
-                s.bind(("127.0.0.1", p))
-                socks.append(s)
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port range")
 
 
 class Relay:

@@ -20,7 +20,7 @@ from pathlib import Path
 import orjson
 import pytest
 from conftest import shm_entries
-from netutil import FakeSource, Relay, free_ports, wait_until
+from netutil import FakeSource, Relay, wait_until
 from procs import children, cmdline
 
 import mfd
@@ -30,6 +30,7 @@ from mfd.options import MigrationParameters
 from mfd.protocol import multifd
 from mfd.ramimage import generate
 from mfd.shm import control
+from mfd.workers.tcp import free_ports
 
 
 def start_incoming(port: int, *args: str) -> subprocess.Popen:

@@ -21,7 +21,9 @@ peer that is not connected.
 
 from __future__ import annotations
 
+import random
 import re
+import socket
 from dataclasses import dataclass
 
 import zmq
@@ -96,6 +98,38 @@ def bind(sock: zmq.Socket, endpoint: str, what: str) -> None:
         sock.bind(endpoint)
     except zmq.ZMQError as e:
         raise MfdError(f"{what}: cannot listen on {endpoint}: {e.strerror}") from None
+
+
+def _bindable(host: str, port: int) -> bool:
+    """Nobody holds ``port`` (checked without SO_REUSEADDR: a port in TIME_WAIT is taken)."""
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> int:
+    """A port P with P..P+count-1 free (a main channel and its channels), picked at random
+    below the kernel's ephemeral range, so that no outgoing connection takes one of them
+    between this check and the bind; from the ephemeral range only if there is no room."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.SystemRandom()
+    for _ in range(200):
+        if low - count > 10000:
+            base = rng.randrange(10000, low - count)
+        else:
+            with socket.socket() as s:
+                s.bind((host, 0))
+                base = s.getsockname()[1]
+        if base + count <= 65536 and all(_bindable(host, base + i) for i in range(count)):
+            return base
+    raise MfdError(f"found no {count} consecutive free TCP ports on {host}")
 
 
 class LinkLost(MfdError):
