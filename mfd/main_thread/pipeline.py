@@ -244,8 +244,9 @@ class ChannelPool:
             self.synced[ident] = messages.decode_synced(frames)
         elif kind == messages.ERROR:
             text = frames[1].decode(errors="replace").strip().splitlines()
-            ch = self.channel_of.get(ident, "?")
-            raise self._fail(BrokenPipeline(f"channel {ch} failed: {text[-1] if text else '?'}",
+            ch = self.channel_of.get(ident)
+            who = "a channel" if ch is None else f"channel {ch}"  # one that failed at start
+            raise self._fail(BrokenPipeline(f"{who} failed: {text[-1] if text else '?'}",
                                             link_lost=frames[2:3] == [b"link"]))
         else:
             raise self._fail(BrokenPipeline(f"unexpected message {kind[:16]!r} from a channel"))
