@@ -41,6 +41,7 @@ from mfd.protocol.constants import TARGET_PAGE_SIZE
 from mfd.protocol.devices import GUEST_IDSTR
 from mfd.shm import control
 from mfd.shm.ramblock import SHM_DIR, MappedBlock, PendingRAM, RAMBlock, attach, shm_path
+from mfd.shm.receivedmap import ReceivedMap, map_size
 from mfd.workers import tcp
 from mfd.workers.socket_channel import SocketChannelConfig, recv_main
 
@@ -86,6 +87,7 @@ class Incoming:
         self.pool: ChannelPool | None = None
         self.pending: PendingRAM | None = None
         self.rmap_ram: PendingRAM | None = None
+        self.receivedmap: ReceivedMap | None = None
         self.guest: control.GuestClient | None = None
         self.mapped: list[MappedBlock] = []
         self.guest_state: dict | None = None
@@ -256,17 +258,10 @@ class Incoming:
         self.blocks: list[RAMBlock] = self.pending.blocks
         self.index = {b.idstr: i for i, b in enumerate(self.blocks)}
         self.chunks = ChunkTable(self.blocks)
-        total_pages = sum(b.num_pages for b in self.blocks)
-        rmap_size = -(-total_pages // TARGET_PAGE_SIZE) * TARGET_PAGE_SIZE
-        self.rmap_ram = PendingRAM(SHM_DIR, [("receivedmap", rmap_size)])
-        rmap = attach(self.rmap_ram.blocks[0], writable=True)
-        self.mapped = [rmap] + [attach(b, writable=True) for b in self.blocks]
-        flat = np.frombuffer(rmap.mm, dtype=np.uint8)
-        starts = np.cumsum([0] + [b.num_pages for b in self.blocks])
-        self.received = {b.idstr: flat[starts[i] : starts[i + 1]]
-                         for i, b in enumerate(self.blocks)}
-        self.words = {b.idstr: m.words for b, m in zip(self.blocks, self.mapped[1:],
-                                                       strict=True)}
+        self.rmap_ram = PendingRAM(SHM_DIR, [("receivedmap", map_size(self.blocks))])
+        self.receivedmap = ReceivedMap(self.rmap_ram.blocks[0], self.blocks)
+        self.mapped = [attach(b, writable=True) for b in self.blocks]
+        self.words = [m.words for m in self.mapped]
         if self.images is None:
             self.guest_name = self.guest_name or self.hello.guest or "vm0"
             argv = ["--name", self.guest_name, "--stopped"]
@@ -277,7 +272,7 @@ class Incoming:
         configs = [SocketChannelConfig(
             channel_id=i, endpoint="", parent_pid=0, blocks=tuple(self.blocks),
             peer=self.addr.channel(i), uuid=self.hello.uuid, channels=self.hello.channels,
-            compression=self.hello.compression, receivedmap=self.rmap_ram.blocks[0].path,
+            compression=self.hello.compression, receivedmap=self.rmap_ram.blocks[0],
             delay=delays[i] if i < len(delays) else 0.0, skip_sync=self.options.skip_sync)
             for i in range(self.hello.channels)]
         self.pool = ChannelPool(configs, recv_main)
@@ -287,17 +282,15 @@ class Incoming:
 
     def _zero(self, idstr: str, pages: np.ndarray) -> None:
         """Zero records on the main stream: QEMU's rule, as the channels apply it."""
-        self.chunks.stale(self.index[idstr], pages)
-        received = self.received[idstr]
-        again = pages[received[pages] != 0]
-        if len(again):
-            self.words[idstr][again] = 0
-        received[pages] = 1
+        block = self.index[idstr]
+        self.chunks.stale(block, pages)
+        self.receivedmap.zero_pages(block, self.words[block], pages)
 
     def _page(self, idstr: str, page: int, data: bytes) -> None:
-        self.chunks.stale(self.index[idstr], np.array([page]))
-        self.words[idstr][page] = np.frombuffer(data, dtype=np.uint64)
-        self.received[idstr][page] = 1
+        block = self.index[idstr]
+        self.chunks.stale(block, np.array([page]))
+        self.words[block][page] = np.frombuffer(data, dtype=np.uint64)
+        self.receivedmap.received[block][page] = 1
 
     # ------------------------------------------------------------------ completion
 
@@ -352,11 +345,13 @@ class Incoming:
         if self.pool is not None:
             self.pool.close()
             self.pool = None
+        self.words = []
         for m in self.mapped:
             m.close()
         self.mapped = []
-        self.words = {}
-        self.received = {}
+        if self.receivedmap is not None:
+            self.receivedmap.close()
+            self.receivedmap = None
         for p in (self.pending, self.rmap_ram):
             if p is not None:
                 p.close()

@@ -24,8 +24,6 @@ goes away fails with one line (ERROR to its main process) and exits.
 from __future__ import annotations
 
 import contextlib
-import itertools
-import mmap
 import os
 import signal
 import time
@@ -47,6 +45,7 @@ from mfd.shm.ramblock import (
     data_runs,
     nonzero_rows,
 )
+from mfd.shm.receivedmap import ReceivedMap
 from mfd.workers import tcp
 from mfd.workers.file_channel import die_with_parent
 from mfd.workers.methods import get_method
@@ -67,7 +66,7 @@ class SocketChannelConfig:
     compression: str = "none"
     level: int = 1
     zero_page_detection: bool = True  # multifd mode: the send channel finds zero pages
-    receivedmap: str = ""  # receive: byte-per-page map file shared by every channel
+    receivedmap: RAMBlock | None = None  # receive: the map shared by every channel
     connect_timeout: float = 30.0
     # test-only: a receive channel sleeps this long before placing each packet; a receive
     # channel ignores SYNC packets (round order is then not kept: the test must fail)
@@ -257,17 +256,14 @@ class RecvChannel(_Channel):
         self.source: bytes | None = None  # the ZeroMQ identity of our source channel
         self.poller.register(self.peer, zmq.POLLIN)
         self.waiting = False  # at a SYNC packet, until RELEASE
-        # receivedmap: one byte per page, shared by every channel and the main process (a
-        # byte store is atomic, so channels never lose each other's marks as bits would)
-        fd = os.open(cfg.receivedmap, os.O_RDWR)
-        try:
-            self.rmap_mm = mmap.mmap(fd, sum(b.num_pages for b in cfg.blocks))
-        finally:
-            os.close(fd)
-        rmap = np.frombuffer(self.rmap_mm, dtype=np.uint8)
-        starts = np.cumsum([0] + [b.num_pages for b in cfg.blocks])
-        self.received = [rmap[a:b] for a, b in itertools.pairwise(starts)]
+        assert cfg.receivedmap is not None
+        self.receivedmap = ReceivedMap(cfg.receivedmap, list(cfg.blocks))
         self._new_report()
+
+    def close(self) -> None:
+        self.decompressor.close()
+        self.receivedmap.close()
+        super().close()
 
     def _new_report(self) -> None:
         self.hashed: list[tuple[int, int]] = []
@@ -350,7 +346,7 @@ class RecvChannel(_Channel):
         the mapping for pages here and there."""
         block = self.index[pkt.ramblock]
         mapped = self.blocks[block]
-        received = self.received[block]
+        received = self.receivedmap.received[block]
         normal = (pkt.normal // TARGET_PAGE_SIZE).astype(np.intp)
         zero = (pkt.zero // TARGET_PAGE_SIZE).astype(np.intp)
         data = self.buffer[: len(normal)]
@@ -367,12 +363,7 @@ class RecvChannel(_Channel):
                 self.words[block][normal] = data
                 received[normal] = 1
         if len(zero):
-            # QEMU's rule: memset only a page received before; a page never received is
-            # still zero (destination RAM starts zeroed) and stays untouched (unallocated)
-            again = zero[received[zero] != 0]
-            if len(again):
-                self.words[block][again] = 0
-            received[zero] = 1
+            self.receivedmap.zero_pages(block, self.words[block], zero)
         self._account(block, normal, zero, data)
 
     def _account(self, block: int, normal: np.ndarray, zero: np.ndarray,
