@@ -56,6 +56,7 @@ from common import (
     copy_image,
     environment,
     fdatasync_path,
+    free_bytes,
     fs_of,
     human,
     log,
@@ -63,6 +64,7 @@ from common import (
     one_line,
     parse_standard,
     qemu_info,
+    require_room,
     rows_of,
     run_interleaved,
     run_notes,
@@ -129,22 +131,14 @@ class Bench:
         a = self.args
         nonzero = 1.0 - a.zero
         disk_need = int(self.size * (1 + 4 * nonzero) + 512 * MiB)
-        st = os.statvfs(parent)
-        disk_free = st.f_bavail * st.f_frsize
-        shm = os.statvfs("/dev/shm")
-        shm_free = shm.f_bavail * shm.f_frsize
+        disk_free = free_bytes(parent)
+        shm_free = free_bytes("/dev/shm")
         shm_need = int(self.size * 1.1 + 64 * MiB)
-        problems = []
-        if disk_free < disk_need:
-            problems.append(f"{parent} has {human(disk_free)} free, the benchmark needs about "
-                            f"{human(disk_need)} for a {human(self.size)} image (image, two "
-                            f"restore sources, one save target and the dd copy)")
-        if shm_free < shm_need:
-            problems.append(f"/dev/shm has {human(shm_free)} free, the benchmark needs about "
-                            f"{human(shm_need)} (one RAM-sized file at a time)")
-        if problems:
-            raise SystemExit("bench_file: not enough space:\n  " + "\n  ".join(problems)
-                             + "\nUse --dir on a larger disk or a smaller --size.")
+        require_room("bench_file", [
+            (parent, disk_free, disk_need, f"a {human(self.size)} image, two restore sources, "
+             "one save target and the dd copy"),
+            ("/dev/shm", shm_free, shm_need, "one RAM-sized file at a time")],
+            "Use --dir on a larger disk or a smaller --size.")
         self.setup["space"] = {"disk_free": disk_free, "disk_need": disk_need,
                                "shm_free": shm_free, "shm_need": shm_need}
 

@@ -68,12 +68,14 @@ from common import (
     copy_image,
     environment,
     format_table,
+    free_bytes,
     human,
     log,
     make_image,
     one_line,
     parse_standard,
     qemu_info,
+    require_room,
     rows_of,
     run_interleaved,
     run_notes,
@@ -342,20 +344,13 @@ class Bench:
         read it) + a destination; later two guests. Memory: that, or the memcpy's two copies."""
         nonzero = 1.0 - self.args.zero
         shm_need = int(self.size * (2 + nonzero) + 256 * MiB)
-        shm = os.statvfs("/dev/shm")
-        shm_free = shm.f_bavail * shm.f_frsize
+        shm_free = free_bytes("/dev/shm")
         mem_need = int(self.size * (2 + nonzero) + 512 * MiB)
         mem_free = mem_available()
-        problems = []
-        if shm_free < shm_need:
-            problems.append(f"/dev/shm has {human(shm_free)} free, the benchmark needs about "
-                            f"{human(shm_need)} (image, source and destination RAM)")
-        if mem_free and mem_free < mem_need:
-            problems.append(f"{human(mem_free)} of memory available, the benchmark needs "
-                            f"about {human(mem_need)}")
-        if problems:
-            raise SystemExit("bench_migrate: not enough room:\n  " + "\n  ".join(problems)
-                             + "\nUse a smaller --size.")
+        require_room("bench_migrate", [
+            ("/dev/shm", shm_free, shm_need, "image, source and destination RAM"),
+            ("memory", mem_free, mem_need, "the same, or the memcpy's two copies")],
+            "Use a smaller --size.")
         self.setup["space"] = {"shm_free": shm_free, "shm_need": shm_need,
                                "mem_available": mem_free, "mem_need": mem_need}
 

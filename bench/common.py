@@ -552,3 +552,18 @@ def parse_standard(ap: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     if args.repeat < 1:
         ap.error("--repeat must be >= 1")
     return args
+
+
+def free_bytes(path: str) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def require_room(tool: str, checks: list[tuple[str, int, int, str]], hint: str) -> None:
+    """Stop before starting when a place lacks room: ``checks`` are (place, free bytes, bytes
+    needed, what for); a free figure of 0 means unknown and is not checked."""
+    problems = [f"{place} has {human(free)} free, the benchmark needs about {human(need)} "
+                f"({why})" for place, free, need, why in checks if free and free < need]
+    if problems:
+        raise SystemExit(f"{tool}: not enough room:\n  " + "\n  ".join(problems)
+                         + f"\n{hint}")

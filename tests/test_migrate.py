@@ -71,6 +71,18 @@ def wait_listening(port: int) -> None:
     assert wait_until(up, 20), "incoming did not start listening"
 
 
+def image_incoming(tmp_path: Path, size: int, seed: int, channels: int
+                   ) -> tuple[Path, Path, int, subprocess.Popen]:
+    """A generated source image, and `mfd incoming` listening to write it to a new one."""
+    img = tmp_path / "src.bin"
+    generate(str(img), size, seed=seed)
+    out = tmp_path / "dst.bin"
+    port = free_ports(1 + channels)
+    inc = start_incoming(port, "--image", f"mem={out}")
+    wait_listening(port)
+    return img, out, port, inc
+
+
 def running(name: str) -> bool:
     try:
         with control.GuestClient(name, timeout=5) as g:
@@ -121,12 +133,7 @@ def test_live_migration_of_a_writing_guest(guests):
 ])
 def test_image_migration_end_to_end(tmp_path, compression, extra):
     """Every compression method, zero-page mode and sync mode moves an image exactly."""
-    img = tmp_path / "src.bin"
-    generate(str(img), 8 << 20, seed=3)
-    out = tmp_path / "dst.bin"
-    port = free_ports(4)
-    inc = start_incoming(port, "--image", f"mem={out}")
-    wait_listening(port)
+    img, out, port, inc = image_incoming(tmp_path, 8 << 20, seed=3, channels=3)
     params = MigrationParameters(multifd_channels=3, multifd_compression=compression,
                                  zero_page_detection=extra.get("zero_page_detection",
                                                                "multifd"))
@@ -276,12 +283,7 @@ def test_strangers_are_refused_and_the_migration_still_works(tmp_path):
 
     import zmq
 
-    img = tmp_path / "src.bin"
-    generate(str(img), 1 << 20, seed=5)
-    out = tmp_path / "dst.bin"
-    port = free_ports(3)
-    inc = start_incoming(port, "--image", f"mem={out}")
-    wait_listening(port)
+    img, out, port, inc = image_incoming(tmp_path, 1 << 20, seed=5, channels=2)
     with socket.create_connection(("127.0.0.1", port)) as s:
         s.sendall(b"GET / HTTP/1.0\r\n\r\n" + os.urandom(64))
         s.settimeout(5)
