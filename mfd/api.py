@@ -48,13 +48,15 @@ class PrecopyResult:
     round_log: list[dict] = field(repr=False, default_factory=list)
 
     @staticmethod
-    def fields_of(stats: MigrationStats, digests: dict[str, str]) -> dict:
+    def fields_of(stats: MigrationStats, digests: dict[str, str],
+                  query: dict | None = None) -> dict:
         return {"status": stats.status, "total_time_ms": stats.total_time_ms,
                 "downtime_ms": stats.downtime_ms, "setup_time_ms": stats.setup_time * 1000,
                 "rounds": stats.dirty_sync_count, "transferred": stats.transferred,
                 "normal_pages": stats.normal, "zero_pages": stats.duplicate,
                 "cpu_throttle_percentage": stats.cpu_throttle_percentage, "digests": digests,
-                "query_migrate": stats.query_migrate(), "round_log": stats.rounds}
+                "query_migrate": query if query is not None else stats.query_migrate(),
+                "round_log": stats.rounds}
 
 
 @dataclass(frozen=True)
@@ -238,8 +240,8 @@ def migrate(uri: str, *, images: dict[str, str] | None = None, guest: str | None
     with _source("migrate", images, guest) as (blocks, client):
         mig = Migration(uri, blocks, params, options or MigrateOptions(), client, progress)
         _monitored(monitor, mig, mig.run)
-    fields = PrecopyResult.fields_of(mig.stats, mig.digests)
-    return MigrateResult(**fields | {"query_migrate": mig.query_migrate()}, uri=uri)
+    return MigrateResult(**PrecopyResult.fields_of(mig.stats, mig.digests, mig.query_migrate()),
+                         uri=uri)
 
 
 def incoming(listen: str, *, images: dict[str, str] | None = None, guest: str | None = None,

@@ -109,7 +109,8 @@ class Migration(Precopy):
         self.stats.transferred += len(data)
 
     def _from_destination(self) -> None:
-        """A message from the destination while we work: only ERROR is expected."""
+        """Messages from the destination while we work: READY and RESULT are kept for
+        ``_wait_reply``, ERROR fails the migration at once."""
         while self.main.poll(0):
             frames = self.main.recv_multipart()
             if frames[0] == mainchannel.ERROR:
@@ -124,8 +125,8 @@ class Migration(Precopy):
         """Every <= 100 ms while waiting: the link, the destination, cancel, the timeout,
         parameters set through the monitor."""
         self._from_destination()
-        if any(f[0] == mainchannel.RESULT for f in self.replies):
-            return  # the destination has answered and may well have hung up since
+        if self._answered:
+            return  # the destination has said RESULT and may well have hung up since
         try:
             self.link.check()
         except tcp.LinkLost:
@@ -133,9 +134,8 @@ class Migration(Precopy):
             # says why): give it a moment to arrive
             if self.main.poll(GRACE_MS):
                 self._from_destination()
-            if any(f[0] == mainchannel.RESULT for f in self.replies):
-                return
-            raise
+            if not self._answered:
+                raise
         if self.cancel_requested is not None:
             raise Cancelled(self.cancel_requested)
         timeout = self.options.timeout
@@ -148,6 +148,10 @@ class Migration(Precopy):
         if self.progress is not None and self.stats.status == "active":
             self.stats.bandwidth = self.meter.bandwidth
             self.progress(self.stats)
+
+    @property
+    def _answered(self) -> bool:
+        return any(f[0] == mainchannel.RESULT for f in self.replies)
 
     def _wait_reply(self, kind: bytes, timeout: float) -> dict:
         deadline = time.monotonic() + timeout

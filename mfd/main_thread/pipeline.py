@@ -80,8 +80,8 @@ class ChannelPool:
         self.channel_of: dict[bytes, int] = {}
         self.inflight: dict[int, tuple[bytes, OnDone | None]] = {}
         self.next_job = 0
-        # channel -> (packet_num of the SYNC it waits at, its round report)
-        self.synced: dict[bytes, tuple[int, messages.RoundReport]] = {}
+        # channel -> its round report, sent as it reached its SYNC packet and waits there
+        self.synced: dict[bytes, messages.RoundReport] = {}
         self.watched: dict[Any, Callable[[], None]] = {}
         self.tick: Callable[[], None] | None = None  # called every <= 100 ms while waiting
         self.next_tick = 0.0
@@ -183,7 +183,7 @@ class ChannelPool:
         self._check()
         while len(self.synced) < len(self.channel_of):
             self._pump(None)
-        reports = [report for _, report in self.synced.values()]
+        reports = list(self.synced.values())
         for ident in self.synced:
             self._to(ident, [messages.RELEASE])
         self.synced.clear()
@@ -241,7 +241,7 @@ class ChannelPool:
             if ident in self.synced:
                 raise self._fail(BrokenPipeline(
                     f"channel {self.channel_of.get(ident, '?')} reported SYNC twice"))
-            self.synced[ident] = messages.decode_synced(frames)
+            self.synced[ident] = messages.decode_synced(frames)[1]
         elif kind == messages.ERROR:
             text = frames[1].decode(errors="replace").strip().splitlines()
             ch = self.channel_of.get(ident)

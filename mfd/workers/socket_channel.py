@@ -370,11 +370,10 @@ class RecvChannel(_Channel):
                  data: np.ndarray) -> None:
         """A packet that is exactly one whole chunk is hashed now, from the data it just
         wrote; any other packet makes the digests of the chunks it touched stale."""
-        pages = np.concatenate((normal, zero))
-        chunk = int(pages.min()) // CHUNK_PAGES
-        num_pages = self.cfg.blocks[block].num_pages
-        if int(pages.max()) // CHUNK_PAGES == chunk and \
-                len(pages) == min(CHUNK_PAGES, num_pages - chunk * CHUNK_PAGES):
+        pages = np.sort(np.concatenate((normal, zero)))
+        whole, chunks = whole_chunks(pages, self.cfg.blocks[block].num_pages)
+        if len(whole) and len(pages) <= CHUNK_PAGES:  # the one packet is a whole chunk
+            chunk = int(chunks[0])
             mask = np.zeros(len(pages), dtype=bool)
             mask[normal - chunk * CHUNK_PAGES] = True
             if not np.all(normal[1:] > normal[:-1]):  # not in page order: hash as in RAM
