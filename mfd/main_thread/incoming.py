@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -91,7 +90,6 @@ class Incoming:
         self.guest: control.GuestClient | None = None
         self.mapped: list[MappedBlock] = []
         self.guest_state: dict | None = None
-        self.lock = threading.Lock()
 
     # ------------------------------------------------------------------ main channel
 

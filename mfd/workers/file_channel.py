@@ -129,8 +129,8 @@ class FileChannel:
         runs = page_runs(pages[nonzero])
         moved = self._io(block, runs, os.pwritev, "write")
         digest = b""
-        whole, _ = whole_chunks(pages, self.cfg.blocks[block].num_pages)
-        if self.cfg.digest_chunks and len(pages) <= CHUNK_PAGES and len(whole) == 1:
+        if self.cfg.digest_chunks and len(pages) <= CHUNK_PAGES and \
+                len(whole_chunks(pages, self.cfg.blocks[block].num_pages)[0]) == 1:
             digest = chunk_digests(self.blocks[block].view, runs, TARGET_PAGE_SIZE)
         if moved and not self.cfg.direct_io:
             # start writeback now, so the fdatasync at completion finds little left to do
