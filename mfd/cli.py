@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
 import sys
 from collections.abc import Iterator
 
@@ -20,22 +19,12 @@ from mfd.errors import MfdError, UsageError
 from mfd.main_thread.incoming import IncomingOptions
 from mfd.main_thread.migrate import Cancelled, MigrateOptions
 from mfd.options import MigrationParameters
-from mfd.progress import LiveView, human
+from mfd.progress import LiveView
 from mfd.shm import control
 from mfd.shm.guest import GuestConfig, run_guest
 from mfd.shm.ramblock import RAMBlock
 from mfd.shm.workload import PATTERNS, WorkloadState
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """``4096``, ``16384K``, ``200M``, ``1G``, ``1.5GiB`` (binary units, as QEMU's -m)."""
-    m = _SIZE.match(text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 4096, 200M, 1G)")
-    mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
-    return int(float(m.group(1)) * mult)
+from mfd.units import human, parse_size
 
 
 def parse_named(text: str) -> tuple[str, str]:
@@ -192,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--downtime-limit", type=int, default=300, metavar="MS")
     d.add_argument("--auto-converge", action="store_true")
     d.add_argument("--json", action="store_true")
+
+    b = sub.add_parser("bench", help="measure save, restore, migrate and live migration "
+                       "against QEMU and the physical limits")
+    from mfd.bench.options import add_arguments
+
+    add_arguments(b)
 
     i = sub.add_parser("inspect", help="show the structure of a QEMU migration file")
     i.add_argument("file")
@@ -357,9 +352,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from mfd.bench.main import run
+
+    return run(args)
+
+
 COMMANDS = {"guest": cmd_guest, "save": cmd_save, "restore": cmd_restore,
             "inspect": cmd_inspect, "demo": cmd_demo, "migrate": cmd_migrate,
-            "incoming": cmd_incoming}
+            "incoming": cmd_incoming, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

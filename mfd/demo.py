@@ -23,9 +23,9 @@ from mfd import api
 from mfd.errors import MfdError
 from mfd.main_thread.precopy import Progress
 from mfd.options import MigrationParameters
-from mfd.progress import human
 from mfd.ramimage import generate
 from mfd.shm import control
+from mfd.units import human
 from mfd.workers.tcp import free_ports
 
 

@@ -14,16 +14,9 @@ import time
 from typing import TextIO
 
 from mfd.main_thread.stats import MigrationStats
+from mfd.units import human
 
 REDRAW = 0.2  # seconds between redraws of the live view
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    raise AssertionError
 
 
 def fields(stats: MigrationStats) -> dict[str, str]:

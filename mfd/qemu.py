@@ -398,6 +398,7 @@ class QemuMachine:
         direct_io: bool = False,
         multifd_compression: str = "none",
         zstd_level: int | None = None,
+        zlib_level: int | None = None,
     ) -> None:
         """Set the capabilities and parameters for the next migrate / migrate-incoming.
 
@@ -423,6 +424,8 @@ class QemuMachine:
             params["multifd-compression"] = multifd_compression
         if zstd_level is not None:
             params["multifd-zstd-level"] = zstd_level
+        if zlib_level is not None:
+            params["multifd-zlib-level"] = zlib_level
         if direct_io:
             params["direct-io"] = True
         self.qmp("migrate-set-parameters", **params)

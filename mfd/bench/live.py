@@ -1,0 +1,158 @@
+"""``mfd bench live``: a running guest migrated live at each dirty rate, with and without
+auto-converge.
+
+Each run starts a guest (``mfd guest``, RAM the size of the image, holding the image's data)
+that dirties random pages at the given rate, lets it run for a second, then migrates it
+over the largest channel count to an ``mfd incoming --guest`` process, bounded by
+``--live-timeout`` (a migration cancelled by it counts as not converged; the guest keeps
+running at the source, as after any failed migration). While it runs, QMP ``query-migrate``
+on the source's monitor every 100 ms gives the remaining dirty bytes and the throttle
+against time. Recorded: total time, downtime, rounds, final throttle, converged or not,
+and the RAM digests of both ends at switchover (equal, or the run fails).
+
+QEMU is not run here: with ``-machine none`` no vCPU writes its RAM, and writes from
+outside QEMU are not in its dirty log, so there is nothing live to compare.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+from mfd.bench.migration import Incoming, figures
+from mfd.bench.runs import Config
+from mfd.bench.workspace import Workspace
+from mfd.shm import control
+from mfd.units import human
+from mfd.workers.tcp import free_ports
+
+SETTLE = 1.0  # seconds the guest writes before the migration starts
+POLL = 0.1  # seconds between query-migrate samples
+
+NOTES = [
+    f"live: the guest holds the image's data and dirties random pages at the given rate for "
+    f"{SETTLE:g} s before the migration starts; the migration uses the largest channel count, "
+    "no compression, QEMU's default downtime-limit (300 ms) and auto-converge settings "
+    "(20% then +10% per period). A run not done within --live-timeout is cancelled and "
+    "counts as not converged; times and downtimes are medians of the converged runs. "
+    "Downtime includes mfd's RAM verification on both ends (x-verify-time).",
+    "live: QEMU is not compared. With -machine none no vCPU writes its RAM, and writes from "
+    "outside QEMU are not in its dirty log.",
+]
+
+
+class Sampler:
+    """query-migrate on the source's monitor every POLL seconds, from a thread: (seconds
+    since start, remaining bytes, throttle %, round) while the migration runs."""
+
+    def __init__(self, monitor: str) -> None:
+        self.monitor = monitor
+        self.series: list[list[float]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="bench-sampler", daemon=True)
+
+    def run(self) -> None:
+        from mfd.errors import MfdError
+        from mfd.monitor import monitor_command
+
+        t0 = time.monotonic()
+        while not self.stop.wait(POLL):
+            if not os.path.exists(self.monitor):
+                continue
+            try:
+                q = monitor_command(self.monitor, "query-migrate", timeout=1.0)["return"]
+            except (MfdError, KeyError):
+                continue
+            ram = q.get("ram")
+            if q.get("status") == "active" and ram:
+                self.series.append([round(time.monotonic() - t0, 3), ram["remaining"],
+                                    q.get("cpu-throttle-percentage", 0),
+                                    ram["dirty-sync-count"]])
+
+    def __enter__(self) -> Sampler:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+
+
+class LiveBench:
+    def __init__(self, ws: Workspace) -> None:
+        self.ws = ws
+        self.channels = max(ws.settings.channels)
+
+    def quit_guest(self, name: str) -> None:
+        """Quit the guest if it still runs (the source after a failure, the destination)."""
+        from mfd.errors import MfdError
+
+        try:
+            with control.GuestClient(name, timeout=5.0) as g:
+                g.quit()
+        except MfdError:
+            pass
+        log = os.path.join(control.run_dir(), f"{name}.log")
+        if os.path.exists(log):
+            os.unlink(log)
+
+    def run(self, rate: int, auto_converge: bool) -> dict[str, Any]:
+        from mfd.main_thread.migrate import Cancelled, MigrateOptions
+        from mfd.options import MigrationParameters
+
+        s = self.ws.settings
+        src, dst = f"bench-src-{os.getpid()}", f"bench-dst-{os.getpid()}"
+        tokens = [self.ws.cleanup.add(f"quit guest {n}", lambda n=n: self.quit_guest(n))
+                  for n in (src, dst)]
+        try:
+            g = control.start_guest_daemon(["--name", src, "--ram", str(self.ws.size),
+                                            "--dirty-rate", str(rate), "--pattern", "random",
+                                            "--stopped"], src)
+            with g:
+                (block,) = g.query()["blocks"]
+                assert self.ws.image is not None
+                self.ws.image.copy(block["path"], fresh=False)
+                g.cont()
+            port = free_ports(self.channels + 1)
+            uri = f"tcp://127.0.0.1:{port}"
+            monitor = self.ws.shm("source.qmp")
+            params = MigrationParameters(multifd_channels=self.channels,
+                                         auto_converge=auto_converge)
+            with Incoming(self.ws, ["--listen", uri, "--guest", dst, "--json"], port) as inc:
+                time.sleep(SETTLE)
+                with Sampler(monitor) as sampler:
+                    t0 = time.perf_counter()
+                    try:
+                        r, dt = inc.migrate(uri, guest=src, params=params, monitor=monitor,
+                                            options=MigrateOptions(timeout=s.live_timeout))
+                    except Cancelled:
+                        if time.perf_counter() - t0 < s.live_timeout:
+                            raise
+                        return {"seconds": time.perf_counter() - t0, "converged": False,
+                                "series": sampler.series}
+                    except Exception as e:
+                        raise inc.explain(e) from e
+                dest = inc.result()
+            if dest.get("digests") != r.digests:
+                raise RuntimeError("the destination's RAM digests differ from the source's")
+            return {"seconds": dt, "converged": True, **figures(r),
+                    "series": sampler.series, "rounds_log": r.round_log,
+                    "digests_equal": True}
+        finally:
+            for t in reversed(tokens):
+                self.ws.cleanup.done(t)
+
+    def configs(self) -> list[Config]:
+        s = self.ws.settings
+        out = []
+        for rate in s.dirty_rates:
+            for ac in s.auto_converge:
+                label = (f"dirty {human(rate)}/s, {self.channels} ch"
+                         + (", auto-converge" if ac else ""))
+                out.append(Config(f"live-{rate >> 20}M{'-ac' if ac else ''}", "live", "mfd",
+                                  label, {"dirty_rate": rate, "auto_converge": ac,
+                                          "channels": self.channels},
+                                  lambda rate=rate, ac=ac: self.run(rate, ac)))
+        return out

@@ -1,0 +1,157 @@
+"""``mfd bench``'s command line and the settings it resolves to (``--quick`` included)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from mfd.options import COMPRESSION
+from mfd.units import parse_size
+
+MODES = ("save", "restore", "migrate", "live", "all")
+PAGE = 4096
+
+
+def _size(text: str) -> int:
+    size = parse_size(text)
+    if size <= 0 or size % PAGE:
+        raise argparse.ArgumentTypeError(f"size {text!r} is not a positive multiple of {PAGE}")
+    return size
+
+
+def _list(item, what: str, example: str):
+    def parse(text: str) -> list:
+        try:
+            values = [item(x) for x in text.split(",") if x.strip()]
+        except (ValueError, argparse.ArgumentTypeError):
+            values = []
+        if not values:
+            raise argparse.ArgumentTypeError(f"bad {what} list {text!r} (e.g. {example})")
+        return values
+    return parse
+
+
+def _channels(text: str) -> list[int]:
+    chans = _list(int, "channel", "1,2,4")(text)
+    if any(not 1 <= c <= 255 for c in chans):
+        raise argparse.ArgumentTypeError(f"channels must be in 1..255, got {text!r}")
+    return sorted(set(chans))
+
+
+def _compressions(text: str) -> list[str]:
+    comps = _list(str.strip, "compression", "none,zstd")(text)
+    bad = [c for c in comps if c not in COMPRESSION]
+    if bad:
+        raise argparse.ArgumentTypeError(f"compression must be among {','.join(COMPRESSION)}, "
+                                         f"got {text!r}")
+    return list(dict.fromkeys(comps))
+
+
+def _rates(text: str) -> list[int]:
+    return sorted(set(_list(parse_size, "dirty rate", "0,100M,400M")(text)))
+
+
+def _fraction(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        x = -1.0
+    if not 0.0 <= x <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in 0..1, got {text!r}")
+    return x
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("mode", choices=MODES, help="what to measure (all: every mode, in order)")
+    p.add_argument("--size", type=_size, help="RAM image size (default 2G; --quick 64M)")
+    p.add_argument("--image", metavar="PATH",
+                   help="a real RAM dump as the image (read only; its size is the RAM size)")
+    p.add_argument("--zero", type=_fraction, default=0.5,
+                   help="share of zero pages in the generated image (default 0.5)")
+    p.add_argument("--random", type=_fraction, default=0.25,
+                   help="share of random pages; the rest is compressible text (default 0.25)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--multifd-channels", type=_channels, metavar="N,N,...",
+                   help="channel counts (default 1,2,4; --quick 1,2)")
+    p.add_argument("--multifd-compression", type=_compressions, default=["none", "zstd"],
+                   metavar="C,C,...", help="migrate: compressions (default none,zstd; zstd "
+                   "at level 1)")
+    p.add_argument("--direct-io", action="store_true",
+                   help="save/restore: also measure O_DIRECT (both tools)")
+    p.add_argument("--dirty-rate", type=_rates, metavar="R,R,...",
+                   help="live: guest dirty rates, bytes/s (default 0,100M,400M; --quick 0,16M)")
+    ac = p.add_mutually_exclusive_group()
+    ac.add_argument("--auto-converge", dest="auto_converge", action="store_const",
+                    const="on", help="live: only with auto-converge (default: with and without)")
+    ac.add_argument("--no-auto-converge", dest="auto_converge", action="store_const",
+                    const="off", help="live: only without auto-converge")
+    p.add_argument("--live-timeout", type=float, metavar="SECONDS",
+                   help="live: a migration not done by then counts as not converged "
+                   "(default 60; --quick 20)")
+    p.add_argument("--repeat", type=int, help="counted runs per config (default 3; --quick 1)")
+    p.add_argument("--against", choices=("qemu",),
+                   help="also run QEMU 10 on the same image and settings, in the same run")
+    p.add_argument("--out", default="mfd-bench", metavar="DIR",
+                   help="where results.json, table.txt and the plots go (default ./mfd-bench)")
+    p.add_argument("--dir", metavar="DIR", default="/var/tmp",
+                   help="save/restore: parent of the work directory on the disk measured "
+                   "(default /var/tmp)")
+    p.add_argument("--quick", action="store_true",
+                   help="small and fast: 64M, one repeat, no warm-up (proves it works)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+
+
+@dataclass(frozen=True)
+class Settings:
+    modes: tuple[str, ...]
+    size: int | None  # None with --image: the dump's size
+    image: str | None
+    zero: float
+    random: float
+    seed: int
+    channels: tuple[int, ...]
+    compressions: tuple[str, ...]
+    direct_io: bool
+    dirty_rates: tuple[int, ...]
+    auto_converge: tuple[bool, ...]
+    live_timeout: float
+    repeat: int
+    warmup: int
+    against_qemu: bool
+    out: str
+    workdir_parent: str
+    quick: bool
+    json: bool
+
+    def as_json(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+def settings(args: argparse.Namespace) -> Settings:
+    """The defaults that depend on ``--quick``, filled in; option conflicts refused."""
+    from mfd.errors import UsageError
+
+    q = args.quick
+    if args.image and args.size:
+        raise UsageError("mfd bench: --size and --image exclude each other (the dump's size "
+                         "is the RAM size)")
+    if args.zero + args.random > 1.0:
+        raise UsageError("mfd bench: --zero + --random must not exceed 1")
+    repeat = args.repeat if args.repeat is not None else (1 if q else 3)
+    if repeat < 1:
+        raise UsageError("mfd bench: --repeat must be at least 1")
+    timeout = args.live_timeout if args.live_timeout is not None else (20.0 if q else 60.0)
+    if timeout <= 0:
+        raise UsageError("mfd bench: --live-timeout must be positive")
+    size = None if args.image else (args.size or (64 << 20 if q else 2 << 30))
+    ac = {"on": (True,), "off": (False,), None: (False, True)}[args.auto_converge]
+    return Settings(
+        modes=MODES[:-1] if args.mode == "all" else (args.mode,),
+        size=size, image=args.image, zero=args.zero, random=args.random, seed=args.seed,
+        channels=tuple(args.multifd_channels or ([1, 2] if q else [1, 2, 4])),
+        compressions=tuple(args.multifd_compression), direct_io=args.direct_io,
+        dirty_rates=tuple(args.dirty_rate or ([0, 16 << 20] if q else [0, 100 << 20,
+                                                                      400 << 20])),
+        auto_converge=ac, live_timeout=timeout, repeat=repeat, warmup=0 if q else 1,
+        against_qemu=args.against == "qemu", out=args.out, workdir_parent=args.dir, quick=q,
+        json=args.json)

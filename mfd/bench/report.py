@@ -1,0 +1,199 @@
+"""From raw runs to what a report shows: per-config statistics, ratios, tables, targets.
+
+Every config's figure is the median of its counted runs (min and max beside it). An mfd
+config is compared with the QEMU config of the same mode and parameters (``mfd/QEMU``,
+time over time: below 1 mfd is faster), and every config with its physical limit measured
+in the same run (``of limit``: the share of the limit's throughput it reached).
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from mfd.bench.runs import Config
+from mfd.units import human
+
+MiB = 1 << 20
+MODE_ORDER = ("save", "restore warm", "restore cold", "migrate", "live")
+
+# (mode, which runs are the same input, what, target of mfd's best / QEMU's best)
+TARGETS = [
+    ("save", {"ram": "sparse"}, "save, RAM with never-touched zero pages", 0.5),
+    ("save", {"ram": "allocated"}, "save, every page allocated", 0.5),
+    ("restore warm", {"source": "qemu"}, "restore warm, QEMU's file", 1.0),
+    ("restore warm", {"source": "mfd"}, "restore warm, mfd's file (mfd verifies)", 1.0),
+    ("restore cold", {"source": "qemu"}, "restore cold, QEMU's file", 1.0),
+    ("restore cold", {"source": "mfd"}, "restore cold, mfd's file (mfd verifies)", 1.0),
+]
+
+
+def _med(values: list[Any]) -> float | None:
+    vals = [v for v in values if isinstance(v, int | float)]
+    return statistics.median(vals) if vals else None
+
+
+def stats(c: Config, size: int) -> dict[str, Any]:
+    secs = [r["seconds"] for r in c.counted() if r.get("converged", True)]
+    if not secs:
+        return {"n": 0}
+    med = statistics.median(secs)
+    return {"n": len(secs), "median": med, "min": min(secs), "max": max(secs),
+            "mib_s": size / MiB / med if med > 0 else None}
+
+
+def twin(c: Config, configs: list[Config]) -> Config | None:
+    """The QEMU config measured on the same input with the same parameters as ``c``."""
+    for q in configs:
+        if q.tool == "qemu" and q.mode == c.mode and q.params == c.params:
+            return q
+    return None
+
+
+def summarize(configs: list[Config], size: int) -> list[dict[str, Any]]:
+    by_key = {c.key: c for c in configs}
+    out = []
+    for c in configs:
+        st = stats(c, size)
+        row: dict[str, Any] = {"key": c.key, "mode": c.mode, "tool": c.tool, "label": c.label,
+                               "params": c.params, "error": c.error, **st}
+        limit = by_key.get(c.limit) if c.limit else None
+        lst = stats(limit, size) if limit is not None else {"n": 0}
+        if st["n"] and lst["n"]:
+            row["limit"] = c.limit
+            row["of_limit"] = lst["median"] / st["median"]
+        q = twin(c, configs) if c.tool == "mfd" else None
+        qst = stats(q, size) if q is not None else {"n": 0}
+        if st["n"] and qst["n"]:
+            row["qemu"] = q.key if q else None
+            row["vs_qemu"] = st["median"] / qst["median"]
+        if c.mode == "live":
+            runs = c.counted()
+            ok = [r for r in runs if r.get("converged")]
+            row.update(runs=len(runs), converged=len(ok),
+                       total_time_ms=_med([r.get("total_time_ms") for r in ok]),
+                       downtime_ms=_med([r.get("downtime_ms") for r in ok]),
+                       downtime_min_ms=min((r["downtime_ms"] for r in ok), default=None),
+                       downtime_max_ms=max((r["downtime_ms"] for r in ok), default=None),
+                       rounds=_med([r.get("rounds") for r in ok]),
+                       throttle=_med([r.get("cpu_throttle_percentage") for r in ok]),
+                       transferred=_med([r.get("transferred") for r in ok]))
+        out.append(row)
+    return out
+
+
+def format_table(head: list[str], body: list[list[str]], right: set[int]) -> str:
+    """Plain-text table. A row shorter than ``head`` ends in one free-text cell (e.g.
+    "FAILED: ..."), which does not widen its column."""
+    widths = [len(h) for h in head]
+    for b in body:
+        for i, cell in enumerate(b if len(b) == len(head) else b[:-1]):
+            widths[i] = max(widths[i], len(cell))
+
+    def fmt(cells: list[str]) -> str:
+        out = []
+        for i, cell in enumerate(cells):
+            if len(cells) < len(head) and i == len(cells) - 1:
+                out.append(cell)
+            else:
+                out.append(cell.rjust(widths[i]) if i in right else cell.ljust(widths[i]))
+        return "  ".join(out).rstrip()
+
+    return "\n".join([fmt(head), "  ".join("-" * w for w in widths), *map(fmt, body)])
+
+
+def _ratio(x: float | None) -> str:
+    return f"{x:.2f}" if x is not None else ""
+
+
+def mode_table(rows: list[dict[str, Any]]) -> str:
+    head = ["tool", "config", "n", "median s", "min s", "max s", "MiB/s", "mfd/QEMU",
+            "of limit"]
+    body = []
+    for r in rows:
+        if r["error"] is not None:
+            body.append([r["tool"], r["label"], str(r["n"]), "FAILED: " + r["error"]])
+        elif not r["n"]:
+            body.append([r["tool"], r["label"], "0", "no runs"])
+        else:
+            body.append([r["tool"], r["label"], str(r["n"]), f"{r['median']:.3f}",
+                         f"{r['min']:.3f}", f"{r['max']:.3f}", f"{r['mib_s']:.0f}",
+                         _ratio(r.get("vs_qemu")), _ratio(r.get("of_limit"))])
+    return format_table(head, body, {2, 3, 4, 5, 6, 7, 8})
+
+
+def live_table(rows: list[dict[str, Any]]) -> str:
+    head = ["dirty rate", "auto-converge", "converged", "total s", "downtime ms",
+            "(min-max)", "rounds", "throttle %", "sent MiB"]
+    body = []
+    for r in rows:
+        rate = f"{human(r['params']['dirty_rate'])}/s"
+        ac = "yes" if r["params"]["auto_converge"] else "no"
+        if r["error"] is not None:
+            body.append([rate, ac, "FAILED: " + r["error"]])
+            continue
+        if not r.get("converged"):
+            body.append([rate, ac, f"0/{r.get('runs', 0)}", "not converged"])
+            continue
+
+        def f(x: float | None, scale: float = 1.0, fmt: str = "{:.0f}") -> str:
+            return fmt.format(x * scale) if x is not None else "?"
+
+        body.append([rate, ac, f"{r['converged']}/{r['runs']}",
+                     f(r["total_time_ms"], 1e-3, "{:.2f}"), f(r["downtime_ms"]),
+                     f"{f(r['downtime_min_ms'])}-{f(r['downtime_max_ms'])}", f(r["rounds"]),
+                     f(r["throttle"]), f(r["transferred"], 1 / MiB)])
+    return format_table(head, body, {0, 2, 3, 4, 5, 6, 7, 8})
+
+
+def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """mfd's best median against QEMU's best median on the same input (save, restore), and
+    each migration config against QEMU's with the same channels and compression."""
+    out = []
+
+    def ok(r: dict[str, Any]) -> bool:
+        return r["error"] is None and r["n"] > 0
+
+    def best(mode: str, same: dict[str, Any], tool: str) -> dict[str, Any] | None:
+        return min((r for r in rows if r["mode"] == mode and r["tool"] == tool and ok(r)
+                    and all(r["params"].get(k) == v for k, v in same.items())),
+                   key=lambda r: r["median"], default=None)
+
+    for mode, same, what, target in TARGETS:
+        m, q = best(mode, same, "mfd"), best(mode, same, "qemu")
+        if m and q:
+            out.append(_target(what, m, q, target))
+    for r in rows:
+        if r["mode"] == "migrate" and r["tool"] == "mfd" and ok(r) and "qemu" in r:
+            q = next(x for x in rows if x["key"] == r["qemu"])
+            p = r["params"]
+            comp = p["compression"] + (" level 1" if p["compression"] != "none" else "")
+            out.append(_target(f"migrate, {p['channels']} ch {comp}", r, q, 1.0))
+    return out
+
+
+def _target(what: str, m: dict[str, Any], q: dict[str, Any], target: float) -> dict[str, Any]:
+    ratio = m["median"] / q["median"]
+    return {"what": what, "mfd": m["median"], "mfd_config": m["label"], "qemu": q["median"],
+            "qemu_config": q["label"], "ratio": ratio, "target": target,
+            "met": ratio <= target}
+
+
+def target_lines(tgts: list[dict[str, Any]]) -> list[str]:
+    return [f"{t['what']}: mfd {t['mfd']:.3f} s ({t['mfd_config']}) vs QEMU {t['qemu']:.3f} s "
+            f"({t['qemu_config']}) -> {t['ratio']:.2f} (target <= {t['target']:g}) "
+            f"{'met' if t['met'] else 'MISSED'}" for t in tgts]
+
+
+def text(header: list[str], rows: list[dict[str, Any]], tgts: list[dict[str, Any]],
+         notes: list[str]) -> str:
+    parts = [*header]
+    for mode in MODE_ORDER:
+        mine = [r for r in rows if r["mode"] == mode]
+        if not mine:
+            continue
+        parts += ["", f"{mode}:", live_table(mine) if mode == "live" else mode_table(mine)]
+    if tgts:
+        parts += ["", "targets (same run, medians):", *target_lines(tgts)]
+    parts += ["", "notes:", *(f"- {n}" for n in notes)]
+    return "\n".join(parts)
