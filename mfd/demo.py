@@ -10,7 +10,6 @@ equal), and the guest going on writing at the destination.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -33,13 +32,11 @@ def run(ram: int, dirty_rate: int, params: MigrationParameters, say: Callable[[s
         progress: Progress | None = None) -> dict:
     pid = os.getpid()
     src, dst = f"demo-src-{pid}", f"demo-dst-{pid}"
-    started: list[str] = []
     incoming = None
     try:
         g = control.start_guest_daemon(["--name", src, "--ram", str(ram), "--dirty-rate",
                                         str(dirty_rate), "--pattern", "hotset", "--stopped"],
                                        src)
-        started.append(src)
         (block,) = g.query()["blocks"]
         generate(block["path"], ram, zero=0.5, random=0.5, create=False)  # it has been busy
         g.cont()
@@ -50,14 +47,12 @@ def run(ram: int, dirty_rate: int, params: MigrationParameters, say: Callable[[s
         incoming = subprocess.Popen(
             [sys.executable, "-m", "mfd", "incoming", "--listen", uri, "--guest", dst,
              "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        started.append(dst)
         say(f"destination: mfd incoming --listen {uri} --guest {dst} (pid {incoming.pid})")
         say(f"migrating over {params.multifd_channels} channels "
             f"(compression {params.multifd_compression}, downtime limit "
             f"{params.downtime_limit} ms)")
         time.sleep(0.3)  # let the destination bind
         res = api.migrate(uri, guest=src, params=params, progress=progress)
-        started.remove(src)  # it runs on the destination now
         out, err = incoming.communicate(timeout=60)
         if incoming.returncode != 0:
             raise MfdError(f"destination: {err.strip().splitlines()[-1] if err else '?'}")
@@ -88,6 +83,5 @@ def run(ram: int, dirty_rate: int, params: MigrationParameters, say: Callable[[s
         if incoming is not None and incoming.poll() is None:
             incoming.kill()
             incoming.wait()
-        for name in started:
-            with contextlib.suppress(MfdError), control.GuestClient(name) as c:
-                c.quit()
+        for name in (src, dst):
+            control.release(name)

@@ -85,26 +85,13 @@ class LiveBench:
         self.ws = ws
         self.channels = max(ws.settings.channels)
 
-    def quit_guest(self, name: str) -> None:
-        """Quit the guest if it still runs (the source after a failure, the destination)."""
-        from mfd.errors import MfdError
-
-        try:
-            with control.GuestClient(name, timeout=5.0) as g:
-                g.quit()
-        except MfdError:
-            pass
-        log = os.path.join(control.run_dir(), f"{name}.log")
-        if os.path.exists(log):
-            os.unlink(log)
-
     def run(self, rate: int, auto_converge: bool) -> dict[str, Any]:
         from mfd.main_thread.migrate import Cancelled, MigrateOptions
         from mfd.options import MigrationParameters
 
         s = self.ws.settings
         src, dst = f"bench-src-{os.getpid()}", f"bench-dst-{os.getpid()}"
-        tokens = [self.ws.cleanup.add(f"quit guest {n}", lambda n=n: self.quit_guest(n))
+        tokens = [self.ws.cleanup.add(f"quit guest {n}", lambda n=n: control.release(n))
                   for n in (src, dst)]
         try:
             g = control.start_guest_daemon(["--name", src, "--ram", str(self.ws.size),

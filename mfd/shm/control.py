@@ -6,6 +6,7 @@ Every call is bounded: a guest that does not answer within ``timeout`` is report
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -134,3 +135,12 @@ def start_guest_daemon(argv: list[str], name: str, timeout: float = 30.0) -> Gue
     proc.kill()
     proc.wait()
     raise GuestError(f"guest {name!r} did not come up within {timeout:g} s")
+
+
+def release(name: str) -> None:
+    """Quit the guest ``name`` if it still runs, and remove its log: what a program that
+    started a guest for a while (the demo, the benchmark) leaves behind is nothing."""
+    with contextlib.suppress(GuestError), GuestClient(name, timeout=5.0) as g:
+        g.quit()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(run_dir(), f"{name}.log"))

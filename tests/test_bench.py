@@ -1,0 +1,167 @@
+"""``mfd bench``: the quick mode end to end, Ctrl-C, bad options, and the report's pairing.
+
+No test asserts a timing: the figures are whatever this machine gives; what is checked is
+that every mode ran for real (every destination was verified by the benchmark itself), that
+the outputs are there, and that nothing the run created is left behind.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mfd.bench import report
+from mfd.bench.runs import Config
+from mfd.qemu import qemu_binary
+
+MFD = [sys.executable, "-m", "mfd"]
+
+
+def bench_leftovers(workdir: Path) -> set[str]:
+    """What a benchmark run may create: its /dev/shm directory and guests' RAM (mfd-bench*),
+    its disk work directory, and guest control sockets."""
+    shm = {n for n in os.listdir("/dev/shm") if n.startswith("mfd-bench")}
+    disk = {n for n in os.listdir(workdir) if n.startswith("mfd-bench-")}
+    run = {n for n in os.listdir(os.environ["MFD_RUN_DIR"]) if n.startswith("bench-")}
+    return shm | disk | run
+
+
+def test_quick_all_runs_every_mode_and_writes_the_report(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    work.mkdir()
+    before = bench_leftovers(work)
+    p = subprocess.run([*MFD, "bench", "all", "--quick", "--against", "qemu", "--out",
+                        str(out), "--dir", str(work), "--json"], capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    result = json.loads(p.stdout)
+    assert bench_leftovers(work) == before
+
+    configs = result["configs"]
+    assert configs and all(c["error"] is None for c in configs), \
+        [(c["key"], c["error"]) for c in configs if c["error"]]
+    modes = {c["mode"] for c in configs}
+    assert modes == {"save", "restore warm", "restore cold", "migrate", "live"}
+    for c in configs:  # --quick: one counted run, no warm-up, each one real and checked
+        (run,) = c["runs"]
+        assert run["ok"] and not run["warmup"] and run["seconds"] > 0
+        if c["mode"].startswith("restore") and c["tool"] in ("mfd", "qemu") \
+                or c["mode"] == "migrate" and c["tool"] in ("mfd", "qemu"):
+            assert run["verified"] is True
+    live = [c for c in configs if c["mode"] == "live"]
+    assert {(c["params"]["dirty_rate"], c["params"]["auto_converge"]) for c in live} == \
+        {(0, False), (0, True), (16 << 20, False), (16 << 20, True)}
+    for c in live:
+        (run,) = c["runs"]
+        assert run["converged"] and run["digests_equal"] and run["rounds"] >= 2
+        assert run["series"], "query-migrate was never sampled"
+
+    rows = {r["key"]: r for r in result["summary"]}
+    assert rows["mfd-2-none"]["limit"] == "tcp-2" and rows["mfd-2-none"]["of_limit"] > 0
+    assert rows["mfd-save-2-buffered-sparse"]["limit"] == "dd-write"
+    if qemu_binary() is not None:
+        assert rows["mfd-2-none"]["qemu"] == "qemu-2-none"
+        assert rows["mfd-2-zstd"]["vs_qemu"] > 0
+        whats = {t["what"] for t in result["targets"]}
+        assert "save, RAM with never-touched zero pages" in whats
+        assert "migrate, 2 ch zstd level 1" in whats
+    else:
+        assert any("QEMU not compared" in n for n in result["notes"])
+
+    env = result["environment"]
+    assert env["cpu_count"] and env["kernel"] and env["versions"]["python"]
+    for name in ("throughput.png", "live-remaining.png", "live-downtime.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert json.loads((out / "results.json").read_bytes())["summary"] == result["summary"]
+    table = (out / "table.txt").read_text()
+    for heading in ("save:", "restore warm:", "restore cold:", "migrate:", "live:"):
+        assert heading in table
+
+
+def test_ctrl_c_stops_and_removes_what_it_created(tmp_path):
+    """Interrupted in the middle of a live run (a guest, `mfd incoming`, a migration in
+    flight): exit 130, one line, partial results written, nothing left behind."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    work.mkdir()
+    before = bench_leftovers(work)
+    # a guest dirtying far faster than any link: the migration cannot converge, so the
+    # signal lands while it is in flight (its monitor socket exists only then)
+    proc = subprocess.Popen([*MFD, "bench", "live", "--quick", "--dirty-rate", "4G",
+                             "--no-auto-converge", "--live-timeout", "120", "--out", str(out),
+                             "--dir", str(work)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not glob.glob("/dev/shm/mfd-bench-*/source.qmp"):
+            assert proc.poll() is None and time.monotonic() < deadline, "no migration started"
+            time.sleep(0.05)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1].startswith("mfd: bench interrupted")
+    assert "Traceback" not in stderr
+    assert "(INTERRUPTED: partial results)" in stdout
+    assert json.loads((out / "results.json").read_bytes())["interrupted"] is True
+    assert bench_leftovers(work) == before
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["save", "--size", "3"], "not a positive multiple of 4096"),
+    (["live", "--dirty-rate", "fast"], "bad dirty rate list"),
+    (["migrate", "--multifd-compression", "lz4"], "compression must be among"),
+    (["save", "--image", "/nonexistent/ram.img"], "not a file"),
+    (["save", "--repeat", "0"], "--repeat must be at least 1"),
+    (["save", "--zero", "0.8", "--random", "0.5"], "must not exceed 1"),
+    (["fly"], "invalid choice"),
+])
+def test_bad_options_are_one_line_and_exit_2(tmp_path, argv, says):
+    p = subprocess.run([*MFD, "bench", *argv, "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0], p.stderr
+
+
+def test_report_pairs_mfd_with_qemus_same_config_and_its_limit():
+    def cfg(key, mode, tool, params, secs, limit=None, error=None):
+        c = Config(key, mode, tool, key, params, lambda: {}, limit=limit, error=error)
+        c.runs = [{"ok": True, "warmup": True, "seconds": 99.0}] + \
+            [{"ok": True, "warmup": False, "seconds": s} for s in secs]
+        return c
+
+    size = 1 << 30
+    configs = [
+        cfg("tcp-2", "migrate", "tcp", {"channels": 2}, [0.25, 0.5, 0.3]),
+        cfg("mfd-2-none", "migrate", "mfd", {"channels": 2, "compression": "none"},
+            [3.0, 2.0, 4.0], limit="tcp-2"),
+        cfg("qemu-2-none", "migrate", "qemu", {"channels": 2, "compression": "none"},
+            [1.0, 1.2, 0.9], limit="tcp-2"),
+        cfg("qemu-2-zstd", "migrate", "qemu", {"channels": 2, "compression": "zstd"},
+            [0.1, 0.1, 0.1], limit="tcp-2"),
+        cfg("mfd-1-none", "migrate", "mfd", {"channels": 1, "compression": "none"}, [],
+            error="boom"),
+    ]
+    rows = {r["key"]: r for r in report.summarize(configs, size)}
+    m = rows["mfd-2-none"]
+    assert (m["n"], m["median"], m["min"], m["max"]) == (3, 3.0, 2.0, 4.0)  # warm-up not counted
+    assert m["qemu"] == "qemu-2-none" and m["vs_qemu"] == pytest.approx(3.0 / 1.0)
+    assert m["of_limit"] == pytest.approx(0.3 / 3.0)
+    assert m["mib_s"] == pytest.approx(1024 / 3.0)
+    (t,) = report.targets(list(rows.values()))
+    assert t["what"] == "migrate, 2 ch none" and t["ratio"] == pytest.approx(3.0)
+    assert not t["met"]
+    table = report.mode_table(list(rows.values()))
+    assert "FAILED: boom" in table
