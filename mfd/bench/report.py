@@ -76,6 +76,7 @@ def summarize(configs: list[Config], size: int) -> list[dict[str, Any]]:
                        downtime_min_ms=min((r["downtime_ms"] for r in ok), default=None),
                        downtime_max_ms=max((r["downtime_ms"] for r in ok), default=None),
                        rounds=_med([r.get("rounds") for r in ok]),
+                       verify_ms=_med([r.get("verify_time_ms") for r in ok]),
                        throttle=_med([r.get("cpu_throttle_percentage") for r in ok]),
                        transferred=_med([r.get("transferred") for r in ok]))
         out.append(row)
@@ -124,7 +125,7 @@ def mode_table(rows: list[dict[str, Any]]) -> str:
 
 def live_table(rows: list[dict[str, Any]]) -> str:
     head = ["dirty rate", "auto-converge", "converged", "total s", "downtime ms",
-            "(min-max)", "rounds", "throttle %", "sent MiB"]
+            "(min-max)", "verifying ms", "rounds", "throttle %", "sent MiB"]
     body = []
     for r in rows:
         rate = f"{human(r['params']['dirty_rate'])}/s"
@@ -141,9 +142,10 @@ def live_table(rows: list[dict[str, Any]]) -> str:
 
         body.append([rate, ac, f"{r['converged']}/{r['runs']}",
                      f(r["total_time_ms"], 1e-3, "{:.2f}"), f(r["downtime_ms"]),
-                     f"{f(r['downtime_min_ms'])}-{f(r['downtime_max_ms'])}", f(r["rounds"]),
+                     f"{f(r['downtime_min_ms'])}-{f(r['downtime_max_ms'])}", f(r["verify_ms"]),
+                     f(r["rounds"]),
                      f(r["throttle"]), f(r["transferred"], 1 / MiB)])
-    return format_table(head, body, {0, 2, 3, 4, 5, 6, 7, 8})
+    return format_table(head, body, {0, 2, 3, 4, 5, 6, 7, 8, 9})
 
 
 def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -123,6 +123,23 @@ class ChunkCheck:
                 f"{first * trailer.CHUNK_PAGES * TARGET_PAGE_SIZE:#x} (file corrupt?)")
 
 
+READAHEAD = 32 << 20  # file bytes asked for ahead of the job handed out
+
+
+def readahead(mm: mmap.mmap, at: int, asked: int) -> int:
+    """Ask the kernel to read the file up to READAHEAD bytes past ``at`` in the background
+    (MADV_WILLNEED on the file's mapping is POSIX_FADV_WILLNEED), from ``asked`` on, the end
+    of what was asked for before; returns the new end. A channel asks only for its own job's
+    span when it starts it, so alone it waited for the disk on every job: a cold 1 GiB
+    restore with one channel took 2.1-4.9 s against 0.8 s with two."""
+    end = min(at + READAHEAD, len(mm))
+    start = max(at, asked)
+    if end - start >= READAHEAD // 4:  # in steps of 8 MiB, not a call per job
+        mm.madvise(mmap.MADV_WILLNEED, start, end - start)
+        return end
+    return asked
+
+
 def load_mapped_ram(opened: OpenedFile, targets: dict[str, RAMBlock], channels: int,
                     direct_io: bool = False) -> tuple[int, bool]:
     """Returns bytes read and whether mfd's trailer was verified (False: no trailer)."""
@@ -148,7 +165,12 @@ def load_mapped_ram(opened: OpenedFile, targets: dict[str, RAMBlock], channels: 
 
     with ChannelPool(configs, channel_main) as pool:
         for block, jobs in work:
+            base = mf.blocks[block].mapped_ram.pages_offset
+            asked = base
             for pairs in jobs:
+                if not direct_io:
+                    asked = readahead(opened.mm, base + int(pairs[0]) * TARGET_PAGE_SIZE,
+                                      asked)
                 pool.send(block, pairs, done(checks[block], pairs))
         pool.sync()
     for check in checks:
