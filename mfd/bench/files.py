@@ -39,6 +39,9 @@ NOTES = {
         "run (untimed). 'sparse': zero pages are holes, as in RAM a guest never touched (mfd "
         "skips holes without reading them, QEMU reads every page); 'allocated': zero pages "
         "are written zeros, so both read every page.",
+        "save: the limit is `dd bs=1M conv=fsync` of the image to the same disk: all of it, "
+        "zeros included, one stream. The tools write only the nonzero pages, in parallel, so "
+        "they can beat it ('of limit' above 1).",
     ],
     "restore": [
         "restore: into a fresh /dev/shm file per run, checked against the image with blake3 "
