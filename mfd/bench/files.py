@@ -27,7 +27,6 @@ from mfd.bench.image import allocated, fdatasync_path
 from mfd.bench.runs import Config, log, one_line, unlink
 from mfd.bench.workspace import Workspace
 
-QEMU_TIMEOUT = 600.0  # per QMP wait: direct-io saves of 2 GiB take ~10 s here
 SOURCE_NAME = {"mfd": "mfd's file", "qemu": "QEMU's file"}
 
 NOTES = {
@@ -89,7 +88,7 @@ class FileBench:
 
         source = self.ws.guest_ram("guest.ram", ram)
         try:
-            with QemuMachine(source, self.ws.size, timeout=QEMU_TIMEOUT) as m:
+            with QemuMachine(source, self.ws.size, timeout=self.ws.qemu_timeout) as m:
                 m.set_migration(mapped_ram=True, multifd_channels=multifd, direct_io=direct_io)
                 t0 = time.perf_counter()
                 info = m.migrate(f"file:{target}")
@@ -132,7 +131,7 @@ class FileBench:
         from mfd.qemu import QemuMachine
 
         self.ws.fresh_ram(os.path.basename(out))
-        with QemuMachine(out, self.ws.size, incoming=True, timeout=QEMU_TIMEOUT) as m:
+        with QemuMachine(out, self.ws.size, incoming=True, timeout=self.ws.qemu_timeout) as m:
             m.set_migration(mapped_ram=True, multifd_channels=multifd, direct_io=direct_io)
             t0 = time.perf_counter()
             m.migrate_incoming(f"file:{path}")

@@ -6,7 +6,7 @@ that dirties random pages at the given rate, lets it run for a second, then migr
 over the largest channel count to an ``mfd incoming --guest`` process, bounded by
 ``--live-timeout`` (a migration cancelled by it counts as not converged; the guest keeps
 running at the source, as after any failed migration). While it runs, QMP ``query-migrate``
-on the source's monitor every 100 ms gives the remaining dirty bytes and the throttle
+on the source's monitor every 50 ms gives the remaining dirty bytes and the throttle
 against time. Recorded: total time, downtime, rounds, final throttle, converged or not,
 and the RAM digests of both ends at switchover (equal, or the run fails).
 
@@ -29,7 +29,7 @@ from mfd.units import human
 from mfd.workers.tcp import free_ports
 
 SETTLE = 1.0  # seconds the guest writes before the migration starts
-POLL = 0.1  # seconds between query-migrate samples
+POLL = 0.05  # seconds between query-migrate samples
 
 NOTES = [
     f"live: the guest holds the image's data and dirties random pages at the given rate for "

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from mfd.bench import baselines
@@ -31,7 +32,6 @@ from mfd.bench.runs import Config, one_line, unlink
 from mfd.bench.workspace import Workspace
 from mfd.workers.tcp import free_ports
 
-QEMU_TIMEOUT = 600.0  # per QMP wait
 MIGRATE_TIMEOUT = 600.0  # an mfd migration taking longer: the destination is killed
 LISTEN_TIMEOUT = 60.0  # for `mfd incoming` to listen
 EXIT_TIMEOUT = 60.0  # for `mfd incoming` to exit after the source returned
@@ -158,60 +158,59 @@ class MigrateBench:
     def __init__(self, ws: Workspace) -> None:
         self.ws = ws
 
-    def mfd(self, channels: int, comp: str) -> dict[str, Any]:
-        from mfd.options import MigrationParameters
-
+    @contextlib.contextmanager
+    def ends(self, dst_exists: bool) -> Iterator[tuple[str, str]]:
+        """A fresh copy of the image as the source RAM and the destination's RAM file (made
+        zeroed, or left for `mfd incoming` to create); after the migration the destination
+        is checked against the image (the source freed first), and both are removed."""
         src = self.ws.guest_ram("src.ram")
-        dst = self.ws.shm("dst.ram")
-        unlink(dst)  # `mfd incoming` creates it
-        port = free_ports(channels + 1)
-        uri = f"tcp://127.0.0.1:{port}"
-        params = MigrationParameters(multifd_channels=channels, multifd_compression=comp,
-                                     multifd_zstd_level=LEVEL, multifd_zlib_level=LEVEL)
+        dst = self.ws.fresh_ram("dst.ram") if dst_exists else self.ws.shm("dst.ram")
         try:
-            with Incoming(self.ws, ["--listen", uri, "--image", f"mem={dst}", "--json"],
-                          port) as inc:
-                try:
-                    r, dt = inc.migrate(uri, images={"mem": src}, params=params)
-                except Exception as e:
-                    raise inc.explain(e) from e
-                inc.result()
+            yield src, dst
             unlink(src)
             assert self.ws.image is not None
             self.ws.image.check(dst, "destination RAM")
         finally:
             unlink(src)
             unlink(dst)
+
+    def mfd(self, channels: int, comp: str) -> dict[str, Any]:
+        from mfd.options import MigrationParameters
+
+        port = free_ports(channels + 1)
+        uri = f"tcp://127.0.0.1:{port}"
+        params = MigrationParameters(multifd_channels=channels, multifd_compression=comp,
+                                     multifd_zstd_level=LEVEL, multifd_zlib_level=LEVEL)
+        with self.ends(dst_exists=False) as (src, dst), \
+                Incoming(self.ws, ["--listen", uri, "--image", f"mem={dst}", "--json"],
+                         port) as inc:
+            try:
+                r, dt = inc.migrate(uri, images={"mem": src}, params=params)
+            except Exception as e:
+                raise inc.explain(e) from e
+            inc.result()
         return {"seconds": dt, **figures(r), "verified": True}
 
     def qemu(self, channels: int, comp: str) -> dict[str, Any]:
         from mfd.qemu import QemuError, QemuMachine
 
-        src = self.ws.guest_ram("src.ram")
-        dst = self.ws.fresh_ram("dst.ram")
         uri = f"tcp:127.0.0.1:{free_ports(1)}"
         level = {"zstd": {"zstd_level": LEVEL}, "zlib": {"zlib_level": LEVEL}}.get(comp, {})
-        try:
-            with QemuMachine(dst, self.ws.size, incoming=True, timeout=QEMU_TIMEOUT) as d, \
-                    QemuMachine(src, self.ws.size, timeout=QEMU_TIMEOUT) as s:
-                for m in (d, s):
-                    m.set_migration(mapped_ram=False, multifd_channels=channels,
-                                    multifd_compression=comp, **level)
-                d.qmp("migrate-incoming", uri=uri, **{"exit-on-error": False})
-                t0 = time.perf_counter()
-                info = s.migrate(uri)
-                dt = time.perf_counter() - t0
-                deadline = time.monotonic() + QEMU_TIMEOUT  # the destination may still load
-                while (status := d.qmp("query-migrate").get("status")) != "completed":
-                    if status in ("failed", "cancelled") or time.monotonic() > deadline:
-                        raise QemuError(f"destination {status}: {d.stderr_tail()[-200:]}")
-                    time.sleep(0.002)
-            unlink(src)
-            assert self.ws.image is not None
-            self.ws.image.check(dst, "destination RAM")
-        finally:
-            unlink(src)
-            unlink(dst)
+        with self.ends(dst_exists=True) as (src, dst), \
+                QemuMachine(dst, self.ws.size, incoming=True, timeout=self.ws.qemu_timeout) as d, \
+                QemuMachine(src, self.ws.size, timeout=self.ws.qemu_timeout) as s:
+            for m in (d, s):
+                m.set_migration(mapped_ram=False, multifd_channels=channels,
+                                multifd_compression=comp, **level)
+            d.qmp("migrate-incoming", uri=uri, **{"exit-on-error": False})
+            t0 = time.perf_counter()
+            info = s.migrate(uri)
+            dt = time.perf_counter() - t0
+            deadline = time.monotonic() + self.ws.qemu_timeout  # the destination may still load
+            while (status := d.qmp("query-migrate").get("status")) != "completed":
+                if status in ("failed", "cancelled") or time.monotonic() > deadline:
+                    raise QemuError(f"destination {status}: {d.stderr_tail()[-200:]}")
+                time.sleep(0.002)
         ram = info.get("ram", {})
         return {"seconds": dt, "total_time_ms": info.get("total-time"),
                 "downtime_ms": info.get("downtime"), "setup_time_ms": info.get("setup-time"),

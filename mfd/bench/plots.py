@@ -23,6 +23,27 @@ COLORS = {"mfd": "tab:blue", "qemu": "tab:orange"}
 TOOL_NAME = {"mfd": "mfd", "qemu": "QEMU"}
 
 
+def _style(ax: Any, ylabel: str) -> None:
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _save(fig: Any, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _finish(fig: Any, ax: Any, ylabel: str, title: str, path: str) -> None:
+    _style(ax, ylabel)
+    ax.set_title(title, fontsize=10)
+    _save(fig, path)
+
+
 def _variant(params: dict[str, Any]) -> str:
     """What tells configs with the same channels apart in a panel."""
     bits = []
@@ -88,16 +109,11 @@ def throughput(rows: list[dict[str, Any]], path: str, title: str) -> bool:
         ax.set_title(name)
         ax.set_xlabel("channels (QEMU 0 = no multifd)" if "migrate" not in name
                       else "multifd channels")
-        ax.set_ylabel("RAM MiB/s (median, min-max)")
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _style(ax, "RAM MiB/s (median, min-max)")
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
@@ -123,14 +139,7 @@ def live_remaining(configs: list[Config], path: str, title: str) -> bool:
         ax.plot(t, rem, linestyle="--" if c.params["auto_converge"] else "-",
                 label=c.label + end)
     ax.set_xlabel("seconds since the migration started")
-    ax.set_ylabel("remaining dirty MiB (query-migrate)")
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(fig, ax, "remaining dirty MiB (query-migrate)", title, path)
     return True
 
 
@@ -165,14 +174,7 @@ def live_downtime(rows: list[dict[str, Any]], path: str, title: str) -> bool:
                            label=f"{name}: not converged at {r['params']['dirty_rate'] / MiB:.0f}"
                                  " MiB/s")
     ax.set_xlabel("guest dirty rate (MiB/s)")
-    ax.set_ylabel("downtime ms (median, min-max)")
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(fig, ax, "downtime ms (median, min-max)", title, path)
     return True
 
 

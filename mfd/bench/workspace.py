@@ -34,6 +34,13 @@ class Workspace:
         assert self.image is not None
         return self.image.size
 
+    @property
+    def qemu_timeout(self) -> float:
+        """How long one QMP wait on QEMU may take: a QEMU that moves less than 10 MiB/s is
+        stuck, and its config fails with a line instead of holding up the run (direct-io
+        saves of 2 GiB take ~10 s here)."""
+        return max(60.0, self.size / (10 * MiB))
+
     def disk(self, name: str) -> str:
         return os.path.join(self.diskdir, name)
 
