@@ -136,6 +136,7 @@ def test_ctrl_c_stops_and_removes_what_it_created(tmp_path):
     (["save", "--repeat", "0"], "--repeat must be at least 1"),
     (["save", "--zero", "0.8", "--random", "0.5"], "must not exceed 1"),
     (["fly"], "invalid choice"),
+    (["save", "--dir", "/proc/no/such/dir"], "--dir /proc/no/such/dir"),
 ])
 def test_bad_options_are_one_line_and_exit_2(tmp_path, argv, says):
     p = subprocess.run([*MFD, "bench", *argv, "--out", str(tmp_path / "o")],

@@ -12,6 +12,7 @@ from mfd.bench import image as img
 from mfd.bench.env import free_bytes, fs_of, mem_available, require_room
 from mfd.bench.options import Settings
 from mfd.bench.runs import Cleanup, RunProgress, log
+from mfd.errors import UsageError
 from mfd.units import human
 
 MiB = 1 << 20
@@ -70,8 +71,11 @@ class Workspace:
         """The work directories and the image."""
         s = self.settings
         size = s.size if s.image is None else os.path.getsize(s.image)
+        try:
+            os.makedirs(s.workdir_parent, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"mfd bench: --dir {s.workdir_parent}: {e.strerror}") from None
         self.check_room(size)
-        os.makedirs(s.workdir_parent, exist_ok=True)
         self.diskdir = tempfile.mkdtemp(prefix="mfd-bench-", dir=s.workdir_parent)
         self.cleanup.add_path(self.diskdir)
         self.shmdir = tempfile.mkdtemp(prefix="mfd-bench-", dir="/dev/shm")
