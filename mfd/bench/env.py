@@ -17,6 +17,7 @@ from typing import Any
 import blake3
 import numpy as np
 
+from mfd.errors import UsageError
 from mfd.units import human
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -138,8 +139,6 @@ def free_bytes(path: str) -> int:
 def require_room(checks: list[tuple[str, int, int, str]], hint: str) -> None:
     """Stop before starting when a place lacks room: ``checks`` are (place, free bytes, bytes
     needed, what for); a free figure of 0 means unknown and is not checked."""
-    from mfd.errors import UsageError
-
     problems = [f"{place} has {human(free)} free, the benchmark needs about {human(need)} "
                 f"({why})" for place, free, need, why in checks if free and free < need]
     if problems:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mfd.bench import baselines
-from mfd.bench.image import allocated, fdatasync_path
+from mfd.bench.image import allocated, fdatasync_path, zeroed
 from mfd.bench.runs import Config, log, one_line, unlink
 from mfd.bench.workspace import Workspace
 
@@ -130,7 +130,7 @@ class FileBench:
                      direct_io: bool) -> dict[str, Any]:
         from mfd.qemu import QemuMachine
 
-        self.ws.fresh_ram(os.path.basename(out))
+        zeroed(out, self.ws.size)
         with QemuMachine(out, self.ws.size, incoming=True, timeout=self.ws.qemu_timeout) as m:
             m.set_migration(mapped_ram=True, multifd_channels=multifd, direct_io=direct_io)
             t0 = time.perf_counter()

@@ -17,6 +17,7 @@ import blake3
 import numpy as np
 
 from mfd.bench.runs import unlink
+from mfd.errors import UsageError
 
 MiB = 1 << 20
 PAGE = 4096
@@ -91,6 +92,13 @@ class Image:
         return dst
 
 
+def zeroed(path: str, size: int) -> str:
+    """A fresh sparse file of ``size`` zero bytes (a destination RAM)."""
+    with open(path, "wb") as f:
+        os.ftruncate(f.fileno(), size)
+    return path
+
+
 def differing_pages(a: str, b: str, size: int) -> int:
     """Number of 4 KiB pages that differ (only for the error message of a failed check)."""
     x = np.memmap(a, dtype=np.uint64, mode="r", shape=(size // 8,))
@@ -123,8 +131,6 @@ def from_dump(path: str) -> Image:
     """A real RAM dump as the image (read, never written)."""
     size = os.path.getsize(path)
     if size <= 0 or size % PAGE:
-        from mfd.errors import UsageError
-
         raise UsageError(f"mfd bench: --image {path}: {size} bytes is not a positive "
                          f"multiple of {PAGE}")
     mm = np.memmap(path, dtype=np.uint64, mode="r", shape=(size // 8,))

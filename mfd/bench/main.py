@@ -33,9 +33,11 @@ def _extra(res: dict[str, Any]) -> str:
     bits = []
     if res.get("converged") is False:
         bits.append("not converged")
-    for key, unit in (("downtime_ms", "ms downtime"), ("rounds", "rounds"),
-                      ("cpu_throttle_percentage", "% throttle")):
-        if res.get(key) is not None and (key != "rounds" or "series" in res):
+    shown = [("downtime_ms", "ms downtime"), ("cpu_throttle_percentage", "% throttle")]
+    if "converged" in res:  # a live run: how many rounds it took
+        shown.insert(1, ("rounds", "rounds"))
+    for key, unit in shown:
+        if res.get(key) is not None:
             bits.append(f"{res[key]:.0f} {unit}")
     if "fdatasync_seconds" in res:
         bits.append(f"+fdatasync {res['fdatasync_seconds']:.3f} s")
@@ -102,19 +104,13 @@ def _open_out(path: str) -> str:
     return os.path.abspath(path)
 
 
-def run(args: argparse.Namespace) -> int:
-    s = settings(args)
-    outdir = _open_out(s.out)
-    if s.image is not None and not os.path.isfile(s.image):
-        raise UsageError(f"mfd bench: --image {s.image}: not a file")
-    qemu = qemu_info()
-    qemu_ok = s.against_qemu and qemu["usable"]
-    env = environment(qemu)
-    started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+def _measure(s: Settings, qemu: dict[str, Any], qemu_ok: bool
+             ) -> tuple[Workspace, list[Config], bool]:
+    """Every mode's configs, run; then everything the run created removed, also on Ctrl-C
+    (returns whether it was interrupted)."""
     cleanup = Cleanup()
     Cleanup.install_signals()
     configs: list[Config] = []
-    interrupted = False
     with RunProgress() as progress:
         ws = Workspace(s, cleanup, progress, qemu_ok)
         if s.against_qemu and not qemu_ok:
@@ -128,10 +124,37 @@ def run(args: argparse.Namespace) -> int:
                 configs += group
                 run_interleaved(title, group, s.repeat, s.warmup, progress, _extra)
         except KeyboardInterrupt:
-            interrupted = True
             log("interrupted: removing what the run created, reporting what was measured")
+            return ws, configs, True
         finally:
             cleanup.run()
+    return ws, configs, False
+
+
+def _write(outdir: str, result: dict[str, Any], text: str, as_json: bool) -> None:
+    """results.json and table.txt in ``outdir``; the table (or the JSON) on stdout."""
+    blob = orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY,
+                        default=str)
+    with open(os.path.join(outdir, "results.json"), "wb") as f:
+        f.write(blob)
+    with open(os.path.join(outdir, "table.txt"), "w") as f:
+        f.write(text + "\n")
+    if as_json:
+        sys.stdout.buffer.write(blob + b"\n")
+    else:
+        print(text, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    s = settings(args)
+    outdir = _open_out(s.out)
+    if s.image is not None and not os.path.isfile(s.image):
+        raise UsageError(f"mfd bench: --image {s.image}: not a file")
+    qemu = qemu_info()
+    qemu_ok = s.against_qemu and qemu["usable"]
+    env = environment(qemu)
+    started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    ws, configs, interrupted = _measure(s, qemu, qemu_ok)
 
     size = ws.image.size if ws.image is not None else (s.size or 0)
     rows = report.summarize(configs, size)
@@ -152,23 +175,13 @@ def run(args: argparse.Namespace) -> int:
     if interrupted:
         text += "\n(INTERRUPTED: partial results)"
     made = plots.write_all(rows, configs, outdir, f"{command} ({human(size)}, {started})")
-    result = {
+    _write(outdir, {
         "command": command, "started": started,
         "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "interrupted": interrupted, "settings": s.as_json(), "environment": env,
         "setup": ws.setup, "configs": [c.as_json() for c in configs], "summary": rows,
         "targets": tgts, "notes": notes, "plots": made, "table": text,
-    }
-    blob = orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY,
-                        default=str)
-    with open(os.path.join(outdir, "results.json"), "wb") as f:
-        f.write(blob)
-    with open(os.path.join(outdir, "table.txt"), "w") as f:
-        f.write(text + "\n")
-    if s.json:
-        sys.stdout.buffer.write(blob + b"\n")
-    else:
-        print(text, flush=True)
+    }, text, s.json)
     log(f"results in {outdir}: results.json, table.txt"
         + "".join(f", {os.path.basename(p)}" for p in made))
     if interrupted:

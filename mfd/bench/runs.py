@@ -58,9 +58,6 @@ class Config:
     def counted(self) -> list[dict[str, Any]]:
         return [r for r in self.runs if r["ok"] and not r["warmup"]]
 
-    def seconds(self) -> list[float]:
-        return [r["seconds"] for r in self.counted()]
-
     def as_json(self) -> dict[str, Any]:
         return {"key": self.key, "mode": self.mode, "tool": self.tool, "label": self.label,
                 "params": self.params, "limit": self.limit, "error": self.error,
@@ -166,8 +163,8 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 5.0) -> None:
 class Cleanup:
     """Everything a run created, undone in reverse order by :meth:`run`.
 
-    Each ``add_*`` returns a token; :meth:`done` runs that item now (e.g. a per-run file) and
-    :meth:`forget` drops it without running it. :meth:`run` ignores SIGINT / SIGTERM while it
+    Each ``add_*`` returns a token; :meth:`done` runs that item now (e.g. a per-run
+    process). :meth:`run` ignores SIGINT / SIGTERM while it
     works, so a second Ctrl-C cannot leave half of it undone; :meth:`install_signals` makes
     SIGTERM and SIGHUP raise KeyboardInterrupt like Ctrl-C, so ``finally`` blocks run.
     """
@@ -192,9 +189,6 @@ class Cleanup:
 
     def add_process(self, proc: subprocess.Popen[Any], what: str) -> int:
         return self.add(f"stop {what} (pid {proc.pid})", lambda: stop_process(proc))
-
-    def forget(self, token: int) -> None:
-        self._items.pop(token, None)
 
     def done(self, token: int) -> None:
         item = self._items.pop(token, None)

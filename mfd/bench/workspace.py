@@ -105,7 +105,4 @@ class Workspace:
 
     def fresh_ram(self, name: str) -> str:
         """A fresh zeroed RAM file in /dev/shm (a destination)."""
-        path = self.shm(name)
-        with open(path, "wb") as f:
-            os.ftruncate(f.fileno(), self.size)
-        return path
+        return img.zeroed(self.shm(name), self.size)
