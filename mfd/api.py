@@ -25,6 +25,7 @@ from mfd.main_thread.save import FileSaver, Progress, SaveOptions
 from mfd.main_thread.stats import MigrationStats
 from mfd.options import MigrationParameters
 from mfd.protocol.constants import TARGET_PAGE_SIZE
+from mfd.protocol.migration_file import MigrationFile
 from mfd.shm import control
 from mfd.shm.ramblock import RAMBlock
 from mfd.shm.workload import WorkloadState
@@ -77,6 +78,7 @@ class RestoreResult:
     bytes_read: int
     verified: bool  # blake3 digests matched mfd's trailer
     guest: str | None = None
+    digests: dict[str, str] = field(default_factory=dict)  # blake3 per block, when verified
 
 
 def image_blocks(images: dict[str, str]) -> list[RAMBlock]:
@@ -169,7 +171,8 @@ def restore(path: str, *, images: dict[str, str] | None = None, guest: str | Non
         finally:
             client.close()
         return RestoreResult(path, {k: v.path for k, v in targets.items()}, result.seconds,
-                             result.bytes_read, result.verified, guest)
+                             result.bytes_read, result.verified, guest,
+                             _verified_digests(mf, result.verified))
 
 
 def _restore_images(opened: loader.OpenedFile, images: dict[str, str], channels: int,
@@ -195,7 +198,14 @@ def _restore_images(opened: loader.OpenedFile, images: dict[str, str], channels:
             with contextlib.suppress(OSError):
                 os.unlink(p)
     return RestoreResult(opened.path, dict(images), result.seconds, result.bytes_read,
-                         result.verified)
+                         result.verified, digests=_verified_digests(opened.file, result.verified))
+
+
+def _verified_digests(mf: MigrationFile, verified: bool) -> dict[str, str]:
+    """What the restored RAM was checked against: the trailer's blake3 per block."""
+    if not verified or mf.trailer is None:
+        return {}
+    return {idstr: d.blake3 for idstr, d in mf.trailer.blocks.items()}
 
 
 def _monitored(path: str | None, handlers, run):

@@ -24,6 +24,7 @@ from mfd.shm import control
 from mfd.shm.guest import GuestConfig, run_guest
 from mfd.shm.ramblock import RAMBlock
 from mfd.shm.workload import PATTERNS, WorkloadState
+from mfd.sysutil import Terminated, end_like_ctrl_c
 from mfd.units import human, parse_size
 
 
@@ -37,6 +38,16 @@ def parse_named(text: str) -> tuple[str, str]:
 def named_size(text: str) -> tuple[str, int]:
     name, value = parse_named(text)
     return name, parse_size(value)
+
+
+def json_object(text: str) -> dict:
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -172,14 +183,33 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--x-channel-delay", default="", help=argparse.SUPPRESS)
     n.add_argument("--x-skip-sync", action="store_true", help=argparse.SUPPRESS)
 
-    d = sub.add_parser("demo", help="live migration of a writing 1 GiB guest on this machine")
+    d = sub.add_parser("demo", help="live migration of a writing 1 GiB guest (both ends on "
+                       "this machine, or one end of the two-node demo)")
+    role = d.add_mutually_exclusive_group()
+    role.add_argument("--connect", metavar="tcp://HOST:PORT",
+                      help="be node A: migrate the guest to the node B listening there")
+    role.add_argument("--listen", metavar="tcp://HOST:PORT",
+                      help="be node B: receive the guest there and run it")
+    role.add_argument("--save", metavar="FILE", help="be node A of the file scenario: save "
+                      "the running guest to FILE (mapped-ram, in parallel)")
+    role.add_argument("--restore", metavar="FILE",
+                      help="be node B of the file scenario: restore FILE and run the guest")
+    d.add_argument("--name", default="vm0", help="the guest's name on a node (default vm0)")
     d.add_argument("--ram", type=parse_size, default=1 << 30)
     d.add_argument("--dirty-rate", type=parse_size, default=100 << 20)
     _channels(d)
     d.set_defaults(multifd_channels=4)
     d.add_argument("--multifd-compression", choices=("none", "zstd", "zlib"), default="none")
-    d.add_argument("--downtime-limit", type=int, default=300, metavar="MS")
-    d.add_argument("--auto-converge", action="store_true")
+    d.add_argument("--multifd-zstd-level", type=int, default=1)
+    d.add_argument("--multifd-zlib-level", type=int, default=1)
+    _precopy_args(d)
+    d.add_argument("--run-after", type=float, default=10.0, metavar="SECONDS",
+                   help="on a node: how long its guest runs on, reported every 5 s, before "
+                   "the node exits (default 10)")
+    d.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="--listen: give up when no migration completed within this")
+    d.add_argument("--monitor", metavar="PATH",
+                   help="--listen: serve a QMP-style monitor at PATH")
     d.add_argument("--json", action="store_true")
 
     b = sub.add_parser("bench", help="measure save, restore, migrate and live migration "
@@ -187,6 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
     from mfd.bench.options import add_arguments
 
     add_arguments(b)
+
+    q = sub.add_parser("qmp", help="run one command on a QMP monitor (mfd's or QEMU's) and "
+                       "print its return value")
+    q.add_argument("socket", help="the monitor's unix socket")
+    q.add_argument("execute", metavar="COMMAND", help="e.g. query-migrate")
+    q.add_argument("arguments", nargs="?", type=json_object, metavar="JSON",
+                   help='its arguments, a JSON object, e.g. \'{"max-bandwidth": 104857600}\'')
+    q.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS")
 
     i = sub.add_parser("inspect", help="show the structure of a QEMU migration file")
     i.add_argument("file")
@@ -334,21 +372,49 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from mfd import demo
 
-    params = MigrationParameters(multifd_channels=args.multifd_channels,
-                                 multifd_compression=args.multifd_compression,
-                                 downtime_limit=args.downtime_limit,
-                                 auto_converge=args.auto_converge)
+    if (args.timeout is not None or args.monitor) and not args.listen:
+        raise UsageError("mfd demo: --timeout and --monitor go with --listen")
+    if args.run_after < 0:
+        raise UsageError("mfd demo: --run-after must be >= 0")
+    params = _params(args)
 
     def say(line: str) -> None:
         if not args.json:
             print(line, flush=True)
 
-    view = None if args.json else LiveView("live migration")
+    view = None if args.json or args.listen or args.restore else LiveView(
+        f"live {'save' if args.save else 'migration'}")
+    progress = view.update if view is not None else None
     with view or contextlib.nullcontext():
-        out = demo.run(args.ram, args.dirty_rate, params, say,
-                       view.update if view is not None else None)
+        if args.connect:
+            out = demo.source(args.connect, args.name, args.ram, args.dirty_rate, params, say,
+                              progress, args.run_after)
+        elif args.listen:
+            out = demo.destination(args.listen, args.name, say, args.run_after, args.timeout,
+                                   args.monitor)
+        elif args.save:
+            out = demo.save(args.save, args.name, args.ram, args.dirty_rate, params, say,
+                            progress)
+        elif args.restore:
+            out = demo.restore(args.restore, args.name, args.multifd_channels, say,
+                               args.run_after)
+        else:
+            out = demo.run(args.ram, args.dirty_rate, params, say, progress)
     if args.json:
         print(orjson.dumps(out).decode())
+    return 0
+
+
+def cmd_qmp(args: argparse.Namespace) -> int:
+    """What ``socat`` does for QEMU users, one command at a time: a container's health check,
+    a script's ``query-migrate``; a QMP error is one line and exit 1."""
+    from mfd.monitor import monitor_command
+
+    reply = monitor_command(args.socket, args.execute, args.arguments, args.timeout)
+    if "error" in reply:
+        err = reply["error"]
+        raise MfdError(f"{args.execute}: {err.get('class')}: {err.get('desc')}")
+    print(orjson.dumps(reply.get("return"), option=orjson.OPT_INDENT_2).decode())
     return 0
 
 
@@ -360,11 +426,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 COMMANDS = {"guest": cmd_guest, "save": cmd_save, "restore": cmd_restore,
             "inspect": cmd_inspect, "demo": cmd_demo, "migrate": cmd_migrate,
-            "incoming": cmd_incoming, "bench": cmd_bench}
+            "incoming": cmd_incoming, "bench": cmd_bench, "qmp": cmd_qmp}
 
 
 def main(argv: list[str] | None = None) -> int:
     debug = bool(os.environ.get("MFD_DEBUG"))
+    end_like_ctrl_c()
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
@@ -376,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"mfd: {e}", file=sys.stderr)
         return 1
+    except Terminated as e:
+        print(f"mfd: terminated ({e})", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("mfd: interrupted", file=sys.stderr)
         return 130

@@ -1,11 +1,20 @@
-"""``mfd demo``: a live migration between two ends on this machine, with sensible defaults.
+"""``mfd demo``: a guest that keeps writing, moved while it runs, with sensible defaults.
 
-A guest of 1 GiB, half of its pages holding data, keeps writing (100 MiB/s, hotset); ``mfd
-incoming`` runs as a separate process (the destination host); the guest migrates over 4
-channels on TCP loopback while a live view shows round, transferred, remaining, throughput,
-dirty rate, throttle and expected downtime. At the end: total time, downtime, rounds, bytes,
-and the verification line (the blake3 of every block at switchover, computed on each end,
-equal), and the guest going on writing at the destination.
+The guest has 1 GiB of RAM, half of its pages holding data (it has been busy), and keeps
+writing (100 MiB/s, hotset). Five shapes, one per place the demo runs::
+
+    mfd demo                      both ends on this machine: the guest, ``mfd incoming`` as a
+                                  separate process (the destination host), 4 channels on
+                                  loopback, a live view; both ends' digests side by side
+    mfd demo --connect URI        node A of the two-node demo: the guest, migrated to URI
+    mfd demo --listen URI         node B: the destination; its guest runs and reports
+    mfd demo --save FILE          node A of the file scenario: a live, parallel mapped-ram save
+    mfd demo --restore FILE       node B of the file scenario: restore, resume, report
+
+Every shape ends with what a migration engineer looks at: total time, downtime, rounds,
+bytes and throughput; a verification line per RAM block (the blake3 of its content at
+switchover, computed by the end that prints it); and the guest going on writing where it
+runs now. A source whose migration fails says why and keeps its guest running.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import orjson
 
 from mfd import api
 from mfd.errors import MfdError
+from mfd.main_thread.incoming import IncomingOptions
 from mfd.main_thread.precopy import Progress
 from mfd.options import MigrationParameters
 from mfd.ramimage import generate
@@ -27,54 +37,85 @@ from mfd.shm import control
 from mfd.units import human
 from mfd.workers.tcp import free_ports
 
+Say = Callable[[str], None]
+REPORT_EVERY = 5.0  # seconds between the lines of a guest that runs on after the demo
 
-def run(ram: int, dirty_rate: int, params: MigrationParameters, say: Callable[[str], None],
+
+def start_guest(name: str, ram: int, dirty_rate: int, say: Say) -> None:
+    """A guest that has been busy: half of its pages hold data before it starts writing."""
+    g = control.start_guest_daemon(["--name", name, "--ram", str(ram), "--dirty-rate",
+                                    str(dirty_rate), "--pattern", "hotset", "--stopped"], name)
+    with g:
+        (block,) = g.query()["blocks"]
+        generate(block["path"], ram, zero=0.5, random=0.5, create=False)
+        g.cont()
+    say(f"guest {name}: {human(ram)} of RAM (half of it data), dirtying "
+        f"{human(dirty_rate)}/s (hotset)")
+
+
+def report(res: api.PrecopyResult, say: Say) -> None:
+    secs = res.total_time_ms / 1000
+    say(f"completed in {secs:.2f} s: {res.rounds} rounds, {human(res.transferred)} "
+        f"transferred ({res.transferred / secs / (1 << 20):.0f} MiB/s), "
+        f"{res.normal_pages} pages sent, {res.zero_pages} zero, downtime "
+        f"{res.downtime_ms:.0f} ms (of which verifying RAM "
+        f"{res.query_migrate.get('x-verify-time', 0)} ms), final throttle "
+        f"{res.cpu_throttle_percentage}%")
+
+
+def verification(digests: dict[str, str], say: Say, how: str,
+                 theirs: dict[str, str] | None = None) -> bool:
+    """One line per block: its blake3 at switchover, and how (or against what) it was checked.
+    With ``theirs`` (the other end's digests) the line compares them itself."""
+    ok = theirs is None or theirs == digests
+    for idstr, digest in digests.items():
+        other = "" if theirs is None else (
+            f" {'==' if theirs.get(idstr) == digest else '!='} {theirs.get(idstr, '?')}")
+        say(f"verification: block {idstr!r} blake3 {digest}{other} {how}: "
+            f"{'OK' if ok else 'MISMATCH'}")
+    return ok
+
+
+def keep_running(name: str, where: str, seconds: float, say: Say,
+                 every: float = REPORT_EVERY) -> dict:
+    """Report the guest ``name`` every ``every`` seconds for ``seconds`` (at least once)."""
+    deadline = time.monotonic() + seconds
+    with control.GuestClient(name) as g:
+        status = g.query()
+        while True:
+            before, t0 = status["pages-written"], time.monotonic()
+            time.sleep(max(0.0, min(every, deadline - t0)) or min(every, 0.3))
+            status = g.query()
+            say(f"guest {name} is {status['status']} {where} "
+                f"({status['pages-written'] - before} pages written in "
+                f"{time.monotonic() - t0:.1f} s)")
+            if time.monotonic() >= deadline:
+                return status
+
+
+def run(ram: int, dirty_rate: int, params: MigrationParameters, say: Say,
         progress: Progress | None = None) -> dict:
+    """Both ends on this machine; the destination is a separate ``mfd incoming`` process."""
     pid = os.getpid()
     src, dst = f"demo-src-{pid}", f"demo-dst-{pid}"
     incoming = None
     try:
-        g = control.start_guest_daemon(["--name", src, "--ram", str(ram), "--dirty-rate",
-                                        str(dirty_rate), "--pattern", "hotset", "--stopped"],
-                                       src)
-        (block,) = g.query()["blocks"]
-        generate(block["path"], ram, zero=0.5, random=0.5, create=False)  # it has been busy
-        g.cont()
-        say(f"guest {src}: {ram >> 20} MiB of RAM (half of it data), dirtying "
-            f"{dirty_rate >> 20} MiB/s (hotset)")
+        start_guest(src, ram, dirty_rate, say)
         port = free_ports(params.multifd_channels + 1)
         uri = f"tcp://127.0.0.1:{port}"
         incoming = subprocess.Popen(
             [sys.executable, "-m", "mfd", "incoming", "--listen", uri, "--guest", dst,
              "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         say(f"destination: mfd incoming --listen {uri} --guest {dst} (pid {incoming.pid})")
-        say(f"migrating over {params.multifd_channels} channels "
-            f"(compression {params.multifd_compression}, downtime limit "
-            f"{params.downtime_limit} ms)")
-        time.sleep(0.3)  # let the destination bind
-        res = api.migrate(uri, guest=src, params=params, progress=progress)
+        res = _migrate(uri, src, params, say, progress)
         out, err = incoming.communicate(timeout=60)
         if incoming.returncode != 0:
             raise MfdError(f"destination: {err.strip().splitlines()[-1] if err else '?'}")
         theirs = orjson.loads(out)["digests"]
-        secs = res.total_time_ms / 1000
-        say(f"completed in {secs:.2f} s: {res.rounds} rounds, {human(res.transferred)} "
-            f"transferred ({res.transferred / secs / (1 << 20):.0f} MiB/s), "
-            f"{res.normal_pages} pages sent, {res.zero_pages} zero, downtime "
-            f"{res.downtime_ms:.0f} ms (of which verifying RAM on both ends "
-            f"{res.query_migrate.get('x-verify-time', 0)} ms), final throttle "
-            f"{res.cpu_throttle_percentage}%")
-        ok = theirs == res.digests
-        for idstr, digest in res.digests.items():
-            say(f"verification: block {idstr!r} blake3 at switchover: source {digest[:16]}... "
-                f"{'==' if theirs.get(idstr) == digest else '!='} destination "
-                f"{theirs.get(idstr, '?')[:16]}... {'OK' if ok else 'MISMATCH'}")
-        with control.GuestClient(dst) as d:
-            before = d.query()["pages-written"]
-            time.sleep(0.3)
-            status = d.query()
-        say(f"guest {dst} is {status['status']} at the destination "
-            f"({status['pages-written'] - before} pages written in 0.3 s); the source's is gone")
+        report(res, say)
+        ok = verification(res.digests, say, "at the source == at the destination", theirs)
+        keep_running(dst, "at the destination", 0.3, say)
+        say(f"the source's guest {src} is gone")
         if not ok:
             raise MfdError("demo: RAM differs between the two ends")
         return {"migrate": res.query_migrate, "digests": res.digests,
@@ -85,3 +126,77 @@ def run(ram: int, dirty_rate: int, params: MigrationParameters, say: Callable[[s
             incoming.wait()
         for name in (src, dst):
             control.release(name)
+
+
+def source(uri: str, name: str, ram: int, dirty_rate: int, params: MigrationParameters,
+           say: Say, progress: Progress | None, run_after: float) -> dict:
+    """Node A: start the guest, migrate it to ``uri``. On failure the guest keeps running
+    here; it is reported for ``run_after`` seconds before the failure is raised."""
+    try:
+        start_guest(name, ram, dirty_rate, say)
+        try:
+            res = _migrate(uri, name, params, say, progress)
+        except MfdError as e:
+            say(f"migration failed: {e}")
+            keep_running(name, "here, at the source", run_after, say)
+            raise
+        report(res, say)
+        verification(res.digests, say, "at the source, found equal by the destination")
+        say(f"guest {name} now runs at {uri}; it is gone from here")
+        return {"migrate": res.query_migrate, "digests": res.digests}
+    finally:
+        control.release(name)
+
+
+def destination(listen: str, name: str, say: Say, run_after: float, timeout: float | None,
+                monitor: str | None) -> dict:
+    """Node B: receive one migration into the guest ``name``, then let it run and report."""
+    say(f"waiting for a migration at {listen}")
+    try:
+        res = api.incoming(listen, guest=name, options=IncomingOptions(timeout=timeout),
+                           monitor=monitor)
+        say(f"incoming migration completed in {res.total_time_ms / 1000:.2f} s")
+        verification(res.digests, say, "at the destination, found equal by the source")
+        status = keep_running(name, "here, at the destination", run_after, say)
+        return {"incoming": vars(res), "guest": status}
+    finally:
+        control.release(name)
+
+
+def save(path: str, name: str, ram: int, dirty_rate: int, params: MigrationParameters,
+         say: Say, progress: Progress | None) -> dict:
+    """Node A of the file scenario: a live save of a running guest, in parallel."""
+    try:
+        start_guest(name, ram, dirty_rate, say)
+        say(f"saving to {path} over {params.multifd_channels} channels (mapped-ram)")
+        res = api.save(path, guest=name, params=params, progress=progress)
+        report(res, say)
+        verification(res.digests, say, "saved in the file's trailer")
+        return {"save": res.query_migrate, "digests": res.digests}
+    finally:
+        control.release(name)
+
+
+def restore(path: str, name: str, channels: int, say: Say, run_after: float) -> dict:
+    """Node B of the file scenario: restore into a new guest, resume it, report it."""
+    try:
+        say(f"restoring {path} over {channels} channels")
+        res = api.restore(path, guest=name, channels=channels)
+        say(f"restored {human(res.bytes_read)} in {res.seconds:.2f} s "
+            f"({res.bytes_read / max(res.seconds, 1e-9) / (1 << 20):.0f} MiB/s)")
+        if not res.verified:
+            raise MfdError(f"{path} has no mfd trailer: nothing to verify the RAM against")
+        verification(res.digests, say, "restored, equal to the file's trailer")
+        with control.GuestClient(name) as g:
+            g.cont()
+        status = keep_running(name, "here, after the restore", run_after, say)
+        return {"restore": vars(res), "guest": status}
+    finally:
+        control.release(name)
+
+
+def _migrate(uri: str, guest: str, params: MigrationParameters, say: Say,
+             progress: Progress | None) -> api.MigrateResult:
+    say(f"migrating to {uri} over {params.multifd_channels} channels (compression "
+        f"{params.multifd_compression}, downtime limit {params.downtime_limit} ms)")
+    return api.migrate(uri, guest=guest, params=params, progress=progress)

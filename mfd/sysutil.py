@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import signal
 
 PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -13,6 +14,30 @@ _libc = ctypes.CDLL(None, use_errno=True)
 def set_parent_death_signal(sig: int) -> None:
     """prctl(PR_SET_PDEATHSIG): get ``sig`` when the parent dies (0: never)."""
     _libc.prctl(PR_SET_PDEATHSIG, int(sig))
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (``docker stop``, a closed terminal), raised like Ctrl-C so that
+    every ``finally`` runs: the guest resumes, the shared memory is unlinked."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def end_like_ctrl_c() -> None:
+    """Make SIGTERM and SIGHUP raise :class:`Terminated` in the main thread."""
+    def on_term(signum: int, frame: object) -> None:
+        raise Terminated(signum)
+
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, on_term)
+
+
+def default_signals() -> None:
+    """A forked channel dies of SIGTERM as usual: the pool's way to stop a straggler."""
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, signal.SIG_DFL)
 
 
 AT_FDCWD = -100

@@ -109,7 +109,6 @@ def _measure(s: Settings, qemu: dict[str, Any], qemu_ok: bool
     """Every mode's configs, run; then everything the run created removed, also on Ctrl-C
     (returns whether it was interrupted)."""
     cleanup = Cleanup()
-    Cleanup.install_signals()
     configs: list[Config] = []
     with RunProgress() as progress:
         ws = Workspace(s, cleanup, progress, qemu_ok)

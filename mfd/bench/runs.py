@@ -165,8 +165,8 @@ class Cleanup:
 
     Each ``add_*`` returns a token; :meth:`done` runs that item now (e.g. a per-run
     process). :meth:`run` ignores SIGINT / SIGTERM while it
-    works, so a second Ctrl-C cannot leave half of it undone; :meth:`install_signals` makes
-    SIGTERM and SIGHUP raise KeyboardInterrupt like Ctrl-C, so ``finally`` blocks run.
+    works, so a second Ctrl-C cannot leave half of it undone (``mfd`` makes SIGTERM and
+    SIGHUP raise like Ctrl-C, so it runs on those too).
     """
 
     def __init__(self) -> None:
@@ -207,11 +207,3 @@ class Cleanup:
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
-
-    @staticmethod
-    def install_signals() -> None:
-        def on_term(signum: int, frame: object) -> None:
-            raise KeyboardInterrupt(f"signal {signum}")
-
-        signal.signal(signal.SIGTERM, on_term)
-        signal.signal(signal.SIGHUP, on_term)

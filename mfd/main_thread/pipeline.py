@@ -52,6 +52,7 @@ import zmq
 from mfd.errors import BrokenPipeline
 from mfd.protocol import messages
 from mfd.protocol.constants import MULTIFD_PAGE_COUNT
+from mfd.sysutil import default_signals
 
 START_TIMEOUT = 60.0
 JOIN_TIMEOUT = 5.0
@@ -104,6 +105,7 @@ class ChannelPool:
         if pid == 0:  # the channel: never returns into the caller's code
             status = 1
             try:
+                default_signals()
                 target(cfg)
                 status = 0
             except SystemExit as e:

@@ -22,6 +22,7 @@ import numpy as np
 from mfd.errors import MfdError
 from mfd.protocol.constants import TARGET_PAGE_SIZE
 from mfd.sysutil import link_fd
+from mfd.units import human
 
 SHM_DIR = "/dev/shm"
 MADV_POPULATE_READ = 22  # linux/mman.h, 5.14+; Python 3.11's mmap module lacks the name
@@ -51,6 +52,20 @@ def check_block_size(idstr: str, size: int) -> None:
     if size <= 0 or size % TARGET_PAGE_SIZE:
         raise MfdError(f"block {idstr!r}: size {size} is not a positive multiple of "
                        f"{TARGET_PAGE_SIZE}")
+
+
+def require_room(directory: str, blocks: list[tuple[str, int]]) -> None:
+    """Refuse RAM that ``directory`` (a tmpfs) cannot hold: its files are sparse, so creating
+    them succeeds, and the first write past the tmpfs's size kills the writer with SIGBUS."""
+    need = sum(size for _, size in blocks)
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return  # creating the files will say what is wrong with the directory
+    free = st.f_bavail * st.f_frsize
+    if free < need:
+        raise MfdError(f"{directory} has {human(free)} free, the RAM needs {human(need)} "
+                       "(in a container, raise its shm_size)")
 
 
 class MappedBlock:
@@ -162,6 +177,7 @@ class SharedRAM:
     def __init__(self, owner: str, blocks: list[tuple[str, int]]) -> None:
         self.blocks: list[RAMBlock] = []
         self.owned = True
+        require_room(SHM_DIR, blocks)
         try:
             for idstr, size in blocks:
                 check_block_size(idstr, size)
@@ -221,6 +237,7 @@ class PendingRAM:
     def __init__(self, directory: str, blocks: list[tuple[str, int]]) -> None:
         self.fds: list[int] = []
         self.blocks: list[RAMBlock] = []
+        require_room(directory, blocks)
         try:
             for idstr, size in blocks:
                 check_block_size(idstr, size)

@@ -1,0 +1,23 @@
+# The image both nodes of docker-compose.yml run: mfd, installed from this repository's source.
+# BASE is any Debian-like image with python3 >= 3.11 and its venv module. The default is the
+# public Python image; without a registry, build a local base with tests/docker/base-image.sh
+# and pass it: docker compose build --build-arg BASE=... (or MFD_BASE_IMAGE=... in the shell).
+ARG BASE=python:3.11-slim
+FROM ${BASE}
+
+# the dependencies first, in their own layer: a change to mfd's source does not reinstall them
+COPY pyproject.toml README.md /src/
+RUN python3 -m venv /opt/mfd \
+ && mkdir /src/mfd && touch /src/mfd/__init__.py \
+ && /opt/mfd/bin/pip install --no-cache-dir --disable-pip-version-check /src \
+ && /opt/mfd/bin/pip uninstall -y -q mfd \
+ && rm -rf /src/mfd /src/build /src/*.egg-info
+
+COPY mfd /src/mfd
+RUN /opt/mfd/bin/pip install --no-cache-dir --disable-pip-version-check --no-deps /src \
+ && rm -rf /src
+
+# unbuffered: docker logs shows each line as it is printed
+ENV PATH=/opt/mfd/bin:$PATH PYTHONUNBUFFERED=1
+ENTRYPOINT ["mfd"]
+CMD ["demo"]
