@@ -86,11 +86,14 @@ class Migration(Precopy):
         self.ctx = zmq.Context()
         self.main = tcp.peer_socket(self.ctx, zmq.DEALER)
         self.link = tcp.LinkWatch(self.main, "main channel")
+        self.addr = self.addr.resolved()
         self.main.connect(self.addr.main)
         deadline = time.monotonic() + self.options.connect_timeout
         while not self.link.connected:
             if time.monotonic() > deadline:
-                raise MfdError(f"cannot reach the destination at {self.addr.main} (no "
+                where = self.uri if self.addr.main == self.uri else \
+                    f"{self.uri} ({self.addr.host})"
+                raise MfdError(f"cannot reach the destination at {where} (no "
                                f"connection within {self.options.connect_timeout:g} s)")
             self.link.monitor.poll(50)
             self.link.check()

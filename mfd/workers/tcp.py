@@ -57,6 +57,21 @@ class Address:
     def main(self) -> str:
         return f"tcp://{self.host}:{self.port}"
 
+    def resolved(self) -> Address:
+        """The host looked up once, as QEMU looks it up once when it connects. ZeroMQ would
+        look a name up again on every reconnect, in its I/O thread; when the peer's name
+        goes away with the peer (a stopped container), closing the context then waits
+        through the resolver's timeouts, tens of seconds."""
+        if self.host.startswith("["):
+            return self
+        try:
+            infos = socket.getaddrinfo(self.host, self.port, socket.AF_INET,
+                                       socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError) as e:
+            raise MfdError(f"cannot resolve {self.host}: "
+                           f"{getattr(e, 'strerror', None) or e}") from None
+        return Address(infos[0][4][0], self.port)
+
 
 def parse_uri(uri: str, channels: int = 0) -> Address:
     """``tcp://HOST:PORT``; the channels take the following ``channels`` ports."""
