@@ -26,6 +26,7 @@ from mfd.shm.ramblock import RAMBlock
 from mfd.shm.workload import PATTERNS, WorkloadState
 from mfd.sysutil import Terminated, end_like_ctrl_c
 from mfd.units import human, parse_size
+from mfd.workers.tcp import parse_uri
 
 
 def parse_named(text: str) -> tuple[str, str]:
@@ -376,6 +377,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise UsageError("mfd demo: --timeout and --monitor go with --listen")
     if args.run_after < 0:
         raise UsageError("mfd demo: --run-after must be >= 0")
+    for uri in (args.connect, args.listen):
+        if uri:
+            parse_uri(uri, args.multifd_channels)  # before a guest starts
     params = _params(args)
 
     def say(line: str) -> None:

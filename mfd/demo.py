@@ -55,12 +55,13 @@ def start_guest(name: str, ram: int, dirty_rate: int, say: Say) -> None:
 
 def report(res: api.PrecopyResult, say: Say) -> None:
     secs = res.total_time_ms / 1000
+    verify = res.query_migrate.get("x-verify-time")  # a migration's: both ends hash the RAM
     say(f"completed in {secs:.2f} s: {res.rounds} rounds, {human(res.transferred)} "
         f"transferred ({res.transferred / secs / (1 << 20):.0f} MiB/s), "
         f"{res.normal_pages} pages sent, {res.zero_pages} zero, downtime "
-        f"{res.downtime_ms:.0f} ms (of which verifying RAM "
-        f"{res.query_migrate.get('x-verify-time', 0)} ms), final throttle "
-        f"{res.cpu_throttle_percentage}%")
+        f"{res.downtime_ms:.0f} ms"
+        f"{'' if verify is None else f' (of which verifying RAM {verify} ms)'}, "
+        f"final throttle {res.cpu_throttle_percentage}%")
 
 
 def verification(digests: dict[str, str], say: Say, how: str,

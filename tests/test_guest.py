@@ -95,3 +95,11 @@ def test_two_guests_with_one_name_are_refused(guests):
     name, _ = guests.start("4M")
     r = run_mfd("guest", "--name", name, "--ram", "4M")
     assert r.returncode == 1 and "already running" in r.stderr
+
+
+def test_ram_larger_than_dev_shm_is_refused():
+    """Sparse files would be created, and the guest killed by SIGBUS at the first write past
+    the tmpfs's size (a container's 64 MiB /dev/shm): refused up front, one line."""
+    p = run_mfd("guest", "--name", f"huge{os.getpid()}", "--ram", "100T")
+    assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+    assert "/dev/shm has" in p.stderr and "the RAM needs 100.0 TiB" in p.stderr

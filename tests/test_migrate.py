@@ -447,10 +447,13 @@ def _read_events(client) -> list[str]:
     return seen
 
 
-def test_ctrl_c(guests):
+@pytest.mark.parametrize(("sig", "says", "rc"), [(signal.SIGINT, "interrupted", 130),
+                                                 (signal.SIGTERM, "terminated (SIGTERM)", 143)])
+def test_ctrl_c_or_sigterm(guests, sig, says, rc):
+    """Ctrl-C, or SIGTERM as from `docker stop`: cancelled, the guest runs on, one line."""
     r = Running(guests)
-    r.mig.send_signal(signal.SIGINT)
-    r.source_fails("interrupted", rc_expected=130)
+    r.mig.send_signal(sig)
+    r.source_fails(says, rc_expected=rc)
     r.destination_fails()
 
 
@@ -467,15 +470,3 @@ def test_no_destination():
                         "--image", "mem=/dev/null"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 1
     assert "image" in one_line(p.stderr) or "reach" in one_line(p.stderr)
-
-
-def test_demo_end_to_end():
-    """The README's main command, small: a live migration on this machine, verified."""
-    before = shm_entries()
-    p = subprocess.run([sys.executable, "-m", "mfd", "demo", "--ram", "64M", "--dirty-rate",
-                        "20M", "--json"], capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stderr
-    out = orjson.loads(p.stdout)
-    assert out["ok"] and out["digests"] == out["destination_digests"]
-    assert out["migrate"]["status"] == "completed"
-    assert shm_entries() == before

@@ -248,7 +248,8 @@ class ChannelPool:
             text = frames[1].decode(errors="replace").strip().splitlines()
             ch = self.channel_of.get(ident)
             who = "a channel" if ch is None else f"channel {ch}"  # one that failed at start
-            raise self._fail(BrokenPipeline(f"{who} failed: {text[-1] if text else '?'}",
+            why = text[-1].removeprefix(f"{who}: ") if text else "?"  # its link names it too
+            raise self._fail(BrokenPipeline(f"{who} failed: {why}",
                                             link_lost=frames[2:3] == [b"link"]))
         else:
             raise self._fail(BrokenPipeline(f"unexpected message {kind[:16]!r} from a channel"))

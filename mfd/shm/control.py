@@ -127,7 +127,7 @@ def start_guest_daemon(argv: list[str], name: str, timeout: float = 30.0) -> Gue
         if proc.poll() is not None:
             with open(log, "rb") as f:
                 lines = f.read().decode(errors="replace").strip().splitlines()
-            why = lines[-1] if lines else f"exit status {proc.returncode}"
+            why = lines[-1].removeprefix("mfd: ") if lines else f"exit status {proc.returncode}"
             raise GuestError(f"guest {name!r} failed to start: {why}")
         if is_alive(name, timeout=0.5):
             return GuestClient(name)
