@@ -206,7 +206,7 @@ def test_node_b_killed_mid_migration(project):
     p.wait_for_log("node-a", "migrating to tcp://node-b:4444", 120)
     time.sleep(1.5)  # 128 MiB of data at 16 MiB/s: the migration is far from done
     p("kill", "node-b")
-    a_log = p.wait_for_log("node-a", "migration failed:", 30)
+    a_log = p.wait_for_log("node-a", "migration failed:", 20)
     assert "completed in" not in a_log
     _writes_on(p, "node-a")
     assert p.wait_exit("node-a", 60) == 1
