@@ -85,7 +85,7 @@ def keep_running(name: str, where: str, seconds: float, say: Say,
         status = g.query()
         while True:
             before, t0 = status["pages-written"], time.monotonic()
-            time.sleep(max(0.0, min(every, deadline - t0)) or min(every, 0.3))
+            time.sleep(max(min(every, deadline - t0), 0.3))  # at least one look
             status = g.query()
             say(f"guest {name} is {status['status']} {where} "
                 f"({status['pages-written'] - before} pages written in "
