@@ -17,7 +17,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import orjson
@@ -114,7 +114,7 @@ def image() -> None:
 
 
 @pytest.fixture
-def project(image) -> Iterator[callable]:
+def project(image) -> Iterator[Callable[..., Project]]:
     made: list[Project] = []
 
     def make(**settings: str) -> Project:
