@@ -231,3 +231,19 @@ def test_file_scenario_save_on_a_restore_on_b(project):
     assert len(saved) == 1 and saved == restored, (a_log, b_log)
     assert "guest vm0 is running here, after the restore" in b_log
     assert "Traceback" not in a_log + b_log
+
+
+def test_guest_larger_than_shm_size(project):
+    """A user raises MFD_RAM past the container's /dev/shm: node A says so in one line (no
+    SIGBUS later), node B gives up after MFD_TIMEOUT; both exit 1."""
+    p = project(MFD_RAM="256M", MFD_SHM_SIZE="64m", MFD_TIMEOUT="5")
+    p("up", "-d", timeout=300)
+    assert p.wait_exit("node-a", 120) == 1
+    a_log = p.logs("node-a").strip()
+    assert a_log.splitlines()[-1] == ("mfd: guest 'vm0' failed to start: /dev/shm has 64.0 MiB "
+                                      "free, the RAM needs 256.0 MiB (in a container, raise "
+                                      "its shm_size)"), a_log
+    assert p.wait_exit("node-b", 60) == 1
+    b_log = p.logs("node-b").strip()
+    assert b_log.splitlines()[-1].startswith("mfd: "), b_log
+    assert "Traceback" not in a_log + b_log
