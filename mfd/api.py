@@ -16,6 +16,8 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import orjson
+
 from mfd.describe import describe
 from mfd.errors import MfdError
 from mfd.main_thread import load as loader
@@ -28,7 +30,6 @@ from mfd.protocol.constants import TARGET_PAGE_SIZE
 from mfd.protocol.migration_file import MigrationFile
 from mfd.shm import control
 from mfd.shm.ramblock import RAMBlock
-from mfd.shm.workload import WorkloadState
 
 
 @dataclass(frozen=True)
@@ -150,14 +151,10 @@ def restore(path: str, *, images: dict[str, str] | None = None, guest: str | Non
         if images is not None:
             return _restore_images(opened, images, channels, direct_io)
         assert guest is not None
-        workload = WorkloadState(0, "random", 1)
-        if mf.trailer is not None and mf.trailer.guest:
-            w = mf.trailer.guest.get("workload") or {}
-            workload = WorkloadState(**{k: w[k] for k in vars(workload) if k in w})
-        argv = ["--name", guest, "--stopped", "--dirty-rate", str(workload.dirty_rate),
-                "--pattern", workload.pattern, "--seed", str(workload.seed),
-                "--counter", str(workload.counter), "--cursor", str(workload.cursor),
-                "--zero-fraction", str(workload.zero_fraction)]
+        argv = ["--name", guest, "--stopped"]
+        workload = (mf.trailer.guest or {}).get("workload") if mf.trailer else None
+        if workload:  # mfd's own file: the guest goes on as it was (either kind)
+            argv += ["--x-resume", orjson.dumps(workload).decode()]
         for b in mf.blocks:
             argv += ["--block", f"{b.idstr}={b.used_length}"]
         client = control.start_guest_daemon(argv, guest)

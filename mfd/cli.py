@@ -20,7 +20,7 @@ from mfd.main_thread.incoming import IncomingOptions
 from mfd.main_thread.migrate import Cancelled, MigrateOptions
 from mfd.options import MigrationParameters
 from mfd.progress import LiveView
-from mfd.shm import control
+from mfd.shm import control, kvm
 from mfd.shm.guest import GuestConfig, run_guest
 from mfd.shm.ramblock import RAMBlock
 from mfd.shm.workload import PATTERNS, WorkloadState
@@ -88,6 +88,9 @@ def _precopy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-throttle-tailslow", action="store_true")
     p.add_argument("--max-cpu-throttle", type=int, default=99)
     p.add_argument("--throttle-trigger-threshold", type=int, default=50)
+    p.add_argument("--x-clear-bitmap-shift", type=int, default=18, metavar="SHIFT",
+                   help="KVM guests with manual dirty log protect: clear the log in chunks "
+                   "of 2^SHIFT pages, each just before it is sent (QEMU's default 18)")
 
 
 def _params(args: argparse.Namespace) -> MigrationParameters:
@@ -106,6 +109,7 @@ def _params(args: argparse.Namespace) -> MigrationParameters:
         cpu_throttle_tailslow=args.cpu_throttle_tailslow,
         max_cpu_throttle=args.max_cpu_throttle,
         throttle_trigger_threshold=args.throttle_trigger_threshold,
+        x_clear_bitmap_shift=args.x_clear_bitmap_shift,
     )
 
 
@@ -126,8 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=1)
     g.add_argument("--zero-fraction", type=float, default=0.0,
                    help="share of writes that zero a whole page, as freed memory (0..1)")
-    g.add_argument("--counter", type=int, default=0, help=argparse.SUPPRESS)
-    g.add_argument("--cursor", type=int, default=0, help=argparse.SUPPRESS)
+    g.add_argument("--kvm", action="store_true",
+                   help="a KVM VM runs the guest: one vCPU, KVM's dirty log (random|hotset)")
+    g.add_argument("--x-no-manual-protect", action="store_true", help=argparse.SUPPRESS)
+    # a saved workload state to go on from (mfd restore passes the file's)
+    g.add_argument("--x-resume", type=json_object, help=argparse.SUPPRESS)
     g.add_argument("--stopped", action="store_true", help="start paused (like QEMU's -S)")
     g.add_argument("--attach", type=parse_named, action="append", default=[],
                    help=argparse.SUPPRESS)  # an incoming migration's unnamed RAM: NAME=PATH
@@ -166,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cancel when the migration would take longer")
     m.add_argument("--monitor", metavar="PATH", help="serve a QMP-style monitor at PATH")
     m.add_argument("--machine", default="none", help="machine type in the stream")
+    m.add_argument("--keep-source", action="store_true", help="leave the source guest paused "
+                   "after the migration, as QEMU does (postmigrate); by default it quits")
     m.add_argument("--json", action="store_true")
 
     n = sub.add_parser("incoming", help="wait for a migration from 'mfd migrate'")
@@ -179,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--timeout", type=float, metavar="SECONDS",
                    help="give up when no migration completed within this")
     n.add_argument("--monitor", metavar="PATH", help="serve a QMP-style monitor at PATH")
+    n.add_argument("--stopped", action="store_true", help="keep the guest paused after the "
+                   "migration, as QEMU's -S ('mfd guest --cont' starts it)")
     n.add_argument("--json", action="store_true")
     # test-only: slow receive channels (seconds per packet, comma separated); no recv sync
     n.add_argument("--x-channel-delay", default="", help=argparse.SUPPRESS)
@@ -262,10 +273,18 @@ def cmd_guest(args: argparse.Namespace) -> int:
         print(f"guest {args.name} running in the background "
               f"(control socket {control.socket_path(args.name)})")
         return 0
+    if args.kvm:
+        if args.pattern == "sequential" or args.zero_fraction:
+            raise UsageError("mfd guest: --kvm writes with --pattern random or hotset, and "
+                             "no --zero-fraction")
+        why = kvm.unavailable()
+        if why:
+            raise MfdError(f"--kvm: no KVM here: {why}")
     cfg = GuestConfig(args.name, tuple(blocks),
-                      WorkloadState(args.dirty_rate, args.pattern, args.seed, args.counter,
-                                    args.cursor, args.zero_fraction),
-                      start_stopped=args.stopped, attached=attached)
+                      WorkloadState(args.dirty_rate, args.pattern, args.seed,
+                                    zero_fraction=args.zero_fraction),
+                      start_stopped=args.stopped, attached=attached, kvm=args.kvm,
+                      manual_protect=not args.x_no_manual_protect, resume=args.x_resume)
 
     def ready(ram) -> None:
         paths = ", ".join(f"{b.idstr}={b.path}" for b in ram.blocks)
@@ -327,7 +346,7 @@ def _outcome(what: str) -> Iterator[None]:
 def cmd_migrate(args: argparse.Namespace) -> int:
     opts = MigrateOptions(machine=args.machine,
                           flush_after_each_section=args.multifd_flush_after_each_section,
-                          timeout=args.timeout)
+                          timeout=args.timeout, keep_source=args.keep_source)
     view = None if args.json else LiveView(f"migrate to {args.uri}")
     with _outcome("migration"), view or contextlib.nullcontext():
         res = api.migrate(args.uri, images=dict(args.image) if args.image else None,
@@ -348,7 +367,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_incoming(args: argparse.Namespace) -> int:
     delays = tuple(float(x) for x in args.x_channel_delay.split(",") if x)
     opts = IncomingOptions(timeout=args.timeout, channel_delays=delays,
-                           skip_sync=args.x_skip_sync)
+                           skip_sync=args.x_skip_sync, stopped=args.stopped)
     with _outcome("incoming migration"):
         res = api.incoming(args.listen, images=dict(args.image) if args.image else None,
                            guest=args.guest, options=opts, monitor=args.monitor)

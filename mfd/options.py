@@ -37,6 +37,9 @@ class MigrationParameters:
     cpu_throttle_tailslow: bool = False
     max_cpu_throttle: int = 99
     throttle_trigger_threshold: int = 50
+    # pages per clear_bmap chunk, as a power of two: a KVM guest with manual dirty log
+    # protect has each chunk's pages write-protected again just before the chunk is sent
+    x_clear_bitmap_shift: int = 18
 
     def to_qmp(self) -> dict[str, object]:
         """QEMU's ``query-migrate-parameters`` field names."""
@@ -59,6 +62,7 @@ def check_params(p: MigrationParameters, *, mapped_ram: bool) -> MigrationParame
     _range("cpu_throttle_initial", p.cpu_throttle_initial, 1, 99)
     _range("cpu_throttle_increment", p.cpu_throttle_increment, 1, 99)
     _range("max_cpu_throttle", p.max_cpu_throttle, 1, 99)
+    _range("x_clear_bitmap_shift", p.x_clear_bitmap_shift, 6, 31)
     if p.max_bandwidth < 0:
         raise UsageError("Parameter 'max-bandwidth' must not be negative")
     if p.zero_page_detection not in ZERO_PAGE_DETECTION:

@@ -53,6 +53,7 @@ class IncomingOptions:
     # then not kept and a test must see it fail
     channel_delays: tuple[float, ...] = ()
     skip_sync: bool = False
+    stopped: bool = False  # the guest stays paused after the migration (QEMU's -S)
 
 
 @dataclass
@@ -322,7 +323,8 @@ class Incoming:
                 named.append(paths[b.idstr])
             workload = (self.guest_state or {}).get("workload") or \
                 self.guest.query()["workload"]
-            self.guest.execute("commit", blocks=paths, workload=workload)
+            self.guest.execute("commit", blocks=paths, workload=workload,
+                               run=not self.options.stopped)
             named.clear()  # the guest owns them now
             self.guest.close()
             self.guest = None

@@ -61,6 +61,7 @@ class MigrateOptions:
     flush_after_each_section: bool = False  # QEMU's multifd-flush-after-each-section
     timeout: float | None = None  # cancel when the migration would take longer
     connect_timeout: float = CONNECT_TIMEOUT
+    keep_source: bool = False  # the source guest stays paused afterwards (QEMU's postmigrate)
 
 
 class Migration(Precopy):
@@ -220,7 +221,7 @@ class Migration(Precopy):
                 self.link.close()
                 self.main.close(LINGER_MS)  # the ERROR we may just have sent gets out
                 self.ctx.term()
-        if completed and self.guest is not None:
+        if completed and self.guest is not None and not self.options.keep_source:
             with contextlib.suppress(MfdError):
                 self.guest.quit()  # it runs on the destination now
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -64,6 +64,7 @@ class Precopy:
         self.skip_round_sync = skip_round_sync
         self.stats = MigrationStats(total=sum(b.used_length for b in blocks))
         self.was_running = False
+        self.manual_protect = False  # the guest's log is cleared per chunk (_clear_chunks)
         self.mapped: list[MappedBlock] = []
 
     # ------------------------------------------------------------------ hooks
@@ -108,6 +109,7 @@ class Precopy:
             return False
         status = self.guest.query()
         self.was_running = status["status"] == "running"
+        self.manual_protect = bool(status["workload"].get("manual_protect"))
         if stop_first and self.was_running:
             self.guest.stop()
         self.guest.harvest()  # the dirty log starts now; bmap is all ones anyway
@@ -146,19 +148,9 @@ class Precopy:
         legacy = self.params.zero_page_detection == "legacy"
         self.begin_section(final)
         for i, words in enumerate(self.bmap):
-            for batch in dirty_batches(words, self.batch_pages):
-                pages = batch
-                self.stats.remaining -= len(pages) * C.TARGET_PAGE_SIZE
-                if legacy:  # the main thread finds zero pages (zero-page-detection=legacy)
-                    nonzero = nonzero_rows(self.mapped[i].words, pages)
-                    zero = pages[~nonzero]
-                    if len(zero):
-                        self.on_legacy_zero(i, zero)
-                        self.stats.duplicate += len(zero)
-                    pages = pages[nonzero]
-                    if len(pages) == 0:
-                        continue
-                self.pool.send(i, pages, self._sent(i, pages))
+            for first, chunk in self._clear_chunks(i, words):
+                for batch in dirty_batches(chunk, self.batch_pages):
+                    self._queue(i, batch + np.uint32(first), legacy)
         if not self.skip_round_sync:
             self.end_round()
         self.end_section(final)
@@ -167,6 +159,37 @@ class Precopy:
         self.stats.rounds.append({"round": self.stats.dirty_sync_count,
                                   "bytes": self.round_bytes, "seconds": elapsed,
                                   "throttle": self.stats.cpu_throttle_percentage})
+
+    def _clear_chunks(self, block: int, words: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+        """The block's bmap in clear_bmap chunks (first page, words). A KVM guest with
+        manual dirty log protect gets each chunk's dirty pages cleared in its log (write-
+        protected again) just before they are read, as QEMU's
+        ``migration_clear_memory_region_dirty_bitmap`` does: writes after the clear are
+        logged for the next round, and a harvest never had to protect all RAM at once."""
+        if not self.manual_protect:
+            yield 0, words
+            return
+        assert self.guest is not None
+        step = (1 << self.params.x_clear_bitmap_shift) // 64  # words per chunk
+        for start in range(0, len(words), step):
+            chunk = words[start:start + step]
+            if chunk.any():
+                self.guest.clear_log(block, start * 64, chunk)
+                yield start * 64, chunk
+
+    def _queue(self, block: int, pages: np.ndarray, legacy: bool) -> None:
+        """Hand one batch of dirty pages to the channels."""
+        self.stats.remaining -= len(pages) * C.TARGET_PAGE_SIZE
+        if legacy:  # the main thread finds zero pages (zero-page-detection=legacy)
+            nonzero = nonzero_rows(self.mapped[block].words, pages)
+            zero = pages[~nonzero]
+            if len(zero):
+                self.on_legacy_zero(block, zero)
+                self.stats.duplicate += len(zero)
+            pages = pages[nonzero]
+            if len(pages) == 0:
+                return
+        self.pool.send(block, pages, self._sent(block, pages))
 
     def bitmap_sync(self) -> int:
         """``migration_bitmap_sync``: OR the guest's log into bmap; returns dirty pages."""

@@ -51,9 +51,10 @@ class GuestClient:
             self.sock.connect(f"ipc://{self.path}")
         return self.sock
 
-    def request(self, cmd: str, **arguments) -> list[bytes]:
+    def request(self, cmd: str, *payload: bytes, **arguments) -> list[bytes]:
         sock = self._socket()
-        sock.send(orjson.dumps({"execute": cmd, "arguments": arguments}))
+        sock.send_multipart([orjson.dumps({"execute": cmd, "arguments": arguments}),
+                             *payload])
         if not sock.poll(self.timeout * 1000):
             self.close()  # a REQ socket without its reply is stuck; start over next time
             raise GuestError(f"guest {self.name!r} did not answer {cmd!r} within "
@@ -92,6 +93,12 @@ class GuestClient:
         frames = self.request("harvest")
         status = orjson.loads(frames[0])["return"]
         return status, [np.frombuffer(f, dtype="<u8") for f in frames[1:]]
+
+    def clear_log(self, block: int, first_page: int, words: np.ndarray) -> None:
+        """Manual dirty log protect: these pages (bmap words from ``first_page``, a multiple
+        of 64) are about to be read; log their next writes again."""
+        self.request("clear", np.ascontiguousarray(words, dtype="<u8").tobytes(), block=block,
+                     **{"first-page": first_page})
 
     def close(self) -> None:
         if self.sock is not None:

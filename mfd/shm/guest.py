@@ -19,12 +19,14 @@ import signal
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import orjson
 import zmq
 
 from mfd.errors import MfdError
 from mfd.shm import control
-from mfd.shm.ramblock import RAMBlock, SharedRAM, attach
+from mfd.shm.kvmguest import KvmState, KvmWorkload
+from mfd.shm.ramblock import MappedBlock, RAMBlock, SharedRAM, attach
 from mfd.shm.workload import Workload, WorkloadState
 from mfd.sysutil import set_parent_death_signal
 
@@ -40,6 +42,16 @@ class GuestConfig:
     # an incoming migration's guest: RAM it does not own yet (unnamed, see PendingRAM); it
     # dies with the process that started it until that process says "commit"
     attached: tuple[RAMBlock, ...] = ()
+    kvm: bool = False  # a KVM vCPU runs the guest (kvmguest.py), not the built-in workload
+    manual_protect: bool = True  # KVM: with KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 where offered
+    resume: dict | None = None  # a saved workload state (either kind) to go on from
+
+
+def workload_from(mapped: list[MappedBlock], state: dict) -> Workload | KvmWorkload:
+    """A saved or migrated workload goes on where it stopped, whichever kind it is."""
+    if state.get("kind") == "kvm":
+        return KvmWorkload(mapped, KvmState.from_json(state), fresh=False)
+    return Workload(mapped, WorkloadState(**state))
 
 
 class _Quit(Exception):
@@ -64,14 +76,25 @@ class Guest:
     def serve(self, ram: SharedRAM, sock: zmq.Socket) -> None:
         mapped = self.mapped = [attach(b, writable=True) for b in ram.blocks]
         self.ram = ram
-        self.workload = Workload(mapped, self.cfg.workload)
+        cfg = self.cfg
+        if cfg.resume is not None:
+            self.workload = workload_from(mapped, cfg.resume)
+        elif cfg.kvm:
+            w = cfg.workload
+            self.workload = KvmWorkload(mapped, KvmState(w.dirty_rate, w.pattern, w.seed,
+                                                         cfg.manual_protect), fresh=True)
+        else:
+            self.workload = Workload(mapped, cfg.workload)
+        if self.running:
+            self.workload.start()
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         next_run = time.monotonic()
         try:
             while True:
                 now = time.monotonic()
-                wait = max(0.0, next_run - now) if self.running else None
+                ticking = self.running and not self.workload.runs_itself
+                wait = max(0.0, next_run - now) if ticking else None
                 if wait is None or wait > 0:
                     events = dict(poller.poll(None if wait is None else wait * 1000))
                     if sock in events:
@@ -83,16 +106,27 @@ class Guest:
         except _Quit:
             pass
         finally:
+            self.workload.close()
             for m in mapped:
                 m.close()
 
     def handle(self, sock: zmq.Socket) -> None:
+        frames = sock.recv_multipart()
         try:
-            req = orjson.loads(sock.recv())
+            req = orjson.loads(frames[0])
             cmd = req["execute"]
             args = req.get("arguments", {})
         except (orjson.JSONDecodeError, KeyError, TypeError):
             sock.send(orjson.dumps({"error": "malformed request"}))
+            return
+        if cmd == "clear" and len(frames) == 2:  # manual protect: a chunk about to be sent
+            try:
+                self.workload.clear(int(args["block"]), int(args["first-page"]),
+                                    np.frombuffer(frames[1], dtype="<u8"))
+            except (ValueError, TypeError, KeyError, IndexError, OSError) as e:
+                sock.send(orjson.dumps({"error": f"clear: {e}"}))
+                return
+            sock.send(orjson.dumps({"return": {}}))
             return
         if cmd == "commit":
             try:
@@ -120,13 +154,19 @@ class Guest:
             return {"return": self.status()}
         if cmd == "stop":
             self.running = False
+            self.workload.stop()
         elif cmd == "cont":
             self.running = True
+            self.workload.start()
+        elif cmd == "run-exits" and isinstance(self.workload, KvmWorkload):
+            self.running = True  # until the vCPU parks after that many exits
+            self.workload.run_exits(int(args["count"]))
         elif cmd == "set-throttle":
             pct = int(args["percentage"])
             if not 0 <= pct <= 99:
                 raise ValueError(f"throttle {pct}% outside 0..99")
             self.throttle = pct
+            self.workload.set_throttle(pct)
         elif cmd == "quit":
             raise _Quit
         else:
@@ -144,14 +184,18 @@ class Guest:
                 raise MfdError(f"{b.path} does not exist")
         self.ram.take(blocks)
         set_parent_death_signal(0)
-        self.workload = Workload(self.mapped, WorkloadState(**args["workload"]))
-        self.running = True
+        self.workload.close()
+        self.workload = workload_from(self.mapped, args["workload"])
+        self.workload.set_throttle(0)
+        self.running = bool(args.get("run", True))
+        if self.running:
+            self.workload.start()
 
     def status(self) -> dict:
         return {
             "name": self.cfg.name,
             "pid": os.getpid(),
-            "status": "running" if self.running else "paused",
+            "status": "running" if self.running and not self.workload.parked else "paused",
             "cpu-throttle-percentage": self.throttle,
             "pages-written": self.workload.pages_written,
             "workload": self.workload.state.to_json(),

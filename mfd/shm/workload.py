@@ -38,6 +38,11 @@ class WorkloadState:
 
 
 class Workload:
+    """The built-in workload: the guest process runs it, a tick per 10 ms of run time."""
+
+    runs_itself = False
+    parked = False
+
     def __init__(self, blocks: list[MappedBlock], state: WorkloadState) -> None:
         if state.pattern not in PATTERNS:
             raise ValueError(f"pattern {state.pattern!r}, expected one of {', '.join(PATTERNS)}")
@@ -100,6 +105,18 @@ class Workload:
             self.dirty[i][local] = True
         self.pages_written += n
         return n
+
+    def start(self) -> None:
+        pass  # ticks start with the guest's next timeslice
+
+    def stop(self) -> None:
+        pass
+
+    def set_throttle(self, pct: int) -> None:
+        pass  # the guest process sleeps between ticks itself
+
+    def close(self) -> None:
+        pass
 
     def harvest(self) -> list[bytes]:
         """Return each block's dirty log as bmap words and clear it (one thread: no race)."""
