@@ -207,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     role.add_argument("--restore", metavar="FILE",
                       help="be node B of the file scenario: restore FILE and run the guest")
     d.add_argument("--name", default="vm0", help="the guest's name on a node (default vm0)")
+    d.add_argument("--kvm", action=argparse.BooleanOptionalAction, default=None,
+                   help="a KVM vCPU runs the guest (default: where /dev/kvm works)")
     d.add_argument("--ram", type=parse_size, default=1 << 30)
     d.add_argument("--dirty-rate", type=parse_size, default=100 << 20)
     _channels(d)
@@ -408,21 +410,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     view = None if args.json or args.listen or args.restore else LiveView(
         f"live {'save' if args.save else 'migration'}")
     progress = view.update if view is not None else None
+    use_kvm = False if args.listen or args.restore else demo.kvm_default(args.kvm, say)
     with view or contextlib.nullcontext():
         if args.connect:
             out = demo.source(args.connect, args.name, args.ram, args.dirty_rate, params, say,
-                              progress, args.run_after)
+                              progress, args.run_after, use_kvm)
         elif args.listen:
             out = demo.destination(args.listen, args.name, say, args.run_after, args.timeout,
                                    args.monitor)
         elif args.save:
             out = demo.save(args.save, args.name, args.ram, args.dirty_rate, params, say,
-                            progress)
+                            progress, use_kvm)
         elif args.restore:
             out = demo.restore(args.restore, args.name, args.multifd_channels, say,
                                args.run_after)
         else:
-            out = demo.run(args.ram, args.dirty_rate, params, say, progress)
+            out = demo.run(args.ram, args.dirty_rate, params, say, progress, use_kvm)
     if args.json:
         print(orjson.dumps(out).decode())
     return 0

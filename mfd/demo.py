@@ -32,8 +32,10 @@ from mfd.errors import MfdError
 from mfd.main_thread.incoming import IncomingOptions
 from mfd.main_thread.precopy import Progress
 from mfd.options import MigrationParameters
+from mfd.protocol.constants import TARGET_PAGE_SIZE
 from mfd.ramimage import generate
-from mfd.shm import control
+from mfd.shm import control, kvm
+from mfd.shm.kvmguest import DATA
 from mfd.units import human
 from mfd.workers.tcp import free_ports
 
@@ -41,16 +43,30 @@ Say = Callable[[str], None]
 REPORT_EVERY = 5.0  # seconds between the lines of a guest that runs on after the demo
 
 
-def start_guest(name: str, ram: int, dirty_rate: int, say: Say) -> None:
-    """A guest that has been busy: half of its pages hold data before it starts writing."""
-    g = control.start_guest_daemon(["--name", name, "--ram", str(ram), "--dirty-rate",
-                                    str(dirty_rate), "--pattern", "hotset", "--stopped"], name)
+def start_guest(name: str, ram: int, dirty_rate: int, say: Say, use_kvm: bool) -> None:
+    """A guest that has been busy: half of its pages hold data before it starts writing
+    (a KVM guest's: above its program and page tables)."""
+    argv = ["--name", name, "--ram", str(ram), "--dirty-rate", str(dirty_rate), "--pattern",
+            "hotset", "--stopped"]
+    g = control.start_guest_daemon([*argv, "--kvm"] if use_kvm else argv, name)
     with g:
         (block,) = g.query()["blocks"]
-        generate(block["path"], ram, zero=0.5, random=0.5, create=False)
+        generate(block["path"], ram, zero=0.5, random=0.5, create=False,
+                 first_page=DATA // TARGET_PAGE_SIZE if use_kvm else 0)
         g.cont()
-    say(f"guest {name}: {human(ram)} of RAM (half of it data), dirtying "
+    what = "a KVM vCPU" if use_kvm else "the built-in workload"
+    say(f"guest {name}: {human(ram)} of RAM (half of it data), {what} dirtying "
         f"{human(dirty_rate)}/s (hotset)")
+
+
+def kvm_default(choice: bool | None, say: Say) -> bool:
+    """--kvm / --no-kvm, or KVM where it works here (said when it does not)."""
+    if choice is not None:
+        return choice
+    why = kvm.unavailable()
+    if why:
+        say(f"no KVM here ({why}): the built-in guest instead")
+    return why is None
 
 
 def report(res: api.PrecopyResult, say: Say) -> None:
@@ -95,13 +111,13 @@ def keep_running(name: str, where: str, seconds: float, say: Say,
 
 
 def run(ram: int, dirty_rate: int, params: MigrationParameters, say: Say,
-        progress: Progress | None = None) -> dict:
+        progress: Progress | None = None, use_kvm: bool = False) -> dict:
     """Both ends on this machine; the destination is a separate ``mfd incoming`` process."""
     pid = os.getpid()
     src, dst = f"demo-src-{pid}", f"demo-dst-{pid}"
     incoming = None
     try:
-        start_guest(src, ram, dirty_rate, say)
+        start_guest(src, ram, dirty_rate, say, use_kvm)
         port = free_ports(params.multifd_channels + 1)
         uri = f"tcp://127.0.0.1:{port}"
         incoming = subprocess.Popen(
@@ -130,11 +146,11 @@ def run(ram: int, dirty_rate: int, params: MigrationParameters, say: Say,
 
 
 def source(uri: str, name: str, ram: int, dirty_rate: int, params: MigrationParameters,
-           say: Say, progress: Progress | None, run_after: float) -> dict:
+           say: Say, progress: Progress | None, run_after: float, use_kvm: bool) -> dict:
     """Node A: start the guest, migrate it to ``uri``. On failure the guest keeps running
     here; it is reported for ``run_after`` seconds before the failure is raised."""
     try:
-        start_guest(name, ram, dirty_rate, say)
+        start_guest(name, ram, dirty_rate, say, use_kvm)
         try:
             res = _migrate(uri, name, params, say, progress)
         except MfdError as e:
@@ -165,10 +181,10 @@ def destination(listen: str, name: str, say: Say, run_after: float, timeout: flo
 
 
 def save(path: str, name: str, ram: int, dirty_rate: int, params: MigrationParameters,
-         say: Say, progress: Progress | None) -> dict:
+         say: Say, progress: Progress | None, use_kvm: bool) -> dict:
     """Node A of the file scenario: a live save of a running guest, in parallel."""
     try:
-        start_guest(name, ram, dirty_rate, say)
+        start_guest(name, ram, dirty_rate, say, use_kvm)
         say(f"saving to {path} over {params.multifd_channels} channels (mapped-ram)")
         res = api.save(path, guest=name, params=params, progress=progress)
         report(res, say)

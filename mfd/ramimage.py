@@ -45,14 +45,15 @@ def _text_pages(first: int, n: int, seed: int) -> np.ndarray:
 
 
 def generate(path: str, size: int, *, seed: int = 1, zero: float = 0.5, random: float = 0.25,
-             run: int = 16, create: bool = True) -> dict[str, int]:
+             run: int = 16, create: bool = True, first_page: int = 0) -> dict[str, int]:
     """Write the image to ``path``; returns the page-kind counts. ``create=False`` writes
     the nonzero pages into an existing file of ``size`` bytes (a running guest's RAM) and
-    leaves the rest alone."""
+    leaves the rest alone, and the pages below ``first_page`` too (a KVM guest's program)."""
     if size <= 0 or size % TARGET_PAGE_SIZE:
         raise ValueError(f"size {size} is not a positive multiple of {TARGET_PAGE_SIZE}")
     num_pages = size // TARGET_PAGE_SIZE
     kinds = page_kinds(num_pages, seed, zero, random, run)
+    kinds[:first_page] = 0
     fd = os.open(path, os.O_WRONLY | (os.O_CREAT | os.O_TRUNC if create else 0), 0o644)
     try:
         if create:

@@ -99,8 +99,11 @@ def unavailable() -> str | None:
     try:
         if _ioctl(fd, KVM_GET_API_VERSION) != 12:
             return "KVM API version is not 12"
-        vm = _ioctl(fd, KVM_CREATE_VM)
-        os.close(vm)
+    except OSError as e:
+        os.close(fd)
+        return f"{KVM_DEVICE} is not KVM: {e.strerror}"
+    try:
+        os.close(_ioctl(fd, KVM_CREATE_VM))
         return None
     except OSError as e:
         return f"KVM_CREATE_VM: {e.strerror}"
