@@ -1,0 +1,174 @@
+"""A real guest: a KVM vCPU running mfd's x86-64 program (mfd guest --kvm), migrated live,
+saved, restored, throttled. Skipped, with the reason, where KVM cannot run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import blake3
+import orjson
+import pytest
+from conftest import run_mfd, shm_entries
+from test_invariants import MANY_ROUNDS, _live_save_matches
+from test_migrate import finish, start_incoming, wait_listening
+
+import mfd
+from mfd.main_thread.save import SaveOptions
+from mfd.monitor import monitor_command
+from mfd.options import MigrationParameters
+from mfd.shm import control, kvm
+from mfd.workers.tcp import free_ports
+
+WHY = kvm.unavailable()
+needs_kvm = pytest.mark.skipif(WHY is not None, reason=f"no KVM here: {WHY}")
+K = 200  # exits each VM runs after the switchover
+
+
+def _state(g: control.GuestClient) -> dict:
+    """What decides the guest's future: its RAM (blake3), counter, exits and registers."""
+    st = g.query()
+    ram = Path(st["blocks"][0]["path"]).read_bytes()
+    w = st["workload"]
+    return {"ram": blake3.blake3(ram).hexdigest(), "counter": st["pages-written"],
+            "exits": w["exits"], "regs": w["regs"], "sregs": w["sregs"]}
+
+
+def _run_exits(g: control.GuestClient, count: int) -> dict:
+    g.execute("run-exits", count=count)
+    deadline = time.monotonic() + 60
+    while g.query()["status"] != "paused":
+        assert time.monotonic() < deadline, "the vCPU did not park"
+        time.sleep(0.02)
+    return _state(g)
+
+
+def _flip_rax_bit(regs_hex: str) -> str:
+    regs = bytearray.fromhex(regs_hex)
+    regs[0] ^= 1  # RAX bit 0: the program's xorshift state
+    return regs.hex()
+
+
+@needs_kvm
+def test_determinism_across_a_live_migration(tmp_path, guests):
+    """A KVM guest migrates live while it writes. The destination (kept paused, QEMU's -S)
+    runs K exits; a second VM made from the source's state at switchover (the source kept
+    paused, QEMU's postmigrate; saved and restored) runs K exits too: RAM, counter and
+    registers are identical. A third VM from the same state with one register bit flipped
+    differs: the comparison bites."""
+    src, _ = guests.start("64M", "--kvm", "--dirty-rate", "50M")
+    dst, twin, flipped = f"{src}d", f"{src}t", f"{src}f"
+    for n in (dst, twin, flipped):
+        guests.adopt(n)
+    port = free_ports(3)
+    inc = start_incoming(port, "--guest", dst, "--stopped")
+    wait_listening(port)
+    res = mfd.migrate(f"tcp://127.0.0.1:{port}", guest=src,
+                      params=MigrationParameters(multifd_channels=2),
+                      options=mfd.MigrateOptions(keep_source=True))
+    assert finish(inc)[0] == 0 and res.rounds >= 2
+    with control.GuestClient(src) as s, control.GuestClient(dst) as d:
+        assert s.query()["status"] == d.query()["status"] == "paused"
+        at_switchover = _state(s)
+        assert _state(d) == at_switchover  # the migration itself: the same guest
+        source = s.query()
+    mig = tmp_path / "source.mig"
+    assert run_mfd("save", str(mig), "--guest", src).returncode == 0
+    assert run_mfd("restore", str(mig), "--guest", twin).returncode == 0
+    # the flipped one: the source's RAM and state by hand, one bit of RAX changed
+    w = dict(source["workload"], regs=_flip_rax_bit(source["workload"]["regs"]))
+    control.start_guest_daemon(["--name", flipped, "--block", "mem=64M", "--stopped",
+                                "--x-resume", orjson.dumps(w).decode()], flipped).close()
+    with control.GuestClient(flipped) as f:
+        with open(f.query()["blocks"][0]["path"], "r+b") as ram:  # no truncation: it is mapped
+            ram.write(Path(source["blocks"][0]["path"]).read_bytes())
+        with control.GuestClient(dst) as d, control.GuestClient(twin) as t:
+            assert _state(t) == at_switchover
+            after_d, after_t = _run_exits(d, K), _run_exits(t, K)
+            after_f = _run_exits(f, K)
+    assert after_d["exits"] == at_switchover["exits"] + K
+    assert after_d["ram"] != at_switchover["ram"]  # it did run
+    assert after_d == after_t
+    assert after_f["ram"] != after_d["ram"] and after_f["regs"] != after_d["regs"]
+
+
+HARD_KVM = ["--kvm", "--dirty-rate", "400M", "--pattern", "random"]
+
+
+@needs_kvm
+@pytest.mark.parametrize("protect", ["manual-protect", "get-clears"])
+def test_no_lost_write_under_kvms_dirty_log(tmp_path, guests, protect):
+    """A hard-writing vCPU, a live save over many rounds (throttled until it converges):
+    the file restores to exactly the RAM the vCPU left at the switchover."""
+    extra = [] if protect == "manual-protect" else ["--x-no-manual-protect"]
+    assert _live_save_matches(tmp_path, guests, [*HARD_KVM, *extra], MANY_ROUNDS,
+                              SaveOptions(), min_rounds=3, ram="64M")
+
+
+@needs_kvm
+def test_no_lost_write_bites_without_kvms_dirty_log(tmp_path, guests):
+    assert not _live_save_matches(tmp_path, guests, HARD_KVM, MigrationParameters(),
+                                  SaveOptions(ignore_dirty_log=True), min_rounds=1, ram="64M")
+
+
+@needs_kvm
+def test_auto_converge_throttles_a_kvm_guest(tmp_path, guests):
+    """A vCPU dirtying faster than the link: the migration converges only as the throttle
+    rises in QEMU's steps, seen in query-migrate's cpu-throttle-percentage."""
+    src, _ = guests.start("64M", "--kvm", "--dirty-rate", "100M", "--pattern", "random")
+    dst = f"{src}d"
+    guests.adopt(dst)
+    port = free_ports(3)
+    inc = start_incoming(port, "--guest", dst)
+    wait_listening(port)
+    qmp = str(tmp_path / "src.qmp")
+    seen: set[int] = set()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.1):
+            try:
+                q = monitor_command(qmp, "query-migrate")["return"]
+            except mfd.MfdError:
+                continue
+            seen.add(int(q.get("cpu-throttle-percentage", 0)))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        res = mfd.migrate(f"tcp://127.0.0.1:{port}", guest=src, monitor=qmp,
+                          params=MigrationParameters(multifd_channels=2,
+                                                     max_bandwidth=24 << 20,
+                                                     auto_converge=True),
+                          options=mfd.MigrateOptions(timeout=120))
+    finally:
+        done.set()
+        watcher.join()
+    assert finish(inc)[0] == 0
+    assert res.status == "completed"
+    steps = sorted(s for s in seen if s)
+    assert steps and steps[0] == 20 and all((s - 20) % 10 == 0 for s in steps), seen
+    with control.GuestClient(dst) as d:
+        assert d.query()["status"] == "running"
+        assert d.query()["cpu-throttle-percentage"] == 0  # the destination runs unthrottled
+
+
+def test_kvm_unavailable_is_one_line(tmp_path):
+    """Where /dev/kvm is not KVM (here: /dev/null bound over it in a mount namespace of its
+    own), --kvm is one line and exit 1; mfd demo falls back to the built-in guest."""
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("cannot make a mount namespace here (not root?)")
+    before = shm_entries()
+    script = ("[ ! -e /dev/kvm ] || mount --bind /dev/null /dev/kvm;"
+              f" {sys.executable} -m mfd guest --name nokvm --kvm --ram 64M; echo rc=$?;"
+              f" {sys.executable} -m mfd demo --ram 16M --dirty-rate 10M --json")
+    p = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True,
+                       timeout=120)
+    lines = p.stderr.strip().splitlines()
+    assert lines[0].startswith("mfd: --kvm: no KVM here: /dev/kvm"), p.stderr
+    assert "rc=1" in p.stdout
+    assert orjson.loads(p.stdout.splitlines()[-1])["ok"] is True  # the built-in guest
+    assert shm_entries() == before
