@@ -133,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kvm", action="store_true",
                    help="a KVM VM runs the guest: one vCPU, KVM's dirty log (random|hotset)")
     g.add_argument("--x-no-manual-protect", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--x-no-kick", action="store_true", help=argparse.SUPPRESS)
     # a saved workload state to go on from (mfd restore passes the file's)
     g.add_argument("--x-resume", type=json_object, help=argparse.SUPPRESS)
     g.add_argument("--stopped", action="store_true", help="start paused (like QEMU's -S)")
@@ -286,7 +287,8 @@ def cmd_guest(args: argparse.Namespace) -> int:
                       WorkloadState(args.dirty_rate, args.pattern, args.seed,
                                     zero_fraction=args.zero_fraction),
                       start_stopped=args.stopped, attached=attached, kvm=args.kvm,
-                      manual_protect=not args.x_no_manual_protect, resume=args.x_resume)
+                      manual_protect=not args.x_no_manual_protect, kick=not args.x_no_kick,
+                      resume=args.x_resume)
 
     def ready(ram) -> None:
         paths = ", ".join(f"{b.idstr}={b.path}" for b in ram.blocks)

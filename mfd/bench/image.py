@@ -58,9 +58,10 @@ class Image:
             raise RuntimeError(f"{what} differs from the image in "
                                f"{differing_pages(self.path, path, self.size)} pages")
 
-    def copy(self, dst: str, *, ram: str = "sparse", fresh: bool = True) -> str:
+    def copy(self, dst: str, *, ram: str = "sparse", fresh: bool = True, start: int = 0) -> str:
         """A fresh copy at ``dst`` (e.g. in /dev/shm, as guest RAM); ``fresh=False`` writes
-        the image's data into the existing zeroed file ``dst`` (a new guest's RAM).
+        the image's data into the existing zeroed file ``dst`` (a new guest's RAM), from
+        byte ``start`` on (a KVM guest's program and page tables are below).
 
         "sparse": the image's zero pages stay holes, as RAM a guest never touched;
         "allocated": every page is in memory, zero pages written as zeros (freed memory).
@@ -74,7 +75,7 @@ class Image:
                 os.posix_fallocate(fo, 0, self.size)
             elif fresh:
                 os.ftruncate(fo, self.size)
-            pos = 0
+            pos = start
             while pos < self.size:  # copy only the image's data extents
                 try:
                     start = os.lseek(fi, pos, os.SEEK_DATA)

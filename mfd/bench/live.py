@@ -25,6 +25,7 @@ from mfd.bench.migration import Incoming, figures
 from mfd.bench.runs import Config
 from mfd.bench.workspace import Workspace
 from mfd.shm import control
+from mfd.shm.kvmguest import DATA
 from mfd.units import human
 from mfd.workers.tcp import free_ports
 
@@ -81,11 +82,16 @@ class Sampler:
 
 
 class LiveBench:
-    def __init__(self, ws: Workspace) -> None:
+    """Live migrations of the built-in guest, or (``kvm``) of a KVM guest whose vCPU writes;
+    ``kick=False``: its stop waits for the vCPU's next exit instead of kicking it out."""
+
+    def __init__(self, ws: Workspace, kvm: bool = False) -> None:
         self.ws = ws
         self.channels = max(ws.settings.channels)
+        self.kvm = kvm
 
-    def run(self, rate: int, auto_converge: bool) -> dict[str, Any]:
+    def run(self, rate: int, auto_converge: bool, kick: bool = True,
+            pattern: str = "random") -> dict[str, Any]:
         from mfd.main_thread.migrate import Cancelled, MigrateOptions
         from mfd.options import MigrationParameters
 
@@ -94,13 +100,15 @@ class LiveBench:
         tokens = [self.ws.cleanup.add(f"quit guest {n}", lambda n=n: control.release(n))
                   for n in (src, dst)]
         try:
-            g = control.start_guest_daemon(["--name", src, "--ram", str(self.ws.size),
-                                            "--dirty-rate", str(rate), "--pattern", "random",
-                                            "--stopped"], src)
+            argv = ["--name", src, "--ram", str(self.ws.size), "--dirty-rate", str(rate),
+                    "--pattern", pattern, "--stopped"]
+            if self.kvm:
+                argv += ["--kvm"] + ([] if kick else ["--x-no-kick"])
+            g = control.start_guest_daemon(argv, src)
             with g:
                 (block,) = g.query()["blocks"]
                 assert self.ws.image is not None
-                self.ws.image.copy(block["path"], fresh=False)
+                self.ws.image.copy(block["path"], fresh=False, start=DATA if self.kvm else 0)
                 g.cont()
             port = free_ports(self.channels + 1)
             uri = f"tcp://127.0.0.1:{port}"
@@ -134,12 +142,13 @@ class LiveBench:
     def configs(self) -> list[Config]:
         s = self.ws.settings
         out = []
+        kind = "kvm-" if self.kvm else ""
         for rate in s.dirty_rates:
             for ac in s.auto_converge:
                 label = (f"dirty {human(rate)}/s, {self.channels} ch"
-                         + (", auto-converge" if ac else ""))
-                out.append(Config(f"live-{rate >> 20}M{'-ac' if ac else ''}", "live", "mfd",
-                                  label, {"dirty_rate": rate, "auto_converge": ac,
-                                          "channels": self.channels},
+                         + (", auto-converge" if ac else "") + (", KVM" if self.kvm else ""))
+                out.append(Config(f"{kind}live-{rate >> 20}M{'-ac' if ac else ''}", "live",
+                                  "mfd", label, {"dirty_rate": rate, "auto_converge": ac,
+                                                 "channels": self.channels, "kvm": self.kvm},
                                   lambda rate=rate, ac=ac: self.run(rate, ac)))
         return out

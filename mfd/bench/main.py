@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from mfd.bench import files, live, migration, plots, report
+from mfd.bench import files, kvm, live, migration, plots, report
 from mfd.bench.env import environment, mfd_sources_digest, qemu_info
 from mfd.bench.options import Settings, settings
 from mfd.bench.runs import Cleanup, Config, RunProgress, log, run_interleaved
@@ -59,6 +59,8 @@ def _groups(ws: Workspace) -> list[tuple[str, Any]]:
             out.append(("restore", restore))
         elif mode == "migrate":
             out.append(("migrate", migration.MigrateBench(ws).configs))
+        elif mode == "kvm":
+            out.append(("kvm", kvm.KvmBench(ws).configs))
         else:
             out.append(("live", live.LiveBench(ws).configs))
     return out
@@ -68,7 +70,7 @@ def _notes(s: Settings, ws: Workspace, configs: list[Config], env: dict[str, Any
     notes = []
     for mode in s.modes:
         notes += {"save": files.NOTES["save"], "restore": files.NOTES["restore"],
-                  "migrate": migration.NOTES, "live": live.NOTES}[mode]
+                  "migrate": migration.NOTES, "live": live.NOTES, "kvm": kvm.NOTES}[mode]
     notes.append(f"Each config: {s.warmup} uncounted warm-up run(s), then {s.repeat} counted "
                  "runs, interleaved across the configs of its mode. MiB/s is RAM size / "
                  "median. mfd/QEMU is mfd's median time over QEMU's with the same parameters "

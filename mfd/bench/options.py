@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from mfd.options import COMPRESSION
 from mfd.units import parse_size
 
-MODES = ("save", "restore", "migrate", "live", "all")
+MODES = ("save", "restore", "migrate", "live", "kvm", "all")
+ALL = ("save", "restore", "migrate", "live")  # kvm is a mode of its own: it needs /dev/kvm
 PAGE = 4096
 
 
@@ -63,7 +64,8 @@ def _fraction(text: str) -> float:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("mode", choices=MODES, help="what to measure (all: every mode, in order)")
-    p.add_argument("--size", type=_size, help="RAM image size (default 2G; --quick 64M)")
+    p.add_argument("--size", type=_size,
+                   help="RAM image size (default 2G, kvm 1G; --quick 64M)")
     p.add_argument("--image", metavar="PATH",
                    help="a real RAM dump as the image (read only; its size is the RAM size)")
     p.add_argument("--zero", type=_fraction, default=0.5,
@@ -143,10 +145,11 @@ def settings(args: argparse.Namespace) -> Settings:
     timeout = args.live_timeout if args.live_timeout is not None else (20.0 if q else 60.0)
     if timeout <= 0:
         raise UsageError("mfd bench: --live-timeout must be positive")
-    size = None if args.image else (args.size or (64 << 20 if q else 2 << 30))
+    default = 64 << 20 if q else (1 << 30 if args.mode == "kvm" else 2 << 30)
+    size = None if args.image else (args.size or default)
     ac = {"on": (True,), "off": (False,), None: (False, True)}[args.auto_converge]
     return Settings(
-        modes=MODES[:-1] if args.mode == "all" else (args.mode,),
+        modes=ALL if args.mode == "all" else (args.mode,),
         size=size, image=args.image, zero=args.zero, random=args.random, seed=args.seed,
         channels=tuple(args.multifd_channels or ([1, 2] if q else [1, 2, 4])),
         compressions=tuple(args.multifd_compression), direct_io=args.direct_io,

@@ -15,7 +15,8 @@ from mfd.bench.runs import Config
 from mfd.units import human
 
 MiB = 1 << 20
-MODE_ORDER = ("save", "restore warm", "restore cold", "migrate", "live")
+MODE_ORDER = ("save", "restore warm", "restore cold", "migrate", "live", "kvm throttle",
+              "kvm stop")
 
 # (mode, which runs are the same input, what, target of mfd's best / QEMU's best)
 TARGETS = [
@@ -79,6 +80,10 @@ def summarize(configs: list[Config], size: int) -> list[dict[str, Any]]:
                        verify_ms=_med([r.get("verify_time_ms") for r in ok]),
                        throttle=_med([r.get("cpu_throttle_percentage") for r in ok]),
                        transferred=_med([r.get("transferred") for r in ok]))
+        if c.mode == "kvm throttle":
+            runs = c.counted()
+            row.update(iterations_per_s=_med([r.get("iterations_per_s") for r in runs]),
+                       dirty_mib_s=_med([r.get("dirty_mib_s") for r in runs]))
         out.append(row)
     return out
 
@@ -187,6 +192,35 @@ def target_lines(tgts: list[dict[str, Any]]) -> list[str]:
             f"{'met' if t['met'] else 'MISSED'}" for t in tgts]
 
 
+def kvm_throttle_table(rows: list[dict[str, Any]]) -> str:
+    head = ["vCPU", "throttle %", "n", "M iterations/s", "dirty MiB/s"]
+    body = []
+    for r in rows:
+        p = r["params"]
+        if r["error"] is not None or not r["n"]:
+            body.append([p["writer"], str(p["throttle"]), str(r["n"]),
+                         "FAILED: " + (r["error"] or "no runs")])
+            continue
+        body.append([p["writer"], str(p["throttle"]), str(r["n"]),
+                     f"{r['iterations_per_s'] / 1e6:.3f}", f"{r['dirty_mib_s']:.1f}"])
+    return format_table(head, body, {1, 2, 3, 4})
+
+
+def kvm_stop_table(rows: list[dict[str, Any]]) -> str:
+    head = ["stop", "n", "median ms", "min ms", "max ms"]
+    body = []
+    for r in rows:
+        if r["error"] is not None or not r["n"]:
+            body.append([r["label"], str(r["n"]), "FAILED: " + (r["error"] or "no runs")])
+            continue
+        body.append([r["label"], str(r["n"]), f"{r['median'] * 1000:.2f}",
+                     f"{r['min'] * 1000:.2f}", f"{r['max'] * 1000:.2f}"])
+    return format_table(head, body, {1, 2, 3, 4})
+
+
+TABLES = {"live": live_table, "kvm throttle": kvm_throttle_table, "kvm stop": kvm_stop_table}
+
+
 def text(header: list[str], rows: list[dict[str, Any]], tgts: list[dict[str, Any]],
          notes: list[str]) -> str:
     parts = [*header]
@@ -194,7 +228,7 @@ def text(header: list[str], rows: list[dict[str, Any]], tgts: list[dict[str, Any
         mine = [r for r in rows if r["mode"] == mode]
         if not mine:
             continue
-        parts += ["", f"{mode}:", live_table(mine) if mode == "live" else mode_table(mine)]
+        parts += ["", f"{mode}:", TABLES.get(mode, mode_table)(mine)]
     if tgts:
         parts += ["", "targets (same run, medians):", *target_lines(tgts)]
     parts += ["", "notes:", *(f"- {n}" for n in notes)]

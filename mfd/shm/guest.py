@@ -44,6 +44,7 @@ class GuestConfig:
     attached: tuple[RAMBlock, ...] = ()
     kvm: bool = False  # a KVM vCPU runs the guest (kvmguest.py), not the built-in workload
     manual_protect: bool = True  # KVM: with KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 where offered
+    kick: bool = True  # KVM: a stop kicks the vCPU out (False: waits for its next exit)
     resume: dict | None = None  # a saved workload state (either kind) to go on from
 
 
@@ -82,7 +83,8 @@ class Guest:
         elif cfg.kvm:
             w = cfg.workload
             self.workload = KvmWorkload(mapped, KvmState(w.dirty_rate, w.pattern, w.seed,
-                                                         cfg.manual_protect), fresh=True)
+                                                         cfg.manual_protect), fresh=True,
+                                        kick=cfg.kick)
         else:
             self.workload = Workload(mapped, cfg.workload)
         if self.running:

@@ -162,7 +162,8 @@ class KvmWorkload:
 
     runs_itself = True  # the vCPU thread runs the guest, not the guest process's ticks
 
-    def __init__(self, blocks: list[MappedBlock], state: KvmState, fresh: bool) -> None:
+    def __init__(self, blocks: list[MappedBlock], state: KvmState, fresh: bool,
+                 kick: bool = True) -> None:
         if not blocks:
             raise MfdError("--kvm: no RAM block")
         size = blocks[0].block.used_length
@@ -191,6 +192,7 @@ class KvmWorkload:
             self.vm.close()
             raise
         self.lock = threading.Lock()  # own_log and the harvest
+        self.kick = kick  # False: a stop waits for the vCPU's next exit (to measure the kick)
         self.throttle = 0
         self.stop_at: int | None = None  # park at this many exits (run-exits)
         self.error: str | None = None  # why the vCPU stopped for good
@@ -230,11 +232,12 @@ class KvmWorkload:
         if self.parked:
             return
         self._stop_req = True
-        self.vm.set_immediate_exit(True)  # a vCPU between two KVM_RUNs
         self._wake.set()
-        if self.thread.ident is not None and self.thread.is_alive():
-            with contextlib.suppress(ProcessLookupError):
-                signal.pthread_kill(self.thread.ident, signal.SIGUSR1)  # one inside KVM_RUN
+        if self.kick:
+            self.vm.set_immediate_exit(True)  # a vCPU between two KVM_RUNs
+            if self.thread.ident is not None and self.thread.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pthread_kill(self.thread.ident, signal.SIGUSR1)  # inside KVM_RUN
         if not self._parked.wait(5.0):
             raise MfdError("--kvm: the vCPU did not stop within 5 s")
 
