@@ -191,7 +191,6 @@ class KvmWorkload:
         except BaseException:
             self.vm.close()
             raise
-        self.lock = threading.Lock()  # own_log and the harvest
         self.kick = kick  # False: a stop waits for the vCPU's next exit (to measure the kick)
         self.throttle = 0
         self.stop_at: int | None = None  # park at this many exits (run-exits)
@@ -202,9 +201,13 @@ class KvmWorkload:
         self._parked = threading.Event()
         self._parked.set()
         self._wake = threading.Event()  # interrupts pacing and throttle sleeps
+        self._throttled = threading.Event()  # a throttle is set: the kicker runs
         signal.signal(signal.SIGUSR1, lambda signum, frame: None)  # the kick: EINTR only
         self.thread = threading.Thread(target=self._vcpu_loop, name="vcpu0", daemon=True)
         self.thread.start()
+        self.kicker = threading.Thread(target=self._throttle_kicks, name="throttle-kick",
+                                       daemon=True)
+        self.kicker.start()
 
     # ------------------------------------------------------------------ the control thread
 
@@ -235,15 +238,32 @@ class KvmWorkload:
         self._wake.set()
         if self.kick:
             self.vm.set_immediate_exit(True)  # a vCPU between two KVM_RUNs
-            if self.thread.ident is not None and self.thread.is_alive():
-                with contextlib.suppress(ProcessLookupError):
-                    signal.pthread_kill(self.thread.ident, signal.SIGUSR1)  # inside KVM_RUN
+            self._kick()  # one inside KVM_RUN
         if not self._parked.wait(5.0):
             raise MfdError("--kvm: the vCPU did not stop within 5 s")
 
     def set_throttle(self, pct: int) -> None:
         self.throttle = pct
+        if pct:
+            self._throttled.set()
+        else:
+            self._throttled.clear()
         self._wake.set()
+
+    def _kick(self) -> None:
+        if self.thread.ident is not None and self.thread.is_alive():
+            with contextlib.suppress(ProcessLookupError):
+                signal.pthread_kill(self.thread.ident, signal.SIGUSR1)
+
+    def _throttle_kicks(self) -> None:
+        """While throttled, take the vCPU out of KVM_RUN every 10 ms, as QEMU's throttle
+        timer does: a vCPU that rarely exits (a fast loop slowed by write faults can stay
+        seconds in one KVM_RUN) still sleeps its share."""
+        while not self._quit:
+            self._throttled.wait()
+            time.sleep(TIMESLICE)
+            if self.throttle and not self.parked:
+                self._kick()
 
     def run_exits(self, count: int) -> None:
         """Run until ``count`` more exits, then park (a deterministic stopping point)."""
@@ -255,13 +275,12 @@ class KvmWorkload:
         """Each slot's dirty log since the last harvest (or, with manual protect, since its
         pages were last cleared), ORed with this process's own writes."""
         out = []
-        with self.lock:
-            for slot, own in enumerate(self.own_log):
-                words = self.vm.get_dirty_log(slot)
-                if own.any():
-                    np.bitwise_or(words, bits_to_words(own), out=words)
-                    own[:] = False
-                out.append(words.tobytes())
+        for slot, own in enumerate(self.own_log):
+            words = self.vm.get_dirty_log(slot)
+            if own.any():
+                np.bitwise_or(words, bits_to_words(own), out=words)
+                own[:] = False
+            out.append(words.tobytes())
         return out
 
     def clear(self, slot: int, first_page: int, words: np.ndarray) -> None:
@@ -273,7 +292,9 @@ class KvmWorkload:
             self.stop()
         self._quit = True
         self._go.set()
+        self._throttled.set()
         self.thread.join(5.0)
+        self.kicker.join(5.0)
         self.vm.close()
 
     # ------------------------------------------------------------------ the vCPU thread
