@@ -193,11 +193,18 @@ class Guest:
         if self.running:
             self.workload.start()
 
+    def runstate(self) -> str:
+        """QEMU's run states: a KVM vCPU that hit an exit it cannot handle is stopped for
+        good ("internal-error"), one that parked by itself (run-exits) is paused."""
+        if self.workload.error:
+            return "internal-error"
+        return "running" if self.running and not self.workload.parked else "paused"
+
     def status(self) -> dict:
         return {
             "name": self.cfg.name,
             "pid": os.getpid(),
-            "status": "running" if self.running and not self.workload.parked else "paused",
+            "status": self.runstate(),
             "cpu-throttle-percentage": self.throttle,
             "pages-written": self.workload.pages_written,
             "workload": self.workload.state.to_json(),

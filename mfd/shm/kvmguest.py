@@ -216,9 +216,6 @@ class KvmWorkload:
         """Iterations so far (each stores into one page): the guest's own counter."""
         return int(struct.unpack_from("<Q", self.ram, COUNTER)[0])
 
-    def tick(self, seconds: float) -> int:
-        return 0
-
     @property
     def parked(self) -> bool:
         return self._parked.is_set()

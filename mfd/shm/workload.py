@@ -42,6 +42,7 @@ class Workload:
 
     runs_itself = False
     parked = False
+    error: str | None = None
 
     def __init__(self, blocks: list[MappedBlock], state: WorkloadState) -> None:
         if state.pattern not in PATTERNS:
