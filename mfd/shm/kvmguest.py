@@ -188,6 +188,9 @@ class KvmWorkload:
                 regs, sregs = bytes.fromhex(state.regs), bytes.fromhex(state.sregs)
             self.vm.set_state(regs, sregs)
             state.regs, state.sregs = regs.hex(), sregs.hex()
+        except OSError as e:
+            self.vm.close()
+            raise kvm.KvmError(f"--kvm: cannot set up the vCPU: {e.strerror}") from None
         except BaseException:
             self.vm.close()
             raise
