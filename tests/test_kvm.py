@@ -158,17 +158,22 @@ def test_auto_converge_throttles_a_kvm_guest(tmp_path, guests):
 
 def test_kvm_unavailable_is_one_line(tmp_path):
     """Where /dev/kvm is not KVM (here: /dev/null bound over it in a mount namespace of its
-    own), --kvm is one line and exit 1; mfd demo falls back to the built-in guest."""
+    own), --kvm is one line and exit 1, and so is mfd bench kvm; mfd demo falls back to the
+    built-in guest."""
     if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
         pytest.skip("cannot make a mount namespace here (not root?)")
     before = shm_entries()
     script = ("[ ! -e /dev/kvm ] || mount --bind /dev/null /dev/kvm;"
               f" {sys.executable} -m mfd guest --name nokvm --kvm --ram 64M; echo rc=$?;"
-              f" {sys.executable} -m mfd demo --ram 16M --dirty-rate 10M --json")
+              f" {sys.executable} -m mfd demo --ram 16M --dirty-rate 10M --json;"
+              f" {sys.executable} -m mfd bench kvm --quick --out {tmp_path / 'bench'};"
+              " echo rc=$?")
     p = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True,
                        timeout=120)
     lines = p.stderr.strip().splitlines()
     assert lines[0].startswith("mfd: --kvm: no KVM here: /dev/kvm"), p.stderr
-    assert "rc=1" in p.stdout
-    assert orjson.loads(p.stdout.splitlines()[-1])["ok"] is True  # the built-in guest
+    out = p.stdout.splitlines()
+    assert out[0] == "rc=1" and out[-1] == "rc=1", p.stdout  # guest --kvm, bench kvm
+    assert orjson.loads(out[1])["ok"] is True  # the demo: the built-in guest
+    assert lines[-1].startswith("mfd: bench kvm: no KVM here: /dev/kvm"), p.stderr
     assert shm_entries() == before

@@ -24,7 +24,8 @@ from mfd.bench.env import environment, mfd_sources_digest, qemu_info
 from mfd.bench.options import Settings, settings
 from mfd.bench.runs import Cleanup, Config, RunProgress, log, run_interleaved
 from mfd.bench.workspace import Workspace
-from mfd.errors import UsageError
+from mfd.errors import MfdError, UsageError
+from mfd.shm.kvm import unavailable
 from mfd.units import human
 
 
@@ -151,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
     outdir = _open_out(s.out)
     if s.image is not None and not os.path.isfile(s.image):
         raise UsageError(f"mfd bench: --image {s.image}: not a file")
+    if "kvm" in s.modes and (why := unavailable()):
+        raise MfdError(f"bench kvm: no KVM here: {why}")
     qemu = qemu_info()
     qemu_ok = s.against_qemu and qemu["usable"]
     env = environment(qemu)
