@@ -58,11 +58,10 @@ KVM_MEM_LOG_DIRTY_PAGES = 1
 TSS_ADDR = 0xFFFBD000  # as QEMU sets it; harmless where it is not needed
 
 KVM_EXIT_IO = 2
-KVM_EXIT_HLT = 5
-KVM_EXIT_SHUTDOWN = 8
-KVM_EXIT_FAIL_ENTRY = 9
 KVM_EXIT_INTR = 10
-KVM_EXIT_INTERNAL_ERROR = 17
+# the exits mfd's guest should never take, named for the line that says the vCPU stopped
+EXIT_NAMES = {5: "HLT", 6: "MMIO", 8: "SHUTDOWN (a triple fault)", 9: "FAIL_ENTRY",
+              17: "INTERNAL_ERROR", 31: "DIRTY_RING_FULL"}
 
 REGS_SIZE = 144  # 18 x u64: rax rbx rcx rdx rsi rdi rsp rbp r8..r15 rip rflags
 SREGS_SIZE = 312

@@ -321,7 +321,8 @@ class KvmWorkload:
                         self._stop_req = True
                     paced_iterations += iterations_per_exit(self.state.dirty_rate)
                 elif reason != kvm.KVM_EXIT_INTR:
-                    self.error = f"the vCPU stopped: KVM exit reason {reason}"
+                    self.error = (f"the vCPU stopped: KVM_EXIT_"
+                                  f"{kvm.EXIT_NAMES.get(reason, reason)}")
                     self._stop_req = True
             elif not self._stop_req:
                 self._wake.wait()  # idle guest (dirty rate 0): nothing to run
