@@ -8,12 +8,12 @@ import os
 import signal
 
 PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True)
+libc = ctypes.CDLL(None, use_errno=True)  # shared: mfd.shm.kvm adds ioctl
 
 
 def set_parent_death_signal(sig: int) -> None:
     """prctl(PR_SET_PDEATHSIG): get ``sig`` when the parent dies (0: never)."""
-    _libc.prctl(PR_SET_PDEATHSIG, int(sig))
+    libc.prctl(PR_SET_PDEATHSIG, int(sig))
 
 
 class Terminated(KeyboardInterrupt):
@@ -49,7 +49,7 @@ def link_fd(fd: int, path: str) -> None:
     """Give the open file ``fd`` (an O_TMPFILE file) the name ``path``: linkat(fd, "",
     AT_EMPTY_PATH), which root may do (and, since Linux 6.10, whoever opened the file); else
     through /proc/self/fd, which some kernels refuse with EXDEV. Raises OSError."""
-    if _libc.linkat(fd, b"", AT_FDCWD, os.fsencode(path), AT_EMPTY_PATH) == 0:
+    if libc.linkat(fd, b"", AT_FDCWD, os.fsencode(path), AT_EMPTY_PATH) == 0:
         return
     err = ctypes.get_errno()
     if err not in (errno.ENOENT, errno.EPERM, errno.EINVAL):

@@ -20,11 +20,10 @@ import statistics
 import time
 from typing import Any
 
-import numpy as np
-
 from mfd.bench.live import LiveBench
 from mfd.bench.runs import Config
 from mfd.bench.workspace import Workspace
+from mfd.main_thread.scanner import popcount
 from mfd.protocol.constants import TARGET_PAGE_SIZE
 from mfd.shm import control
 
@@ -48,10 +47,6 @@ NOTES = [
 ]
 
 
-def _popcount(logs: list[np.ndarray]) -> int:
-    return sum(int(np.unpackbits(w.view(np.uint8)).sum()) for w in logs)
-
-
 class KvmBench:
     def __init__(self, ws: Workspace) -> None:
         self.ws = ws
@@ -71,7 +66,7 @@ class KvmBench:
         for i, words in enumerate(logs):
             if words.any():
                 g.clear_log(i, 0, words)
-        return _popcount(logs)
+        return sum(popcount(w) for w in logs)
 
     def throttle(self, rate: int, pct: int) -> dict[str, Any]:
         _, g, token = self._guest(rate)

@@ -148,9 +148,9 @@ class Precopy:
         legacy = self.params.zero_page_detection == "legacy"
         self.begin_section(final)
         for i, words in enumerate(self.bmap):
-            for first, chunk in self._clear_chunks(i, words):
-                for batch in dirty_batches(chunk, self.batch_pages):
-                    self._queue(i, batch + np.uint32(first), legacy)
+            for lo, hi in self._clear_chunks(i, words):
+                for batch in dirty_batches(words, self.batch_pages, lo, hi):
+                    self._queue(i, batch, legacy)
         if not self.skip_round_sync:
             self.end_round()
         self.end_section(final)
@@ -160,22 +160,22 @@ class Precopy:
                                   "bytes": self.round_bytes, "seconds": elapsed,
                                   "throttle": self.stats.cpu_throttle_percentage})
 
-    def _clear_chunks(self, block: int, words: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
-        """The block's bmap in clear_bmap chunks (first page, words). A KVM guest with
+    def _clear_chunks(self, block: int, words: np.ndarray) -> Iterator[tuple[int, int]]:
+        """The block's bmap in clear_bmap chunks, as word ranges [lo, hi). A KVM guest with
         manual dirty log protect gets each chunk's dirty pages cleared in its log (write-
         protected again) just before they are read, as QEMU's
         ``migration_clear_memory_region_dirty_bitmap`` does: writes after the clear are
         logged for the next round, and a harvest never had to protect all RAM at once."""
         if not self.manual_protect:
-            yield 0, words
+            yield 0, len(words)
             return
         assert self.guest is not None
         step = (1 << self.params.x_clear_bitmap_shift) // 64  # words per chunk
-        for start in range(0, len(words), step):
-            chunk = words[start:start + step]
-            if chunk.any():
-                self.guest.clear_log(block, start * 64, chunk)
-                yield start * 64, chunk
+        for lo in range(0, len(words), step):
+            hi = min(lo + step, len(words))
+            if words[lo:hi].any():
+                self.guest.clear_log(block, lo * 64, words[lo:hi])
+                yield lo, hi
 
     def _queue(self, block: int, pages: np.ndarray, legacy: bool) -> None:
         """Hand one batch of dirty pages to the channels."""

@@ -51,11 +51,13 @@ def take_dirty(words: np.ndarray, start: int, count: int) -> np.ndarray:
     return ((nz[row] + start) * 64 + col).astype(np.uint32)
 
 
-def dirty_batches(words: np.ndarray,
-                  batch: int = MULTIFD_PAGE_COUNT) -> Iterator[np.ndarray]:
-    """One round over a block's bmap: batches of at most ``batch`` dirty pages, in order."""
-    for start in range(0, len(words), WINDOW_WORDS):
-        pages = take_dirty(words, start, WINDOW_WORDS)
+def dirty_batches(words: np.ndarray, batch: int = MULTIFD_PAGE_COUNT, lo: int = 0,
+                  hi: int | None = None) -> Iterator[np.ndarray]:
+    """One round over a block's bmap (its words ``lo`` to ``hi``): batches of at most
+    ``batch`` dirty pages, in order, numbered from the block's start."""
+    hi = len(words) if hi is None else hi
+    for start in range(lo, hi, WINDOW_WORDS):
+        pages = take_dirty(words, start, min(WINDOW_WORDS, hi - start))
         for i in range(0, len(pages), batch):
             yield pages[i : i + batch]
 

@@ -74,19 +74,29 @@ class Guest:
         self.throttle = 0
         self.started = time.monotonic()
 
-    def serve(self, ram: SharedRAM, sock: zmq.Socket) -> None:
+    def boot(self, ram: SharedRAM) -> None:
+        """Map the RAM and make the workload (a KVM guest's VM), before the guest says it
+        is up: a guest that cannot run fails here, with nothing announced."""
         mapped = self.mapped = [attach(b, writable=True) for b in ram.blocks]
         self.ram = ram
         cfg = self.cfg
-        if cfg.resume is not None:
-            self.workload = workload_from(mapped, cfg.resume)
-        elif cfg.kvm:
-            w = cfg.workload
-            self.workload = KvmWorkload(mapped, KvmState(w.dirty_rate, w.pattern, w.seed,
-                                                         cfg.manual_protect), fresh=True,
-                                        kick=cfg.kick)
-        else:
-            self.workload = Workload(mapped, cfg.workload)
+        try:
+            if cfg.resume is not None:
+                self.workload = workload_from(mapped, cfg.resume)
+            elif cfg.kvm:
+                w = cfg.workload
+                self.workload = KvmWorkload(mapped, KvmState(w.dirty_rate, w.pattern, w.seed,
+                                                             cfg.manual_protect), fresh=True,
+                                            kick=cfg.kick)
+            else:
+                self.workload = Workload(mapped, cfg.workload)
+        except BaseException:
+            for m in mapped:
+                m.close()
+            raise
+
+    def serve(self, sock: zmq.Socket) -> None:
+        mapped = self.mapped
         if self.running:
             self.workload.start()
         poller = zmq.Poller()
@@ -240,10 +250,10 @@ def run_guest(cfg: GuestConfig, on_ready=None) -> None:
             sock.bind(f"ipc://{path}")
             try:
                 guest = Guest(cfg)
-                guest.ram = ram
+                guest.boot(ram)
                 if on_ready is not None:
                     on_ready(ram)
-                guest.serve(ram, sock)
+                guest.serve(sock)
             except KeyboardInterrupt:
                 pass
             finally:

@@ -24,11 +24,11 @@ import struct
 import numpy as np
 
 from mfd.errors import MfdError
+from mfd.sysutil import libc
 
 KVM_DEVICE = "/dev/kvm"
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
-_libc.ioctl.restype = ctypes.c_int
+libc.ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
+libc.ioctl.restype = ctypes.c_int
 
 
 def _ioc(direction: int, nr: int, size: int) -> int:
@@ -81,33 +81,44 @@ class KvmError(MfdError):
 
 def _ioctl(fd: int, request: int, arg: int | ctypes.Array | None = 0) -> int:
     ptr = ctypes.addressof(arg) if isinstance(arg, ctypes.Array) else arg
-    ret = _libc.ioctl(fd, request, ptr)
+    ret = libc.ioctl(fd, request, ptr)
     if ret < 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
     return ret
 
 
+def _open_vm() -> tuple[int, int]:
+    """/dev/kvm and a new VM's fd; KvmError says why not (the reason alone)."""
+    try:
+        kvm = os.open(KVM_DEVICE, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        raise KvmError(f"{KVM_DEVICE}: {e.strerror}") from None
+    try:
+        if _ioctl(kvm, KVM_GET_API_VERSION) != 12:
+            raise KvmError("KVM API version is not 12")
+    except OSError as e:
+        os.close(kvm)
+        raise KvmError(f"{KVM_DEVICE} is not KVM: {e.strerror}") from None
+    except KvmError:
+        os.close(kvm)
+        raise
+    try:
+        return kvm, _ioctl(kvm, KVM_CREATE_VM)
+    except OSError as e:
+        os.close(kvm)
+        raise KvmError(f"KVM_CREATE_VM: {e.strerror}") from None
+
+
 def unavailable() -> str | None:
     """Why this machine cannot run a KVM guest, or None when it can (a VM is created and
     thrown away to find out)."""
     try:
-        fd = os.open(KVM_DEVICE, os.O_RDWR | os.O_CLOEXEC)
-    except OSError as e:
-        return f"{KVM_DEVICE}: {e.strerror}"
-    try:
-        if _ioctl(fd, KVM_GET_API_VERSION) != 12:
-            return "KVM API version is not 12"
-    except OSError as e:
-        os.close(fd)
-        return f"{KVM_DEVICE} is not KVM: {e.strerror}"
-    try:
-        os.close(_ioctl(fd, KVM_CREATE_VM))
+        for fd in _open_vm():
+            os.close(fd)
         return None
-    except OSError as e:
-        return f"KVM_CREATE_VM: {e.strerror}"
-    finally:
-        os.close(fd)
+    except KvmError as e:
+        return str(e)
 
 
 class VM:
@@ -115,16 +126,13 @@ class VM:
 
     def __init__(self, manual_protect: bool = True) -> None:
         try:
-            self.kvm = os.open(KVM_DEVICE, os.O_RDWR | os.O_CLOEXEC)
-        except OSError as e:
-            raise KvmError(f"--kvm: cannot open {KVM_DEVICE}: {e.strerror}") from None
-        self.fd = self.vcpu = -1
+            self.kvm, self.fd = _open_vm()
+        except KvmError as e:
+            raise KvmError(f"--kvm: no KVM here: {e}") from None
+        self.vcpu = -1
         self.run_mm: mmap.mmap | None = None
         self.slots: list[int] = []  # pages per slot
         try:
-            if _ioctl(self.kvm, KVM_GET_API_VERSION) != 12:
-                raise KvmError("--kvm: KVM API version is not 12")
-            self.fd = _ioctl(self.kvm, KVM_CREATE_VM)
             _ioctl(self.fd, KVM_SET_TSS_ADDR, TSS_ADDR)
             if not _ioctl(self.kvm, KVM_CHECK_EXTENSION, KVM_CAP_IMMEDIATE_EXIT):
                 raise KvmError("--kvm: KVM lacks KVM_CAP_IMMEDIATE_EXIT")
