@@ -398,7 +398,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise UsageError("mfd demo: --run-after must be >= 0")
     for uri in (args.connect, args.listen):
         if uri:
-            parse_uri(uri, args.multifd_channels)  # before a guest starts
+            parse_uri(uri)  # before a guest starts
     params = _params(args)
 
     def say(line: str) -> None:

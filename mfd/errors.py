@@ -19,6 +19,11 @@ class ProtocolError(MfdError):
     """
 
 
+class Truncated(ProtocolError):
+    """The bytes end inside a field: a file is cut short, or a socket's next bytes have not
+    arrived yet (a decoder fed as bytes arrive waits for more)."""
+
+
 class BrokenPipeline(MfdError):
     """A worker died or reported an error; the pipeline refuses further work.
 

@@ -7,6 +7,13 @@ only trustworthy oracle for that is QEMU itself, so this module starts
 ``memory-backend-file,share=on``, the guest RAM *is* that file: a test fills it before a save
 and compares it after a restore, without any guest code running (``-S``, no vCPU).
 
+For live migrations (TCP) QEMU must also run a guest, since its dirty log only sees what its
+own vCPUs write: ``QemuMachine(..., machine="pc", accel="tcg", boot=IMAGE, paused=False)``
+boots a raw disk image (e.g. :mod:`mfd.bootsector`'s) with COM1 going to a file in the
+machine's work directory (:meth:`QemuMachine.serial_text`). ``start_migrate`` /
+``start_migrate_incoming`` return at once so that both ends of a QEMU-to-QEMU migration can be
+driven from one thread; ``wait_migration`` then polls to the end.
+
 Everything here is bounded. Each wait has a deadline, a QEMU that dies (QEMU 10.0.2 can SIGSEGV
 on truncated mapped-ram files when multifd is on) is noticed through the QMP socket closing and
 reported with its exit signal and stderr tail, and each QEMU process, QMP socket directory and
@@ -29,6 +36,7 @@ import subprocess
 import tempfile
 import time
 import weakref
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
@@ -171,13 +179,33 @@ class _Resources:
 
 
 class QemuMachine:
-    """A paused ``-machine none`` QEMU whose only RAM block (``mem``) is the file ``ram_path``.
+    """A QEMU whose main RAM block (``mem``) is the file ``ram_path``.
 
     ``ram_path`` must already exist with exactly ``size`` bytes: QEMU maps it ``share=on``, so
     its bytes are the guest RAM both for a save (fill it first) and a restore (read it after).
     With ``incoming=True`` QEMU starts with ``-incoming defer`` so capabilities can be set
     before ``migrate-incoming``. ``timeout`` bounds startup, every QMP reply, and (by default)
     every migration.
+
+    By default this is a paused ``-machine none``: RAM and nothing else. Other options:
+
+    - ``machine="pc"`` (with ``accel="tcg"``, ``boot=`` a raw disk image, ``paused=False``)
+      runs a real guest. The RAM is still ``-machine pc,memory-backend=mem``: the block is
+      named ``mem`` (the name ``pc.ram`` is only used when QEMU creates the backend itself from
+      ``-m``; ``Unknown ramblock "pc.ram"`` is what a ``-m`` source gets from us). The blocks
+      a ``pc`` guest migrates, in stream order (QEMU 10.0.2, 64 MiB, ``mfd inspect``; machine
+      ``pc-i440fx-10.0``): ``mem`` 0x4000000, ``/rom@etc/acpi/tables`` 0x20000, ``pc.bios``
+      0x40000, ``pc.rom`` 0x20000, ``/rom@etc/table-loader`` 0x1000, ``/rom@etc/acpi/rsdp``
+      0x1000 (used lengths; MEM_SIZE 0x4082000). Only ``mem`` is our file. Both ends of a
+      migration need the same machine, hence the same options (the same ``boot`` image may
+      be given to both: an incoming QEMU takes no write lock on it before the switchover,
+      observed). For a machine other than ``none``, COM1 (port 0x3f8) is written to a file
+      in the work directory: :meth:`serial_text`.
+    - ``paused=False`` drops ``-S``: the guest runs at once; for an incoming machine it runs
+      on after the migration (``paused=True`` leaves it ``paused`` instead).
+    - ``uuid`` is QEMU's ``-uuid`` (multifd channels carry it, the destination checks it);
+      ``globals`` are ``-global`` options, e.g.
+      ``"migration.multifd-flush-after-each-section=on"``.
 
     Use as a context manager; ``close()`` is idempotent.
     """
@@ -190,6 +218,11 @@ class QemuMachine:
         incoming: bool = False,
         machine: str = "none",
         timeout: float = 60.0,
+        accel: str | None = None,
+        boot: str | None = None,
+        paused: bool = True,
+        uuid: str | None = None,
+        globals: Sequence[str] = (),  # shadows the builtin: named after -global
     ) -> None:
         binary = qemu_binary()
         if binary is None:
@@ -202,8 +235,13 @@ class QemuMachine:
         if actual != size:
             # QEMU would silently grow/ignore it; a size mismatch is always a caller bug here.
             raise QemuError(f"RAM backing file {ram_path!r} has {actual} bytes, expected {size}")
-        if "," in ram_path:
-            raise ValueError(f"QEMU options cannot contain ',': {ram_path!r}")
+        if boot is not None:
+            boot = os.path.abspath(boot)
+            if not os.path.isfile(boot):
+                raise QemuError(f"boot image {boot!r} is not a file")
+        for option in (ram_path, boot, machine, accel, uuid):
+            if option is not None and "," in option:
+                raise ValueError(f"QEMU options cannot contain ',': {option!r}")
 
         self.ram_path = ram_path
         self.size = size
@@ -211,21 +249,35 @@ class QemuMachine:
         self.timeout = timeout
         self._buf = bytearray()
         self._closed = False
+        self._pending: str | None = None  # what start_migrate* started, for wait_migration
 
         workdir = tempfile.mkdtemp(prefix=TMP_PREFIX)
         self._res = _Resources(workdir)
         self._finalizer = weakref.finalize(self, self._res.release)
         self.qmp_path = os.path.join(workdir, "qmp.sock")
         self.stderr_path = os.path.join(workdir, "stderr.log")
+        # -machine none has no ISA bus, so no COM1 to connect
+        self.serial_path = os.path.join(workdir, "serial.log") if machine != "none" else None
         self.argv = [
             binary,
             "-machine", f"{machine},memory-backend=mem",
             "-object", f"memory-backend-file,id=mem,size={size},mem-path={ram_path},share=on",
             "-nodefaults",
             "-display", "none",
-            "-S",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
         ]  # fmt: skip
+        if paused:
+            self.argv.append("-S")
+        if accel is not None:
+            self.argv += ["-accel", accel]
+        if boot is not None:
+            self.argv += ["-drive", f"file={boot},format=raw,if=ide", "-boot", "order=c"]
+        if self.serial_path is not None:
+            self.argv += ["-serial", f"file:{self.serial_path}"]
+        if uuid is not None:
+            self.argv += ["-uuid", uuid]
+        for prop in globals:
+            self.argv += ["-global", prop]
         if incoming:
             self.argv += ["-incoming", "defer"]
 
@@ -276,6 +328,22 @@ class QemuMachine:
             return ""
         lines = data.decode("utf-8", "replace").strip().splitlines()
         return "\n".join(lines[-STDERR_TAIL_LINES:])
+
+    def serial_text(self) -> str:
+        """Everything the guest wrote to COM1 so far: "" for ``-machine none``, before the
+        first character, and after ``close()`` (the file goes with the work directory)."""
+        if self.serial_path is None:
+            return ""
+        try:
+            with open(self.serial_path, "rb") as f:
+                return f.read().decode("latin-1")
+        except FileNotFoundError:
+            return ""
+
+    def query_status(self) -> str:
+        """The run state from ``query-status``: ``prelaunch``, ``running``, ``paused``,
+        ``inmigrate``, ``postmigrate``, ``finish-migrate``, ..."""
+        return str(self.qmp("query-status")["status"])
 
     def _error(self, message: str, **kwargs: Any) -> QemuError:
         tail = self.stderr_tail()
@@ -393,19 +461,25 @@ class QemuMachine:
     def set_migration(
         self,
         *,
-        mapped_ram: bool,
+        mapped_ram: bool = False,
         multifd_channels: int = 0,
         direct_io: bool = False,
         multifd_compression: str = "none",
         zstd_level: int | None = None,
         zlib_level: int | None = None,
+        return_path: bool = False,
+        zero_page_detection: str | None = None,
     ) -> None:
         """Set the capabilities and parameters for the next migrate / migrate-incoming.
 
-        ``multifd`` is enabled iff ``multifd_channels > 0``. ``max-bandwidth`` is always raised
-        to 1 TiB/s, since QEMU's 128 MiB/s default would otherwise dominate every timing.
-        ``direct-io`` is only sent when true, so QEMU 9.0 (which lacks it) still works.
-        Both sides of a migration must use the same ``mapped_ram``; QEMU checks it on load.
+        ``multifd`` is enabled iff ``multifd_channels > 0``; over TCP that is multifd with N
+        channels to the same port (``mapped_ram`` is for ``file:`` URIs only, QEMU refuses it
+        on a socket). ``max-bandwidth`` is always raised to 1 TiB/s, since QEMU's 128 MiB/s
+        default would otherwise dominate every timing. ``direct-io`` is only sent when true,
+        so QEMU 9.0 (which lacks it) still works. Both sides of a migration must use the same
+        ``mapped_ram``; QEMU checks it on load. ``return_path`` is the ``return-path``
+        capability (the source then waits for the destination's SHUT); ``zero_page_detection``
+        (``none``, ``legacy``, ``multifd``) is only sent when given.
         """
         if multifd_channels < 0:
             raise ValueError(f"multifd_channels must be >= 0, got {multifd_channels}")
@@ -415,6 +489,7 @@ class QemuMachine:
             capabilities=[
                 {"capability": "mapped-ram", "state": mapped_ram},
                 {"capability": "multifd", "state": multifd},
+                {"capability": "return-path", "state": return_path},
             ],
         )
         params: dict[str, Any] = {"max-bandwidth": MAX_BANDWIDTH}
@@ -428,7 +503,35 @@ class QemuMachine:
             params["multifd-zlib-level"] = zlib_level
         if direct_io:
             params["direct-io"] = True
+        if zero_page_detection is not None:
+            params["zero-page-detection"] = zero_page_detection
         self.qmp("migrate-set-parameters", **params)
+
+    def start_migrate(self, uri: str) -> None:
+        """Start saving to ``uri`` (``file:/path``, ``tcp:HOST:PORT``) and return at once;
+        :meth:`wait_migration` waits for the end. Raises :class:`QemuError` if QEMU refuses."""
+        self.qmp("migrate", uri=uri)
+        self._pending = f"migrate to {uri}"
+
+    def start_migrate_incoming(self, uri: str) -> None:
+        """Start loading from ``uri`` into this ``incoming=True`` machine and return at once
+        (for ``tcp:`` QEMU is listening when this returns); :meth:`wait_migration` waits.
+
+        ``exit-on-error`` is false so a failed load leaves QEMU alive to report ``error-desc``
+        over QMP instead of just exiting. QEMU may still crash on malformed input; that is
+        reported as :class:`QemuError` naming the signal.
+        """
+        if not self.incoming:
+            raise QemuError("migrate-incoming needs a QemuMachine started with incoming=True")
+        self.qmp("migrate-incoming", uri=uri, **{"exit-on-error": False})
+        self._pending = f"migrate-incoming from {uri}"
+
+    def wait_migration(self, timeout: float | None = None) -> dict[str, Any]:
+        """Wait for the migration :meth:`start_migrate` / :meth:`start_migrate_incoming` began;
+        return the final ``query-migrate``. Raises :class:`QemuError` (with ``query_migrate``)
+        if it failed or was cancelled, and cancels it if ``timeout`` (default: the machine's)
+        passes first."""
+        return self._wait_migration(self._pending or "migration", timeout)
 
     def _wait_migration(self, what: str, timeout: float | None) -> dict[str, Any]:
         """Poll query-migrate every 2 ms until a final state; cancel and raise at the deadline."""
@@ -460,20 +563,16 @@ class QemuMachine:
         Raises :class:`QemuError` if QEMU refuses the URI/caps, the migration fails (with its
         ``error-desc``), QEMU dies, or ``timeout`` (default: the machine's) passes.
         """
-        self.qmp("migrate", uri=uri)
-        return self._wait_migration(f"migrate to {uri}", timeout)
+        self.start_migrate(uri)
+        return self.wait_migration(timeout)
 
     def migrate_incoming(self, uri: str, timeout: float | None = None) -> dict[str, Any]:
         """Load from ``uri`` into this ``incoming=True`` machine; return final query-migrate.
 
-        ``exit-on-error`` is false so a failed load leaves QEMU alive to report ``error-desc``
-        over QMP instead of just exiting. QEMU may still crash on malformed files; that is
-        reported as :class:`QemuError` naming the signal.
+        See :meth:`start_migrate_incoming` for how failures are reported.
         """
-        if not self.incoming:
-            raise QemuError("migrate_incoming needs a QemuMachine started with incoming=True")
-        self.qmp("migrate-incoming", uri=uri, **{"exit-on-error": False})
-        return self._wait_migration(f"migrate-incoming from {uri}", timeout)
+        self.start_migrate_incoming(uri)
+        return self.wait_migration(timeout)
 
     # ----------------------------------------------------------------------- shutdown
 

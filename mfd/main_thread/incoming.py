@@ -1,27 +1,35 @@
-"""The destination of a live migration: ``mfd incoming --listen tcp://HOST:PORT``.
+"""The destination of a live migration: ``mfd incoming --listen tcp:HOST:PORT``.
 
-::
+The source may be ``mfd migrate`` or a real QEMU (``migrate uri=tcp:HOST:PORT``): the wire
+is QEMU's (``shared/qemu-wire.md``)::
 
-    listen on PORT (main channel); strangers and garbage are answered and ignored
-    HELLO      uuid, channels, compression; the source's address is now the only one heard
-    stream     ram START: the block list -> unnamed RAM (PendingRAM), receivedmap, a paused
-               guest on that RAM (or image files), N receive channels listening on
-               PORT+1..PORT+N -> READY
+    one port   the main channel (QEVM) and N multifd channels (MultiFDInit), told apart by
+               their first bytes (``mfd.main_thread.accept``); strangers get a warning line
+    stream     read as it arrives by the sans-I/O decoder (``mfd.protocol.livestream``):
+               OPEN_RETURN_PATH, PING -> PONG; ram START: the block list -> unnamed RAM
+               (PendingRAM), receivedmap, a paused guest on that RAM (or image files);
+               the first sync point: N receive channels, each handed its connection
                MULTIFD_FLUSH (legacy: EOS) -> recv sync: every channel reached its SYNC,
-               then all are released (invariant 2); ZERO records: QEMU's zero-page rule;
-               device sections: the guest's state; EOF
-    DIGESTS    the source's RAM at switchover, chunk by chunk, against ours (hashed by the
-               channels); equal -> the RAM gets its names, the guest takes it and runs
-    RESULT     completed -> the source's guest quits
+               then all are released (invariant 2); ZERO/PAGE records (no multifd): placed
+               here; device sections: globalstate's runstate, an mfd source's guest state
+    complete   EOF, vmdesc; from an mfd source its RAM digests, compared with ours (hashed
+               by the channels): equal -> the RAM gets its names, the guest takes it and
+               runs (as QEMU's runstate says, unless --stopped)
+    result     on the return path (if the source opened it): MFD_RESULT to an mfd source,
+               then SHUT(0); SHUT(1) on failure
 
-Until RESULT nothing has a name: a destination that fails removes its guest and its RAM,
-and one killed outright leaves nothing behind (the RAM is held only by descriptors).
+What the source does not say (channels, compression, flush mode, uuid) comes from the
+options, with QEMU's names and defaults; an mfd source says it in its MultiFDInit and
+options that were not given follow it. Until the result nothing has a name: a destination
+that fails removes its guest and its RAM, and one killed outright leaves nothing behind
+(the RAM is held only by descriptors).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import sys
 import time
 from collections import deque
@@ -32,10 +40,11 @@ import numpy as np
 import zmq
 
 from mfd.errors import MfdError, ProtocolError
+from mfd.main_thread.accept import Acceptor
 from mfd.main_thread.digests import ChunkTable
-from mfd.main_thread.migrate import GRACE_MS, LINGER_MS, Cancelled, failure
-from mfd.main_thread.pipeline import ChannelPool
-from mfd.protocol import livestream, mainchannel, trailer
+from mfd.main_thread.migrate import Cancelled, failure
+from mfd.main_thread.pipeline import ChannelPool, poll_key
+from mfd.protocol import livestream, multifd, peer, returnpath, trailer
 from mfd.protocol.constants import TARGET_PAGE_SIZE
 from mfd.protocol.devices import GUEST_IDSTR
 from mfd.shm import control
@@ -44,10 +53,19 @@ from mfd.shm.receivedmap import ReceivedMap, map_size
 from mfd.workers import tcp
 from mfd.workers.socket_channel import SocketChannelConfig, recv_main
 
+CHANNEL_GRACE_S = 5.0  # the source's channels connect before its main stream needs them
+QUEUE_EVENTS = 256  # decoded events waiting; beyond that the main channel is not read
+_QEMU_CHANNELS = 2  # QEMU's default multifd-channels
+
 
 @dataclass(frozen=True)
 class IncomingOptions:
     timeout: float | None = None  # give up when no migration completed within this
+    # QEMU's settings for its destination; None: QEMU's default, or what an mfd source says
+    multifd_channels: int | None = None
+    multifd_compression: str | None = None
+    flush_after_each_section: bool | None = None
+    uuid: bytes = bytes(multifd.UUID_SIZE)  # QEMU's -uuid: channels must carry it
     # test-only: receive channel i sleeps before placing each packet; no recv sync at all
     # (channels do not stop at SYNC packets, MULTIFD_FLUSH does not wait): round order is
     # then not kept and a test must see it fail
@@ -65,6 +83,7 @@ class IncomingResult:
     setup_time_ms: float
     digests: dict[str, str] = field(default_factory=dict)
     verified: bool = False
+    source: str = "mfd"  # "mfd" or "qemu"
 
 
 class Incoming:
@@ -83,165 +102,311 @@ class Incoming:
         self.cancel_requested: str | None = None
         self.start = time.monotonic()
         self.setup_time = 0.0
-        self.queue: deque[list[bytes]] = deque()
+        self.watched: dict[object, Callable[[], None]] = {}
+        self.events: deque[livestream.Event] = deque()
+        self.decoder = livestream.StreamDecoder()
+        self.conn: socket.socket | None = None  # the main channel
+        self.main_closed = False
+        self.main_paused = False
+        self.acceptor: Acceptor | None = None
+        self.return_path = False  # the source opened it: it reads our answers
+        self.mfd_settings: peer.ChannelSettings | None = None
+        self.conns: dict[int, socket.socket] = {}  # channel id -> connection, until handed
+        self.handed: set[int] = set()
+        self.multifd: bool | None = None  # decided at the first sync point
+        self.start_flushed = False  # the ram START section had a MULTIFD_FLUSH
+        self.runstate: str | None = None
+        self.skipped: list[str] = []
         self.pool: ChannelPool | None = None
         self.pending: PendingRAM | None = None
         self.rmap_ram: PendingRAM | None = None
         self.receivedmap: ReceivedMap | None = None
         self.guest: control.GuestClient | None = None
         self.mapped: list[MappedBlock] = []
+        self.words: list[np.ndarray] = []
         self.guest_state: dict | None = None
 
-    # ------------------------------------------------------------------ main channel
+    # ------------------------------------------------------------------ what the source did not say
+
+    @property
+    def channels(self) -> int:
+        s = self.mfd_settings
+        return self.options.multifd_channels or (s.channels if s else _QEMU_CHANNELS)
+
+    @property
+    def compression(self) -> str:
+        s = self.mfd_settings
+        return self.options.multifd_compression or (s.compression if s else "none")
+
+    @property
+    def legacy(self) -> bool:
+        """multifd-flush-after-each-section."""
+        s = self.mfd_settings
+        if self.options.flush_after_each_section is not None:
+            return self.options.flush_after_each_section
+        return s.flush_after_each_section if s else False
+
+    def _adopt(self, settings: peer.ChannelSettings | None, channel: int) -> None:
+        """An mfd source's settings, from a channel's MultiFDInit: the same on every
+        channel, and equal to the options that were given."""
+        if settings is None:
+            return
+        if self.mfd_settings is not None and settings != self.mfd_settings:
+            raise ProtocolError(f"multifd channel {channel} says {settings}, another said "
+                                f"{self.mfd_settings}")
+        o = self.options
+        for given, theirs, what in (
+                (o.multifd_channels, settings.channels, "--multifd-channels"),
+                (o.multifd_compression, settings.compression, "--multifd-compression"),
+                (o.flush_after_each_section, settings.flush_after_each_section,
+                 "--multifd-flush-after-each-section")):
+            if given is not None and given != theirs:
+                raise ProtocolError(f"the source uses {theirs} where this destination has "
+                                    f"{given} ({what})")
+        self.mfd_settings = settings
+
+    # ------------------------------------------------------------------ waiting
+
+    def _watch(self, source: object, callback: Callable[[], None]) -> None:
+        self.watched[poll_key(source)] = callback
+        if self.pool is not None:
+            self.pool.watch(source, callback)
+
+    def _unwatch(self, source: object) -> None:
+        del self.watched[poll_key(source)]
+        if self.pool is not None:
+            self.pool.unwatch(source)
+
+    def _wait(self, timeout_ms: int) -> None:
+        """Wait up to ``timeout_ms`` for anything: connections, the main channel, the
+        channels (through the pool once it exists); then the periodic checks."""
+        if self.pool is not None:
+            self.pool.wait(timeout_ms)  # its tick is ours
+            return
+        poller = zmq.Poller()
+        for source in self.watched:
+            poller.register(source, zmq.POLLIN)
+        ready = dict(poller.poll(timeout_ms))
+        for source, callback in list(self.watched.items()):
+            if source in ready:
+                callback()
+        self._tick()
 
     def _tick(self) -> None:
-        """While waiting (also inside the pool): the link, the source's messages (queued in
-        order; ERROR fails at once), cancel and the timeout."""
-        try:
-            self.link.check()
-        except tcp.LinkLost:
-            self.main.poll(GRACE_MS)  # the source's ERROR, saying why, may still be coming
-            self._drain()
-            raise
-        if self.link.strangers:
-            self.warn(f"refused {self.link.strangers} connection(s) that did not speak ZeroMQ")
-            self.link.strangers = 0
-        self._drain()
+        """While waiting (also inside the pool): new connections, cancel, the timeout."""
+        assert self.acceptor is not None
+        self.acceptor.expire()
+        self._take_connections()
         if self.cancel_requested is not None:
             raise Cancelled(self.cancel_requested)
         timeout = self.options.timeout
         if timeout is not None and time.monotonic() - self.start > timeout:
             raise Cancelled(f"no migration completed within {timeout:g} s (--timeout)")
 
-    def _drain(self) -> None:
-        while self.main.poll(0):
-            frames = self.main.recv_multipart(copy=False)
-            ident, body = frames[0].bytes, [f.bytes for f in frames[1:]]
-            if self.source is None:
-                self._hello(ident, body, frames[1])
-            elif ident != self.source:
-                self._refuse(ident, "a migration is already in progress here")
-            elif body and body[0] == mainchannel.ERROR:
-                raise MfdError(f"source: {mainchannel.error_text(body)}")
-            else:
-                self.queue.append(body)
+    def _take_connections(self) -> None:
+        assert self.acceptor is not None
+        main = self.acceptor.take_main()
+        if main is not None:
+            self.conn, head = main
+            self.events.extend(self.decoder.feed(head))
+            self._watch(self.conn, self._on_main)
+            self.status = "active"
+        while self.acceptor.channels:
+            sock, init = self.acceptor.channels.pop(0)
+            try:
+                self._channel(sock, init)
+            except BaseException:
+                sock.close()
+                raise
 
-    def _refuse(self, ident: bytes, why: str) -> None:
-        self.warn(f"refused a peer: {why}")
-        with contextlib.suppress(zmq.ZMQError):
-            self.main.send_multipart([ident, *mainchannel.encode_error(why)], zmq.NOBLOCK)
+    def _channel(self, sock: socket.socket, init: multifd.MultiFDInit) -> None:
+        where = f"multifd channel {init.id}"
+        self._adopt(peer.decode_settings(init.unused), init.id)
+        multifd.check_init(init, channels=self.channels, uuid=self.options.uuid, where=where)
+        if init.id in self.conns or init.id in self.handed:
+            raise ProtocolError(f"{where} connected twice (a duplicate channel id)")
+        if self.multifd is False:
+            raise ProtocolError(f"{where} connected, but the source started without multifd")
+        if self.pool is not None:
+            self.pool.hand_over(init.id, sock)
+            self.handed.add(init.id)
+        else:
+            self.conns[init.id] = sock
 
-    def _hello(self, ident: bytes, body: list[bytes], frame: zmq.Frame) -> None:
-        try:
-            self.hello = mainchannel.decode_hello(body)
-        except ProtocolError as e:
-            self._refuse(ident, str(e))
+    def _on_main(self) -> None:
+        """The main channel is readable: stream bytes into the decoder, events queued in
+        order (the handling of one may wait for channels, which calls this again)."""
+        assert self.conn is not None
+        if len(self.events) > QUEUE_EVENTS:
+            self._unwatch(self.conn)
+            self.main_paused = True
             return
-        self.source = ident
-        self.link.peer_fd = frame.get(zmq.SRCFD)
-        self.status = "active"
+        try:
+            n = self.conn.recv_into(self.decoder.buffer())
+        except BlockingIOError:
+            return
+        except OSError as e:
+            raise tcp.LinkLost(f"main channel: connection lost ({e.strerror})") from None
+        if n == 0:
+            self._unwatch(self.conn)
+            self.main_closed = True
+            self.decoder.close()
+            return
+        self.events.extend(self.decoder.filled(n))
 
-    def _next(self) -> list[bytes]:
-        """The source's next message; meanwhile the channels are watched too (a channel that
-        fails, say on a bad handshake, fails the migration at once)."""
-        while not self.queue:
-            if self.pool is not None:
-                self.pool.wait(100)
-            else:
-                self.main.poll(100)
-                self._tick()
-        return self.queue.popleft()
+    def _next(self) -> livestream.Event | None:
+        """The source's next event; None once the stream is complete."""
+        while not self.events:
+            if self.decoder.done:
+                return None
+            if self.main_paused:
+                self.main_paused = False
+                assert self.conn is not None
+                self._watch(self.conn, self._on_main)
+            self._wait(100)
+        return self.events.popleft()
 
-    def _send(self, frames: list[bytes]) -> None:
-        assert self.source is not None
-        self.main.send_multipart([self.source, *frames])
+    def _reply(self, data: bytes) -> None:
+        """On the return path (only once the source opened it)."""
+        assert self.conn is not None
+        tcp.send_all(self.conn, [data], self._tick)
 
     # ------------------------------------------------------------------ run
 
     def run(self) -> IncomingResult:
-        self.source: bytes | None = None
-        self.ctx = zmq.Context()
-        self.main = tcp.peer_socket(self.ctx, zmq.ROUTER)
-        self.link = tcp.LinkWatch(self.main, "main channel")
+        self.acceptor = Acceptor(tcp.listen(self.addr, "incoming"), self.warn, self._watch,
+                                 self._unwatch)
         try:
-            tcp.bind(self.main, self.addr.main, "incoming")
-            while self.source is None:
-                self.main.poll(100)
-                self._tick()
             result = self._migrate()
             self.status = "completed"
             return result
         except BaseException as e:
-            self.status, self.error, why = failure(e, self.main, "source")
-            if self.source is not None:
-                with contextlib.suppress(Exception):
-                    self._send(mainchannel.encode_error(
-                        f"the destination {self.status}: {self.error}"))
+            self.status, self.error, _ = failure(e, lambda: None)
+            self._say_failed(self.error)
             self._discard()
-            if why is not None:
-                raise MfdError(why) from e
             raise
         finally:
             self._release()
-            self.link.close()
-            self.main.close(LINGER_MS)  # RESULT or ERROR gets out before we go
-            self.ctx.term()
+            self.acceptor.close()
+            if self.conn is not None:
+                self.conn.close()
+            for sock in self.conns.values():
+                sock.close()
+
+    def _say_failed(self, error: str) -> None:
+        """The source's return path, best effort: MFD_RESULT to mfd, SHUT(1)."""
+        if self.conn is None or not self.return_path or self.main_closed:
+            return
+        data = returnpath.encode_shut(1)
+        if self.decoder.mfd_source:
+            data = returnpath.encode(returnpath.MFD_RESULT,
+                                     peer.encode_result("failed", error)) + data
+        with contextlib.suppress(OSError):
+            self.conn.send(data, socket.MSG_DONTWAIT)
 
     def _migrate(self) -> IncomingResult:
-        decoder = livestream.LiveStreamDecoder()
-        sync = self.options.skip_sync is False
-        legacy = self.hello.flush_after_each_section
-        while not decoder.done:
-            frames = self._next()
-            if frames[0] != mainchannel.STREAM or len(frames) != 2:
-                raise ProtocolError(f"main channel: expected stream bytes, got "
-                                    f"{frames[0][:16]!r}")
-            for ev in decoder.feed(frames[1]):
-                if isinstance(ev, livestream.Blocks):
-                    self._setup(ev.blocks)
-                    self._send([mainchannel.READY, b"{}"])
-                elif isinstance(ev, livestream.Flush):
-                    if sync and not legacy:
-                        self._recv_sync()
-                elif isinstance(ev, livestream.SectionEnd):
-                    if sync and legacy:
-                        self._recv_sync()
-                elif isinstance(ev, livestream.ZeroPages):
-                    self._zero(ev.idstr, ev.pages)
-                elif isinstance(ev, livestream.Page):
-                    self._page(ev.idstr, ev.page, ev.data)
-                elif isinstance(ev, livestream.Device) and ev.state.idstr == GUEST_IDSTR:
+        while self.conn is None:
+            self._wait(100)
+        theirs: dict[str, bytes] | None = None
+        while (ev := self._next()) is not None:
+            if isinstance(ev, livestream.ReturnPath):
+                self.return_path = True
+            elif isinstance(ev, livestream.Ping):
+                if self.return_path:
+                    self._reply(returnpath.encode_pong(
+                        peer.MFD_PONG if ev.value == peer.MFD_PING else ev.value))
+            elif isinstance(ev, livestream.Blocks):
+                self._setup(ev.blocks)
+            elif isinstance(ev, livestream.Flush):
+                self._sync_point(flush=True)
+            elif isinstance(ev, livestream.SectionEnd):
+                self._sync_point(flush=False)
+            elif isinstance(ev, livestream.ZeroPages):
+                self._start_channels()
+                self._zero(ev.idstr, ev.pages)
+            elif isinstance(ev, livestream.Pages):
+                self._start_channels()
+                self._pages(ev.idstr, ev.pages, ev.data)
+            elif isinstance(ev, livestream.Device):
+                if ev.state.idstr == "globalstate":
+                    self.runstate = str(ev.state.fields["runstate"])
+                elif ev.state.idstr == GUEST_IDSTR and self.decoder.mfd_source:
                     self.guest_state = ev.state.fields["guest"]  # type: ignore[assignment]
+            elif isinstance(ev, livestream.Skipped):
+                self.skipped.append(ev.idstr)
+            elif isinstance(ev, livestream.Digests):
+                theirs = ev.tables
         if self.pool is None:
-            raise ProtocolError("main channel: the stream ended without a RAM block list")
-        chunks = {b.idstr: trailer.num_chunks(b.num_pages) for b in self.blocks}
-        ours = self._ram_digests()  # while the source hashes its side
-        frames = self._next()
-        if frames[0] != mainchannel.DIGESTS:
-            raise ProtocolError(f"main channel: expected DIGESTS after EOF, got "
-                                f"{frames[0][:16]!r}")
-        theirs = mainchannel.decode_digests(frames, chunks)
-        for b in self.blocks:
-            _compare(b.idstr, theirs[b.idstr], ours[b.idstr])
+            raise ProtocolError("main channel: the stream ended without RAM")
+        ours = None
+        if self.decoder.mfd_source:
+            assert theirs is not None
+            ours = self._ram_digests()
+            for b in self.blocks:
+                _compare(b.idstr, theirs[b.idstr], ours[b.idstr])
+        elif self.skipped:
+            self.warn(f"the source is QEMU: its device state ({', '.join(self.skipped)}) "
+                      "has no place here, only its RAM")
         where = self._commit()
-        self._send(mainchannel.encode_json(mainchannel.RESULT, {"status": "completed"}))
+        digests = {k: trailer.blake3_of(v) for k, v in ours.items()} if ours else {}
+        if self.return_path:
+            data = returnpath.encode_shut(0)
+            if self.decoder.mfd_source:
+                data = returnpath.encode(returnpath.MFD_RESULT,
+                                         peer.encode_result("completed", digests=digests)) \
+                    + data
+            with contextlib.suppress(tcp.LinkLost):  # the guest runs here now, whatever
+                self._reply(data)
         return IncomingResult("completed", where, self.guest_name if self.guest else None,
                               (time.monotonic() - self.start) * 1000, self.setup_time * 1000,
-                              {k: trailer.blake3_of(v) for k, v in ours.items()}, True)
+                              digests, ours is not None,
+                              "mfd" if self.decoder.mfd_source else "qemu")
 
-    def _recv_sync(self) -> None:
-        """Every channel at its SYNC; then what the round did to the chunk digests."""
-        self.chunks.merge(self._pool().recv_sync())
+    # ------------------------------------------------------------------ sync points
+
+    def _sync_point(self, flush: bool) -> None:
+        """MULTIFD_FLUSH, or a RAM section's EOS: where QEMU's destination syncs its
+        channels (per round at MULTIFD_FLUSH; legacy mode at every EOS). A source and a
+        destination that disagree on the mode lose pages in QEMU; here they fail."""
+        first = self.pool is None
+        if flush and first:
+            self.start_flushed = True
+        self._start_channels()
+        if not self.multifd:
+            if flush:
+                raise ProtocolError("main channel: MULTIFD_FLUSH from a source without "
+                                    "multifd channels")
+            return
+        if flush and self.legacy:
+            raise ProtocolError("the source sends MULTIFD_FLUSH (it syncs once per round), "
+                                "this destination syncs after each section "
+                                "(--multifd-flush-after-each-section)")
+        if not flush and not self.legacy and not self.start_flushed:
+            raise ProtocolError("the source syncs after each section (QEMU's "
+                                "multifd-flush-after-each-section): start mfd incoming with "
+                                "--multifd-flush-after-each-section")
+        if flush != self.legacy and not self.options.skip_sync:
+            self._await_channels()
+            self.chunks.merge(self._pool().recv_sync())
+
+    def _await_channels(self) -> None:
+        deadline = time.monotonic() + CHANNEL_GRACE_S
+        while len(self.handed) < self.channels:
+            if time.monotonic() > deadline:
+                raise ProtocolError(
+                    f"the source opened {len(self.handed)} multifd channel(s), this "
+                    f"destination expects {self.channels} (--multifd-channels)")
+            self._wait(100)
 
     def _pool(self) -> ChannelPool:
         if self.pool is None:
-            raise ProtocolError("main channel: MULTIFD_FLUSH before the RAM block list")
+            raise ProtocolError("main channel: RAM records before the RAM block list")
         return self.pool
 
     # ------------------------------------------------------------------ setup
 
     def _setup(self, blocks: list[tuple[str, int]]) -> None:
-        """The block list arrived: RAM without names, receivedmap, guest, channels."""
+        """The block list arrived: RAM without names, receivedmap, guest."""
         if self.images is not None:
             missing = sorted(set(self.images) ^ {idstr for idstr, _ in blocks})
             if missing:
@@ -262,34 +427,57 @@ class Incoming:
         self.mapped = [attach(b, writable=True) for b in self.blocks]
         self.words = [m.words for m in self.mapped]
         if self.images is None:
-            self.guest_name = self.guest_name or self.hello.guest or "vm0"
+            self.guest_name = self.guest_name or "vm0"
             argv = ["--name", self.guest_name, "--stopped"]
             for b in self.blocks:
                 argv += ["--attach", f"{b.idstr}={b.path}"]
             self.guest = control.start_guest_daemon(argv, self.guest_name)
+        self.setup_time = time.monotonic() - self.start
+
+    def _start_channels(self) -> None:
+        """At the first sync point (or page): multifd or not, and the receive channels,
+        each handed its connection as it comes. Without multifd one channel with no
+        connection hashes RAM at switchover."""
+        if self.pool is not None:
+            return
+        if self.pending is None:
+            raise ProtocolError("main channel: RAM records before the RAM block list")
+        assert self.acceptor is not None and self.rmap_ram is not None
+        self.acceptor.drain()
+        self._take_connections()
+        self.multifd = self.start_flushed or bool(self.conns)
+        n = self.channels if self.multifd else 1
         delays = self.options.channel_delays
         configs = [SocketChannelConfig(
             channel_id=i, endpoint="", parent_pid=0, blocks=tuple(self.blocks),
-            peer=self.addr.channel(i), uuid=self.hello.uuid, channels=self.hello.channels,
-            compression=self.hello.compression, receivedmap=self.rmap_ram.blocks[0],
-            delay=delays[i] if i < len(delays) else 0.0, skip_sync=self.options.skip_sync)
-            for i in range(self.hello.channels)]
-        self.pool = ChannelPool(configs, recv_main)
+            compression=self.compression, receivedmap=self.rmap_ram.blocks[0],
+            hash=self.decoder.mfd_source, delay=delays[i] if i < len(delays) else 0.0,
+            skip_sync=self.options.skip_sync) for i in range(n)]
+        inherited = (self.acceptor.listener, *self.acceptor.pending, *self.conns.values(),
+                     *([self.conn] if self.conn is not None else []))
+        self.pool = ChannelPool(configs, recv_main, handoff=True, inherited=inherited)
         self.pool.tick = self._tick
-        self.pool.watch(self.main, self._drain)
-        self.setup_time = time.monotonic() - self.start
+        for source, callback in self.watched.items():
+            self.pool.watch(source, callback)
+        for i, sock in sorted(self.conns.items()):
+            self.pool.hand_over(i, sock)
+            self.handed.add(i)
+        self.conns.clear()
 
     def _zero(self, idstr: str, pages: np.ndarray) -> None:
-        """Zero records on the main stream: QEMU's rule, as the channels apply it."""
+        """ZERO records on the main stream: QEMU's rule, as the channels apply it."""
         block = self.index[idstr]
         self.chunks.stale(block, pages)
+        assert self.receivedmap is not None
         self.receivedmap.zero_pages(block, self.words[block], pages)
 
-    def _page(self, idstr: str, page: int, data: bytes) -> None:
+    def _pages(self, idstr: str, pages: np.ndarray, data: np.ndarray) -> None:
+        """PAGE records on the main stream (no multifd): from the stream's buffer into RAM."""
         block = self.index[idstr]
-        self.chunks.stale(block, np.array([page]))
-        self.words[block][page] = np.frombuffer(data, dtype=np.uint64)
-        self.receivedmap.received[block][page] = 1
+        self.chunks.stale(block, pages)
+        self.words[block].view(np.uint8).reshape(len(self.words[block]), -1)[pages] = data
+        assert self.receivedmap is not None
+        self.receivedmap.received[block][pages] = 1
 
     # ------------------------------------------------------------------ completion
 
@@ -323,8 +511,8 @@ class Incoming:
                 named.append(paths[b.idstr])
             workload = (self.guest_state or {}).get("workload") or \
                 self.guest.query()["workload"]
-            self.guest.execute("commit", blocks=paths, workload=workload,
-                               run=not self.options.stopped)
+            run = not self.options.stopped and self.runstate in (None, "running")
+            self.guest.execute("commit", blocks=paths, workload=workload, run=run)
             named.clear()  # the guest owns them now
             self.guest.close()
             self.guest = None
@@ -366,19 +554,18 @@ class Incoming:
         return out
 
     def query_migrate_parameters(self) -> dict:
-        hello = getattr(self, "hello", None)
-        if hello is None:
-            return {}
-        return {"multifd-channels": hello.channels, "multifd-compression": hello.compression}
+        return {"multifd-channels": self.channels, "multifd-compression": self.compression,
+                "multifd-flush-after-each-section": self.legacy}
 
     def query_migrate_capabilities(self) -> list[dict]:
-        return [{"capability": "multifd", "state": True}]
+        return [{"capability": "multifd", "state": self.multifd is not False},
+                {"capability": "return-path", "state": self.return_path}]
 
     def migrate_set_parameters(self, args: dict) -> None:
-        raise MfdError("the destination takes its parameters from the source")
+        raise MfdError("set the destination's parameters with mfd incoming's options")
 
     def migrate_set_capabilities(self, capabilities: list[dict]) -> None:
-        raise MfdError("the destination takes its capabilities from the source")
+        raise MfdError("set the destination's capabilities with mfd incoming's options")
 
     def migrate_cancel(self) -> None:
         self.cancel_requested = "cancelled by migrate_cancel"

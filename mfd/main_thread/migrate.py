@@ -1,33 +1,37 @@
 """The source of a live migration over TCP: QEMU's precopy with multifd, as processes.
 
-::
+What goes on the wire is QEMU's, byte for byte (``shared/qemu-wire.md``), so the
+destination may be ``mfd incoming`` or a real QEMU (``-incoming tcp:...``)::
 
-    connect the main channel, HELLO (uuid, channels, compression)
-    setup     stream: header, configuration, ram START (MEM_SIZE, block list); READY from
-              the destination (its RAM and channels wait); N channels connect, each sends
-              MultiFDInit_t; SYNC on every channel + MULTIFD_FLUSH; EOS
-    rounds    PART: pages to idle channels, SYNC ALL + MULTIFD_FLUSH at the end of every
-              pass over RAM (legacy --multifd-flush-after-each-section: SYNC only, the
-              destination syncs at EOS); EOS; bitmap sync; convergence, auto-converge
-    complete  stop the guest; SWITCHOVER_START; END: the final round; device sections
-              (globalstate, the guest's own state); EOF; DIGESTS of the RAM at switchover;
-              RESULT from the destination (digests equal, its guest runs) -> our guest quits
+    connect   the main channel; N channel processes connect to the same address, each
+              writes MultiFDInit_t (mfd's settings in its unused bytes)
+    setup     stream: header, configuration, OPEN_RETURN_PATH, PING(1), PING(MFD_PING);
+              ram START (MEM_SIZE, block list); SYNC on every channel + MULTIFD_FLUSH; EOS.
+              The PONG to MFD_PING says who the destination is (``mfd.protocol.peer``).
+    rounds    PART: pages to idle channels (without multifd: PAGE/ZERO records on the main
+              channel), SYNC ALL + MULTIFD_FLUSH at the end of every pass over RAM (legacy
+              --multifd-flush-after-each-section: SYNC only, the destination syncs at EOS);
+              EOS; bitmap sync; convergence, auto-converge
+    complete  stop the guest; SWITCHOVER_START; END: the final round; timer, globalstate
+              (and to mfd: the guest's own state); EOF; vmdesc; to mfd: the RAM digests
+    result    the return path: SHUT(0) -> completed, our guest quits; SHUT(1), a closed
+              connection, or mfd's MFD_RESULT(failed) -> failed
 
-Anything that goes wrong (the destination's ERROR, a lost link, a dead channel, cancel, the
-timeout, Ctrl-C) sends ERROR to the destination and lets our guest run again: the source
-stays authoritative until the destination has said it runs the guest.
+Anything that goes wrong (the destination's failure, a lost connection, a dead channel,
+cancel, the timeout, Ctrl-C) closes the connections and lets our guest run again: the
+source stays authoritative until the destination has said SHUT(0).
 """
 
 from __future__ import annotations
 
 import contextlib
+import socket
 import threading
 import time
-import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
-import zmq
 
 from mfd.errors import BrokenPipeline, MfdError, ProtocolError, UsageError
 from mfd.main_thread.digests import ChunkTable
@@ -35,20 +39,24 @@ from mfd.main_thread.pipeline import ChannelPool
 from mfd.main_thread.precopy import Precopy, Progress
 from mfd.options import MigrationParameters, check_params
 from mfd.protocol import constants as C
-from mfd.protocol import devices, mainchannel, messages, ram, stream, trailer
+from mfd.protocol import devices, messages, peer, ram, returnpath, stream, trailer
+from mfd.protocol.multifd import UUID_SIZE
 from mfd.shm.control import GuestClient
-from mfd.shm.ramblock import RAMBlock
+from mfd.shm.ramblock import RAMBlock, data_runs, nonzero_rows
 from mfd.workers import tcp
 from mfd.workers.socket_channel import SocketChannelConfig, send_main
 
 CONNECT_TIMEOUT = 30.0
-RESULT_TIMEOUT = 60.0  # the destination hashes its RAM and starts its guest
-LINGER_MS = 1000  # at close, time for a last message (RESULT, ERROR) to leave
-GRACE_MS = 300  # after a lost link, time for the peer's last message to show up
+RESULT_TIMEOUT = 60.0  # the destination loads the device state, hashes its RAM, starts
+PEER_TIMEOUT = 30.0  # the destination answers PING once it reads the main channel
+GRACE_S = 0.3  # after a lost channel, time for the destination's own reason to show up
 # packets per job handed to an idle channel: each job costs the main process a round trip
 # (~60 us), as much as a channel spends on a packet; 8 packets per job cut that 8-fold
 # while a job still takes only milliseconds (the channel writes one packet at a time)
 JOB_PACKETS = 8
+# pages per sendmsg of PAGE records on the main channel (two buffers each, <= IOV_MAX)
+INLINE_PAGES = tcp.IOV_MAX // 2
+_PING = 1  # QEMU's own first PING value
 
 
 class Cancelled(MfdError):
@@ -58,7 +66,9 @@ class Cancelled(MfdError):
 @dataclass(frozen=True)
 class MigrateOptions:
     machine: str = "none"
+    multifd: bool = True  # QEMU's capability: off sends every page on the main channel
     flush_after_each_section: bool = False  # QEMU's multifd-flush-after-each-section
+    uuid: bytes = bytes(UUID_SIZE)  # QEMU's -uuid (zeros: unset)
     timeout: float | None = None  # cancel when the migration would take longer
     connect_timeout: float = CONNECT_TIMEOUT
     keep_source: bool = False  # the source guest stays paused afterwards (QEMU's postmigrate)
@@ -67,79 +77,75 @@ class MigrateOptions:
 class Migration(Precopy):
     def __init__(self, uri: str, blocks: list[RAMBlock], params: MigrationParameters,
                  options: MigrateOptions, guest: GuestClient | None = None,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None,
+                 warn: Callable[[str], None] | None = None) -> None:
         super().__init__(blocks, check_params(params, mapped_ram=False), guest, progress,
                          batch_pages=JOB_PACKETS * C.MULTIFD_PAGE_COUNT)
-        self.addr = tcp.parse_uri(uri, params.multifd_channels)
+        self.addr = tcp.parse_uri(uri)
         self.uri = uri
         self.options = options
-        self.uuid = uuid.uuid4().bytes
+        self.warn = warn or (lambda line: None)
         self.error: str | None = None  # why it failed or was cancelled
         self.cancel_requested: str | None = None  # set by the monitor thread
         self.pending_params: MigrationParameters | None = None  # likewise
         self.lock = threading.Lock()
         self.result: dict = {}
         self.digests: dict[str, str] = {}
+        self.sock: socket.socket | None = None
+        self.returns = returnpath.ReturnPathDecoder()
+        self.peer_mfd: bool | None = None  # None until the PONG to MFD_PING says
+        self.shut: int | None = None  # the destination's SHUT status
+        self.closed = False  # the destination closed the main channel
+        self.last_block: int | None = None  # the block the main channel last named
 
     # ------------------------------------------------------------------ main channel
 
-    def _connect(self) -> None:
-        self.ctx = zmq.Context()
-        self.main = tcp.peer_socket(self.ctx, zmq.DEALER)
-        self.link = tcp.LinkWatch(self.main, "main channel")
-        self.addr = self.addr.resolved()
-        self.main.connect(self.addr.main)
-        deadline = time.monotonic() + self.options.connect_timeout
-        while not self.link.connected:
-            if time.monotonic() > deadline:
-                where = self.uri if self.addr.main == self.uri else \
-                    f"{self.uri} ({self.addr.host})"
-                raise MfdError(f"cannot reach the destination at {where} (no "
-                               f"connection within {self.options.connect_timeout:g} s)")
-            self.link.monitor.poll(50)
-            self.link.check()
+    def _stream(self, data: bytes | list) -> None:
+        """Stream bytes on the main channel (a list: buffers sent without a copy)."""
+        assert self.sock is not None
+        try:
+            sent = tcp.send_all(self.sock, data if isinstance(data, list) else [data],
+                                self._tick)
+        except tcp.LinkLost as e:
+            raise tcp.LinkLost(f"main channel: {e}") from None
+        self.stats.transferred += sent
 
-    def _wait_out(self) -> None:
-        """Wait until the main channel can take a message, watching everything else."""
-        while not self.main.poll(50, zmq.POLLOUT):
-            self._tick()
+    def _on_return_path(self) -> None:
+        """The destination wrote to the return path (or closed the connection)."""
+        assert self.sock is not None
+        while not self.closed:
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if self.shut is not None:
+                    return
+                raise tcp.LinkLost(f"main channel: connection lost ({e.strerror})") from None
+            if not data:
+                self.closed = True
+                return
+            for msg in self.returns.feed(data):
+                self._message(msg)
 
-    def _send(self, frames: list[bytes]) -> None:
-        self._wait_out()
-        self.main.send_multipart(frames)
-
-    def _stream(self, data: bytes) -> None:
-        self._send([mainchannel.STREAM, data])
-        self.stats.transferred += len(data)
-
-    def _from_destination(self) -> None:
-        """Messages from the destination while we work: READY and RESULT are kept for
-        ``_wait_reply``, ERROR fails the migration at once."""
-        while self.main.poll(0):
-            frames = self.main.recv_multipart()
-            if frames[0] == mainchannel.ERROR:
-                raise MfdError(f"destination: {mainchannel.error_text(frames)}")
-            if frames[0] in (mainchannel.READY, mainchannel.RESULT):
-                self.replies.append(frames)
-            else:
-                raise ProtocolError(f"main channel: unexpected {frames[0][:16]!r} from the "
-                                    "destination")
+    def _message(self, msg: returnpath.Message) -> None:
+        if msg.type == returnpath.PONG:
+            if msg.value in (peer.MFD_PING, peer.MFD_PONG):
+                self.peer_mfd = msg.value == peer.MFD_PONG
+                self.returns.mfd = self.peer_mfd
+        elif msg.type == returnpath.SHUT:
+            self.shut = msg.value
+        elif msg.type == returnpath.MFD_RESULT:
+            self.result = peer.decode_result(msg.data)
+        else:
+            raise ProtocolError(f"return path: {msg.name} is not something a precopy "
+                                "destination sends")
 
     def _tick(self) -> None:
-        """Every <= 100 ms while waiting: the link, the destination, cancel, the timeout,
-        parameters set through the monitor."""
-        self._from_destination()
-        if self._answered:
-            return  # the destination has said RESULT and may well have hung up since
-        try:
-            self.link.check()
-        except tcp.LinkLost:
-            # the monitor's event can overtake the last message (RESULT, or an ERROR that
-            # says why): give it a moment to arrive
-            if self.main.poll(GRACE_MS):
-                self._from_destination()
-            if not self._answered:
-                raise
+        """Every <= 100 ms while waiting: the destination, cancel, the timeout, parameters
+        set through the monitor."""
+        self._on_return_path()
+        self._check_destination()
         if self.cancel_requested is not None:
             raise Cancelled(self.cancel_requested)
         timeout = self.options.timeout
@@ -153,91 +159,120 @@ class Migration(Precopy):
             self.stats.bandwidth = self.meter.bandwidth
             self.progress(self.stats)
 
-    @property
-    def _answered(self) -> bool:
-        return any(f[0] == mainchannel.RESULT for f in self.replies)
+    def _check_destination(self) -> None:
+        """The destination's verdict, once it gave one before we expected it."""
+        if self.result.get("status") == "failed" or self.shut not in (None, 0):
+            raise MfdError(self._failed_why())
+        if self.closed and self.shut is None:
+            raise tcp.LinkLost("main channel: the destination closed the connection")
 
-    def _wait_reply(self, kind: bytes, timeout: float) -> dict:
+    def _failed_why(self) -> str:
+        if self.result.get("error"):
+            return f"destination: {self.result['error']}"
+        if self.shut is not None:
+            return f"the destination failed to load the migration (SHUT {self.shut})"
+        return "the destination closed the connection without a result"
+
+    def _wait_for(self, done: Callable[[], bool], timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
-        while True:
-            for frames in self.replies:
-                if frames[0] == kind:
-                    self.replies.remove(frames)
-                    return mainchannel.decode_json(frames, kind)
+        while not done():
             if time.monotonic() > deadline:
-                raise MfdError(f"the destination did not answer within {timeout:g} s")
-            self.main.poll(50)
+                raise MfdError(f"the destination did not {what} within {timeout:g} s")
+            if self.closed:
+                return
+            tcp.wait(self.sock, write=False, tick=None)  # type: ignore[arg-type]
             self._tick()
 
     # ------------------------------------------------------------------ run
 
     def run(self) -> None:
-        self.replies: list[list[bytes]] = []
         self.stats.status = "setup"
         completed = False
         try:
-            self._connect()
+            self.addr = self.addr.resolved()
+            self.sock = tcp.connect(self.addr, self.options.connect_timeout)
             live = self.start_guest_log()
             self.chunks = ChunkTable(self.blocks)
-            self._send(mainchannel.Hello(
-                self.uuid, self.params.multifd_channels, self.params.multifd_compression,
-                self.params.zero_page_detection, self.options.flush_after_each_section,
-                self.guest.name if self.guest is not None else None).encode())
-            self._setup_stream()
-            self._wait_reply(mainchannel.READY, self.options.connect_timeout)
-            level = (self.params.multifd_zstd_level if self.params.multifd_compression == "zstd"
-                     else self.params.multifd_zlib_level)
-            configs = [SocketChannelConfig(
-                channel_id=i, endpoint="", parent_pid=0, blocks=tuple(self.blocks),
-                peer=self.addr.channel(i), uuid=self.uuid,
-                channels=self.params.multifd_channels,
-                compression=self.params.multifd_compression, level=level,
-                zero_page_detection=self.params.zero_page_detection == "multifd",
-                connect_timeout=self.options.connect_timeout)
-                for i in range(self.params.multifd_channels)]
-            with ChannelPool(configs, send_main) as pool:
+            with self._channels() as pool:
                 self.pool = pool
                 pool.tick = self._tick
-                self._flush_and_sync(setup=True)
+                pool.watch(self.sock, self._on_return_path)
+                self._setup_stream()
+                self._flush_and_sync()
                 self._stream(ram.encode_eos() + stream.encode_footer(devices.RAM_SECTION_ID))
+                self._wait_for(lambda: self.peer_mfd is not None, PEER_TIMEOUT,
+                               "answer PING")
+                self._check_destination()
                 self.stats.setup_time = time.monotonic() - self.stats.start
                 self.stats.status = "active"
                 self.iterate(live)
                 self._complete()
             completed = True
         except BaseException as e:
-            self.stats.status, self.error, why = failure(e, getattr(self, "main", None),
-                                                         "destination")
-            with contextlib.suppress(Exception):
-                self.main.send_multipart(mainchannel.encode_error(
-                    f"the source {self.stats.status}: {self.error}"), zmq.NOBLOCK)
+            self.stats.status, self.error, why = failure(e, self._destination_reason)
             self.resume_guest()
             if why is not None:
                 raise MfdError(why) from e
             raise
         finally:
             self.release()
-            if hasattr(self, "main"):
-                self.link.close()
-                self.main.close(LINGER_MS)  # the ERROR we may just have sent gets out
-                self.ctx.term()
+            if self.sock is not None:
+                self.sock.close()
         if completed and self.guest is not None and not self.options.keep_source:
             with contextlib.suppress(MfdError):
                 self.guest.quit()  # it runs on the destination now
 
+    def _destination_reason(self) -> str | None:
+        """The destination's own reason, if it sent one just before a channel lost its
+        connection (it says why better than the lost connection does)."""
+        deadline = time.monotonic() + GRACE_S
+        with contextlib.suppress(MfdError, OSError):
+            while time.monotonic() < deadline and not self.closed:
+                if self.result.get("error"):
+                    break
+                if self.sock is not None:
+                    tcp.wait(self.sock, write=False, tick=None)
+                    self._on_return_path()
+        return f"destination: {self.result['error']}" if self.result.get("error") else None
+
+    def _channels(self) -> ChannelPool:
+        """N send channels, connected before the main stream says a word of RAM (QEMU's
+        destination reads the main channel only once every channel is there). Without
+        multifd one channel with no connection hashes RAM at switchover."""
+        level = (self.params.multifd_zstd_level if self.params.multifd_compression == "zstd"
+                 else self.params.multifd_zlib_level)
+        n = self.params.multifd_channels if self.options.multifd else 1
+        settings = peer.encode_settings(peer.ChannelSettings(
+            n, self.params.multifd_compression, self.options.flush_after_each_section))
+        configs = [SocketChannelConfig(
+            channel_id=i, endpoint="", parent_pid=0, blocks=tuple(self.blocks),
+            compression=self.params.multifd_compression, level=level,
+            peer=self.addr if self.options.multifd else None, uuid=self.options.uuid,
+            init_unused=settings,
+            zero_page_detection=self.params.zero_page_detection == "multifd",
+            connect_timeout=self.options.connect_timeout) for i in range(n)]
+        assert self.sock is not None
+        return ChannelPool(configs, send_main, inherited=(self.sock,))
+
     def _setup_stream(self) -> None:
         cfg = stream.Configuration(self.options.machine)
-        data = (stream.encode_file_header() + stream.encode_configuration(cfg)
-                + stream.encode_section_start(C.QEMU_VM_SECTION_START, devices.RAM_SECTION_ID,
-                                              C.RAM_SECTION_IDSTR, 0, C.RAM_SECTION_VERSION)
-                + ram.encode_mem_size(self.stats.total)
-                + b"".join(ram.encode_block_entry(b.idstr, b.used_length) for b in self.blocks))
-        self._stream(data)
+        self._stream(
+            stream.encode_file_header() + stream.encode_configuration(cfg)
+            + stream.encode_command(stream.Command(C.MIG_CMD_OPEN_RETURN_PATH))
+            + stream.encode_command(stream.Command(C.MIG_CMD_PING, _PING.to_bytes(4, "big")))
+            + stream.encode_command(stream.Command(C.MIG_CMD_PING,
+                                                   peer.MFD_PING.to_bytes(4, "big")))
+            + stream.encode_section_start(C.QEMU_VM_SECTION_START, devices.RAM_SECTION_ID,
+                                          C.RAM_SECTION_IDSTR, 0, C.RAM_SECTION_VERSION)
+            + ram.encode_mem_size(self.stats.total)
+            + b"".join(ram.encode_block_entry(b.idstr, b.used_length) for b in self.blocks))
 
-    def _flush_and_sync(self, setup: bool = False) -> None:
+    def _flush_and_sync(self) -> None:
         """``multifd_ram_flush_and_sync``: every channel finishes its work and puts a SYNC
-        packet on its link; then MULTIFD_FLUSH on the main stream (not in legacy mode, where
-        the destination syncs at EOS instead)."""
+        packet on its connection; then MULTIFD_FLUSH on the main stream (not in legacy
+        mode, where the destination syncs at EOS instead). Nothing without multifd."""
+        if not self.options.multifd:
+            return
         self.pool.sync(messages.SYNC)
         if not self.options.flush_after_each_section:
             self._stream(ram.encode_multifd_flush())
@@ -247,15 +282,23 @@ class Migration(Precopy):
     def begin_section(self, final: bool) -> None:
         kind = C.QEMU_VM_SECTION_END if final else C.QEMU_VM_SECTION_PART
         self._stream(stream.encode_section_part(kind, devices.RAM_SECTION_ID))
+        self.last_block = None  # QEMU names the block again in every section
 
     def end_round(self) -> None:
-        if self.options.flush_after_each_section:
+        if self.options.multifd and self.options.flush_after_each_section:
             self.pool.sync(messages.SYNC)  # per section: SYNC packets, EOS syncs the receiver
         else:
             self._flush_and_sync()
 
     def end_section(self, final: bool) -> None:
         self._stream(ram.encode_eos() + stream.encode_footer(devices.RAM_SECTION_ID))
+
+    def send_pages(self, block: int, pages: np.ndarray) -> None:
+        if not self.options.multifd:
+            self._send_inline(block, pages)
+            return
+        flags = messages.JOB_HASH if self.peer_mfd else 0
+        self.pool.send(block, pages, self._sent(block, pages), flags=flags)
 
     def on_done(self, block: int, pages: np.ndarray, moved: int, nonzero: np.ndarray,
                 digests: bytes) -> None:
@@ -265,11 +308,55 @@ class Migration(Precopy):
     def on_legacy_zero(self, block: int, pages: np.ndarray) -> None:
         """zero-page-detection=legacy: RAM_SAVE_FLAG_ZERO records on the main stream."""
         self.chunks.stale(block, pages)
-        idstr = self.blocks[block].idstr
+        self._stream(self._zero_records(block, pages))
+
+    def _zero_records(self, block: int, pages: np.ndarray) -> bytes:
         addrs = pages.astype(np.int64) * C.TARGET_PAGE_SIZE
-        first = ram.encode_zero_page(int(addrs[0]), idstr)
-        rest = ram.encode_zero_records(addrs[1:])
-        self._stream(first + rest)
+        first = ram.encode_zero_page(int(addrs[0]), self._name(block))
+        return first + ram.encode_zero_records(addrs[1:])
+
+    def _name(self, block: int) -> str | None:
+        """The block's idstr for a record that does not CONTINUE the block named last."""
+        if self.last_block == block:
+            return None
+        self.last_block = block
+        return self.blocks[block].idstr
+
+    def _send_inline(self, block: int, pages: np.ndarray) -> None:
+        """Without multifd the main channel carries the pages (``ram_save_page``): zero
+        pages as ZERO records (found here; holes without a touch), the others as PAGE
+        records, each header followed by the page straight from guest memory."""
+        mapped = self.mapped[block]
+        words = mapped.words
+        nonzero = np.ones(len(pages), dtype=bool)
+        if self.params.zero_page_detection != "none":
+            lo, hi = int(pages[0]), int(pages[-1]) + 1
+            if hi - lo == len(pages):
+                nonzero[:] = False
+                for start, end in data_runs(mapped.fd, lo, hi):
+                    mapped.populate(start, end)
+                    nonzero[start - lo : end - lo] = nonzero_rows(words, slice(start, end))
+            else:
+                nonzero = nonzero_rows(words, pages)
+        before = self.stats.transferred
+        zero = pages[~nonzero]
+        if len(zero):
+            self._stream(self._zero_records(block, zero))
+        normal = pages[nonzero]
+        for at in range(0, len(normal), INLINE_PAGES):
+            part = normal[at : at + INLINE_PAGES]
+            addrs = part.astype(np.uint64) * np.uint64(C.TARGET_PAGE_SIZE)
+            first = ram.encode_page_header(int(addrs[0]), C.RAM_SAVE_FLAG_PAGE,
+                                           self._name(block))
+            rest = (addrs[1:] | np.uint64(C.RAM_SAVE_FLAG_PAGE | C.RAM_SAVE_FLAG_CONTINUE)
+                    ).astype(">u8")
+            headers = [first, *rest.view(np.uint8).reshape(-1, 8)]
+            rows = (words[p] for p in part.tolist())
+            self._stream([b for pair in zip(headers, rows, strict=True) for b in pair])
+        self.chunks.stale(block, pages)
+        moved = self.stats.transferred - before
+        self.stats.transferred = before  # on_done counts it
+        self.on_done(block, pages, moved, nonzero, b"")
 
     # ------------------------------------------------------------------ completion
 
@@ -278,28 +365,40 @@ class Migration(Precopy):
         self._stream(stream.encode_command(stream.Command(C.MIG_CMD_SWITCHOVER_START)))
         self.round(final=True)
         runstate = "running" if self.was_running else "paused"
-        guest_state = {"name": status["name"], "runstate": runstate,
-                       "workload": status["workload"]} if status is not None else None
-        self._stream(
-            stream.encode_section_start(C.QEMU_VM_SECTION_FULL,
-                                        devices.GLOBALSTATE_SECTION_ID, "globalstate", 0, 1)
-            + devices.encode_globalstate(runstate)
-            + stream.encode_footer(devices.GLOBALSTATE_SECTION_ID)
-            + stream.encode_section_start(C.QEMU_VM_SECTION_FULL, devices.GUEST_SECTION_ID,
-                                          devices.GUEST_IDSTR, 0, devices.GUEST_VERSION)
-            + devices.encode_guest(guest_state)
-            + stream.encode_footer(devices.GUEST_SECTION_ID)
-            + stream.encode_eof())
+        data = (stream.encode_section_start(C.QEMU_VM_SECTION_FULL, devices.TIMER_SECTION_ID,
+                                            "timer", 0, 2)
+                + devices.encode_timer() + stream.encode_footer(devices.TIMER_SECTION_ID)
+                + stream.encode_section_start(C.QEMU_VM_SECTION_FULL,
+                                              devices.GLOBALSTATE_SECTION_ID, "globalstate",
+                                              0, 1)
+                + devices.encode_globalstate(runstate)
+                + stream.encode_footer(devices.GLOBALSTATE_SECTION_ID))
+        if status is not None and self.peer_mfd:
+            guest_state = {"name": status["name"], "runstate": runstate,
+                           "workload": status["workload"]}
+            data += (stream.encode_section_start(C.QEMU_VM_SECTION_FULL,
+                                                 devices.GUEST_SECTION_ID, devices.GUEST_IDSTR,
+                                                 0, devices.GUEST_VERSION)
+                     + devices.encode_guest(guest_state)
+                     + stream.encode_footer(devices.GUEST_SECTION_ID))
+        elif status is not None and status["workload"].get("kind") == "kvm":
+            self.warn("the destination is QEMU: the guest's KVM vCPU state has no place in "
+                      "QEMU's -machine none, only its RAM goes")
+        self._stream(data + stream.encode_eof()
+                     + stream.encode_vmdesc(devices.vmdesc_json(self.options.machine, ())))
         verify_start = time.monotonic()
-        tables = self._ram_digests()
-        self._send(mainchannel.encode_digests(tables))
-        self.result = self._wait_reply(mainchannel.RESULT, RESULT_TIMEOUT)
-        if self.result.get("status") != "completed":
-            raise MfdError(f"destination: {self.result.get('error', 'failed')}")
+        if self.peer_mfd:
+            self._stream(peer.encode_digests(self._ram_digests()))
+        else:
+            self.warn("the destination is QEMU: RAM is not verified at switchover (QEMU "
+                      "has no digests to compare)")
+        self._wait_for(lambda: self.shut is not None, RESULT_TIMEOUT, "say SHUT")
+        if self.shut != 0 or (self.peer_mfd and self.result.get("status") != "completed"):
+            raise MfdError(self._failed_why())
         self.stats.end_time = time.monotonic()
         # part of the downtime QEMU does not have: both ends hashing the chunks that changed
         # since they were hashed in flight, the comparison, the guest taking over its RAM
-        self.stats.verify_time = self.stats.end_time - verify_start
+        self.stats.verify_time = self.stats.end_time - verify_start if self.peer_mfd else 0.0
         self.stats.remaining = 0
         self.stats.status = "completed"
 
@@ -323,7 +422,8 @@ class Migration(Precopy):
         return self.params.to_qmp()
 
     def query_migrate_capabilities(self) -> list[dict]:
-        return [{"capability": "multifd", "state": True},
+        return [{"capability": "multifd", "state": self.options.multifd},
+                {"capability": "return-path", "state": True},
                 {"capability": "auto-converge", "state": self.params.auto_converge}]
 
     def migrate_set_parameters(self, args: dict) -> None:
@@ -335,7 +435,7 @@ class Migration(Precopy):
             name, state = cap.get("capability"), cap.get("state")
             if name == "auto-converge" and isinstance(state, bool):
                 changes["auto_converge"] = state
-            elif name == "multifd" and state is True:
+            elif name in ("multifd", "return-path") and state is True:
                 continue
             else:
                 raise UsageError(f"capability {name!r} cannot be set to {state!r} here")
@@ -361,25 +461,11 @@ class Migration(Precopy):
         self.cancel_requested = "cancelled by migrate_cancel"
 
 
-def failure(e: BaseException, sock: zmq.Socket | None, peer: str) -> tuple[str, str, str | None]:
+def failure(e: BaseException, peer_reason: Callable[[], str | None]
+            ) -> tuple[str, str, str | None]:
     """How a migration ended on error: its status, the reason, and the other end's own
-    reason when a channel lost its link because that end gave up (it says why better)."""
+    reason when a channel lost its connection because that end gave up (it says why
+    better)."""
     status = "cancelled" if isinstance(e, Cancelled | KeyboardInterrupt) else "failed"
-    why = peer_error(sock, peer) if sock is not None and isinstance(e, BrokenPipeline) \
-        and e.link_lost else None
+    why = peer_reason() if isinstance(e, BrokenPipeline) and e.link_lost else None
     return status, why or ("interrupted" if isinstance(e, KeyboardInterrupt) else str(e)), why
-
-
-def peer_error(sock: zmq.Socket, peer: str) -> str | None:
-    """The other end's own reason, if it sent one (ERROR) just before going away: a channel
-    that lost its link tells less than that."""
-    deadline = time.monotonic() + GRACE_MS / 1000
-    with contextlib.suppress(zmq.ZMQError):
-        while time.monotonic() < deadline:
-            if sock.poll(20):
-                frames = sock.recv_multipart()
-                if sock.type == zmq.ROUTER:
-                    frames = frames[1:]
-                if frames and frames[0] == mainchannel.ERROR:
-                    return f"{peer}: {mainchannel.error_text(frames)}"
-    return None

@@ -13,6 +13,9 @@ threads::
                                  (``multifd_recv_sync_main``)
     watch(fd, callback)          anything else the main process must react to while it waits
                                  for channels: its peer's main channel, a monitor's cancel
+    hand_over(i, sock)           receiver: channel i's connection, accepted by the main
+                                 process, goes to channel i (SCM_RIGHTS on a socketpair made
+                                 before the fork) and nowhere else
     done(moved, mask, digests)   the job's own callback, in order of completion, in the main
                                  process only
 
@@ -39,6 +42,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import tempfile
 import time
 from collections import deque
@@ -63,10 +67,15 @@ OnDone = Callable[[int, np.ndarray, bytes], None]  # bytes moved, nonzero mask, 
 
 
 class ChannelPool:
-    def __init__(self, configs: list[Any], target: Callable[[Any], None]) -> None:
+    def __init__(self, configs: list[Any], target: Callable[[Any], None], *,
+                 handoff: bool = False, inherited: tuple[Any, ...] = ()) -> None:
         """``configs[i]`` is channel i's frozen config (``endpoint`` and ``parent_pid`` are
-        filled in here); each channel process runs ``target(config)``."""
+        filled in here, and ``handoff``: the channel's end of its socketpair, when
+        ``handoff``); each channel process runs ``target(config)``. ``inherited``: the
+        caller's sockets, closed in every channel at once (a connection must close when
+        its owner closes it, not when the last forked copy goes)."""
         self.broken: BrokenPipeline | None = None
+        self.handoffs: list[socket.socket] = []
         self.tmpdir = tempfile.mkdtemp(prefix="mfd-ch-")
         endpoint = f"ipc://{self.tmpdir}/main.sock"
         self.ctx = zmq.Context()
@@ -83,14 +92,24 @@ class ChannelPool:
         self.next_job = 0
         # channel -> its round report, sent as it reached its SYNC packet and waits there
         self.synced: dict[bytes, messages.RoundReport] = {}
+        self.closed: set[bytes] = set()  # channels whose peer ended their connection
         self.watched: dict[Any, Callable[[], None]] = {}
         self.tick: Callable[[], None] | None = None  # called every <= 100 ms while waiting
         self.next_tick = 0.0
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
         try:
-            for cfg in configs:
-                self._fork(target, replace(cfg, endpoint=endpoint, parent_pid=os.getpid()))
+            pairs = [socket.socketpair() for _ in configs] if handoff else []
+            self.handoffs = [ours for ours, _ in pairs]
+            for i, cfg in enumerate(configs):
+                cfg = replace(cfg, endpoint=endpoint, parent_pid=os.getpid())
+                if handoff:
+                    cfg = replace(cfg, handoff=pairs[i][1].fileno())
+                keep = pairs[i][1] if handoff else None
+                closing = [*inherited, *(s for pair in pairs for s in pair if s is not keep)]
+                self._fork(target, cfg, closing)
+            for _, theirs in pairs:
+                theirs.close()
             deadline = time.monotonic() + START_TIMEOUT
             while len(self.channel_of) < len(configs):
                 if time.monotonic() > deadline:
@@ -100,11 +119,13 @@ class ChannelPool:
             self.close()
             raise
 
-    def _fork(self, target: Callable[[Any], None], cfg: Any) -> None:
+    def _fork(self, target: Callable[[Any], None], cfg: Any, closing: list[Any]) -> None:
         pid = os.fork()
         if pid == 0:  # the channel: never returns into the caller's code
             status = 1
             try:
+                for obj in closing:
+                    obj.close()
                 default_signals()
                 target(cfg)
                 status = 0
@@ -123,13 +144,30 @@ class ChannelPool:
         return len(self.pids)
 
     def watch(self, source: Any, callback: Callable[[], None]) -> None:
-        """Call ``callback`` whenever ``source`` (a zmq socket or a file descriptor) is readable
-        while the pool waits; it may raise to abort what the main process is doing."""
-        self.watched[source] = callback
-        self.poller.register(source, zmq.POLLIN)
+        """Call ``callback`` whenever ``source`` (a zmq socket, a socket or a file
+        descriptor) is readable while the pool waits; it may raise to abort what the main
+        process is doing."""
+        key = poll_key(source)
+        self.watched[key] = callback
+        self.poller.register(key, zmq.POLLIN)
+
+    def unwatch(self, source: Any) -> None:
+        key = poll_key(source)
+        del self.watched[key]
+        self.poller.unregister(key)
+
+    def hand_over(self, channel: int, sock: socket.socket) -> None:
+        """Give channel ``channel`` its connection; the main process keeps no copy."""
+        try:
+            socket.send_fds(self.handoffs[channel], [b"c"], [sock.fileno()])
+        except OSError as e:
+            raise self._fail(BrokenPipeline(f"channel {channel} is gone ({e.strerror})")) \
+                from None
+        finally:
+            sock.close()
 
     def send(self, block: int, pages: np.ndarray, done: OnDone | None = None,
-             kind: bytes = messages.JOB) -> int:
+             kind: bytes = messages.JOB, flags: int = 0) -> int:
         """``multifd_send``: hand a job (pages of one block) to an idle channel; ``done`` is
         called with its DONE. Returns the job id. Ids advance by the job's packets of 128
         pages, so a socket channel numbers its packets id, id + 1, ...: QEMU's
@@ -137,17 +175,17 @@ class ChannelPool:
         self._check()
         while not self.idle:
             self._pump(None)
-        return self._hand(self.idle.popleft(), block, pages, done, kind)
+        return self._hand(self.idle.popleft(), block, pages, done, kind, flags)
 
     def _hand(self, ident: bytes, block: int, pages: np.ndarray, done: OnDone | None,
-              kind: bytes) -> int:
+              kind: bytes, flags: int = 0) -> int:
         job_id = self.next_job
         self.next_job += max(1, -(-len(pages) // MULTIFD_PAGE_COUNT)) if kind == messages.JOB \
             else 1
         self.inflight[job_id] = (ident, done)
         # copied, not zero-copy: a job is at most a few KiB, and pyzmq hands each zero-copy
         # frame back through its garbage-collector thread, which cost more than the copy
-        self._to(ident, messages.encode_job(job_id, block, pages, kind))
+        self._to(ident, messages.encode_job(job_id, block, pages, kind, flags))
         return job_id
 
     def _to(self, ident: bytes, frames: list) -> None:
@@ -184,6 +222,10 @@ class ChannelPool:
         older copy is still in flight on another channel)."""
         self._check()
         while len(self.synced) < len(self.channel_of):
+            gone = sorted(self.channel_of[c] for c in self.closed - set(self.synced))
+            if gone:
+                raise self._fail(BrokenPipeline(
+                    f"channel {gone[0]}: the source closed it before its SYNC packet"))
             self._pump(None)
         reports = list(self.synced.values())
         for ident in self.synced:
@@ -244,6 +286,8 @@ class ChannelPool:
                 raise self._fail(BrokenPipeline(
                     f"channel {self.channel_of.get(ident, '?')} reported SYNC twice"))
             self.synced[ident] = messages.decode_synced(frames)[1]
+        elif kind == messages.CLOSED:
+            self.closed.add(ident)
         elif kind == messages.ERROR:
             text = frames[1].decode(errors="replace").strip().splitlines()
             ch = self.channel_of.get(ident)
@@ -274,6 +318,9 @@ class ChannelPool:
         for fd in self.sentinels:
             os.close(fd)
         self.sentinels = []
+        for s in self.handoffs:
+            s.close()
+        self.handoffs = []
         self.router.close(0)
         self.ctx.term()
         shutil.rmtree(self.tmpdir, ignore_errors=True)
@@ -289,6 +336,11 @@ class ChannelPool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def poll_key(source: Any) -> Any:
+    """What a zmq poller reports ``source`` as: a plain socket by its descriptor."""
+    return source.fileno() if isinstance(source, socket.socket) else source
 
 
 def _exit_reason(status: int) -> str:

@@ -81,6 +81,10 @@ class Precopy:
     def on_legacy_zero(self, block: int, pages: np.ndarray) -> None:
         """zero-page-detection=legacy: the main thread found these pages zero."""
 
+    def send_pages(self, block: int, pages: np.ndarray) -> None:
+        """Hand one batch of a block's dirty pages to an idle channel."""
+        self.pool.send(block, pages, self._sent(block, pages))
+
     def on_done(self, block: int, pages: np.ndarray, moved: int, nonzero: np.ndarray,
                 digest: bytes) -> None:
         """A channel finished a job: count what it moved (subclasses add their bookkeeping)."""
@@ -189,7 +193,7 @@ class Precopy:
             pages = pages[nonzero]
             if len(pages) == 0:
                 return
-        self.pool.send(block, pages, self._sent(block, pages))
+        self.send_pages(block, pages)
 
     def bitmap_sync(self) -> int:
         """``migration_bitmap_sync``: OR the guest's log into bmap; returns dirty pages."""

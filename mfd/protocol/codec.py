@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import struct
 
-from mfd.errors import ProtocolError
+from mfd.errors import ProtocolError, Truncated
 
 _U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
@@ -45,9 +45,9 @@ class Reader:
 
     def need(self, n: int, field: str) -> None:
         if n > self._end - self.pos:
-            raise self.error(
-                f"truncated: {field} needs {n} bytes, only {max(self._end - self.pos, 0)} left"
-            )
+            where = self.base + self.pos
+            raise Truncated(f"{self.what} at offset {where:#x}: truncated: {field} needs {n} "
+                            f"bytes, only {max(self._end - self.pos, 0)} left")
 
     def take(self, n: int, field: str) -> memoryview:
         self.need(n, field)

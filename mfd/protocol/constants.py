@@ -45,6 +45,8 @@ MIG_CMD_NAMES = {
     10: "RECV_BITMAP",
     11: "SWITCHOVER_START",
 }
+MIG_CMD_OPEN_RETURN_PATH = 1
+MIG_CMD_PING = 2
 MIG_CMD_SWITCHOVER_START = 11
 
 # RAM section: idstr "ram", instance 0, version 4 (the loader rejects any other version)

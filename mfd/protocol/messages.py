@@ -6,8 +6,9 @@ Offsets only, never page bytes: a channel reads and writes guest RAM in shared m
 message    frames                                                       direction
 =========  ===========================================================  =========
 READY      b"READY", be32 channel id                                    channel ->
-JOB        b"JOB", be64 job id + be32 block index, u32 page array        -> channel
-           (save: page indices; restore: [start, end) pairs)
+JOB        b"JOB", be64 job id + be32 block + be32 flags, u32 page array  -> channel
+           (save: page indices; restore: [start, end) pairs); flags:
+           JOB_HASH: hash whole-chunk packets (the peer is mfd)
 DIGEST     b"DIGEST", as JOB with [start, end) pairs: hash, move nothing  -> channel
 DONE       b"DONE", be64 job id + be64 bytes moved, u8 nonzero mask,     channel ->
            chunk digests (save JOB: one mask byte per page of the job,
@@ -19,6 +20,7 @@ SYNCED     b"SYNCED", be64 packet_num, then what the round did to chunk  channel
            (block, chunk) pairs touched otherwise: reached a SYNC packet
            and waits (socket receive channels)
 RELEASE    b"RELEASE": every channel reached its SYNC, go on             -> channel
+CLOSED     b"CLOSED": the peer ended the connection at a packet boundary  channel ->
 ERROR      b"ERROR", text (a traceback)                                  channel ->
 STOP       b"STOP"                                                       -> channel
 =========  ===========================================================  =========
@@ -42,8 +44,10 @@ SYNCED = b"SYNCED"
 RELEASE = b"RELEASE"
 ERROR = b"ERROR"
 STOP = b"STOP"
+CLOSED = b"CLOSED"
+JOB_HASH = 0x1
 
-_JOB = struct.Struct(">QI")
+_JOB = struct.Struct(">QII")
 _DONE = struct.Struct(">QQ")
 _READY = struct.Struct(">I")
 _SYNCED = struct.Struct(">Q")
@@ -53,15 +57,17 @@ def encode_ready(channel_id: int) -> list[bytes]:
     return [READY, _READY.pack(channel_id)]
 
 
-def encode_job(job_id: int, block: int, pages: np.ndarray, kind: bytes = JOB) -> list[bytes]:
-    return [kind, _JOB.pack(job_id, block), np.ascontiguousarray(pages, dtype=np.uint32).data]
+def encode_job(job_id: int, block: int, pages: np.ndarray, kind: bytes = JOB,
+               flags: int = 0) -> list[bytes]:
+    return [kind, _JOB.pack(job_id, block, flags),
+            np.ascontiguousarray(pages, dtype=np.uint32).data]
 
 
-def decode_job(frames: list) -> tuple[int, int, np.ndarray]:
+def decode_job(frames: list) -> tuple[int, int, np.ndarray, int]:
     if len(frames) != 3 or len(frames[1]) != _JOB.size:
         raise ProtocolError(f"malformed JOB message ({len(frames)} frames)")
-    job_id, block = _JOB.unpack(frames[1])
-    return job_id, block, np.frombuffer(frames[2], dtype=np.uint32)
+    job_id, block, flags = _JOB.unpack(frames[1])
+    return job_id, block, np.frombuffer(frames[2], dtype=np.uint32), flags
 
 
 def encode_done(job_id: int, moved: int, nonzero: np.ndarray | None = None,

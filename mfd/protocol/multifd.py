@@ -94,12 +94,18 @@ def _uuid_str(raw: bytes) -> str:
 # --- MultiFDInit_t ---------------------------------------------------------------------------
 
 
+_UNUSED_AT = 32
+
+
 @dataclass(frozen=True)
 class MultiFDInit:
     """``MultiFDInit_t``: the first 64 bytes of every multifd socket."""
 
     uuid: bytes  # the source's -uuid (16 bytes, zeros if unset); must equal the destination's
     id: int  # channel number 0..channels-1; the destination files the socket under it
+    # bytes 32..63, unused by QEMU (zeros); an mfd source says who it is there
+    # (``mfd.protocol.peer``)
+    unused: bytes = bytes(INIT_SIZE - _UNUSED_AT)
 
 
 def encode_init(init: MultiFDInit) -> bytes:
@@ -108,33 +114,38 @@ def encode_init(init: MultiFDInit) -> bytes:
         raise ValueError(f"uuid is {len(init.uuid)} bytes, expected {UUID_SIZE}")
     if not 0 <= init.id <= 0xFF:
         raise ValueError(f"channel id {init.id} does not fit in a u8")
+    if len(init.unused) != INIT_SIZE - _UNUSED_AT:
+        raise ValueError(f"unused part is {len(init.unused)} bytes")
     buf = bytearray(INIT_SIZE)
     _INIT.pack_into(buf, 0, MULTIFD_MAGIC, MULTIFD_VERSION, bytes(init.uuid), init.id)
+    buf[_UNUSED_AT:] = init.unused
     return bytes(buf)
 
 
-def decode_init(buf: bytes | bytearray | memoryview, *, channels: int, uuid: bytes,
-                where: str) -> MultiFDInit:
-    """Mirrors ``multifd_recv_initial_packet``; raises :class:`ProtocolError` naming ``where``.
-
-    ``uuid`` is the destination's own; duplicate ids are the caller's to refuse (this is
-    stateless).
-    """
-    assert len(uuid) == UUID_SIZE
+def decode_init(buf: bytes | bytearray | memoryview, *, where: str) -> MultiFDInit:
+    """Mirrors the first half of ``multifd_recv_initial_packet``: size, magic, version.
+    What the fields must equal (uuid, id) is :func:`check_init`'s."""
     size = memoryview(buf).nbytes
     if size != INIT_SIZE:
         raise ProtocolError(f"{where}: MultiFDInit is {size} bytes, expected {INIT_SIZE}")
     magic, version, msg_uuid, chan = _INIT.unpack_from(buf, 0)
     _check_magic(f"{where}: MultiFDInit", magic, version)
-    if msg_uuid != bytes(uuid):
-        raise ProtocolError(f"{where}: MultiFDInit uuid {_uuid_str(msg_uuid)}, expected "
-                            f"{_uuid_str(uuid)}")
+    return MultiFDInit(uuid=msg_uuid, id=chan, unused=bytes(buf[_UNUSED_AT:INIT_SIZE]))
+
+
+def check_init(init: MultiFDInit, *, channels: int, uuid: bytes, where: str) -> None:
+    """The second half of ``multifd_recv_initial_packet``: the uuid is the destination's
+    own and the id names one of its channels (duplicates are the caller's to refuse)."""
+    assert len(uuid) == UUID_SIZE
+    if init.uuid != bytes(uuid):
+        raise ProtocolError(f"{where}: MultiFDInit uuid {_uuid_str(init.uuid)}, expected "
+                            f"{_uuid_str(uuid)} (--uuid)")
     # QEMU refuses only id > channels, which lets id == channels index one past its array of
     # channels; mfd refuses every id that does not name a channel.
-    if chan >= channels:
-        raise ProtocolError(f"{where}: MultiFDInit channel id {chan}, expected 0.."
-                            f"{channels - 1} ({channels} channels)")
-    return MultiFDInit(uuid=msg_uuid, id=chan)
+    if init.id >= channels:
+        raise ProtocolError(f"{where}: MultiFDInit channel id {init.id}, expected 0.."
+                            f"{channels - 1} ({channels} channels: does the source have "
+                            "more than --multifd-channels?)")
 
 
 # --- MultiFDPacket_t -------------------------------------------------------------------------

@@ -86,7 +86,7 @@ def channel_main(cfg: FileChannelConfig) -> None:
                     return
                 if kind not in (messages.JOB, messages.DIGEST):
                     raise RuntimeError(f"unexpected message {kind[:16]!r}")
-                job_id, block, pages = messages.decode_job(frames)
+                job_id, block, pages, _ = messages.decode_job(frames)
                 reply = channel.run(job_id, block, pages, kind == messages.DIGEST)
                 if cfg.delay:  # test-only: a channel slow to finish after its I/O
                     time.sleep(cfg.delay)

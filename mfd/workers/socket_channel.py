@@ -1,31 +1,34 @@
-"""multifd socket channels: one process per channel on each host, one TCP link between them.
+"""multifd socket channels: one process per channel on each host, QEMU's bytes on a plain
+TCP connection between them.
 
 Mirrors ``multifd_send_thread`` / ``multifd_recv_thread`` (``migration/multifd.c``) and
-``multifd-nocomp.c``: the send channel reads its pages straight from the guest's shared memory,
-finds zero pages, compresses the rest with its own streaming context and writes one
-``MultiFDPacket`` (header frame + payload frame); the receive channel validates every field,
-decompresses and places the pages straight into the destination's shared memory.
+``multifd-nocomp.c``: the send channel connects, writes its ``MultiFDInit_t``, then for each
+packet finds the zero pages in guest RAM and ``sendmsg``s the header and the normal pages
+straight from the guest's shared memory (compressed: through its streaming context); the
+receive channel validates every field and reads the pages straight into the destination's
+shared memory (``recvmsg_into``). Page bytes are copied twice, as QEMU copies them: into
+the sender's kernel, out of the receiver's.
 
 ::
 
-    source main (ROUTER, ipc)   send channel i            receive channel i   dest main
-      --JOB(block, pages)-->    zero check, compress   (ROUTER, tcp PORT+1+i) (ROUTER, ipc)
-      <--DONE(bytes, mask)--    [packet, payload] ====>  validate, decompress,
-      --SYNC-->                 [SYNC packet] ========>  place, receivedmap
-      <--DONE--                                          --SYNCED(packet_num)-->
-                                                         waits     <--RELEASE--
+    source main (ROUTER, ipc)   send channel i                  receive channel i   dest main
+      --JOB(block, pages)-->    zero check, [compress]   conn handed over by the main process
+      <--DONE(bytes, mask)--    header + pages  =====>   validate, place, receivedmap
+      --SYNC-->                 SYNC packet     =====>   --SYNCED(packet_num)-->
+      <--DONE--                                          waits          <--RELEASE--
+                                                         EOF at a packet: --CLOSED-->
       --DIGEST(chunks)-->       hash final RAM           hash final RAM <--DIGEST--
       <--DONE(digests)--                                 --DONE(digests)-->
 
-A channel whose link goes down, whose peer sends anything invalid, or whose main process
+A channel whose connection fails, whose peer sends anything invalid, or whose main process
 goes away fails with one line (ERROR to its main process) and exits.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
+import socket
 import time
 import traceback
 from dataclasses import dataclass
@@ -52,6 +55,7 @@ from mfd.workers.methods import get_method
 from mfd.workers.ramdigest import packet_digest, ram_digests
 
 POLL_MS = 500
+PAGE = TARGET_PAGE_SIZE
 
 
 @dataclass(frozen=True)
@@ -60,14 +64,18 @@ class SocketChannelConfig:
     endpoint: str  # the main process's ROUTER (ipc)
     parent_pid: int  # the main process: the channel exits when it is gone
     blocks: tuple[RAMBlock, ...]
-    peer: str  # tcp endpoint: the destination channel's (send) or our own to bind (receive)
-    uuid: bytes  # this migration's; every channel's MultiFDInit carries it
-    channels: int
     compression: str = "none"
     level: int = 1
+    # send: where to connect, and what goes into MultiFDInit
+    peer: tcp.Address | None = None
+    uuid: bytes = bytes(multifd.UUID_SIZE)
+    init_unused: bytes = bytes(32)  # mfd's settings (``mfd.protocol.peer``)
     zero_page_detection: bool = True  # multifd mode: the send channel finds zero pages
-    receivedmap: RAMBlock | None = None  # receive: the map shared by every channel
     connect_timeout: float = 30.0
+    # receive: the map shared by every channel; the socket the connection comes on
+    receivedmap: RAMBlock | None = None
+    handoff: int = -1
+    hash: bool = True  # hash whole-chunk packets as they land (an mfd source checks RAM)
     # test-only: a receive channel sleeps this long before placing each packet; a receive
     # channel ignores SYNC packets (round order is then not kept: the test must fail)
     delay: float = 0.0
@@ -75,72 +83,46 @@ class SocketChannelConfig:
 
 
 class _Channel:
-    """What both directions share: the main-process link, RAM mappings, the peer link."""
+    """What both directions share: the main-process link, RAM mappings, the connection."""
 
-    def __init__(self, cfg: SocketChannelConfig, ctx: zmq.Context, kind: int,
-                 writable: bool) -> None:
+    def __init__(self, cfg: SocketChannelConfig, ctx: zmq.Context, writable: bool) -> None:
         self.cfg = cfg
         self.main = ctx.socket(zmq.DEALER)
         self.main.setsockopt(zmq.LINGER, 0)
         self.main.connect(cfg.endpoint)
         self.blocks: list[MappedBlock] = [attach(b, writable=writable) for b in cfg.blocks]
         self.words = [b.words for b in self.blocks]
-        self.peer = tcp.peer_socket(ctx, kind, immediate=kind == zmq.DEALER,
-                                    buffer=tcp.CHANNEL_BUFFER)
-        self.link = tcp.LinkWatch(self.peer, f"channel {cfg.channel_id}")
+        self.conn: socket.socket | None = None
         self.poller = zmq.Poller()
         self.poller.register(self.main, zmq.POLLIN)
-        # one packet's (or digest chunk's) pages, reused: the send side lets the link copy
-        # the payload (copy=True), since a zero-copy frame would pin the buffer until sent
-        # and pyzmq's release of such frames (its garbage-collector thread) cost more than
-        # copying 512 KiB in cache
+        # one packet's (or digest chunk's) pages: a compressed packet's data, a chunk hashed
         self.buffer = np.empty((multifd.MULTIFD_PAGE_COUNT, WORDS_PER_PAGE), dtype=np.uint64)
-        self.poller.register(self.link.monitor, zmq.POLLIN)
 
     def where(self) -> str:
         return f"channel {self.cfg.channel_id}"
 
-    def wait(self, sock: zmq.Socket, event: int, deadline: float | None = None,
-             what: str = "") -> None:
-        """Poll ``sock`` for ``event`` while watching the link and the parent; bounded."""
-        poller = zmq.Poller()
-        poller.register(sock, event)
-        poller.register(self.link.monitor, zmq.POLLIN)
-        while True:
-            ready = dict(poller.poll(POLL_MS))
-            if self.link.monitor in ready:
-                self.link.check()
-            if ready.get(sock, 0) & event:
-                return
-            if os.getppid() != self.cfg.parent_pid:
-                raise SystemExit(0)
-            if deadline is not None and time.monotonic() > deadline:
-                raise MfdError(f"{self.where()}: {what} within {self.cfg.connect_timeout:g} s")
+    def tick(self) -> None:
+        """Between waits on the connection: the main process must still be there."""
+        if os.getppid() != self.cfg.parent_pid:
+            raise SystemExit(0)
 
-    def send_peer(self, frames: list) -> None:
-        self.wait(self.peer, zmq.POLLOUT)
-        self.peer.send_multipart(frames)
-
-    def handle(self, kind: bytes, job_id: int, block: int, pages: np.ndarray) -> list:
+    def handle(self, kind: bytes, job_id: int, block: int, pages: np.ndarray,
+               flags: int) -> list:
         """A job from the main process; both directions hash RAM (DIGEST)."""
         if kind == messages.DIGEST:
-            return self.digests(job_id, block, pages)
+            return messages.encode_done(job_id, 0, None,
+                                        ram_digests(self.blocks[block], pages, self.buffer))
         raise RuntimeError(f"{self.where()} cannot do {kind!r} jobs")
 
-    def on_peer(self) -> None:
-        """The link is readable (only receive channels listen to it)."""
+    def on_ready(self, source: object) -> None:
+        """A socket other than the main process's is readable (receive channels)."""
 
     def release(self) -> None:
         """RELEASE from the main process (only receive channels wait for one)."""
 
-    def digests(self, job_id: int, block: int, pairs: np.ndarray) -> list:
-        """The RAM content digests of whole chunks (``mfd.workers.ramdigest``)."""
-        return messages.encode_done(job_id, 0, None,
-                                    ram_digests(self.blocks[block], pairs, self.buffer))
-
     def close(self) -> None:
-        self.link.close()
-        self.peer.close(0)
+        if self.conn is not None:
+            self.conn.close()
         self.main.close(0)
         self.words = []
         for b in self.blocks:
@@ -149,93 +131,110 @@ class _Channel:
 
 class SendChannel(_Channel):
     def __init__(self, cfg: SocketChannelConfig, ctx: zmq.Context) -> None:
-        super().__init__(cfg, ctx, zmq.DEALER, writable=False)
+        super().__init__(cfg, ctx, writable=False)
         method = get_method(cfg.compression)
         self.flag = method.flag
         self.compressor = method.send_setup(cfg.level)
+        self.nocomp = cfg.compression == "none"
         self.idstrs = [b.idstr for b in cfg.blocks]
 
     def start(self) -> None:
         """Connect and send ``MultiFDInit_t`` (``multifd_send_initial_packet``)."""
-        self.peer.connect(self.cfg.peer)
-        self.wait(self.peer, zmq.POLLOUT, time.monotonic() + self.cfg.connect_timeout,
-                  f"no connection to {self.cfg.peer}")
-        self.peer.send(multifd.encode_init(multifd.MultiFDInit(self.cfg.uuid,
-                                                               self.cfg.channel_id)))
+        assert self.cfg.peer is not None
+        self.conn = tcp.connect(self.cfg.peer, self.cfg.connect_timeout)
+        init = multifd.MultiFDInit(self.cfg.uuid, self.cfg.channel_id, self.cfg.init_unused)
+        self._send([multifd.encode_init(init)])
 
-    def handle(self, kind: bytes, job_id: int, block: int, pages: np.ndarray) -> list:
+    def _send(self, buffers: list) -> int:
+        assert self.conn is not None
+        try:
+            return tcp.send_all(self.conn, buffers, self.tick)
+        except tcp.LinkLost as e:
+            raise tcp.LinkLost(f"{self.where()}: {e}") from None
+
+    def handle(self, kind: bytes, job_id: int, block: int, pages: np.ndarray,
+               flags: int) -> list:
         if kind == messages.SYNC:
             return self.sync(job_id)
         if kind == messages.JOB:
-            return self.send_pages(job_id, block, pages)
-        return super().handle(kind, job_id, block, pages)
+            return self.send_pages(job_id, block, pages, bool(flags & messages.JOB_HASH))
+        return super().handle(kind, job_id, block, pages, flags)
 
-    def send_pages(self, job_id: int, block: int, pages: np.ndarray) -> list:
-        """A job of up to JOB_PACKETS packets, each ``multifd_send_prepare`` + write: copy
-        the pages out of guest memory, find the zero ones, compress, header and payload on
-        the link. A packet that is one whole chunk is hashed from the copy it sent
-        (``mfd.main_thread.digests``)."""
-        whole = set(whole_chunks(pages, self.cfg.blocks[block].num_pages)[0].tolist())
+    def send_pages(self, job_id: int, block: int, pages: np.ndarray, digest: bool) -> list:
+        """A job of up to JOB_PACKETS packets, each ``multifd_send_prepare`` + write: find
+        the zero pages, header and pages on the connection straight from guest memory
+        (compressed: through this channel's stream). A packet that is one whole chunk is
+        hashed when ``digest`` (``mfd.main_thread.digests``)."""
+        whole = set(whole_chunks(pages, self.cfg.blocks[block].num_pages)[0].tolist()) \
+            if digest else set()
         moved = 0
         digests = bytearray()
         nonzero = np.ones(len(pages), dtype=bool)
+        words = self.words[block]
         for n, at in enumerate(range(0, len(pages), multifd.MULTIFD_PAGE_COUNT)):
             packet = pages[at : at + multifd.MULTIFD_PAGE_COUNT]
             mask = nonzero[at : at + len(packet)]
-            data = self._copy(block, packet, mask)
-            if self.cfg.zero_page_detection:  # multifd: on the private copy, in cache
-                rows = nonzero_rows(data, slice(0, len(data)))
-                if not rows.all():
-                    mask[np.flatnonzero(mask)[~rows]] = False
-                    data = data[rows]
+            self._zero_check(block, packet, mask)
             normal = packet[mask]
-            payload = self.compressor.prepare(memoryview(data).cast("B")) if len(normal) \
-                else b""
+            if len(normal) and self.nocomp:
+                payload = self._views(block, normal)
+                size = len(normal) * PAGE
+            elif len(normal):
+                data = np.take(words, normal, axis=0, out=self.buffer[: len(normal)])
+                payload = [self.compressor.prepare(memoryview(data).cast("B"))]
+                size = memoryview(payload[0]).nbytes
+            else:
+                payload, size = [], 0
             header = multifd.encode_packet(
                 flags=self.flag, packet_num=job_id + n, ramblock=self.idstrs[block],
-                normal=normal.astype(np.uint64) * TARGET_PAGE_SIZE,
-                zero=packet[~mask].astype(np.uint64) * TARGET_PAGE_SIZE,
-                next_packet_size=len(payload))
-            self.send_peer([header, payload] if len(payload) else [header])
-            moved += len(header) + len(payload)
+                normal=normal.astype(np.uint64) * PAGE,
+                zero=packet[~mask].astype(np.uint64) * PAGE, next_packet_size=size)
+            moved += self._send([header, *payload])
             if n in whole:
-                digests += packet_digest(mask, data,
+                rows = words[int(packet[0]) : int(packet[-1]) + 1]
+                digests += packet_digest(mask, rows if mask.all() else rows[mask],
                                          checked=self.cfg.zero_page_detection)
         return messages.encode_done(job_id, moved, nonzero, bytes(digests))
 
-    def _copy(self, block: int, packet: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """The packet's pages that may hold data, copied out of guest memory once into this
-        channel's buffer, in page order: what is checked, compressed, sent and hashed is
-        this private copy. Contiguous pages (a first round) are read with ``preadv`` (no
-        page faults, no mapping to populate), with multifd zero-page detection only where
-        the block's file has data: the other pages are holes, zero without a touch, and
-        ``mask`` is cleared for them. Scattered
-        pages (dirty ones, never holes) are gathered through the mapping."""
+    def _views(self, block: int, normal: np.ndarray) -> list:
+        """The normal pages as views of guest memory, a run of consecutive pages each.
+        Without zero-page detection a first round's pages include holes: they go out from
+        a page of zeros, since touching a tmpfs hole through the mapping would allocate
+        it."""
+        words = self.words[block]
+        runs = _runs(normal)
+        if self.cfg.zero_page_detection or len(runs) != 1:
+            return [words[lo:hi] for lo, hi in runs]
+        out, at = [], runs[0][0]
+        for start, end in data_runs(self.blocks[block].fd, *runs[0]):
+            out += [_ZEROS[: start - at], words[start:end]]
+            at = end
+        out.append(_ZEROS[: runs[0][1] - at])
+        return out
+
+    def _zero_check(self, block: int, packet: np.ndarray, mask: np.ndarray) -> None:
+        """multifd zero-page detection (``multifd_send_zero_page_detect``), in place in guest
+        memory: ``mask`` is cleared for zero pages. Contiguous pages (a first round) are
+        checked only where the block's file has data: the rest are holes, zero without a
+        touch (reading a tmpfs hole through the mapping would allocate it)."""
+        if not self.cfg.zero_page_detection:
+            return
         mapped = self.blocks[block]
         lo, hi = int(packet[0]), int(packet[-1]) + 1
         if hi - lo != len(packet):
-            return np.take(mapped.words, packet, axis=0, out=self.buffer[: len(packet)])
-        # zero-page-detection none sends every page as data, holes read as zeros (reading a
-        # tmpfs hole with preadv allocates nothing)
-        runs = data_runs(mapped.fd, lo, hi) if self.cfg.zero_page_detection else [(lo, hi)]
+            mask[:] = nonzero_rows(mapped.words, packet)
+            return
         mask[:] = False
-        k = 0
-        for start, end in runs:
-            out = self.buffer[k : k + end - start]
-            n = os.preadv(mapped.fd, [out], start * TARGET_PAGE_SIZE)
-            if n != out.nbytes:
-                raise OSError(f"short read of guest RAM: {n} of {out.nbytes} bytes")
-            mask[start - lo : end - lo] = True
-            k += end - start
-        return self.buffer[:k]
+        for start, end in data_runs(mapped.fd, lo, hi):
+            mapped.populate(start, end)
+            mask[start - lo : end - lo] = nonzero_rows(mapped.words, slice(start, end))
 
     def sync(self, job_id: int) -> list:
         """``multifd_send_sync_main`` (ALL) for this channel: a SYNC packet, no pages."""
         header = multifd.encode_packet(
             flags=multifd.MULTIFD_FLAG_SYNC, packet_num=job_id, ramblock="",
             normal=_NONE, zero=_NONE, next_packet_size=0)
-        self.send_peer([header])
-        return messages.encode_done(job_id, len(header))
+        return messages.encode_done(job_id, self._send([header]))
 
     def close(self) -> None:
         self.compressor.close()
@@ -243,18 +242,35 @@ class SendChannel(_Channel):
 
 
 _NONE = np.empty(0, dtype=np.uint64)
+_ZEROS = np.zeros((multifd.MULTIFD_PAGE_COUNT, WORDS_PER_PAGE), dtype=np.uint64)
+_ZEROS.flags.writeable = False
+
+
+def _runs(pages: np.ndarray) -> list[tuple[int, int]]:
+    """[lo, hi) runs of consecutive pages, in the order given (one per packet in a first
+    round; QEMU's own order has zero pages swapped to the end, so runs may be short)."""
+    if not len(pages):
+        return []
+    cuts = np.flatnonzero(np.diff(pages) != 1) + 1
+    starts = np.concatenate(([0], cuts))
+    ends = np.concatenate((cuts, [len(pages)]))
+    return [(int(pages[a]), int(pages[b - 1]) + 1) for a, b in zip(starts, ends, strict=True)]
 
 
 class RecvChannel(_Channel):
     def __init__(self, cfg: SocketChannelConfig, ctx: zmq.Context) -> None:
-        super().__init__(cfg, ctx, zmq.ROUTER, writable=True)
+        super().__init__(cfg, ctx, writable=True)
         method = get_method(cfg.compression)
         self.flag = method.flag
+        self.nocomp = cfg.compression == "none"
+        self.max_payload = method.max_payload
         self.decompressor = method.recv_setup()
         self.sizes = {b.idstr: b.used_length for b in cfg.blocks}
         self.index = {b.idstr: i for i, b in enumerate(cfg.blocks)}
-        self.source: bytes | None = None  # the ZeroMQ identity of our source channel
-        self.poller.register(self.peer, zmq.POLLIN)
+        self.header = bytearray(multifd.PACKET_SIZE)
+        self.payload = bytearray(0 if self.nocomp else self.max_payload)
+        self.handoff = socket.socket(fileno=cfg.handoff)
+        self.poller.register(self.handoff.fileno(), zmq.POLLIN)
         self.waiting = False  # at a SYNC packet, until RELEASE
         assert cfg.receivedmap is not None
         self.receivedmap = ReceivedMap(cfg.receivedmap, list(cfg.blocks))
@@ -263,6 +279,7 @@ class RecvChannel(_Channel):
     def close(self) -> None:
         self.decompressor.close()
         self.receivedmap.close()
+        self.handoff.close()
         super().close()
 
     def _new_report(self) -> None:
@@ -279,107 +296,116 @@ class RecvChannel(_Channel):
         return out
 
     def start(self) -> None:
-        tcp.bind(self.peer, self.cfg.peer, self.where())
+        """The connection comes later, from the main process (:meth:`on_ready`)."""
 
-    def on_peer(self) -> None:
-        synced = self.from_peer()
-        if synced is not None:
-            self.main.send_multipart(messages.encode_synced(synced[0], self.report()))
-            # wait at the SYNC: read nothing more from the link until RELEASE
-            self.poller.unregister(self.peer)
-            self.waiting = True
+    def on_ready(self, source: object) -> None:
+        """``source``: the descriptor the poller reported."""
+        if source == self.handoff.fileno():
+            self._take_connection()
+        elif self.conn is not None and source == self.conn.fileno():
+            self._packet()
+
+    def _take_connection(self) -> None:
+        """The main process accepted our source channel's connection and read its
+        MultiFDInit: from now on its bytes are ours alone."""
+        _, fds, _, _ = socket.recv_fds(self.handoff, 16, 1)
+        if not fds:
+            raise RuntimeError(f"{self.where()}: the main process handed over no connection")
+        self.conn = socket.socket(fileno=fds[0])
+        self.conn.setblocking(False)
+        self.poller.unregister(self.handoff.fileno())
+        self.poller.register(self.conn.fileno(), zmq.POLLIN)
 
     def release(self) -> None:
         if self.waiting:
             self.waiting = False
-            self.poller.register(self.peer, zmq.POLLIN)
+            assert self.conn is not None
+            self.poller.register(self.conn.fileno(), zmq.POLLIN)
 
-    def from_peer(self) -> tuple[int, ...] | None:
-        """One message from the link: the handshake, a packet, or a stranger's noise.
-        Returns the packet_num of a SYNC packet (the caller then waits for RELEASE)."""
-        frames = self.peer.recv_multipart(copy=False)
-        ident = frames[0].bytes
-        body = frames[1:]
-        if self.source is None:
-            if len(body) != 1:
-                raise ProtocolError(f"{self.where()}: expected MultiFDInit_t, got a message "
-                                    f"of {len(body)} frames")
-            init = multifd.decode_init(body[0].buffer, channels=self.cfg.channels,
-                                       uuid=self.cfg.uuid, where=self.where())
-            if init.id != self.cfg.channel_id:
-                raise ProtocolError(
-                    f"{self.where()}: MultiFDInit_t names channel {init.id}, on channel "
-                    f"{self.cfg.channel_id}'s port (duplicate channel id?)")
-            self.source = ident
-            self.link.peer_fd = body[0].get(zmq.SRCFD)
-            return None
-        if ident != self.source:  # a second peer on a port that is in use: not ours
-            with contextlib.suppress(zmq.ZMQError):
-                self.peer.send_multipart([ident, b"mfd: this channel is taken"],
-                                         zmq.NOBLOCK)
-            return None
-        if len(body) not in (1, 2):
-            raise ProtocolError(f"{self.where()}: a packet of {len(body)} frames, expected "
-                                "the header and at most one payload frame")
-        pkt = multifd.decode_packet(body[0].buffer, blocks=self.sizes,
-                                    compression_flag=self.flag, where=self.where())
-        payload = body[1].buffer if len(body) == 2 else b""
-        if len(payload) != pkt.next_packet_size:
-            raise ProtocolError(f"{self.where()}: packet {pkt.packet_num} payload is "
-                                f"{len(payload)} bytes, next_packet_size says "
-                                f"{pkt.next_packet_size}")
+    def _recv(self, buffers: list) -> None:
+        assert self.conn is not None
+        try:
+            tcp.recv_into(self.conn, buffers, self.tick, "the channel")
+        except tcp.LinkLost as e:
+            raise tcp.LinkLost(f"{self.where()}: {e}") from None
+
+    def _packet(self) -> None:
+        """One packet from the connection (``multifd_recv_thread``), or its clean end."""
+        assert self.conn is not None
+        try:
+            got = self.conn.recv_into(self.header)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            raise tcp.LinkLost(f"{self.where()}: connection lost ({e.strerror})") from None
+        if got == 0:  # at a packet boundary: the source is done with this channel
+            self.poller.unregister(self.conn.fileno())
+            self.main.send_multipart([messages.CLOSED])
+            return
+        self._recv([memoryview(self.header)[got:]])
+        pkt = multifd.decode_packet(self.header, blocks=self.sizes, compression_flag=self.flag,
+                                    where=self.where())
+        if pkt.normal_pages and not self.nocomp and pkt.next_packet_size > self.max_payload:
+            raise ProtocolError(f"{self.where()}: packet {pkt.packet_num} payload of "
+                                f"{pkt.next_packet_size} bytes (at most {self.max_payload})")
         if pkt.normal_pages or pkt.zero_pages:
             if self.cfg.delay:
                 time.sleep(self.cfg.delay)
-            self.place(pkt, payload)
+            self.place(pkt)
         if pkt.flags & multifd.MULTIFD_FLAG_SYNC and not self.cfg.skip_sync:
-            return (pkt.packet_num,)
-        return None
+            self.main.send_multipart(messages.encode_synced(pkt.packet_num, self.report()))
+            # wait at the SYNC: read nothing more from the connection until RELEASE
+            self.poller.unregister(self.conn.fileno())
+            self.waiting = True
 
-    def place(self, pkt: multifd.MultiFDPacket, payload) -> None:
+    def place(self, pkt: multifd.MultiFDPacket) -> None:
         """``multifd_nocomp_recv`` / the compressed recv methods, then the zero pages.
-
-        The payload is decompressed into this channel's buffer, in cache (uncompressed, it
-        is used as it is), then written to the block's file: one ``pwrite`` for
-        contiguous pages (a first round), which lets tmpfs allocate the pages without a page
-        fault each (a 1 GiB receive: 1.46 -> 1.01 s of system time), or a scatter through
-        the mapping for pages here and there."""
+        Uncompressed pages are read straight into the block's mapping, each run of
+        consecutive pages populated first (one call instead of a fault per page);
+        compressed ones are decompressed into this channel's buffer, then written to the
+        block's file (contiguous) or scattered through the mapping."""
         block = self.index[pkt.ramblock]
         mapped = self.blocks[block]
+        words = self.words[block]
         received = self.receivedmap.received[block]
-        normal = (pkt.normal // TARGET_PAGE_SIZE).astype(np.intp)
-        zero = (pkt.zero // TARGET_PAGE_SIZE).astype(np.intp)
-        data = self.buffer[: len(normal)]
-        if len(normal):
-            pages = self.decompressor.recv(payload, memoryview(data).cast("B"))
-            data = np.frombuffer(pages, dtype=np.uint64).reshape(-1, WORDS_PER_PAGE)
+        normal = (pkt.normal // PAGE).astype(np.intp)
+        zero = (pkt.zero // PAGE).astype(np.intp)
+        if len(normal) and self.nocomp:
+            runs = _runs(normal)
+            for lo, hi in runs:
+                mapped.populate_write(lo, hi)
+            self._recv([words[lo:hi] for lo, hi in runs])
+        elif len(normal):
+            payload = memoryview(self.payload)[: pkt.next_packet_size]
+            self._recv([payload])
+            data = self.buffer[: len(normal)]
+            self.decompressor.recv(payload, memoryview(data).cast("B"))
             lo, hi = int(normal[0]), int(normal[-1]) + 1
             if hi - lo == len(normal):
-                n = os.pwrite(mapped.fd, data, lo * TARGET_PAGE_SIZE)
+                n = os.pwrite(mapped.fd, data, lo * PAGE)
                 if n != data.nbytes:
                     raise OSError(f"short write to RAM: {n} of {data.nbytes} bytes")
-                received[lo:hi] = 1
             else:
-                self.words[block][normal] = data
-                received[normal] = 1
+                words[normal] = data
+        received[normal] = 1
         if len(zero):
-            self.receivedmap.zero_pages(block, self.words[block], zero)
-        self._account(block, normal, zero, data)
+            self.receivedmap.zero_pages(block, words, zero)
+        if self.cfg.hash:
+            self._account(block, normal, zero)
 
-    def _account(self, block: int, normal: np.ndarray, zero: np.ndarray,
-                 data: np.ndarray) -> None:
-        """A packet that is exactly one whole chunk is hashed now, from the data it just
+    def _account(self, block: int, normal: np.ndarray, zero: np.ndarray) -> None:
+        """A packet that is exactly one whole chunk is hashed now, from the RAM it just
         wrote; any other packet makes the digests of the chunks it touched stale."""
         pages = np.sort(np.concatenate((normal, zero)))
         whole, chunks = whole_chunks(pages, self.cfg.blocks[block].num_pages)
         if len(whole) and len(pages) <= CHUNK_PAGES:  # the one packet is a whole chunk
             chunk = int(chunks[0])
+            first = chunk * CHUNK_PAGES
             mask = np.zeros(len(pages), dtype=bool)
-            mask[normal - chunk * CHUNK_PAGES] = True
-            if not np.all(normal[1:] > normal[:-1]):  # not in page order: hash as in RAM
-                data = self.words[block][np.flatnonzero(mask) + chunk * CHUNK_PAGES]
+            mask[normal - first] = True
+            rows = self.words[block][first : first + len(pages)]
             self.hashed.append((block, chunk))
-            self.digest_rows += packet_digest(mask, data)
+            self.digest_rows += packet_digest(mask, rows if mask.all() else rows[mask])
         else:
             chunks = np.unique(pages // CHUNK_PAGES).astype(np.uint32)
             self.touched.append(np.stack((np.full_like(chunks, block), chunks), axis=1))
@@ -390,8 +416,6 @@ def _loop(channel: SendChannel | RecvChannel, cfg: SocketChannelConfig) -> None:
     channel.main.send_multipart(messages.encode_ready(cfg.channel_id))
     while True:
         ready = dict(channel.poller.poll(POLL_MS))
-        if channel.link.monitor in ready:
-            channel.link.check()
         if channel.main in ready:
             frames = channel.main.recv_multipart()
             kind = frames[0]
@@ -400,12 +424,13 @@ def _loop(channel: SendChannel | RecvChannel, cfg: SocketChannelConfig) -> None:
             if kind == messages.RELEASE:
                 channel.release()
             elif kind in (messages.JOB, messages.SYNC, messages.DIGEST):
-                job_id, block, pages = messages.decode_job(frames)
-                channel.main.send_multipart(channel.handle(kind, job_id, block, pages))
+                job_id, block, pages, flags = messages.decode_job(frames)
+                channel.main.send_multipart(channel.handle(kind, job_id, block, pages, flags))
             else:
                 raise RuntimeError(f"unexpected message {kind[:16]!r}")
-        if channel.peer in ready:
-            channel.on_peer()
+        for source in list(ready):
+            if source is not channel.main:
+                channel.on_ready(source)
         if not ready and os.getppid() != cfg.parent_pid:
             return
 

@@ -1,47 +1,39 @@
-"""ZeroMQ over TCP between the two hosts: addresses, socket options, and noticing a lost peer.
+"""Plain TCP between the two hosts, as QEMU uses it: addresses, sockets, whole sends and reads.
 
-::
+One listening port per destination. The source connects the main channel and then each
+multifd channel to the same address; the destination tells them apart by their first bytes
+(``mfd.main_thread.accept``). ZeroMQ stays inside each host, between a main process and its
+channel processes: a ZeroMQ socket cannot be handed to another process, a plain one can.
 
-    destination                                   source
-    main process    ROUTER bind  HOST:PORT    <-  DEALER  main process (main channel)
-    channel i       ROUTER bind  HOST:PORT+1+i <- DEALER  channel i
-
-One port per channel, so every receive channel is its own process with its own socket and
-no page byte passes through the destination's main process (QEMU takes all channels on one
-port and tells them apart by their first bytes; a ZeroMQ socket cannot be handed to another
-process, and one process taking every connection would serialise the receive side).
-
-ZeroMQ reconnects silently and would resend queued messages to whoever answers next; a
-migration must instead fail when its peer goes away. So every link watches its socket's
-monitor: a disconnect of the accepted peer is fatal (:class:`LinkLost`), heartbeats (ZMTP
-PING) turn a peer that vanished without closing (cable cut, paused host) into a disconnect
-within HEARTBEAT_TIMEOUT, and ``IMMEDIATE`` keeps a channel's packets from queueing for a
-peer that is not connected.
+A peer that vanishes without closing (a cable cut, a paused host) must not hold a migration
+for ever: every migration socket has keepalives and ``TCP_USER_TIMEOUT``, so unacknowledged
+data or unanswered probes fail the socket within :data:`USER_TIMEOUT_S`. Every blocking wait
+here is bounded by :data:`WAIT_S` and calls the caller's ``tick`` between waits (cancel,
+timeouts, a dead parent).
 """
 
 from __future__ import annotations
 
 import random
 import re
+import select
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
-
-import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from mfd.errors import MfdError, UsageError
 
-HEARTBEAT_IVL_MS = 1000
-HEARTBEAT_TIMEOUT_MS = 3000
-# messages queued per peer each way: with 512 KiB packets this bounds what is in flight
-# per channel (invariant 6), with the kernel's socket buffers below
-HWM = 4
-# a channel link's kernel socket buffers (SO_SNDBUF/SO_RCVBUF): 8 packets; larger than the
-# default, fewer wake-ups per MiB (ZeroMQ over loopback moved 1 GiB 10-15% faster, with a
-# quarter less CPU, measured in one run with a bare sender and receiver)
-CHANNEL_BUFFER = 4 << 20
+USER_TIMEOUT_S = 10
+WAIT_S = 0.1
+IOV_MAX = 1024  # sendmsg/recvmsg_into take at most this many buffers (Linux UIO_MAXIOV)
 
-_URI = re.compile(r"^tcp://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9._-]+):(\d{1,5})$")
+_URI = re.compile(r"^tcp:(?://)?(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9._-]+):(\d{1,5})$")
+
+Tick = Callable[[], None]
+
+
+class LinkLost(MfdError):
+    """The peer on the other host went away (closed, reset, or silent too long)."""
 
 
 @dataclass(frozen=True)
@@ -49,19 +41,17 @@ class Address:
     host: str
     port: int
 
-    def channel(self, i: int) -> str:
-        """Channel i's endpoint: the port after the main channel's, plus i."""
-        return f"tcp://{self.host}:{self.port + 1 + i}"
+    def __str__(self) -> str:
+        return f"tcp:{self.host}:{self.port}"
 
     @property
-    def main(self) -> str:
-        return f"tcp://{self.host}:{self.port}"
+    def sockaddr(self) -> tuple[str, int]:
+        return self.host.strip("[]"), self.port
 
     def resolved(self) -> Address:
-        """The host looked up once, as QEMU looks it up once when it connects. ZeroMQ would
-        look a name up again on every reconnect, in its I/O thread; when the peer's name
-        goes away with the peer (a stopped container), closing the context then waits
-        through the resolver's timeouts, tens of seconds."""
+        """The host looked up once, as QEMU looks it up once when it connects: every channel
+        then connects to the same address, and a name that goes away with its host (a
+        stopped container) costs no resolver timeouts later."""
         if self.host.startswith("["):
             return self
         try:
@@ -73,46 +63,124 @@ class Address:
         return Address(infos[0][4][0], self.port)
 
 
-def parse_uri(uri: str, channels: int = 0) -> Address:
-    """``tcp://HOST:PORT``; the channels take the following ``channels`` ports."""
+def parse_uri(uri: str) -> Address:
+    """``tcp://HOST:PORT`` or QEMU's ``tcp:HOST:PORT`` (IPv6 hosts in brackets)."""
     m = _URI.match(uri)
     if not m:
-        raise UsageError(f"not a migration address: {uri!r} (expected tcp://HOST:PORT)")
+        raise UsageError(f"not a migration address: {uri!r} (expected tcp:HOST:PORT or "
+                         "tcp://HOST:PORT)")
     port = int(m.group(2))
-    if not 1 <= port <= 65535 - channels:
-        raise UsageError(f"port {port} leaves no room for {channels} channel ports after it"
-                         if channels and port <= 65535 else f"port {port} is out of range")
+    if not 1 <= port <= 65535:
+        raise UsageError(f"port {port} is out of range")
     return Address(m.group(1), port)
 
 
-def peer_socket(ctx: zmq.Context, kind: int, immediate: bool = False,
-                buffer: int = -1) -> zmq.Socket:
-    """A socket for the other host: no linger, small queues, heartbeats. ``immediate``
-    (ZMQ_IMMEDIATE, for a connecting socket that only sends): messages queue only to a
-    completed connection. It also drops unread incoming messages when the connection goes,
-    so a socket that must read its peer's last words (RESULT, ERROR) goes without it.
-    ``buffer``: the kernel's socket buffers (-1: the system's default)."""
-    sock = ctx.socket(kind)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, HWM)
-    sock.setsockopt(zmq.RCVHWM, HWM)
-    sock.setsockopt(zmq.SNDBUF, buffer)
-    sock.setsockopt(zmq.RCVBUF, buffer)
-    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
-    sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
-    if immediate:
-        sock.setsockopt(zmq.IMMEDIATE, 1)
-    if kind == zmq.ROUTER:
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+def _family(host: str) -> int:
+    return socket.AF_INET6 if host.startswith("[") else socket.AF_INET
+
+
+def tune(sock: socket.socket) -> None:
+    """Keepalives and a user timeout: a silent peer fails the socket within seconds."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, USER_TIMEOUT_S)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_S * 1000)
+
+
+def listen(addr: Address, what: str) -> socket.socket:
+    sock = socket.socket(_family(addr.host), socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr.sockaddr)
+        sock.listen(64)
+    except OSError as e:
+        sock.close()
+        raise MfdError(f"{what}: cannot listen on {addr}: {e.strerror}") from None
+    sock.setblocking(False)
     return sock
 
 
-def bind(sock: zmq.Socket, endpoint: str, what: str) -> None:
+def connect(addr: Address, timeout: float, tick: Tick | None = None) -> socket.socket:
+    """A connection to ``addr`` (already resolved), within ``timeout`` seconds."""
+    sock = socket.socket(_family(addr.host), socket.SOCK_STREAM)
     try:
-        sock.bind(endpoint)
-    except zmq.ZMQError as e:
-        raise MfdError(f"{what}: cannot listen on {endpoint}: {e.strerror}") from None
+        sock.settimeout(timeout)
+        sock.connect(addr.sockaddr)
+    except OSError as e:
+        sock.close()
+        why = "no connection" if isinstance(e, TimeoutError) else (e.strerror or str(e))
+        raise MfdError(f"cannot reach the destination at {addr} ({why} within "
+                       f"{timeout:g} s)" if isinstance(e, TimeoutError)
+                       else f"cannot reach the destination at {addr}: {why}") from None
+    tune(sock)
+    sock.setblocking(False)
+    return sock
+
+
+def send_all(sock: socket.socket, buffers: list, tick: Tick | None = None) -> int:
+    """Write every buffer (``sendmsg``, at most IOV_MAX at a time, no copy) on a
+    non-blocking socket; ``tick`` runs between waits for room. Returns the bytes sent."""
+    views = [memoryview(b).cast("B") for b in buffers]
+    views = [v for v in views if v.nbytes]
+    total = sum(v.nbytes for v in views)
+    i = 0
+    while i < len(views):
+        try:
+            n = sock.sendmsg(views[i : i + IOV_MAX])
+        except BlockingIOError:
+            wait(sock, write=True, tick=tick)
+            continue
+        except OSError as e:
+            raise LinkLost(_why(e)) from None
+        while n and i < len(views):
+            if n >= views[i].nbytes:
+                n -= views[i].nbytes
+                i += 1
+            else:
+                views[i] = views[i][n:]
+                n = 0
+    return total
+
+
+def recv_into(sock: socket.socket, buffers: list, tick: Tick | None = None,
+              what: str = "the connection") -> None:
+    """Fill every buffer from a non-blocking socket (``recvmsg_into``: straight into them);
+    the peer closing first is :class:`LinkLost`."""
+    views = [memoryview(b).cast("B") for b in buffers]
+    views = [v for v in views if v.nbytes]
+    i = 0
+    while i < len(views):
+        try:
+            n = sock.recvmsg_into(views[i : i + IOV_MAX])[0]
+        except BlockingIOError:
+            wait(sock, write=False, tick=tick)
+            continue
+        except OSError as e:
+            raise LinkLost(_why(e)) from None
+        if n == 0:
+            raise LinkLost(f"the peer closed {what} in the middle of a message")
+        while n and i < len(views):
+            if n >= views[i].nbytes:
+                n -= views[i].nbytes
+                i += 1
+            else:
+                views[i] = views[i][n:]
+                n = 0
+
+
+def wait(sock: socket.socket, write: bool, tick: Tick | None) -> None:
+    """Until ``sock`` is writable (or readable), calling ``tick`` every WAIT_S."""
+    while True:
+        r, w, _ = select.select([] if write else [sock], [sock] if write else [], [], WAIT_S)
+        if r or w:
+            return
+        if tick is not None:
+            tick()
+
+
+def _why(e: OSError) -> str:
+    return f"connection lost ({e.strerror or e})"
 
 
 def _bindable(host: str, port: int) -> bool:
@@ -125,10 +193,10 @@ def _bindable(host: str, port: int) -> bool:
     return True
 
 
-def free_ports(count: int, host: str = "127.0.0.1") -> int:
-    """A port P with P..P+count-1 free (a main channel and its channels), picked at random
-    below the kernel's ephemeral range, so that no outgoing connection takes one of them
-    between this check and the bind; from the ephemeral range only if there is no room."""
+def free_ports(count: int = 1, host: str = "127.0.0.1") -> int:
+    """A port P with P..P+count-1 free, picked at random below the kernel's ephemeral
+    range, so that no outgoing connection takes one of them between this check and the
+    bind; from the ephemeral range only if there is no room."""
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
             low = int(f.read().split()[0])
@@ -145,41 +213,3 @@ def free_ports(count: int, host: str = "127.0.0.1") -> int:
         if base + count <= 65536 and all(_bindable(host, base + i) for i in range(count)):
             return base
     raise MfdError(f"found no {count} consecutive free TCP ports on {host}")
-
-
-class LinkLost(MfdError):
-    """The peer on the other host went away (closed, killed, cut, or silent too long)."""
-
-
-class LinkWatch:
-    """The monitor of one peer socket. ``check()`` after the monitor socket polled readable:
-    raises :class:`LinkLost` when the connection that carried ``peer_fd`` (receiver) or the
-    only connection (sender) is gone."""
-
-    def __init__(self, sock: zmq.Socket, what: str) -> None:
-        self.what = what
-        self.monitor = sock.get_monitor_socket(
-            zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_ACCEPTED
-            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
-        self.sock = sock
-        self.connected = False  # sender: a connection came up at least once
-        self.peer_fd: int | None = None  # receiver: the connection its peer spoke on
-        self.strangers = 0  # connections that failed the ZMTP handshake (not ZeroMQ)
-
-    def check(self) -> None:
-        while self.monitor.poll(0):
-            ev = recv_monitor_message(self.monitor)
-            event, value = ev["event"], ev["value"]
-            if event == zmq.EVENT_CONNECTED:
-                self.connected = True
-            elif event in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
-                           zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
-                self.strangers += 1
-            elif event == zmq.EVENT_DISCONNECTED:
-                if self.peer_fd is not None and value == self.peer_fd:
-                    raise LinkLost(f"{self.what}: the connection from the peer was lost")
-                if self.peer_fd is None and self.connected:
-                    raise LinkLost(f"{self.what}: the connection to the peer was lost")
-
-    def close(self) -> None:
-        self.monitor.close(0)

@@ -1,0 +1,144 @@
+"""The destination's one port: which connection is which, told by its first bytes.
+
+Mirrors ``migration_ioc_process_incoming`` (QEMU 10): a connection whose first 4 bytes are
+``QEVM`` is the main channel, one that starts with the multifd magic is a multifd channel
+(its 64-byte ``MultiFDInit_t`` is read here, in the main process, and the connection then
+goes to its channel process). Unlike QEMU 10, which takes anything else for a multifd
+channel and waits for a silent connection in its main loop, anything else is refused with
+one warning line, a connection that says nothing is dropped after :data:`SILENT_S`, and the
+migration goes on. Channels may come before the main channel and in any id order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from mfd.errors import ProtocolError
+from mfd.protocol import constants as C
+from mfd.protocol import multifd
+from mfd.workers import tcp
+
+SILENT_S = 5.0
+_MAIN = C.QEMU_VM_FILE_MAGIC.to_bytes(4, "big")
+_MULTIFD = C.MULTIFD_MAGIC.to_bytes(4, "big")
+
+
+@dataclass
+class _Pending:
+    sock: socket.socket
+    who: str
+    since: float = field(default_factory=time.monotonic)
+    head: bytearray = field(default_factory=bytearray)
+
+
+class Acceptor:
+    """Accepts and sorts connections. ``watch(sock, callback)`` / ``unwatch(sock)``: the
+    caller's poll loop; the results wait in ``main`` (with the stream bytes already read)
+    and ``channels`` (connections with their decoded MultiFDInit) for the caller."""
+
+    def __init__(self, listener: socket.socket, warn: Callable[[str], None],
+                 watch: Callable[[socket.socket, Callable[[], None]], None],
+                 unwatch: Callable[[socket.socket], None]) -> None:
+        self.listener = listener
+        self.warn = warn
+        self._watch, self._unwatch = watch, unwatch
+        self.pending: dict[socket.socket, _Pending] = {}
+        self.main: tuple[socket.socket, bytes] | None = None
+        self.main_taken = False
+        self.channels: list[tuple[socket.socket, multifd.MultiFDInit]] = []
+        watch(listener, self.accept)
+
+    def accept(self) -> None:
+        while True:
+            try:
+                sock, addr = self.listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as e:
+                self.warn(f"accepting a connection failed: {e.strerror}")
+                return
+            sock.setblocking(False)
+            tcp.tune(sock)
+            p = _Pending(sock, f"{addr[0]}:{addr[1]}")
+            self.pending[sock] = p
+            self._watch(sock, lambda p=p: self._read(p))
+
+    def drain(self) -> None:
+        """Take every connection the kernel holds and every byte they already sent: what
+        has arrived before the main stream needed the channels."""
+        self.accept()
+        for p in list(self.pending.values()):
+            self._read(p)
+
+    def expire(self) -> None:
+        now = time.monotonic()
+        for p in list(self.pending.values()):
+            if now - p.since > SILENT_S:
+                self._refuse(p, f"it sent {len(p.head)} byte(s) in {SILENT_S:g} s")
+
+    def _read(self, p: _Pending) -> None:
+        want = 4 if len(p.head) < 4 or p.head[:4] == _MAIN else multifd.INIT_SIZE
+        try:
+            data = p.sock.recv(want - len(p.head))
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self._refuse(p, f"connection lost ({e.strerror})")
+            return
+        if not data:
+            self._refuse(p, f"it closed after {len(p.head)} byte(s)")
+            return
+        p.head += data
+        if len(p.head) < 4:
+            return
+        if p.head[:4] == _MAIN:
+            if self.main is not None or self.main_taken:
+                self._refuse(p, "a second main channel (a migration is in progress here)")
+                return
+            self._done(p)
+            self.main = (p.sock, bytes(p.head))
+        elif p.head[:4] == _MULTIFD:
+            if len(p.head) < multifd.INIT_SIZE:
+                return
+            try:
+                init = multifd.decode_init(p.head, where=f"connection from {p.who}")
+            except ProtocolError as e:
+                self._refuse(p, str(e))
+                return
+            self._done(p)
+            self.channels.append((p.sock, init))
+        else:
+            self._refuse(p, f"it starts with {bytes(p.head[:4]).hex()}, neither a main "
+                         "channel (QEVM) nor a multifd channel")
+
+    def take_main(self) -> tuple[socket.socket, bytes] | None:
+        main, self.main = self.main, None
+        self.main_taken |= main is not None
+        return main
+
+    def _done(self, p: _Pending) -> None:
+        self._unwatch(p.sock)
+        del self.pending[p.sock]
+
+    def _refuse(self, p: _Pending, why: str) -> None:
+        self.warn(f"refused a connection from {p.who}: {why}")
+        self._done(p)
+        p.sock.close()
+
+    def close(self) -> None:
+        for p in list(self.pending.values()):
+            self._done(p)
+            p.sock.close()
+        for sock, _ in self.channels:
+            sock.close()
+        self.channels = []
+        if self.main is not None:
+            self.main[0].close()
+            self.main = None
+        with contextlib.suppress(KeyError):
+            self._unwatch(self.listener)
+        self.listener.close()
