@@ -139,8 +139,10 @@ class SendChannel(_Channel):
         self.idstrs = [b.idstr for b in cfg.blocks]
 
     def start(self) -> None:
-        """Connect and send ``MultiFDInit_t`` (``multifd_send_initial_packet``)."""
-        assert self.cfg.peer is not None
+        """Connect and send ``MultiFDInit_t`` (``multifd_send_initial_packet``); without
+        multifd (no peer) the channel only hashes RAM."""
+        if self.cfg.peer is None:
+            return
         self.conn = tcp.connect(self.cfg.peer, self.cfg.connect_timeout)
         init = multifd.MultiFDInit(self.cfg.uuid, self.cfg.channel_id, self.cfg.init_unused)
         self._send([multifd.encode_init(init)])
@@ -380,9 +382,9 @@ class RecvChannel(_Channel):
             self._recv([payload])
             data = self.buffer[: len(normal)]
             self.decompressor.recv(payload, memoryview(data).cast("B"))
-            lo, hi = int(normal[0]), int(normal[-1]) + 1
-            if hi - lo == len(normal):
-                n = os.pwrite(mapped.fd, data, lo * PAGE)
+            runs = _runs(normal)
+            if len(runs) == 1:  # consecutive pages in order (QEMU's need not be)
+                n = os.pwrite(mapped.fd, data, runs[0][0] * PAGE)
                 if n != data.nbytes:
                     raise OSError(f"short write to RAM: {n} of {data.nbytes} bytes")
             else:
