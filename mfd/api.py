@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import orjson
@@ -239,13 +239,16 @@ def _monitored(path: str | None, handlers, run):
 
 def migrate(uri: str, *, images: dict[str, str] | None = None, guest: str | None = None,
             params: MigrationParameters | None = None, options: MigrateOptions | None = None,
-            progress: Progress | None = None, monitor: str | None = None) -> MigrateResult:
-    """Live-migrate a running guest (or raw images) to ``mfd incoming`` at ``uri``
-    (``tcp://HOST:PORT``). On success the guest runs on the destination and is gone here;
-    on failure or cancel it keeps running here and :class:`MfdError` says why."""
+            progress: Progress | None = None, monitor: str | None = None,
+            warn: Callable[[str], None] | None = None) -> MigrateResult:
+    """Live-migrate a running guest (or raw images) to ``mfd incoming`` or a QEMU
+    ``-incoming`` at ``uri`` (``tcp:HOST:PORT``). On success the guest runs on the
+    destination and is gone here; on failure or cancel it keeps running here and
+    :class:`MfdError` says why. ``warn``: what mfd could not do with a QEMU destination."""
     params = params or MigrationParameters()
     with _source("migrate", images, guest) as (blocks, client):
-        mig = Migration(uri, blocks, params, options or MigrateOptions(), client, progress)
+        mig = Migration(uri, blocks, params, options or MigrateOptions(), client, progress,
+                        warn)
         _monitored(monitor, mig, mig.run)
     return MigrateResult(**PrecopyResult.fields_of(mig.stats, mig.digests, mig.query_migrate()),
                          uri=uri)
@@ -254,9 +257,9 @@ def migrate(uri: str, *, images: dict[str, str] | None = None, guest: str | None
 def incoming(listen: str, *, images: dict[str, str] | None = None, guest: str | None = None,
              options: IncomingOptions | None = None, monitor: str | None = None,
              warn=None) -> IncomingResult:
-    """Wait at ``listen`` (``tcp://HOST:PORT``) for one migration; its RAM goes to a new
-    guest (named ``guest``, default the source's name) that runs once the RAM is verified,
-    or to raw image files."""
+    """Wait at ``listen`` (``tcp:HOST:PORT``) for one migration from mfd or QEMU; its RAM
+    goes to a new guest (named ``guest``, default ``vm0``) that runs once the RAM is
+    verified (an mfd source) or loaded (QEMU), or to raw image files."""
     inc = Incoming(listen, images=images, guest=guest, options=options, warn=warn)
     return _monitored(monitor, inc, inc.run)
 

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import os
 import sys
+import uuid
 from collections.abc import Iterator
 
 import orjson
@@ -59,6 +60,19 @@ class _Parser(argparse.ArgumentParser):
 def _channels(p: argparse.ArgumentParser) -> None:
     p.add_argument("--multifd-channels", type=int, default=2, metavar="N",
                    help="parallel channels (default 2, as QEMU)")
+
+
+def _uuid(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--uuid", type=parse_uuid, default=bytes(16), metavar="UUID",
+                   help="QEMU's -uuid, carried by every multifd channel (default: none, "
+                   "zeros, as QEMU)")
+
+
+def parse_uuid(text: str) -> bytes:
+    try:
+        return uuid.UUID(text).bytes
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a UUID: {text!r}") from None
 
 
 def _file_args(p: argparse.ArgumentParser, image_help: str, guest_help: str) -> None:
@@ -157,8 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     _file_args(r, "write RAMBlock NAME to the raw image PATH",
                "start a new, stopped guest with the restored RAM")
 
-    m = sub.add_parser("migrate", help="live-migrate a guest to 'mfd incoming' over TCP")
-    m.add_argument("uri", help="tcp://HOST:PORT of the destination")
+    m = sub.add_parser("migrate", help="live-migrate a guest over TCP to 'mfd incoming' or "
+                       "to a QEMU started with -incoming")
+    m.add_argument("uri", help="tcp:HOST:PORT (or tcp://HOST:PORT) of the destination")
     src = m.add_mutually_exclusive_group(required=True)
     src.add_argument("--guest", help="the running guest to migrate")
     src.add_argument("--image", type=parse_named, action="append", metavar="NAME=PATH",
@@ -170,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     _precopy_args(m)
     m.add_argument("--multifd-flush-after-each-section", action="store_true",
                    help="legacy sync per section (QEMU machine types <= 8.0)")
+    m.add_argument("--no-multifd", dest="multifd", action="store_false",
+                   help="capability multifd off: every page on the main channel")
+    _uuid(m)
     m.add_argument("--timeout", type=float, metavar="SECONDS",
                    help="cancel when the migration would take longer")
     m.add_argument("--monitor", metavar="PATH", help="serve a QMP-style monitor at PATH")
@@ -178,9 +196,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "after the migration, as QEMU does (postmigrate); by default it quits")
     m.add_argument("--json", action="store_true")
 
-    n = sub.add_parser("incoming", help="wait for a migration from 'mfd migrate'")
-    n.add_argument("--listen", required=True, metavar="tcp://HOST:PORT",
-                   help="main channel on PORT, channel i on PORT+1+i")
+    n = sub.add_parser("incoming", help="wait for a migration from 'mfd migrate' or QEMU")
+    n.add_argument("--listen", required=True, metavar="tcp:HOST:PORT",
+                   help="the one port for the main channel and every multifd channel")
+    n.add_argument("--multifd-channels", type=int, metavar="N",
+                   help="channels a multifd source opens (default 2, as QEMU; an mfd "
+                   "source says its own)")
+    n.add_argument("--multifd-compression", choices=("none", "zstd", "zlib"),
+                   help="the source's compression (default none; an mfd source says)")
+    n.add_argument("--multifd-flush-after-each-section", action="store_true", default=None,
+                   help="the source syncs after each section (QEMU machine types <= 8.0)")
+    _uuid(n)
     dst = n.add_mutually_exclusive_group()
     dst.add_argument("--guest", help="name of the guest that will run here (default: the "
                      "source's name)")
@@ -344,7 +370,7 @@ def _outcome(what: str) -> Iterator[None]:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    opts = MigrateOptions(machine=args.machine,
+    opts = MigrateOptions(machine=args.machine, multifd=args.multifd, uuid=args.uuid,
                           flush_after_each_section=args.multifd_flush_after_each_section,
                           timeout=args.timeout, keep_source=args.keep_source)
     view = None if args.json else LiveView(f"migrate to {args.uri}")
@@ -352,21 +378,30 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         res = api.migrate(args.uri, images=dict(args.image) if args.image else None,
                           guest=args.guest, params=_params(args), options=opts,
                           progress=view.update if view is not None else None,
-                          monitor=args.monitor)
+                          monitor=args.monitor,
+                          warn=lambda line: print(f"mfd migrate: {line}", file=sys.stderr))
     if args.json:
         print(orjson.dumps(res.query_migrate | {"digests": res.digests}).decode())
         return 0
     secs = res.total_time_ms / 1000
     print(f"migrated to {args.uri}: {res.rounds} round(s), {human(res.transferred)} "
           f"transferred, {res.normal_pages} pages sent, {res.zero_pages} zero, {secs:.3f} s, "
-          f"downtime {res.downtime_ms:.0f} ms (verifying RAM "
-          f"{res.query_migrate.get('x-verify-time', 0)} ms of it), RAM equal on both ends")
+          f"downtime {res.downtime_ms:.0f} ms" + (
+              f" (verifying RAM {res.query_migrate.get('x-verify-time', 0)} ms of it), RAM "
+              "equal on both ends" if res.digests else ", the destination (QEMU) loaded it"))
     return 0
 
 
 def cmd_incoming(args: argparse.Namespace) -> int:
     delays = tuple(float(x) for x in args.x_channel_delay.split(",") if x)
+    if args.multifd_channels is not None and not 1 <= args.multifd_channels <= 255:
+        raise UsageError("Parameter 'multifd-channels' expects a value between 1 and 255, "
+                         f"got {args.multifd_channels}")
     opts = IncomingOptions(timeout=args.timeout, channel_delays=delays,
+                           multifd_channels=args.multifd_channels,
+                           multifd_compression=args.multifd_compression,
+                           flush_after_each_section=args.multifd_flush_after_each_section,
+                           uuid=args.uuid,
                            skip_sync=args.x_skip_sync, stopped=args.stopped)
     with _outcome("incoming migration"):
         res = api.incoming(args.listen, images=dict(args.image) if args.image else None,
@@ -376,7 +411,9 @@ def cmd_incoming(args: argparse.Namespace) -> int:
         return 0
     where = f"guest {res.guest} running" if res.guest else ", ".join(
         f"{k}={v}" for k, v in res.blocks.items())
-    print(f"incoming migration completed: {where}, RAM verified equal to the source's "
+    checked = "RAM verified equal to the source's" if res.verified else \
+        "RAM not verified (the source is QEMU)"
+    print(f"incoming migration completed: {where}, {checked} "
           f"({res.total_time_ms / 1000:.3f} s)")
     return 0
 

@@ -1,6 +1,6 @@
 """Loopback helpers for migration tests: a TCP relay whose connections can be cut, and a fake
-mfd source that can say anything on the main channel and the channels (free port ranges
-come from mfd itself: ``mfd.workers.tcp.free_ports``)."""
+source that can say anything on the main channel and the channels (free ports come from mfd
+itself: ``mfd.workers.tcp.free_ports``)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,8 @@ import struct
 import threading
 import time
 
-import orjson
-import zmq
-
 from mfd.protocol import constants as C
-from mfd.protocol import devices, mainchannel, ram, stream
-from mfd.workers import tcp
+from mfd.protocol import devices, ram, stream
 
 
 class Relay:
@@ -85,42 +81,37 @@ class Relay:
 
 
 class FakeSource:
-    """Speaks mfd's main channel by hand: HELLO, the setup stream, then whatever a test wants
-    to put on a channel's link."""
+    """Speaks QEMU's wire by hand: multifd channel connections first (as QEMU opens them),
+    then the main channel with the setup stream (through the START section's
+    MULTIFD_FLUSH, where the destination needs every channel), then whatever a test wants
+    to put on a channel."""
 
-    def __init__(self, port: int, channels: int = 1, compression: str = "none",
-                 size: int = 1 << 20, uuid: bytes = b"\x11" * 16) -> None:
-        self.ctx = zmq.Context()
+    def __init__(self, port: int, size: int = 1 << 20) -> None:
         self.port = port
-        self.uuid = uuid
-        self.channels = channels
-        self.main = tcp.peer_socket(self.ctx, zmq.DEALER)
-        self.main.connect(f"tcp://127.0.0.1:{port}")
-        self.main.send_multipart([mainchannel.HELLO, orjson.dumps({
-            "mfd": 1, "uuid": uuid.hex(), "channels": channels, "compression": compression,
-            "zero-page-detection": "multifd", "flush-after-each-section": False,
-            "page-size": 4096, "guest": None})])
-        setup = (stream.encode_file_header()
-                 + stream.encode_configuration(stream.Configuration("none"))
-                 + stream.encode_section_start(C.QEMU_VM_SECTION_START,
-                                               devices.RAM_SECTION_ID, "ram", 0, 4)
-                 + ram.encode_mem_size(size) + ram.encode_block_entry("mem", size))
-        self.main.send_multipart([mainchannel.STREAM, setup])
-        if not self.main.poll(30_000):
-            raise TimeoutError("incoming did not answer")
-        self.reply = self.main.recv_multipart()
-        self.links: dict[int, zmq.Socket] = {}
+        self.size = size
+        self.links: list[socket.socket] = []
+        self.main: socket.socket | None = None
 
-    def channel(self, i: int, port_index: int | None = None) -> zmq.Socket:
-        s = tcp.peer_socket(self.ctx, zmq.DEALER)
-        s.connect(f"tcp://127.0.0.1:{self.port + 1 + (i if port_index is None else port_index)}")
-        self.links[i] = s
+    def channel(self, data: bytes = b"") -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        if data:
+            s.sendall(data)
+        self.links.append(s)
         return s
 
+    def start(self) -> None:
+        self.main = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        self.main.sendall(
+            stream.encode_file_header() + stream.encode_configuration(stream.Configuration("none"))
+            + stream.encode_section_start(C.QEMU_VM_SECTION_START, devices.RAM_SECTION_ID,
+                                          "ram", 0, 4)
+            + ram.encode_mem_size(self.size) + ram.encode_block_entry("mem", self.size)
+            + ram.encode_multifd_flush())
+
     def close(self) -> None:
-        for s in [self.main, *self.links.values()]:
-            s.close(0)
-        self.ctx.term()
+        for s in [self.main, *self.links]:
+            if s is not None:
+                s.close()
 
 
 def wait_until(cond, timeout: float, step: float = 0.02) -> bool:

@@ -36,7 +36,7 @@ def test_node_roles_over_loopback(tmp_path):
     """Node B listens with a monitor (its health check is `mfd qmp`), node A connects by host
     name; each prints its own digest of the RAM at switchover, and they are equal."""
     before = shm_entries()
-    port, qmp, tag = free_ports(5), str(tmp_path / "b.qmp"), os.getpid()
+    port, qmp, tag = free_ports(1), str(tmp_path / "b.qmp"), os.getpid()
     b = subprocess.Popen([sys.executable, "-m", "mfd", "demo", "--listen",
                           f"tcp://127.0.0.1:{port}", "--monitor", qmp, "--name", f"b{tag}",
                           "--run-after", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -63,7 +63,7 @@ def test_determinism_across_a_live_migration(tmp_path, guests):
     dst, twin, flipped = f"{src}d", f"{src}t", f"{src}f"
     for n in (dst, twin, flipped):
         guests.adopt(n)
-    port = free_ports(3)
+    port = free_ports(1)
     inc = start_incoming(port, "--guest", dst, "--stopped")
     wait_listening(port)
     res = mfd.migrate(f"tcp://127.0.0.1:{port}", guest=src,
@@ -121,7 +121,7 @@ def test_auto_converge_throttles_a_kvm_guest(tmp_path, guests):
     src, _ = guests.start("64M", "--kvm", "--dirty-rate", "100M", "--pattern", "random")
     dst = f"{src}d"
     guests.adopt(dst)
-    port = free_ports(3)
+    port = free_ports(1)
     inc = start_incoming(port, "--guest", dst)
     wait_listening(port)
     qmp = str(tmp_path / "src.qmp")

@@ -110,8 +110,8 @@ class LiveBench:
                 assert self.ws.image is not None
                 self.ws.image.copy(block["path"], fresh=False, start=DATA if self.kvm else 0)
                 g.cont()
-            port = free_ports(self.channels + 1)
-            uri = f"tcp://127.0.0.1:{port}"
+            port = free_ports(1)
+            uri = f"tcp:127.0.0.1:{port}"
             monitor = self.ws.shm("source.qmp")
             params = MigrationParameters(multifd_channels=self.channels,
                                          auto_converge=auto_converge)

@@ -75,8 +75,8 @@ def _notes(s: Settings, ws: Workspace, configs: list[Config], env: dict[str, Any
     notes.append(f"Each config: {s.warmup} uncounted warm-up run(s), then {s.repeat} counted "
                  "runs, interleaved across the configs of its mode. MiB/s is RAM size / "
                  "median. mfd/QEMU is mfd's median time over QEMU's with the same parameters "
-                 "(below 1: mfd is faster); 'of limit' is the share of the limit's "
-                 "throughput reached.")
+                 "(below 1: mfd is faster; for QEMU->mfd and mfd->QEMU, over QEMU->QEMU's); "
+                 "'of limit' is the share of the limit's throughput reached.")
     notes += ws.notes
     env["mfd_sources_blake3_at_end"] = mfd_sources_digest()
     if env["mfd_sources_blake3_at_end"] != env["mfd_sources_blake3"]:

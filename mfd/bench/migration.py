@@ -1,17 +1,22 @@
 """``mfd bench migrate``: a stopped guest over TCP loopback, mfd beside QEMU multifd.
 
 For every channel count and compression (zstd and zlib at level 1), the source RAM a fresh
-copy of the image in /dev/shm per run (untimed):
+copy of the image in /dev/shm per run (untimed), all on one port (QEMU's wire):
 
-* mfd -> mfd: ``mfd incoming --listen tcp://127.0.0.1:PORT --image mem=DEST --json`` as a
+* mfd -> mfd: ``mfd incoming --listen tcp:127.0.0.1:PORT --image mem=DEST --json`` as a
   process (its start not timed), then :func:`mfd.api.migrate` in this process, timed as the
   wall time of that call (it starts the channel processes);
 * QEMU 10 -> QEMU 10 multifd (``-machine none``, RAM a memory-backend-file): the destination
   ``-incoming defer`` on a fresh zeroed /dev/shm file; timed from the paused source's QMP
   ``migrate`` until ``completed`` (polled every 2 ms), QEMU's start not timed;
+* with ``--against qemu`` also the cross pairs: QEMU -> mfd (QEMU's source to
+  ``mfd incoming ... --multifd-channels N --multifd-compression C``, timed as QEMU -> QEMU)
+  and mfd -> QEMU (:func:`mfd.api.migrate` to QEMU's ``-incoming defer`` destination, timed
+  as mfd -> mfd; QEMU's ``completed`` awaited after, untimed);
 * the limit: TCP loopback moving the same bytes over as many connections.
 
-Each destination RAM is checked against the image outside the timed region.
+Each destination RAM is checked against the image outside the timed region. Each end's CPU
+time over the run (:mod:`mfd.bench.cpu`) is recorded per GiB of RAM.
 :class:`Incoming` is also what ``mfd bench live`` runs as its destination.
 """
 
@@ -20,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -28,6 +34,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from mfd.bench import baselines
+from mfd.bench.cpu import SelfCpu, delta, per_gib, proc_cpu, wait_cpu
 from mfd.bench.runs import Config, one_line, unlink
 from mfd.bench.workspace import Workspace
 from mfd.workers.tcp import free_ports
@@ -38,13 +45,22 @@ EXIT_TIMEOUT = 60.0  # for `mfd incoming` to exit after the source returned
 LEVEL = 1  # zstd / zlib level, both tools
 
 NOTES = [
-    "migrate: a stopped guest. mfd is the wall time of mfd.api.migrate() in this process "
-    "after `mfd incoming` listens (it starts the channel processes); QEMU is QMP migrate on "
-    "the paused source until completed (polled every 2 ms), same multifd-channels, "
-    "compression and level on both sides, max-bandwidth unlimited. Neither start is timed. "
-    "Every destination RAM is checked against the image outside the timed region. The "
-    "limit is TCP loopback moving as many bytes over as many connections (Python threads, "
-    "4 MiB sendall/recv_into).",
+    "migrate: a stopped guest, one TCP port per migration (QEMU's wire). An mfd source is "
+    "timed as the wall time of mfd.api.migrate() in this process once the destination "
+    "listens (it starts the channel processes); a QEMU source as QMP migrate on the paused "
+    "source until completed (polled every 2 ms). mfd->mfd, QEMU->QEMU and (with --against "
+    "qemu) the cross pairs QEMU->mfd and mfd->QEMU: same multifd-channels, compression and "
+    "level on both sides (given to `mfd incoming` for a QEMU source), max-bandwidth "
+    "unlimited. Neither start is timed. Every destination RAM is checked against the image "
+    "outside the timed region. The limit is TCP loopback moving as many bytes over as many "
+    "connections (Python threads, 4 MiB sendall/recv_into).",
+    "migrate CPU: src-cpu and dst-cpu are each end's CPU seconds (user + system, every "
+    "thread and child process) per GiB of RAM, medians. QEMU: /proc/PID/stat utime+stime "
+    "from just before the migration starts until that end completed (10 ms ticks). "
+    "`mfd incoming`: /proc/PID/stat once it listens until its exit (wait4 rusage, its "
+    "channel processes included; what it does after the source returned, e.g. verifying, "
+    "counts). mfd's source in this process: getrusage RUSAGE_SELF plus RUSAGE_CHILDREN (its "
+    "forked channels, reaped when it returns) over the mfd.api.migrate() call.",
 ]
 
 
@@ -84,6 +100,9 @@ class Incoming:
                                          close_fds=True)
         self.cleanup = ws.cleanup
         self.token = ws.cleanup.add_process(self.proc, "mfd incoming")
+        self.cpu0: float | None = None  # its CPU seconds when the migration started
+        self.src_cpu: float | None = None  # this process's, over :meth:`migrate`
+        self.dst_cpu: float | None = None  # its own from cpu0 to its exit (:meth:`result`)
 
     def __enter__(self) -> Incoming:
         deadline = time.monotonic() + LISTEN_TIMEOUT
@@ -102,6 +121,10 @@ class Incoming:
     def error(self, what: str) -> RuntimeError:
         return RuntimeError(f"mfd incoming {what}: {tail(self.stderr_path) or '(no stderr)'}")
 
+    def mark(self) -> None:
+        """The migration starts now: its CPU time so far (the start-up) is not counted."""
+        self.cpu0 = proc_cpu(self.proc.pid)
+
     def migrate(self, uri: str, **kwargs: Any) -> tuple[Any, float]:
         """:func:`mfd.api.migrate` to this destination, timed, under a watchdog that kills
         the destination (so the source fails) when it hangs."""
@@ -109,10 +132,14 @@ class Incoming:
 
         watchdog = threading.Timer(MIGRATE_TIMEOUT, self.proc.kill)
         watchdog.start()
+        self.mark()
         try:
-            t0 = time.perf_counter()
-            r = api.migrate(uri, **kwargs)
-            return r, time.perf_counter() - t0
+            with SelfCpu() as cpu:
+                t0 = time.perf_counter()
+                r = api.migrate(uri, **kwargs)
+                dt = time.perf_counter() - t0
+            self.src_cpu = cpu.total
+            return r, dt
         finally:
             watchdog.cancel()
 
@@ -127,12 +154,14 @@ class Incoming:
                             f"{tail(self.stderr_path) or 'no stderr'}]")
 
     def result(self) -> dict[str, Any]:
-        """Wait for the exit; return its JSON line; raise on failure."""
+        """Wait for the exit (its CPU time in :attr:`dst_cpu`); return its JSON line; raise
+        on failure."""
         try:
-            rc = self.proc.wait(timeout=EXIT_TIMEOUT)
+            self.dst_cpu = delta(self.cpu0, wait_cpu(self.proc, EXIT_TIMEOUT))
         except subprocess.TimeoutExpired:
             raise self.error(f"still running {EXIT_TIMEOUT:g} s after the source "
                              "returned") from None
+        rc = self.proc.returncode
         if rc:
             raise self.error(f"exited {rc}")
         with open(self.stdout_path, "rb") as f:
@@ -154,7 +183,33 @@ def figures(r: Any) -> dict[str, Any]:
             "verify_time_ms": qm.get("x-verify-time"), "query_migrate": qm}
 
 
+def _qemu_figures(info: dict[str, Any]) -> dict[str, Any]:
+    """What a run keeps of a QEMU source's final query-migrate."""
+    ram = info.get("ram", {})
+    return {"total_time_ms": info.get("total-time"), "downtime_ms": info.get("downtime"),
+            "setup_time_ms": info.get("setup-time"), "transferred": ram.get("transferred"),
+            "normal_pages": ram.get("normal"), "zero_pages": ram.get("duplicate"),
+            "query_migrate": info}
+
+
+def _level(comp: str) -> dict[str, int]:
+    return {"zstd": {"zstd_level": LEVEL}, "zlib": {"zlib_level": LEVEL}}.get(comp, {})
+
+
+def _qemu_tail(m: Any) -> str:
+    """The last line QEMU wrote on stderr (where it says why a load failed)."""
+    lines = m.stderr_tail().splitlines()
+    return lines[-1].strip() if lines else "no stderr"
+
+
 class MigrateBench:
+    """Each pair of ends, for one channel count and compression: one run each."""
+
+    # config key prefix, tool (what report and plots go by), label
+    PAIRS = (("mfd", "mfd", "{ch} ch {comp}"), ("qemu", "qemu", "multifd {ch} {comp}"),
+             ("qemu-mfd", "qemu->mfd", "{ch} ch {comp}"),
+             ("mfd-qemu", "mfd->qemu", "{ch} ch {comp}"))
+
     def __init__(self, ws: Workspace) -> None:
         self.ws = ws
 
@@ -174,48 +229,125 @@ class MigrateBench:
             unlink(src)
             unlink(dst)
 
-    def mfd(self, channels: int, comp: str) -> dict[str, Any]:
+    def _params(self, channels: int, comp: str) -> Any:
         from mfd.options import MigrationParameters
 
-        port = free_ports(channels + 1)
-        uri = f"tcp://127.0.0.1:{port}"
-        params = MigrationParameters(multifd_channels=channels, multifd_compression=comp,
-                                     multifd_zstd_level=LEVEL, multifd_zlib_level=LEVEL)
+        return MigrationParameters(multifd_channels=channels, multifd_compression=comp,
+                                   multifd_zstd_level=LEVEL, multifd_zlib_level=LEVEL)
+
+    def mfd(self, channels: int, comp: str) -> dict[str, Any]:
+        """mfd -> mfd."""
+        port = free_ports(1)
+        uri = f"tcp:127.0.0.1:{port}"
         with self.ends(dst_exists=False) as (src, dst), \
                 Incoming(self.ws, ["--listen", uri, "--image", f"mem={dst}", "--json"],
                          port) as inc:
             try:
-                r, dt = inc.migrate(uri, images={"mem": src}, params=params)
+                r, dt = inc.migrate(uri, images={"mem": src},
+                                    params=self._params(channels, comp))
             except Exception as e:
                 raise inc.explain(e) from e
             inc.result()
-        return {"seconds": dt, **figures(r), "verified": True}
+        return {"seconds": dt, **figures(r), **per_gib(inc.src_cpu, inc.dst_cpu, self.ws.size),
+                "verified": True}
 
     def qemu(self, channels: int, comp: str) -> dict[str, Any]:
+        """QEMU -> QEMU."""
         from mfd.qemu import QemuError, QemuMachine
 
         uri = f"tcp:127.0.0.1:{free_ports(1)}"
-        level = {"zstd": {"zstd_level": LEVEL}, "zlib": {"zlib_level": LEVEL}}.get(comp, {})
         with self.ends(dst_exists=True) as (src, dst), \
                 QemuMachine(dst, self.ws.size, incoming=True, timeout=self.ws.qemu_timeout) as d, \
                 QemuMachine(src, self.ws.size, timeout=self.ws.qemu_timeout) as s:
             for m in (d, s):
                 m.set_migration(mapped_ram=False, multifd_channels=channels,
-                                multifd_compression=comp, **level)
-            d.qmp("migrate-incoming", uri=uri, **{"exit-on-error": False})
+                                multifd_compression=comp, **_level(comp))
+            d.start_migrate_incoming(uri)
+            s0, d0 = proc_cpu(s.pid), proc_cpu(d.pid)
             t0 = time.perf_counter()
-            info = s.migrate(uri)
+            s.start_migrate(uri)
+            info = s.wait_migration()
             dt = time.perf_counter() - t0
+            s1 = proc_cpu(s.pid)
             deadline = time.monotonic() + self.ws.qemu_timeout  # the destination may still load
             while (status := d.qmp("query-migrate").get("status")) != "completed":
                 if status in ("failed", "cancelled") or time.monotonic() > deadline:
                     raise QemuError(f"destination {status}: {d.stderr_tail()[-200:]}")
                 time.sleep(0.002)
-        ram = info.get("ram", {})
-        return {"seconds": dt, "total_time_ms": info.get("total-time"),
-                "downtime_ms": info.get("downtime"), "setup_time_ms": info.get("setup-time"),
-                "transferred": ram.get("transferred"), "normal_pages": ram.get("normal"),
-                "zero_pages": ram.get("duplicate"), "query_migrate": info, "verified": True}
+            d1 = proc_cpu(d.pid)
+        return {"seconds": dt, **_qemu_figures(info),
+                **per_gib(delta(s0, s1), delta(d0, d1), self.ws.size), "verified": True}
+
+    def qemu_to_mfd(self, channels: int, comp: str) -> dict[str, Any]:
+        """QEMU -> mfd: QEMU's source to `mfd incoming`, timed as QEMU -> QEMU."""
+        from mfd.qemu import QemuMachine
+
+        port = free_ports(1)
+        uri = f"tcp:127.0.0.1:{port}"
+        with self.ends(dst_exists=False) as (src, dst), \
+                QemuMachine(src, self.ws.size, timeout=self.ws.qemu_timeout) as s, \
+                Incoming(self.ws, ["--listen", uri, "--image", f"mem={dst}",
+                                   "--multifd-channels", str(channels),
+                                   "--multifd-compression", comp, "--json"], port) as inc:
+            s.set_migration(mapped_ram=False, multifd_channels=channels,
+                            multifd_compression=comp, **_level(comp))
+            inc.mark()
+            s0 = proc_cpu(s.pid)
+            t0 = time.perf_counter()
+            try:
+                s.start_migrate(uri)
+                info = s.wait_migration()
+            except Exception as e:
+                raise inc.explain(e) from e
+            dt = time.perf_counter() - t0
+            s1 = proc_cpu(s.pid)
+            dest = inc.result()
+        return {"seconds": dt, **_qemu_figures(info),
+                **per_gib(delta(s0, s1), inc.dst_cpu, self.ws.size),
+                "destination": {k: v for k, v in dest.items() if k != "blocks"},
+                "verified": True}
+
+    def mfd_to_qemu(self, channels: int, comp: str) -> dict[str, Any]:
+        """mfd -> QEMU: mfd.api.migrate() to QEMU's -incoming defer, timed as mfd -> mfd;
+        QEMU's completion awaited after (untimed)."""
+        from mfd import api
+        from mfd.qemu import QemuError, QemuMachine
+
+        uri = f"tcp:127.0.0.1:{free_ports(1)}"
+        warnings: list[str] = []
+        with self.ends(dst_exists=True) as (src, dst), \
+                QemuMachine(dst, self.ws.size, incoming=True, timeout=self.ws.qemu_timeout) as d:
+            d.set_migration(mapped_ram=False, multifd_channels=channels,
+                            multifd_compression=comp, **_level(comp))
+            d.start_migrate_incoming(uri)
+            pid = d.pid
+            assert pid is not None
+            # a hanging migration: QEMU killed, so the source fails
+            watchdog = threading.Timer(MIGRATE_TIMEOUT, os.kill, (pid, signal.SIGKILL))
+            watchdog.start()
+            d0 = proc_cpu(pid)
+            try:
+                with SelfCpu() as cpu:
+                    t0 = time.perf_counter()
+                    r = api.migrate(uri, images={"mem": src},
+                                    params=self._params(channels, comp), warn=warnings.append)
+                    dt = time.perf_counter() - t0
+            except Exception as e:
+                with contextlib.suppress(Exception):  # QEMU may have said why by now
+                    d.wait_migration(timeout=2.0)
+                raise RuntimeError(f"{one_line(e)} [QEMU destination: {_qemu_tail(d)}]") from e
+            finally:
+                watchdog.cancel()
+            t1 = time.perf_counter()
+            try:
+                d.wait_migration()
+            except QemuError as e:
+                raise RuntimeError(f"{one_line(e)} [QEMU: {_qemu_tail(d)}]") from e
+            done = time.perf_counter() - t1
+            d1 = proc_cpu(pid)
+        return {"seconds": dt, **figures(r), **per_gib(cpu.total, delta(d0, d1), self.ws.size),
+                "destination_completed_after_s": done, "warnings": warnings,
+                "verified": True}
 
     def configs(self) -> list[Config]:
         s = self.ws.settings
@@ -223,16 +355,17 @@ class MigrateBench:
                       f"TCP loopback, {n} connection{'s' if n > 1 else ''}",
                       {"channels": n}, lambda n=n: baselines.tcp(self.ws.size, n))
                for n in s.channels]
+        run = {"mfd": self.mfd, "qemu": self.qemu, "qemu->mfd": self.qemu_to_mfd,
+               "mfd->qemu": self.mfd_to_qemu}
         for ch in s.channels:
             for comp in s.compressions:
                 lvl = f" level {LEVEL}" if comp != "none" else ""
                 params = {"channels": ch, "compression": comp}
-                out.append(Config(f"mfd-{ch}-{comp}", "migrate", "mfd", f"{ch} ch {comp}{lvl}",
-                                  params, lambda ch=ch, comp=comp: self.mfd(ch, comp),
-                                  limit=f"tcp-{ch}"))
-                if self.ws.qemu_ok:
-                    out.append(Config(f"qemu-{ch}-{comp}", "migrate", "qemu",
-                                      f"multifd {ch} {comp}{lvl}", params,
-                                      lambda ch=ch, comp=comp: self.qemu(ch, comp),
+                for prefix, tool, label in self.PAIRS:
+                    if tool != "mfd" and not self.ws.qemu_ok:
+                        continue
+                    out.append(Config(f"{prefix}-{ch}-{comp}", "migrate", tool,
+                                      label.format(ch=ch, comp=comp) + lvl, params,
+                                      lambda f=run[tool], ch=ch, comp=comp: f(ch, comp),
                                       limit=f"tcp-{ch}"))
         return out

@@ -1,8 +1,11 @@
 """PNG plots of a benchmark run, with matplotlib's Agg backend (no display needed).
 
 * ``throughput.png``: RAM MiB/s (median, min-max bars) against channels, one panel per mode
-  (save, restore warm, restore cold, migrate per compression), mfd beside QEMU, the
-  physical limit measured in the same run as a dashed line;
+  (save, restore warm, restore cold, migrate per compression), mfd beside QEMU (and the
+  cross migrations QEMU->mfd, mfd->QEMU), the physical limit measured in the same run as a
+  dashed line;
+* ``migrate-cpu.png``: each migration's CPU seconds per GiB, source and destination stacked,
+  one group of bars per channel count, one panel per compression;
 * ``live-remaining.png``: remaining dirty bytes against time, one line per dirty rate and
   auto-converge setting (the counted run with the median time);
 * ``live-downtime.png``: downtime against dirty rate, with and without auto-converge, and
@@ -19,8 +22,11 @@ from mfd.bench.runs import Config
 
 MiB = 1 << 20
 PANELS = ("save", "restore warm", "restore cold")
-COLORS = {"mfd": "tab:blue", "qemu": "tab:orange"}
-TOOL_NAME = {"mfd": "mfd", "qemu": "QEMU"}
+COLORS = {"mfd": "tab:blue", "qemu": "tab:orange", "qemu->mfd": "tab:green",
+          "mfd->qemu": "tab:red"}
+TOOL_NAME = {"mfd": "mfd", "qemu": "QEMU", "qemu->mfd": "QEMU->mfd", "mfd->qemu": "mfd->QEMU"}
+ROUTE_NAME = {"mfd": "mfd->mfd", "qemu": "QEMU->QEMU", "qemu->mfd": "QEMU->mfd",
+              "mfd->qemu": "mfd->QEMU"}
 
 
 def _style(ax: Any, ylabel: str) -> None:
@@ -117,6 +123,39 @@ def throughput(rows: list[dict[str, Any]], path: str, title: str) -> bool:
     return True
 
 
+def migrate_cpu(rows: list[dict[str, Any]], path: str, title: str) -> bool:
+    import matplotlib.pyplot as plt
+
+    mig = [r for r in rows if r["mode"] == "migrate" and r["tool"] in COLORS and r["n"]
+           and r.get("src_cpu_s_per_gib") is not None]
+    if not mig:
+        return False
+    comps = sorted({r["params"]["compression"] for r in mig})
+    tools = [t for t in COLORS if any(r["tool"] == t for r in mig)]
+    fig, axes = plt.subplots(1, len(comps), figsize=(5.6 * len(comps), 4.2), squeeze=False)
+    width = 0.8 / len(tools)
+    for ax, comp in zip(axes.flat, comps, strict=True):
+        chans = sorted({r["params"]["channels"] for r in mig
+                        if r["params"]["compression"] == comp})
+        for k, tool in enumerate(tools):
+            pts = {r["params"]["channels"]: r for r in mig
+                   if r["tool"] == tool and r["params"]["compression"] == comp}
+            x = [i + (k - (len(tools) - 1) / 2) * width
+                 for i, ch in enumerate(chans) if ch in pts]
+            src = [pts[ch]["src_cpu_s_per_gib"] for ch in chans if ch in pts]
+            dst = [pts[ch].get("dst_cpu_s_per_gib") or 0.0 for ch in chans if ch in pts]
+            ax.bar(x, src, width, color=COLORS[tool], label=f"{ROUTE_NAME[tool]} source")
+            ax.bar(x, dst, width, bottom=src, color=COLORS[tool], alpha=0.45, hatch="//",
+                   label=f"{ROUTE_NAME[tool]} destination")
+        ax.set_xticks(range(len(chans)), [str(c) for c in chans])
+        ax.set_xlabel("multifd channels")
+        ax.set_title(f"migrate, {comp}")
+        _style(ax, "CPU s per GiB (median): source + destination")
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+    return True
+
+
 def _median_run(c: Config) -> dict[str, Any] | None:
     runs = [r for r in c.counted() if r.get("series")]
     if not runs:
@@ -186,6 +225,7 @@ def write_all(rows: list[dict[str, Any]], configs: list[Config], outdir: str,
     matplotlib.use("Agg")
     made = []
     for name, draw, data in (("throughput.png", throughput, rows),
+                             ("migrate-cpu.png", migrate_cpu, rows),
                              ("live-remaining.png", live_remaining, configs),
                              ("live-downtime.png", live_downtime, rows)):
         path = os.path.join(outdir, name)

@@ -2,8 +2,10 @@
 
 Every config's figure is the median of its counted runs (min and max beside it). An mfd
 config is compared with the QEMU config of the same mode and parameters (``mfd/QEMU``,
-time over time: below 1 mfd is faster), and every config with its physical limit measured
-in the same run (``of limit``: the share of the limit's throughput it reached).
+time over time: below 1 mfd is faster; a migration between mfd and QEMU, either way, with
+QEMU -> QEMU), and every config with its physical limit measured in the same run (``of
+limit``: the share of the limit's throughput it reached). A migration also shows each end's
+CPU seconds per GiB of RAM (medians).
 """
 
 from __future__ import annotations
@@ -27,6 +29,12 @@ TARGETS = [
     ("restore cold", {"source": "qemu"}, "restore cold, QEMU's file", 1.0),
     ("restore cold", {"source": "mfd"}, "restore cold, mfd's file (mfd verifies)", 1.0),
 ]
+
+
+# migrate configs: tool -> who sends -> who receives
+ROUTES = {"mfd": "mfd->mfd", "qemu": "QEMU->QEMU", "qemu->mfd": "QEMU->mfd",
+          "mfd->qemu": "mfd->QEMU"}
+WITH_MFD = ("mfd", "qemu->mfd", "mfd->qemu")  # the tools held against QEMU's own
 
 
 def _med(values: list[Any]) -> float | None:
@@ -63,11 +71,15 @@ def summarize(configs: list[Config], size: int) -> list[dict[str, Any]]:
         if st["n"] and lst["n"]:
             row["limit"] = c.limit
             row["of_limit"] = lst["median"] / st["median"]
-        q = twin(c, configs) if c.tool == "mfd" else None
+        q = twin(c, configs) if c.tool in WITH_MFD else None
         qst = stats(q, size) if q is not None else {"n": 0}
         if st["n"] and qst["n"]:
             row["qemu"] = q.key if q else None
             row["vs_qemu"] = st["median"] / qst["median"]
+        if c.mode == "migrate" and c.tool in ROUTES:
+            runs = c.counted()
+            row.update(src_cpu_s_per_gib=_med([r.get("src_cpu_s_per_gib") for r in runs]),
+                       dst_cpu_s_per_gib=_med([r.get("dst_cpu_s_per_gib") for r in runs]))
         if c.mode == "live":
             runs = c.counted()
             ok = [r for r in runs if r.get("converged")]
@@ -112,20 +124,33 @@ def _ratio(x: float | None) -> str:
     return f"{x:.2f}" if x is not None else ""
 
 
-def mode_table(rows: list[dict[str, Any]]) -> str:
+def _cpu(x: float | None) -> str:
+    return f"{x:.2f}" if x is not None else ""
+
+
+def mode_table(rows: list[dict[str, Any]], cpu: bool = False) -> str:
+    """One row per config; ``cpu``: a migration's tools named by route (source->destination)
+    and each end's CPU seconds per GiB."""
     head = ["tool", "config", "n", "median s", "min s", "max s", "MiB/s", "mfd/QEMU",
-            "of limit"]
+            "of limit"] + (["src-cpu s/GiB", "dst-cpu s/GiB"] if cpu else [])
     body = []
     for r in rows:
+        tool = ROUTES.get(r["tool"], r["tool"]) if cpu else r["tool"]
         if r["error"] is not None:
-            body.append([r["tool"], r["label"], str(r["n"]), "FAILED: " + r["error"]])
+            body.append([tool, r["label"], str(r["n"]), "FAILED: " + r["error"]])
         elif not r["n"]:
-            body.append([r["tool"], r["label"], "0", "no runs"])
+            body.append([tool, r["label"], "0", "no runs"])
         else:
-            body.append([r["tool"], r["label"], str(r["n"]), f"{r['median']:.3f}",
+            body.append([tool, r["label"], str(r["n"]), f"{r['median']:.3f}",
                          f"{r['min']:.3f}", f"{r['max']:.3f}", f"{r['mib_s']:.0f}",
-                         _ratio(r.get("vs_qemu")), _ratio(r.get("of_limit"))])
-    return format_table(head, body, {2, 3, 4, 5, 6, 7, 8})
+                         _ratio(r.get("vs_qemu")), _ratio(r.get("of_limit"))]
+                        + ([_cpu(r.get("src_cpu_s_per_gib")), _cpu(r.get("dst_cpu_s_per_gib"))]
+                           if cpu else []))
+    return format_table(head, body, set(range(2, len(head))))
+
+
+def migrate_table(rows: list[dict[str, Any]]) -> str:
+    return mode_table(rows, cpu=True)
 
 
 def live_table(rows: list[dict[str, Any]]) -> str:
@@ -218,7 +243,7 @@ def kvm_stop_table(rows: list[dict[str, Any]]) -> str:
     return format_table(head, body, {1, 2, 3, 4})
 
 
-TABLES = {"live": live_table, "kvm throttle": kvm_throttle_table, "kvm stop": kvm_stop_table}
+TABLES = {"migrate": migrate_table, "live": live_table, "kvm throttle": kvm_throttle_table, "kvm stop": kvm_stop_table}
 
 
 def text(header: list[str], rows: list[dict[str, Any]], tgts: list[dict[str, Any]],

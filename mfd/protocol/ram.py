@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mfd.errors import ProtocolError
+from mfd.errors import ProtocolError, Truncated
 from mfd.protocol import constants as C
 from mfd.protocol.codec import Reader, Writer
 
@@ -122,7 +122,7 @@ def decode_block_list(r: Reader, on_block: Callable[[str, int, int], None] | Non
         try:
             idstr, used_length, entry = decode_block_entry(r)
         except ProtocolError as e:
-            if not blocks:
+            if not blocks or isinstance(e, Truncated):
                 raise
             raise ProtocolError(f"{e} (MEM_SIZE {total:#x} leaves {remaining:#x} bytes for "
                                 f"a block after {blocks[-1][0]!r}: is a used_length "

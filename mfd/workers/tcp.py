@@ -121,8 +121,7 @@ def connect(addr: Address, timeout: float, tick: Tick | None = None) -> socket.s
 def send_all(sock: socket.socket, buffers: list, tick: Tick | None = None) -> int:
     """Write every buffer (``sendmsg``, at most IOV_MAX at a time, no copy) on a
     non-blocking socket; ``tick`` runs between waits for room. Returns the bytes sent."""
-    views = [memoryview(b).cast("B") for b in buffers]
-    views = [v for v in views if v.nbytes]
+    views = [v.cast("B") for v in map(memoryview, buffers) if v.nbytes]
     total = sum(v.nbytes for v in views)
     i = 0
     while i < len(views):
@@ -147,8 +146,7 @@ def recv_into(sock: socket.socket, buffers: list, tick: Tick | None = None,
               what: str = "the connection") -> None:
     """Fill every buffer from a non-blocking socket (``recvmsg_into``: straight into them);
     the peer closing first is :class:`LinkLost`."""
-    views = [memoryview(b).cast("B") for b in buffers]
-    views = [v for v in views if v.nbytes]
+    views = [v.cast("B") for v in map(memoryview, buffers) if v.nbytes]
     i = 0
     while i < len(views):
         try:
