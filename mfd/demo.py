@@ -118,7 +118,7 @@ def run(ram: int, dirty_rate: int, params: MigrationParameters, say: Say,
     incoming = None
     try:
         start_guest(src, ram, dirty_rate, say, use_kvm)
-        port = free_ports(params.multifd_channels + 1)
+        port = free_ports(1)
         uri = f"tcp://127.0.0.1:{port}"
         incoming = subprocess.Popen(
             [sys.executable, "-m", "mfd", "incoming", "--listen", uri, "--guest", dst,

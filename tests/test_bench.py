@@ -53,8 +53,13 @@ def test_quick_all_runs_every_mode_and_writes_the_report(tmp_path):
     for c in configs:  # --quick: one counted run, no warm-up, each one real and checked
         (run,) = c["runs"]
         assert run["ok"] and not run["warmup"] and run["seconds"] > 0
-        if c["tool"] in ("mfd", "qemu") and c["mode"] != "save" and c["mode"] != "live":
+        if c["tool"] in report.ROUTES and c["mode"] != "save" and c["mode"] != "live":
             assert run["verified"] is True
+        if c["mode"] == "migrate" and c["tool"] in report.ROUTES:  # each end's CPU time
+            assert run["src_cpu_s"] >= 0 and run["dst_cpu_s"] >= 0, run
+            assert run["src_cpu_s_per_gib"] == pytest.approx(run["src_cpu_s"] * 16)  # 64 MiB
+        if c["mode"] == "migrate" and c["tool"] == "mfd":  # measured here / by wait4: > 0
+            assert run["src_cpu_s"] > 0 and run["dst_cpu_s"] > 0
     live = [c for c in configs if c["mode"] == "live"]
     assert {(c["params"]["dirty_rate"], c["params"]["auto_converge"]) for c in live} == \
         {(0, False), (0, True), (16 << 20, False), (16 << 20, True)}
@@ -69,6 +74,16 @@ def test_quick_all_runs_every_mode_and_writes_the_report(tmp_path):
     assert rows["mfd-save-2-buffered-sparse"]["limit"] == "dd-write"
     if qemu_binary() is not None:
         assert rows["mfd-2-none"]["qemu"] == "qemu-2-none"
+        # the cross pairs, for every channel count and compression, held against QEMU's
+        for ch in (1, 2):
+            for comp in ("none", "zstd"):
+                for key, tool in ((f"qemu-mfd-{ch}-{comp}", "qemu->mfd"),
+                                  (f"mfd-qemu-{ch}-{comp}", "mfd->qemu")):
+                    r = rows[key]
+                    assert (r["tool"], r["n"], r["qemu"]) == (tool, 1, f"qemu-{ch}-{comp}")
+                    assert r["params"] == {"channels": ch, "compression": comp}
+                    assert r["src_cpu_s_per_gib"] is not None
+                    assert r["dst_cpu_s_per_gib"] is not None
         assert rows["mfd-2-zstd"]["vs_qemu"] > 0
         whats = {t["what"] for t in result["targets"]}
         assert "save, RAM with never-touched zero pages" in whats
@@ -78,12 +93,19 @@ def test_quick_all_runs_every_mode_and_writes_the_report(tmp_path):
 
     env = result["environment"]
     assert env["cpu_count"] and env["kernel"] and env["versions"]["python"]
-    for name in ("throughput.png", "live-remaining.png", "live-downtime.png"):
+    for name in ("throughput.png", "migrate-cpu.png", "live-remaining.png",
+                 "live-downtime.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert json.loads((out / "results.json").read_bytes())["summary"] == result["summary"]
     table = (out / "table.txt").read_text()
     for heading in ("save:", "restore warm:", "restore cold:", "migrate:", "live:"):
         assert heading in table
+    migrate = table.split("\nmigrate:\n")[1].split("\n\n")[0].splitlines()
+    assert "src-cpu s/GiB" in migrate[0] and "dst-cpu s/GiB" in migrate[0]
+    routes = {line.split()[0] for line in migrate[2:]}
+    assert routes >= {"tcp", "mfd->mfd"}
+    if qemu_binary() is not None:
+        assert routes == {"tcp", "mfd->mfd", "QEMU->QEMU", "QEMU->mfd", "mfd->QEMU"}
 
 
 def test_ctrl_c_stops_and_removes_what_it_created(tmp_path):
@@ -147,10 +169,11 @@ def test_bad_options_are_one_line_and_exit_2(tmp_path, argv, says):
 
 
 def test_report_pairs_mfd_with_qemus_same_config_and_its_limit():
-    def cfg(key, mode, tool, params, secs, limit=None, error=None):
+    def cfg(key, mode, tool, params, secs, limit=None, error=None, cpu=(None, None)):
         c = Config(key, mode, tool, key, params, lambda: {}, limit=limit, error=error)
         c.runs = [{"ok": True, "warmup": True, "seconds": 99.0}] + \
-            [{"ok": True, "warmup": False, "seconds": s} for s in secs]
+            [{"ok": True, "warmup": False, "seconds": s, "src_cpu_s_per_gib": cpu[0],
+              "dst_cpu_s_per_gib": cpu[1]} for s in secs]
         return c
 
     size = 1 << 30
@@ -164,6 +187,10 @@ def test_report_pairs_mfd_with_qemus_same_config_and_its_limit():
             [0.1, 0.1, 0.1], limit="tcp-2"),
         cfg("mfd-1-none", "migrate", "mfd", {"channels": 1, "compression": "none"}, [],
             error="boom"),
+        cfg("qemu-mfd-2-none", "migrate", "qemu->mfd", {"channels": 2, "compression": "none"},
+            [2.0], limit="tcp-2", cpu=(1.25, 3.5)),
+        cfg("mfd-qemu-2-none", "migrate", "mfd->qemu", {"channels": 2, "compression": "none"},
+            [], error="cross boom"),
     ]
     rows = {r["key"]: r for r in report.summarize(configs, size)}
     m = rows["mfd-2-none"]
@@ -171,11 +198,19 @@ def test_report_pairs_mfd_with_qemus_same_config_and_its_limit():
     assert m["qemu"] == "qemu-2-none" and m["vs_qemu"] == pytest.approx(3.0 / 1.0)
     assert m["of_limit"] == pytest.approx(0.3 / 3.0)
     assert m["mib_s"] == pytest.approx(1024 / 3.0)
+    x = rows["qemu-mfd-2-none"]  # a cross pair: against QEMU -> QEMU, no target of its own
+    assert x["qemu"] == "qemu-2-none" and x["vs_qemu"] == pytest.approx(2.0 / 1.0)
+    assert (x["src_cpu_s_per_gib"], x["dst_cpu_s_per_gib"]) == (1.25, 3.5)
     (t,) = report.targets(list(rows.values()))
     assert t["what"] == "migrate, 2 ch none" and t["ratio"] == pytest.approx(3.0)
     assert not t["met"]
     table = report.mode_table(list(rows.values()))
     assert "FAILED: boom" in table
+    table = report.migrate_table(list(rows.values())).splitlines()
+    assert table[0].split()[-4:] == ["src-cpu", "s/GiB", "dst-cpu", "s/GiB"]
+    (line,) = [ln for ln in table if ln.startswith("QEMU->mfd")]
+    assert line.split()[-2:] == ["1.25", "3.50"]
+    assert any(ln.startswith("mfd->QEMU") and "FAILED: cross boom" in ln for ln in table)
 
 
 def test_a_real_ram_dump_is_the_image_and_is_left_as_it_was(tmp_path, reference):

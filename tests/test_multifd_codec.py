@@ -93,7 +93,7 @@ def test_sync_packet_golden():
 
 def test_init_round_trip():
     raw = M.encode_init(M.MultiFDInit(uuid=UUID, id=3))
-    assert M.decode_init(raw, channels=4, uuid=UUID, where=WHERE) == M.MultiFDInit(UUID, 3)
+    assert M.decode_init(raw, where=WHERE) == M.MultiFDInit(UUID, 3)
 
 
 @given(data=st.data(), n_normal=st.integers(0, 128), comp=st.sampled_from(
@@ -185,7 +185,8 @@ def test_encode_refuses_bad_arguments():
 
 def init_error(raw: bytes, channels=4) -> str:
     with pytest.raises(ProtocolError) as e:
-        M.decode_init(raw, channels=channels, uuid=UUID, where=WHERE)
+        M.check_init(M.decode_init(raw, where=WHERE), channels=channels, uuid=UUID,
+                     where=WHERE)
     msg = str(e.value)
     assert msg.startswith(WHERE + ": ")
     return msg
@@ -212,7 +213,8 @@ def test_init_id_equal_to_channels_is_refused():
     """QEMU only refuses id > channels; mfd also refuses id == channels."""
     assert "channel id 4, expected 0..3" in init_error(hand_init(chan=4), channels=4)
     assert "channel id 200" in init_error(hand_init(chan=200), channels=4)
-    assert M.decode_init(hand_init(chan=3), channels=4, uuid=UUID, where=WHERE).id == 3
+    M.check_init(M.decode_init(hand_init(chan=3), where=WHERE), channels=4, uuid=UUID,
+                 where=WHERE)
 
 
 # --- decode_packet refusals ------------------------------------------------------------------

@@ -101,7 +101,7 @@ class Incoming:
         self.cleanup = ws.cleanup
         self.token = ws.cleanup.add_process(self.proc, "mfd incoming")
         self.cpu0: float | None = None  # its CPU seconds when the migration started
-        self.src_cpu: float | None = None  # this process's, over :meth:`migrate`
+        self.src_cpu: SelfCpu | None = None  # this process's, over :meth:`migrate`
         self.dst_cpu: float | None = None  # its own from cpu0 to its exit (:meth:`result`)
 
     def __enter__(self) -> Incoming:
@@ -138,7 +138,7 @@ class Incoming:
                 t0 = time.perf_counter()
                 r = api.migrate(uri, **kwargs)
                 dt = time.perf_counter() - t0
-            self.src_cpu = cpu.total
+            self.src_cpu = cpu
             return r, dt
         finally:
             watchdog.cancel()
@@ -152,6 +152,14 @@ class Incoming:
         state = "still running" if rc is None else f"exited {rc}"
         return RuntimeError(f"{one_line(e)} [mfd incoming {state}: "
                             f"{tail(self.stderr_path) or 'no stderr'}]")
+
+    def cpu_figures(self) -> dict[str, Any]:
+        """Its CPU seconds before the migration (start-up, not counted) and, when the source
+        was :meth:`migrate`, this process's split into its own and its channels'."""
+        out: dict[str, Any] = {"dst_cpu_startup_s": self.cpu0}
+        if self.src_cpu is not None:
+            out.update(src_cpu_own_s=self.src_cpu.own, src_cpu_channels_s=self.src_cpu.children)
+        return out
 
     def result(self) -> dict[str, Any]:
         """Wait for the exit (its CPU time in :attr:`dst_cpu`); return its JSON line; raise
@@ -248,7 +256,9 @@ class MigrateBench:
             except Exception as e:
                 raise inc.explain(e) from e
             inc.result()
-        return {"seconds": dt, **figures(r), **per_gib(inc.src_cpu, inc.dst_cpu, self.ws.size),
+        assert inc.src_cpu is not None
+        return {"seconds": dt, **figures(r),
+                **per_gib(inc.src_cpu.total, inc.dst_cpu, self.ws.size), **inc.cpu_figures(),
                 "verified": True}
 
     def qemu(self, channels: int, comp: str) -> dict[str, Any]:
@@ -303,7 +313,7 @@ class MigrateBench:
             s1 = proc_cpu(s.pid)
             dest = inc.result()
         return {"seconds": dt, **_qemu_figures(info),
-                **per_gib(delta(s0, s1), inc.dst_cpu, self.ws.size),
+                **per_gib(delta(s0, s1), inc.dst_cpu, self.ws.size), **inc.cpu_figures(),
                 "destination": {k: v for k, v in dest.items() if k != "blocks"},
                 "verified": True}
 
@@ -346,6 +356,7 @@ class MigrateBench:
             done = time.perf_counter() - t1
             d1 = proc_cpu(pid)
         return {"seconds": dt, **figures(r), **per_gib(cpu.total, delta(d0, d1), self.ws.size),
+                "src_cpu_own_s": cpu.own, "src_cpu_channels_s": cpu.children,
                 "destination_completed_after_s": done, "warnings": warnings,
                 "verified": True}
 

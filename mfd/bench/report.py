@@ -243,7 +243,8 @@ def kvm_stop_table(rows: list[dict[str, Any]]) -> str:
     return format_table(head, body, {1, 2, 3, 4})
 
 
-TABLES = {"migrate": migrate_table, "live": live_table, "kvm throttle": kvm_throttle_table, "kvm stop": kvm_stop_table}
+TABLES = {"migrate": migrate_table, "live": live_table, "kvm throttle": kvm_throttle_table,
+          "kvm stop": kvm_stop_table}
 
 
 def text(header: list[str], rows: list[dict[str, Any]], tgts: list[dict[str, Any]],

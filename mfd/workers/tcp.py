@@ -18,6 +18,7 @@ import random
 import re
 import select
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from mfd.errors import MfdError, UsageError
 
 USER_TIMEOUT_S = 10
 WAIT_S = 0.1
+REFUSED_S = 5.0
 IOV_MAX = 1024  # sendmsg/recvmsg_into take at most this many buffers (Linux UIO_MAXIOV)
 
 _URI = re.compile(r"^tcp:(?://)?(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9._-]+):(\d{1,5})$")
@@ -101,18 +103,33 @@ def listen(addr: Address, what: str) -> socket.socket:
     return sock
 
 
-def connect(addr: Address, timeout: float, tick: Tick | None = None) -> socket.socket:
-    """A connection to ``addr`` (already resolved), within ``timeout`` seconds."""
-    sock = socket.socket(_family(addr.host), socket.SOCK_STREAM)
-    try:
-        sock.settimeout(timeout)
-        sock.connect(addr.sockaddr)
-    except OSError as e:
-        sock.close()
-        why = "no connection" if isinstance(e, TimeoutError) else (e.strerror or str(e))
-        raise MfdError(f"cannot reach the destination at {addr} ({why} within "
-                       f"{timeout:g} s)" if isinstance(e, TimeoutError)
-                       else f"cannot reach the destination at {addr}: {why}") from None
+def connect(addr: Address, timeout: float) -> socket.socket:
+    """A connection to ``addr`` (already resolved), within ``timeout`` seconds. A refused
+    connection is tried again for up to :data:`REFUSED_S`: a destination started a moment
+    before its source may not listen yet."""
+    deadline = time.monotonic() + timeout
+    refused_until = time.monotonic() + min(REFUSED_S, timeout)
+    while True:
+        sock = socket.socket(_family(addr.host), socket.SOCK_STREAM)
+        try:
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            sock.connect(addr.sockaddr)
+            break
+        except ConnectionRefusedError:
+            sock.close()
+            if time.monotonic() < refused_until:
+                time.sleep(WAIT_S)
+                continue
+            raise MfdError(f"cannot reach the destination at {addr}: nothing listens "
+                           "there (connection refused)") from None
+        except TimeoutError:
+            sock.close()
+            raise MfdError(f"cannot reach the destination at {addr} (no connection within "
+                           f"{timeout:g} s)") from None
+        except OSError as e:
+            sock.close()
+            raise MfdError(f"cannot reach the destination at {addr}: "
+                           f"{e.strerror or e}") from None
     tune(sock)
     sock.setblocking(False)
     return sock
