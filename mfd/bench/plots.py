@@ -97,8 +97,9 @@ def throughput(rows: list[dict[str, Any]], path: str, title: str) -> bool:
             ticks.update(x)
             style = ["-", "--", ":", "-."][variants.index(variant) % 4]
             ax.errorbar(x, y, yerr=[lo, hi], marker="o", capsize=3, color=COLORS[tool],
-                        linestyle=style, label=TOOL_NAME[tool] + (f" ({variant})"
-                                                                  if variant else ""))
+                        linestyle=style,
+                        label=(ROUTE_NAME if "migrate" in name else TOOL_NAME)[tool]
+                        + (f" ({variant})" if variant else ""))
         limits = [r for r in rs if r["tool"] not in COLORS and r["n"]]
         for lim in limits:
             if "channels" in lim["params"]:
@@ -134,6 +135,7 @@ def migrate_cpu(rows: list[dict[str, Any]], path: str, title: str) -> bool:
     tools = [t for t in COLORS if any(r["tool"] == t for r in mig)]
     fig, axes = plt.subplots(1, len(comps), figsize=(5.6 * len(comps), 4.2), squeeze=False)
     width = 0.8 / len(tools)
+    top = max(r["src_cpu_s_per_gib"] + (r.get("dst_cpu_s_per_gib") or 0.0) for r in mig)
     for ax, comp in zip(axes.flat, comps, strict=True):
         chans = sorted({r["params"]["channels"] for r in mig
                         if r["params"]["compression"] == comp})
@@ -151,6 +153,8 @@ def migrate_cpu(rows: list[dict[str, Any]], path: str, title: str) -> bool:
         ax.set_xlabel("multifd channels")
         ax.set_title(f"migrate, {comp}")
         _style(ax, "CPU s per GiB (median): source + destination")
+        ax.set_ylim(top=top * 1.7 or 1.0)  # room for the legend above the bars
+        ax.legend(fontsize=7, ncols=2, loc="upper center")
     fig.suptitle(title, fontsize=10)
     _save(fig, path)
     return True

@@ -124,6 +124,7 @@ class Migration(Precopy):
                 raise tcp.LinkLost(f"main channel: connection lost ({e.strerror})") from None
             if not data:
                 self.closed = True
+                self.pool.unwatch(self.sock)  # at its end for good: poll it no more
                 return
             for msg in self.returns.feed(data):
                 self._message(msg)

@@ -4,7 +4,11 @@ The main channel of a migration is a byte stream; TCP cuts it at arbitrary point
 own writes already split a section before its footer). The decoder keeps the bytes of an
 unfinished item and decodes items only once they are whole, so any split of the same bytes
 gives the same events. It does no I/O: the caller receives straight into
-:meth:`StreamDecoder.buffer` and hands over the count (or calls :meth:`feed` with bytes)::
+:meth:`StreamDecoder.buffer` and hands over the count (or calls :meth:`feed` with bytes), or,
+for a whole stream already in memory (an mmap'd migration file), has it decoded where it lies
+with :meth:`StreamDecoder.decode_all` (nothing copied; page data are views of that buffer).
+The same items, validations and events serve the live destination and the file parser
+(``mfd.protocol.migration_file``)::
 
     Header(configuration)            file header and configuration section
     ReturnPath()                     OPEN_RETURN_PATH: the source reads our answers
@@ -16,7 +20,8 @@ gives the same events. It does no I/O: the caller receives straight into
     ZeroPages(idstr, pages)          RAM_SAVE_FLAG_ZERO records
     Pages(idstr, pages, data)        RAM_SAVE_FLAG_PAGE records (no multifd): ``data`` is a
                                      (pages, 4096) view of the received bytes, valid until the
-                                     next :meth:`buffer` or :meth:`feed`
+                                     next :meth:`buffer` or :meth:`feed`; ``offsets``: where
+                                     each page's data is in the stream
     Device(state)                    a FULL section mfd knows (timer, globalstate, mfd-guest)
     Skipped(idstr)                   a device section mfd has no layout for (after RAM only)
     Eof()                            QEMU_VM_EOF
@@ -25,28 +30,50 @@ gives the same events. It does no I/O: the caller receives straight into
     (``done`` is then True; a QEMU source may also just close after EOF: :meth:`close`)
 
 Everything is validated before it becomes an event (block names, offsets, section ids,
-versions, lengths); mapped-ram is refused (it is a file format).
+versions, lengths); mapped-ram is refused (it is a file format) unless the caller reads a file
+and gives the decoder its ``mapped_ram`` hook. Events carry their stream offsets (not compared:
+the same stream split differently gives equal events). With ``framing=True`` the decoder also
+reports what a describer shows and a loader ignores::
+
+    Section(header)                  every section header (RAM START/PART/END, devices' FULL)
+    Command(offset, command)         every command, before its ReturnPath/Ping/SwitchoverStart
+
+With ``file=True`` the stream ends at EOF and its vmdesc, if one follows: later bytes are the
+file's (mfd's trailer), never an mfd peer's digests.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from mfd.errors import ProtocolError, Truncated
 from mfd.protocol import constants as C
-from mfd.protocol import devices, peer, ram, stream, trailer
+from mfd.protocol import devices, mapped_ram, peer, ram, stream, trailer
 from mfd.protocol.codec import Reader
 
 _ZERO_CONT = C.RAM_SAVE_FLAG_ZERO | C.RAM_SAVE_FLAG_CONTINUE
 _ZERO_RECORD = 9  # be64 word + fill byte
 _PAGE_CONT = C.RAM_SAVE_FLAG_PAGE | C.RAM_SAVE_FLAG_CONTINUE
 _PAGE_RECORD = 8 + C.TARGET_PAGE_SIZE
+_U16 = struct.Struct(">H")
 _VMDESC_MAX = 64 << 20
 # a device section mfd cannot parse is skipped to its footer; it is never this large
 _SKIP_MAX = 256 << 20
 _BUFFER = 1 << 20
+# a run of records is looked at in steps growing from _RUN_FIRST records (short runs cost
+# little) up to _RUN_BYTES of stream per event (a whole mmap'd file is never scanned at once)
+_RUN_FIRST = 16
+_RUN_BYTES = 8 << 20
+
+# A file's reader of what follows each block entry in a mapped-ram stream: called with the
+# reader just after the entry, the block's idstr and used_length, it consumes the block's
+# MappedRamHeader and moves the reader to where the stream resumes (after the block's pages
+# region: the file is random access, its bitmap and pages are not stream bytes).
+MappedRamHook = Callable[[Reader, str, int], mapped_ram.MappedRamHeader]
 
 
 @dataclass(frozen=True)
@@ -72,6 +99,10 @@ class SwitchoverStart:
 @dataclass(frozen=True)
 class Blocks:
     blocks: list[tuple[str, int]]
+    # absolute offset of each block's entry in the stream
+    entries: list[int] = field(default_factory=list, compare=False)
+    # mapped-ram: each block's MappedRamHeader, as the decoder's hook read it
+    headers: list[mapped_ram.MappedRamHeader] = field(default_factory=list, compare=False)
 
 
 @dataclass(frozen=True)
@@ -95,6 +126,12 @@ class Pages:
     idstr: str
     pages: np.ndarray
     data: np.ndarray  # (len(pages), TARGET_PAGE_SIZE) uint8
+    offset: int = -1  # absolute stream offset of data[0]; the records follow each other
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """The absolute stream offset of each page's data (a run's records are contiguous)."""
+        return self.offset + np.arange(len(self.pages), dtype=np.int64) * _PAGE_RECORD
 
 
 @dataclass(frozen=True)
@@ -105,16 +142,19 @@ class Device:
 @dataclass(frozen=True)
 class Skipped:
     idstr: str
+    offset: int = field(default=-1, compare=False)  # of the section's body
+    length: int = field(default=0, compare=False)  # of the body, up to its footer
 
 
 @dataclass(frozen=True)
 class Eof:
-    pass
+    offset: int = field(default=-1, compare=False)
 
 
 @dataclass(frozen=True)
 class Vmdesc:
     json: bytes
+    offset: int = field(default=-1, compare=False)
 
 
 @dataclass(frozen=True)
@@ -122,24 +162,45 @@ class Digests:
     tables: dict[str, bytes]
 
 
+@dataclass(frozen=True)
+class Section:
+    header: stream.SectionHeader  # (framing=True) its offset is in the header
+
+
+@dataclass(frozen=True)
+class Command:
+    offset: int  # (framing=True)
+    command: stream.Command
+
+
 Event = (Header | ReturnPath | Ping | SwitchoverStart | Blocks | Flush | SectionEnd
-         | ZeroPages | Pages | Device | Skipped | Eof | Vmdesc | Digests)
+         | ZeroPages | Pages | Device | Skipped | Eof | Vmdesc | Digests | Section | Command)
 
 
 class StreamDecoder:
-    def __init__(self, what: str = "main channel") -> None:
+    """``framing``: also Section and Command events; ``file``: the stream ends at EOF and
+    its optional vmdesc; ``mapped_ram``: accept mapped-ram, this hook reading what follows
+    each block entry (only with :meth:`decode_all`: it moves past bytes never fed)."""
+
+    def __init__(self, what: str = "main channel", *, framing: bool = False,
+                 file: bool = False, mapped_ram: MappedRamHook | None = None) -> None:
         self.what = what
+        self.framing = framing
+        self.file = file
+        self.mapped_ram_hook = mapped_ram
         self.buf = bytearray(_BUFFER)
         self.start = 0  # first byte not decoded yet
         self.end = 0  # end of the bytes received
         self.base = 0  # stream offset of buf[0]
         self.header_done = False
+        self.mapped_ram = False  # the configuration says mapped-ram
         self.sizes: dict[str, int] = {}
         self.section_names: dict[int, str] = {}
         self.ram_section_id: int | None = None
         self.in_ram: stream.SectionHeader | None = None  # the RAM section being read
         self.ram_complete = False
         self.last_block: str | None = None
+        self.blocks_end = -1  # mapped-ram: where the stream resumed after the last block
         self.mfd_source = False  # the source sent mfd's PING: it is mfd
         self.eof = False
         self.vmdesc = False
@@ -149,6 +210,11 @@ class StreamDecoder:
     def offset(self) -> int:
         """Stream bytes decoded so far."""
         return self.base + self.start
+
+    @property
+    def _finished(self) -> bool:
+        """A file's stream is over: what follows is not for the decoder."""
+        return self.done and self.file
 
     # ------------------------------------------------------------------ bytes in
 
@@ -168,25 +234,35 @@ class StreamDecoder:
         """``n`` bytes were received into :meth:`buffer`: the events they complete."""
         self.end += n
         events: list[Event] = []
-        while self.start < self.end:
-            if self.done:
-                raise ProtocolError(f"{self.what} at offset {self.offset:#x}: "
-                                    f"{self.end - self.start} bytes after the end of the "
-                                    "migration stream")
-            r = Reader(self.buf, self.start, base=self.base, end=self.end, what=self.what)
+        while self.start < self.end and not self._finished:
             try:
-                self._item(r, events)
+                self._step(events)
             except Truncated:
                 if self.end - self.start > _SKIP_MAX + _BUFFER:
                     raise
                 break
-            self.start = r.pos
         return events
 
     def feed(self, data: bytes) -> list[Event]:
         view = self.buffer(len(data))
         view[: len(data)] = data
         return self.filled(len(data))
+
+    def decode_all(self, buf, start: int = 0, end: int | None = None) -> Iterator[Event]:
+        """The events of a whole stream held in ``buf[start:end]`` (bytes, a memoryview, an
+        mmap), decoded where it lies: nothing is copied, a Pages event's data is a view of
+        ``buf``, offsets are ``buf``'s. The same items as :meth:`filled`, but the bytes
+        cannot grow: one ending inside an item raises :class:`Truncated`. Yields item by
+        item, so a caller keeps no more than it wants; stops at the end of ``buf``, or
+        (``file``) where the stream ends: then :attr:`offset` is that end. For a fresh
+        decoder, which then reads nothing else."""
+        assert self.end == 0 and not self.header_done, "decode_all needs a fresh decoder"
+        self.buf, self.base, self.start = buf, 0, start
+        self.end = len(buf) if end is None else end
+        while self.start < self.end and not self._finished:
+            events: list[Event] = []
+            self._step(events)
+            yield from events
 
     def close(self) -> None:
         """The peer closed the connection: fine after EOF (a QEMU source may skip the
@@ -200,6 +276,18 @@ class StreamDecoder:
 
     # ------------------------------------------------------------------ items
 
+    def _step(self, events: list[Event]) -> None:
+        """Decode the item at ``start``, or raise Truncated having changed nothing."""
+        if self.done:
+            raise ProtocolError(f"{self.what} at offset {self.offset:#x}: "
+                                f"{self.end - self.start} bytes after the end of the "
+                                "migration stream")
+        r = Reader(self.buf, self.start, base=self.base, end=self.end, what=self.what)
+        item: list[Event] = []  # an item cut short leaves no event behind
+        self._item(r, item)
+        self.start = r.pos
+        events += item
+
     def _item(self, r: Reader, events: list[Event]) -> None:
         """Decode one whole item or raise Truncated having changed nothing."""
         if not self.header_done:
@@ -207,8 +295,10 @@ class StreamDecoder:
             cfg = stream.decode_configuration(r)
             r.peek_u8("what follows the configuration")  # subsections may still come
             if C.CAP_MAPPED_RAM in cfg.capabilities:
-                raise r.error("the stream says mapped-ram: that is a file format, not a "
-                              "live migration")
+                if self.mapped_ram_hook is None:
+                    raise r.error("the stream says mapped-ram: that is a file format, not a "
+                                  "live migration")
+                self.mapped_ram = True
             self.header_done = True
             events.append(Header(cfg))
         elif self.in_ram is not None:
@@ -221,14 +311,17 @@ class StreamDecoder:
         elif self.eof:
             at = r.pos
             if r.peek_u8("vmdesc") != C.QEMU_VM_VMDESCRIPTION:
+                if self.file:  # the vmdesc is optional; the rest is the file's
+                    self.done = True
+                    return
                 raise r.error("expected the vmdesc after EOF", at=at)
             r.u8("vmdesc")
             n = r.be32("vmdesc length")
             if n > _VMDESC_MAX:
                 raise r.error(f"vmdesc of {n} bytes is implausible", at=at)
-            events.append(Vmdesc(bytes(r.take(n, "vmdesc JSON"))))
+            events.append(Vmdesc(bytes(r.take(n, "vmdesc JSON")), r.base + at))
             self.vmdesc = True
-            self.done = not self.mfd_source
+            self.done = self.file or not self.mfd_source
         else:
             self._section(r, events)
 
@@ -240,21 +333,21 @@ class StreamDecoder:
             if not self.ram_complete:
                 raise r.error("EOF before the RAM section's END", at=at)
             self.eof = True
-            events.append(Eof())
+            events.append(Eof(r.base + at))
             return
         if kind == C.QEMU_VM_COMMAND:
-            events.append(self._command(r, at))
+            self._command(r, at, events)
             return
         names = dict(self.section_names)
         hdr, name = stream.decode_named_section(r, names)
+        if self.framing:
+            events.append(Section(hdr))
         if name == C.RAM_SECTION_IDSTR:
             stream.check_ram_section(r, hdr, at, self.ram_section_id is not None,
                                      self.ram_complete)
             if hdr.type == C.QEMU_VM_SECTION_START:
-                _, blocks = ram.decode_block_list(r)
+                events.append(self._block_list(r))
                 self.ram_section_id = hdr.section_id
-                self.sizes = {idstr: size for idstr, size, _ in blocks}
-                events.append(Blocks([(idstr, size) for idstr, size, _ in blocks]))
             self.section_names = names
             self.in_ram = hdr
             return
@@ -267,26 +360,49 @@ class StreamDecoder:
                                                         hdr.version_id or 0))
             stream.decode_footer(r, hdr.section_id, name)
         elif self.ram_complete:
+            body = r.pos
             self._skip(r, hdr.section_id, name)
-            event = Skipped(name)
+            event = Skipped(name, r.base + body, r.pos - 5 - body)
         else:
             raise r.error(f"device section {name!r} before the RAM's END: mfd has no layout "
                           "for it", at=at)
         self.section_names = names
         events.append(event)
 
-    def _command(self, r: Reader, at: int) -> Event:
+    def _block_list(self, r: Reader) -> Blocks:
+        """MEM_SIZE and the block list; in a mapped-ram file, the hook reads each block's
+        header and moves past its pages region."""
+        hook = self.mapped_ram_hook
+        headers: list[mapped_ram.MappedRamHeader] = []
+        on_block = None
+        if self.mapped_ram:
+            assert hook is not None
+
+            def on_block(idstr: str, used_length: int, _entry: int) -> None:
+                headers.append(hook(r, idstr, used_length))
+
+        _, blocks = ram.decode_block_list(r, on_block)
+        self.sizes = {idstr: size for idstr, size, _ in blocks}
+        self.blocks_end = r.offset
+        return Blocks([(idstr, size) for idstr, size, _ in blocks],
+                      [entry for _, _, entry in blocks], headers)
+
+    def _command(self, r: Reader, at: int, events: list[Event]) -> None:
         cmd = stream.decode_command(r)
         if cmd.cmd == C.MIG_CMD_OPEN_RETURN_PATH and not cmd.payload:
-            return ReturnPath()
-        if cmd.cmd == C.MIG_CMD_PING and len(cmd.payload) == 4:
+            event: Event = ReturnPath()
+        elif cmd.cmd == C.MIG_CMD_PING and len(cmd.payload) == 4:
             value = int.from_bytes(cmd.payload, "big")
             self.mfd_source |= value == peer.MFD_PING
-            return Ping(value)
-        if cmd.cmd == C.MIG_CMD_SWITCHOVER_START and not cmd.payload:
-            return SwitchoverStart()
-        raise r.error(f"command {cmd.name} ({len(cmd.payload)} bytes) is not one mfd "
-                      "takes (postcopy and COLO are not supported)", at=at)
+            event = Ping(value)
+        elif cmd.cmd == C.MIG_CMD_SWITCHOVER_START and not cmd.payload:
+            event = SwitchoverStart()
+        else:
+            raise r.error(f"command {cmd.name} ({len(cmd.payload)} bytes) is not one mfd "
+                          "takes (postcopy and COLO are not supported)", at=at)
+        if self.framing:
+            events.append(Command(r.base + at, cmd))
+        events.append(event)
 
     def _skip(self, r: Reader, section_id: int, idstr: str) -> None:
         """To just after the section's footer (0x7e, be32 id), found by scanning: the
@@ -297,15 +413,17 @@ class StreamDecoder:
         pos = r.pos
         limit = min(self.end, r.pos + _SKIP_MAX)
         while True:
-            found = self.buf.find(needle, pos, limit)
+            found = _find(self.buf, needle, pos, limit)
             if found < 0:
                 if limit < self.end:
                     raise r.error(f"device section {idstr!r}: no footer within "
                                   f"{_SKIP_MAX >> 20} MiB")
-                raise Truncated(f"{self.what}: device section {idstr!r} continues")
+                raise Truncated(f"{self.what} at offset {r.offset:#x}: truncated: device "
+                                f"section {idstr!r} (layout unknown) has no footer yet")
             after = found + len(needle)
             if after >= self.end:
-                raise Truncated(f"{self.what}: device section {idstr!r} continues")
+                raise Truncated(f"{self.what} at offset {r.offset:#x}: truncated: device "
+                                f"section {idstr!r} (layout unknown) continues")
             if self.buf[after] in (C.QEMU_VM_EOF, C.QEMU_VM_SECTION_FULL, C.QEMU_VM_COMMAND):
                 r.seek(after, "device section footer")
                 return
@@ -317,8 +435,15 @@ class StreamDecoder:
         """One RAM record, or a run of them that numpy decodes at once."""
         hdr = self.in_ram
         assert hdr is not None
-        if self._zero_run(r, events) or self._page_run(r, events):
-            return
+        if self.mapped_ram:
+            self._mapped_ram_record(r)
+        elif self.last_block is not None and r.remaining >= 8:
+            (low,) = _U16.unpack_from(r.buf, r.pos + 6)  # the record's flags, peeked
+            flags = low & ram.FLAG_MASK
+            if flags == _ZERO_CONT and self._zero_run(r, events):
+                return
+            if flags == _PAGE_CONT and self._page_run(r, events):
+                return
         rec = ram.decode_record(r, self.sizes, self.last_block)
         kind = rec.flags & ~C.RAM_SAVE_FLAG_CONTINUE
         if kind == C.RAM_SAVE_FLAG_EOS:
@@ -338,22 +463,41 @@ class StreamDecoder:
             start = rec.data_offset - r.base
             data = np.frombuffer(self.buf, dtype=np.uint8, count=C.TARGET_PAGE_SIZE,
                                  offset=start).reshape(1, -1)
-            events.append(Pages(rec.idstr, page, data))
+            events.append(Pages(rec.idstr, page, data, rec.data_offset))
         else:
             events.append(ZeroPages(rec.idstr, page))
 
-    def _run(self, r: Reader, size: int, flags: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """Consecutive CONTINUE records of ``size`` bytes with these flags: (records, page
-        numbers) of the run, its offsets checked against the block; None if there is none."""
-        if self.last_block is None or r.remaining < size:
+    def _mapped_ram_record(self, r: Reader) -> None:
+        """mapped-ram streams carry no record but EOS (QEMU: 'Unexpected RAM flags'): the
+        pages are in the file's pages regions. A wrong one right where the stream resumed
+        after the last block's pages region means that jump was wrong."""
+        at = r.pos
+        word = r.be64("RAM record")
+        r.pos = at
+        if word != C.RAM_SAVE_FLAG_EOS:
+            where = (f", right after block {next(reversed(self.sizes))!r}'s pages region (is "
+                     "its pages_offset or used_length wrong?)"
+                     if r.base + at == self.blocks_end else
+                     ": mapped-ram streams carry no page records")
+            raise r.error(f"RAM record {word:#x} ({ram.flag_names(word & ram.FLAG_MASK)}) "
+                          f"where EOS was expected{where}", at=at)
+
+    def _run(self, r: Reader, size: int, flags: int) -> tuple[int, np.ndarray] | None:
+        """Consecutive CONTINUE records of ``size`` bytes with these flags: (their count,
+        page numbers), offsets checked against the block; None if there is none. Looks at
+        a few records first, then at more and more: the cost follows the run's length."""
+        n = min(r.remaining, _RUN_BYTES) // size
+        if self.last_block is None or n == 0:
             return None
-        n = r.remaining // size
-        recs = np.frombuffer(self.buf, dtype=np.uint8, count=n * size,
-                             offset=r.pos).reshape(n, size)
-        words = recs[:, :8].copy().view(">u8").reshape(-1)
-        ok = (words & np.uint64(ram.FLAG_MASK)) == flags
-        bad = np.flatnonzero(~ok)
-        k = int(bad[0]) if len(bad) else n
+        words = np.ndarray((n,), dtype=">u8", buffer=self.buf, offset=r.pos, strides=(size,))
+        k, step = 0, _RUN_FIRST
+        while k < n:
+            bad = np.flatnonzero((words[k : k + step] & np.uint64(ram.FLAG_MASK)) != flags)
+            if len(bad):
+                k += int(bad[0])
+                break
+            k = min(n, k + step)
+            step *= 8
         if k == 0:
             return None
         addrs = words[:k] & ~np.uint64(ram.FLAG_MASK)
@@ -361,19 +505,21 @@ class StreamDecoder:
         if int(addrs.max()) + C.TARGET_PAGE_SIZE > limit:
             raise r.error(f"page offset {int(addrs.max()):#x} is past the end of block "
                           f"{self.last_block!r} (used_length {limit:#x})")
-        return recs[:k], (addrs // C.TARGET_PAGE_SIZE).astype(np.int64)
+        return k, (addrs // C.TARGET_PAGE_SIZE).astype(np.int64)
 
     def _zero_run(self, r: Reader, events: list[Event]) -> bool:
         """ZERO|CONTINUE records (legacy zero-page detection sends one per zero page)."""
         run = self._run(r, _ZERO_RECORD, _ZERO_CONT)
         if run is None:
             return False
-        recs, pages = run
-        fills = np.flatnonzero(recs[:, 8])
+        k, pages = run
+        fill = np.ndarray((k,), dtype=np.uint8, buffer=self.buf, offset=r.pos + 8,
+                          strides=(_ZERO_RECORD,))
+        fills = np.flatnonzero(fill)
         if len(fills):
-            raise r.error(f"zero page record with fill byte {int(recs[fills[0], 8]):#04x}, "
+            raise r.error(f"zero page record with fill byte {int(fill[fills[0]]):#04x}, "
                           "expected 0", at=r.pos + int(fills[0]) * _ZERO_RECORD + 8)
-        r.take(len(pages) * _ZERO_RECORD, "zero page records")
+        r.take(k * _ZERO_RECORD, "zero page records")
         assert self.last_block is not None
         events.append(ZeroPages(self.last_block, pages))
         return True
@@ -383,8 +529,25 @@ class StreamDecoder:
         run = self._run(r, _PAGE_RECORD, _PAGE_CONT)
         if run is None:
             return False
-        recs, pages = run
-        r.take(len(pages) * _PAGE_RECORD, "page records")
+        k, pages = run
+        data = np.ndarray((k, C.TARGET_PAGE_SIZE), dtype=np.uint8, buffer=self.buf,
+                          offset=r.pos + 8, strides=(_PAGE_RECORD, 1))
+        offset = r.offset + 8
+        r.take(k * _PAGE_RECORD, "page records")
         assert self.last_block is not None
-        events.append(Pages(self.last_block, pages, recs[:, 8:]))
+        events.append(Pages(self.last_block, pages, data, offset))
         return True
+
+
+def _find(buf, needle: bytes, pos: int, end: int) -> int:
+    """``buf.find`` for any buffer: a memoryview has none, so it is searched in slices."""
+    if hasattr(buf, "find"):  # bytes, bytearray, mmap
+        return buf.find(needle, pos, end)
+    chunk = 1 << 22
+    while pos < end:
+        stop = min(end, pos + chunk + len(needle) - 1)
+        got = bytes(buf[pos:stop]).find(needle)
+        if got >= 0:
+            return pos + got
+        pos += chunk
+    return -1

@@ -1,11 +1,23 @@
-"""Walk a whole QEMU migration stream held in a buffer and describe (and validate) it.
+"""A whole QEMU migration file held in a buffer, described (and validated).
 
 Pure: it reads only the given buffer (an mmap of the file in practice) and returns a
-:class:`MigrationFile`. It understands both of QEMU's RAM encodings:
+:class:`MigrationFile`. The stream in it is QEMU's precopy stream, decoded where it lies by
+the same sans-I/O decoder as a live migration's main channel
+(:meth:`mfd.protocol.livestream.StreamDecoder.decode_all`: nothing is copied); this module
+adds what only a file has::
+
+    buffer --decode_all--> events --> MigrationFile (sections, commands, record counts,
+      |                                blocks, devices, EOF, vmdesc)
+      |   mapped-ram: after each block entry, _mapped_ram_header reads the MappedRamHeader,
+      |               checks it against the file and jumps over the bitmap and pages region
+      |   stream:     each page's last record -> page_state (file offset of its data, or zero)
+      +-- after EOF/vmdesc: mfd's trailer, found from the end of the file
+
+It understands both of QEMU's RAM encodings:
 
 * mapped-ram: every block entry carries a MappedRamHeader, the stream jumps past each
   block's pages region, and page data is found through the bitmap;
-* the classic stream: pages are PAGE/ZERO records inside START/PART/END sections; the walk
+* the classic stream: pages are PAGE/ZERO records inside START/PART/END sections; the parse
   records each page's *last* record (a later round's copy wins), so a loader can place the
   final RAM with vectorized copies.
 
@@ -21,7 +33,7 @@ import numpy as np
 
 from mfd.errors import ProtocolError
 from mfd.protocol import constants as C
-from mfd.protocol import devices, mapped_ram, ram, stream, trailer
+from mfd.protocol import devices, livestream, mapped_ram, stream, trailer
 from mfd.protocol.codec import Reader
 
 PAGE_ABSENT = -2  # stream format: no record for the page
@@ -82,202 +94,128 @@ class MigrationFile:
 
 
 def parse(buf, file_size: int | None = None, start: int = 0) -> MigrationFile:
-    """Walk the stream in ``buf`` from ``start`` (``file:PATH,offset=N``) to EOF and beyond."""
+    """The stream in ``buf`` from ``start`` (``file:PATH,offset=N``) to EOF and beyond."""
     size = len(buf) if file_size is None else file_size
-    r = Reader(buf, start, end=size, what="migration file")
-    mf = MigrationFile(start=start, file_size=size)
     if size - start == 0:
         raise ProtocolError("migration file is empty" + (f" after offset {start:#x}" if start
                                                            else ""))
-    mf.version = stream.decode_file_header(r)
-    mf.configuration = stream.decode_configuration(r)
-    _Walker(r, mf).run()
-    _parse_tail(r, mf)
+    try:
+        return _parse(buf, size, start)
+    except ProtocolError as e:
+        error, message = type(e), str(e)
+    # Raised afresh, without the frames of the parse: their page views pin ``buf``, an mmap
+    # the caller closes on failure (mfd.main_thread.load.OpenedFile).
+    raise error(message)
+
+
+def _parse(buf, size: int, start: int) -> MigrationFile:
+    mf = MigrationFile(start=start, file_size=size)
+    dec = livestream.StreamDecoder("migration file", framing=True, file=True,
+                                   mapped_ram=_mapped_ram_header)
+    for ev in dec.decode_all(buf, start, size):
+        _on_event(mf, ev)
+    if not dec.eof:
+        raise ProtocolError(f"migration file at offset {dec.offset:#x}: truncated: the file "
+                            "ends before QEMU_VM_EOF (a save that did not complete, or a cut "
+                            "copy)")
+    mf.stream_end = dec.offset
+    _parse_tail(buf, mf)
     return mf
 
 
-class _Walker:
-    def __init__(self, r: Reader, mf: MigrationFile) -> None:
-        self.r = r
-        self.mf = mf
-        self.ram_section_id: int | None = None
-        self.sizes: dict[str, int] = {}
-        self.by_name: dict[str, RamBlockEntry] = {}
-        self.last_block: str | None = None
-        self.section_names: dict[int, str] = {}
-        self.resumes_after: tuple[int, str] = (-1, "")  # mapped-ram: (pos, block) after pages
+def _count(mf: MigrationFile, name: str, n: int = 1) -> None:
+    mf.record_counts[name] = mf.record_counts.get(name, 0) + n
 
-    def count(self, name: str) -> None:
-        self.mf.record_counts[name] = self.mf.record_counts.get(name, 0) + 1
 
-    def run(self) -> None:
-        r, mf = self.r, self.mf
-        while True:
-            at = r.pos
-            if not r.remaining:
-                raise r.error("truncated: the file ends before QEMU_VM_EOF (a save that did not "
-                              "complete, or a cut copy)")
-            kind = r.peek_u8("next section type")
-            if kind == C.QEMU_VM_EOF:
-                r.u8("EOF")
-                mf.eof_offset = r.base + at
-                if self.ram_section_id is None:
-                    raise r.error("stream has no RAM section before EOF", at=at)
-                if not mf.ram_complete:
-                    raise r.error("stream reached EOF without the RAM section's END", at=at)
-                return
-            if kind == C.QEMU_VM_COMMAND:
-                mf.commands.append((r.base + at, stream.decode_command(r)))
-                continue
-            hdr, name = stream.decode_named_section(r, self.section_names)
+def _on_event(mf: MigrationFile, ev: livestream.Event) -> None:
+    """What the file keeps of one event of its stream."""
+    match ev:
+        case livestream.Header(configuration):
+            mf.version = C.QEMU_VM_FILE_VERSION  # the decoder takes no other
+            mf.configuration = configuration
+        case livestream.Section(hdr):
             mf.sections.append(hdr)
-            if name == C.RAM_SECTION_IDSTR:
-                self.ram_section(hdr, at)
-            elif hdr.type == C.QEMU_VM_SECTION_FULL:
-                self.device_section(hdr, at)
-            else:
-                raise r.error(f"iterative section {name!r} is not RAM: mfd cannot read it",
-                              at=at)
-            stream.decode_footer(r, hdr.section_id, name)
-
-    def ram_section(self, hdr: stream.SectionHeader, at: int) -> None:
-        r, mf = self.r, self.mf
-        stream.check_ram_section(r, hdr, at, self.ram_section_id is not None, mf.ram_complete)
-        if hdr.type == C.QEMU_VM_SECTION_START:
-            self.ram_section_id = hdr.section_id
-            self.block_list()
-        else:
-            self.count(hdr.type_name)
-        self.records()
-        if hdr.type == C.QEMU_VM_SECTION_END:
-            mf.ram_complete = True
-
-    def block_list(self) -> None:
-        """MEM_SIZE and the blocks; mapped-ram's header follows each entry."""
-        mf = self.mf
-
-        def on_block(idstr: str, used_length: int, entry: int) -> None:
-            block = RamBlockEntry(idstr, used_length, entry)
-            if mf.mapped_ram:
-                self.mapped_ram_block(block)
-            else:
-                block.page_state = np.full(block.num_pages, PAGE_ABSENT, dtype=np.int64)
-            mf.blocks.append(block)
-            self.by_name[idstr] = block
-            self.sizes[idstr] = used_length
-
-        mf.mem_size, _ = ram.decode_block_list(self.r, on_block)
-        self.count("MEM_SIZE")
-
-    def mapped_ram_block(self, block: RamBlockEntry) -> None:
-        """Validate the header against the file, then continue after the pages region."""
-        r = self.r
-        hdr_at = r.pos
-        hdr = mapped_ram.decode_header(r, block.idstr)
-        header_end = r.offset
-        bmap_end = hdr.bitmap_offset + mapped_ram.bitmap_size(block.num_pages)
-        if hdr.bitmap_offset < header_end:
-            raise r.error(f"block {block.idstr!r}: bitmap_offset {hdr.bitmap_offset:#x} points "
-                          f"into the stream before the header's end ({header_end:#x})",
-                          at=hdr_at)
-        if bmap_end > r.base + r.pos + r.remaining:
-            raise r.error(f"block {block.idstr!r}: bitmap {hdr.bitmap_offset:#x}..{bmap_end:#x}"
-                          " is past the end of the file (truncated?)", at=hdr_at)
-        if hdr.pages_offset < bmap_end:
-            raise r.error(f"block {block.idstr!r}: pages_offset {hdr.pages_offset:#x} overlaps "
-                          f"the bitmap (ends at {bmap_end:#x})", at=hdr_at)
-        block.mapped_ram = hdr
-        end = hdr.pages_offset + block.used_length
-        if end > r.base + r.pos + r.remaining:
-            raise r.error(f"block {block.idstr!r}: pages region {hdr.pages_offset:#x}..{end:#x} "
-                          "is past the end of the file (truncated?)", at=hdr_at)
-        r.seek(end - r.base, f"end of block {block.idstr!r} pages")
-        self.resumes_after = (r.pos, block.idstr)
-
-    def records(self) -> None:
-        """Records up to EOS. mapped-ram streams carry none but EOS (QEMU: 'Unexpected RAM
-        flags' otherwise)."""
-        r, mf = self.r, self.mf
-        if mf.mapped_ram:
-            at = r.pos
-            word = r.be64("RAM record")
-            if word != C.RAM_SAVE_FLAG_EOS:
-                pos, idstr = self.resumes_after
-                where = (f", right after block {idstr!r}'s pages region (is its pages_offset "
-                         "or used_length wrong?)" if pos == at else
-                         ": mapped-ram streams carry no page records")
-                raise r.error(f"RAM record {word:#x} ({ram.flag_names(word & ram.FLAG_MASK)}) "
-                              f"where EOS was expected{where}", at=at)
-            self.count("EOS")
-            return
-        while True:
-            at = r.pos
-            rec = ram.decode_record(r, self.sizes, self.last_block)
-            kind = rec.flags & ~C.RAM_SAVE_FLAG_CONTINUE
-            if kind == C.RAM_SAVE_FLAG_EOS:
-                self.count("EOS")
-                return
-            if kind == C.RAM_SAVE_FLAG_MULTIFD_FLUSH:
-                self.count("MULTIFD_FLUSH")
-                continue
-            self.last_block = rec.idstr
-            state = self.by_name[rec.idstr].page_state
-            assert state is not None
-            if kind == C.RAM_SAVE_FLAG_PAGE:
-                self.count("PAGE")
-                state[rec.addr // C.TARGET_PAGE_SIZE] = rec.data_offset
-            else:
-                self.count("ZERO")
-                state[rec.addr // C.TARGET_PAGE_SIZE] = PAGE_ZERO
-
-    def device_section(self, hdr: stream.SectionHeader, at: int) -> None:
-        r, mf = self.r, self.mf
-        assert hdr.idstr is not None and hdr.instance_id is not None
-        if hdr.idstr in devices.KNOWN_DEVICES:
-            mf.devices.append(devices.decode_device(r, hdr.idstr, hdr.instance_id,
-                                                    hdr.version_id or 0))
-            return
-        # The stream has no section lengths; find this section's footer (0x7e + be32 id)
-        # followed by a plausible next byte. Good enough to show the rest of the file.
-        needle = bytes([C.QEMU_VM_SECTION_FOOTER]) + hdr.section_id.to_bytes(4, "big")
-        buf = r.buf
-        pos = r.pos
-        end = r.pos + r.remaining
-        while True:
-            found = bytes(buf[pos:end]).find(needle) if end - pos < (1 << 24) else \
-                _find(buf, needle, pos, end)
-            if found < 0:
-                raise r.error(f"device section {hdr.idstr!r}: layout unknown and its footer "
-                              "was not found", at=at)
-            cand = pos + found
-            nxt = cand + len(needle)
-            if nxt >= end or buf[nxt] <= C.QEMU_VM_COMMAND:
-                mf.skipped_devices.append((hdr.idstr, r.base + r.pos, cand - r.pos))
-                r.seek(cand, "device footer")
-                return
-            pos = cand + 1
+            if hdr.type in (C.QEMU_VM_SECTION_PART, C.QEMU_VM_SECTION_END):  # RAM's only
+                _count(mf, hdr.type_name)
+        case livestream.Command(offset, command):
+            mf.commands.append((offset, command))
+        case livestream.Blocks(blocks, entries, headers):
+            mf.mem_size = sum(size for _, size in blocks)
+            _count(mf, "MEM_SIZE")
+            for i, ((idstr, used_length), entry) in enumerate(zip(blocks, entries,
+                                                                 strict=True)):
+                b = RamBlockEntry(idstr, used_length, entry)
+                if mf.mapped_ram:
+                    b.mapped_ram = headers[i]
+                else:
+                    b.page_state = np.full(b.num_pages, PAGE_ABSENT, dtype=np.int64)
+                mf.blocks.append(b)
+        case livestream.Flush():
+            _count(mf, "MULTIFD_FLUSH")
+        case livestream.SectionEnd(final):
+            _count(mf, "EOS")
+            mf.ram_complete = final
+        case livestream.ZeroPages(idstr, pages):
+            _count(mf, "ZERO", len(pages))
+            _place(mf.block(idstr), pages, np.full(len(pages), PAGE_ZERO, dtype=np.int64))
+        case livestream.Pages(idstr, pages):
+            _count(mf, "PAGE", len(pages))
+            _place(mf.block(idstr), pages, ev.offsets)
+        case livestream.Device(state):
+            mf.devices.append(state)
+        case livestream.Skipped(idstr, offset, length):
+            mf.skipped_devices.append((idstr, offset, length))
+        case livestream.Eof(offset):
+            mf.eof_offset = offset
+        case livestream.Vmdesc(json, offset):
+            mf.vmdesc, mf.vmdesc_offset = json, offset
+        # ReturnPath, Ping, SwitchoverStart: in mf.commands (a file never has Digests)
 
 
-def _find(buf, needle: bytes, pos: int, end: int) -> int:
-    chunk = 1 << 22
-    while pos < end:
-        got = bytes(buf[pos : min(end, pos + chunk + len(needle))]).find(needle)
-        if got >= 0:
-            return pos + got
-        pos += chunk
-    return -1
+def _place(block: RamBlockEntry, pages: np.ndarray, states: np.ndarray) -> None:
+    """The pages' state is now this (a later record replaces an earlier one, also within
+    one run of records: a round may send a page twice)."""
+    assert block.page_state is not None
+    if len(pages) > 1 and not (np.diff(pages) > 0).all():
+        last = len(pages) - 1 - np.unique(pages[::-1], return_index=True)[1]
+        pages, states = pages[last], states[last]
+    block.page_state[pages] = states
 
 
-def _parse_tail(r: Reader, mf: MigrationFile) -> None:
-    """Optional vmdesc after EOF, then mfd's trailer (found from the end) or stray bytes."""
-    if r.remaining and r.peek_u8("vmdesc") == C.QEMU_VM_VMDESCRIPTION:
-        mf.vmdesc_offset = r.offset
-        mf.vmdesc = stream.decode_vmdesc(r)
-    mf.stream_end = r.offset
+def _mapped_ram_header(r: Reader, idstr: str, used_length: int) -> mapped_ram.MappedRamHeader:
+    """The decoder's hook after each block entry of a mapped-ram stream: the block's
+    MappedRamHeader, checked against the file; the stream continues after the pages region
+    (the bitmap and the pages are not stream bytes: the file is read at random)."""
+    hdr_at = r.pos
+    hdr = mapped_ram.decode_header(r, idstr)
+    header_end = r.offset
+    file_end = r.base + r.pos + r.remaining
+    bmap_end = hdr.bitmap_offset + mapped_ram.bitmap_size(used_length // C.TARGET_PAGE_SIZE)
+    if hdr.bitmap_offset < header_end:
+        raise r.error(f"block {idstr!r}: bitmap_offset {hdr.bitmap_offset:#x} points into the "
+                      f"stream before the header's end ({header_end:#x})", at=hdr_at)
+    if bmap_end > file_end:
+        raise r.error(f"block {idstr!r}: bitmap {hdr.bitmap_offset:#x}..{bmap_end:#x} is past "
+                      "the end of the file (truncated?)", at=hdr_at)
+    if hdr.pages_offset < bmap_end:
+        raise r.error(f"block {idstr!r}: pages_offset {hdr.pages_offset:#x} overlaps the "
+                      f"bitmap (ends at {bmap_end:#x})", at=hdr_at)
+    end = hdr.pages_offset + used_length
+    if end > file_end:
+        raise r.error(f"block {idstr!r}: pages region {hdr.pages_offset:#x}..{end:#x} is past "
+                      "the end of the file (truncated?)", at=hdr_at)
+    r.seek(end - r.base, f"end of block {idstr!r} pages")
+    return hdr
+
+
+def _parse_tail(buf, mf: MigrationFile) -> None:
+    """After the stream (EOF and its vmdesc): mfd's trailer (found from the end) or stray
+    bytes."""
+    assert mf.stream_end is not None
     tail_len = min(trailer.TAIL_SIZE, mf.file_size)
-    tail = bytes(r.buf[mf.file_size - tail_len : mf.file_size])
+    tail = bytes(buf[mf.file_size - tail_len : mf.file_size])
     if mf.file_size - mf.stream_end >= trailer.TAIL_SIZE and trailer.has_trailer(tail):
-        mf.trailer = trailer.decode_trailer(r.buf, mf.file_size)
+        mf.trailer = trailer.decode_trailer(buf, mf.file_size)
         _check_trailer_blocks(mf)
     else:
         mf.trailing_bytes = mf.file_size - mf.stream_end

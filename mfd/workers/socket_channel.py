@@ -26,6 +26,8 @@ goes away fails with one line (ERROR to its main process) and exits.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import signal
 import socket
@@ -38,7 +40,7 @@ import zmq
 
 from mfd.errors import MfdError, ProtocolError
 from mfd.protocol import messages, multifd
-from mfd.protocol.constants import TARGET_PAGE_SIZE
+from mfd.protocol.constants import MULTIFD_PACKET_SIZE, TARGET_PAGE_SIZE
 from mfd.protocol.trailer import CHUNK_PAGES, whole_chunks
 from mfd.shm.ramblock import (
     WORDS_PER_PAGE,
@@ -56,6 +58,9 @@ from mfd.workers.ramdigest import packet_digest, ram_digests
 
 POLL_MS = 500
 PAGE = TARGET_PAGE_SIZE
+_SPLICE_F_MOVE = 1
+_F_SETPIPE_SZ = 1031
+_F_GETPIPE_SZ = 1032
 
 
 @dataclass(frozen=True)
@@ -227,8 +232,9 @@ class SendChannel(_Channel):
             mask[:] = nonzero_rows(mapped.words, packet)
             return
         mask[:] = False
+        # no MADV_POPULATE_READ here: it holds the file's locks while it maps, and the
+        # other channels' SEEK_DATA then waited (lseek took 2.0 of a channel's 4.3 s)
         for start, end in data_runs(mapped.fd, lo, hi):
-            mapped.populate(start, end)
             mask[start - lo : end - lo] = nonzero_rows(mapped.words, slice(start, end))
 
     def sync(self, job_id: int) -> list:
@@ -271,6 +277,10 @@ class RecvChannel(_Channel):
         self.index = {b.idstr: i for i, b in enumerate(cfg.blocks)}
         self.header = bytearray(multifd.PACKET_SIZE)
         self.payload = bytearray(0 if self.nocomp else self.max_payload)
+        self.pipe = os.pipe()
+        with contextlib.suppress(OSError):  # room for a whole packet: fewer splice calls
+            fcntl.fcntl(self.pipe[1], _F_SETPIPE_SZ, MULTIFD_PACKET_SIZE)
+        self.pipe_size = fcntl.fcntl(self.pipe[1], _F_GETPIPE_SZ)
         self.handoff = socket.socket(fileno=cfg.handoff)
         self.poller.register(self.handoff.fileno(), zmq.POLLIN)
         self.waiting = False  # at a SYNC packet, until RELEASE
@@ -282,6 +292,8 @@ class RecvChannel(_Channel):
         self.decompressor.close()
         self.receivedmap.close()
         self.handoff.close()
+        for fd in self.pipe:
+            os.close(fd)
         super().close()
 
     def _new_report(self) -> None:
@@ -331,6 +343,50 @@ class RecvChannel(_Channel):
         except tcp.LinkLost as e:
             raise tcp.LinkLost(f"{self.where()}: {e}") from None
 
+    def _splice(self, fd: int, runs: list[tuple[int, int]]) -> None:
+        """The packet's pages from the connection straight into the RAM file: socket ->
+        pipe moves the kernel's buffers (the whole payload fits the pipe), pipe -> file
+        copies them into the page cache once, run by run at each run's offset. Measured on
+        this machine (512 MiB, loopback, a fresh tmpfs file): 0.46-0.60 s, against
+        0.74-0.79 s for recvmsg_into through the mapping, which takes a fault and zeroes
+        each new page before writing it."""
+        assert self.conn is not None
+        size = sum(hi - lo for lo, hi in runs) * PAGE
+        got = 0
+        while got < size:
+            try:
+                n = os.splice(self.conn.fileno(), self.pipe[1], size - got,
+                              flags=_SPLICE_F_MOVE)
+            except BlockingIOError:
+                tcp.wait(self.conn, write=False, tick=self.tick)
+                continue
+            except OSError as e:
+                raise tcp.LinkLost(f"{self.where()}: connection lost ({e.strerror})") \
+                    from None
+            if n == 0:
+                raise tcp.LinkLost(f"{self.where()}: the peer closed the channel in the middle "
+                                   "of a message")
+            got += n
+            if got < size and got < self.pipe_size:
+                continue  # fill the pipe first: fewer calls to empty it
+            runs = self._drain(fd, runs, got)
+            size -= got
+            got = 0
+
+    def _drain(self, fd: int, runs: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
+        """Move ``n`` bytes from the pipe into the file along ``runs``; the runs left."""
+        while n:
+            lo, hi = runs[0]
+            take = min(n, (hi - lo) * PAGE)
+            moved = 0
+            while moved < take:
+                moved += os.splice(self.pipe[0], fd, take - moved,
+                                   offset_dst=lo * PAGE + moved, flags=_SPLICE_F_MOVE)
+            n -= take
+            left = lo + take // PAGE
+            runs = runs[1:] if left == hi else [(left, hi), *runs[1:]]
+        return runs
+
     def _packet(self) -> None:
         """One packet from the connection (``multifd_recv_thread``), or its clean end."""
         assert self.conn is not None
@@ -373,10 +429,7 @@ class RecvChannel(_Channel):
         normal = (pkt.normal // PAGE).astype(np.intp)
         zero = (pkt.zero // PAGE).astype(np.intp)
         if len(normal) and self.nocomp:
-            runs = _runs(normal)
-            for lo, hi in runs:
-                mapped.populate_write(lo, hi)
-            self._recv([words[lo:hi] for lo, hi in runs])
+            self._splice(mapped.fd, _runs(normal))
         elif len(normal):
             payload = memoryview(self.payload)[: pkt.next_packet_size]
             self._recv([payload])
@@ -458,7 +511,7 @@ def channel_main(cfg: SocketChannelConfig, receive: bool) -> None:
     finally:
         if channel is not None:
             channel.close()
-        ctx.term()
+        ctx.destroy(0)  # also a socket of a channel that failed half-built
 
 
 def send_main(cfg: SocketChannelConfig) -> None:
