@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -113,8 +114,13 @@ class Background:
         self.thread.join(timeout)
         return not self.thread.is_alive()
 
+    def stack(self) -> str:
+        """Where the thread is now (for a message when it does not end)."""
+        frame = sys._current_frames().get(self.thread.ident or -1)
+        return "".join(traceback.format_stack(frame)) if frame is not None else "(ended)"
+
     def value(self, timeout: float = WAIT) -> Any:
-        assert self.join(timeout), f"mfd did not end within {timeout:g} s"
+        assert self.join(timeout), f"mfd did not end within {timeout:g} s, at:\n{self.stack()}"
         if self.error is not None:
             raise self.error
         return self.result
@@ -195,6 +201,14 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def sparse(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """16 MiB, 90 % zero pages: about 1.6 MiB of data."""
+    p = tmp_path_factory.mktemp("img") / "sparse16.bin"
+    generate(str(p), SIZE, seed=5, zero=0.9, random=0.05)
+    return p
+
+
+@pytest.fixture(scope="module")
 def image32(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """32 MiB, about 16 MiB of it nonzero: more than a loopback socket buffers per channel
     (about 4 MiB here) when spread over 2 uncompressed channels."""
@@ -223,20 +237,22 @@ def case_id(c: Case) -> str:
 
 # ============================================================================ 1. QEMU -> mfd
 
-# Every value of every axis at least once. multifd-flush-after-each-section cases keep
-# each channel's share of the first round under the socket buffers (compression, or 4
-# channels): beyond that mfd deadlocks with QEMU, see test_qemu_to_mfd_flush_each_section_
-# deadlock below.
+# Every value of every axis at least once. With multifd-flush-after-each-section the
+# source is the sparse image (1.6 MiB of data): mfd deadlocks with QEMU once a channel's
+# share of the first round outgrows its socket buffers (about 4 MiB here; it happened to
+# 4 uncompressed channels of the 16 MiB image about once in 12 runs), see
+# test_qemu_to_mfd_flush_each_section_deadlock.
 QEMU_TO_MFD: list[Case] = [
     (0, "none", "multifd", False, False),
     (0, "none", "legacy", False, True),
     (0, "none", "none", False, False),
     (1, "zlib", "legacy", False, True),
     (2, "none", "multifd", False, True),
-    (4, "zstd", "none", False, False),
-    (2, "zstd", "multifd", True, False),
-    (4, "none", "legacy", True, True),
-    (2, "zlib", "none", True, True),
+    (2, "zstd", "none", False, False),
+    (4, "none", "legacy", False, False),
+    (2, "none", "multifd", True, False),
+    (4, "zlib", "none", True, True),
+    (1, "zstd", "legacy", True, True),
 ]
 
 
@@ -260,9 +276,10 @@ def qemu_to_mfd(src: Path, out: Path, case: Case, *, size: int = SIZE,
         q.start_migrate(f"tcp:127.0.0.1:{port}")
         try:
             info = q.wait_migration(WAIT)
-        except QemuError:
-            inc.join(WAIT)  # mfd's reason says more than QEMU's
-            if inc.error is not None:
+        except QemuError as e:
+            if not inc.join(5):
+                raise AssertionError(f"{e}\nmfd still running, at:\n{inc.stack()}") from None
+            if inc.error is not None:  # mfd's reason says more than QEMU's
                 raise inc.error from None
             raise
         assert q.query_status() == "postmigrate"
@@ -271,7 +288,8 @@ def qemu_to_mfd(src: Path, out: Path, case: Case, *, size: int = SIZE,
 
 
 @pytest.mark.parametrize("case", QEMU_TO_MFD, ids=case_id)
-def test_qemu_to_mfd(tmp_path: Path, image: Path, case: Case) -> None:
+def test_qemu_to_mfd(tmp_path: Path, image: Path, sparse: Path, case: Case) -> None:
+    image = sparse if case[3] else image
     src, out = source_copy(image, tmp_path), tmp_path / "out.bin"
     info, res = qemu_to_mfd(src, out, case)
     assert info["status"] == "completed"
@@ -401,7 +419,12 @@ def test_mfd_to_qemu_of_another_ram_size(tmp_path: Path, image: Path,
     err, elapsed, status, stderr = qemu_destination_fails(
         tmp_path, image, dst_size=2 * SIZE, exit_on_error=exit_on_error)
     assert isinstance(err, MfdError), err
-    assert one_line(str(err)) == "the destination failed to load the migration (SHUT 1)"
+    # QEMU says SHUT(1), then closes everything; a channel that meets the closed socket
+    # first wins the race for the message, as mfd keeps only an mfd destination's reason
+    # (Migration._destination_reason ignores SHUT): both seen
+    assert re.fullmatch(r"the destination failed to load the migration \(SHUT 1\)|"
+                        r"(main channel|channel \d+ failed): connection lost \(.*\)",
+                        one_line(str(err))), err
     assert elapsed < FAIL_WITHIN
     assert "Size mismatch: mem: 0x1000000 != 0x2000000" in stderr
     if exit_on_error:
