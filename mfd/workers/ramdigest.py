@@ -19,27 +19,22 @@ from mfd.protocol.constants import TARGET_PAGE_SIZE
 from mfd.shm.ramblock import MappedBlock, nonzero_rows
 
 
-def content_digest(nonzero: np.ndarray, pages: np.ndarray) -> bytes:
-    """One chunk's digest: ``nonzero`` is a bool per page of the chunk, ``pages`` a (n, 512)
-    uint64 array holding exactly the chunk's nonzero pages, in order."""
-    h = blake3.blake3(np.packbits(nonzero).tobytes())
-    if len(pages):
-        h.update(memoryview(np.ascontiguousarray(pages)).cast("B"))
+def chunk_digest(rows: np.ndarray, maybe: np.ndarray, checked: bool = False) -> bytes:
+    """One chunk's digest from its pages where they are, without gathering them: ``rows`` is
+    the chunk's (n, 512) uint64 pages (a view of RAM or of a buffer), ``maybe`` a bool per
+    page, False for a page known to be zero (sent or received as a zero page, a hole), True
+    for the others, whose zero-ness is judged on their data unless the caller ``checked``
+    it already. The same bytes as hashing the mask and then the nonzero pages in order."""
+    content = maybe.copy()
+    if not checked and content.any():
+        idx = np.flatnonzero(content)
+        content[idx] = nonzero_rows(rows, slice(0, len(rows)) if len(idx) == len(rows)
+                                    else idx)
+    h = blake3.blake3(np.packbits(content).tobytes())
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], content.view(np.int8), [0]))))
+    for lo, hi in edges.reshape(-1, 2).tolist():  # runs of nonzero pages, never per page
+        h.update(memoryview(rows[lo:hi]).cast("B"))
     return h.digest()
-
-
-def packet_digest(nonzero: np.ndarray, data: np.ndarray, checked: bool = False) -> bytes:
-    """The digest of a whole-chunk packet from its data: ``nonzero`` says which pages of the
-    chunk are normal (the others were sent or received as zero pages), ``data`` holds the
-    normal pages. A normal page may still be all zero (a sender without zero-page detection
-    sends those): zero-ness is judged on the data itself, as ``ram_digests`` judges RAM,
-    unless the caller ``checked`` this very data already."""
-    if checked:
-        return content_digest(nonzero, data)
-    content = nonzero.copy()
-    rows = nonzero_rows(data, slice(0, len(data))) if len(data) else np.zeros(0, dtype=bool)
-    content[np.flatnonzero(nonzero)] = rows
-    return content_digest(content, data if rows.all() else data[rows])
 
 
 def ram_digests(block: MappedBlock, pairs: np.ndarray, buffer: np.ndarray) -> bytes:
@@ -54,6 +49,5 @@ def ram_digests(block: MappedBlock, pairs: np.ndarray, buffer: np.ndarray) -> by
         n = os.preadv(block.fd, [chunk], start * TARGET_PAGE_SIZE)
         if n != chunk.nbytes:
             raise OSError(f"short read of RAM: {n} of {chunk.nbytes} bytes")
-        mask = nonzero_rows(chunk, slice(0, end - start))
-        out += content_digest(mask, chunk if mask.all() else chunk[mask])
+        out += chunk_digest(chunk, np.ones(end - start, dtype=bool))
     return bytes(out)

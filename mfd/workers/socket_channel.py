@@ -54,7 +54,7 @@ from mfd.shm.receivedmap import ReceivedMap
 from mfd.workers import tcp
 from mfd.workers.file_channel import die_with_parent
 from mfd.workers.methods import get_method
-from mfd.workers.ramdigest import packet_digest, ram_digests
+from mfd.workers.ramdigest import chunk_digest, ram_digests
 
 POLL_MS = 500
 PAGE = TARGET_PAGE_SIZE
@@ -198,9 +198,8 @@ class SendChannel(_Channel):
                 zero=packet[~mask].astype(np.uint64) * PAGE, next_packet_size=size)
             moved += self._send([header, *payload])
             if n in whole:
-                rows = words[int(packet[0]) : int(packet[-1]) + 1]
-                digests += packet_digest(mask, rows if mask.all() else rows[mask],
-                                         checked=self.cfg.zero_page_detection)
+                digests += chunk_digest(words[int(packet[0]) : int(packet[-1]) + 1], mask,
+                                        checked=self.cfg.zero_page_detection)
         return messages.encode_done(job_id, moved, nonzero, bytes(digests))
 
     def _views(self, block: int, normal: np.ndarray) -> list:
@@ -458,9 +457,9 @@ class RecvChannel(_Channel):
             first = chunk * CHUNK_PAGES
             mask = np.zeros(len(pages), dtype=bool)
             mask[normal - first] = True
-            rows = self.words[block][first : first + len(pages)]
             self.hashed.append((block, chunk))
-            self.digest_rows += packet_digest(mask, rows if mask.all() else rows[mask])
+            self.digest_rows += chunk_digest(self.words[block][first : first + len(pages)],
+                                             mask)
         else:
             chunks = np.unique(pages // CHUNK_PAGES).astype(np.uint32)
             self.touched.append(np.stack((np.full_like(chunks, block), chunks), axis=1))
