@@ -58,6 +58,9 @@ from mfd.workers.ramdigest import chunk_digest, ram_digests
 
 POLL_MS = 500
 PAGE = TARGET_PAGE_SIZE
+# a packet in more runs than this is read through the mapping in one call rather than
+# spliced run by run (two system calls per run)
+SPLICE_RUNS = 16
 _SPLICE_F_MOVE = 1
 _F_SETPIPE_SZ = 1031
 _F_GETPIPE_SZ = 1032
@@ -417,10 +420,10 @@ class RecvChannel(_Channel):
 
     def place(self, pkt: multifd.MultiFDPacket) -> None:
         """``multifd_nocomp_recv`` / the compressed recv methods, then the zero pages.
-        Uncompressed pages are read straight into the block's mapping, each run of
-        consecutive pages populated first (one call instead of a fault per page);
-        compressed ones are decompressed into this channel's buffer, then written to the
-        block's file (contiguous) or scattered through the mapping."""
+        Uncompressed pages go from the socket straight into the block's RAM (spliced into
+        its file run by run, or, in many short runs, read through its mapping); compressed
+        ones are decompressed into this channel's buffer, then written to the block's file
+        (consecutive pages) or scattered through the mapping."""
         block = self.index[pkt.ramblock]
         mapped = self.blocks[block]
         words = self.words[block]
@@ -428,7 +431,11 @@ class RecvChannel(_Channel):
         normal = (pkt.normal // PAGE).astype(np.intp)
         zero = (pkt.zero // PAGE).astype(np.intp)
         if len(normal) and self.nocomp:
-            self._splice(mapped.fd, _runs(normal))
+            runs = _runs(normal)
+            if len(runs) <= SPLICE_RUNS:
+                self._splice(mapped.fd, runs)
+            else:  # QEMU's order (zero pages swapped out): one recvmsg_into, not a splice each
+                self._recv([words[lo:hi] for lo, hi in runs])
         elif len(normal):
             payload = memoryview(self.payload)[: pkt.next_packet_size]
             self._recv([payload])
