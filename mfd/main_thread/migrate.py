@@ -165,7 +165,7 @@ class Migration(Precopy):
         if self.result.get("status") == "failed" or self.shut not in (None, 0):
             raise MfdError(self._failed_why())
         if self.closed and self.shut is None:
-            raise tcp.LinkLost("main channel: the destination closed the connection")
+            raise tcp.LinkLost("main channel: connection lost (the destination closed it)")
 
     def _failed_why(self) -> str:
         if self.result.get("error"):

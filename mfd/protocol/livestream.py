@@ -419,11 +419,12 @@ class StreamDecoder:
                     raise r.error(f"device section {idstr!r}: no footer within "
                                   f"{_SKIP_MAX >> 20} MiB")
                 raise Truncated(f"{self.what} at offset {r.offset:#x}: truncated: device "
-                                f"section {idstr!r} (layout unknown) has no footer yet")
+                                f"section {idstr!r} (layout unknown) has no footer before "
+                                "the end of the bytes")
             after = found + len(needle)
             if after >= self.end:
                 raise Truncated(f"{self.what} at offset {r.offset:#x}: truncated: device "
-                                f"section {idstr!r} (layout unknown) continues")
+                                f"section {idstr!r} (layout unknown) ends the bytes")
             if self.buf[after] in (C.QEMU_VM_EOF, C.QEMU_VM_SECTION_FULL, C.QEMU_VM_COMMAND):
                 r.seek(after, "device section footer")
                 return
@@ -503,8 +504,9 @@ class StreamDecoder:
         addrs = words[:k] & ~np.uint64(ram.FLAG_MASK)
         limit = self.sizes[self.last_block]
         if int(addrs.max()) + C.TARGET_PAGE_SIZE > limit:
-            raise r.error(f"page offset {int(addrs.max()):#x} is past the end of block "
-                          f"{self.last_block!r} (used_length {limit:#x})")
+            i = int(np.argmax(addrs > limit - C.TARGET_PAGE_SIZE))  # the first one
+            raise r.error(f"page offset {int(addrs[i]):#x} is past the end of block "
+                          f"{self.last_block!r} (used_length {limit:#x})", at=r.pos + i * size)
         return k, (addrs // C.TARGET_PAGE_SIZE).astype(np.int64)
 
     def _zero_run(self, r: Reader, events: list[Event]) -> bool:
