@@ -208,8 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the source syncs after each section (QEMU machine types <= 8.0)")
     _uuid(n)
     dst = n.add_mutually_exclusive_group()
-    dst.add_argument("--guest", help="name of the guest that will run here (default: the "
-                     "source's name)")
+    dst.add_argument("--guest", help="name of the guest that will run here (default vm0)")
     dst.add_argument("--image", type=parse_named, action="append", metavar="NAME=PATH",
                      help="write RAMBlock NAME to the raw image PATH instead of a guest")
     n.add_argument("--timeout", type=float, metavar="SECONDS",

@@ -332,8 +332,16 @@ class MigrateBench:
             d.start_migrate_incoming(uri)
             pid = d.pid
             assert pid is not None
-            # a hanging migration: QEMU killed, so the source fails
-            watchdog = threading.Timer(MIGRATE_TIMEOUT, os.kill, (pid, signal.SIGKILL))
+            # a hanging migration: QEMU killed, so the source fails (the bound QEMU's own
+            # waits have: a migration slower than 10 MiB/s is stuck)
+            limit = min(MIGRATE_TIMEOUT, self.ws.qemu_timeout)
+            killed = threading.Event()
+
+            def kill() -> None:
+                killed.set()
+                os.kill(pid, signal.SIGKILL)
+
+            watchdog = threading.Timer(limit, kill)
             watchdog.start()
             d0 = proc_cpu(pid)
             try:
@@ -343,6 +351,10 @@ class MigrateBench:
                                     params=self._params(channels, comp), warn=warnings.append)
                     dt = time.perf_counter() - t0
             except Exception as e:
+                watchdog.cancel()
+                if killed.is_set():
+                    raise RuntimeError(f"not done within {limit:g} s: QEMU's destination "
+                                       f"killed; mfd then said: {one_line(e)}") from e
                 with contextlib.suppress(Exception):  # QEMU may have said why by now
                     d.wait_migration(timeout=2.0)
                 raise RuntimeError(f"{one_line(e)} [QEMU destination: {_qemu_tail(d)}]") from e

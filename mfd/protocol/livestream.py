@@ -64,8 +64,9 @@ _VMDESC_MAX = 64 << 20
 # a device section mfd cannot parse is skipped to its footer; it is never this large
 _SKIP_MAX = 256 << 20
 _BUFFER = 1 << 20
-# a run of records is looked at in steps growing from _RUN_FIRST records (short runs cost
-# little) up to _RUN_BYTES of stream per event (a whole mmap'd file is never scanned at once)
+# a run of records is counted in Python up to _RUN_FIRST records (short runs cost little),
+# then by numpy in growing steps, up to _RUN_BYTES of stream per event (a whole mmap'd file
+# is never scanned at once)
 _RUN_FIRST = 16
 _RUN_BYTES = 8 << 20
 
@@ -485,22 +486,25 @@ class StreamDecoder:
 
     def _run(self, r: Reader, size: int, flags: int) -> tuple[int, np.ndarray] | None:
         """Consecutive CONTINUE records of ``size`` bytes with these flags: (their count,
-        page numbers), offsets checked against the block; None if there is none. Looks at
-        a few records first, then at more and more: the cost follows the run's length."""
+        page numbers), offsets checked against the block; None for fewer than two (one
+        record is cheaper to decode alone). The first few are counted in Python, then numpy
+        looks at more and more: the cost follows the run's length, never the buffer's."""
         n = min(r.remaining, _RUN_BYTES) // size
-        if self.last_block is None or n == 0:
+        if self.last_block is None or n < 2:
+            return None
+        k = 1
+        while k < min(n, _RUN_FIRST) and \
+                _U16.unpack_from(self.buf, r.pos + k * size + 6)[0] & ram.FLAG_MASK == flags:
+            k += 1
+        if k == 1:
             return None
         words = np.ndarray((n,), dtype=">u8", buffer=self.buf, offset=r.pos, strides=(size,))
-        k, step = 0, _RUN_FIRST
-        while k < n:
-            bad = np.flatnonzero((words[k : k + step] & np.uint64(ram.FLAG_MASK)) != flags)
-            if len(bad):
-                k += int(bad[0])
-                break
-            k = min(n, k + step)
-            step *= 8
-        if k == 0:
-            return None
+        step = _RUN_FIRST
+        while k == step and k < n:  # all of the last look matched: look further
+            more = words[k : k + step * 8] & np.uint64(ram.FLAG_MASK)
+            bad = np.flatnonzero(more != flags)
+            k += int(bad[0]) if len(bad) else len(more)
+            step = k
         addrs = words[:k] & ~np.uint64(ram.FLAG_MASK)
         limit = self.sizes[self.last_block]
         if int(addrs.max()) + C.TARGET_PAGE_SIZE > limit:

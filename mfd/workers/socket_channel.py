@@ -262,9 +262,9 @@ def _runs(pages: np.ndarray) -> list[tuple[int, int]]:
     if not len(pages):
         return []
     cuts = np.flatnonzero(np.diff(pages) != 1) + 1
-    starts = np.concatenate(([0], cuts))
-    ends = np.concatenate((cuts, [len(pages)]))
-    return [(int(pages[a]), int(pages[b - 1]) + 1) for a, b in zip(starts, ends, strict=True)]
+    starts = pages[np.concatenate(([0], cuts))]
+    ends = pages[np.concatenate((cuts - 1, [len(pages) - 1]))] + 1
+    return list(zip(starts.tolist(), ends.tolist(), strict=True))
 
 
 class RecvChannel(_Channel):

@@ -185,13 +185,11 @@ def recv_into(sock: socket.socket, buffers: list, tick: Tick | None = None,
 
 
 def wait(sock: socket.socket, write: bool, tick: Tick | None) -> None:
-    """Until ``sock`` is writable (or readable), calling ``tick`` every WAIT_S."""
-    while True:
-        r, w, _ = select.select([] if write else [sock], [sock] if write else [], [], WAIT_S)
-        if r or w:
-            return
-        if tick is not None:
-            tick()
+    """Up to WAIT_S for ``sock`` to be writable (or readable), then ``tick`` if it was not:
+    callers try again, so every wait stays bounded and watched."""
+    r, w, _ = select.select([] if write else [sock], [sock] if write else [], [], WAIT_S)
+    if not (r or w) and tick is not None:
+        tick()
 
 
 def _why(e: OSError) -> str:
