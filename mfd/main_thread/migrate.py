@@ -42,7 +42,7 @@ from mfd.protocol import constants as C
 from mfd.protocol import devices, messages, peer, ram, returnpath, stream, trailer
 from mfd.protocol.multifd import UUID_SIZE
 from mfd.shm.control import GuestClient
-from mfd.shm.ramblock import RAMBlock, data_runs, nonzero_rows
+from mfd.shm.ramblock import DataExtents, RAMBlock, nonzero_rows
 from mfd.workers import tcp
 from mfd.workers.socket_channel import SocketChannelConfig, send_main
 
@@ -193,6 +193,7 @@ class Migration(Precopy):
             self.addr = self.addr.resolved()
             self.sock = tcp.connect(self.addr, self.options.connect_timeout)
             live = self.start_guest_log()
+            self.extents = [DataExtents(m.fd) for m in self.mapped]
             self.chunks = ChunkTable(self.blocks)
             with self._channels() as pool:
                 self.pool = pool
@@ -334,7 +335,7 @@ class Migration(Precopy):
             lo, hi = int(pages[0]), int(pages[-1]) + 1
             if hi - lo == len(pages):
                 nonzero[:] = False
-                for start, end in data_runs(mapped.fd, lo, hi):
+                for start, end in self.extents[block].runs(lo, hi):
                     mapped.populate(start, end)
                     nonzero[start - lo : end - lo] = nonzero_rows(words, slice(start, end))
             else:

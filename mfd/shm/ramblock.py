@@ -10,6 +10,7 @@ segments it did not create when an attaching process exits (gh-82300), and warns
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import mmap
@@ -130,21 +131,75 @@ def data_runs(fd: int, lo: int, hi: int) -> list[tuple[int, int]]:
     image's zero pages), which read as zero without being read at all. A page partly in a
     hole counts as data. One SEEK_DATA/SEEK_HOLE pair per extent, never per page.
     """
-    start, end = lo * TARGET_PAGE_SIZE, hi * TARGET_PAGE_SIZE
+    st = os.fstat(fd)
+    if st.st_blocks * 512 >= st.st_size:
+        # no hole at all (a guest that touched all its RAM): SEEK_HOLE would scan from
+        # each start to the file's end, once per call (1 GiB: 1-2 ms a call)
+        return [(lo, hi)]
     runs = []
-    while start < end:
-        try:
-            data = os.lseek(fd, start, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:  # only a hole up to the end of the file
-                break
-            raise
-        if data >= end:
+    while lo < hi:
+        extent = next_extent(fd, lo)
+        if extent is None or extent[0] >= hi:
             break
-        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
-        runs.append((data // TARGET_PAGE_SIZE, -(-hole // TARGET_PAGE_SIZE)))
-        start = hole
+        runs.append((extent[0], min(extent[1], hi)))
+        lo = extent[1]
     return runs
+
+
+def next_extent(fd: int, page: int) -> tuple[int, int] | None:
+    """The first [start, end) of pages holding data at or after ``page``, whole (its end
+    may lie far beyond), or None if only holes follow."""
+    try:
+        data = os.lseek(fd, page * TARGET_PAGE_SIZE, os.SEEK_DATA)
+    except OSError as e:
+        if e.errno == errno.ENXIO:  # only a hole up to the end of the file
+            return None
+        raise
+    hole = os.lseek(fd, data, os.SEEK_HOLE)
+    return data // TARGET_PAGE_SIZE, -(-hole // TARGET_PAGE_SIZE)
+
+
+class DataExtents:
+    """:func:`data_runs` that remembers what it found to be data. A page with data stays
+    data (guests never punch holes), so a range inside a known extent costs no system
+    call; only where a hole was seen it asks again (the guest may have written there since:
+    a write after the caller's dirty bits were cleared is in the next round anyway).
+    SEEK_HOLE scans to the next hole however far beyond the range asked about, so asking
+    per packet about RAM that is nearly all data cost 1-2 ms a call (a 1 GiB migration:
+    21 s instead of 1.3 s)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.known: list[tuple[int, int]] = []  # sorted, disjoint data extents (pages)
+
+    def runs(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        out: list[tuple[int, int]] = []
+        p = lo
+        while p < hi:
+            i = bisect.bisect_right(self.known, (p, 1 << 62)) - 1
+            if i >= 0 and self.known[i][1] > p:  # inside a known extent
+                end = min(self.known[i][1], hi)
+                out.append((p, end))
+                p = end
+                continue
+            extent = next_extent(self.fd, p)
+            if extent is None or extent[0] >= hi:
+                break
+            start, end = extent
+            self._learn(start, end)
+            out.append((start, min(end, hi)))
+            p = min(end, hi)
+        return out
+
+    def _learn(self, start: int, end: int) -> None:
+        bisect.insort(self.known, (start, end))
+        merged: list[tuple[int, int]] = []
+        for a, b in self.known:
+            if merged and a <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+            else:
+                merged.append((a, b))
+        self.known = merged
 
 
 def nonzero_rows(words: np.ndarray, rows: np.ndarray | slice) -> np.ndarray:
