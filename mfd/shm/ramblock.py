@@ -26,8 +26,7 @@ from mfd.sysutil import link_fd
 from mfd.units import human
 
 SHM_DIR = "/dev/shm"
-MADV_POPULATE_READ = 22  # linux/mman.h, 5.14+; Python 3.11's mmap module lacks the names
-MADV_POPULATE_WRITE = 23
+MADV_POPULATE_READ = 22  # linux/mman.h, 5.14+; Python 3.11's mmap module lacks the name
 WORDS_PER_PAGE = TARGET_PAGE_SIZE // 8
 
 
@@ -105,14 +104,6 @@ class MappedBlock:
         pages with data: populating a hole of tmpfs would allocate it."""
         with contextlib.suppress(OSError):  # Linux < 5.14: the faults happen anyway
             self.mm.madvise(MADV_POPULATE_READ, start * TARGET_PAGE_SIZE,
-                            (end - start) * TARGET_PAGE_SIZE)
-
-    def populate_write(self, start: int, end: int) -> None:
-        """Allocate and map pages [start, end) for writing in one call
-        (MADV_POPULATE_WRITE): a receive straight into fresh RAM then takes no fault per
-        page."""
-        with contextlib.suppress(OSError):
-            self.mm.madvise(MADV_POPULATE_WRITE, start * TARGET_PAGE_SIZE,
                             (end - start) * TARGET_PAGE_SIZE)
 
     def close(self) -> None:

@@ -149,13 +149,7 @@ def send_all(sock: socket.socket, buffers: list, tick: Tick | None = None) -> in
             continue
         except OSError as e:
             raise LinkLost(_why(e)) from None
-        while n and i < len(views):
-            if n >= views[i].nbytes:
-                n -= views[i].nbytes
-                i += 1
-            else:
-                views[i] = views[i][n:]
-                n = 0
+        i = _advance(views, i, n)
     return total
 
 
@@ -175,13 +169,20 @@ def recv_into(sock: socket.socket, buffers: list, tick: Tick | None = None,
             raise LinkLost(_why(e)) from None
         if n == 0:
             raise LinkLost(f"the peer closed {what} in the middle of a message")
-        while n and i < len(views):
-            if n >= views[i].nbytes:
-                n -= views[i].nbytes
-                i += 1
-            else:
-                views[i] = views[i][n:]
-                n = 0
+        i = _advance(views, i, n)
+
+
+def _advance(views: list[memoryview], i: int, n: int) -> int:
+    """``n`` more bytes of ``views`` (from ``views[i]`` on) went through: the index of the
+    first buffer not done, that buffer cut to what is left of it."""
+    while n and i < len(views):
+        if n >= views[i].nbytes:
+            n -= views[i].nbytes
+            i += 1
+        else:
+            views[i] = views[i][n:]
+            n = 0
+    return i
 
 
 def wait(sock: socket.socket, write: bool, tick: Tick | None) -> None:
