@@ -221,3 +221,28 @@ def test_digests_round_trip_and_refusals():
         peer.decode_digests(Reader(raw), {"mem": 2, "rom": 2})
     with pytest.raises(ProtocolError, match="expected mfd's RAM digests"):
         peer.decode_digests(Reader(b"QEVM" + raw[4:]), {"mem": 2, "rom": 1})
+
+
+def _long_runs() -> bytes:
+    """Runs of 40 ZERO and 40 PAGE records, each followed by another record: the numpy
+    look-ahead must stop where a run stops."""
+    zeros = ram.encode_zero_page(0, "mem") + ram.encode_zero_records(
+        np.arange(1, 41, dtype=np.int64) * 4096)
+    pages = ram.encode_page(41 << 12, bytes(4096), None) + b"".join(
+        ram.encode_page(a << 12, bytes([a]) * 4096, None) for a in range(42, 82))
+    return (_setup() + _end_ram() + stream.encode_section_part(C.QEMU_VM_SECTION_PART, 1)
+            + zeros + pages + ram.encode_zero_page(200 << 12, None) + _end_ram())
+
+
+def test_long_runs_end_where_they_end():
+    events, _ = _decode(_long_runs(), [])
+    pages = [e[2] for e in events if isinstance(e, tuple)]
+    assert pages == list(range(0, 82)) + [200]
+    assert events[-1] == livestream.SectionEnd(False)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 170000), max_size=20))
+def test_any_split_of_long_runs_gives_the_same_events(cuts):
+    data = _long_runs()
+    assert _decode(data, cuts)[0] == _decode(data, [])[0]

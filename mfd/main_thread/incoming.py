@@ -347,6 +347,7 @@ class Incoming:
         elif self.skipped:
             self.warn(f"the source is QEMU: its device state ({', '.join(self.skipped)}) "
                       "has no place here, only its RAM")
+        guest = self.guest_name if self.guest is not None else None
         where = self._commit()
         digests = {k: trailer.blake3_of(v) for k, v in ours.items()} if ours else {}
         if self.return_path:
@@ -357,7 +358,7 @@ class Incoming:
                     + data
             with contextlib.suppress(tcp.LinkLost):  # the guest runs here now, whatever
                 self._reply(data)
-        return IncomingResult("completed", where, self.guest_name if self.guest else None,
+        return IncomingResult("completed", where, guest,
                               (time.monotonic() - self.start) * 1000, self.setup_time * 1000,
                               digests, ours is not None,
                               "mfd" if self.decoder.mfd_source else "qemu")

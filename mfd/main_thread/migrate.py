@@ -225,17 +225,16 @@ class Migration(Precopy):
                 self.guest.quit()  # it runs on the destination now
 
     def _destination_reason(self) -> str | None:
-        """The destination's own reason, if it sent one just before a channel lost its
-        connection (it says why better than the lost connection does)."""
+        """The destination's own verdict, if it gave one just before a channel lost its
+        connection (SHUT, or an mfd destination's reason, says why better)."""
         deadline = time.monotonic() + GRACE_S
         with contextlib.suppress(MfdError, OSError):
-            while time.monotonic() < deadline and not self.closed:
-                if self.result.get("error"):
-                    break
+            while time.monotonic() < deadline and not self.closed and self.shut is None:
                 if self.sock is not None:
                     tcp.wait(self.sock, write=False, tick=None)
                     self._on_return_path()
-        return f"destination: {self.result['error']}" if self.result.get("error") else None
+        return self._failed_why() if self.shut not in (None, 0) or self.result.get("error") \
+            else None
 
     def _channels(self) -> ChannelPool:
         """N send channels, connected before the main stream says a word of RAM (QEMU's

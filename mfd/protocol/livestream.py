@@ -60,12 +60,13 @@ _ZERO_RECORD = 9  # be64 word + fill byte
 _PAGE_CONT = C.RAM_SAVE_FLAG_PAGE | C.RAM_SAVE_FLAG_CONTINUE
 _PAGE_RECORD = 8 + C.TARGET_PAGE_SIZE
 _U16 = struct.Struct(">H")
+_U64 = struct.Struct(">Q")
 _VMDESC_MAX = 64 << 20
 # a device section mfd cannot parse is skipped to its footer; it is never this large
 _SKIP_MAX = 256 << 20
 _BUFFER = 1 << 20
-# a run of records is counted in Python up to _RUN_FIRST records (short runs cost little),
-# then by numpy in growing steps, up to _RUN_BYTES of stream per event (a whole mmap'd file
+# a run of records is read in Python up to _RUN_FIRST records (numpy costs more for a few),
+# then by numpy in growing looks, up to _RUN_BYTES of stream per event (a whole mmap'd file
 # is never scanned at once)
 _RUN_FIRST = 16
 _RUN_BYTES = 8 << 20
@@ -199,6 +200,7 @@ class StreamDecoder:
         self.section_names: dict[int, str] = {}
         self.ram_section_id: int | None = None
         self.in_ram: stream.SectionHeader | None = None  # the RAM section being read
+        self.footer_due: stream.SectionHeader | None = None  # after a RAM section's EOS
         self.ram_complete = False
         self.last_block: str | None = None
         self.blocks_end = -1  # mapped-ram: where the stream resumed after the last block
@@ -302,6 +304,9 @@ class StreamDecoder:
                 self.mapped_ram = True
             self.header_done = True
             events.append(Header(cfg))
+        elif self.footer_due is not None:
+            stream.decode_footer(r, self.footer_due.section_id, C.RAM_SECTION_IDSTR)
+            self.footer_due = None
         elif self.in_ram is not None:
             self._records(r, events)
         elif self.vmdesc:
@@ -449,10 +454,13 @@ class StreamDecoder:
         rec = ram.decode_record(r, self.sizes, self.last_block)
         kind = rec.flags & ~C.RAM_SAVE_FLAG_CONTINUE
         if kind == C.RAM_SAVE_FLAG_EOS:
-            stream.decode_footer(r, hdr.section_id, C.RAM_SECTION_IDSTR)
+            # the event goes out before the footer arrives, as QEMU's loader syncs at EOS:
+            # QEMU's source may hold the footer back until its channels have moved on,
+            # which in legacy flush mode waits for this very sync
             final = hdr.type == C.QEMU_VM_SECTION_END
             self.ram_complete = final
             self.in_ram = None
+            self.footer_due = hdr
             events.append(SectionEnd(final))
             return
         if kind == C.RAM_SAVE_FLAG_MULTIFD_FLUSH:
@@ -486,32 +494,62 @@ class StreamDecoder:
 
     def _run(self, r: Reader, size: int, flags: int) -> tuple[int, np.ndarray] | None:
         """Consecutive CONTINUE records of ``size`` bytes with these flags: (their count,
-        page numbers), offsets checked against the block; None for fewer than two (one
-        record is cheaper to decode alone). The first few are counted in Python, then numpy
-        looks at more and more: the cost follows the run's length, never the buffer's."""
+        page numbers), offsets checked against the block and zero pages' fill bytes; None
+        if there is none. A short run is read in Python (numpy costs more for a few
+        records); one that reaches _RUN_FIRST records is read by numpy, in growing looks:
+        the cost follows the run's length, never the buffer's."""
         n = min(r.remaining, _RUN_BYTES) // size
-        if self.last_block is None or n < 2:
+        if self.last_block is None or n == 0:
             return None
-        k = 1
-        while k < min(n, _RUN_FIRST) and \
-                _U16.unpack_from(self.buf, r.pos + k * size + 6)[0] & ram.FLAG_MASK == flags:
-            k += 1
-        if k == 1:
-            return None
-        words = np.ndarray((n,), dtype=">u8", buffer=self.buf, offset=r.pos, strides=(size,))
-        step = _RUN_FIRST
-        while k == step and k < n:  # all of the last look matched: look further
-            more = words[k : k + step * 8] & np.uint64(ram.FLAG_MASK)
+        idstr = self.last_block
+        limit = self.sizes[idstr] - C.TARGET_PAGE_SIZE  # the last page's offset
+        zero = size == _ZERO_RECORD
+        buf, pos = self.buf, r.pos
+        addrs: list[int] = []
+        while len(addrs) < min(n, _RUN_FIRST):
+            (word,) = _U64.unpack_from(buf, pos)
+            if word & ram.FLAG_MASK != flags:
+                break
+            addr = word ^ flags
+            if addr > limit:
+                raise self._past_block(r, addr, pos)
+            if zero and buf[pos + 8]:
+                raise self._fill(r, buf[pos + 8], pos + 8)
+            addrs.append(addr)
+            pos += size
+        if len(addrs) < _RUN_FIRST or len(addrs) == n:
+            if not addrs:
+                return None
+            return len(addrs), np.array(addrs, dtype=np.int64) // C.TARGET_PAGE_SIZE
+        words = np.ndarray((n,), dtype=">u8", buffer=buf, offset=r.pos, strides=(size,))
+        k = _RUN_FIRST
+        while k < n:  # all of the last look matched: look twice as far
+            more = words[k : k + k] & np.uint64(ram.FLAG_MASK)
             bad = np.flatnonzero(more != flags)
-            k += int(bad[0]) if len(bad) else len(more)
-            step = k
-        addrs = words[:k] & ~np.uint64(ram.FLAG_MASK)
-        limit = self.sizes[self.last_block]
-        if int(addrs.max()) + C.TARGET_PAGE_SIZE > limit:
-            i = int(np.argmax(addrs > limit - C.TARGET_PAGE_SIZE))  # the first one
-            raise r.error(f"page offset {int(addrs[i]):#x} is past the end of block "
-                          f"{self.last_block!r} (used_length {limit:#x})", at=r.pos + i * size)
-        return k, (addrs // C.TARGET_PAGE_SIZE).astype(np.int64)
+            if len(bad):
+                k += int(bad[0])
+                break
+            k += len(more)
+        addrs_ = words[:k] & ~np.uint64(ram.FLAG_MASK)
+        if int(addrs_.max()) > limit:
+            i = int(np.argmax(addrs_ > limit))  # the first one
+            raise self._past_block(r, int(addrs_[i]), r.pos + i * size)
+        if zero:
+            fill = np.ndarray((k,), dtype=np.uint8, buffer=buf, offset=r.pos + 8,
+                              strides=(size,))
+            if fill.any():
+                i = int(np.argmax(fill != 0))
+                raise self._fill(r, int(fill[i]), r.pos + i * size + 8)
+        return k, (addrs_ // C.TARGET_PAGE_SIZE).astype(np.int64)
+
+    def _past_block(self, r: Reader, addr: int, at: int) -> ProtocolError:
+        assert self.last_block is not None
+        return r.error(f"page offset {addr:#x} is past the end of block {self.last_block!r} "
+                       f"(used_length {self.sizes[self.last_block]:#x})", at=at)
+
+    @staticmethod
+    def _fill(r: Reader, fill: int, at: int) -> ProtocolError:
+        return r.error(f"zero page record with fill byte {fill:#04x}, expected 0", at=at)
 
     def _zero_run(self, r: Reader, events: list[Event]) -> bool:
         """ZERO|CONTINUE records (legacy zero-page detection sends one per zero page)."""
@@ -519,12 +557,6 @@ class StreamDecoder:
         if run is None:
             return False
         k, pages = run
-        fill = np.ndarray((k,), dtype=np.uint8, buffer=self.buf, offset=r.pos + 8,
-                          strides=(_ZERO_RECORD,))
-        fills = np.flatnonzero(fill)
-        if len(fills):
-            raise r.error(f"zero page record with fill byte {int(fill[fills[0]]):#04x}, "
-                          "expected 0", at=r.pos + int(fills[0]) * _ZERO_RECORD + 8)
         r.take(k * _ZERO_RECORD, "zero page records")
         assert self.last_block is not None
         events.append(ZeroPages(self.last_block, pages))

@@ -129,7 +129,13 @@ def _count(mf: MigrationFile, name: str, n: int = 1) -> None:
 
 def _on_event(mf: MigrationFile, ev: livestream.Event) -> None:
     """What the file keeps of one event of its stream."""
-    match ev:
+    match ev:  # page events first: there can be one per few pages
+        case livestream.ZeroPages(idstr, pages):
+            _count(mf, "ZERO", len(pages))
+            _state(mf.block(idstr))[pages] = PAGE_ZERO
+        case livestream.Pages(idstr, pages):
+            _count(mf, "PAGE", len(pages))
+            _place(_state(mf.block(idstr)), pages, ev.offsets)
         case livestream.Header(configuration):
             mf.version = C.QEMU_VM_FILE_VERSION  # the decoder takes no other
             mf.configuration = configuration
@@ -155,12 +161,6 @@ def _on_event(mf: MigrationFile, ev: livestream.Event) -> None:
         case livestream.SectionEnd(final):
             _count(mf, "EOS")
             mf.ram_complete = final
-        case livestream.ZeroPages(idstr, pages):
-            _count(mf, "ZERO", len(pages))
-            _place(mf.block(idstr), pages, np.full(len(pages), PAGE_ZERO, dtype=np.int64))
-        case livestream.Pages(idstr, pages):
-            _count(mf, "PAGE", len(pages))
-            _place(mf.block(idstr), pages, ev.offsets)
         case livestream.Device(state):
             mf.devices.append(state)
         case livestream.Skipped(idstr, offset, length):
@@ -172,14 +172,18 @@ def _on_event(mf: MigrationFile, ev: livestream.Event) -> None:
         # ReturnPath, Ping, SwitchoverStart: in mf.commands (a file never has Digests)
 
 
-def _place(block: RamBlockEntry, pages: np.ndarray, states: np.ndarray) -> None:
-    """The pages' state is now this (a later record replaces an earlier one, also within
-    one run of records: a round may send a page twice)."""
-    assert block.page_state is not None
+def _state(block: RamBlockEntry) -> np.ndarray:
+    assert block.page_state is not None  # page records: the stream format
+    return block.page_state
+
+
+def _place(state: np.ndarray, pages: np.ndarray, offsets: np.ndarray) -> None:
+    """These pages' data are now at these offsets: a later record replaces an earlier one,
+    also within one run of records (a round may send a page twice)."""
     if len(pages) > 1 and not (np.diff(pages) > 0).all():
         last = len(pages) - 1 - np.unique(pages[::-1], return_index=True)[1]
-        pages, states = pages[last], states[last]
-    block.page_state[pages] = states
+        pages, offsets = pages[last], offsets[last]
+    state[pages] = offsets
 
 
 def _mapped_ram_header(r: Reader, idstr: str, used_length: int) -> mapped_ram.MappedRamHeader:

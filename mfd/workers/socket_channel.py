@@ -103,6 +103,7 @@ class _Channel:
         self.conn: socket.socket | None = None
         self.poller = zmq.Poller()
         self.poller.register(self.main, zmq.POLLIN)
+        self.deferred: list[list[bytes]] = []  # main-process messages read by tick()
         # one packet's (or digest chunk's) pages: a compressed packet's data, a chunk hashed
         self.buffer = np.empty((multifd.MULTIFD_PAGE_COUNT, WORDS_PER_PAGE), dtype=np.uint64)
 
@@ -110,9 +111,16 @@ class _Channel:
         return f"channel {self.cfg.channel_id}"
 
     def tick(self) -> None:
-        """Between waits on the connection: the main process must still be there."""
+        """Between waits on the connection: the main process must still be there, and a
+        STOP from it ends the channel even while its peer does not read (QEMU's channel
+        that stopped reading keeps a send waiting)."""
         if os.getppid() != self.cfg.parent_pid:
             raise SystemExit(0)
+        if self.main.poll(0):
+            frames = self.main.recv_multipart()
+            if frames[0] == messages.STOP:
+                raise SystemExit(0)
+            self.deferred.append(frames)
 
     def handle(self, kind: bytes, job_id: int, block: int, pages: np.ndarray,
                flags: int) -> list:
@@ -484,9 +492,10 @@ def _loop(channel: SendChannel | RecvChannel, cfg: SocketChannelConfig) -> None:
     channel.start()
     channel.main.send_multipart(messages.encode_ready(cfg.channel_id))
     while True:
-        ready = dict(channel.poller.poll(POLL_MS))
-        if channel.main in ready:
-            frames = channel.main.recv_multipart()
+        ready = dict(channel.poller.poll(0 if channel.deferred else POLL_MS))
+        if channel.deferred or channel.main in ready:
+            frames = channel.deferred.pop(0) if channel.deferred else \
+                channel.main.recv_multipart()
             kind = frames[0]
             if kind == messages.STOP:
                 return
