@@ -237,7 +237,7 @@ def _long_runs() -> bytes:
 def test_long_runs_end_where_they_end():
     events, _ = _decode(_long_runs(), [])
     pages = [e[2] for e in events if isinstance(e, tuple)]
-    assert pages == list(range(0, 82)) + [200]
+    assert pages == [*range(82), 200]
     assert events[-1] == livestream.SectionEnd(False)
 
 

@@ -281,17 +281,13 @@ def test_qemu_to_mfd(tmp_path: Path, image: Path, sparse: Path, case: Case) -> N
     assert strays(tmp_path, {"src.bin", "out.bin"}) == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "mfd bug: a QEMU source with multifd-flush-after-each-section ends the ram START "
-    "section with EOS but flushes its footer only later; mfd's stream decoder "
-    "(livestream._records) reports SectionEnd only with the footer, so the receive channels "
-    "never start, QEMU's channel sockets fill and both ends wait for each other until "
-    "mfd's --timeout (QEMU's destination syncs on the EOS record itself)"))
 @pytest.mark.parametrize("mfd_each", [True, False], ids=["same-mode", "mfd-per-round"])
-def test_qemu_to_mfd_flush_each_section_deadlock(tmp_path: Path, image32: Path,
-                                                 mfd_each: bool) -> None:
-    """Uncompressed, 2 channels, 32 MiB: the same mode must complete; a destination in
-    per-round mode must say so within seconds (as it does when the data is small)."""
+def test_qemu_to_mfd_flush_each_section_with_data(tmp_path: Path, image32: Path,
+                                                  mfd_each: bool) -> None:
+    """Uncompressed, 2 channels, 32 MiB: QEMU flushes the START section's footer only
+    after its channels moved on, so mfd syncs at the EOS record itself (as QEMU's loader
+    does; waiting for the footer deadlocked). The same mode completes; a destination in
+    per-round mode says so within seconds."""
     src, out = source_copy(image32, tmp_path), tmp_path / "out.bin"
     port = free_ports(1)
     case = (2, "none", "multifd", mfd_each, False)
@@ -521,10 +517,6 @@ def quit_guest(name: str) -> None:
     assert left == [], left
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "mfd bug: IncomingResult.guest (the CLI's --json 'guest', and its text 'guest NAME "
-    "running') is None for a --guest destination: Incoming._migrate builds the result with "
-    "'self.guest_name if self.guest else None' after _commit has set self.guest = None"))
 def test_qemu_to_mfd_guest_names_the_guest(tmp_path: Path, image: Path) -> None:
     src = source_copy(image, tmp_path)
     name = f"wire{uuidlib.uuid4().hex[:8]}"
