@@ -183,14 +183,19 @@ class DataExtents:
         return out
 
     def _learn(self, start: int, end: int) -> None:
-        bisect.insort(self.known, (start, end))
-        merged: list[tuple[int, int]] = []
-        for a, b in self.known:
-            if merged and a <= merged[-1][1]:
-                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
-            else:
-                merged.append((a, b))
-        self.known = merged
+        """Insert [start, end), merged with the neighbours it touches (never a pass over
+        all extents: a sparse 2 GiB image has tens of thousands)."""
+        known = self.known
+        i = bisect.bisect_left(known, (start, end))
+        if i > 0 and known[i - 1][1] >= start:  # touches the one before
+            i -= 1
+            start = known[i][0]
+            end = max(end, known[i][1])
+            del known[i]
+        while i < len(known) and known[i][0] <= end:  # and the ones after
+            end = max(end, known[i][1])
+            del known[i]
+        known.insert(i, (start, end))
 
 
 def nonzero_rows(words: np.ndarray, rows: np.ndarray | slice) -> np.ndarray:
