@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from mfd.errors import ProtocolError
 from mfd.protocol import constants as C
-from mfd.protocol import devices, mapped_ram, migration_file, ram, stream, trailer
+from mfd.protocol import devices, livestream, mapped_ram, migration_file, ram, stream, trailer
 from mfd.protocol.codec import Reader
 
 idstrs = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1,
@@ -222,3 +222,68 @@ def test_parse_reference_stream(reference):
     assert (b.page_state >= 0).sum() == 2080
     assert (b.page_state == migration_file.PAGE_ZERO).sum() == 2016
     assert len(mf.vmdesc) == 823 and mf.stream_end == mf.file_size
+
+
+def test_stream_file_pages_are_read_in_place(reference):
+    """The file's stream is decoded where it lies: page data are views of the mapping, at
+    the offsets the parse records for the restore."""
+    m = _open(reference["case3_stream.mig"])
+    whole = np.frombuffer(m, dtype=np.uint8)
+    dec = livestream.StreamDecoder("migration file", file=True)
+    seen = 0
+    for ev in dec.decode_all(m):
+        if isinstance(ev, livestream.Pages):
+            assert np.shares_memory(ev.data, whole)
+            for i, off in enumerate(ev.offsets.tolist()):
+                assert m[off : off + C.TARGET_PAGE_SIZE] == ev.data[i].tobytes()
+            seen += len(ev.pages)
+    del ev, whole
+    assert seen == 2080 and dec.done and dec.offset == len(m)
+    state = migration_file.parse(m).blocks[0].page_state
+    assert (state >= 0).sum() == 2080
+    m.close()
+
+
+def _stream_file(records: bytes) -> bytes:
+    return (stream.encode_file_header() + stream.encode_configuration(stream.Configuration("pc"))
+            + stream.encode_section_start(C.QEMU_VM_SECTION_START, 2, "ram", 0, 4)
+            + ram.encode_mem_size(1 << 20) + ram.encode_block_entry("mem", 1 << 20)
+            + ram.encode_eos() + stream.encode_footer(2)
+            + stream.encode_section_part(C.QEMU_VM_SECTION_END, 2) + records
+            + ram.encode_eos() + stream.encode_footer(2) + stream.encode_eof())
+
+
+def test_stream_file_keeps_each_pages_last_record():
+    """A round may send a page again within one run of CONTINUE records: the later copy
+    wins, a zero record included."""
+    def page(n: int, fill: int, idstr: str | None = None) -> bytes:
+        return ram.encode_page(n << 12, bytes([fill]) * C.TARGET_PAGE_SIZE, idstr)
+    records = (page(0, 1, "mem") + b"".join(page(n, 1) for n in range(1, 40))
+               + page(3, 2) + page(4, 2) + page(3, 3)
+               + ram.encode_zero_records(np.array([4 << 12, 50 << 12])))
+    raw = _stream_file(records)
+    mf = migration_file.parse(raw)
+    state = mf.blocks[0].page_state
+    assert [raw[state[n]] for n in (0, 1, 2, 5, 39)] == [1] * 5
+    assert raw[state[3]] == 3
+    assert state[4] == state[50] == migration_file.PAGE_ZERO
+    assert (state >= 0).sum() == 39 and state[51] == migration_file.PAGE_ABSENT
+    assert mf.record_counts == {"MEM_SIZE": 1, "EOS": 2, "SECTION_END": 1, "PAGE": 43,
+                                "ZERO": 2}
+
+
+def test_a_refused_stream_file_leaves_its_mapping_closable(reference, tmp_path):
+    """The error must not hold the parse's frames: their page views would pin the mmap,
+    which the restore closes while it handles the error (load.OpenedFile)."""
+    raw = reference["case3_stream.mig"].read_bytes()
+    for k in range(1, 8):
+        cut = tmp_path / "cut.mig"
+        cut.write_bytes(raw[: len(raw) * k // 8 + 3 * k])
+        m = _open(cut)
+        try:
+            migration_file.parse(m)
+        except ProtocolError as e:
+            assert "truncated" in str(e)
+            m.close()  # BufferError if a view of the mapping is still held
+        else:
+            pytest.fail("a cut file was parsed")

@@ -439,18 +439,13 @@ class StreamDecoder:
     # ------------------------------------------------------------------ RAM records
 
     def _records(self, r: Reader, events: list[Event]) -> None:
-        """One RAM record, or a run of them that numpy decodes at once."""
+        """One RAM record, or runs of CONTINUE records (one event per run)."""
         hdr = self.in_ram
         assert hdr is not None
         if self.mapped_ram:
             self._mapped_ram_record(r)
-        elif self.last_block is not None and r.remaining >= 8:
-            (low,) = _U16.unpack_from(r.buf, r.pos + 6)  # the record's flags, peeked
-            flags = low & ram.FLAG_MASK
-            if flags == _ZERO_CONT and self._zero_run(r, events):
-                return
-            if flags == _PAGE_CONT and self._page_run(r, events):
-                return
+        elif self._runs(r, events):
+            return
         rec = ram.decode_record(r, self.sizes, self.last_block)
         kind = rec.flags & ~C.RAM_SAVE_FLAG_CONTINUE
         if kind == C.RAM_SAVE_FLAG_EOS:
@@ -476,6 +471,21 @@ class StreamDecoder:
             events.append(Pages(rec.idstr, page, data, rec.data_offset))
         else:
             events.append(ZeroPages(rec.idstr, page))
+
+    def _runs(self, r: Reader, events: list[Event]) -> bool:
+        """Runs of ZERO|CONTINUE and PAGE|CONTINUE records, as many as follow each other
+        whole (they change no state: one item, however short the runs); False if none."""
+        first = len(events)
+        while self.last_block is not None and r.remaining >= 8:
+            (low,) = _U16.unpack_from(r.buf, r.pos + 6)  # the record's flags, peeked
+            flags = low & ram.FLAG_MASK
+            if flags == _ZERO_CONT:
+                decoded = self._zero_run(r, events)
+            else:
+                decoded = flags == _PAGE_CONT and self._page_run(r, events)
+            if not decoded:
+                break
+        return len(events) > first
 
     def _mapped_ram_record(self, r: Reader) -> None:
         """mapped-ram streams carry no record but EOS (QEMU: 'Unexpected RAM flags'): the
@@ -505,8 +515,8 @@ class StreamDecoder:
         limit = self.sizes[idstr] - C.TARGET_PAGE_SIZE  # the last page's offset
         zero = size == _ZERO_RECORD
         buf, pos = self.buf, r.pos
-        addrs: list[int] = []
-        while len(addrs) < min(n, _RUN_FIRST):
+        pages: list[int] = []
+        while len(pages) < min(n, _RUN_FIRST):
             (word,) = _U64.unpack_from(buf, pos)
             if word & ram.FLAG_MASK != flags:
                 break
@@ -515,12 +525,13 @@ class StreamDecoder:
                 raise self._past_block(r, addr, pos)
             if zero and buf[pos + 8]:
                 raise self._fill(r, buf[pos + 8], pos + 8)
-            addrs.append(addr)
+            pages.append(addr // C.TARGET_PAGE_SIZE)
             pos += size
-        if len(addrs) < _RUN_FIRST or len(addrs) == n:
-            if not addrs:
+        if len(pages) < _RUN_FIRST or len(pages) == n:
+            if not pages:
                 return None
-            return len(addrs), np.array(addrs, dtype=np.int64) // C.TARGET_PAGE_SIZE
+            return len(pages), np.array(pages, dtype=np.int64)
+        # views that never leave this call (np.ndarray(buffer=) does not hold the buffer)
         words = np.ndarray((n,), dtype=">u8", buffer=buf, offset=r.pos, strides=(size,))
         k = _RUN_FIRST
         while k < n:  # all of the last look matched: look twice as far
@@ -557,7 +568,7 @@ class StreamDecoder:
         if run is None:
             return False
         k, pages = run
-        r.take(k * _ZERO_RECORD, "zero page records")
+        r.seek(r.pos + k * _ZERO_RECORD, "zero page records")
         assert self.last_block is not None
         events.append(ZeroPages(self.last_block, pages))
         return True
@@ -568,10 +579,12 @@ class StreamDecoder:
         if run is None:
             return False
         k, pages = run
-        data = np.ndarray((k, C.TARGET_PAGE_SIZE), dtype=np.uint8, buffer=self.buf,
-                          offset=r.pos + 8, strides=(_PAGE_RECORD, 1))
+        # frombuffer holds the buffer (an mmap cannot be closed under the view);
+        # np.ndarray(buffer=) would not
+        data = np.frombuffer(self.buf, dtype=np.uint8, count=k * _PAGE_RECORD,
+                             offset=r.pos).reshape(k, _PAGE_RECORD)[:, 8:]
         offset = r.offset + 8
-        r.take(k * _PAGE_RECORD, "page records")
+        r.seek(r.pos + k * _PAGE_RECORD, "page records")
         assert self.last_block is not None
         events.append(Pages(self.last_block, pages, data, offset))
         return True
