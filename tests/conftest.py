@@ -6,6 +6,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -96,3 +97,14 @@ def run_mfd(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """The CLI as a user runs it."""
     return subprocess.run([sys.executable, "-m", "mfd", *args], capture_output=True, text=True,
                           timeout=timeout, env=os.environ.copy())
+
+
+def qemu_temp_files() -> set[str]:
+    """Socket dirs and /dev/shm RAM copies mfd's QEMU driver creates (all mfd-qemu-*)."""
+    from mfd.qemu import TMP_PREFIX
+
+    found = set()
+    for d in {"/dev/shm", tempfile.gettempdir()}:
+        if os.path.isdir(d):
+            found |= {os.path.join(d, n) for n in os.listdir(d) if n.startswith(TMP_PREFIX)}
+    return found

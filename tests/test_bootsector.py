@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import qemu_temp_files
 
 from mfd.bootsector import (
     ENTRY_CHAR,
@@ -104,12 +105,6 @@ def test_default_range_and_image(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- in QEMU
 
 
-def _our_temp_files() -> set[str]:
-    found = set()
-    for d in {"/dev/shm", tempfile.gettempdir()}:
-        if os.path.isdir(d):
-            found |= {os.path.join(d, n) for n in os.listdir(d) if n.startswith(TMP_PREFIX)}
-    return found
 
 
 @pytest.fixture
@@ -117,7 +112,7 @@ def ram_file() -> Iterator[Callable[[], str]]:
     """Makes zero-filled 64 MiB RAM files in /dev/shm (like real guest RAM); removes them, and
     checks that the driver left no socket directory behind. Not named mfd-*: conftest's
     leak check would see them from a session running beside this one."""
-    before = _our_temp_files()
+    before = qemu_temp_files()
     made: list[str] = []
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
 
@@ -134,7 +129,7 @@ def ram_file() -> Iterator[Callable[[], str]]:
         for path in made:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-    assert _our_temp_files() - before == set()
+    assert qemu_temp_files() - before == set()
 
 
 def _pc(ram: str, image: Path, **kwargs: object) -> QemuMachine:

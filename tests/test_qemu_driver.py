@@ -6,15 +6,14 @@ They run QEMU itself, so they are skipped where qemu-system-x86_64 >= 9 is not i
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import qemu_temp_files
 
 from mfd.qemu import QemuError, QemuMachine, qemu_binary, qemu_restore, qemu_save, qemu_version
 
@@ -36,21 +35,14 @@ def _qemu_count() -> int:
     return len(out.split())
 
 
-def _our_temp_files() -> set[str]:
-    """Socket dirs and /dev/shm RAM copies the driver creates (all named mfd-qemu-*)."""
-    found = set()
-    for d in {"/dev/shm", tempfile.gettempdir()}:
-        if os.path.isdir(d):
-            found |= {os.path.join(d, n) for n in os.listdir(d) if n.startswith(TMP_PREFIX)}
-    return found
 
 
 @pytest.fixture(autouse=True)
 def no_leftovers() -> Iterator[None]:
     """Every test must leave no socket dir and no /dev/shm copy behind."""
-    before = _our_temp_files()
+    before = qemu_temp_files()
     yield
-    assert _our_temp_files() - before == set()
+    assert qemu_temp_files() - before == set()
 
 
 def _zstd_dc(path: Path) -> bytes:
