@@ -42,7 +42,7 @@ from mfd.protocol import constants as C
 from mfd.protocol import devices, messages, peer, ram, returnpath, stream, trailer
 from mfd.protocol.multifd import UUID_SIZE
 from mfd.shm.control import GuestClient
-from mfd.shm.ramblock import DataExtents, RAMBlock, nonzero_rows
+from mfd.shm.ramblock import DataExtents, RAMBlock, nonzero_pages
 from mfd.workers import tcp
 from mfd.workers.socket_channel import SocketChannelConfig, send_main
 
@@ -327,18 +327,12 @@ class Migration(Precopy):
         """Without multifd the main channel carries the pages (``ram_save_page``): zero
         pages as ZERO records (found here; holes without a touch), the others as PAGE
         records, each header followed by the page straight from guest memory."""
-        mapped = self.mapped[block]
-        words = mapped.words
+        words = self.mapped[block].words
         nonzero = np.ones(len(pages), dtype=bool)
         if self.params.zero_page_detection != "none":
             lo, hi = int(pages[0]), int(pages[-1]) + 1
-            if hi - lo == len(pages):
-                nonzero[:] = False
-                for start, end in self.extents[block].runs(lo, hi):
-                    mapped.populate(start, end)
-                    nonzero[start - lo : end - lo] = nonzero_rows(words, slice(start, end))
-            else:
-                nonzero = nonzero_rows(words, pages)
+            runs = self.extents[block].runs(lo, hi) if hi - lo == len(pages) else None
+            nonzero = nonzero_pages(self.mapped[block], pages, runs)
         before = self.stats.transferred
         zero = pages[~nonzero]
         if len(zero):

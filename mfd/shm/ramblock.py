@@ -211,17 +211,19 @@ def nonzero_rows(words: np.ndarray, rows: np.ndarray | slice) -> np.ndarray:
     return nonzero
 
 
-def nonzero_pages(block: MappedBlock, pages: np.ndarray) -> np.ndarray:
+def nonzero_pages(block: MappedBlock, pages: np.ndarray,
+                  runs: list[tuple[int, int]] | None = None) -> np.ndarray:
     """multifd zero-page detection of one job's pages (``multifd_send_zero_page_detect``):
     a bool per page. Contiguous pages (every job of a first round) are checked only where
-    the block's file has data: holes are zero without a read, which would also allocate
+    the block's file has data (``runs``, where the caller knows them, e.g. from its
+    :class:`DataExtents`): holes are zero without a read, which would also allocate
     memory for them. Scattered pages are checked where they are."""
     words = block.words
     lo, hi = int(pages[0]), int(pages[-1]) + 1
     if hi - lo != len(pages):
         return nonzero_rows(words, pages)
     nonzero = np.zeros(len(pages), dtype=bool)
-    for start, end in data_runs(block.fd, lo, hi):
+    for start, end in data_runs(block.fd, lo, hi) if runs is None else runs:
         block.populate(start, end)
         nonzero[start - lo : end - lo] = nonzero_rows(words, slice(start, end))
     return nonzero

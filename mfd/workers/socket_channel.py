@@ -48,7 +48,7 @@ from mfd.shm.ramblock import (
     MappedBlock,
     RAMBlock,
     attach,
-    nonzero_rows,
+    nonzero_pages,
 )
 from mfd.shm.receivedmap import ReceivedMap
 from mfd.workers import tcp
@@ -235,20 +235,14 @@ class SendChannel(_Channel):
 
     def _zero_check(self, block: int, packet: np.ndarray, mask: np.ndarray,
                     extents: list[tuple[int, int]] | None) -> None:
-        """multifd zero-page detection (``multifd_send_zero_page_detect``), in place in guest
-        memory: ``mask`` is cleared for zero pages. Contiguous pages (a first round) are
-        checked only where the block's file has data: the rest are holes, zero without a
-        touch (reading a tmpfs hole through the mapping would allocate it)."""
+        """multifd zero-page detection in place in guest memory: ``mask`` is cleared for
+        zero pages. ``extents``: where the block has data, for a job of consecutive pages
+        (a first round); a scattered job's pages were written, so they all hold data."""
         if not self.cfg.zero_page_detection:
             return
-        mapped = self.blocks[block]
         lo, hi = int(packet[0]), int(packet[-1]) + 1
-        if extents is None:
-            mask[:] = nonzero_rows(mapped.words, packet)
-            return
-        mask[:] = False
-        for start, end in _clip(extents, lo, hi):
-            mask[start - lo : end - lo] = nonzero_rows(mapped.words, slice(start, end))
+        runs = [(lo, hi)] if extents is None else _clip(extents, lo, hi)
+        mask[:] = nonzero_pages(self.blocks[block], packet, runs)
 
     def sync(self, job_id: int) -> list:
         """``multifd_send_sync_main`` (ALL) for this channel: a SYNC packet, no pages."""
