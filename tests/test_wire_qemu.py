@@ -215,10 +215,8 @@ def case_id(c: Case) -> str:
 # ============================================================================ 1. QEMU -> mfd
 
 # Every value of every axis at least once. With multifd-flush-after-each-section the
-# source is the sparse image (1.6 MiB of data): mfd deadlocks with QEMU once a channel's
-# share of the first round outgrows its socket buffers (about 4 MiB here; it happened to
-# 4 uncompressed channels of the 16 MiB image about once in 12 runs), see
-# test_qemu_to_mfd_flush_each_section_deadlock.
+# source is the sparse image (1.6 MiB of data); the same mode with more data than the
+# channels' socket buffers hold is test_qemu_to_mfd_flush_each_section_with_data.
 QEMU_TO_MFD: list[Case] = [
     (0, "none", "multifd", False, False),
     (0, "none", "legacy", False, True),
@@ -540,8 +538,7 @@ def test_qemu_to_mfd_guest_names_the_guest(tmp_path: Path, image: Path) -> None:
 # ============================================================================ 4. mismatches
 
 # QEMU source settings, mfd incoming's options, what mfd's one line must say. The source
-# is the sparse image, so that a multifd-flush-after-each-section source meets the check
-# and not the deadlock above.
+# is the sparse image (the flush-mode check with more data is tested above).
 MISMATCHES = {
     "channels-4-vs-2": ({"multifd_channels": 4}, ["--multifd-channels", "2"],
                         r"channel id [23], expected 0\.\.1"),
