@@ -27,6 +27,7 @@ from mfd.shm.ramblock import RAMBlock
 from mfd.shm.workload import PATTERNS, WorkloadState
 from mfd.sysutil import Terminated, end_like_ctrl_c
 from mfd.units import human, parse_size
+from mfd.workers.socket_channel import FAULTS
 from mfd.workers.tcp import parse_uri
 
 
@@ -217,9 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--stopped", action="store_true", help="keep the guest paused after the "
                    "migration, as QEMU's -S ('mfd guest --cont' starts it)")
     n.add_argument("--json", action="store_true")
-    # test-only: slow receive channels (seconds per packet, comma separated); no recv sync
+    # test-only: slow receive channels (seconds per packet, comma separated); no recv sync;
+    # receive channel 0 damages one packet as it places it (verification must catch it)
     n.add_argument("--x-channel-delay", default="", help=argparse.SUPPRESS)
     n.add_argument("--x-skip-sync", action="store_true", help=argparse.SUPPRESS)
+    n.add_argument("--x-fault", choices=FAULTS, default="", help=argparse.SUPPRESS)
 
     d = sub.add_parser("demo", help="live migration of a writing 1 GiB guest (both ends on "
                        "this machine, or one end of the two-node demo)")
@@ -401,7 +404,8 @@ def cmd_incoming(args: argparse.Namespace) -> int:
                            multifd_compression=args.multifd_compression,
                            flush_after_each_section=args.multifd_flush_after_each_section,
                            uuid=args.uuid,
-                           skip_sync=args.x_skip_sync, stopped=args.stopped)
+                           skip_sync=args.x_skip_sync, fault=args.x_fault,
+                           stopped=args.stopped)
     with _outcome("incoming migration"):
         res = api.incoming(args.listen, images=dict(args.image) if args.image else None,
                            guest=args.guest, options=opts, monitor=args.monitor)

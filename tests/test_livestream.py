@@ -126,19 +126,19 @@ def test_any_split_of_a_hand_made_stream_gives_the_same_events(cuts):
     assert _decode(data, cuts)[0] == _decode(data, [])[0]
 
 
-def test_an_mfd_source_is_known_by_its_ping_and_sends_digests_after_the_vmdesc():
-    tables = {"mem": bytes(range(32)) * 2}
+def test_an_mfd_source_is_known_by_its_ping_and_sends_page_hashes_after_the_vmdesc():
+    tables = {"mem": bytes(range(256)) * 8}  # 8 bytes for each of 256 pages
     data = (_setup((("mem", 1 << 20),), stream.encode_command(stream.Command(
         C.MIG_CMD_PING, peer.MFD_PING.to_bytes(4, "big")))) + _end_ram()
             + stream.encode_section_part(C.QEMU_VM_SECTION_END, 1) + _end_ram()
             + stream.encode_eof() + stream.encode_vmdesc(b"{}"))
     d = livestream.StreamDecoder()
     d.feed(data)
-    assert d.mfd_source and not d.done  # the digests are still owed
+    assert d.mfd_source and not d.done  # the page hashes are still owed
     with pytest.raises(ProtocolError, match="after EOF"):
         d.close()
-    ev = d.feed(peer.encode_digests(tables))
-    assert ev == [livestream.Digests(tables)] and d.done
+    ev = d.feed(b"".join(peer.encode_hashes(tables)))
+    assert ev == [livestream.Hashes(tables)] and d.done
 
 
 def test_a_qemu_source_may_close_after_eof_without_a_vmdesc():
@@ -213,14 +213,17 @@ def test_mfd_settings_ride_in_multifd_init_unused_bytes():
     assert peer.decode_settings(qemu.unused) is None  # zeros: a QEMU source
 
 
-def test_digests_round_trip_and_refusals():
-    tables = {"mem": bytes(64), "rom": bytes(32)}
-    raw = peer.encode_digests(tables)
-    assert peer.decode_digests(Reader(raw), {"mem": 2, "rom": 1}) == tables
-    with pytest.raises(ProtocolError, match="digests for"):
-        peer.decode_digests(Reader(raw), {"mem": 2, "rom": 2})
-    with pytest.raises(ProtocolError, match="expected mfd's RAM digests"):
-        peer.decode_digests(Reader(b"QEVM" + raw[4:]), {"mem": 2, "rom": 1})
+def test_page_hashes_round_trip_and_refusals():
+    tables = {"mem": bytes(range(16)), "rom": bytes(8)}
+    raw = b"".join(peer.encode_hashes(tables))
+    assert peer.decode_hashes(Reader(raw), {"mem": 2, "rom": 1}) == tables
+    assert peer.decode_hashes(Reader(raw), {"rom": 1, "mem": 2}) == tables
+    with pytest.raises(ProtocolError, match="hashes for"):
+        peer.decode_hashes(Reader(raw), {"mem": 2, "rom": 2})
+    with pytest.raises(ProtocolError, match="expected mfd's page hashes"):
+        peer.decode_hashes(Reader(b"QEVM" + raw[4:]), {"mem": 2, "rom": 1})
+    with pytest.raises(ProtocolError, match="truncated"):
+        peer.decode_hashes(Reader(raw[:-1]), {"mem": 2, "rom": 1})
 
 
 def _long_runs() -> bytes:

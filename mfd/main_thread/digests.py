@@ -1,11 +1,12 @@
-"""Which chunk digests are current: the main process's side of hashing while moving.
+"""Which chunk digests of mfd's file trailer are current: the save's side of hashing while
+writing.
 
-A channel that sends, writes or places a packet that is exactly one whole chunk hashes it
-right there (the data is in its cache) and returns the digest; any other job touching a
-chunk makes that chunk's digest stale. At completion only the chunks that are not current
-are hashed again (DIGEST jobs), so a stopped guest's switchover hashes nothing and a live
-one's only what it kept rewriting. Used by the file save (mfd's trailer) and by both ends
-of a live migration (the RAM compared at switchover).
+A file channel that writes a packet that is exactly one whole chunk hashes it right there
+(the data is in its cache) and returns the digest; any other job touching a chunk makes
+that chunk's digest stale. At completion only the chunks that are not current are hashed
+again (DIGEST jobs), so saving a stopped guest hashes nothing twice. (A live migration
+compares page hashes instead, ``mfd.shm.pagehash``: a guest writing at random would leave
+nearly every chunk stale at switchover.)
 """
 
 from __future__ import annotations
@@ -37,19 +38,6 @@ class ChunkTable:
             raise ValueError(f"{len(rows)} bytes of digests for {len(chunks)} chunks")
         self.table[block][chunks] = rows.reshape(-1, trailer.DIGEST_SIZE)
         self.current[block][chunks] = True
-
-    def merge(self, reports: list[messages.RoundReport]) -> None:
-        """One round's reports from the receive channels (taken at the round's sync: a chunk
-        a channel hashed whole was touched by no other packet of that round)."""
-        for r in reports:
-            for i in np.unique(r.touched[:, 0]):
-                self.current[i][r.touched[r.touched[:, 0] == i, 1]] = False
-        for r in reports:
-            rows = np.frombuffer(r.digests, dtype=np.uint8).reshape(-1, trailer.DIGEST_SIZE)
-            for i in np.unique(r.hashed[:, 0]):
-                mine = r.hashed[:, 0] == i
-                self.table[i][r.hashed[mine, 1]] = rows[mine]
-                self.current[i][r.hashed[mine, 1]] = True
 
     def job_done(self, block: int, pages: np.ndarray, digests: bytes) -> None:
         """A job's pages went out; its whole-chunk packets came back hashed."""

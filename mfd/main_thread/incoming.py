@@ -12,9 +12,10 @@ is QEMU's (``shared/qemu-wire.md``)::
                MULTIFD_FLUSH (legacy: EOS) -> recv sync: every channel reached its SYNC,
                then all are released (invariant 2); ZERO/PAGE records (no multifd): placed
                here; device sections: globalstate's runstate, an mfd source's guest state
-    complete   EOF, vmdesc; from an mfd source its RAM digests, compared with ours (hashed
-               by the channels): equal -> the RAM gets its names, the guest takes it and
-               runs (as QEMU's runstate says, unless --stopped)
+    complete   EOF, vmdesc; from an mfd source its page hashes, compared page by page with
+               ours (``mfd.shm.pagehash``: each channel hashed every page it placed, from
+               RAM, as it placed it): equal -> the RAM gets its names, the guest takes it
+               and runs (as QEMU's runstate says, unless --stopped)
     result     on the return path (if the source opened it): MFD_RESULT to an mfd source,
                then SHUT(0); SHUT(1) on failure
 
@@ -41,13 +42,12 @@ import zmq
 
 from mfd.errors import MfdError, ProtocolError
 from mfd.main_thread.accept import Acceptor
-from mfd.main_thread.digests import ChunkTable
 from mfd.main_thread.migrate import Cancelled, failure
 from mfd.main_thread.pipeline import ChannelPool, poll_key
 from mfd.protocol import livestream, multifd, peer, returnpath, trailer
 from mfd.protocol.constants import TARGET_PAGE_SIZE
 from mfd.protocol.devices import GUEST_IDSTR
-from mfd.shm import control
+from mfd.shm import control, pagehash
 from mfd.shm.ramblock import SHM_DIR, MappedBlock, PendingRAM, RAMBlock, attach, shm_path
 from mfd.shm.receivedmap import ReceivedMap, map_size
 from mfd.workers import tcp
@@ -71,6 +71,7 @@ class IncomingOptions:
     # then not kept and a test must see it fail
     channel_delays: tuple[float, ...] = ()
     skip_sync: bool = False
+    fault: str = ""  # receive channel 0 damages a packet (socket_channel.FAULTS)
     stopped: bool = False  # the guest stays paused after the migration (QEMU's -S)
 
 
@@ -121,10 +122,16 @@ class Incoming:
         self.pending: PendingRAM | None = None
         self.rmap_ram: PendingRAM | None = None
         self.receivedmap: ReceivedMap | None = None
+        self.hash_file: PendingRAM | None = None
+        self.hashes: pagehash.PageHashes | None = None
+        self.round_hashing: list[float] = []  # seconds each channel hashed, last round
+        self.hashed_so_far: list[float] = []
         self.guest: control.GuestClient | None = None
         self.mapped: list[MappedBlock] = []
         self.words: list[np.ndarray] = []
         self.guest_state: dict | None = None
+        self.buffer: np.ndarray | None = None  # pages gathered to hash (no multifd)
+        self.vmdesc_at = 0.0
 
     # ------------------------------------------------------------------ what the source did not say
 
@@ -334,33 +341,36 @@ class Incoming:
                     self.guest_state = ev.state.fields["guest"]  # type: ignore[assignment]
             elif isinstance(ev, livestream.Skipped):
                 self.skipped.append(ev.idstr)
-            elif isinstance(ev, livestream.Digests):
+            elif isinstance(ev, livestream.Vmdesc):
+                self.vmdesc_at = time.monotonic()  # what follows is the source's hashes
+            elif isinstance(ev, livestream.Hashes):
                 theirs = ev.tables
         if self.pool is None:
             raise ProtocolError("main channel: the stream ended without RAM")
-        ours = None
+        digests: dict[str, str] = {}
+        verify_ms = None
         if self.decoder.mfd_source:
-            assert theirs is not None
-            ours = self._ram_digests()
-            for b in self.blocks:
-                _compare(b.idstr, theirs[b.idstr], ours[b.idstr])
+            assert theirs is not None and self.hashes is not None
+            for b, ours in zip(self.blocks, self.hashes.table, strict=True):
+                _compare(b.idstr, theirs[b.idstr], ours)
+            digests = {k: trailer.blake3_of(v) for k, v in theirs.items()}  # = ours
+            verify_ms = (pagehash.wall_share(self.round_hashing)
+                         + time.monotonic() - self.vmdesc_at) * 1000
         elif self.skipped:
             self.warn(f"the source is QEMU: its device state ({', '.join(self.skipped)}) "
                       "has no place here, only its RAM")
         guest = self.guest_name if self.guest is not None else None
         where = self._commit()
-        digests = {k: trailer.blake3_of(v) for k, v in ours.items()} if ours else {}
         if self.return_path:
             data = returnpath.encode_shut(0)
             if self.decoder.mfd_source:
-                data = returnpath.encode(returnpath.MFD_RESULT,
-                                         peer.encode_result("completed", digests=digests)) \
-                    + data
+                data = returnpath.encode(returnpath.MFD_RESULT, peer.encode_result(
+                    "completed", digests=digests, verify_ms=verify_ms)) + data
             with contextlib.suppress(tcp.LinkLost):  # the guest runs here now, whatever
                 self._reply(data)
         return IncomingResult("completed", where, guest,
                               (time.monotonic() - self.start) * 1000, self.setup_time * 1000,
-                              digests, ours is not None,
+                              digests, self.decoder.mfd_source,
                               "mfd" if self.decoder.mfd_source else "qemu")
 
     # ------------------------------------------------------------------ sync points
@@ -388,7 +398,11 @@ class Incoming:
                                 "--multifd-flush-after-each-section")
         if flush != self.legacy and not self.options.skip_sync:
             self._await_channels()
-            self.chunks.merge(self._pool().recv_sync())
+            pool = self._pool()
+            pool.recv_sync()
+            self.round_hashing = [b - a for a, b in zip(self.hashed_so_far or pool.hashing,
+                                                        pool.hashing, strict=True)]
+            self.hashed_so_far = list(pool.hashing)
 
     def _await_channels(self) -> None:
         deadline = time.monotonic() + CHANNEL_GRACE_S
@@ -422,9 +436,10 @@ class Incoming:
         self.pending = PendingRAM(directory, blocks)
         self.blocks: list[RAMBlock] = self.pending.blocks
         self.index = {b.idstr: i for i, b in enumerate(self.blocks)}
-        self.chunks = ChunkTable(self.blocks)
         self.rmap_ram = PendingRAM(SHM_DIR, [("receivedmap", map_size(self.blocks))])
         self.receivedmap = ReceivedMap(self.rmap_ram.blocks[0], self.blocks)
+        self.hash_file = PendingRAM(SHM_DIR, [("pagehash", pagehash.table_size(self.blocks))])
+        self.hashes = pagehash.PageHashes(self.hash_file.blocks[0], self.blocks)
         self.mapped = [attach(b, writable=True) for b in self.blocks]
         self.words = [m.words for m in self.mapped]
         if self.images is None:
@@ -437,8 +452,8 @@ class Incoming:
 
     def _start_channels(self) -> None:
         """At the first sync point (or page): multifd or not, and the receive channels,
-        each handed its connection as it comes. Without multifd one channel with no
-        connection hashes RAM at switchover."""
+        each handed its connection as it comes. Without multifd there are none: the main
+        channel's pages are placed (and hashed) here."""
         if self.pool is not None:
             return
         if self.pending is None:
@@ -447,13 +462,16 @@ class Incoming:
         self.acceptor.drain()
         self._take_connections()
         self.multifd = self.start_flushed or bool(self.conns)
-        n = self.channels if self.multifd else 1
+        n = self.channels if self.multifd else 0
         delays = self.options.channel_delays
+        hashes = self.hash_file.blocks[0] if self.decoder.mfd_source and self.hash_file \
+            else None
         configs = [SocketChannelConfig(
             channel_id=i, endpoint="", parent_pid=0, blocks=tuple(self.blocks),
             compression=self.compression, receivedmap=self.rmap_ram.blocks[0],
-            hash=self.decoder.mfd_source, delay=delays[i] if i < len(delays) else 0.0,
-            skip_sync=self.options.skip_sync) for i in range(n)]
+            hashes=hashes, delay=delays[i] if i < len(delays) else 0.0,
+            skip_sync=self.options.skip_sync, fault=self.options.fault if i == 0 else "")
+            for i in range(n)]
         inherited = (self.acceptor.listener, *self.acceptor.pending, *self.conns.values(),
                      *([self.conn] if self.conn is not None else []))
         self.pool = ChannelPool(configs, recv_main, handoff=True, inherited=inherited)
@@ -468,25 +486,31 @@ class Incoming:
     def _zero(self, idstr: str, pages: np.ndarray) -> None:
         """ZERO records on the main stream: QEMU's rule, as the channels apply it."""
         block = self.index[idstr]
-        self.chunks.stale(block, pages)
         assert self.receivedmap is not None
-        self.receivedmap.zero_pages(block, self.words[block], pages)
+        again = self.receivedmap.zero_pages(block, self.words[block], pages)
+        if self.decoder.mfd_source:
+            self._hash(block, pages[:0], pages, again)
 
     def _pages(self, idstr: str, pages: np.ndarray, data: np.ndarray) -> None:
         """PAGE records on the main stream (no multifd): from the stream's buffer into RAM."""
         block = self.index[idstr]
-        self.chunks.stale(block, pages)
         self.words[block].view(np.uint8).reshape(len(self.words[block]), -1)[pages] = data
         assert self.receivedmap is not None
         self.receivedmap.received[block][pages] = 1
+        if self.decoder.mfd_source:
+            self._hash(block, pages, pages[:0], pages[:0])
 
-    # ------------------------------------------------------------------ completion
-
-    def _ram_digests(self) -> dict[str, bytes]:
-        """Our RAM, chunk by chunk: what the channels hashed as they placed it, and the
-        chunks touched since, hashed now."""
-        self.chunks.complete(self._pool())
-        return self.chunks.tables()
+    def _hash(self, block: int, placed: np.ndarray, zero: np.ndarray,
+              again: np.ndarray) -> None:
+        """Without multifd the main process hashes what it placed, as a channel would."""
+        assert self.hashes is not None
+        n = max(len(placed), len(again))
+        if self.buffer is None or len(self.buffer) < n:
+            self.buffer = np.empty((n, self.words[block].shape[1]), dtype=np.uint64)
+        table = self.hashes.table[block]
+        table[placed] = pagehash.hash_pages(self.words[block], placed, self.buffer)
+        table[zero] = 0
+        table[again] = pagehash.hash_pages(self.words[block], again, self.buffer)
 
     def _commit(self) -> dict[str, str]:
         """Name the RAM; the guest takes it and runs (or the images appear)."""
@@ -541,7 +565,10 @@ class Incoming:
         if self.receivedmap is not None:
             self.receivedmap.close()
             self.receivedmap = None
-        for p in (self.pending, self.rmap_ram):
+        if self.hashes is not None:
+            self.hashes.close()
+            self.hashes = None
+        for p in (self.pending, self.rmap_ram, self.hash_file):
             if p is not None:
                 p.close()
 
@@ -572,12 +599,9 @@ class Incoming:
         self.cancel_requested = "cancelled by migrate_cancel"
 
 
-def _compare(idstr: str, theirs: bytes, ours: bytes) -> None:
-    a = np.frombuffer(theirs, dtype=np.uint8).reshape(-1, trailer.DIGEST_SIZE)
-    b = np.frombuffer(ours, dtype=np.uint8).reshape(-1, trailer.DIGEST_SIZE)
-    bad = np.flatnonzero((a != b).any(axis=1))
-    if len(bad):
-        chunk = trailer.CHUNK_PAGES * TARGET_PAGE_SIZE
+def _compare(idstr: str, theirs: bytes, ours: np.ndarray) -> None:
+    diff = pagehash.first_difference(theirs, ours)
+    if diff is not None:
+        count, page = diff
         raise MfdError(f"RAM differs from the source's at switchover: block {idstr!r}, "
-                       f"{len(bad)} chunk(s) of {chunk >> 10} KiB, first at offset "
-                       f"{int(bad[0]) * chunk:#x}")
+                       f"{count} page(s), first at offset {page * TARGET_PAGE_SIZE:#x}")

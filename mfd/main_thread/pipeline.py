@@ -90,8 +90,9 @@ class ChannelPool:
         self.channel_of: dict[bytes, int] = {}
         self.inflight: dict[int, tuple[bytes, OnDone | None]] = {}
         self.next_job = 0
-        # channel -> its round report, sent as it reached its SYNC packet and waits there
-        self.synced: dict[bytes, messages.RoundReport] = {}
+        self.synced: set[bytes] = set()  # channels waiting at their SYNC packet
+        # seconds each channel spent hashing pages (``mfd.shm.pagehash``), as it reported
+        self.hashing = [0.0] * len(configs)
         self.closed: set[bytes] = set()  # channels whose peer ended their connection
         self.watched: dict[Any, Callable[[], None]] = {}
         self.tick: Callable[[], None] | None = None  # called every <= 100 ms while waiting
@@ -215,9 +216,9 @@ class ChannelPool:
         while self.inflight:
             self._pump(None)
 
-    def recv_sync(self) -> list[messages.RoundReport]:
+    def recv_sync(self) -> None:
         """``multifd_recv_sync_main``: wait until every channel has reached its SYNC packet,
-        then release them all; returns each channel's round report. No channel is released
+        then release them all. No channel is released
         before all have arrived (invariant 2: no page of the next round can land while an
         older copy is still in flight on another channel)."""
         self._check()
@@ -227,11 +228,9 @@ class ChannelPool:
                 raise self._fail(BrokenPipeline(
                     f"channel {gone[0]}: the source closed it before its SYNC packet"))
             self._pump(None)
-        reports = list(self.synced.values())
         for ident in self.synced:
             self._to(ident, [messages.RELEASE])
         self.synced.clear()
-        return reports
 
     def wait(self, timeout_ms: int) -> None:
         """Wait up to ``timeout_ms`` for anything (channel messages, watched sources)."""
@@ -275,17 +274,19 @@ class ChannelPool:
             self.channel_of[ident] = messages.decode_ready(frames)
             self.idle.append(ident)
         elif kind == messages.DONE:
-            job_id, moved, mask, digests = messages.decode_done(frames)
+            job_id, moved, hashing, mask, digests = messages.decode_done(frames)
             owner, done = self.inflight.pop(job_id)
             assert owner == ident
             self.idle.append(ident)
+            self.hashing[self.channel_of[ident]] += hashing
             if done is not None:
                 done(moved, mask, digests)
         elif kind == messages.SYNCED:
             if ident in self.synced:
                 raise self._fail(BrokenPipeline(
                     f"channel {self.channel_of.get(ident, '?')} reported SYNC twice"))
-            self.synced[ident] = messages.decode_synced(frames)[1]
+            self.synced.add(ident)
+            self.hashing[self.channel_of[ident]] += messages.decode_synced(frames)[1]
         elif kind == messages.CLOSED:
             self.closed.add(ident)
         elif kind == messages.ERROR:

@@ -10,7 +10,8 @@ auto-converge). What differs between a file and a socket is a handful of hooks::
                      here, on the main thread) | end_round: flush + sync (file: LOCAL;
                      socket: SYNC ALL + MULTIFD_FLUSH) | end_section
     iterate          round, bitmap sync, counters; every >= 1 s period: dirty rate and
-                     auto-converge; stop when remaining <= bandwidth x downtime-limit
+                     auto-converge; stop when remaining / bandwidth + switchover_cost()
+                     <= downtime-limit (QEMU: remaining <= bandwidth x downtime-limit)
     stop_guest       stop the guest, lift the rate limit, final bitmap sync (the caller
                      then runs the final round)
 
@@ -80,6 +81,10 @@ class Precopy:
 
     def on_legacy_zero(self, block: int, pages: np.ndarray) -> None:
         """zero-page-detection=legacy: the main thread found these pages zero."""
+
+    def switchover_cost(self) -> float:
+        """Seconds the switchover takes beyond sending what remains (QEMU: none)."""
+        return 0.0
 
     def send_pages(self, block: int, pages: np.ndarray) -> None:
         """Hand one batch of a block's dirty pages to an idle channel."""
@@ -228,8 +233,10 @@ class Precopy:
             period_dirty += dirty
             self.stats.remaining = self.stats.rounds[-1]["remaining"] = self.remaining()
             self.stats.bandwidth = self.meter.bandwidth
+            extra = self.switchover_cost()
             if self.meter.bandwidth:
-                self.stats.expected_downtime = self.stats.remaining / self.meter.bandwidth * 1000
+                self.stats.expected_downtime = \
+                    (self.stats.remaining / self.meter.bandwidth + extra) * 1000
             now = time.monotonic()
             if now - period_start >= 1.0:
                 self.stats.dirty_pages_rate = period_dirty / (now - period_start)
@@ -242,7 +249,8 @@ class Precopy:
                 period_start, period_dirty, period_xfer = now, 0, self.stats.transferred
             if self.progress is not None:
                 self.progress(self.stats)
-            if self.stats.remaining <= self.meter.threshold(self.params.downtime_limit):
+            if self.stats.remaining + extra * self.meter.bandwidth \
+                    <= self.meter.threshold(self.params.downtime_limit):
                 return
 
     def stop_guest(self) -> dict | None:

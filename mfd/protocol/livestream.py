@@ -26,7 +26,7 @@ The same items, validations and events serve the live destination and the file p
     Skipped(idstr)                   a device section mfd has no layout for (after RAM only)
     Eof()                            QEMU_VM_EOF
     Vmdesc(json)                     the vmdesc after EOF
-    Digests(tables)                  an mfd source's RAM digests after the vmdesc
+    Hashes(tables)                   an mfd source's page hashes after the vmdesc
     (``done`` is then True; a QEMU source may also just close after EOF: :meth:`close`)
 
 Everything is validated before it becomes an event (block names, offsets, section ids,
@@ -39,7 +39,7 @@ reports what a describer shows and a loader ignores::
     Command(offset, command)         every command, before its ReturnPath/Ping/SwitchoverStart
 
 With ``file=True`` the stream ends at EOF and its vmdesc, if one follows: later bytes are the
-file's (mfd's trailer), never an mfd peer's digests.
+file's (mfd's trailer), never an mfd peer's page hashes.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ import numpy as np
 
 from mfd.errors import ProtocolError, Truncated
 from mfd.protocol import constants as C
-from mfd.protocol import devices, mapped_ram, peer, ram, stream, trailer
+from mfd.protocol import devices, mapped_ram, peer, ram, stream
 from mfd.protocol.codec import Reader
 
 _ZERO_CONT = C.RAM_SAVE_FLAG_ZERO | C.RAM_SAVE_FLAG_CONTINUE
@@ -160,8 +160,8 @@ class Vmdesc:
 
 
 @dataclass(frozen=True)
-class Digests:
-    tables: dict[str, bytes]
+class Hashes:
+    tables: dict[str, bytes]  # block -> its page hash table (``mfd.shm.pagehash``)
 
 
 @dataclass(frozen=True)
@@ -176,7 +176,7 @@ class Command:
 
 
 Event = (Header | ReturnPath | Ping | SwitchoverStart | Blocks | Flush | SectionEnd
-         | ZeroPages | Pages | Device | Skipped | Eof | Vmdesc | Digests | Section | Command)
+         | ZeroPages | Pages | Device | Skipped | Eof | Vmdesc | Hashes | Section | Command)
 
 
 class StreamDecoder:
@@ -269,7 +269,7 @@ class StreamDecoder:
 
     def close(self) -> None:
         """The peer closed the connection: fine after EOF (a QEMU source may skip the
-        vmdesc) unless an mfd source still owes its digests; anything else is cut short."""
+        vmdesc) unless an mfd source still owes its page hashes; anything else is cut short."""
         if self.done or (self.eof and not self.mfd_source and self.start == self.end):
             self.done = True
             return
@@ -310,9 +310,8 @@ class StreamDecoder:
         elif self.in_ram is not None:
             self._records(r, events)
         elif self.vmdesc:
-            events.append(Digests(peer.decode_digests(r, {
-                idstr: trailer.num_chunks(size // C.TARGET_PAGE_SIZE)
-                for idstr, size in self.sizes.items()})))
+            events.append(Hashes(peer.decode_hashes(r, {
+                idstr: size // C.TARGET_PAGE_SIZE for idstr, size in self.sizes.items()})))
             self.done = True
         elif self.eof:
             at = r.pos

@@ -8,17 +8,17 @@ message    frames                                                       directio
 READY      b"READY", be32 channel id                                    channel ->
 JOB        b"JOB", be64 job id + be32 block + be32 flags, u32 page array  -> channel
            (save: page indices; restore: [start, end) pairs); flags:
-           JOB_HASH: hash whole-chunk packets (the peer is mfd)
+           JOB_HASH: put each page's hash in the page hash table
 DIGEST     b"DIGEST", as JOB with [start, end) pairs: hash, move nothing  -> channel
-DONE       b"DONE", be64 job id + be64 bytes moved, u8 nonzero mask,     channel ->
-           chunk digests (save JOB: one mask byte per page of the job,
-           1 = written; restore JOB and DIGEST: 32 bytes per chunk)
+DONE       b"DONE", be64 job id + be64 bytes moved + f64 seconds spent   channel ->
+           hashing pages, u8 nonzero mask, chunk digests (save JOB: one
+           mask byte per page of the job, 1 = written; restore JOB and
+           DIGEST: 32 bytes per chunk)
 SYNC       b"SYNC", as JOB with no pages: put a SYNC packet on the       -> channel
            connection (socket send channels), answered with DONE
-SYNCED     b"SYNCED", be64 packet_num, then what the round did to chunk  channel ->
-           digests: u32 (block, chunk) pairs hashed + their digests, u32
-           (block, chunk) pairs touched otherwise: reached a SYNC packet
-           and waits (socket receive channels)
+SYNCED     b"SYNCED", be64 packet_num + f64 seconds spent hashing pages  channel ->
+           since the last SYNC: reached a SYNC packet and waits (socket
+           receive channels)
 RELEASE    b"RELEASE": every channel reached its SYNC, go on             -> channel
 CLOSED     b"CLOSED": the peer ended the connection at a packet boundary  channel ->
 ERROR      b"ERROR", text (a traceback)                                  channel ->
@@ -29,7 +29,6 @@ STOP       b"STOP"                                                       -> chan
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -48,9 +47,9 @@ CLOSED = b"CLOSED"
 JOB_HASH = 0x1
 
 _JOB = struct.Struct(">QII")
-_DONE = struct.Struct(">QQ")
+_DONE = struct.Struct(">QQd")
 _READY = struct.Struct(">I")
-_SYNCED = struct.Struct(">Q")
+_SYNCED = struct.Struct(">Qd")
 
 
 def encode_ready(channel_id: int) -> list[bytes]:
@@ -71,16 +70,18 @@ def decode_job(frames: list) -> tuple[int, int, np.ndarray, int]:
 
 
 def encode_done(job_id: int, moved: int, nonzero: np.ndarray | None = None,
-                digests: bytes = b"") -> list[bytes]:
+                digests: bytes = b"", hashing: float = 0.0) -> list[bytes]:
     mask = b"" if nonzero is None else np.ascontiguousarray(nonzero, dtype=np.uint8).data
-    return [DONE, _DONE.pack(job_id, moved), mask, digests]
+    return [DONE, _DONE.pack(job_id, moved, hashing), mask, digests]
 
 
-def decode_done(frames: list) -> tuple[int, int, np.ndarray, bytes]:
+def decode_done(frames: list) -> tuple[int, int, float, np.ndarray, bytes]:
+    """job id, bytes moved, seconds spent hashing pages, nonzero mask, chunk digests"""
     if len(frames) != 4 or len(frames[1]) != _DONE.size:
         raise ProtocolError(f"malformed DONE message ({len(frames)} frames)")
-    job_id, moved = _DONE.unpack(frames[1])
-    return job_id, moved, np.frombuffer(frames[2], dtype=np.uint8).astype(bool), frames[3]
+    job_id, moved, hashing = _DONE.unpack(frames[1])
+    return (job_id, moved, hashing, np.frombuffer(frames[2], dtype=np.uint8).astype(bool),
+            frames[3])
 
 
 def decode_ready(frames: list) -> int:
@@ -89,26 +90,12 @@ def decode_ready(frames: list) -> int:
     return _READY.unpack(frames[1])[0]
 
 
-@dataclass(frozen=True)
-class RoundReport:
-    """A receive channel's chunk digests since its last SYNC: whole-chunk packets it hashed
-    as it placed them, and chunks it touched otherwise (their digests are now stale)."""
-
-    hashed: np.ndarray  # (n, 2) u32 block, chunk
-    digests: bytes  # 32 bytes per hashed chunk
-    touched: np.ndarray  # (m, 2) u32 block, chunk
+def encode_synced(packet_num: int, hashing: float) -> list[bytes]:
+    return [SYNCED, _SYNCED.pack(packet_num, hashing)]
 
 
-def encode_synced(packet_num: int, report: RoundReport) -> list[bytes]:
-    return [SYNCED, _SYNCED.pack(packet_num),
-            np.ascontiguousarray(report.hashed, dtype=np.uint32).data, report.digests,
-            np.ascontiguousarray(report.touched, dtype=np.uint32).data]
-
-
-def decode_synced(frames: list) -> tuple[int, RoundReport]:
-    if len(frames) != 5 or len(frames[1]) != _SYNCED.size or len(frames[2]) % 8 \
-            or len(frames[4]) % 8 or len(frames[3]) != len(frames[2]) // 8 * 32:
+def decode_synced(frames: list) -> tuple[int, float]:
+    """packet_num, seconds spent hashing pages since the last SYNC"""
+    if len(frames) != 2 or len(frames[1]) != _SYNCED.size:
         raise ProtocolError("malformed SYNCED message")
-    hashed = np.frombuffer(frames[2], dtype=np.uint32).reshape(-1, 2)
-    touched = np.frombuffer(frames[4], dtype=np.uint32).reshape(-1, 2)
-    return _SYNCED.unpack(frames[1])[0], RoundReport(hashed, bytes(frames[3]), touched)
+    return _SYNCED.unpack(frames[1])

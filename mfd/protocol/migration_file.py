@@ -169,7 +169,7 @@ def _on_event(mf: MigrationFile, ev: livestream.Event) -> None:
             mf.eof_offset = offset
         case livestream.Vmdesc(json, offset):
             mf.vmdesc, mf.vmdesc_offset = json, offset
-        # ReturnPath, Ping, SwitchoverStart: in mf.commands (a file never has Digests)
+        # ReturnPath, Ping, SwitchoverStart: in mf.commands (a file never has Hashes)
 
 
 def _state(block: RamBlockEntry) -> np.ndarray:

@@ -9,10 +9,13 @@ a QEMU peer never receives a byte it would refuse::
     source -> destination  bytes 32..63 of every MultiFDInit (unused by QEMU, zeros from a
                            QEMU source): "mfd" 1, channels, compression, flush mode, so an
                            mfd destination adopts what it was not told.
-    source -> destination  after EOF and the vmdesc, to an mfd destination only: the RAM
-                           digests at switchover (the DIGESTS record below), compared there.
+    source -> destination  after EOF and the vmdesc, to an mfd destination only: the page
+                           hashes of its RAM at switchover (``mfd.shm.pagehash``, the
+                           HASHES record below), compared there page by page.
     destination -> source  MFD_RESULT on the return path before SHUT, to an mfd source only:
-                           {"status": "completed" | "failed", "error", "digest"} (JSON).
+                           {"status": "completed" | "failed", "error", "digests": a blake3
+                           per block of its page hash table, "verify_ms": the
+                           destination's part of the switchover spent verifying} (JSON).
 
 The source's guest state (``mfd-guest``: the workload and a KVM vCPU) goes as a device
 section only to an mfd destination; QEMU refuses sections it does not know.
@@ -36,8 +39,8 @@ _MARK = b"mfd\x01"
 _SETTINGS = struct.Struct(">4sBBB")
 _COMPRESSION = {name: bits for bits, name in COMPRESSION_NAMES.items()}
 
-DIGESTS_MAGIC = b"MFDD"
-DIGESTS_MAX = 64 << 20  # digests of 32 bytes per 512 KiB chunk: 64 MiB covers 1 PiB of RAM
+HASHES_MAGIC = b"MFDH"
+HASH_SIZE = 8  # one little-endian u64 per page
 
 
 @dataclass(frozen=True)
@@ -66,47 +69,51 @@ def decode_settings(unused: bytes) -> ChannelSettings | None:
     return ChannelSettings(channels, COMPRESSION_NAMES[bits], bool(flush))
 
 
-def encode_digests(tables: dict[str, bytes]) -> bytes:
-    """MFDD, be32 length + JSON {block: chunks}, then the tables in that order."""
-    head = orjson.dumps({name: len(t) // 32 for name, t in tables.items()})
-    body = b"".join(tables.values())
-    return DIGESTS_MAGIC + struct.pack(">I", len(head)) + head + struct.pack(">I", len(body)) \
-        + body
+def encode_hashes(tables: dict[str, bytes]) -> list[bytes]:
+    """MFDH, be32 length + JSON {block: pages}, be64 length, then the tables in that order
+    (a list of buffers: the tables go out without a copy)."""
+    head = orjson.dumps({name: len(t) // HASH_SIZE for name, t in tables.items()})
+    size = sum(len(t) for t in tables.values())
+    return [HASHES_MAGIC + struct.pack(">I", len(head)) + head + struct.pack(">Q", size),
+            *tables.values()]
 
 
-def decode_digests(r: Reader, chunks: dict[str, int]) -> dict[str, bytes]:
-    """``chunks``: the number of digests each block must have (from its size)."""
+def decode_hashes(r: Reader, pages: dict[str, int]) -> dict[str, bytes]:
+    """``pages``: the number of pages of each block (from its size), in any order."""
     at = r.pos
-    if bytes(r.take(4, "mfd digests magic")) != DIGESTS_MAGIC:
-        raise r.error("expected mfd's RAM digests after the vmdesc", at=at)
-    n = r.be32("mfd digests header length")
+    if bytes(r.take(4, "mfd page hashes magic")) != HASHES_MAGIC:
+        raise r.error("expected mfd's page hashes after the vmdesc", at=at)
+    n = r.be32("mfd page hashes header length")
     if n > 1 << 20:
-        raise r.error(f"mfd digests header of {n} bytes", at=at)
+        raise r.error(f"mfd page hashes header of {n} bytes", at=at)
     try:
-        head = orjson.loads(bytes(r.take(n, "mfd digests header")))
+        head = orjson.loads(bytes(r.take(n, "mfd page hashes header")))
     except orjson.JSONDecodeError:
-        raise r.error("mfd digests header is not JSON", at=at) from None
-    if head != chunks:
-        raise r.error(f"mfd digests for {head!r}, expected {chunks!r}", at=at)
-    size = r.be32("mfd digests length")
-    if size != 32 * sum(chunks.values()) or size > DIGESTS_MAX:
-        raise r.error(f"mfd digests of {size} bytes, expected {32 * sum(chunks.values())}",
-                      at=at)
-    body = bytes(r.take(size, "mfd digests"))
+        raise r.error("mfd page hashes header is not JSON", at=at) from None
+    if head != pages:
+        raise r.error(f"mfd page hashes for {head!r}, expected {pages!r}", at=at)
+    size = r.be64("mfd page hashes length")
+    if size != HASH_SIZE * sum(pages.values()):
+        raise r.error(f"mfd page hashes of {size} bytes, expected "
+                      f"{HASH_SIZE * sum(pages.values())}", at=at)
+    body = r.take(size, "mfd page hashes")
     out, pos = {}, 0
     for name, count in head.items():  # the sender's order
-        out[name] = body[pos : pos + 32 * count]
-        pos += 32 * count
+        out[name] = bytes(body[pos : pos + HASH_SIZE * count])
+        pos += HASH_SIZE * count
     return out
 
 
 def encode_result(status: str, error: str | None = None,
-                  digests: dict[str, str] | None = None) -> bytes:
-    body = {"status": status}
+                  digests: dict[str, str] | None = None,
+                  verify_ms: float | None = None) -> bytes:
+    body: dict[str, object] = {"status": status}
     if error is not None:
         body["error"] = error[:4000]
     if digests is not None:
         body["digests"] = digests
+    if verify_ms is not None:
+        body["verify_ms"] = round(verify_ms, 3)
     return orjson.dumps(body)
 
 

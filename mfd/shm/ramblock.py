@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import errno
+import itertools
 import mmap
 import os
 import re
@@ -231,6 +232,20 @@ def nonzero_pages(block: MappedBlock, pages: np.ndarray,
 
 def attach(block: RAMBlock, *, writable: bool = False) -> MappedBlock:
     return MappedBlock(block, writable=writable)
+
+
+def per_page_size(blocks: list[RAMBlock], itemsize: int) -> int:
+    """Bytes of a file holding ``itemsize`` bytes per page of every block (whole pages)."""
+    n = sum(b.num_pages for b in blocks) * itemsize
+    return -(-n // TARGET_PAGE_SIZE) * TARGET_PAGE_SIZE
+
+
+def per_page(mapped: MappedBlock, blocks: list[RAMBlock], dtype: type) -> list[np.ndarray]:
+    """A file of ``per_page_size`` bytes as one array per block, an item per page: the
+    destination's receivedmap, each end's page hashes."""
+    flat = np.frombuffer(mapped.mm, dtype=dtype)
+    starts = np.cumsum([0] + [b.num_pages for b in blocks]).tolist()
+    return [flat[a:b] for a, b in itertools.pairwise(starts)]
 
 
 class SharedRAM:

@@ -17,8 +17,9 @@ the sender's kernel, out of the receiver's.
       --SYNC-->                 SYNC packet     =====>   --SYNCED(packet_num)-->
       <--DONE--                                          waits          <--RELEASE--
                                                          EOF at a packet: --CLOSED-->
-      --DIGEST(chunks)-->       hash final RAM           hash final RAM <--DIGEST--
-      <--DONE(digests)--                                 --DONE(digests)-->
+
+Toward an mfd peer both ends hash every page they move (``mfd.shm.pagehash``): the send
+channel as it sends it (JOB_HASH), the receive channel from its RAM right after placing it.
 
 A channel whose connection fails, whose peer sends anything invalid, or whose main process
 goes away fails with one line (ERROR to its main process) and exits.
@@ -31,6 +32,7 @@ import fcntl
 import os
 import signal
 import socket
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -41,7 +43,8 @@ import zmq
 from mfd.errors import MfdError, ProtocolError
 from mfd.protocol import messages, multifd
 from mfd.protocol.constants import MULTIFD_PACKET_SIZE, TARGET_PAGE_SIZE
-from mfd.protocol.trailer import CHUNK_PAGES, whole_chunks
+from mfd.protocol.mapped_ram import page_runs
+from mfd.shm.pagehash import PageHashes, hash_pages, hash_placed, hash_rows
 from mfd.shm.ramblock import (
     WORDS_PER_PAGE,
     DataExtents,
@@ -54,7 +57,6 @@ from mfd.shm.receivedmap import ReceivedMap
 from mfd.workers import tcp
 from mfd.workers.file_channel import die_with_parent
 from mfd.workers.methods import get_method
-from mfd.workers.ramdigest import chunk_digest, ram_digests
 
 POLL_MS = 500
 PAGE = TARGET_PAGE_SIZE
@@ -80,14 +82,24 @@ class SocketChannelConfig:
     init_unused: bytes = bytes(32)  # mfd's settings (``mfd.protocol.peer``)
     zero_page_detection: bool = True  # multifd mode: the send channel finds zero pages
     connect_timeout: float = 30.0
+    # this end's page hash table (send: filled for JOB_HASH jobs; receive: None when the
+    # source is QEMU, which has nothing to compare)
+    hashes: RAMBlock | None = None
     # receive: the map shared by every channel; the socket the connection comes on
     receivedmap: RAMBlock | None = None
     handoff: int = -1
-    hash: bool = True  # hash whole-chunk packets as they land (an mfd source checks RAM)
     # test-only: a receive channel sleeps this long before placing each packet; a receive
-    # channel ignores SYNC packets (round order is then not kept: the test must fail)
+    # channel ignores SYNC packets (round order is then not kept: the test must fail); a
+    # receive channel damages its first packet of pages (FAULTS) as it places it
     delay: float = 0.0
     skip_sync: bool = False
+    fault: str = ""
+
+
+# test-only faults of a receive channel, each of which verification must catch: one byte of
+# a page flipped; a page's content placed at the next page's offset (the previous one's, at
+# a block's end), its own left as it was; a packet's pages received and thrown away
+FAULTS = ("corrupt", "misplace", "drop")
 
 
 class _Channel:
@@ -104,8 +116,9 @@ class _Channel:
         self.poller = zmq.Poller()
         self.poller.register(self.main, zmq.POLLIN)
         self.deferred: list[list[bytes]] = []  # main-process messages read by tick()
-        # one packet's (or digest chunk's) pages: a compressed packet's data, a chunk hashed
+        # one packet's pages: a compressed packet's data, pages gathered or read to hash
         self.buffer = np.empty((multifd.MULTIFD_PAGE_COUNT, WORDS_PER_PAGE), dtype=np.uint64)
+        self.hashes = None if cfg.hashes is None else PageHashes(cfg.hashes, list(cfg.blocks))
 
     def where(self) -> str:
         return f"channel {self.cfg.channel_id}"
@@ -124,10 +137,7 @@ class _Channel:
 
     def handle(self, kind: bytes, job_id: int, block: int, pages: np.ndarray,
                flags: int) -> list:
-        """A job from the main process; both directions hash RAM (DIGEST)."""
-        if kind == messages.DIGEST:
-            return messages.encode_done(job_id, 0, None,
-                                        ram_digests(self.blocks[block], pages, self.buffer))
+        """A job from the main process."""
         raise RuntimeError(f"{self.where()} cannot do {kind!r} jobs")
 
     def on_ready(self, source: object) -> None:
@@ -141,6 +151,8 @@ class _Channel:
             self.conn.close()
         self.main.close(0)
         self.words = []
+        if self.hashes is not None:
+            self.hashes.close()
         for b in self.blocks:
             b.close()
 
@@ -179,17 +191,16 @@ class SendChannel(_Channel):
             return self.send_pages(job_id, block, pages, bool(flags & messages.JOB_HASH))
         return super().handle(kind, job_id, block, pages, flags)
 
-    def send_pages(self, job_id: int, block: int, pages: np.ndarray, digest: bool) -> list:
+    def send_pages(self, job_id: int, block: int, pages: np.ndarray, hash: bool) -> list:
         """A job of up to JOB_PACKETS packets, each ``multifd_send_prepare`` + write: find
         the zero pages, header and pages on the connection straight from guest memory
-        (compressed: through this channel's stream). A packet that is one whole chunk is
-        hashed when ``digest`` (``mfd.main_thread.digests``)."""
-        whole = set(whole_chunks(pages, self.cfg.blocks[block].num_pages)[0].tolist()) \
-            if digest else set()
+        (compressed: through this channel's stream). With ``hash`` each page's hash goes
+        into the page hash table, computed from the same bytes as its zero check, while
+        they are in the cache."""
         lo, hi = int(pages[0]), int(pages[-1]) + 1
         extents = self.extents[block].runs(lo, hi) if hi - lo == len(pages) else None
         moved = 0
-        digests = bytearray()
+        hashing = 0.0
         nonzero = np.ones(len(pages), dtype=bool)
         words = self.words[block]
         for n, at in enumerate(range(0, len(pages), multifd.MULTIFD_PAGE_COUNT)):
@@ -197,6 +208,7 @@ class SendChannel(_Channel):
             mask = nonzero[at : at + len(packet)]
             self._zero_check(block, packet, mask, extents)
             normal = packet[mask]
+            data = None
             if len(normal) and self.nocomp:
                 payload = self._views(block, normal, extents)
                 size = len(normal) * PAGE
@@ -206,15 +218,34 @@ class SendChannel(_Channel):
                 size = memoryview(payload[0]).nbytes
             else:
                 payload, size = [], 0
+            if hash:
+                started = time.thread_time()
+                self._hash(block, packet, mask, extents, data)
+                hashing += time.thread_time() - started
             header = multifd.encode_packet(
                 flags=self.flag, packet_num=job_id + n, ramblock=self.idstrs[block],
                 normal=normal.astype(np.uint64) * PAGE,
                 zero=packet[~mask].astype(np.uint64) * PAGE, next_packet_size=size)
             moved += self._send([header, *payload])
-            if n in whole:
-                digests += chunk_digest(words[int(packet[0]) : int(packet[-1]) + 1], mask,
-                                        checked=self.cfg.zero_page_detection)
-        return messages.encode_done(job_id, moved, nonzero, bytes(digests))
+        return messages.encode_done(job_id, moved, nonzero, hashing=hashing)
+
+    def _hash(self, block: int, packet: np.ndarray, mask: np.ndarray,
+              extents: list[tuple[int, int]] | None, data: np.ndarray | None) -> None:
+        """The packet's page hashes into the table: zero pages hash to 0; the others from
+        the compressed packet's gathered ``data``, or from guest memory, where holes (sent
+        as zeros without zero-page detection, see :meth:`_views`) are not read."""
+        assert self.hashes is not None
+        table = self.hashes.table[block]
+        table[packet[~mask]] = 0
+        normal = packet[mask]
+        if data is not None:
+            table[normal] = hash_rows(data)
+        elif self.cfg.zero_page_detection or extents is None:
+            table[normal] = hash_pages(self.words[block], normal, self.buffer)
+        else:
+            table[normal] = 0
+            for start, end in _clip(extents, int(normal[0]), int(normal[-1]) + 1):
+                table[start:end] = hash_rows(self.words[block][start:end])
 
     def _views(self, block: int, normal: np.ndarray,
                extents: list[tuple[int, int]] | None) -> list:
@@ -223,7 +254,7 @@ class SendChannel(_Channel):
         a page of zeros, since touching a tmpfs hole through the mapping would allocate
         it."""
         words = self.words[block]
-        runs = _runs(normal)
+        runs = page_runs(normal).tolist()
         if self.cfg.zero_page_detection or len(runs) != 1 or extents is None:
             return [words[lo:hi] for lo, hi in runs]
         out, at = [], runs[0][0]
@@ -266,17 +297,6 @@ def _clip(runs: list[tuple[int, int]], lo: int, hi: int) -> list[tuple[int, int]
     return [(max(a, lo), min(b, hi)) for a, b in runs if a < hi and b > lo]
 
 
-def _runs(pages: np.ndarray) -> list[tuple[int, int]]:
-    """[lo, hi) runs of consecutive pages, in the order given (one per packet in a first
-    round; QEMU's own order has zero pages swapped to the end, so runs may be short)."""
-    if not len(pages):
-        return []
-    cuts = np.flatnonzero(np.diff(pages) != 1) + 1
-    starts = pages[np.concatenate(([0], cuts))]
-    ends = pages[np.concatenate((cuts - 1, [len(pages) - 1]))] + 1
-    return list(zip(starts.tolist(), ends.tolist(), strict=True))
-
-
 class RecvChannel(_Channel):
     def __init__(self, cfg: SocketChannelConfig, ctx: zmq.Context) -> None:
         super().__init__(cfg, ctx, writable=True)
@@ -298,7 +318,8 @@ class RecvChannel(_Channel):
         self.waiting = False  # at a SYNC packet, until RELEASE
         assert cfg.receivedmap is not None
         self.receivedmap = ReceivedMap(cfg.receivedmap, list(cfg.blocks))
-        self._new_report()
+        self.hashing = 0.0  # seconds spent hashing pages since the last SYNC
+        self.fault = cfg.fault
 
     def close(self) -> None:
         self.decompressor.close()
@@ -307,19 +328,6 @@ class RecvChannel(_Channel):
         for fd in self.pipe:
             os.close(fd)
         super().close()
-
-    def _new_report(self) -> None:
-        self.hashed: list[tuple[int, int]] = []
-        self.digest_rows = bytearray()
-        self.touched: list[np.ndarray] = []
-
-    def report(self) -> messages.RoundReport:
-        """What this round did to chunk digests (sent with SYNCED), then start afresh."""
-        touched = np.concatenate(self.touched) if self.touched else np.empty((0, 2), np.uint32)
-        out = messages.RoundReport(np.array(self.hashed, dtype=np.uint32).reshape(-1, 2),
-                                   bytes(self.digest_rows), touched)
-        self._new_report()
-        return out
 
     def start(self) -> None:
         """The connection comes later, from the main process (:meth:`on_ready`)."""
@@ -423,7 +431,8 @@ class RecvChannel(_Channel):
                 time.sleep(self.cfg.delay)
             self.place(pkt)
         if pkt.flags & multifd.MULTIFD_FLAG_SYNC and not self.cfg.skip_sync:
-            self.main.send_multipart(messages.encode_synced(pkt.packet_num, self.report()))
+            self.main.send_multipart(messages.encode_synced(pkt.packet_num, self.hashing))
+            self.hashing = 0.0
             # wait at the SYNC: read nothing more from the connection until RELEASE
             self.poller.unregister(self.conn.fileno())
             self.waiting = True
@@ -440,8 +449,14 @@ class RecvChannel(_Channel):
         received = self.receivedmap.received[block]
         normal = (pkt.normal // PAGE).astype(np.intp)
         zero = (pkt.zero // PAGE).astype(np.intp)
-        if len(normal) and self.nocomp:
-            runs = _runs(normal)
+        fault, self.fault = (self.fault, "") if len(normal) else ("", self.fault)
+        if fault == "drop":
+            self._recv([self.buffer[: len(normal)]] if self.nocomp
+                       else [memoryview(self.payload)[: pkt.next_packet_size]])
+            _say_fault(fault, mapped, int(normal.min()))
+            normal = normal[:0]
+        elif len(normal) and self.nocomp:
+            runs = page_runs(normal).tolist()
             if len(runs) <= SPLICE_RUNS:
                 self._splice(mapped.fd, runs)
             else:  # QEMU's order (zero pages swapped out): one recvmsg_into, not a splice each
@@ -451,35 +466,44 @@ class RecvChannel(_Channel):
             self._recv([payload])
             data = self.buffer[: len(normal)]
             self.decompressor.recv(payload, memoryview(data).cast("B"))
-            runs = _runs(normal)
+            runs = page_runs(normal).tolist()
             if len(runs) == 1:  # consecutive pages in order (QEMU's need not be)
                 n = os.pwrite(mapped.fd, data, runs[0][0] * PAGE)
                 if n != data.nbytes:
                     raise OSError(f"short write to RAM: {n} of {data.nbytes} bytes")
             else:
                 words[normal] = data
+        if fault in ("corrupt", "misplace"):
+            _damage(fault, mapped, int(normal[0]))
         received[normal] = 1
-        if len(zero):
-            self.receivedmap.zero_pages(block, words, zero)
-        if self.cfg.hash:
-            self._account(block, normal, zero)
+        again = self.receivedmap.zero_pages(block, words, zero) if len(zero) else zero
+        if self.hashes is not None:
+            started = time.thread_time()
+            table = self.hashes.table[block]
+            table[normal] = hash_placed(mapped, normal, self.buffer)
+            table[zero] = 0  # never received: still a hole, zero without a read
+            if len(again):  # received before, zeroed now: read back as they are
+                table[again] = hash_pages(words, again, self.buffer)
+            self.hashing += time.thread_time() - started
 
-    def _account(self, block: int, normal: np.ndarray, zero: np.ndarray) -> None:
-        """A packet that is exactly one whole chunk is hashed now, from the RAM it just
-        wrote; any other packet makes the digests of the chunks it touched stale."""
-        pages = np.sort(np.concatenate((normal, zero)))
-        whole, chunks = whole_chunks(pages, self.cfg.blocks[block].num_pages)
-        if len(whole) and len(pages) <= CHUNK_PAGES:  # the one packet is a whole chunk
-            chunk = int(chunks[0])
-            first = chunk * CHUNK_PAGES
-            mask = np.zeros(len(pages), dtype=bool)
-            mask[normal - first] = True
-            self.hashed.append((block, chunk))
-            self.digest_rows += chunk_digest(self.words[block][first : first + len(pages)],
-                                             mask)
-        else:
-            chunks = np.unique(pages // CHUNK_PAGES).astype(np.uint32)
-            self.touched.append(np.stack((np.full_like(chunks, block), chunks), axis=1))
+
+def _damage(fault: str, mapped: MappedBlock, page: int) -> None:
+    """Test-only: damage ``page``, just placed (FAULTS)."""
+    at = page * PAGE
+    if fault == "corrupt":
+        byte = os.pread(mapped.fd, 1, at + 100)
+        os.pwrite(mapped.fd, bytes([byte[0] ^ 0x5A]), at + 100)
+    else:  # as if it had gone to ``other`` instead: ``page`` as it was (first round: zero)
+        other = page + 1 if page + 1 < mapped.block.num_pages else page - 1
+        os.pwrite(mapped.fd, os.pread(mapped.fd, PAGE, at), other * PAGE)
+        os.pwrite(mapped.fd, bytes(PAGE), at)
+        page = min(page, other)
+    _say_fault(fault, mapped, page)
+
+
+def _say_fault(fault: str, mapped: MappedBlock, page: int) -> None:
+    print(f"mfd: test fault {fault}: block {mapped.block.idstr!r} offset {page * PAGE:#x}",
+          file=sys.stderr, flush=True)
 
 
 def _loop(channel: SendChannel | RecvChannel, cfg: SocketChannelConfig) -> None:
@@ -495,7 +519,7 @@ def _loop(channel: SendChannel | RecvChannel, cfg: SocketChannelConfig) -> None:
                 return
             if kind == messages.RELEASE:
                 channel.release()
-            elif kind in (messages.JOB, messages.SYNC, messages.DIGEST):
+            elif kind in (messages.JOB, messages.SYNC):
                 job_id, block, pages, flags = messages.decode_job(frames)
                 channel.main.send_multipart(channel.handle(kind, job_id, block, pages, flags))
             else:
