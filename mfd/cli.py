@@ -76,6 +76,18 @@ def parse_uuid(text: str) -> bytes:
         raise argparse.ArgumentTypeError(f"not a UUID: {text!r}") from None
 
 
+def _fault(text: str) -> tuple[str, int]:
+    """Test-only --x-fault KIND@OFFSET: the page at OFFSET of the first block."""
+    kind, _, offset = text.partition("@")
+    try:
+        page, rest = divmod(int(offset, 0), 4096)
+    except ValueError:
+        rest = 1
+    if kind not in FAULTS or rest:
+        raise argparse.ArgumentTypeError(f"not {'|'.join(FAULTS)}@PAGE_OFFSET: {text!r}")
+    return kind, page
+
+
 def _file_args(p: argparse.ArgumentParser, image_help: str, guest_help: str) -> None:
     """What save and restore share: the file, where the RAM comes from or goes, offset."""
     p.add_argument("file")
@@ -219,10 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "migration, as QEMU's -S ('mfd guest --cont' starts it)")
     n.add_argument("--json", action="store_true")
     # test-only: slow receive channels (seconds per packet, comma separated); no recv sync;
-    # receive channel 0 damages one packet as it places it (verification must catch it)
+    # receive channels damage the page at this offset of the first block (KIND@OFFSET, KIND
+    # one of socket_channel.FAULTS) each time they place it: verification must catch it
     n.add_argument("--x-channel-delay", default="", help=argparse.SUPPRESS)
     n.add_argument("--x-skip-sync", action="store_true", help=argparse.SUPPRESS)
-    n.add_argument("--x-fault", choices=FAULTS, default="", help=argparse.SUPPRESS)
+    n.add_argument("--x-fault", type=_fault, help=argparse.SUPPRESS)
 
     d = sub.add_parser("demo", help="live migration of a writing 1 GiB guest (both ends on "
                        "this machine, or one end of the two-node demo)")

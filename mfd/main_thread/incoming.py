@@ -71,7 +71,7 @@ class IncomingOptions:
     # then not kept and a test must see it fail
     channel_delays: tuple[float, ...] = ()
     skip_sync: bool = False
-    fault: str = ""  # receive channel 0 damages a packet (socket_channel.FAULTS)
+    fault: tuple[str, int] | None = None  # (socket_channel.FAULTS, page of the first block)
     stopped: bool = False  # the guest stays paused after the migration (QEMU's -S)
 
 
@@ -470,8 +470,7 @@ class Incoming:
             channel_id=i, endpoint="", parent_pid=0, blocks=tuple(self.blocks),
             compression=self.compression, receivedmap=self.rmap_ram.blocks[0],
             hashes=hashes, delay=delays[i] if i < len(delays) else 0.0,
-            skip_sync=self.options.skip_sync, fault=self.options.fault if i == 0 else "")
-            for i in range(n)]
+            skip_sync=self.options.skip_sync, fault=self.options.fault) for i in range(n)]
         inherited = (self.acceptor.listener, *self.acceptor.pending, *self.conns.values(),
                      *([self.conn] if self.conn is not None else []))
         self.pool = ChannelPool(configs, recv_main, handoff=True, inherited=inherited)

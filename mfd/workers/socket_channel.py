@@ -90,15 +90,16 @@ class SocketChannelConfig:
     handoff: int = -1
     # test-only: a receive channel sleeps this long before placing each packet; a receive
     # channel ignores SYNC packets (round order is then not kept: the test must fail); a
-    # receive channel damages its first packet of pages (FAULTS) as it places it
+    # receive channel damages (FAULTS) every packet that has this page of the first block,
+    # as it places it
     delay: float = 0.0
     skip_sync: bool = False
-    fault: str = ""
+    fault: tuple[str, int] | None = None
 
 
 # test-only faults of a receive channel, each of which verification must catch: one byte of
-# a page flipped; a page's content placed at the next page's offset (the previous one's, at
-# a block's end), its own left as it was; a packet's pages received and thrown away
+# the page flipped; the page's content placed at the next page's offset (the previous one's
+# at a block's end) and the page left zero; the packet's pages received and thrown away
 FAULTS = ("corrupt", "misplace", "drop")
 
 
@@ -319,7 +320,6 @@ class RecvChannel(_Channel):
         assert cfg.receivedmap is not None
         self.receivedmap = ReceivedMap(cfg.receivedmap, list(cfg.blocks))
         self.hashing = 0.0  # seconds spent hashing pages since the last SYNC
-        self.fault = cfg.fault
 
     def close(self) -> None:
         self.decompressor.close()
@@ -449,11 +449,13 @@ class RecvChannel(_Channel):
         received = self.receivedmap.received[block]
         normal = (pkt.normal // PAGE).astype(np.intp)
         zero = (pkt.zero // PAGE).astype(np.intp)
-        fault, self.fault = (self.fault, "") if len(normal) else ("", self.fault)
-        if fault == "drop":
+        fault = self.cfg.fault
+        if fault is not None and not (block == 0 and fault[1] in normal):
+            fault = None
+        if fault is not None and fault[0] == "drop":
             self._recv([self.buffer[: len(normal)]] if self.nocomp
                        else [memoryview(self.payload)[: pkt.next_packet_size]])
-            _say_fault(fault, mapped, int(normal.min()))
+            _say_fault("drop", mapped, normal)
             normal = normal[:0]
         elif len(normal) and self.nocomp:
             runs = page_runs(normal).tolist()
@@ -473,8 +475,8 @@ class RecvChannel(_Channel):
                     raise OSError(f"short write to RAM: {n} of {data.nbytes} bytes")
             else:
                 words[normal] = data
-        if fault in ("corrupt", "misplace"):
-            _damage(fault, mapped, int(normal[0]))
+        if fault is not None and fault[0] != "drop":
+            _damage(fault[0], mapped, fault[1])
         received[normal] = 1
         again = self.receivedmap.zero_pages(block, words, zero) if len(zero) else zero
         if self.hashes is not None:
@@ -493,16 +495,19 @@ def _damage(fault: str, mapped: MappedBlock, page: int) -> None:
     if fault == "corrupt":
         byte = os.pread(mapped.fd, 1, at + 100)
         os.pwrite(mapped.fd, bytes([byte[0] ^ 0x5A]), at + 100)
-    else:  # as if it had gone to ``other`` instead: ``page`` as it was (first round: zero)
-        other = page + 1 if page + 1 < mapped.block.num_pages else page - 1
-        os.pwrite(mapped.fd, os.pread(mapped.fd, PAGE, at), other * PAGE)
-        os.pwrite(mapped.fd, bytes(PAGE), at)
-        page = min(page, other)
-    _say_fault(fault, mapped, page)
+        _say_fault(fault, mapped, np.array([page]))
+        return
+    # as if it had gone to ``other`` instead, leaving ``page`` zero
+    other = page + 1 if page + 1 < mapped.block.num_pages else page - 1
+    os.pwrite(mapped.fd, os.pread(mapped.fd, PAGE, at), other * PAGE)
+    os.pwrite(mapped.fd, bytes(PAGE), at)
+    _say_fault(fault, mapped, np.array([page, other]))
 
 
-def _say_fault(fault: str, mapped: MappedBlock, page: int) -> None:
-    print(f"mfd: test fault {fault}: block {mapped.block.idstr!r} offset {page * PAGE:#x}",
+def _say_fault(fault: str, mapped: MappedBlock, pages: np.ndarray) -> None:
+    """One line a test reads: which pages it damaged."""
+    offsets = ",".join(f"{p * PAGE:#x}" for p in np.sort(pages).tolist())
+    print(f"mfd: test fault {fault}: block {mapped.block.idstr!r} offsets {offsets}",
           file=sys.stderr, flush=True)
 
 
