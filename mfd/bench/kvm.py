@@ -122,7 +122,8 @@ class KvmBench:
             label = (f"full speed hotset, {live.channels} ch, auto-converge, KVM, stop "
                      + ("kick" if kick else "at the next exit"))
             out.append(Config(f"kvm-live-full-ac-{'kick' if kick else 'exit'}", "live", "mfd",
-                              label, {"dirty_rate": FULL_SPEED, "auto_converge": True,
+                              label, {"dirty_rate": FULL_SPEED, "pattern": "hotset",
+                                      "auto_converge": True,
                                       "channels": live.channels, "kvm": True, "kick": kick},
                               lambda kick=kick: live.run(FULL_SPEED, True, kick, "hotset")))
         return out

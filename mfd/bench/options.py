@@ -6,6 +6,7 @@ import argparse
 from dataclasses import dataclass
 
 from mfd.options import COMPRESSION
+from mfd.shm.workload import PATTERNS
 from mfd.units import parse_size
 
 MODES = ("save", "restore", "migrate", "live", "kvm", "all")
@@ -52,6 +53,14 @@ def _rates(text: str) -> list[int]:
     return sorted(set(_list(parse_size, "dirty rate", "0,100M,400M")(text)))
 
 
+def _patterns(text: str) -> list[str]:
+    def pattern(x: str) -> str:
+        if x not in PATTERNS:
+            raise ValueError(x)
+        return x
+    return list(dict.fromkeys(_list(pattern, "pattern", ",".join(PATTERNS))(text)))
+
+
 def _fraction(text: str) -> float:
     try:
         x = float(text)
@@ -82,6 +91,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="save/restore: also measure O_DIRECT (both tools)")
     p.add_argument("--dirty-rate", type=_rates, metavar="R,R,...",
                    help="live: guest dirty rates, bytes/s (default 0,100M,400M; --quick 0,16M)")
+    p.add_argument("--pattern", type=_patterns, metavar="P,P,...",
+                   help="live: where the guest writes: random (any page), hotset (90%% of "
+                   "the writes to 10%% of RAM), sequential (default random,hotset; --quick "
+                   "random)")
     ac = p.add_mutually_exclusive_group()
     ac.add_argument("--auto-converge", dest="auto_converge", action="store_const",
                     const="on", help="live: only with auto-converge (default: with and without)")
@@ -115,6 +128,7 @@ class Settings:
     compressions: tuple[str, ...]
     direct_io: bool
     dirty_rates: tuple[int, ...]
+    patterns: tuple[str, ...]
     auto_converge: tuple[bool, ...]
     live_timeout: float
     repeat: int
@@ -155,6 +169,7 @@ def settings(args: argparse.Namespace) -> Settings:
         compressions=tuple(args.multifd_compression), direct_io=args.direct_io,
         dirty_rates=tuple(args.dirty_rate or ([0, 16 << 20] if q else [0, 100 << 20,
                                                                       400 << 20])),
+        patterns=tuple(args.pattern or (["random"] if q else ["random", "hotset"])),
         auto_converge=ac, live_timeout=timeout, repeat=repeat, warmup=0 if q else 1,
         against_qemu=args.against == "qemu", out=args.out, workdir_parent=args.dir, quick=q,
         json=args.json)

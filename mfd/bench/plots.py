@@ -193,12 +193,16 @@ def live_downtime(rows: list[dict[str, Any]], path: str, title: str) -> bool:
     if not live:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for ac in (False, True):
-        pts = sorted((r for r in live if r["params"]["auto_converge"] == ac),
+    colors = iter(["tab:blue", "tab:green", "tab:orange", "tab:red", "tab:purple", "tab:brown"])
+    lines = sorted({(r["params"].get("pattern", "random"), r["params"]["auto_converge"])
+                    for r in live})
+    for pattern, ac in lines:
+        pts = sorted((r for r in live if r["params"]["auto_converge"] == ac
+                      and r["params"].get("pattern", "random") == pattern),
                      key=lambda r: r["params"]["dirty_rate"])
         done = [r for r in pts if r.get("converged")]
-        name = "with auto-converge" if ac else "without auto-converge"
-        color = "tab:green" if ac else "tab:blue"
+        name = f"{pattern}, " + ("with auto-converge" if ac else "without auto-converge")
+        color = next(colors, "tab:gray")
         if done:
             x = [r["params"]["dirty_rate"] / MiB for r in done]
             y = [r["downtime_ms"] for r in done]

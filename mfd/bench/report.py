@@ -90,6 +90,8 @@ def summarize(configs: list[Config], size: int) -> list[dict[str, Any]]:
                        downtime_max_ms=max((r["downtime_ms"] for r in ok), default=None),
                        rounds=_med([r.get("rounds") for r in ok]),
                        verify_ms=_med([r.get("verify_time_ms") for r in ok]),
+                       final_bytes=_med([r.get("final_round_bytes") for r in ok]),
+                       verify_per_100mib=_med([_per_100mib(r) for r in ok]),
                        throttle=_med([r.get("cpu_throttle_percentage") for r in ok]),
                        transferred=_med([r.get("transferred") for r in ok]))
         if c.mode == "kvm throttle":
@@ -153,29 +155,39 @@ def migrate_table(rows: list[dict[str, Any]]) -> str:
     return mode_table(rows, cpu=True)
 
 
+def _per_100mib(run: dict[str, Any]) -> float | None:
+    """A live run's verification ms per 100 MiB its final round moved."""
+    ms, moved = run.get("verify_time_ms"), run.get("final_round_bytes")
+    if ms is None or not moved:
+        return None
+    return ms / (moved / (100 * MiB))
+
+
 def live_table(rows: list[dict[str, Any]]) -> str:
-    head = ["dirty rate", "auto-converge", "converged", "total s", "downtime ms",
-            "(min-max)", "verifying ms", "rounds", "throttle %", "sent MiB"]
+    head = ["dirty rate", "pattern", "auto-converge", "converged", "total s", "downtime ms",
+            "(min-max)", "verifying ms", "final MiB", "verify ms/100 MiB", "rounds",
+            "throttle %", "sent MiB"]
     body = []
     for r in rows:
         rate = f"{human(r['params']['dirty_rate'])}/s"
+        pattern = r["params"].get("pattern", "random")
         ac = "yes" if r["params"]["auto_converge"] else "no"
         if r["error"] is not None:
-            body.append([rate, ac, "FAILED: " + r["error"]])
+            body.append([rate, pattern, ac, "FAILED: " + r["error"]])
             continue
         if not r.get("converged"):
-            body.append([rate, ac, f"0/{r.get('runs', 0)}", "not converged"])
+            body.append([rate, pattern, ac, f"0/{r.get('runs', 0)}", "not converged"])
             continue
 
         def f(x: float | None, scale: float = 1.0, fmt: str = "{:.0f}") -> str:
             return fmt.format(x * scale) if x is not None else "?"
 
-        body.append([rate, ac, f"{r['converged']}/{r['runs']}",
+        body.append([rate, pattern, ac, f"{r['converged']}/{r['runs']}",
                      f(r["total_time_ms"], 1e-3, "{:.2f}"), f(r["downtime_ms"]),
                      f"{f(r['downtime_min_ms'])}-{f(r['downtime_max_ms'])}", f(r["verify_ms"]),
-                     f(r["rounds"]),
-                     f(r["throttle"]), f(r["transferred"], 1 / MiB)])
-    return format_table(head, body, {0, 2, 3, 4, 5, 6, 7, 8, 9})
+                     f(r["final_bytes"], 1 / MiB, "{:.1f}"), f(r["verify_per_100mib"]),
+                     f(r["rounds"]), f(r["throttle"]), f(r["transferred"], 1 / MiB)])
+    return format_table(head, body, {0, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12})
 
 
 def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
