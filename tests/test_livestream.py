@@ -203,8 +203,9 @@ def test_return_path_as_qemu_wrote_it_and_refusals():
     assert peer.decode_result(msg.data) == {"status": "failed", "error": "RAM differs"}
 
 
-def test_mfd_settings_ride_in_multifd_init_unused_bytes():
-    s = peer.ChannelSettings(4, "zstd", True)
+@pytest.mark.parametrize("verify", [True, False])
+def test_mfd_settings_ride_in_multifd_init_unused_bytes(verify):
+    s = peer.ChannelSettings(4, "zstd", True, verify)
     raw = multifd.encode_init(multifd.MultiFDInit(bytes(16), 3, peer.encode_settings(s)))
     init = multifd.decode_init(raw, where="test")
     assert peer.decode_settings(init.unused) == s
@@ -224,6 +225,8 @@ def test_page_hashes_round_trip_and_refusals():
         peer.decode_hashes(Reader(b"QEVM" + raw[4:]), {"mem": 2, "rom": 1})
     with pytest.raises(ProtocolError, match="truncated"):
         peer.decode_hashes(Reader(raw[:-1]), {"mem": 2, "rom": 1})
+    # none at all: the source does not verify (mfd migrate --no-verify)
+    assert peer.decode_hashes(Reader(b"".join(peer.encode_hashes({}))), {"mem": 2}) == {}
 
 
 def _long_runs() -> bytes:

@@ -91,3 +91,37 @@ def test_a_damaged_page_fails_the_migration(guests, fault):
 @needs_kvm
 def test_a_corrupted_page_of_a_kvm_guest_fails_the_migration(guests):
     _faulty_migration(guests, "corrupt", "--kvm")
+
+
+def test_with_no_verify_the_same_damage_goes_through(guests):
+    """The check is what bites: with mfd migrate --no-verify neither end hashes, and the
+    page the destination corrupts is not noticed (why verification is on by default)."""
+    src = _guest_with_data(guests)
+    dst = f"{src}d"
+    guests.adopt(dst)
+    port = free_ports(1)
+    inc = start_incoming(port, "--guest", dst, "--x-fault", f"corrupt@{FAULT_AT:#x}")
+    wait_listening(port)
+    res = mfd.migrate(f"tcp:127.0.0.1:{port}", guest=src,
+                      params=MigrationParameters(multifd_channels=2),
+                      options=mfd.MigrateOptions(verify=False))
+    rc, out, err = finish(inc)
+    assert rc == 0 and res.status == "completed", err
+    assert _OFFSETS.search(err), err  # it did damage the page
+    assert "RAM not verified (the source said --no-verify)" in out
+    assert res.digests == {} and res.query_migrate["x-verify-time"] == 0
+
+
+@pytest.mark.parametrize("multifd", [True, False])
+def test_no_verify_moves_ram_exactly(tmp_path, multifd):
+    img, out = tmp_path / "src.bin", tmp_path / "dst.bin"
+    img.write_bytes(np.random.default_rng(3).bytes(4 << 20) + bytes(4 << 20))
+    port = free_ports(1)
+    inc = start_incoming(port, "--image", f"mem={out}")
+    wait_listening(port)
+    res = mfd.migrate(f"tcp:127.0.0.1:{port}", images={"mem": str(img)},
+                      params=MigrationParameters(multifd_channels=2),
+                      options=mfd.MigrateOptions(multifd=multifd, verify=False))
+    rc, said, err = finish(inc)
+    assert rc == 0 and res.status == "completed", err
+    assert "not verified" in said and out.read_bytes() == img.read_bytes()

@@ -95,6 +95,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="live: where the guest writes: random (any page), hotset (90%% of "
                    "the writes to 10%% of RAM), sequential (default random,hotset; --quick "
                    "random)")
+    p.add_argument("--verify", choices=("on", "off", "both"), default="on",
+                   help="live: RAM verification at switchover (off: mfd migrate --no-verify; "
+                   "both: each config both ways, the difference in downtime is its cost)")
     ac = p.add_mutually_exclusive_group()
     ac.add_argument("--auto-converge", dest="auto_converge", action="store_const",
                     const="on", help="live: only with auto-converge (default: with and without)")
@@ -129,6 +132,7 @@ class Settings:
     direct_io: bool
     dirty_rates: tuple[int, ...]
     patterns: tuple[str, ...]
+    verify: tuple[bool, ...]
     auto_converge: tuple[bool, ...]
     live_timeout: float
     repeat: int
@@ -170,6 +174,7 @@ def settings(args: argparse.Namespace) -> Settings:
         dirty_rates=tuple(args.dirty_rate or ([0, 16 << 20] if q else [0, 100 << 20,
                                                                       400 << 20])),
         patterns=tuple(args.pattern or (["random"] if q else ["random", "hotset"])),
+        verify={"on": (True,), "off": (False,), "both": (True, False)}[args.verify],
         auto_converge=ac, live_timeout=timeout, repeat=repeat, warmup=0 if q else 1,
         against_qemu=args.against == "qemu", out=args.out, workdir_parent=args.dir, quick=q,
         json=args.json)

@@ -99,7 +99,28 @@ def summarize(configs: list[Config], size: int) -> list[dict[str, Any]]:
             row.update(iterations_per_s=_med([r.get("iterations_per_s") for r in runs]),
                        dirty_mib_s=_med([r.get("dirty_mib_s") for r in runs]))
         out.append(row)
+    _verification_ab(out)
     return out
+
+
+def _verification_ab(rows: list[dict[str, Any]]) -> None:
+    """A live config run both with and without verification (--verify both): what the
+    verification cost, as the difference of the median downtimes, also per 100 MiB the
+    final round moved."""
+    unverified = {_live_twin_key(r["params"]): r for r in rows
+                  if r["mode"] == "live" and r["params"].get("verify") is False}
+    for r in rows:
+        if r["mode"] != "live" or r["params"].get("verify") is not True:
+            continue
+        twin = unverified.get(_live_twin_key(r["params"]))
+        if twin and r.get("downtime_ms") is not None and twin.get("downtime_ms") is not None:
+            r["ab_ms"] = r["downtime_ms"] - twin["downtime_ms"]
+            if r.get("final_bytes"):
+                r["ab_per_100mib"] = r["ab_ms"] / (r["final_bytes"] / (100 * MiB))
+
+
+def _live_twin_key(params: dict[str, Any]) -> tuple:
+    return tuple(sorted((k, v) for k, v in params.items() if k != "verify"))
 
 
 def format_table(head: list[str], body: list[list[str]], right: set[int]) -> str:
@@ -164,30 +185,36 @@ def _per_100mib(run: dict[str, Any]) -> float | None:
 
 
 def live_table(rows: list[dict[str, Any]]) -> str:
-    head = ["dirty rate", "pattern", "auto-converge", "converged", "total s", "downtime ms",
-            "(min-max)", "verifying ms", "final MiB", "verify ms/100 MiB", "rounds",
-            "throttle %", "sent MiB"]
+    head = ["dirty rate", "pattern", "auto-converge", "verify", "converged", "total s",
+            "downtime ms", "(min-max)", "verifying ms", "final MiB", "verify ms/100 MiB",
+            "A/B ms", "A/B ms/100 MiB", "rounds", "throttle %", "sent MiB"]
     body = []
     for r in rows:
         rate = f"{human(r['params']['dirty_rate'])}/s"
         pattern = r["params"].get("pattern", "random")
         ac = "yes" if r["params"]["auto_converge"] else "no"
+        verify = "no" if r["params"].get("verify") is False else "yes"
         if r["error"] is not None:
-            body.append([rate, pattern, ac, "FAILED: " + r["error"]])
+            body.append([rate, pattern, ac, verify, "FAILED: " + r["error"]])
             continue
         if not r.get("converged"):
-            body.append([rate, pattern, ac, f"0/{r.get('runs', 0)}", "not converged"])
+            body.append([rate, pattern, ac, verify, f"0/{r.get('runs', 0)}", "not converged"])
             continue
 
         def f(x: float | None, scale: float = 1.0, fmt: str = "{:.0f}") -> str:
             return fmt.format(x * scale) if x is not None else "?"
 
-        body.append([rate, pattern, ac, f"{r['converged']}/{r['runs']}",
+        unverified = verify == "no"
+        body.append([rate, pattern, ac, verify, f"{r['converged']}/{r['runs']}",
                      f(r["total_time_ms"], 1e-3, "{:.2f}"), f(r["downtime_ms"]),
-                     f"{f(r['downtime_min_ms'])}-{f(r['downtime_max_ms'])}", f(r["verify_ms"]),
-                     f(r["final_bytes"], 1 / MiB, "{:.1f}"), f(r["verify_per_100mib"]),
+                     f"{f(r['downtime_min_ms'])}-{f(r['downtime_max_ms'])}",
+                     "-" if unverified else f(r["verify_ms"]),
+                     f(r["final_bytes"], 1 / MiB, "{:.1f}"),
+                     "-" if unverified else f(r["verify_per_100mib"]),
+                     "-" if unverified else f(r.get("ab_ms")),
+                     "-" if unverified else f(r.get("ab_per_100mib")),
                      f(r["rounds"]), f(r["throttle"]), f(r["transferred"], 1 / MiB)])
-    return format_table(head, body, {0, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12})
+    return format_table(head, body, {0, *range(4, 16)})
 
 
 def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

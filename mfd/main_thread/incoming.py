@@ -130,7 +130,6 @@ class Incoming:
         self.mapped: list[MappedBlock] = []
         self.words: list[np.ndarray] = []
         self.guest_state: dict | None = None
-        self.buffer: np.ndarray | None = None  # pages gathered to hash (no multifd)
         self.vmdesc_at = 0.0
 
     # ------------------------------------------------------------------ what the source did not say
@@ -152,6 +151,12 @@ class Incoming:
         if self.options.flush_after_each_section is not None:
             return self.options.flush_after_each_section
         return s.flush_after_each_section if s else False
+
+    @property
+    def verifying(self) -> bool:
+        """We hash what we place: the source is mfd, and did not say --no-verify."""
+        s = self.mfd_settings
+        return self.decoder.mfd_source and (s.verify if s else True)
 
     def _adopt(self, settings: peer.ChannelSettings | None, channel: int) -> None:
         """An mfd source's settings, from a channel's MultiFDInit: the same on every
@@ -349,8 +354,15 @@ class Incoming:
             raise ProtocolError("main channel: the stream ended without RAM")
         digests: dict[str, str] = {}
         verify_ms = None
-        if self.decoder.mfd_source:
-            assert theirs is not None and self.hashes is not None
+        if theirs and not self.verifying:
+            raise ProtocolError("the source sent page hashes after saying it would not "
+                                "verify RAM")
+        if not theirs and self.decoder.mfd_source and self.mfd_settings is not None \
+                and self.mfd_settings.verify:
+            raise ProtocolError("the source sent no page hashes after saying it would "
+                                "verify RAM")
+        if theirs:  # an mfd source, unless it was told --no-verify
+            assert self.hashes is not None
             for b, ours in zip(self.blocks, self.hashes.table, strict=True):
                 _compare(b.idstr, theirs[b.idstr], ours)
             digests = {k: trailer.blake3_of(v) for k, v in theirs.items()}  # = ours
@@ -370,7 +382,7 @@ class Incoming:
                 self._reply(data)
         return IncomingResult("completed", where, guest,
                               (time.monotonic() - self.start) * 1000, self.setup_time * 1000,
-                              digests, self.decoder.mfd_source,
+                              digests, bool(theirs),
                               "mfd" if self.decoder.mfd_source else "qemu")
 
     # ------------------------------------------------------------------ sync points
@@ -464,8 +476,7 @@ class Incoming:
         self.multifd = self.start_flushed or bool(self.conns)
         n = self.channels if self.multifd else 0
         delays = self.options.channel_delays
-        hashes = self.hash_file.blocks[0] if self.decoder.mfd_source and self.hash_file \
-            else None
+        hashes = self.hash_file.blocks[0] if self.verifying and self.hash_file else None
         configs = [SocketChannelConfig(
             channel_id=i, endpoint="", parent_pid=0, blocks=tuple(self.blocks),
             compression=self.compression, receivedmap=self.rmap_ram.blocks[0],
@@ -487,7 +498,7 @@ class Incoming:
         block = self.index[idstr]
         assert self.receivedmap is not None
         again = self.receivedmap.zero_pages(block, self.words[block], pages)
-        if self.decoder.mfd_source:
+        if self.verifying:
             self._hash(block, pages[:0], pages, again)
 
     def _pages(self, idstr: str, pages: np.ndarray, data: np.ndarray) -> None:
@@ -496,26 +507,22 @@ class Incoming:
         self.words[block].view(np.uint8).reshape(len(self.words[block]), -1)[pages] = data
         assert self.receivedmap is not None
         self.receivedmap.received[block][pages] = 1
-        if self.decoder.mfd_source:
+        if self.verifying:
             self._hash(block, pages, pages[:0], pages[:0])
 
     def _hash(self, block: int, placed: np.ndarray, zero: np.ndarray,
               again: np.ndarray) -> None:
         """Without multifd the main process hashes what it placed, as a channel would."""
         assert self.hashes is not None
-        n = max(len(placed), len(again))
-        if self.buffer is None or len(self.buffer) < n:
-            self.buffer = np.empty((n, self.words[block].shape[1]), dtype=np.uint64)
         table = self.hashes.table[block]
-        table[placed] = pagehash.hash_pages(self.words[block], placed, self.buffer)
+        table[placed] = pagehash.hash_pages(self.words[block], placed)
         table[zero] = 0
-        table[again] = pagehash.hash_pages(self.words[block], again, self.buffer)
+        table[again] = pagehash.hash_pages(self.words[block], again)
 
     def _commit(self) -> dict[str, str]:
         """Name the RAM; the guest takes it and runs (or the images appear)."""
         assert self.pending is not None
-        self._pool().close()
-        self.pool = None
+        self._pool().quiesce()  # nothing lands in RAM any more: the guest may take it
         named: list[str] = []
         try:
             if self.images is not None:

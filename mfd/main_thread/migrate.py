@@ -11,7 +11,8 @@ destination may be ``mfd incoming`` or a real QEMU (``-incoming tcp:...``)::
     rounds    PART: pages to idle channels (without multifd: PAGE/ZERO records on the main
               channel), SYNC ALL + MULTIFD_FLUSH at the end of every pass over RAM (legacy
               --multifd-flush-after-each-section: SYNC only, the destination syncs at EOS);
-              EOS; bitmap sync; convergence, auto-converge
+              EOS (to mfd: PING(MFD_ROUND_PING), whose PONG says how far behind the
+              destination is); bitmap sync; convergence, auto-converge
     complete  stop the guest; SWITCHOVER_START; END: the final round; timer, globalstate
               (and to mfd: the guest's own state); EOF; vmdesc; to mfd: the page hashes
               (``mfd.shm.pagehash``: the channels hashed every page as they sent it)
@@ -29,6 +30,7 @@ import contextlib
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -78,6 +80,7 @@ class MigrateOptions:
     timeout: float | None = None  # cancel when the migration would take longer
     connect_timeout: float = CONNECT_TIMEOUT
     keep_source: bool = False  # the source guest stays paused afterwards (QEMU's postmigrate)
+    verify: bool = True  # to an mfd destination: compare RAM at switchover (mfd.shm.pagehash)
 
 
 class Migration(Precopy):
@@ -99,13 +102,14 @@ class Migration(Precopy):
         self.digests: dict[str, str] = {}
         self.hash_file: PendingRAM | None = None
         self.hashes: pagehash.PageHashes | None = None
-        self.inline_buffer: np.ndarray | None = None  # pages gathered to hash (no multifd)
         self.sock: socket.socket | None = None
         self.returns = returnpath.ReturnPathDecoder()
         self.peer_mfd: bool | None = None  # None until the PONG to MFD_PING says
         self.shut: int | None = None  # the destination's SHUT status
         self.closed = False  # the destination closed the main channel
         self.last_block: int | None = None  # the block the main channel last named
+        self.round_pings: deque[float] = deque()  # when each unanswered round PING went
+        self.destination_lag = 0.0  # seconds the destination took to finish the last round
 
     # ------------------------------------------------------------------ main channel
 
@@ -143,6 +147,8 @@ class Migration(Precopy):
             if msg.value in (peer.MFD_PING, peer.MFD_PONG):
                 self.peer_mfd = msg.value == peer.MFD_PONG
                 self.returns.mfd = self.peer_mfd
+            elif msg.value == peer.MFD_ROUND_PING and self.round_pings:
+                self.destination_lag = time.monotonic() - self.round_pings.popleft()
         elif msg.type == returnpath.SHUT:
             self.shut = msg.value
         elif msg.type == returnpath.MFD_RESULT:
@@ -259,7 +265,8 @@ class Migration(Precopy):
                  else self.params.multifd_zlib_level)
         n = self.params.multifd_channels if self.options.multifd else 0
         settings = peer.encode_settings(peer.ChannelSettings(
-            n, self.params.multifd_compression, self.options.flush_after_each_section))
+            n, self.params.multifd_compression, self.options.flush_after_each_section,
+            self.options.verify))
         configs = [SocketChannelConfig(
             channel_id=i, endpoint="", parent_pid=0, blocks=tuple(self.blocks),
             compression=self.params.multifd_compression, level=level,
@@ -270,6 +277,12 @@ class Migration(Precopy):
             hashes=self.hash_file.blocks[0] if self.hash_file else None) for i in range(n)]
         assert self.sock is not None
         return ChannelPool(configs, send_main, inherited=(self.sock,))
+
+    @property
+    def verifying(self) -> bool:
+        """Both ends hash what they move and compare at switchover: an mfd destination,
+        unless --no-verify."""
+        return bool(self.peer_mfd) and self.options.verify
 
     def _setup_stream(self) -> None:
         cfg = stream.Configuration(self.options.machine)
@@ -308,18 +321,23 @@ class Migration(Precopy):
             self._flush_and_sync()
 
     def end_section(self, final: bool) -> None:
-        self._stream(ram.encode_eos() + stream.encode_footer(devices.RAM_SECTION_ID))
+        data = ram.encode_eos() + stream.encode_footer(devices.RAM_SECTION_ID)
+        if self.peer_mfd and not final:
+            data += stream.encode_command(stream.Command(
+                C.MIG_CMD_PING, peer.MFD_ROUND_PING.to_bytes(4, "big")))
+            self.round_pings.append(time.monotonic())
+        self._stream(data)
 
     def send_pages(self, block: int, pages: np.ndarray) -> None:
         if not self.options.multifd:
             self._send_inline(block, pages)
             return
-        flags = messages.JOB_HASH if self.peer_mfd else 0
+        flags = messages.JOB_HASH if self.verifying else 0
         self.pool.send(block, pages, self._sent(block, pages), flags=flags)
 
     def on_legacy_zero(self, block: int, pages: np.ndarray) -> None:
         """zero-page-detection=legacy: RAM_SAVE_FLAG_ZERO records on the main stream."""
-        if self.peer_mfd:
+        if self.verifying:
             assert self.hashes is not None
             self.hashes.table[block][pages] = 0
         self._stream(self._zero_records(block, pages))
@@ -351,13 +369,10 @@ class Migration(Precopy):
         if len(zero):
             self._stream(self._zero_records(block, zero))
         normal = pages[nonzero]
-        if self.peer_mfd:  # no channel to hash them: the main process does, as QEMU's
+        if self.verifying:  # no channel to hash them: the main process does, as QEMU's
             assert self.hashes is not None  # migration thread carries them
-            if self.inline_buffer is None:
-                self.inline_buffer = np.empty((self.batch_pages, words.shape[1]), words.dtype)
             self.hashes.table[block][zero] = 0
-            self.hashes.table[block][normal] = pagehash.hash_pages(words, normal,
-                                                                   self.inline_buffer)
+            self.hashes.table[block][normal] = pagehash.hash_pages(words, normal)
         for at in range(0, len(normal), INLINE_PAGES):
             part = normal[at : at + INLINE_PAGES]
             addrs = part.astype(np.uint64) * np.uint64(C.TARGET_PAGE_SIZE)
@@ -375,11 +390,14 @@ class Migration(Precopy):
     # ------------------------------------------------------------------ completion
 
     def switchover_cost(self) -> float:
-        """Seconds of verification at switchover beyond moving the final round: sending
-        the page hash table and comparing it on the destination (VERIFY_RATE)."""
-        if not self.peer_mfd or self.hashes is None:
+        """Seconds the switchover takes beyond sending the final round, with an mfd
+        destination: it finishes placing and hashing what is in flight (as far behind as
+        it was at the end of the last round: MFD_ROUND_PING), then receives our page hash
+        table and compares it with its own (VERIFY_RATE), before it answers."""
+        if not self.peer_mfd or self.hash_file is None:
             return 0.0
-        return self.hash_file.blocks[0].used_length / VERIFY_RATE  # type: ignore[union-attr]
+        table = self.hash_file.blocks[0].used_length if self.verifying else 0
+        return self.destination_lag + table / VERIFY_RATE
 
     def _complete(self) -> None:
         status = self.stop_guest()
@@ -409,17 +427,19 @@ class Migration(Precopy):
                       "QEMU's -machine none, only its RAM goes")
         self._stream(data + stream.encode_eof()
                      + stream.encode_vmdesc(devices.vmdesc_json(self.options.machine, ())))
-        verify_start = time.monotonic()
-        if self.peer_mfd:
+        sending = time.monotonic()
+        if self.verifying:
             assert self.hashes is not None
             tables = {b.idstr: memoryview(t).cast("B")
                       for b, t in zip(self.blocks, self.hashes.table, strict=True)}
             self._stream(peer.encode_hashes(tables))
             self.digests = {name: trailer.blake3_of(t) for name, t in tables.items()}
-            sending = time.monotonic() - verify_start
+        elif self.peer_mfd:
+            self._stream(peer.encode_hashes({}))  # none: --no-verify
         else:
             self.warn("the destination is QEMU: RAM is not verified at switchover (QEMU "
                       "has no digests to compare)")
+        sending = time.monotonic() - sending
         self._wait_for(lambda: self.shut is not None, RESULT_TIMEOUT, "say SHUT")
         if self.shut != 0 or (self.peer_mfd and self.result.get("status") != "completed"):
             raise MfdError(self._failed_why())
@@ -429,7 +449,7 @@ class Migration(Precopy):
         # destination's comparison (it says how long its part took)
         self.stats.verify_time = (pagehash.wall_share(hashing) + sending
                                   + float(self.result.get("verify_ms", 0)) / 1000) \
-            if self.peer_mfd else 0.0
+            if self.verifying else 0.0
         self.stats.remaining = 0
         self.stats.status = "completed"
 

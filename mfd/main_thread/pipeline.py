@@ -94,6 +94,7 @@ class ChannelPool:
         # seconds each channel spent hashing pages (``mfd.shm.pagehash``), as it reported
         self.hashing = [0.0] * len(configs)
         self.closed: set[bytes] = set()  # channels whose peer ended their connection
+        self.quiesced: set[bytes] = set()
         self.watched: dict[Any, Callable[[], None]] = {}
         self.tick: Callable[[], None] | None = None  # called every <= 100 ms while waiting
         self.next_tick = 0.0
@@ -232,6 +233,17 @@ class ChannelPool:
             self._to(ident, [messages.RELEASE])
         self.synced.clear()
 
+    def quiesce(self) -> None:
+        """Receive channels stop reading their connections, and say so: once this returns
+        nothing more lands in RAM (the guest may take it), at the cost of one round trip,
+        not of :meth:`close`'s wait for the processes to unmap RAM and exit (~50 ms for
+        4 channels of 1 GiB)."""
+        self._check()
+        for ident in self.channel_of:
+            self._to(ident, [messages.QUIESCE])
+        while len(self.quiesced) < len(self.channel_of):
+            self._pump(None)
+
     def wait(self, timeout_ms: int) -> None:
         """Wait up to ``timeout_ms`` for anything (channel messages, watched sources)."""
         self._check()
@@ -289,6 +301,8 @@ class ChannelPool:
             self.hashing[self.channel_of[ident]] += messages.decode_synced(frames)[1]
         elif kind == messages.CLOSED:
             self.closed.add(ident)
+        elif kind == messages.QUIESCED:
+            self.quiesced.add(ident)
         elif kind == messages.ERROR:
             text = frames[1].decode(errors="replace").strip().splitlines()
             ch = self.channel_of.get(ident)

@@ -20,6 +20,8 @@ SYNCED     b"SYNCED", be64 packet_num + f64 seconds spent hashing pages  channel
            since the last SYNC: reached a SYNC packet and waits (socket
            receive channels)
 RELEASE    b"RELEASE": every channel reached its SYNC, go on             -> channel
+QUIESCE    b"QUIESCE": read nothing more from the connection             -> channel
+QUIESCED   b"QUIESCED": done; nothing more lands in RAM                  channel ->
 CLOSED     b"CLOSED": the peer ended the connection at a packet boundary  channel ->
 ERROR      b"ERROR", text (a traceback)                                  channel ->
 STOP       b"STOP"                                                       -> channel
@@ -41,6 +43,8 @@ DONE = b"DONE"
 SYNC = b"SYNC"
 SYNCED = b"SYNCED"
 RELEASE = b"RELEASE"
+QUIESCE = b"QUIESCE"
+QUIESCED = b"QUIESCED"
 ERROR = b"ERROR"
 STOP = b"STOP"
 CLOSED = b"CLOSED"

@@ -6,9 +6,14 @@ a QEMU peer never receives a byte it would refuse::
     source -> destination  PING(MFD_PING) on the main channel, after OPEN_RETURN_PATH and
                            QEMU's own PING(1). QEMU answers any PING with a PONG of the
                            same value; an mfd destination answers PONG(MFD_PONG) instead.
+    source -> destination  PING(MFD_ROUND_PING) after every round, to an mfd destination:
+                           its PONG (any destination echoes the value) comes once the
+                           destination placed (and hashed) the round, so the source knows
+                           how far behind it is, a part of the switchover it must count.
     source -> destination  bytes 32..63 of every MultiFDInit (unused by QEMU, zeros from a
                            QEMU source): "mfd" 1, channels, compression, flush mode, so an
-                           mfd destination adopts what it was not told.
+                           mfd destination adopts what it was not told; and whether RAM is
+                           verified (not with mfd migrate --no-verify: then no hashing).
     source -> destination  after EOF and the vmdesc, to an mfd destination only: the page
                            hashes of its RAM at switchover (``mfd.shm.pagehash``, the
                            HASHES record below), compared there page by page.
@@ -34,9 +39,10 @@ from mfd.protocol.multifd import COMPRESSION_NAMES, INIT_SIZE
 
 MFD_PING = 0x6D666401  # "mfd" 1
 MFD_PONG = 0x6D666402
+MFD_ROUND_PING = 0x6D666403
 
 _MARK = b"mfd\x01"
-_SETTINGS = struct.Struct(">4sBBB")
+_SETTINGS = struct.Struct(">4sBBBB")
 _COMPRESSION = {name: bits for bits, name in COMPRESSION_NAMES.items()}
 
 HASHES_MAGIC = b"MFDH"
@@ -50,12 +56,13 @@ class ChannelSettings:
     channels: int
     compression: str
     flush_after_each_section: bool
+    verify: bool = True  # the source sends its page hashes: hash what is placed
 
 
 def encode_settings(s: ChannelSettings) -> bytes:
     """The 32 unused bytes of MultiFDInit."""
     raw = _SETTINGS.pack(_MARK, s.channels, _COMPRESSION[s.compression],
-                         int(s.flush_after_each_section))
+                         int(s.flush_after_each_section), int(s.verify))
     return raw.ljust(INIT_SIZE - 32, b"\0")
 
 
@@ -63,10 +70,10 @@ def decode_settings(unused: bytes) -> ChannelSettings | None:
     """None for a QEMU source (zeros); garbage after mfd's mark is a protocol error."""
     if not unused.startswith(_MARK):
         return None
-    _, channels, bits, flush = _SETTINGS.unpack_from(unused)
-    if bits not in COMPRESSION_NAMES or flush > 1 or channels < 1:
+    _, channels, bits, flush, verify = _SETTINGS.unpack_from(unused)
+    if bits not in COMPRESSION_NAMES or flush > 1 or verify > 1 or channels < 1:
         raise ProtocolError(f"MultiFDInit: mfd settings {unused[:8].hex()} make no sense")
-    return ChannelSettings(channels, COMPRESSION_NAMES[bits], bool(flush))
+    return ChannelSettings(channels, COMPRESSION_NAMES[bits], bool(flush), bool(verify))
 
 
 def encode_hashes(tables: dict[str, bytes]) -> list[bytes]:
@@ -79,7 +86,8 @@ def encode_hashes(tables: dict[str, bytes]) -> list[bytes]:
 
 
 def decode_hashes(r: Reader, pages: dict[str, int]) -> dict[str, bytes]:
-    """``pages``: the number of pages of each block (from its size), in any order."""
+    """``pages``: the number of pages of each block (from its size), in any order. An
+    empty record ({}) says the source does not verify (``mfd migrate --no-verify``)."""
     at = r.pos
     if bytes(r.take(4, "mfd page hashes magic")) != HASHES_MAGIC:
         raise r.error("expected mfd's page hashes after the vmdesc", at=at)
@@ -90,12 +98,12 @@ def decode_hashes(r: Reader, pages: dict[str, int]) -> dict[str, bytes]:
         head = orjson.loads(bytes(r.take(n, "mfd page hashes header")))
     except orjson.JSONDecodeError:
         raise r.error("mfd page hashes header is not JSON", at=at) from None
-    if head != pages:
+    if head != pages and head != {}:
         raise r.error(f"mfd page hashes for {head!r}, expected {pages!r}", at=at)
     size = r.be64("mfd page hashes length")
-    if size != HASH_SIZE * sum(pages.values()):
+    if size != HASH_SIZE * sum(head.values()):
         raise r.error(f"mfd page hashes of {size} bytes, expected "
-                      f"{HASH_SIZE * sum(pages.values())}", at=at)
+                      f"{HASH_SIZE * sum(head.values())}", at=at)
     body = r.take(size, "mfd page hashes")
     out, pos = {}, 0
     for name, count in head.items():  # the sender's order

@@ -196,8 +196,9 @@ class SendChannel(_Channel):
         """A job of up to JOB_PACKETS packets, each ``multifd_send_prepare`` + write: find
         the zero pages, header and pages on the connection straight from guest memory
         (compressed: through this channel's stream). With ``hash`` each page's hash goes
-        into the page hash table, computed from the same bytes as its zero check, while
-        they are in the cache."""
+        into the page hash table, read right after the packet went out (the bytes it
+        sent, unless the guest wrote the page since: then it is dirty, and sent and hashed
+        again in a later round)."""
         lo, hi = int(pages[0]), int(pages[-1]) + 1
         extents = self.extents[block].runs(lo, hi) if hi - lo == len(pages) else None
         moved = 0
@@ -219,15 +220,15 @@ class SendChannel(_Channel):
                 size = memoryview(payload[0]).nbytes
             else:
                 payload, size = [], 0
-            if hash:
-                started = time.thread_time()
-                self._hash(block, packet, mask, extents, data)
-                hashing += time.thread_time() - started
             header = multifd.encode_packet(
                 flags=self.flag, packet_num=job_id + n, ramblock=self.idstrs[block],
                 normal=normal.astype(np.uint64) * PAGE,
                 zero=packet[~mask].astype(np.uint64) * PAGE, next_packet_size=size)
             moved += self._send([header, *payload])
+            if hash:  # after the send: the kernel's copy left the pages in the cache
+                started = time.thread_time()
+                self._hash(block, packet, mask, extents, data)
+                hashing += time.thread_time() - started
         return messages.encode_done(job_id, moved, nonzero, hashing=hashing)
 
     def _hash(self, block: int, packet: np.ndarray, mask: np.ndarray,
@@ -242,7 +243,7 @@ class SendChannel(_Channel):
         if data is not None:
             table[normal] = hash_rows(data)
         elif self.cfg.zero_page_detection or extents is None:
-            table[normal] = hash_pages(self.words[block], normal, self.buffer)
+            table[normal] = hash_pages(self.words[block], normal)
         else:
             table[normal] = 0
             for start, end in _clip(extents, int(normal[0]), int(normal[-1]) + 1):
@@ -317,6 +318,7 @@ class RecvChannel(_Channel):
         self.handoff = socket.socket(fileno=cfg.handoff)
         self.poller.register(self.handoff.fileno(), zmq.POLLIN)
         self.waiting = False  # at a SYNC packet, until RELEASE
+        self.quiesced = False  # QUIESCE: reads nothing more, for good
         assert cfg.receivedmap is not None
         self.receivedmap = ReceivedMap(cfg.receivedmap, list(cfg.blocks))
         self.hashing = 0.0  # seconds spent hashing pages since the last SYNC
@@ -348,13 +350,21 @@ class RecvChannel(_Channel):
         self.conn = socket.socket(fileno=fds[0])
         self.conn.setblocking(False)
         self.poller.unregister(self.handoff.fileno())
-        self.poller.register(self.conn.fileno(), zmq.POLLIN)
+        if not self.quiesced:
+            self.poller.register(self.conn.fileno(), zmq.POLLIN)
 
     def release(self) -> None:
-        if self.waiting:
+        if self.waiting and not self.quiesced:
             self.waiting = False
             assert self.conn is not None
             self.poller.register(self.conn.fileno(), zmq.POLLIN)
+
+    def quiesce(self) -> None:
+        """Read no more: whatever the peer still sends never lands in RAM."""
+        self.quiesced = True
+        if self.conn is not None:
+            with contextlib.suppress(KeyError):  # not registered: waiting, or at its end
+                self.poller.unregister(self.conn.fileno())
 
     def _recv(self, buffers: list) -> None:
         assert self.conn is not None
@@ -485,7 +495,7 @@ class RecvChannel(_Channel):
             table[normal] = hash_placed(mapped, normal, self.buffer)
             table[zero] = 0  # never received: still a hole, zero without a read
             if len(again):  # received before, zeroed now: read back as they are
-                table[again] = hash_pages(words, again, self.buffer)
+                table[again] = hash_pages(words, again)
             self.hashing += time.thread_time() - started
 
 
@@ -524,6 +534,9 @@ def _loop(channel: SendChannel | RecvChannel, cfg: SocketChannelConfig) -> None:
                 return
             if kind == messages.RELEASE:
                 channel.release()
+            elif kind == messages.QUIESCE and isinstance(channel, RecvChannel):
+                channel.quiesce()
+                channel.main.send_multipart([messages.QUIESCED])
             elif kind in (messages.JOB, messages.SYNC):
                 job_id, block, pages, flags = messages.decode_job(frames)
                 channel.main.send_multipart(channel.handle(kind, job_id, block, pages, flags))
