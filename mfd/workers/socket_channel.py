@@ -338,8 +338,8 @@ class RecvChannel(_Channel):
         """``source``: the descriptor the poller reported."""
         if source == self.handoff.fileno():
             self._take_connection()
-        elif self.conn is not None and source == self.conn.fileno():
-            self._packet()
+        elif self.conn is not None and source == self.conn.fileno() and not self.quiesced:
+            self._packet()  # (quiesced: the poll saw it readable before QUIESCE came)
 
     def _take_connection(self) -> None:
         """The main process accepted our source channel's connection and read its
