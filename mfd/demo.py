@@ -71,7 +71,7 @@ def kvm_default(choice: bool | None, say: Say) -> bool:
 
 def report(res: api.PrecopyResult, say: Say) -> None:
     secs = res.total_time_ms / 1000
-    verify = res.query_migrate.get("x-verify-time")  # a migration's: both ends hash the RAM
+    verify = res.query_migrate.get("x-verify-time")  # a migration's: both ends' page hashes
     say(f"completed in {secs:.2f} s: {res.rounds} rounds, {human(res.transferred)} "
         f"transferred ({res.transferred / secs / (1 << 20):.0f} MiB/s), "
         f"{res.normal_pages} pages sent, {res.zero_pages} zero, downtime "
@@ -82,7 +82,9 @@ def report(res: api.PrecopyResult, say: Say) -> None:
 
 def verification(digests: dict[str, str], say: Say, how: str,
                  theirs: dict[str, str] | None = None) -> bool:
-    """One line per block: its blake3 at switchover, and how (or against what) it was checked.
+    """One line per block: its digest (a live migration's: blake3 of the block's page hash
+    table at switchover; a file's: of its chunk digests), and how (or against what) it was
+    checked.
     With ``theirs`` (the other end's digests) the line compares them itself."""
     ok = theirs is None or theirs == digests
     for idstr, digest in digests.items():

@@ -21,7 +21,12 @@ class ProtocolError(MfdError):
 
 class Truncated(ProtocolError):
     """The bytes end inside a field: a file is cut short, or a socket's next bytes have not
-    arrived yet (a decoder fed as bytes arrive waits for more)."""
+    arrived yet (a decoder fed as bytes arrive waits for more). ``missing``: how many more
+    bytes the field needs, where known (0: unknown)."""
+
+    def __init__(self, message: str, missing: int = 0) -> None:
+        super().__init__(message)
+        self.missing = missing
 
 
 class BrokenPipeline(MfdError):

@@ -124,7 +124,8 @@ class Incoming:
         self.receivedmap: ReceivedMap | None = None
         self.hash_file: PendingRAM | None = None
         self.hashes: pagehash.PageHashes | None = None
-        self.round_hashing: list[float] = []  # seconds each channel hashed, last round
+        # seconds each channel spent hashing: in the last round, and since it started
+        self.round_hashing: list[float] = []
         self.hashed_so_far: list[float] = []
         self.guest: control.GuestClient | None = None
         self.mapped: list[MappedBlock] = []
@@ -365,7 +366,6 @@ class Incoming:
             assert self.hashes is not None
             for b, ours in zip(self.blocks, self.hashes.table, strict=True):
                 _compare(b.idstr, theirs[b.idstr], ours)
-            digests = {k: trailer.blake3_of(v) for k, v in theirs.items()}  # = ours
             verify_ms = (pagehash.wall_share(self.round_hashing)
                          + time.monotonic() - self.vmdesc_at) * 1000
         elif self.skipped:
@@ -377,9 +377,11 @@ class Incoming:
             data = returnpath.encode_shut(0)
             if self.decoder.mfd_source:
                 data = returnpath.encode(returnpath.MFD_RESULT, peer.encode_result(
-                    "completed", digests=digests, verify_ms=verify_ms)) + data
+                    "completed", verify_ms=verify_ms)) + data
             with contextlib.suppress(tcp.LinkLost):  # the guest runs here now, whatever
                 self._reply(data)
+        if theirs:  # a name for what was compared (= ours), after the downtime
+            digests = {k: trailer.blake3_of(v) for k, v in theirs.items()}
         return IncomingResult("completed", where, guest,
                               (time.monotonic() - self.start) * 1000, self.setup_time * 1000,
                               digests, bool(theirs),
@@ -412,8 +414,8 @@ class Incoming:
             self._await_channels()
             pool = self._pool()
             pool.recv_sync()
-            self.round_hashing = [b - a for a, b in zip(self.hashed_so_far or pool.hashing,
-                                                        pool.hashing, strict=True)]
+            before = self.hashed_so_far or [0.0] * len(pool.hashing)
+            self.round_hashing = [b - a for a, b in zip(before, pool.hashing, strict=True)]
             self.hashed_so_far = list(pool.hashing)
 
     def _await_channels(self) -> None:

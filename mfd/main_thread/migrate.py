@@ -430,10 +430,7 @@ class Migration(Precopy):
         sending = time.monotonic()
         if self.verifying:
             assert self.hashes is not None
-            tables = {b.idstr: memoryview(t).cast("B")
-                      for b, t in zip(self.blocks, self.hashes.table, strict=True)}
-            self._stream(peer.encode_hashes(tables))
-            self.digests = {name: trailer.blake3_of(t) for name, t in tables.items()}
+            self._stream(peer.encode_hashes(self.hashes.tables()))
         elif self.peer_mfd:
             self._stream(peer.encode_hashes({}))  # none: --no-verify
         else:
@@ -444,6 +441,9 @@ class Migration(Precopy):
         if self.shut != 0 or (self.peer_mfd and self.result.get("status") != "completed"):
             raise MfdError(self._failed_why())
         self.stats.end_time = time.monotonic()
+        if self.verifying:  # a name for what was compared, after the downtime
+            assert self.hashes is not None
+            self.digests = {k: trailer.blake3_of(t) for k, t in self.hashes.tables().items()}
         # the part of the downtime QEMU does not have: each end hashing the final round's
         # pages (in its channels, in parallel: pagehash.wall_share), the table sent, the
         # destination's comparison (it says how long its part took)

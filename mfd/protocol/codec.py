@@ -46,8 +46,9 @@ class Reader:
     def need(self, n: int, field: str) -> None:
         if n > self._end - self.pos:
             where = self.base + self.pos
+            left = max(self._end - self.pos, 0)
             raise Truncated(f"{self.what} at offset {where:#x}: truncated: {field} needs {n} "
-                            f"bytes, only {max(self._end - self.pos, 0)} left")
+                            f"bytes, only {left} left", missing=n - left)
 
     def take(self, n: int, field: str) -> memoryview:
         self.need(n, field)

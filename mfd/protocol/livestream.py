@@ -191,6 +191,7 @@ class StreamDecoder:
         self.file = file
         self.mapped_ram_hook = mapped_ram
         self.buf = bytearray(_BUFFER)
+        self.missing = 0  # what the item cut short by the buffer's end still needs
         self.start = 0  # first byte not decoded yet
         self.end = 0  # end of the bytes received
         self.base = 0  # stream offset of buf[0]
@@ -225,6 +226,8 @@ class StreamDecoder:
         """Room for at least ``size`` more bytes, to receive into. A full buffer is replaced
         by a new one holding the undecoded tail (never resized in place: the views the last
         events handed out stay valid while the caller holds them)."""
+        size = max(size, min(self.missing, _SKIP_MAX))  # room for the whole pending field
+        self.missing = 0
         if len(self.buf) - self.end < size:
             tail = self.end - self.start
             new = bytearray(max(_BUFFER, tail + size))
@@ -240,9 +243,10 @@ class StreamDecoder:
         while self.start < self.end and not self._finished:
             try:
                 self._step(events)
-            except Truncated:
+            except Truncated as e:
                 if self.end - self.start > _SKIP_MAX + _BUFFER:
                     raise
+                self.missing = e.missing
                 break
         return events
 

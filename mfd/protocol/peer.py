@@ -18,8 +18,7 @@ a QEMU peer never receives a byte it would refuse::
                            hashes of its RAM at switchover (``mfd.shm.pagehash``, the
                            HASHES record below), compared there page by page.
     destination -> source  MFD_RESULT on the return path before SHUT, to an mfd source only:
-                           {"status": "completed" | "failed", "error", "digests": a blake3
-                           per block of its page hash table, "verify_ms": the
+                           {"status": "completed" | "failed", "error", "verify_ms": the
                            destination's part of the switchover spent verifying} (JSON).
 
 The source's guest state (``mfd-guest``: the workload and a KVM vCPU) goes as a device
@@ -76,7 +75,7 @@ def decode_settings(unused: bytes) -> ChannelSettings | None:
     return ChannelSettings(channels, COMPRESSION_NAMES[bits], bool(flush), bool(verify))
 
 
-def encode_hashes(tables: dict[str, bytes]) -> list[bytes]:
+def encode_hashes(tables: dict[str, bytes | memoryview]) -> list[bytes | memoryview]:
     """MFDH, be32 length + JSON {block: pages}, be64 length, then the tables in that order
     (a list of buffers: the tables go out without a copy)."""
     head = orjson.dumps({name: len(t) // HASH_SIZE for name, t in tables.items()})
@@ -113,13 +112,10 @@ def decode_hashes(r: Reader, pages: dict[str, int]) -> dict[str, bytes]:
 
 
 def encode_result(status: str, error: str | None = None,
-                  digests: dict[str, str] | None = None,
                   verify_ms: float | None = None) -> bytes:
     body: dict[str, object] = {"status": status}
     if error is not None:
         body["error"] = error[:4000]
-    if digests is not None:
-        body["digests"] = digests
     if verify_ms is not None:
         body["verify_ms"] = round(verify_ms, 3)
     return orjson.dumps(body)

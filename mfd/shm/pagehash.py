@@ -31,9 +31,9 @@ import xxhash
 
 from mfd.protocol.constants import TARGET_PAGE_SIZE
 from mfd.protocol.mapped_ram import page_runs
+from mfd.protocol.peer import HASH_SIZE
 from mfd.shm.ramblock import MappedBlock, RAMBlock, attach, per_page, per_page_size
 
-HASH_SIZE = 8  # bytes per page in a table
 _XXH3 = xxhash.xxh3_64_intdigest
 ZERO_PAGE = np.uint64(_XXH3(bytes(TARGET_PAGE_SIZE)))
 # a packet read back in at most this many runs is read with preadv (no page faults on pages
@@ -88,8 +88,10 @@ class PageHashes:
         self.mapped = attach(where, writable=True)
         self.table = per_page(self.mapped, blocks, np.uint64)
 
-    def tables(self) -> dict[str, bytes]:
-        return {b.idstr: t.tobytes() for b, t in zip(self.blocks, self.table, strict=True)}
+    def tables(self) -> dict[str, memoryview]:
+        """Each block's table as bytes, without a copy (views of the shared file)."""
+        return {b.idstr: memoryview(t).cast("B")
+                for b, t in zip(self.blocks, self.table, strict=True)}
 
     def close(self) -> None:
         self.table = []
