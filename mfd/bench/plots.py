@@ -187,22 +187,29 @@ def live_remaining(configs: list[Config], path: str, title: str) -> bool:
 
 
 def live_downtime(rows: list[dict[str, Any]], path: str, title: str) -> bool:
+    """Median downtime (min-max) against the dirty rate: a colour per pattern and
+    auto-converge; solid with RAM verification, dashed with --no-verify, dotted the verified
+    downtime minus its x-verify-time."""
     import matplotlib.pyplot as plt
 
     live = [r for r in rows if r["mode"] == "live" and r["error"] is None]
     if not live:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    colors = iter(["tab:blue", "tab:green", "tab:orange", "tab:red", "tab:purple", "tab:brown"])
-    lines = sorted({(r["params"].get("pattern", "random"), r["params"]["auto_converge"])
-                    for r in live})
-    for pattern, ac in lines:
-        pts = sorted((r for r in live if r["params"]["auto_converge"] == ac
-                      and r["params"].get("pattern", "random") == pattern),
+    palette = ["tab:blue", "tab:green", "tab:orange", "tab:red", "tab:purple", "tab:brown"]
+
+    def kind(r: dict[str, Any]) -> tuple[str, bool]:
+        return r["params"].get("pattern", "random"), r["params"]["auto_converge"]
+
+    kinds = sorted({kind(r) for r in live})
+    for r0 in sorted({(kind(r), r["params"].get("verify", True)) for r in live}):
+        (pattern, ac), verify = r0
+        pts = sorted((r for r in live if (kind(r), r["params"].get("verify", True)) == r0),
                      key=lambda r: r["params"]["dirty_rate"])
         done = [r for r in pts if r.get("converged")]
-        name = f"{pattern}, " + ("with auto-converge" if ac else "without auto-converge")
-        color = next(colors, "tab:gray")
+        name = (f"{pattern}, " + ("auto-converge" if ac else "no auto-converge")
+                + ("" if verify else ", --no-verify"))
+        color = palette[kinds.index((pattern, ac)) % len(palette)]
         if done:
             x = [r["params"]["dirty_rate"] / MiB for r in done]
             y = [r["downtime_ms"] for r in done]
@@ -210,11 +217,11 @@ def live_downtime(rows: list[dict[str, Any]], path: str, title: str) -> bool:
                                                                                   strict=True)],
                                     [r["downtime_max_ms"] - yy for yy, r in zip(y, done,
                                                                                 strict=True)]],
-                        marker="o", capsize=3, color=color, label=name)
-            if all(r.get("verify_ms") is not None for r in done):
+                        marker="o", capsize=3, color=color, label=name,
+                        linestyle="-" if verify else "--")
+            if verify and all(r.get("verify_ms") is not None for r in done):
                 ax.plot(x, [r["downtime_ms"] - r["verify_ms"] for r in done], marker=".",
-                        linestyle=":", color=color,
-                        label=f"{name}, without mfd's RAM verification")
+                        linestyle=":", color=color, label=f"{name}, minus x-verify-time")
         for r in pts:
             if not r.get("converged"):
                 ax.axvline(r["params"]["dirty_rate"] / MiB, color=color, linestyle=":",
