@@ -36,6 +36,7 @@ from mfd.shm.ramblock import MappedBlock, RAMBlock, attach, nonzero_pages
 from mfd.sysutil import set_parent_death_signal
 
 SYNC_FILE_RANGE_WRITE = 2
+ERROR_LINGER_MS = 2000  # how long a failing channel's last ERROR may take to go out
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
 
@@ -95,9 +96,11 @@ def channel_main(cfg: FileChannelConfig) -> None:
             channel.close()
     except Exception:
         sock.send_multipart([messages.ERROR, traceback.format_exc().encode()])
+        # read before the main process sees the process gone: LINGER 0 could drop it
+        sock.setsockopt(zmq.LINGER, ERROR_LINGER_MS)
         raise SystemExit(1) from None
     finally:
-        sock.close(0)
+        sock.close()
         ctx.term()
 
 

@@ -55,7 +55,7 @@ from mfd.shm.ramblock import (
 )
 from mfd.shm.receivedmap import ReceivedMap
 from mfd.workers import tcp
-from mfd.workers.file_channel import die_with_parent
+from mfd.workers.file_channel import ERROR_LINGER_MS, die_with_parent
 from mfd.workers.methods import get_method
 
 POLL_MS = 500
@@ -150,7 +150,7 @@ class _Channel:
     def close(self) -> None:
         if self.conn is not None:
             self.conn.close()
-        self.main.close(0)
+        self.main.close()  # with its LINGER: 0, or time for a last ERROR to go out
         self.words = []
         if self.hashes is not None:
             self.hashes.close()
@@ -566,6 +566,9 @@ def channel_main(cfg: SocketChannelConfig, receive: bool) -> None:
         if channel is not None:
             channel.main.send_multipart([messages.ERROR, text.encode(),
                                          b"link" if isinstance(e, tcp.LinkLost) else b""])
+            # the main process must read why before it sees the process gone ("died
+            # unexpectedly"): closing with LINGER 0 could drop the message
+            channel.main.setsockopt(zmq.LINGER, ERROR_LINGER_MS)
         raise SystemExit(1) from None
     finally:
         if channel is not None:
