@@ -243,8 +243,11 @@ class MigrateBench:
         return MigrationParameters(multifd_channels=channels, multifd_compression=comp,
                                    multifd_zstd_level=LEVEL, multifd_zlib_level=LEVEL)
 
-    def mfd(self, channels: int, comp: str) -> dict[str, Any]:
-        """mfd -> mfd."""
+    def mfd(self, channels: int, comp: str, verify: bool = True) -> dict[str, Any]:
+        """mfd -> mfd (``verify=False``: mfd migrate --no-verify; the image is compared
+        with its copy all the same, untimed)."""
+        from mfd.main_thread.migrate import MigrateOptions
+
         port = free_ports(1)
         uri = f"tcp:127.0.0.1:{port}"
         with self.ends(dst_exists=False) as (src, dst), \
@@ -252,7 +255,8 @@ class MigrateBench:
                          port) as inc:
             try:
                 r, dt = inc.migrate(uri, images={"mem": src},
-                                    params=self._params(channels, comp))
+                                    params=self._params(channels, comp),
+                                    options=MigrateOptions(verify=verify))
             except Exception as e:
                 raise inc.explain(e) from e
             inc.result()
@@ -390,5 +394,11 @@ class MigrateBench:
                     out.append(Config(f"{prefix}-{ch}-{comp}", "migrate", tool,
                                       label.format(ch=ch, comp=comp) + lvl, params,
                                       lambda f=run[tool], ch=ch, comp=comp: f(ch, comp),
+                                      limit=f"tcp-{ch}"))
+                if False in s.verify:  # what the verification costs, beside it
+                    out.append(Config(f"mfd-noverify-{ch}-{comp}", "migrate", "mfd",
+                                      f"{ch} ch {comp}{lvl}, --no-verify",
+                                      {**params, "verify": False},
+                                      lambda ch=ch, comp=comp: self.mfd(ch, comp, False),
                                       limit=f"tcp-{ch}"))
         return out

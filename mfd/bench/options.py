@@ -96,8 +96,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "the writes to 10%% of RAM), sequential (default random,hotset; --quick "
                    "random)")
     p.add_argument("--verify", choices=("on", "off", "both"), default="on",
-                   help="live: RAM verification at switchover (off: mfd migrate --no-verify; "
-                   "both: each config both ways, the difference in downtime is its cost)")
+                   help="live, migrate: mfd's RAM verification (off: mfd migrate --no-verify; "
+                   "both: each mfd->mfd config both ways, the difference is its cost; "
+                   "migrate always runs it on)")
     ac = p.add_mutually_exclusive_group()
     ac.add_argument("--auto-converge", dest="auto_converge", action="store_const",
                     const="on", help="live: only with auto-converge (default: with and without)")

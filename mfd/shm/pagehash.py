@@ -36,9 +36,9 @@ from mfd.shm.ramblock import MappedBlock, RAMBlock, attach, per_page, per_page_s
 
 _XXH3 = xxhash.xxh3_64_intdigest
 ZERO_PAGE = np.uint64(_XXH3(bytes(TARGET_PAGE_SIZE)))
-# a packet read back in at most this many runs is read with preadv (no page faults on pages
-# just spliced into the file); more, through the mapping
-PREAD_RUNS = 16
+# a packet placed in at most this many runs was spliced into the file: its runs are mapped
+# in one call each before they are read (receive channels splice up to as many)
+POPULATE_RUNS = 16
 
 
 def hash_rows(rows: np.ndarray) -> np.ndarray:
@@ -54,22 +54,18 @@ def hash_pages(words: np.ndarray, pages: np.ndarray) -> np.ndarray:
     return np.fromiter(map(_XXH3, rows), dtype=np.uint64, count=len(pages)) ^ ZERO_PAGE
 
 
-def hash_placed(block: MappedBlock, pages: np.ndarray, buffer: np.ndarray) -> np.ndarray:
-    """The hashes of ``pages`` as the destination's RAM holds them now. Pages in a few runs
-    (spliced into the file, not yet mapped here) are read with one preadv per run into
-    ``buffer``; many short runs were written through the mapping, and are read there."""
+def hash_placed(block: MappedBlock, pages: np.ndarray) -> np.ndarray:
+    """The hashes of ``pages`` as the destination's RAM holds them now, read through its
+    mapping. Pages in a few runs were spliced into the file and are not mapped here yet:
+    each run is mapped in one call first (MADV_POPULATE_READ), not a fault per page.
+    Measured here on pages just written to a tmpfs file, per page: populate 0.68 us + hash
+    0.52, against 2.5 + 0.52 for a preadv of the run into a buffer."""
     runs = page_runs(pages)
-    if len(runs) > PREAD_RUNS:
+    if len(runs) > POPULATE_RUNS:  # many short runs: written through the mapping
         return hash_pages(block.words, pages)
-    rows = buffer[: len(pages)]
-    at = 0
     for lo, hi in runs.tolist():  # a few runs per packet, never per page
-        part = rows[at : at + hi - lo]
-        n = os.preadv(block.fd, [part], lo * TARGET_PAGE_SIZE)
-        if n != part.nbytes:
-            raise OSError(f"short read of RAM: {n} of {part.nbytes} bytes")
-        at += hi - lo
-    return hash_rows(rows)
+        block.populate(lo, hi)
+    return hash_pages(block.words, pages)
 
 
 def table_size(blocks: list[RAMBlock]) -> int:

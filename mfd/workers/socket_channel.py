@@ -44,7 +44,7 @@ from mfd.errors import MfdError, ProtocolError
 from mfd.protocol import messages, multifd
 from mfd.protocol.constants import MULTIFD_PACKET_SIZE, TARGET_PAGE_SIZE
 from mfd.protocol.mapped_ram import page_runs
-from mfd.shm.pagehash import PageHashes, hash_pages, hash_placed, hash_rows
+from mfd.shm.pagehash import POPULATE_RUNS, PageHashes, hash_pages, hash_placed, hash_rows
 from mfd.shm.ramblock import (
     WORDS_PER_PAGE,
     DataExtents,
@@ -62,7 +62,7 @@ POLL_MS = 500
 PAGE = TARGET_PAGE_SIZE
 # a packet in more runs than this is read through the mapping in one call rather than
 # spliced run by run (two system calls per run)
-SPLICE_RUNS = 16
+SPLICE_RUNS = POPULATE_RUNS  # (what is spliced, not mapped here, pagehash maps to read it)
 _SPLICE_F_MOVE = 1
 _F_SETPIPE_SZ = 1031
 _F_GETPIPE_SZ = 1032
@@ -492,7 +492,7 @@ class RecvChannel(_Channel):
         if self.hashes is not None:
             started = time.thread_time()
             table = self.hashes.table[block]
-            table[normal] = hash_placed(mapped, normal, self.buffer)
+            table[normal] = hash_placed(mapped, normal)
             table[zero] = 0  # never received: still a hole, zero without a read
             if len(again):  # received before, zeroed now: read back as they are
                 table[again] = hash_pages(words, again)
