@@ -124,9 +124,7 @@ class Incoming:
         self.receivedmap: ReceivedMap | None = None
         self.hash_file: PendingRAM | None = None
         self.hashes: pagehash.PageHashes | None = None
-        # seconds each channel spent hashing: in the last round, and since it started
-        self.round_hashing: list[float] = []
-        self.hashed_so_far: list[float] = []
+        self.round_hashing: list[float] = []  # seconds each channel hashed, last round
         self.guest: control.GuestClient | None = None
         self.mapped: list[MappedBlock] = []
         self.words: list[np.ndarray] = []
@@ -414,9 +412,7 @@ class Incoming:
             self._await_channels()
             pool = self._pool()
             pool.recv_sync()
-            before = self.hashed_so_far or [0.0] * len(pool.hashing)
-            self.round_hashing = [b - a for a, b in zip(before, pool.hashing, strict=True)]
-            self.hashed_so_far = list(pool.hashing)
+            self.round_hashing = pool.take_hashing()
 
     def _await_channels(self) -> None:
         deadline = time.monotonic() + CHANNEL_GRACE_S
@@ -500,8 +496,9 @@ class Incoming:
         block = self.index[idstr]
         assert self.receivedmap is not None
         again = self.receivedmap.zero_pages(block, self.words[block], pages)
-        if self.verifying:
-            self._hash(block, pages[:0], pages, again)
+        if self.verifying:  # no channel to hash them: here, as a channel would
+            assert self.hashes is not None
+            self.hashes.zeroed(block, self.words[block], pages, again)
 
     def _pages(self, idstr: str, pages: np.ndarray, data: np.ndarray) -> None:
         """PAGE records on the main stream (no multifd): from the stream's buffer into RAM."""
@@ -510,16 +507,8 @@ class Incoming:
         assert self.receivedmap is not None
         self.receivedmap.received[block][pages] = 1
         if self.verifying:
-            self._hash(block, pages, pages[:0], pages[:0])
-
-    def _hash(self, block: int, placed: np.ndarray, zero: np.ndarray,
-              again: np.ndarray) -> None:
-        """Without multifd the main process hashes what it placed, as a channel would."""
-        assert self.hashes is not None
-        table = self.hashes.table[block]
-        table[placed] = pagehash.hash_pages(self.words[block], placed)
-        table[zero] = 0
-        table[again] = pagehash.hash_pages(self.words[block], again)
+            assert self.hashes is not None
+            self.hashes.record(block, self.words[block], pages)
 
     def _commit(self) -> dict[str, str]:
         """Name the RAM; the guest takes it and runs (or the images appear)."""

@@ -372,7 +372,7 @@ class Migration(Precopy):
         if self.verifying:  # no channel to hash them: the main process does, as QEMU's
             assert self.hashes is not None  # migration thread carries them
             self.hashes.table[block][zero] = 0
-            self.hashes.table[block][normal] = pagehash.hash_pages(words, normal)
+            self.hashes.record(block, words, normal)
         for at in range(0, len(normal), INLINE_PAGES):
             part = normal[at : at + INLINE_PAGES]
             addrs = part.astype(np.uint64) * np.uint64(C.TARGET_PAGE_SIZE)
@@ -402,9 +402,9 @@ class Migration(Precopy):
     def _complete(self) -> None:
         status = self.stop_guest()
         self._stream(stream.encode_command(stream.Command(C.MIG_CMD_SWITCHOVER_START)))
-        hashed_before = list(self.pool.hashing)
+        self.pool.take_hashing()
         self.round(final=True)
-        hashing = [b - a for a, b in zip(hashed_before, self.pool.hashing, strict=True)]
+        hashing = self.pool.take_hashing()
         runstate = "running" if self.was_running else "paused"
         data = (stream.encode_section_start(C.QEMU_VM_SECTION_FULL, devices.TIMER_SECTION_ID,
                                             "timer", 0, 2)

@@ -233,6 +233,11 @@ class ChannelPool:
             self._to(ident, [messages.RELEASE])
         self.synced.clear()
 
+    def take_hashing(self) -> list[float]:
+        """Seconds each channel spent hashing pages since the last call."""
+        out, self.hashing = self.hashing, [0.0] * len(self.hashing)
+        return out
+
     def quiesce(self) -> None:
         """Receive channels stop reading their connections, and say so: once this returns
         nothing more lands in RAM (the guest may take it), at the cost of one round trip,

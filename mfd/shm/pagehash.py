@@ -25,47 +25,33 @@ what the live check used to hash, whole chunks going stale under a guest writing
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 import numpy as np
 import xxhash
 
 from mfd.protocol.constants import TARGET_PAGE_SIZE
-from mfd.protocol.mapped_ram import page_runs
 from mfd.protocol.peer import HASH_SIZE
-from mfd.shm.ramblock import MappedBlock, RAMBlock, attach, per_page, per_page_size
+from mfd.shm.ramblock import RAMBlock, attach, per_page, per_page_size
 
 _XXH3 = xxhash.xxh3_64_intdigest
 ZERO_PAGE = np.uint64(_XXH3(bytes(TARGET_PAGE_SIZE)))
-# a packet placed in at most this many runs was spliced into the file: its runs are mapped
-# in one call each before they are read (receive channels splice up to as many)
-POPULATE_RUNS = 16
+
+
+def _hash_each(pages: Iterable, count: int) -> np.ndarray:
+    return np.fromiter(map(_XXH3, pages), dtype=np.uint64, count=count) ^ ZERO_PAGE
 
 
 def hash_rows(rows: np.ndarray) -> np.ndarray:
     """One hash per page of ``rows``, (n, 512) uint64 pages anywhere (RAM, a buffer)."""
-    return np.fromiter(map(_XXH3, rows), dtype=np.uint64, count=len(rows)) ^ ZERO_PAGE
+    return _hash_each(rows, len(rows))
 
 
 def hash_pages(words: np.ndarray, pages: np.ndarray) -> np.ndarray:
     """The hashes of ``pages`` of a (pages, 512) view of RAM, each read where it is."""
     if len(pages) and int(pages[-1]) - int(pages[0]) + 1 == len(pages):
         return hash_rows(words[int(pages[0]) : int(pages[-1]) + 1])
-    rows = map(words.__getitem__, pages.tolist())
-    return np.fromiter(map(_XXH3, rows), dtype=np.uint64, count=len(pages)) ^ ZERO_PAGE
-
-
-def hash_placed(block: MappedBlock, pages: np.ndarray) -> np.ndarray:
-    """The hashes of ``pages`` as the destination's RAM holds them now, read through its
-    mapping. Pages in a few runs were spliced into the file and are not mapped here yet:
-    each run is mapped in one call first (MADV_POPULATE_READ), not a fault per page.
-    Measured here on pages just written to a tmpfs file, per page: populate 0.68 us + hash
-    0.52, against 2.5 + 0.52 for a preadv of the run into a buffer."""
-    runs = page_runs(pages)
-    if len(runs) > POPULATE_RUNS:  # many short runs: written through the mapping
-        return hash_pages(block.words, pages)
-    for lo, hi in runs.tolist():  # a few runs per packet, never per page
-        block.populate(lo, hi)
-    return hash_pages(block.words, pages)
+    return _hash_each(map(words.__getitem__, pages.tolist()), len(pages))
 
 
 def table_size(blocks: list[RAMBlock]) -> int:
@@ -83,6 +69,18 @@ class PageHashes:
         self.blocks = blocks
         self.mapped = attach(where, writable=True)
         self.table = per_page(self.mapped, blocks, np.uint64)
+
+    def record(self, block: int, words: np.ndarray, pages: np.ndarray) -> None:
+        """The hashes of ``pages`` as ``words`` holds them now (the source's as it sent
+        them, the destination's as it placed them)."""
+        self.table[block][pages] = hash_pages(words, pages)
+
+    def zeroed(self, block: int, words: np.ndarray, pages: np.ndarray,
+               again: np.ndarray) -> None:
+        """Zero ``pages`` were placed (QEMU's rule): those never received are still holes,
+        0 without a read; ``again``, received before and zeroed now, are read back."""
+        self.table[block][pages] = 0
+        self.record(block, words, again)
 
     def tables(self) -> dict[str, memoryview]:
         """Each block's table as bytes, without a copy (views of the shared file)."""

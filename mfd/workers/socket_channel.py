@@ -44,7 +44,7 @@ from mfd.errors import MfdError, ProtocolError
 from mfd.protocol import messages, multifd
 from mfd.protocol.constants import MULTIFD_PACKET_SIZE, TARGET_PAGE_SIZE
 from mfd.protocol.mapped_ram import page_runs
-from mfd.shm.pagehash import POPULATE_RUNS, PageHashes, hash_pages, hash_placed, hash_rows
+from mfd.shm.pagehash import PageHashes, hash_rows
 from mfd.shm.ramblock import (
     WORDS_PER_PAGE,
     DataExtents,
@@ -62,7 +62,7 @@ POLL_MS = 500
 PAGE = TARGET_PAGE_SIZE
 # a packet in more runs than this is read through the mapping in one call rather than
 # spliced run by run (two system calls per run)
-SPLICE_RUNS = POPULATE_RUNS  # (what is spliced, not mapped here, pagehash maps to read it)
+SPLICE_RUNS = 16
 _SPLICE_F_MOVE = 1
 _F_SETPIPE_SZ = 1031
 _F_GETPIPE_SZ = 1032
@@ -143,6 +143,9 @@ class _Channel:
 
     def on_ready(self, source: object) -> None:
         """A socket other than the main process's is readable (receive channels)."""
+
+    def quiesce(self) -> None:
+        """QUIESCE from the main process (only receive channels read a connection)."""
 
     def release(self) -> None:
         """RELEASE from the main process (only receive channels wait for one)."""
@@ -243,7 +246,7 @@ class SendChannel(_Channel):
         if data is not None:
             table[normal] = hash_rows(data)
         elif self.cfg.zero_page_detection or extents is None:
-            table[normal] = hash_pages(self.words[block], normal)
+            self.hashes.record(block, self.words[block], normal)
         else:
             table[normal] = 0
             for start, end in _clip(extents, int(normal[0]), int(normal[-1]) + 1):
@@ -462,6 +465,7 @@ class RecvChannel(_Channel):
         fault = self.cfg.fault
         if fault is not None and not (block == 0 and fault[1] in normal):
             fault = None
+        via_file: list[tuple[int, int]] = []  # runs written to the file, not mapped here
         if fault is not None and fault[0] == "drop":
             self._recv([self.buffer[: len(normal)]] if self.nocomp
                        else [memoryview(self.payload)[: pkt.next_packet_size]])
@@ -471,6 +475,7 @@ class RecvChannel(_Channel):
             runs = page_runs(normal).tolist()
             if len(runs) <= SPLICE_RUNS:
                 self._splice(mapped.fd, runs)
+                via_file = runs
             else:  # QEMU's order (zero pages swapped out): one recvmsg_into, not a splice each
                 self._recv([words[lo:hi] for lo, hi in runs])
         elif len(normal):
@@ -483,19 +488,19 @@ class RecvChannel(_Channel):
                 n = os.pwrite(mapped.fd, data, runs[0][0] * PAGE)
                 if n != data.nbytes:
                     raise OSError(f"short write to RAM: {n} of {data.nbytes} bytes")
+                via_file = runs
             else:
                 words[normal] = data
         if fault is not None and fault[0] != "drop":
             _damage(fault[0], mapped, fault[1])
         received[normal] = 1
         again = self.receivedmap.zero_pages(block, words, zero) if len(zero) else zero
-        if self.hashes is not None:
+        if self.hashes is not None:  # read back from RAM as placed
             started = time.thread_time()
-            table = self.hashes.table[block]
-            table[normal] = hash_placed(mapped, normal)
-            table[zero] = 0  # never received: still a hole, zero without a read
-            if len(again):  # received before, zeroed now: read back as they are
-                table[again] = hash_pages(words, again)
+            for lo, hi in via_file:  # mapped in one call per run, not a fault per page:
+                mapped.populate(lo, hi)  # 0.68 + 0.52 us a page hashed, 2.5 + 0.52 by preadv
+            self.hashes.record(block, words, normal)
+            self.hashes.zeroed(block, words, zero, again)
             self.hashing += time.thread_time() - started
 
 
@@ -534,7 +539,7 @@ def _loop(channel: SendChannel | RecvChannel, cfg: SocketChannelConfig) -> None:
                 return
             if kind == messages.RELEASE:
                 channel.release()
-            elif kind == messages.QUIESCE and isinstance(channel, RecvChannel):
+            elif kind == messages.QUIESCE:
                 channel.quiesce()
                 channel.main.send_multipart([messages.QUIESCED])
             elif kind in (messages.JOB, messages.SYNC):
