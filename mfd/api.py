@@ -265,6 +265,7 @@ def incoming(listen: str, *, images: dict[str, str] | None = None, guest: str | 
 
 
 def inspect(path: str, offset: int = 0) -> dict[str, object]:
-    """The structure of any QEMU migration file (QEMU's own included)."""
+    """The structure of any QEMU migration file (QEMU's own, libvirt's, compressed)."""
     with loader.OpenedFile(path, offset) as opened:
-        return describe(opened.file, opened.mm)
+        opened.parse_all()
+        return describe(opened.file, opened.mm, opened.header)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import orjson
 
-from mfd.protocol import mapped_ram, trailer
+from mfd.protocol import libvirt_save, mapped_ram, trailer
 from mfd.protocol import migration_file as mfile
 
 
-def describe(mf: mfile.MigrationFile, buf) -> dict[str, object]:
+def describe(mf: mfile.MigrationFile, buf,
+             header: libvirt_save.SaveHeader | None = None) -> dict[str, object]:
+    """``buf``: the file's mapping (None for a compressed stream: never mapped-ram);
+    ``header``: libvirt's save header in front of the stream."""
     cfg = mf.configuration
     assert cfg is not None
     blocks = []
@@ -28,13 +31,15 @@ def describe(mf: mfile.MigrationFile, buf) -> dict[str, object]:
                 "stream_continues_at": hdr.pages_offset + b.used_length,
             })
         elif b.page_state is not None:
-            entry.update({"pages_with_data": int((b.page_state >= 0).sum()),
+            entry.update({"pages_with_data": int((b.page_state == mfile.PAGE_DATA).sum()),
                           "zero_pages": int((b.page_state == mfile.PAGE_ZERO).sum()),
                           "pages_absent": int((b.page_state == mfile.PAGE_ABSENT).sum())})
         blocks.append(entry)
     out: dict[str, object] = {
         "offset": mf.start,
         "file_size": mf.file_size,
+        "libvirt": None if header is None else _libvirt(header),
+        "compression": mf.compression,
         "magic": "QEVM",
         "version": mf.version,
         "configuration": {"machine": cfg.machine, "capabilities": list(cfg.capabilities),
@@ -68,6 +73,14 @@ def describe(mf: mfile.MigrationFile, buf) -> dict[str, object]:
     return out
 
 
+def _libvirt(h: libvirt_save.SaveHeader) -> dict[str, object]:
+    return {"offset": h.start, "magic": libvirt_save.MAGIC.decode(), "version": h.version,
+            "data_len": h.data_len, "was_running": h.was_running, "image_format": h.format,
+            "cookie_offset": h.cookie_offset, "byte_swapped": h.byte_swapped,
+            "xml_length": len(h.xml), "cookie_length": len(h.cookie), "domain": h.domain(),
+            "stream_offset": h.stream_offset}
+
+
 def _vmdesc(mf: mfile.MigrationFile) -> dict[str, object]:
     """QEMU reads the vmdesc and throws it away; a broken one is shown, not fatal."""
     assert mf.vmdesc is not None
@@ -88,8 +101,24 @@ def _vmdesc(mf: mfile.MigrationFile) -> dict[str, object]:
 def as_text(d: dict) -> str:
     """A human-readable summary, offsets in hex like QEMU's analyze-migration."""
     cfg = d["configuration"]
-    lines = [
-        f"file size {d['file_size']} ({d['file_size']:#x}), stream at offset {d['offset']:#x}",
+    lines = []
+    if lv := d["libvirt"]:
+        dom = lv["domain"]
+        mem = dom.get("memory")
+        lines += [f"libvirt save image ({lv['magic']} version {lv['version']}"
+                  f"{', other byte order' if lv['byte_swapped'] else ''}) @{lv['offset']:#x}: "
+                  f"image format {lv['image_format']}, was_running {int(lv['was_running'])}, "
+                  f"data_len {lv['data_len']:#x}",
+                  f"  domain {dom['name']!r}, memory "
+                  f"{'?' if mem is None else f'{mem} ({mem / 2**20:.1f} MiB)'}, vcpus "
+                  f"{dom['vcpus']}, machine {dom['machine']}" if "error" not in dom else
+                  f"  {dom['error']}",
+                  f"  XML {lv['xml_length']} bytes, cookie {lv['cookie_length']} bytes; QEMU "
+                  f"stream at {lv['stream_offset']:#x}"]
+    where = f"{d['compression']}-compressed stream" if d["compression"] else "stream"
+    lines += [
+        f"file size {d['file_size']} ({d['file_size']:#x}), {where} at offset {d['offset']:#x}"
+        + (" (offsets below are the decompressed stream's)" if d["compression"] else ""),
         f"QEVM version {d['version']}, machine {cfg['machine']!r}, capabilities "
         f"{cfg['capabilities'] or 'none'}, format {d['format']}",
         f"RAM: MEM_SIZE {d['mem_size']:#x} ({d['mem_size'] / 2**20:.1f} MiB), "

@@ -12,7 +12,10 @@ Offsets come from ``mfd.inspect`` of the good file, so the cases follow the layo
 
 from __future__ import annotations
 
+import bz2
 import contextlib
+import gzip
+import lzma
 import os
 import random
 import re
@@ -85,6 +88,15 @@ class Bases:
             img, mig = self.root / "mfd.img", self.root / "mfd.mig"
             generate(str(img), MFD_SIZE, seed=3)
             mfd.save(str(mig), images={"mem": str(img)})
+        elif name in WRAPPED:
+            inner, wrap = WRAPPED[name]
+            img, mig = self[inner].image, self.root / f"{name}.mig"
+            mig.write_bytes(wrap(self[inner]))
+        elif name == "libvirt-sparse":  # mapped-ram offsets are positions in the whole file
+            img, mig = self["mfd"].image, self.root / f"{name}.mig"
+            header = libvirt_header(6, data_len=PAGE - LIBVIRT_HEADER)
+            mig.write_bytes(header)
+            mfd.save(str(mig), images={"mem": str(img)}, offset=len(header))
         else:
             if not REFERENCE.is_dir():
                 pytest.skip(f"no QEMU reference files at {REFERENCE}")
@@ -93,7 +105,8 @@ class Bases:
                 _unzstd(REFERENCE / "ram_16M_seed1.bin.zst", img)
             src = {"qemu-mr": "case1_mapped-ram.mig", "qemu-stream": "case3_stream.mig"}[name]
             mig = _unzstd(REFERENCE / f"{src}.zst", self.root / src)
-        return Base(mig, img, mig.read_bytes(), mfd.inspect(str(mig)))
+        good = name != "zstd-mapped-ram"  # mfd refuses it: there is no layout to show
+        return Base(mig, img, mig.read_bytes(), mfd.inspect(str(mig)) if good else {})
 
     def scratch(self, name: str) -> bytearray:
         """A mutable copy of a base file, for in-place changes that are undone after use."""
@@ -111,6 +124,43 @@ class Bases:
 def bases(tmp_path_factory) -> Bases:
     return Bases(tmp_path_factory.mktemp("bases"))
 
+
+# ------------------------------------------------------------------------------ wrappers
+# What libvirt and users put around QEMU's stream: libvirt's save header (made here byte for
+# byte as libvirt's virQEMUSaveDataWrite writes it; tests/test_libvirt.py has real ones) and
+# compression.
+
+LIBVIRT_HEADER = 92
+DOMAIN_XML = (b"<domain type='qemu'><name>bad-files</name><memory unit='KiB'>16384</memory>"
+              b"<vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os></domain>")
+
+
+def libvirt_header(fmt: int, *, data_len: int = 0, order: str = "<",
+                   magic: bytes = b"LibvirtQemudSave") -> bytes:
+    """Header + XML + padding (libvirt pads 64 KiB: ``data_len`` 0; or exactly data_len)."""
+    xml = DOMAIN_XML + b"\0"
+    data_len = data_len or len(xml) + (64 << 10)
+    return (magic + struct.pack(f"{order}5I", 2, data_len, 1, fmt, 0) + bytes(56)
+            + xml + bytes(data_len - len(xml)))
+
+
+def compress(kind: str, data: bytes) -> bytes:
+    return {"zstd": lambda d: subprocess.run(["zstd", "-c", "-q"], input=d, check=True,
+                                             capture_output=True).stdout,
+            "gzip": gzip.compress, "bzip2": bz2.compress, "xz": lzma.compress}[kind](data)
+
+
+# base name -> (the base it wraps, how)
+WRAPPED: dict[str, tuple[str, Callable[[Base], bytes]]] = {
+    "libvirt-stream": ("qemu-stream", lambda b: libvirt_header(0) + b.good),
+    "libvirt-stream-be": ("qemu-stream", lambda b: libvirt_header(0, order=">") + b.good),
+    "libvirt-zstd": ("qemu-stream", lambda b: libvirt_header(5) + compress("zstd", b.good)),
+    "libvirt-xz": ("qemu-stream", lambda b: libvirt_header(3) + compress("xz", b.good)),
+    "zstd-stream": ("qemu-stream", lambda b: compress("zstd", b.good)),
+    "gzip-stream": ("qemu-stream", lambda b: compress("gzip", b.good)),
+    "bzip2-stream": ("qemu-stream", lambda b: compress("bzip2", b.good)),
+    "zstd-mapped-ram": ("mfd", lambda b: compress("zstd", b.good)),
+}
 
 # ------------------------------------------------------------------------------ corruptions
 
@@ -356,6 +406,35 @@ FAILING: list[Case] = [
     Case("trailer-body-flipped", "mfd", trailer_flip, "trailer"),
     Case("page-data-flipped", "mfd", page_flip, "digest", inspect_ok=True),
     Case("bitmap-bit-cleared", "mfd", clear_bit, "digest", inspect_ok=True),
+    # libvirt's header: every refusal
+    *[Case(f"header-cut-at-{n}", "libvirt-stream", cut(lambda b, n=n: n), "truncated")
+      for n in (20, 91)],
+    Case("header-cut-in-xml", "libvirt-stream", cut(lambda b: 500), "past the end"),
+    Case("partial-magic", "libvirt-stream", patch(lambda b: 0, b"LibvirtQemudPart"),
+         "never completed"),
+    Case("data-len-past-the-end", "libvirt-stream",
+         patch(lambda b: 20, lambda b: struct.pack("<I", len(b.good))), "past the end"),
+    Case("data-len-0", "libvirt-stream", patch(lambda b: 20, bytes(4)), "data_len 0"),
+    Case("unknown-format-7", "libvirt-stream", patch(lambda b: 28, struct.pack("<I", 7)),
+         "unknown image format 7"),
+    Case("version-3", "libvirt-stream", patch(lambda b: 16, struct.pack("<I", 3)), "version"),
+    Case("garbage-after-header", "libvirt-stream",
+         patch(lambda b: b.lay["libvirt"]["stream_offset"], garbage(PAGE, 7)),
+         "neither QEVM nor"),
+    Case("says-zstd-is-raw", "libvirt-stream", patch(lambda b: 28, struct.pack("<I", 5)),
+         "says image format .zstd.*uncompressed"),
+    Case("says-raw-is-zstd", "libvirt-zstd", patch(lambda b: 28, bytes(4)),
+         "a zstd stream"),
+    Case("cut-mid-stream", "libvirt-stream", cut(lambda b: len(b.good) // 2), "truncated"),
+    # compressed streams: cut, corrupt, mapped-ram
+    *[Case(f"cut-{k}of4", base, cut(lambda b, k=k: len(b.good) * k // 4),
+           "truncated|cut short")
+      for base in ("zstd-stream", "gzip-stream", "bzip2-stream", "libvirt-zstd",
+                   "libvirt-xz") for k in (1, 3)],
+    Case("cut-in-magic", "zstd-stream", cut(lambda b: 3), "magic|truncated|cut short"),
+    *[Case("byte-flipped", base, lambda g, b: flip(g, len(g) // 2), "corrupt")
+      for base in ("zstd-stream", "gzip-stream", "bzip2-stream", "libvirt-xz")],
+    Case("as-made", "zstd-mapped-ram", lambda g, b: g, "cannot be compressed|compress"),
 ]
 
 HARMLESS: list[Case] = [
@@ -372,6 +451,10 @@ HARMLESS: list[Case] = [
     Case("vmdesc-missing", "qemu-mr", cut(lambda b: b.lay["eof_offset"] + 1)),
     Case("all-bits-set", "qemu-mr", set_all_bits),
     Case("4k-garbage-appended", "qemu-stream", lambda g, b: g + garbage(PAGE, 3)),
+    *[Case("as-made", base, lambda g, b: g) for base in WRAPPED if base != "zstd-mapped-ram"],
+    Case("as-made", "libvirt-sparse", lambda g, b: g),
+    Case("xml-edited-in-its-padding", "libvirt-stream",  # what libvirt's padding is for
+         lambda g, b: put(g, LIBVIRT_HEADER + len(DOMAIN_XML) - 9, b"<x/></domain>\0")),
 ]
 
 # ------------------------------------------------------------------------------ running mfd

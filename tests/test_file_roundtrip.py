@@ -136,9 +136,10 @@ def test_trailer_chunk_digests(tmp_path, images, mode):
 
 
 def test_offset_keeps_the_header_in_front(tmp_path, images):
-    """``file:PATH,offset=N`` as libvirt uses it: bytes before N are kept."""
-    mig = tmp_path / "libvirt.save"
-    header = b"LibvirtQemudSave" + bytes(4096 - 16)
+    """``file:PATH,offset=N`` as libvirt uses it: bytes before N are kept (a header mfd
+    does not know here: libvirt's own is found without --offset, tests/test_libvirt.py)."""
+    mig = tmp_path / "app.save"
+    header = b"MyAppHeader" + bytes(4096 - 11)
     mig.write_bytes(header + b"stale bytes that the save truncates")
     mfd.save(str(mig), images={"mem": images["pc.ram"]}, offset=4096)
     assert mig.read_bytes()[:4096] == header
@@ -146,7 +147,7 @@ def test_offset_keeps_the_header_in_front(tmp_path, images):
     out = tmp_path / "out.bin"
     mfd.restore(str(mig), images={"mem": str(out)}, offset=4096)
     assert out.read_bytes() == Path(images["pc.ram"]).read_bytes()
-    assert run_mfd("inspect", str(mig), "--offset", "4096", "--json").returncode == 0
+    assert run_mfd("inspect", str(mig), "--offset", "0x1000", "--json").returncode == 0
     bad = run_mfd("inspect", str(mig))
     assert bad.returncode == 1 and "not a QEMU migration stream" in bad.stderr
 

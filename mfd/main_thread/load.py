@@ -7,7 +7,12 @@
                 of whole chunks go to idle channels, which preadv straight into the
                 destination's shared memory and hash each chunk they read; sync; every
                 chunk digest equal to mfd's trailer's, when there is one
-    stream:     every page's last record, copied with strided numpy views (no per-page loop)
+    stream:     pages placed as their records come, a run of records at a time (strided
+                numpy copies, no per-page loop), from the file's mapping or from the
+                decoder's buffer of a compressed stream (mfd.main_thread.decompress)
+
+Where the stream starts: at the offset given, or after libvirt's save header found there
+(mfd.protocol.libvirt_save).
 
 Destination RAM must start zeroed: clear bits are never read (invariant 5). The targets are
 created by the caller (fresh files, so they are zero).
@@ -18,20 +23,24 @@ from __future__ import annotations
 import mmap
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from mfd.errors import MfdError, ProtocolError
+from mfd.main_thread import decompress
 from mfd.main_thread.pipeline import ChannelPool, OnDone
 from mfd.main_thread.scanner import chunk_jobs
+from mfd.protocol import libvirt_save, livestream, trailer
 from mfd.protocol import migration_file as mfile
-from mfd.protocol import trailer
 from mfd.protocol.constants import TARGET_PAGE_SIZE
 from mfd.shm.ramblock import RAMBlock, attach
+from mfd.shm.receivedmap import zero_pages
 from mfd.workers.file_channel import FileChannelConfig, channel_main
 
-RECORD_STRIDE = 8 + TARGET_PAGE_SIZE  # a PAGE|CONTINUE record: be64 header + data
+_HEAD = 4096  # bytes read to recognise what starts at an offset
+QEVM = b"QEVM"
 
 
 @dataclass
@@ -43,9 +52,19 @@ class LoadResult:
 
 
 class OpenedFile:
-    """A read-only mapping of a migration file, parsed and validated."""
+    """A migration file, found where its stream starts, parsed and validated.
+
+    The stream starts at ``offset`` (``file:PATH,offset=N``), or after the libvirt save
+    header found there (``header``). An uncompressed stream is mapped read-only and parsed
+    whole here, before anything is written. A compressed one (``file.compression``) cannot be
+    read at random: it is read here up to its block list (what the caller needs to make the
+    destination), and :meth:`events` decompresses it again, whole, as a loader or describer
+    consumes it."""
 
     def __init__(self, path: str, offset: int = 0) -> None:
+        self.path = path
+        self.mm: mmap.mmap | None = None
+        self.header: libvirt_save.SaveHeader | None = None
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError as e:
@@ -55,18 +74,95 @@ class OpenedFile:
             if size <= offset:
                 raise ProtocolError(f"{path} is empty" if size == 0 else
                                     f"{path} has {size} bytes, nothing after offset {offset:#x}")
-            self.mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+            self.start = self._find_stream(fd, offset, size)
+            head = os.pread(fd, _HEAD, self.start)
+            self.compression = decompress.detect(head)
+            self._check_format(head)
+            if self.compression is None:
+                self.mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
         finally:
             os.close(fd)
-        self.path = path
+        self.size = size
         try:
-            self.file = mfile.parse(self.mm, size, offset)
+            if self.mm is not None:
+                self.file = mfile.parse(self.mm, size, self.start)
+            else:
+                self.file = self._new_file()
+                for ev in self.events():
+                    mfile.on_event(self.file, ev)
+                    if isinstance(ev, livestream.Blocks):
+                        break  # what a restore needs first; events() reads it all again
         except BaseException:
-            self.mm.close()
+            self.close()
             raise
 
+    def _new_file(self) -> mfile.MigrationFile:
+        return mfile.MigrationFile(self.start, self.size, compression=self.compression)
+
+    def parse_all(self) -> None:
+        """A compressed stream read whole into ``file`` (what ``mfd inspect`` shows)."""
+        if self.compression is not None:
+            self.file = self._new_file()
+            for ev in self.events():
+                mfile.on_event(self.file, ev)
+
+    def _find_stream(self, fd: int, offset: int, size: int) -> int:
+        """Where QEMU's stream starts: at ``offset``, or after a libvirt header there."""
+        head = os.pread(fd, _HEAD, offset)
+        if not libvirt_save.is_save_image(head):
+            return offset
+        need = libvirt_save.HEADER_SIZE + libvirt_save.data_len_of(head)
+        if len(head) < need <= size - offset:
+            head = os.pread(fd, need, offset)
+        self.header = libvirt_save.decode(head, size, offset)
+        return self.header.stream_offset
+
+    def _check_format(self, head: bytes) -> None:
+        """A libvirt header says what the stream went through: the stream must agree."""
+        if self.header is None:
+            return
+        said = self.header.format if self.header.compressed else None
+        if self.compression == said and (said or head.startswith(QEVM)):
+            return
+        found = f"a {self.compression} stream" if self.compression else \
+            "an uncompressed QEMU stream" if head.startswith(QEVM) else \
+            f"bytes {head[:8].hex(' ')}, neither QEVM nor a compressed stream"
+        raise ProtocolError(f"{self.path}: the libvirt header says image format "
+                            f"{self.header.format!r}, but at offset {self.start:#x} (after the "
+                            f"header) there is {found}")
+
+    def events(self) -> Iterator[livestream.Event]:
+        """The stream's events from its start to its end, read again from the file (an
+        uncompressed one from its mapping, already validated by the parse)."""
+        if self.mm is not None:
+            dec = livestream.StreamDecoder(self.path, file=True)
+            yield from dec.decode_all(self.mm, self.start, self.size)
+            return
+        fmt = self.compression
+        assert fmt is not None
+        what = f"{fmt} stream in {self.path}"
+        dec = livestream.StreamDecoder(what, framing=True, file=True)
+        with decompress.Decompressed(self.path, self.start, fmt) as src:
+            while not dec.done and (n := src.readinto(dec.buffer())):
+                try:
+                    events = dec.filled(n)
+                except ProtocolError as e:
+                    if not dec.header_done:
+                        raise
+                    # a stream that breaks after a good start: most likely the compressed
+                    # data, which these formats check only at the end of a block or frame
+                    raise ProtocolError(f"{e} (corrupt {fmt} data?)") from None
+                yield from events
+        if not dec.done and (not dec.eof or dec.end > dec.start):
+            raise ProtocolError(f"{what}: truncated: QEMU's stream ends at its offset "
+                                f"{dec.base + dec.end:#x}, " + (
+                                    "inside the vmdesc" if dec.eof else
+                                    "before QEMU_VM_EOF") + f" (a cut {fmt} file?)")
+        self.file.stream_end = dec.offset
+
     def close(self) -> None:
-        self.mm.close()
+        if self.mm is not None:
+            self.mm.close()
 
     def __enter__(self) -> OpenedFile:
         return self
@@ -181,30 +277,39 @@ def load_mapped_ram(opened: OpenedFile, targets: dict[str, RAMBlock], channels: 
 
 
 def load_stream(opened: OpenedFile, targets: dict[str, RAMBlock]) -> int:
-    """Classic stream: each page's last PAGE record, copied in strided runs."""
-    src = np.frombuffer(opened.mm, dtype=np.uint8)
+    """Classic stream: pages placed as their records come, as QEMU's ``ram_load`` does (a
+    later record of a page replaces an earlier one; a ZERO record clears only a page written
+    before: the targets start zeroed). Copies straight from the file's mapping, or from the
+    decoder's buffer of a decompressed stream."""
+    blocks = opened.file.blocks
+    mapped = [attach(targets[b.idstr], writable=True) for b in blocks]
     moved = 0
-    for b in opened.file.blocks:
-        state = b.page_state
-        assert state is not None
-        pages = np.flatnonzero(state >= 0)
-        if len(pages) == 0:
-            continue
-        offs = state[pages]
-        # runs of consecutive pages whose records follow each other (PAGE|CONTINUE)
-        brk = np.flatnonzero((np.diff(pages) != 1) | (np.diff(offs) != RECORD_STRIDE)) + 1
-        dst = attach(targets[b.idstr], writable=True)
-        try:
-            out = np.frombuffer(dst.mm, dtype=np.uint8).reshape(-1, TARGET_PAGE_SIZE)
-            for seg_p, seg_o in zip(np.split(pages, brk), np.split(offs, brk), strict=True):
-                view = np.lib.stride_tricks.as_strided(
-                    src[int(seg_o[0]):], shape=(len(seg_o), TARGET_PAGE_SIZE),
-                    strides=(RECORD_STRIDE, 1), writeable=False)
-                out[int(seg_p[0]) : int(seg_p[-1]) + 1] = view
-                moved += len(seg_p) * TARGET_PAGE_SIZE
-            del out
-        finally:
-            dst.close()
+    try:
+        index = {b.idstr: i for i, b in enumerate(blocks)}
+        words = [m.words for m in mapped]
+        received = [np.zeros(b.num_pages, dtype=np.uint8) for b in blocks]
+        for ev in opened.events():
+            if isinstance(ev, livestream.Pages):
+                i = index[ev.idstr]
+                pages, data = ev.pages, ev.data
+                step = np.diff(pages)
+                out = words[i].view(np.uint8)
+                if (step == 1).all():  # consecutive: one strided copy
+                    out[int(pages[0]) : int(pages[0]) + len(pages)] = data
+                else:
+                    if not (step > 0).all():  # a page sent twice in one run: the later copy
+                        # wins (numpy's fancy assignment does not promise which)
+                        last = len(pages) - 1 - np.unique(pages[::-1], return_index=True)[1]
+                        pages, data = pages[last], data[last]
+                    out[pages] = data
+                received[i][pages] = 1
+                moved += len(ev.pages) * TARGET_PAGE_SIZE
+            elif isinstance(ev, livestream.ZeroPages):
+                i = index[ev.idstr]
+                zero_pages(received[i], words[i], ev.pages)
+    finally:
+        for m in mapped:
+            m.close()
     return moved
 
 

@@ -302,9 +302,11 @@ class StreamDecoder:
             cfg = stream.decode_configuration(r)
             r.peek_u8("what follows the configuration")  # subsections may still come
             if C.CAP_MAPPED_RAM in cfg.capabilities:
-                if self.mapped_ram_hook is None:
-                    raise r.error("the stream says mapped-ram: that is a file format, not a "
-                                  "live migration")
+                if self.mapped_ram_hook is None:  # a socket's, or a compressed file's
+                    raise r.error("the stream says mapped-ram: " + (
+                        "its pages are read at their file offsets, which a compressed file "
+                        "does not have (libvirt refuses to compress it too)" if self.file
+                        else "that is a file format, not a live migration"))
                 self.mapped_ram = True
             self.header_done = True
             events.append(Header(cfg))

@@ -10,7 +10,7 @@ adds what only a file has::
       |                                blocks, devices, EOF, vmdesc)
       |   mapped-ram: after each block entry, _mapped_ram_header reads the MappedRamHeader,
       |               checks it against the file and jumps over the bitmap and pages region
-      |   stream:     each page's last record -> page_state (file offset of its data, or zero)
+      |   stream:     each page's last record -> page_state (data, zero or none)
       +-- after EOF/vmdesc: mfd's trailer, found from the end of the file
 
 It understands both of QEMU's RAM encodings:
@@ -18,8 +18,9 @@ It understands both of QEMU's RAM encodings:
 * mapped-ram: every block entry carries a MappedRamHeader, the stream jumps past each
   block's pages region, and page data is found through the bitmap;
 * the classic stream: pages are PAGE/ZERO records inside START/PART/END sections; the parse
-  records each page's *last* record (a later round's copy wins), so a loader can place the
-  final RAM with vectorized copies.
+  records each page's final state (data, zero, or no record), which ``mfd inspect`` shows. A
+  loader places the pages as the records come (a later round's copy replaces an earlier one),
+  from this buffer or from a decompressed stream fed to :func:`on_event` piece by piece.
 
 Everything read is validated before it is used: a file that would make a loader write
 outside a block, or that lacks its END section or EOF, is refused here, before any I/O.
@@ -36,8 +37,10 @@ from mfd.protocol import constants as C
 from mfd.protocol import devices, livestream, mapped_ram, stream, trailer
 from mfd.protocol.codec import Reader
 
-PAGE_ABSENT = -2  # stream format: no record for the page
-PAGE_ZERO = -1  # stream format: last record was ZERO
+# stream format: a page's last record (page_state)
+PAGE_ABSENT = 0  # none
+PAGE_ZERO = 1  # ZERO
+PAGE_DATA = 2  # PAGE
 
 
 @dataclass
@@ -46,7 +49,7 @@ class RamBlockEntry:
     used_length: int
     entry_offset: int
     mapped_ram: mapped_ram.MappedRamHeader | None = None
-    # stream format only: per page PAGE_ABSENT, PAGE_ZERO or the absolute offset of its data
+    # stream format only: per page PAGE_ABSENT, PAGE_ZERO or PAGE_DATA
     page_state: np.ndarray | None = None
 
     @property
@@ -62,8 +65,9 @@ class RamBlockEntry:
 
 @dataclass
 class MigrationFile:
-    start: int
+    start: int  # of QEMU's stream in the file
     file_size: int
+    compression: str | None = None  # the stream is compressed (offsets are the stream's)
     version: int = 0
     configuration: stream.Configuration | None = None
     mem_size: int = 0
@@ -113,7 +117,7 @@ def _parse(buf, size: int, start: int) -> MigrationFile:
     dec = livestream.StreamDecoder("migration file", framing=True, file=True,
                                    mapped_ram=_mapped_ram_header)
     for ev in dec.decode_all(buf, start, size):
-        _on_event(mf, ev)
+        on_event(mf, ev)
     if not dec.eof:
         raise ProtocolError(f"migration file at offset {dec.offset:#x}: truncated: the file "
                             "ends before QEMU_VM_EOF (a save that did not complete, or a cut "
@@ -127,7 +131,7 @@ def _count(mf: MigrationFile, name: str, n: int = 1) -> None:
     mf.record_counts[name] = mf.record_counts.get(name, 0) + n
 
 
-def _on_event(mf: MigrationFile, ev: livestream.Event) -> None:
+def on_event(mf: MigrationFile, ev: livestream.Event) -> None:
     """What the file keeps of one event of its stream."""
     match ev:  # page events first: there can be one per few pages
         case livestream.ZeroPages(idstr, pages):
@@ -135,7 +139,7 @@ def _on_event(mf: MigrationFile, ev: livestream.Event) -> None:
             _state(mf.block(idstr))[pages] = PAGE_ZERO
         case livestream.Pages(idstr, pages):
             _count(mf, "PAGE", len(pages))
-            _place(_state(mf.block(idstr)), pages, ev.offsets)
+            _state(mf.block(idstr))[pages] = PAGE_DATA
         case livestream.Header(configuration):
             mf.version = C.QEMU_VM_FILE_VERSION  # the decoder takes no other
             mf.configuration = configuration
@@ -154,7 +158,7 @@ def _on_event(mf: MigrationFile, ev: livestream.Event) -> None:
                 if mf.mapped_ram:
                     b.mapped_ram = headers[i]
                 else:
-                    b.page_state = np.full(b.num_pages, PAGE_ABSENT, dtype=np.int64)
+                    b.page_state = np.full(b.num_pages, PAGE_ABSENT, dtype=np.uint8)
                 mf.blocks.append(b)
         case livestream.Flush():
             _count(mf, "MULTIFD_FLUSH")
@@ -175,15 +179,6 @@ def _on_event(mf: MigrationFile, ev: livestream.Event) -> None:
 def _state(block: RamBlockEntry) -> np.ndarray:
     assert block.page_state is not None  # page records: the stream format
     return block.page_state
-
-
-def _place(state: np.ndarray, pages: np.ndarray, offsets: np.ndarray) -> None:
-    """These pages' data are now at these offsets: a later record replaces an earlier one,
-    also within one run of records (a round may send a page twice)."""
-    if len(pages) > 1 and not (np.diff(pages) > 0).all():
-        last = len(pages) - 1 - np.unique(pages[::-1], return_index=True)[1]
-        pages, offsets = pages[last], offsets[last]
-    state[pages] = offsets
 
 
 def _mapped_ram_header(r: Reader, idstr: str, used_length: int) -> mapped_ram.MappedRamHeader:

@@ -24,16 +24,19 @@ class ReceivedMap:
         self.received = per_page(self.mapped, blocks, np.uint8)
 
     def zero_pages(self, block: int, words: np.ndarray, pages: np.ndarray) -> np.ndarray:
-        """QEMU's rule for zero pages: memset only a page received before; one never received
-        is still zero (destination RAM starts zeroed) and stays untouched (unallocated).
-        Returns the pages set to zero here."""
-        received = self.received[block]
-        again = pages[received[pages] != 0]
-        if len(again):
-            words[again] = 0
-        received[pages] = 1
-        return again
+        return zero_pages(self.received[block], words, pages)
 
     def close(self) -> None:
         self.received = []
         self.mapped.close()
+
+
+def zero_pages(received: np.ndarray, words: np.ndarray, pages: np.ndarray) -> np.ndarray:
+    """QEMU's rule for zero pages: memset only a page received before; one never received
+    is still zero (destination RAM starts zeroed) and stays untouched (unallocated).
+    ``received``: a byte per page of the block; returns the pages set to zero here."""
+    again = pages[received[pages] != 0]
+    if len(again):
+        words[again] = 0
+    received[pages] = 1
+    return again
