@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 import mfd
 from mfd.options import MigrationParameters
-from mfd.qemu import QemuError, qemu_binary, qemu_restore, qemu_save
+from mfd.qemu import QemuError, QemuMachine, qemu_binary, qemu_restore, qemu_save
 from mfd.ramimage import generate
 
 pytestmark = [pytest.mark.qemu,
@@ -65,6 +66,24 @@ def test_mfd_restores_a_qemu_stream_file_at_an_offset(tmp_path, image):
     assert mig.read_bytes()[:8192] == b"H" * 8192
     out = tmp_path / "out.bin"
     mfd.restore(str(mig), images={"mem": str(out)}, offset=8192)
+    assert out.read_bytes() == image.read_bytes()
+
+
+@pytest.mark.parametrize("program", ["zstd", "gzip", "bzip2", "xz", "lzop"])
+def test_mfd_restores_a_compressed_qemu_stream(tmp_path, image, program):
+    """``migrate exec:"PROGRAM -c > FILE"``: QEMU's stream through a compressor, no header
+    (libvirt's save_image_format pipes it the same way, tests/test_libvirt.py)."""
+    if shutil.which(program) is None:
+        pytest.skip(f"no {program} here (.ci/setup installs it)")
+    ram = tmp_path / "ram.bin"
+    shutil.copyfile(image, ram)
+    mig = tmp_path / f"qemu.{program}"
+    with QemuMachine(str(ram), SIZE) as m:
+        m.set_migration()
+        m.migrate(f"exec:{program} -c > {mig}")
+    assert mfd.inspect(str(mig))["compression"] == program
+    out = tmp_path / "out.bin"
+    mfd.restore(str(mig), images={"mem": str(out)})
     assert out.read_bytes() == image.read_bytes()
 
 

@@ -20,6 +20,7 @@ created by the caller (fresh files, so they are zero).
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import time
@@ -52,14 +53,16 @@ class LoadResult:
 
 
 class OpenedFile:
-    """A migration file, found where its stream starts, parsed and validated.
+    """A migration file, found where its stream starts, read up to its block list.
 
     The stream starts at ``offset`` (``file:PATH,offset=N``), or after the libvirt save
-    header found there (``header``). An uncompressed stream is mapped read-only and parsed
-    whole here, before anything is written. A compressed one (``file.compression``) cannot be
-    read at random: it is read here up to its block list (what the caller needs to make the
-    destination), and :meth:`events` decompresses it again, whole, as a loader or describer
-    consumes it."""
+    header found there (``header``). An uncompressed file is mapped read-only. A mapped-ram
+    file is parsed and validated whole here, before anything is written (its stream is a few
+    KiB; its pages are read at random). A classic stream, as QEMU's loader reads it, is read
+    here up to its block list (what the caller needs to make the destination), then again
+    whole by :meth:`events` while a loader places its pages: one pass, whether it is mapped
+    or decompressed (``file.compression``), validated as it goes (a restore writes only into
+    destinations it removes on failure); :meth:`parse_all` reads it whole for a describer."""
 
     def __init__(self, path: str, offset: int = 0) -> None:
         self.path = path
@@ -84,14 +87,14 @@ class OpenedFile:
             os.close(fd)
         self.size = size
         try:
-            if self.mm is not None:
+            self.file = self._new_file()
+            for ev in self.events():
+                mfile.on_event(self.file, ev)
+                if isinstance(ev, livestream.Blocks):
+                    break
+            if self.file.mapped_ram:
+                assert self.mm is not None  # a compressed one is refused at its header
                 self.file = mfile.parse(self.mm, size, self.start)
-            else:
-                self.file = self._new_file()
-                for ev in self.events():
-                    mfile.on_event(self.file, ev)
-                    if isinstance(ev, livestream.Blocks):
-                        break  # what a restore needs first; events() reads it all again
         except BaseException:
             self.close()
             raise
@@ -100,11 +103,15 @@ class OpenedFile:
         return mfile.MigrationFile(self.start, self.size, compression=self.compression)
 
     def parse_all(self) -> None:
-        """A compressed stream read whole into ``file`` (what ``mfd inspect`` shows)."""
-        if self.compression is not None:
-            self.file = self._new_file()
-            for ev in self.events():
-                mfile.on_event(self.file, ev)
+        """A classic stream read whole into ``file`` (what ``mfd inspect`` shows)."""
+        if self.file.mapped_ram:
+            return
+        if self.mm is not None:
+            self.file = mfile.parse(self.mm, self.size, self.start)
+            return
+        self.file = self._new_file()
+        for ev in self.events():
+            mfile.on_event(self.file, ev)
 
     def _find_stream(self, fd: int, offset: int, size: int) -> int:
         """Where QEMU's stream starts: at ``offset``, or after a libvirt header there."""
@@ -132,11 +139,14 @@ class OpenedFile:
                             f"header) there is {found}")
 
     def events(self) -> Iterator[livestream.Event]:
-        """The stream's events from its start to its end, read again from the file (an
-        uncompressed one from its mapping, already validated by the parse)."""
+        """The stream's events from its start to its end, read from the file's mapping or
+        decompressed; a stream cut short raises at its end."""
         if self.mm is not None:
-            dec = livestream.StreamDecoder(self.path, file=True)
+            dec = livestream.StreamDecoder(self.path, framing=True, file=True,
+                                           mapped_ram=mfile.mapped_ram_header)
             yield from dec.decode_all(self.mm, self.start, self.size)
+            if not dec.eof:
+                raise ProtocolError(mfile.truncated(dec.offset))
             return
         fmt = self.compression
         assert fmt is not None
@@ -162,7 +172,10 @@ class OpenedFile:
 
     def close(self) -> None:
         if self.mm is not None:
-            self.mm.close()
+            # a failed load's traceback may still hold page views of the mapping (its
+            # frames' locals): it is unmapped when they go
+            with contextlib.suppress(BufferError):
+                self.mm.close()
 
     def __enter__(self) -> OpenedFile:
         return self

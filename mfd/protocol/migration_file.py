@@ -8,7 +8,7 @@ adds what only a file has::
 
     buffer --decode_all--> events --> MigrationFile (sections, commands, record counts,
       |                                blocks, devices, EOF, vmdesc)
-      |   mapped-ram: after each block entry, _mapped_ram_header reads the MappedRamHeader,
+      |   mapped-ram: after each block entry, mapped_ram_header reads the MappedRamHeader,
       |               checks it against the file and jumps over the bitmap and pages region
       |   stream:     each page's last record -> page_state (data, zero or none)
       +-- after EOF/vmdesc: mfd's trailer, found from the end of the file
@@ -115,16 +115,19 @@ def parse(buf, file_size: int | None = None, start: int = 0) -> MigrationFile:
 def _parse(buf, size: int, start: int) -> MigrationFile:
     mf = MigrationFile(start=start, file_size=size)
     dec = livestream.StreamDecoder("migration file", framing=True, file=True,
-                                   mapped_ram=_mapped_ram_header)
+                                   mapped_ram=mapped_ram_header)
     for ev in dec.decode_all(buf, start, size):
         on_event(mf, ev)
     if not dec.eof:
-        raise ProtocolError(f"migration file at offset {dec.offset:#x}: truncated: the file "
-                            "ends before QEMU_VM_EOF (a save that did not complete, or a cut "
-                            "copy)")
+        raise ProtocolError(truncated(dec.offset))
     mf.stream_end = dec.offset
     _parse_tail(buf, mf)
     return mf
+
+
+def truncated(offset: int) -> str:
+    return (f"migration file at offset {offset:#x}: truncated: the file ends before "
+            "QEMU_VM_EOF (a save that did not complete, or a cut copy)")
 
 
 def _count(mf: MigrationFile, name: str, n: int = 1) -> None:
@@ -181,7 +184,7 @@ def _state(block: RamBlockEntry) -> np.ndarray:
     return block.page_state
 
 
-def _mapped_ram_header(r: Reader, idstr: str, used_length: int) -> mapped_ram.MappedRamHeader:
+def mapped_ram_header(r: Reader, idstr: str, used_length: int) -> mapped_ram.MappedRamHeader:
     """The decoder's hook after each block entry of a mapped-ram stream: the block's
     MappedRamHeader, checked against the file; the stream continues after the pages region
     (the bitmap and the pages are not stream bytes: the file is read at random)."""
