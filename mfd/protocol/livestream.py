@@ -14,6 +14,12 @@ The same items, validations and events serve the live destination and the file p
     ReturnPath()                     OPEN_RETURN_PATH: the source reads our answers
     Ping(value)                      PING: answer PONG(value) (an mfd source's: MFD_PONG)
     SwitchoverStart()                MIG_CMD_SWITCHOVER_START (QEMU 10)
+    Advise(page_summary, ...)        POSTCOPY_ADVISE: postcopy may follow the precopy rounds
+    Discard(idstr, runs)             POSTCOPY_RAM_DISCARD: these pages are stale, drop them
+    Listen()                         POSTCOPY_LISTEN (in the package): fault handling on
+    Run()                            POSTCOPY_RUN (the package's end): the guest runs here
+                                     (PACKAGED itself is transparent: its items are decoded
+                                     as they come, checked to end where it says)
     Blocks([(idstr, used_length)])   ram START: MEM_SIZE and the block list
     Flush()                          RAM_SAVE_FLAG_MULTIFD_FLUSH: recv sync
     SectionEnd(final)                EOS of a RAM section (legacy flush mode syncs here)
@@ -52,7 +58,7 @@ import numpy as np
 
 from mfd.errors import ProtocolError, Truncated
 from mfd.protocol import constants as C
-from mfd.protocol import devices, mapped_ram, peer, ram, stream
+from mfd.protocol import devices, mapped_ram, peer, postcopy, ram, stream
 from mfd.protocol.codec import Reader
 
 _ZERO_CONT = C.RAM_SAVE_FLAG_ZERO | C.RAM_SAVE_FLAG_CONTINUE
@@ -95,6 +101,16 @@ class Ping:
 
 @dataclass(frozen=True)
 class SwitchoverStart:
+    pass
+
+
+@dataclass(frozen=True)
+class Listen:
+    pass
+
+
+@dataclass(frozen=True)
+class Run:
     pass
 
 
@@ -175,8 +191,11 @@ class Command:
     command: stream.Command
 
 
-Event = (Header | ReturnPath | Ping | SwitchoverStart | Blocks | Flush | SectionEnd
-         | ZeroPages | Pages | Device | Skipped | Eof | Vmdesc | Hashes | Section | Command)
+Advise = postcopy.Advise
+Discard = postcopy.Discard
+Event = (Header | ReturnPath | Ping | SwitchoverStart | Advise | Discard | Listen | Run
+         | Blocks | Flush | SectionEnd | ZeroPages | Pages | Device | Skipped | Eof | Vmdesc
+         | Hashes | Section | Command)
 
 
 class StreamDecoder:
@@ -206,6 +225,10 @@ class StreamDecoder:
         self.last_block: str | None = None
         self.blocks_end = -1  # mapped-ram: where the stream resumed after the last block
         self.mfd_source = False  # the source sent mfd's PING: it is mfd
+        self.blocks_seen = False
+        self.advised = False  # POSTCOPY_ADVISE came: postcopy may follow
+        self.package_end: int | None = None  # stream offset where PACKAGED's bytes end
+        self.listening = False  # POSTCOPY_LISTEN came: postcopy runs
         self.eof = False
         self.vmdesc = False
         self.done = False
@@ -292,6 +315,11 @@ class StreamDecoder:
         r = Reader(self.buf, self.start, base=self.base, end=self.end, what=self.what)
         item: list[Event] = []  # an item cut short leaves no event behind
         self._item(r, item)
+        if self.package_end is not None and r.offset >= self.package_end:
+            if r.offset > self.package_end:
+                raise r.error(f"an item crosses the end of the package at "
+                              f"{self.package_end:#x}", at=self.start)
+            self.package_end = None
         self.start = r.pos
         events += item
 
@@ -394,6 +422,7 @@ class StreamDecoder:
 
         _, blocks = ram.decode_block_list(r, on_block)
         self.sizes = {idstr: size for idstr, size, _ in blocks}
+        self.blocks_seen = True
         self.blocks_end = r.offset
         return Blocks([(idstr, size) for idstr, size, _ in blocks],
                       [entry for _, _, entry in blocks], headers)
@@ -408,9 +437,31 @@ class StreamDecoder:
             event = Ping(value)
         elif cmd.cmd == C.MIG_CMD_SWITCHOVER_START and not cmd.payload:
             event = SwitchoverStart()
+        elif cmd.cmd == C.MIG_CMD_POSTCOPY_ADVISE and not self.blocks_seen:
+            event = postcopy.decode_advise(cmd.payload, f"{self.what} at offset {at:#x}")
+            self.advised = True
+        elif cmd.cmd == C.MIG_CMD_POSTCOPY_RAM_DISCARD and self.advised and self.blocks_seen:
+            event = postcopy.decode_discard(cmd.payload, self.sizes,
+                                            f"{self.what} at offset {r.base + at:#x}")
+        elif cmd.cmd == C.MIG_CMD_PACKAGED and self.advised and len(cmd.payload) == 4:
+            n = int.from_bytes(cmd.payload, "big")
+            if n > C.MAX_VM_CMD_PACKAGED_SIZE or self.package_end is not None:
+                raise r.error(f"PACKAGED of {n} bytes" + (" inside a package" if
+                              self.package_end is not None else ", more than 16 MiB"), at=at)
+            self.package_end = r.offset + n
+            if self.framing:
+                events.append(Command(r.base + at, cmd))
+            return
+        elif cmd.cmd == C.MIG_CMD_POSTCOPY_LISTEN and self.package_end is not None \
+                and not cmd.payload and not self.listening:
+            event = Listen()
+            self.listening = True
+        elif cmd.cmd == C.MIG_CMD_POSTCOPY_RUN and self.listening and not cmd.payload:
+            event = Run()
         else:
             raise r.error(f"command {cmd.name} ({len(cmd.payload)} bytes) is not one mfd "
-                          "takes (postcopy and COLO are not supported)", at=at)
+                          "takes here (COLO and postcopy recovery are not supported; "
+                          "postcopy's commands come in QEMU's order)", at=at)
         if self.framing:
             events.append(Command(r.base + at, cmd))
         events.append(event)
