@@ -200,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="legacy sync per section (QEMU machine types <= 8.0)")
     m.add_argument("--no-multifd", dest="multifd", action="store_false",
                    help="capability multifd off: every page on the main channel")
+    m.add_argument("--postcopy-ram", action="store_true",
+                   help="QEMU's capability: the switch may go postcopy (with --no-multifd, "
+                   "as QEMU); the destination needs --postcopy-ram too")
+    m.add_argument("--postcopy-after", type=float, metavar="SECONDS",
+                   help="switch to postcopy after this much precopy (or QMP "
+                   "migrate-start-postcopy at any time)")
     m.add_argument("--no-verify", dest="verify", action="store_false",
                    help="to an mfd destination: do not compare RAM at switchover (neither "
                    "end hashes pages; a shorter downtime, as with QEMU)")
@@ -232,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--monitor", metavar="PATH", help="serve a QMP-style monitor at PATH")
     n.add_argument("--stopped", action="store_true", help="keep the guest paused after the "
                    "migration, as QEMU's -S ('mfd guest --cont' starts it)")
+    n.add_argument("--postcopy-ram", action="store_true",
+                   help="QEMU's capability: accept a source that switches to postcopy (the "
+                   "guest runs here before its RAM has arrived, missing pages fetched)")
     n.add_argument("--json", action="store_true")
     # test-only: slow receive channels (seconds per packet, comma separated); no recv sync;
     # receive channels damage the page at this offset of the first block (KIND@OFFSET, KIND
@@ -391,7 +400,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     opts = MigrateOptions(machine=args.machine, multifd=args.multifd, uuid=args.uuid,
                           flush_after_each_section=args.multifd_flush_after_each_section,
                           timeout=args.timeout, keep_source=args.keep_source,
-                          verify=args.verify)
+                          verify=args.verify, postcopy=args.postcopy_ram,
+                          postcopy_after=args.postcopy_after)
+    if args.postcopy_after is not None and not args.postcopy_ram:
+        raise UsageError("mfd migrate: --postcopy-after goes with --postcopy-ram")
     view = None if args.json else LiveView(f"migrate to {args.uri}")
     with _outcome("migration"), view or contextlib.nullcontext():
         res = api.migrate(args.uri, images=dict(args.image) if args.image else None,
@@ -422,7 +434,7 @@ def cmd_incoming(args: argparse.Namespace) -> int:
                            flush_after_each_section=args.multifd_flush_after_each_section,
                            uuid=args.uuid,
                            skip_sync=args.x_skip_sync, fault=args.x_fault,
-                           stopped=args.stopped)
+                           stopped=args.stopped, postcopy_ram=args.postcopy_ram)
     with _outcome("incoming migration"):
         res = api.incoming(args.listen, images=dict(args.image) if args.image else None,
                            guest=args.guest, options=opts, monitor=args.monitor)

@@ -127,6 +127,10 @@ class MonitorHandlers(Protocol):
         """Ask the migration to cancel; return without waiting for it to stop."""
         ...
 
+    def migrate_start_postcopy(self) -> None:
+        """Switch to postcopy at the end of the current round (a source with postcopy-ram)."""
+        ...
+
 
 class _QmpError(Exception):
     """A request refused before reaching a handler; ``qmp_class`` is QEMU's ErrorClass."""
@@ -314,6 +318,14 @@ def _migrate_cancel(h: MonitorHandlers, c: _Client, args: dict[str, Any]) -> Any
     return h.migrate_cancel()
 
 
+def _migrate_start_postcopy(h: MonitorHandlers, c: _Client, args: dict[str, Any]) -> Any:
+    _no_arguments(args)
+    start = getattr(h, "migrate_start_postcopy", None)
+    if start is None:
+        raise MfdError("migrate-start-postcopy: this end is not a migration's source")
+    return start()
+
+
 _COMMANDS: dict[str, _Command] = {
     "qmp_capabilities": _qmp_capabilities,
     "query-commands": _query_commands,
@@ -323,6 +335,7 @@ _COMMANDS: dict[str, _Command] = {
     "migrate-set-parameters": _migrate_set_parameters,
     "migrate-set-capabilities": _migrate_set_capabilities,
     "migrate_cancel": _migrate_cancel,
+    "migrate-start-postcopy": _migrate_start_postcopy,
 }
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import sys
 import time
@@ -41,9 +42,11 @@ import numpy as np
 import zmq
 
 from mfd.errors import MfdError, ProtocolError
+from mfd.main_thread import postcopy_dst
 from mfd.main_thread.accept import Acceptor
 from mfd.main_thread.migrate import Cancelled, failure
 from mfd.main_thread.pipeline import ChannelPool, poll_key
+from mfd.main_thread.postcopy_dst import PostcopyPlacer
 from mfd.protocol import livestream, multifd, peer, returnpath, trailer
 from mfd.protocol.constants import TARGET_PAGE_SIZE
 from mfd.protocol.devices import GUEST_IDSTR
@@ -73,6 +76,7 @@ class IncomingOptions:
     skip_sync: bool = False
     fault: tuple[str, int] | None = None  # (socket_channel.FAULTS, page of the first block)
     stopped: bool = False  # the guest stays paused after the migration (QEMU's -S)
+    postcopy_ram: bool = False  # QEMU's capability: the source may switch to postcopy
 
 
 @dataclass
@@ -130,6 +134,8 @@ class Incoming:
         self.words: list[np.ndarray] = []
         self.guest_state: dict | None = None
         self.vmdesc_at = 0.0
+        self.postcopy: PostcopyPlacer | None = None  # from LISTEN on
+        self.committed: dict[str, str] | None = None  # postcopy: the RAM's names at RUN
 
     # ------------------------------------------------------------------ what the source did not say
 
@@ -334,10 +340,29 @@ class Incoming:
                 self._sync_point(flush=False)
             elif isinstance(ev, livestream.ZeroPages):
                 self._start_channels()
-                self._zero(ev.idstr, ev.pages)
+                if self.postcopy is not None:
+                    self.postcopy.zero(self.index[ev.idstr], ev.pages)
+                else:
+                    self._zero(ev.idstr, ev.pages)
             elif isinstance(ev, livestream.Pages):
                 self._start_channels()
-                self._pages(ev.idstr, ev.pages, ev.data)
+                if self.postcopy is not None:
+                    self.postcopy.pages(self.index[ev.idstr], ev.pages, ev.data)
+                else:
+                    self._pages(ev.idstr, ev.pages, ev.data)
+            elif isinstance(ev, livestream.Advise):
+                self._advise()
+            elif isinstance(ev, livestream.Discard):
+                i = self.index[ev.idstr]
+                assert self.receivedmap is not None and self.hashes is not None
+                postcopy_dst.discard(self.mapped[i], self.receivedmap.received[i],
+                                     self.hashes.table[i] if self.verifying else None,
+                                     ev.runs)
+            elif isinstance(ev, livestream.Listen):
+                self._listen()
+            elif isinstance(ev, livestream.Run):
+                self.committed = self._commit()
+                self.status = "postcopy-active"
             elif isinstance(ev, livestream.Device):
                 if ev.state.idstr == "globalstate":
                     self.runstate = str(ev.state.fields["runstate"])
@@ -369,8 +394,17 @@ class Incoming:
         elif self.skipped:
             self.warn(f"the source is QEMU: its device state ({', '.join(self.skipped)}) "
                       "has no place here, only its RAM")
-        guest = self.guest_name if self.guest is not None else None
-        where = self._commit()
+        guest = self.guest_name if self.guest is not None or self.committed else None
+        if self.postcopy is not None:  # every page is here: the guest's uffd may go
+            assert self.committed is not None
+            where = self.committed
+            with control.GuestClient(self.guest_name or "") as g:
+                g.execute("postcopy-end")
+            self._unwatch(self.postcopy.fileno())
+            self.postcopy.close()
+            self.postcopy = None
+        else:
+            where = self._commit()
         if self.return_path:
             data = returnpath.encode_shut(0)
             if self.decoder.mfd_source:
@@ -510,6 +544,36 @@ class Incoming:
             assert self.hashes is not None
             self.hashes.record(block, self.words[block], pages)
 
+    # ------------------------------------------------------------------ postcopy
+
+    def _advise(self) -> None:
+        """POSTCOPY_ADVISE: postcopy may follow; fail now if it could not work here."""
+        if not self.options.postcopy_ram:
+            raise ProtocolError("the source advises postcopy: start mfd incoming with "
+                                "--postcopy-ram (QEMU's destination needs the capability "
+                                "too)")
+        if self.images is not None:
+            raise MfdError("postcopy runs the guest before its RAM has arrived: it needs a "
+                           "guest (--guest), not --image")
+        postcopy_dst.check_userfaultfd()
+
+    def _listen(self) -> None:
+        """POSTCOPY_LISTEN: the guest's uffd comes here; faults are served from now on."""
+        self._start_channels()
+        assert self.guest is not None and self.receivedmap is not None
+        self.postcopy = PostcopyPlacer(self.blocks, self.receivedmap,
+                                       self.hashes if self.verifying else None, self.guest)
+        self._watch(self.postcopy.fileno(), self._on_faults)
+
+    def _on_faults(self) -> None:
+        assert self.postcopy is not None
+        requests = self.postcopy.faults()
+        if requests:
+            if not self.return_path:
+                raise ProtocolError("postcopy: the guest needs pages and the source opened "
+                                    "no return path to ask for them")
+            self._reply(requests)
+
     def _commit(self) -> dict[str, str]:
         """Name the RAM; the guest takes it and runs (or the images appear)."""
         assert self.pending is not None
@@ -545,6 +609,15 @@ class Incoming:
                     os.unlink(p)
 
     def _discard(self) -> None:
+        if self.postcopy is not None and self.committed is not None and self.guest_name:
+            # postcopy failed after RUN: the guest ran on RAM that never all arrived; the
+            # source still holds all of it
+            try:
+                with control.GuestClient(self.guest_name, timeout=2.0) as g:
+                    g.quit()
+            except MfdError:  # blocked on a page that will not come: it is ours to end
+                with contextlib.suppress(OSError):
+                    os.kill(self.postcopy.guest_pid, signal.SIGKILL)
         if self.guest is not None:
             with contextlib.suppress(MfdError):
                 self.guest.quit()
@@ -555,6 +628,9 @@ class Incoming:
         if self.pool is not None:
             self.pool.close()
             self.pool = None
+        if self.postcopy is not None:
+            self.postcopy.close()
+            self.postcopy = None
         self.words = []
         for m in self.mapped:
             m.close()
@@ -574,6 +650,8 @@ class Incoming:
     def query_migrate(self) -> dict:
         out: dict[str, object] = {"status": self.status,
                                   "total-time": round((time.monotonic() - self.start) * 1000)}
+        if self.postcopy is not None:
+            out["postcopy-requests"] = self.postcopy.requests
         if self.error is not None:
             out["error-desc"] = self.error
         return out

@@ -41,7 +41,8 @@ from mfd.main_thread.pipeline import ChannelPool
 from mfd.main_thread.precopy import Precopy, Progress
 from mfd.options import MigrationParameters, check_params
 from mfd.protocol import constants as C
-from mfd.protocol import devices, messages, peer, ram, returnpath, stream, trailer
+from mfd.protocol import devices, messages, peer, postcopy, ram, returnpath, stream, trailer
+from mfd.protocol.mapped_ram import page_runs
 from mfd.protocol.multifd import UUID_SIZE
 from mfd.shm import pagehash
 from mfd.shm.control import GuestClient
@@ -81,6 +82,8 @@ class MigrateOptions:
     connect_timeout: float = CONNECT_TIMEOUT
     keep_source: bool = False  # the source guest stays paused afterwards (QEMU's postmigrate)
     verify: bool = True  # to an mfd destination: compare RAM at switchover (mfd.shm.pagehash)
+    postcopy: bool = False  # QEMU's postcopy-ram capability: the switch may go postcopy
+    postcopy_after: float | None = None  # switch to postcopy after this many seconds
 
 
 class Migration(Precopy):
@@ -110,6 +113,14 @@ class Migration(Precopy):
         self.last_block: int | None = None  # the block the main channel last named
         self.round_pings: deque[float] = deque()  # when each unanswered round PING went
         self.destination_lag = 0.0  # seconds the destination took to finish the last round
+        self.postcopy_requested = False  # migrate-start-postcopy
+        self.in_postcopy = False  # the destination's guest may run: never resume ours
+        self.unsent: list[np.ndarray] = []  # postcopy: pages not sent since the switch
+        self.requests: deque[tuple[int, int, int]] = deque()  # (block, first page, pages)
+        self.last_request: str | None = None
+        if options.postcopy and options.multifd:
+            raise UsageError("Postcopy is not yet compatible with multifd (QEMU's reason; "
+                             "use --no-multifd)")
 
     # ------------------------------------------------------------------ main channel
 
@@ -153,6 +164,14 @@ class Migration(Precopy):
             self.shut = msg.value
         elif msg.type == returnpath.MFD_RESULT:
             self.result = peer.decode_result(msg.data)
+        elif msg.type in (returnpath.REQ_PAGES, returnpath.REQ_PAGES_ID) and self.in_postcopy:
+            req = postcopy.decode_request(msg, {b.idstr: b.used_length for b in self.blocks},
+                                          self.last_request)
+            self.last_request = req.idstr
+            index = next(i for i, b in enumerate(self.blocks) if b.idstr == req.idstr)
+            self.requests.append((index, req.start // C.TARGET_PAGE_SIZE,
+                                  req.length // C.TARGET_PAGE_SIZE))
+            self.stats.postcopy_requests += 1
         else:
             raise ProtocolError(f"return path: {msg.name} is not something a precopy "
                                 "destination sends")
@@ -225,10 +244,19 @@ class Migration(Precopy):
                 self.stats.setup_time = time.monotonic() - self.stats.start
                 self.stats.status = "active"
                 self.iterate(live)
-                self._complete()
+                if self.postcopy_due():
+                    self._postcopy()
+                else:
+                    self._complete()
             completed = True
         except BaseException as e:
             self.stats.status, self.error, why = failure(e, self._destination_reason)
+            if self.in_postcopy:  # the destination's guest may have run: ours is stale
+                self.stats.status = "postcopy-paused"
+                raise MfdError(
+                    f"postcopy failed after the switch ({why or self.error}): the guest is "
+                    "paused here and is not resumed by itself, as QEMU's postcopy-paused "
+                    "(it holds every page the destination did not receive)") from e
             self.resume_guest()
             if why is not None:
                 raise MfdError(why) from e
@@ -292,6 +320,7 @@ class Migration(Precopy):
             + stream.encode_command(stream.Command(C.MIG_CMD_PING, _PING.to_bytes(4, "big")))
             + stream.encode_command(stream.Command(C.MIG_CMD_PING,
                                                    peer.MFD_PING.to_bytes(4, "big")))
+            + (postcopy.encode_advise() if self.options.postcopy else b"")
             + stream.encode_section_start(C.QEMU_VM_SECTION_START, devices.RAM_SECTION_ID,
                                           C.RAM_SECTION_IDSTR, 0, C.RAM_SECTION_VERSION)
             + ram.encode_mem_size(self.stats.total)
@@ -399,12 +428,8 @@ class Migration(Precopy):
         table = self.hash_file.blocks[0].used_length if self.verifying else 0
         return self.destination_lag + table / VERIFY_RATE
 
-    def _complete(self) -> None:
-        status = self.stop_guest()
-        self._stream(stream.encode_command(stream.Command(C.MIG_CMD_SWITCHOVER_START)))
-        self.pool.take_hashing()
-        self.round(final=True)
-        hashing = self.pool.take_hashing()
+    def _device_state(self, status: dict | None) -> bytes:
+        """timer, globalstate and, to mfd, the guest's own state (its workload)."""
         runstate = "running" if self.was_running else "paused"
         data = (stream.encode_section_start(C.QEMU_VM_SECTION_FULL, devices.TIMER_SECTION_ID,
                                             "timer", 0, 2)
@@ -425,8 +450,20 @@ class Migration(Precopy):
         elif status is not None and status["workload"].get("kind") == "kvm":
             self.warn("the destination is QEMU: the guest's KVM vCPU state has no place in "
                       "QEMU's -machine none, only its RAM goes")
-        self._stream(data + stream.encode_eof()
+        return data
+
+    def _complete(self) -> None:
+        status = self.stop_guest()
+        self._stream(stream.encode_command(stream.Command(C.MIG_CMD_SWITCHOVER_START)))
+        self.pool.take_hashing()
+        self.round(final=True)
+        hashing = self.pool.take_hashing()
+        self._stream(self._device_state(status) + stream.encode_eof()
                      + stream.encode_vmdesc(devices.vmdesc_json(self.options.machine, ())))
+        self._finish(hashing)
+
+    def _finish(self, hashing: list[float]) -> None:
+        """After EOF and the vmdesc: the page hashes to an mfd destination, its verdict."""
         sending = time.monotonic()
         if self.verifying:
             assert self.hashes is not None
@@ -452,6 +489,79 @@ class Migration(Precopy):
             if self.verifying else 0.0
         self.stats.remaining = 0
         self.stats.status = "completed"
+
+    # ------------------------------------------------------------------ postcopy
+
+    def postcopy_due(self) -> bool:
+        o = self.options
+        return o.postcopy and (self.postcopy_requested or (
+            o.postcopy_after is not None
+            and time.monotonic() - self.stats.start >= o.postcopy_after))
+
+    def _postcopy(self) -> None:
+        """``postcopy_start``: stop the guest, discard what the destination has that is
+        stale (every page still dirty, sent before or not), the device state in a package
+        that ends with RUN; then the destination's guest runs while the rest is pushed,
+        the pages it asks for first."""
+        status = self.stop_guest()
+        self.in_postcopy = True
+        self.unsent = [np.unpackbits(w.view(np.uint8), bitorder="little")[
+            : b.used_length // C.TARGET_PAGE_SIZE].astype(bool)
+            for w, b in zip(self.bmap, self.blocks, strict=True)]
+        discards = b"".join(
+            postcopy.encode_discards(b.idstr, [
+                (start * C.TARGET_PAGE_SIZE, (end - start) * C.TARGET_PAGE_SIZE)
+                for start, end in page_runs(np.flatnonzero(u)).tolist()])
+            for b, u in zip(self.blocks, self.unsent, strict=True))
+        ping = [stream.encode_command(stream.Command(C.MIG_CMD_PING, n.to_bytes(4, "big")))
+                for n in (2, 3, 4)]
+        package = (postcopy.encode_bare(C.MIG_CMD_POSTCOPY_LISTEN) + self._device_state(status)
+                   + ping[1] + postcopy.encode_bare(C.MIG_CMD_POSTCOPY_RUN))
+        self._stream(stream.encode_command(stream.Command(C.MIG_CMD_SWITCHOVER_START))
+                     + discards + ping[0] + postcopy.encode_packaged(package) + ping[2])
+        self.stats.run_time = time.monotonic()
+        self.stats.status = "postcopy-active"
+        self._push()
+        self._stream(stream.encode_section_part(C.QEMU_VM_SECTION_END,
+                                                devices.RAM_SECTION_ID)
+                     + ram.encode_eos() + stream.encode_footer(devices.RAM_SECTION_ID)
+                     + stream.encode_eof()
+                     + (stream.encode_vmdesc(devices.vmdesc_json(self.options.machine, ()))
+                        if self.peer_mfd else b""))
+        self._finish([])
+
+    def _push(self) -> None:
+        """The pages not sent since the switch, in order, in one PART section; before
+        each batch, the pages the destination asked for (QEMU without preempt: the
+        migration thread sends queued pages first and goes on from there)."""
+        self.begin_section(final=False)
+        for block, unsent in enumerate(self.unsent):
+            todo = np.flatnonzero(unsent)
+            for at in range(0, len(todo), INLINE_PAGES):
+                self._serve_requests()
+                self._send_unsent(block, todo[at : at + INLINE_PAGES])
+        self._serve_requests()
+        self._stream(ram.encode_eos() + stream.encode_footer(devices.RAM_SECTION_ID))
+
+    def _serve_requests(self) -> None:
+        self._on_return_path()
+        while self.requests:
+            block, first, n = self.requests.popleft()
+            self._send_unsent(block, np.arange(first, first + n, dtype=np.int64))
+
+    def _send_unsent(self, block: int, pages: np.ndarray) -> None:
+        """Each page goes once after the switch (QEMU's destination fails on a second)."""
+        pages = pages[self.unsent[block][pages]]
+        if len(pages):
+            self.unsent[block][pages] = False
+            self.stats.remaining -= len(pages) * C.TARGET_PAGE_SIZE
+            self._send_inline(block, pages)
+
+    def migrate_start_postcopy(self) -> None:
+        if not self.options.postcopy:
+            raise MfdError("Enable postcopy with migrate_set_capability before the start of "
+                           "migration")
+        self.postcopy_requested = True
 
     # ------------------------------------------------------------------ monitor handlers
 

@@ -86,6 +86,10 @@ class Precopy:
         """Seconds the switchover takes beyond sending what remains (QEMU: none)."""
         return 0.0
 
+    def postcopy_due(self) -> bool:
+        """After a round: switch to postcopy now (asked for, or its time has come)."""
+        return False
+
     def send_pages(self, block: int, pages: np.ndarray) -> None:
         """Hand one batch of a block's dirty pages to an idle channel."""
         self.pool.send(block, pages, self._sent(block, pages))
@@ -250,7 +254,7 @@ class Precopy:
             if self.progress is not None:
                 self.progress(self.stats)
             if self.stats.remaining + extra * self.meter.bandwidth \
-                    <= self.meter.threshold(self.params.downtime_limit):
+                    <= self.meter.threshold(self.params.downtime_limit) or self.postcopy_due():
                 return
 
     def stop_guest(self) -> dict | None:

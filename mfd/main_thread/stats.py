@@ -15,6 +15,7 @@ class MigrationStats:
     setup_time: float = 0.0
     stop_time: float | None = None  # when the guest was stopped for switchover
     end_time: float | None = None
+    run_time: float | None = None  # postcopy: when the destination's guest was told to run
     transferred: int = 0  # bytes written or sent (pages + stream)
     total: int = 0  # bytes of RAM
     remaining: int = 0  # dirty bytes still to send
@@ -26,6 +27,7 @@ class MigrationStats:
     expected_downtime: float = 0.0  # ms
     cpu_throttle_percentage: int = 0
     verify_time: float | None = None  # live migration: seconds of the downtime spent verifying
+    postcopy_requests: int = 0  # pages the destination asked for during postcopy
     rounds: list[dict] = field(default_factory=list)
 
     @property
@@ -35,9 +37,11 @@ class MigrationStats:
 
     @property
     def downtime_ms(self) -> float | None:
-        if self.stop_time is None or self.end_time is None:
+        """From the guest's stop to its run at the destination (postcopy: RUN sent)."""
+        end = self.run_time if self.run_time is not None else self.end_time
+        if self.stop_time is None or end is None:
             return None
-        return (self.end_time - self.stop_time) * 1000.0
+        return (end - self.stop_time) * 1000.0
 
     def query_migrate(self) -> dict[str, object]:
         """The shape of QEMU's ``query-migrate`` reply."""
@@ -57,6 +61,7 @@ class MigrationStats:
                 "dirty-pages-rate": round(self.dirty_pages_rate),
                 "dirty-sync-count": self.dirty_sync_count,
                 "pages-per-second": round(self.bandwidth / TARGET_PAGE_SIZE),
+                "postcopy-requests": self.postcopy_requests,
             },
         }
         if self.downtime_ms is not None:

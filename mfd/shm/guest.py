@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ from mfd.errors import MfdError
 from mfd.shm import control
 from mfd.shm.kvmguest import KvmState, KvmWorkload
 from mfd.shm.ramblock import MappedBlock, RAMBlock, SharedRAM, attach
+from mfd.shm.uffd import UserfaultFd, open_uffd
 from mfd.shm.workload import Workload, WorkloadState
 from mfd.sysutil import set_parent_death_signal
 
@@ -72,6 +74,7 @@ class Guest:
         self.cfg = cfg
         self.running = not cfg.start_stopped
         self.throttle = 0
+        self.uffd: UserfaultFd | None = None  # postcopy: missing pages come through it
         self.started = time.monotonic()
 
     def boot(self, ram: SharedRAM) -> None:
@@ -119,6 +122,7 @@ class Guest:
             pass
         finally:
             self.workload.close()
+            self.postcopy_end()
             for m in mapped:
                 m.close()
 
@@ -173,6 +177,10 @@ class Guest:
         elif cmd == "run-exits" and isinstance(self.workload, KvmWorkload):
             self.running = True  # until the vCPU parks after that many exits
             self.workload.run_exits(int(args["count"]))
+        elif cmd == "postcopy-listen":
+            self.postcopy_listen(str(args["socket"]))
+        elif cmd == "postcopy-end":
+            self.postcopy_end()
         elif cmd == "set-throttle":
             pct = int(args["percentage"])
             if not 0 <= pct <= 99:
@@ -202,6 +210,36 @@ class Guest:
         self.running = bool(args.get("run", True))
         if self.running:
             self.workload.start()
+
+    def postcopy_listen(self, path: str) -> None:
+        """Postcopy's LISTEN: register this process's mappings of the RAM for missing
+        pages (a uffd serves the mm of the process that made it, and only faults through
+        its mappings: the vCPU's and the workload's) and hand the uffd, with where each
+        block is mapped here, to the incoming migration at ``path``, which places the pages.
+        The fd stays open here until postcopy ends: closing the last one would turn every
+        missing page into a zero page."""
+        if self.uffd is not None:
+            raise ValueError("postcopy is listening already")
+        fd = open_uffd()
+        try:
+            uffd = UserfaultFd(fd)
+            bases = [m.address for m in self.mapped]
+            for m, base in zip(self.mapped, bases, strict=True):
+                uffd.register(base, m.block.used_length)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(5.0)
+                sock.connect(path)
+                socket.send_fds(sock, [orjson.dumps(bases)], [fd])
+        except BaseException:
+            os.close(fd)
+            raise
+        self.uffd = uffd
+
+    def postcopy_end(self) -> None:
+        """Every page has arrived: the uffd may go."""
+        if self.uffd is not None:
+            self.uffd.close()
+            self.uffd = None
 
     def runstate(self) -> str:
         """QEMU's run states: a KVM vCPU that hit an exit it cannot handle is stopped for

@@ -95,6 +95,12 @@ class MappedBlock:
         self.view = memoryview(self.mm)
 
     @property
+    def address(self) -> int:
+        """Where the block is mapped in this process (userfaultfd speaks addresses)."""
+        view = np.frombuffer(self.mm, dtype=np.uint8, count=1)
+        return int(view.ctypes.data)
+
+    @property
     def words(self) -> np.ndarray:
         """The block as (num_pages, 512) uint64: zero checks and stamps, no copies."""
         return np.frombuffer(self.mm, dtype=np.uint64).reshape(-1, WORDS_PER_PAGE)
