@@ -130,6 +130,7 @@ def _params(args: argparse.Namespace) -> MigrationParameters:
         direct_io=getattr(args, "direct_io", False),
         downtime_limit=args.downtime_limit,
         max_bandwidth=args.max_bandwidth,
+        max_postcopy_bandwidth=getattr(args, "max_postcopy_bandwidth", 0),
         auto_converge=args.auto_converge,
         cpu_throttle_initial=args.cpu_throttle_initial,
         cpu_throttle_increment=args.cpu_throttle_increment,
@@ -203,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--postcopy-ram", action="store_true",
                    help="QEMU's capability: the switch may go postcopy (with --no-multifd, "
                    "as QEMU); the destination needs --postcopy-ram too")
+    m.add_argument("--max-postcopy-bandwidth", type=parse_size, default=0,
+                   help="bytes per second of the push after the switch (0 = unlimited)")
     m.add_argument("--postcopy-after", type=float, metavar="SECONDS",
                    help="switch to postcopy after this much precopy (or QMP "
                    "migrate-start-postcopy at any time)")

@@ -31,6 +31,7 @@ class MigrationParameters:
     direct_io: bool = False
     downtime_limit: int = 300  # ms
     max_bandwidth: int = 0  # bytes per second; 0 = unlimited
+    max_postcopy_bandwidth: int = 0  # the same after the switch to postcopy (QEMU's)
     auto_converge: bool = False
     cpu_throttle_initial: int = 20
     cpu_throttle_increment: int = 10
@@ -63,8 +64,9 @@ def check_params(p: MigrationParameters, *, mapped_ram: bool) -> MigrationParame
     _range("cpu_throttle_increment", p.cpu_throttle_increment, 1, 99)
     _range("max_cpu_throttle", p.max_cpu_throttle, 1, 99)
     _range("x_clear_bitmap_shift", p.x_clear_bitmap_shift, 6, 31)
-    if p.max_bandwidth < 0:
-        raise UsageError("Parameter 'max-bandwidth' must not be negative")
+    for name in ("max_bandwidth", "max_postcopy_bandwidth"):
+        if getattr(p, name) < 0:
+            raise UsageError(f"Parameter '{name.replace('_', '-')}' must not be negative")
     if p.zero_page_detection not in ZERO_PAGE_DETECTION:
         raise UsageError(f"zero-page-detection {p.zero_page_detection!r}, expected one of "
                          f"{', '.join(ZERO_PAGE_DETECTION)}")

@@ -135,7 +135,7 @@ class Incoming:
         self.guest_state: dict | None = None
         self.vmdesc_at = 0.0
         self.postcopy: PostcopyPlacer | None = None  # from LISTEN on
-        self.committed: dict[str, str] | None = None  # postcopy: the RAM's names at RUN
+        self.postcopy_ran = False  # RUN came: the guest runs (its RAM named at the end)
 
     # ------------------------------------------------------------------ what the source did not say
 
@@ -361,8 +361,7 @@ class Incoming:
             elif isinstance(ev, livestream.Listen):
                 self._listen()
             elif isinstance(ev, livestream.Run):
-                self.committed = self._commit()
-                self.status = "postcopy-active"
+                self._postcopy_run()
             elif isinstance(ev, livestream.Device):
                 if ev.state.idstr == "globalstate":
                     self.runstate = str(ev.state.fields["runstate"])
@@ -394,17 +393,14 @@ class Incoming:
         elif self.skipped:
             self.warn(f"the source is QEMU: its device state ({', '.join(self.skipped)}) "
                       "has no place here, only its RAM")
-        guest = self.guest_name if self.guest is not None or self.committed else None
+        guest = self.guest_name if self.guest is not None else None
         if self.postcopy is not None:  # every page is here: the guest's uffd may go
-            assert self.committed is not None
-            where = self.committed
-            with control.GuestClient(self.guest_name or "") as g:
-                g.execute("postcopy-end")
             self._unwatch(self.postcopy.fileno())
-            self.postcopy.close()
+            self.postcopy.close()  # first: the guest may be waiting on a page right now
             self.postcopy = None
-        else:
-            where = self._commit()
+            assert self.guest is not None
+            self.guest.execute("postcopy-end")
+        where = self._commit(start=not self.postcopy_ran)
         if self.return_path:
             data = returnpath.encode_shut(0)
             if self.decoder.mfd_source:
@@ -565,6 +561,19 @@ class Incoming:
                                        self.hashes if self.verifying else None, self.guest)
         self._watch(self.postcopy.fileno(), self._on_faults)
 
+    def _postcopy_run(self) -> None:
+        """POSTCOPY_RUN: the guest goes on from the source's state now; its RAM gets its
+        names only once it has all arrived (a destination killed before leaves nothing)."""
+        assert self.guest is not None
+        run = not self.options.stopped and self.runstate in (None, "running")
+        self.guest.execute("postcopy-run", workload=self._workload(), run=run)
+        self.postcopy_ran = True
+        self.status = "postcopy-active"
+
+    def _workload(self) -> dict:
+        assert self.guest is not None
+        return (self.guest_state or {}).get("workload") or self.guest.query()["workload"]
+
     def _on_faults(self) -> None:
         assert self.postcopy is not None
         requests = self.postcopy.faults()
@@ -574,8 +583,9 @@ class Incoming:
                                     "no return path to ask for them")
             self._reply(requests)
 
-    def _commit(self) -> dict[str, str]:
-        """Name the RAM; the guest takes it and runs (or the images appear)."""
+    def _commit(self, start: bool = True) -> dict[str, str]:
+        """Name the RAM; the guest takes it and runs (or the images appear); after
+        postcopy (``start`` False) it runs already."""
         assert self.pending is not None
         self._pool().quiesce()  # nothing lands in RAM any more: the guest may take it
         named: list[str] = []
@@ -595,10 +605,11 @@ class Incoming:
                 paths[b.idstr] = shm_path(self.guest_name, b.idstr)
                 self.pending.link(i, paths[b.idstr])
                 named.append(paths[b.idstr])
-            workload = (self.guest_state or {}).get("workload") or \
-                self.guest.query()["workload"]
             run = not self.options.stopped and self.runstate in (None, "running")
-            self.guest.execute("commit", blocks=paths, workload=workload, run=run)
+            if start:
+                self.guest.execute("commit", blocks=paths, workload=self._workload(), run=run)
+            else:
+                self.guest.execute("commit", blocks=paths)
             named.clear()  # the guest owns them now
             self.guest.close()
             self.guest = None
@@ -609,15 +620,11 @@ class Incoming:
                     os.unlink(p)
 
     def _discard(self) -> None:
-        if self.postcopy is not None and self.committed is not None and self.guest_name:
-            # postcopy failed after RUN: the guest ran on RAM that never all arrived; the
-            # source still holds all of it
-            try:
-                with control.GuestClient(self.guest_name, timeout=2.0) as g:
-                    g.quit()
-            except MfdError:  # blocked on a page that will not come: it is ours to end
-                with contextlib.suppress(OSError):
-                    os.kill(self.postcopy.guest_pid, signal.SIGKILL)
+        if self.postcopy is not None and self.postcopy_ran:
+            # postcopy failed after RUN: the guest ran on RAM that never all arrived (the
+            # source still holds all of it); it may be blocked on a page that will not come
+            with contextlib.suppress(OSError):
+                os.kill(self.postcopy.guest_pid, signal.SIGKILL)
         if self.guest is not None:
             with contextlib.suppress(MfdError):
                 self.guest.quit()

@@ -157,7 +157,6 @@ class Migration(Precopy):
         if msg.type == returnpath.PONG:
             if msg.value in (peer.MFD_PING, peer.MFD_PONG):
                 self.peer_mfd = msg.value == peer.MFD_PONG
-                self.returns.mfd = self.peer_mfd
             elif msg.value == peer.MFD_ROUND_PING and self.round_pings:
                 self.destination_lag = time.monotonic() - self.round_pings.popleft()
         elif msg.type == returnpath.SHUT:
@@ -504,6 +503,7 @@ class Migration(Precopy):
         that ends with RUN; then the destination's guest runs while the rest is pushed,
         the pages it asks for first."""
         status = self.stop_guest()
+        self.limiter.set_bandwidth(self.params.max_postcopy_bandwidth)
         self.in_postcopy = True
         self.unsent = [np.unpackbits(w.view(np.uint8), bitorder="little")[
             : b.used_length // C.TARGET_PAGE_SIZE].astype(bool)
@@ -595,9 +595,9 @@ class Migration(Precopy):
         self._update(changes)
 
     def _update(self, changes: dict) -> None:
-        live_ok = {"max_bandwidth", "downtime_limit", "auto_converge", "cpu_throttle_initial",
-                   "cpu_throttle_increment", "cpu_throttle_tailslow", "max_cpu_throttle",
-                   "throttle_trigger_threshold"}
+        live_ok = {"max_bandwidth", "max_postcopy_bandwidth", "downtime_limit",
+                   "auto_converge", "cpu_throttle_initial", "cpu_throttle_increment",
+                   "cpu_throttle_tailslow", "max_cpu_throttle", "throttle_trigger_threshold"}
         bad = sorted(set(changes) - live_ok)
         if bad:
             raise UsageError(f"parameter {bad[0].replace('_', '-')!r} cannot be changed "
@@ -620,5 +620,6 @@ def failure(e: BaseException, peer_reason: Callable[[], str | None]
     reason when a channel lost its connection because that end gave up (it says why
     better)."""
     status = "cancelled" if isinstance(e, Cancelled | KeyboardInterrupt) else "failed"
-    why = peer_reason() if isinstance(e, BrokenPipeline) and e.link_lost else None
+    lost = isinstance(e, tcp.LinkLost) or (isinstance(e, BrokenPipeline) and e.link_lost)
+    why = peer_reason() if lost else None
     return status, why or ("interrupted" if isinstance(e, KeyboardInterrupt) else str(e)), why

@@ -123,6 +123,12 @@ class PostcopyPlacer:
         return b"".join(out)
 
     def close(self) -> None:
+        """Unregister the guest's RAM through our copy of its uffd: a thread of the guest
+        blocked on a page (a zero page received as a hole, touched just now) is woken and
+        maps it itself; the guest may then close its own fd whenever it is told."""
+        for base, b in zip(self.bases, self.blocks, strict=True):
+            with contextlib.suppress(OSError):
+                self.uffd.unregister(base, b.used_length)
         self.uffd.close()
 
 

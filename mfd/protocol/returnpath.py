@@ -13,6 +13,7 @@ import struct
 from dataclasses import dataclass
 
 from mfd.errors import ProtocolError
+from mfd.protocol import peer
 
 SHUT = 1
 PONG = 2
@@ -90,7 +91,10 @@ class ReturnPathDecoder:
                                     f"{NAMES[kind]} of {size} bytes, expected {known}")
             if len(self.buf) < _HDR.size + size:
                 break
-            out.append(Message(kind, bytes(self.buf[_HDR.size : _HDR.size + size])))
+            msg = Message(kind, bytes(self.buf[_HDR.size : _HDR.size + size]))
+            if kind == PONG and msg.value == peer.MFD_PONG:
+                self.mfd = True  # its MFD_RESULT may follow in these very bytes
+            out.append(msg)
             del self.buf[: _HDR.size + size]
             self.offset += _HDR.size + size
         return out

@@ -144,11 +144,14 @@ class Guest:
                 return
             sock.send(orjson.dumps({"return": {}}))
             return
-        if cmd == "commit":
+        if cmd in ("commit", "postcopy-run"):
             try:
-                self.commit(args)
+                if cmd == "commit":
+                    self.commit(args)
+                else:
+                    self.take_workload(args)
             except (ValueError, TypeError, KeyError, MfdError) as e:
-                sock.send(orjson.dumps({"error": f"commit: {e}"}))
+                sock.send(orjson.dumps({"error": f"{cmd}: {e}"}))
                 return
             sock.send(orjson.dumps({"return": self.status()}))
             return
@@ -204,6 +207,16 @@ class Guest:
                 raise MfdError(f"{b.path} does not exist")
         self.ram.take(blocks)
         set_parent_death_signal(0)
+        if "workload" in args:  # (postcopy: it runs already)
+            self.take_workload(args)
+
+    def take_workload(self, args: dict) -> None:
+        """The source guest's workload state: go on from it (and run, unless told not to).
+        Postcopy's RUN comes before the RAM is whole and named: then a stop of the
+        incoming migration kills this process (nothing serves its missing pages any more,
+        and a thread blocked on one never returns to Python to handle a gentler signal)."""
+        if self.uffd is not None:
+            set_parent_death_signal(signal.SIGKILL)
         self.workload.close()
         self.workload = workload_from(self.mapped, args["workload"])
         self.workload.set_throttle(0)

@@ -1,0 +1,115 @@
+"""Postcopy between mfd ends: real processes, a real userfaultfd in the destination's guest,
+loopback TCP. A guest that dirties faster than the (capped) link cannot converge in precopy:
+after the switch the destination's guest runs at once, the pages it touches are fetched on
+demand while the rest is pushed, and RAM is verified equal at the end."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+from conftest import shm_entries
+from test_migrate import finish, one_line, running, start_incoming, start_migrate, wait_listening
+
+from mfd.monitor import monitor_command
+from mfd.shm import control
+from mfd.workers.tcp import free_ports
+
+DIRTY = ("--dirty-rate", "200M")  # 4x the link below
+LINK = ("--max-bandwidth", "50M")
+
+
+def postcopy_pair(guests, *migrate_args: str) -> tuple[str, str, int, object]:
+    src, _ = guests.start("64M", *DIRTY)
+    dst = f"{src}d"
+    guests.adopt(dst)
+    port = free_ports(1)
+    inc = start_incoming(port, "--guest", dst, "--postcopy-ram", "--timeout", "60")
+    wait_listening(port)
+    return src, dst, port, inc
+
+
+def test_a_guest_dirtying_faster_than_the_link_moves_in_postcopy(guests):
+    src, dst, port, inc = postcopy_pair(guests)
+    before = shm_entries()
+    mig = start_migrate(port, "--guest", src, "--no-multifd", "--postcopy-ram",
+                        "--postcopy-after", "1", *LINK, "--json")
+    rc, out, err = finish(mig)
+    assert rc == 0, err
+    import orjson
+
+    q = orjson.loads(out)
+    assert q["status"] == "completed" and q["digests"], q
+    assert q["ram"]["postcopy-requests"] > 0, "the running guest asked for no page"
+    assert q["downtime"] < q["total-time"]
+    rc, out, err = finish(inc)
+    assert rc == 0 and "RAM verified equal to the source's" in out, err
+    assert running(dst), "the destination's guest must run on"
+    assert not control.is_alive(src), "the source's guest is gone"
+    assert shm_entries() - before <= {f"mfd-{dst}-mem"}
+
+
+def test_migrate_start_postcopy_on_the_monitor(guests, tmp_path):
+    src, dst, port, inc = postcopy_pair(guests)
+    qmp = str(tmp_path / "src.qmp")
+    mig = start_migrate(port, "--guest", src, "--no-multifd", "--postcopy-ram", *LINK,
+                        "--monitor", qmp)
+    deadline = time.monotonic() + 20
+    while not os.path.exists(qmp) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # some precopy first
+    reply = monitor_command(qmp, "migrate-start-postcopy", None, 5.0)
+    assert reply == {"return": {}}, reply
+    rc, _, err = finish(mig)
+    assert rc == 0, err
+    rc, out, err = finish(inc)
+    assert rc == 0 and "RAM verified" in out, err
+    assert running(dst)
+
+
+def test_refusals_in_one_line(guests):
+    src, _ = guests.start("16M", "--dirty-rate", "10M")
+    port = free_ports(1)
+    mig = start_migrate(port, "--guest", src, "--postcopy-ram")  # multifd is on by default
+    rc, _, err = finish(mig)
+    assert rc == 2 and "Postcopy is not yet compatible with multifd" in one_line(err)
+    # a destination without --postcopy-ram: the source's ADVISE is refused
+    inc = start_incoming(port, "--guest", f"{src}d", "--timeout", "30")
+    wait_listening(port)
+    mig = start_migrate(port, "--guest", src, "--no-multifd", "--postcopy-ram")
+    rc, _, err = finish(mig)
+    assert rc == 1 and "--postcopy-ram" in one_line(err), err
+    rc, _, err = finish(inc)
+    assert rc == 1 and "start mfd incoming with --postcopy-ram" in one_line(err), err
+    assert running(src), "before the switch the source's guest runs on"
+
+
+def test_the_destination_killed_during_postcopy(guests):
+    """As QEMU: the source goes to postcopy-paused, says so in one line, and never resumes
+    its guest by itself (the destination's may have run)."""
+    src, _, port, inc = postcopy_pair(guests)
+    mig = start_migrate(port, "--guest", src, "--no-multifd", "--postcopy-ram",
+                        "--postcopy-after", "0.5", "--max-bandwidth", "50M",
+                        "--max-postcopy-bandwidth", "4M")  # the push takes seconds
+    with control.GuestClient(src) as g:
+        deadline = time.monotonic() + 30
+        while g.query()["status"] == "running" and time.monotonic() < deadline:
+            time.sleep(0.05)
+    time.sleep(0.5)  # postcopy under way
+    inc.send_signal(signal.SIGKILL)
+    finish(inc)
+    rc, _, err = finish(mig)
+    line = one_line(err)
+    assert rc == 1 and "postcopy failed after the switch" in line, err
+    assert "not resumed by itself" in line
+    with control.GuestClient(src) as g:
+        assert g.query()["status"] == "paused"
+
+
+@pytest.mark.parametrize("args", [("--postcopy-after", "1")])
+def test_postcopy_after_needs_postcopy_ram(guests, args):
+    src, _ = guests.start("16M")
+    rc, _, err = finish(start_migrate(free_ports(1), "--guest", src, "--no-multifd", *args))
+    assert rc == 2 and "--postcopy-after goes with --postcopy-ram" in one_line(err)
