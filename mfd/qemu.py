@@ -469,6 +469,7 @@ class QemuMachine:
         zlib_level: int | None = None,
         return_path: bool = False,
         zero_page_detection: str | None = None,
+        postcopy: bool = False,
     ) -> None:
         """Set the capabilities and parameters for the next migrate / migrate-incoming.
 
@@ -479,7 +480,8 @@ class QemuMachine:
         so QEMU 9.0 (which lacks it) still works. Both sides of a migration must use the same
         ``mapped_ram``; QEMU checks it on load. ``return_path`` is the ``return-path``
         capability (the source then waits for the destination's SHUT); ``zero_page_detection``
-        (``none``, ``legacy``, ``multifd``) is only sent when given.
+        (``none``, ``legacy``, ``multifd``) is only sent when given; ``postcopy`` is the
+        ``postcopy-ram`` capability (RAM in a tmpfs file, as userfaultfd needs).
         """
         if multifd_channels < 0:
             raise ValueError(f"multifd_channels must be >= 0, got {multifd_channels}")
@@ -490,6 +492,7 @@ class QemuMachine:
                 {"capability": "mapped-ram", "state": mapped_ram},
                 {"capability": "multifd", "state": multifd},
                 {"capability": "return-path", "state": return_path},
+                {"capability": "postcopy-ram", "state": postcopy},
             ],
         )
         params: dict[str, Any] = {"max-bandwidth": MAX_BANDWIDTH}

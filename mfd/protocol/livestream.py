@@ -372,6 +372,9 @@ class StreamDecoder:
             if not self.ram_complete:
                 raise r.error("EOF before the RAM section's END", at=at)
             self.eof = True
+            # QEMU's postcopy stream ends here (no vmdesc), and its source then waits for
+            # SHUT; an mfd source still sends the vmdesc and its page hashes
+            self.done = self.listening and not self.mfd_source and not self.file
             events.append(Eof(r.base + at))
             return
         if kind == C.QEMU_VM_COMMAND:

@@ -1,0 +1,94 @@
+"""Postcopy between mfd and a real QEMU 10, both directions (``shared/postcopy-facts.md``
+section 8): ``-machine none`` with its RAM a /dev/shm file (share=on, as userfaultfd needs),
+postcopy-ram set on both ends, multifd off (QEMU 10 refuses it with postcopy)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from test_wire_qemu import QMP_TIMEOUT, Mfd, assert_same_ram, wait_listening
+
+from mfd.qemu import QemuMachine, qemu_binary
+from mfd.ramimage import generate
+from mfd.shm import control
+from mfd.workers.tcp import free_ports
+
+pytestmark = [pytest.mark.qemu,
+              pytest.mark.skipif(qemu_binary() is None,
+                                 reason="qemu-system-x86_64 >= 9 not installed")]
+
+SIZE = 64 << 20
+WAIT = 60.0
+
+
+@pytest.fixture
+def shm_file(tmp_path):
+    """A RAM file in /dev/shm (QEMU's postcopy needs tmpfs), removed afterwards."""
+    paths: list[str] = []
+
+    def make(name: str) -> Path:
+        path = Path("/dev/shm") / f"mfd-test-{os.getpid()}-{name}"
+        paths.append(str(path))
+        return path
+
+    yield make
+    for p in paths:
+        if os.path.exists(p):
+            os.unlink(p)
+
+
+def test_mfd_to_qemu_postcopy(shm_file, guests):
+    """A writing mfd guest switches to postcopy into QEMU; QEMU's RAM equals the source's
+    (paused at the switch, --keep-source). QEMU's pmemsave during the slowed push reads
+    pages not there yet: QEMU asks for them, mfd serves them first."""
+    src, _ = guests.start("64M", "--dirty-rate", "100M")
+    out = shm_file("qemu-dst")
+    with open(out, "wb") as f:
+        f.truncate(SIZE)
+    port = free_ports(1)
+    with QemuMachine(str(out), SIZE, incoming=True, timeout=QMP_TIMEOUT) as q:
+        q.set_migration(postcopy=True)
+        q.start_migrate_incoming(f"tcp:127.0.0.1:{port}")
+        with Mfd("migrate", f"tcp:127.0.0.1:{port}", "--guest", src, "--no-multifd",
+                 "--postcopy-ram", "--postcopy-after", "0.5", "--max-bandwidth", "30M",
+                 "--max-postcopy-bandwidth", "8M", "--keep-source", "--json") as mig:
+            deadline = time.monotonic() + WAIT
+            while q.qmp("query-migrate").get("status") != "postcopy-active":
+                assert time.monotonic() < deadline and mig.alive(), mig.err
+                time.sleep(0.02)
+            q.qmp("pmemsave", val=32 << 20, size=1 << 20,
+                  filename=str(shm_file("pmemsave")))
+            res = mig.completed(WAIT)
+        info = q.wait_migration(WAIT)
+        assert info["status"] == "completed"
+    assert res["status"] == "completed"
+    assert res["ram"]["postcopy-requests"] > 0, "QEMU asked for no page"
+    with control.GuestClient(src) as g:
+        status = g.query()
+        assert status["status"] == "paused"
+        assert_same_ram(status["blocks"][0]["path"], out)
+
+
+def test_qemu_to_mfd_postcopy(shm_file, guests):
+    src = shm_file("qemu-src")
+    generate(str(src), SIZE, seed=3)
+    dst = f"pq{os.getpid()}"
+    guests.adopt(dst)
+    port = free_ports(1)
+    with Mfd("incoming", "--listen", f"tcp:127.0.0.1:{port}", "--guest", dst,
+             "--postcopy-ram", "--json", "--timeout", str(WAIT)) as inc, \
+            QemuMachine(str(src), SIZE, timeout=QMP_TIMEOUT) as q:
+        wait_listening(port, inc.alive)
+        q.set_migration(postcopy=True)
+        q.qmp("migrate-set-parameters", **{"max-bandwidth": 16 << 20})
+        q.start_migrate(f"tcp:127.0.0.1:{port}")
+        time.sleep(0.5)
+        q.qmp("migrate-start-postcopy")
+        info = q.wait_migration(WAIT)
+        res = inc.completed(WAIT)
+    assert info["status"] == "completed"
+    assert res["status"] == "completed" and res["source"] == "qemu"
+    assert_same_ram(src, res["blocks"]["mem"])
