@@ -204,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--postcopy-ram", action="store_true",
                    help="QEMU's capability: the switch may go postcopy (with --no-multifd, "
                    "as QEMU); the destination needs --postcopy-ram too")
+    m.add_argument("--postcopy-preempt", action="store_true",
+                   help="QEMU's capability: requested pages go on a connection of their own, "
+                   "ahead of the push (the destination needs it too)")
     m.add_argument("--max-postcopy-bandwidth", type=parse_size, default=0,
                    help="bytes per second of the push after the switch (0 = unlimited)")
     m.add_argument("--postcopy-after", type=float, metavar="SECONDS",
@@ -244,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--postcopy-ram", action="store_true",
                    help="QEMU's capability: accept a source that switches to postcopy (the "
                    "guest runs here before its RAM has arrived, missing pages fetched)")
+    n.add_argument("--postcopy-preempt", action="store_true",
+                   help="QEMU's capability: requested pages come on a connection of their "
+                   "own (the next one after the main channel), ahead of the push")
     n.add_argument("--json", action="store_true")
     # test-only: slow receive channels (seconds per packet, comma separated); no recv sync;
     # receive channels damage the page at this offset of the first block (KIND@OFFSET, KIND
@@ -404,9 +410,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                           flush_after_each_section=args.multifd_flush_after_each_section,
                           timeout=args.timeout, keep_source=args.keep_source,
                           verify=args.verify, postcopy=args.postcopy_ram,
-                          postcopy_after=args.postcopy_after)
-    if args.postcopy_after is not None and not args.postcopy_ram:
-        raise UsageError("mfd migrate: --postcopy-after goes with --postcopy-ram")
+                          postcopy_after=args.postcopy_after,
+                          postcopy_preempt=args.postcopy_preempt)
+    for given, name in ((args.postcopy_after is not None, "--postcopy-after"),
+                        (args.postcopy_preempt, "--postcopy-preempt")):
+        if given and not args.postcopy_ram:
+            raise UsageError(f"mfd migrate: {name} goes with --postcopy-ram")
     view = None if args.json else LiveView(f"migrate to {args.uri}")
     with _outcome("migration"), view or contextlib.nullcontext():
         res = api.migrate(args.uri, images=dict(args.image) if args.image else None,
@@ -437,7 +446,10 @@ def cmd_incoming(args: argparse.Namespace) -> int:
                            flush_after_each_section=args.multifd_flush_after_each_section,
                            uuid=args.uuid,
                            skip_sync=args.x_skip_sync, fault=args.x_fault,
-                           stopped=args.stopped, postcopy_ram=args.postcopy_ram)
+                           stopped=args.stopped, postcopy_ram=args.postcopy_ram,
+                           postcopy_preempt=args.postcopy_preempt)
+    if args.postcopy_preempt and not args.postcopy_ram:
+        raise UsageError("mfd incoming: --postcopy-preempt goes with --postcopy-ram")
     with _outcome("incoming migration"):
         res = api.incoming(args.listen, images=dict(args.image) if args.image else None,
                            guest=args.guest, options=opts, monitor=args.monitor)

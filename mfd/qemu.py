@@ -470,6 +470,7 @@ class QemuMachine:
         return_path: bool = False,
         zero_page_detection: str | None = None,
         postcopy: bool = False,
+        preempt: bool = False,
     ) -> None:
         """Set the capabilities and parameters for the next migrate / migrate-incoming.
 
@@ -481,7 +482,8 @@ class QemuMachine:
         ``mapped_ram``; QEMU checks it on load. ``return_path`` is the ``return-path``
         capability (the source then waits for the destination's SHUT); ``zero_page_detection``
         (``none``, ``legacy``, ``multifd``) is only sent when given; ``postcopy`` is the
-        ``postcopy-ram`` capability (RAM in a tmpfs file, as userfaultfd needs).
+        ``postcopy-ram`` capability (RAM in a tmpfs file, as userfaultfd needs), ``preempt``
+        ``postcopy-preempt``.
         """
         if multifd_channels < 0:
             raise ValueError(f"multifd_channels must be >= 0, got {multifd_channels}")
@@ -493,6 +495,7 @@ class QemuMachine:
                 {"capability": "multifd", "state": multifd},
                 {"capability": "return-path", "state": return_path},
                 {"capability": "postcopy-ram", "state": postcopy},
+                {"capability": "postcopy-preempt", "state": preempt},
             ],
         )
         params: dict[str, Any] = {"max-bandwidth": MAX_BANDWIDTH}

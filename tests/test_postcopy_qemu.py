@@ -40,7 +40,8 @@ def shm_file(tmp_path):
             os.unlink(p)
 
 
-def test_mfd_to_qemu_postcopy(shm_file, guests):
+@pytest.mark.parametrize("preempt", [False, True], ids=["plain", "preempt"])
+def test_mfd_to_qemu_postcopy(shm_file, guests, preempt):
     """A writing mfd guest switches to postcopy into QEMU; QEMU's RAM equals the source's
     (paused at the switch, --keep-source). QEMU's pmemsave during the slowed push reads
     pages not there yet: QEMU asks for them, mfd serves them first."""
@@ -50,11 +51,12 @@ def test_mfd_to_qemu_postcopy(shm_file, guests):
         f.truncate(SIZE)
     port = free_ports(1)
     with QemuMachine(str(out), SIZE, incoming=True, timeout=QMP_TIMEOUT) as q:
-        q.set_migration(postcopy=True)
+        q.set_migration(postcopy=True, preempt=preempt)
         q.start_migrate_incoming(f"tcp:127.0.0.1:{port}")
         with Mfd("migrate", f"tcp:127.0.0.1:{port}", "--guest", src, "--no-multifd",
                  "--postcopy-ram", "--postcopy-after", "0.5", "--max-bandwidth", "30M",
-                 "--max-postcopy-bandwidth", "8M", "--keep-source", "--json") as mig:
+                 "--max-postcopy-bandwidth", "8M", "--keep-source", "--json",
+                 *(["--postcopy-preempt"] if preempt else [])) as mig:
             deadline = time.monotonic() + WAIT
             while q.qmp("query-migrate").get("status") != "postcopy-active":
                 assert time.monotonic() < deadline and mig.alive(), mig.err
@@ -72,17 +74,19 @@ def test_mfd_to_qemu_postcopy(shm_file, guests):
         assert_same_ram(status["blocks"][0]["path"], out)
 
 
-def test_qemu_to_mfd_postcopy(shm_file, guests):
+@pytest.mark.parametrize("preempt", [False, True], ids=["plain", "preempt"])
+def test_qemu_to_mfd_postcopy(shm_file, guests, preempt):
     src = shm_file("qemu-src")
     generate(str(src), SIZE, seed=3)
     dst = f"pq{os.getpid()}"
     guests.adopt(dst)
     port = free_ports(1)
     with Mfd("incoming", "--listen", f"tcp:127.0.0.1:{port}", "--guest", dst,
-             "--postcopy-ram", "--json", "--timeout", str(WAIT)) as inc, \
+             "--postcopy-ram", "--json", "--timeout", str(WAIT),
+             *(["--postcopy-preempt"] if preempt else [])) as inc, \
             QemuMachine(str(src), SIZE, timeout=QMP_TIMEOUT) as q:
         wait_listening(port, inc.alive)
-        q.set_migration(postcopy=True)
+        q.set_migration(postcopy=True, preempt=preempt)
         q.qmp("migrate-set-parameters", **{"max-bandwidth": 16 << 20})
         q.start_migrate(f"tcp:127.0.0.1:{port}")
         time.sleep(0.5)

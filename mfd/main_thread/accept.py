@@ -5,8 +5,10 @@ Mirrors ``migration_ioc_process_incoming`` (QEMU 10): a connection whose first 4
 (its 64-byte ``MultiFDInit_t`` is read here, in the main process, and the connection then
 goes to its channel process). Unlike QEMU 10, which takes anything else for a multifd
 channel and waits for a silent connection in its main loop, anything else is refused with
-one warning line, a connection that says nothing is dropped after :data:`SILENT_S`, and the
-migration goes on. Channels may come before the main channel and in any id order.
+one warning line (with postcopy-preempt, the first such connection after the main channel
+is the preempt channel, as QEMU 10.0 takes it), a connection that says nothing is dropped
+after :data:`SILENT_S`, and the migration goes on. Channels may come before the main
+channel and in any id order.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ class Acceptor:
 
     def __init__(self, listener: socket.socket, warn: Callable[[str], None],
                  watch: Callable[[socket.socket, Callable[[], None]], None],
-                 unwatch: Callable[[socket.socket], None]) -> None:
+                 unwatch: Callable[[socket.socket], None], preempt: bool = False) -> None:
         self.listener = listener
         self.warn = warn
         self._watch, self._unwatch = watch, unwatch
@@ -50,6 +52,10 @@ class Acceptor:
         self.main: tuple[socket.socket, bytes] | None = None
         self.main_taken = False
         self.channels: list[tuple[socket.socket, multifd.MultiFDInit]] = []
+        # postcopy-preempt: the next connection after the main channel (QEMU 10.0's rule;
+        # it has no header), with the bytes read to sort it
+        self.expect_preempt = preempt
+        self.preempt: tuple[socket.socket, bytes] | None = None
         watch(listener, self.accept)
 
     def accept(self) -> None:
@@ -111,6 +117,10 @@ class Acceptor:
                 return
             self._done(p)
             self.channels.append((p.sock, init))
+        elif self.expect_preempt and self.main_taken:
+            self.expect_preempt = False
+            self._done(p)
+            self.preempt = (p.sock, bytes(p.head))
         else:
             self._refuse(p, f"it starts with {bytes(p.head[:4]).hex()}, neither a main "
                          "channel (QEVM) nor a multifd channel")
@@ -136,9 +146,10 @@ class Acceptor:
         for sock, _ in self.channels:
             sock.close()
         self.channels = []
-        if self.main is not None:
-            self.main[0].close()
-            self.main = None
+        for taken in (self.main, self.preempt):
+            if taken is not None:
+                taken[0].close()
+        self.main = self.preempt = None
         with contextlib.suppress(KeyError):
             self._unwatch(self.listener)
         self.listener.close()

@@ -77,6 +77,7 @@ class IncomingOptions:
     fault: tuple[str, int] | None = None  # (socket_channel.FAULTS, page of the first block)
     stopped: bool = False  # the guest stays paused after the migration (QEMU's -S)
     postcopy_ram: bool = False  # QEMU's capability: the source may switch to postcopy
+    postcopy_preempt: bool = False  # QEMU's: requested pages come on a channel of their own
 
 
 @dataclass
@@ -134,6 +135,8 @@ class Incoming:
         self.words: list[np.ndarray] = []
         self.guest_state: dict | None = None
         self.vmdesc_at = 0.0
+        self.preempt: socket.socket | None = None  # postcopy-preempt's channel
+        self.preempt_decoder: livestream.StreamDecoder | None = None
         self.postcopy: PostcopyPlacer | None = None  # from LISTEN on
         self.postcopy_ran = False  # RUN came: the guest runs (its RAM named at the end)
 
@@ -228,6 +231,13 @@ class Incoming:
             self.events.extend(self.decoder.feed(head))
             self._watch(self.conn, self._on_main)
             self.status = "active"
+        if self.acceptor.preempt is not None and self.preempt is None:
+            self.preempt, head = self.acceptor.preempt
+            self.acceptor.preempt = None
+            self.preempt_decoder = livestream.StreamDecoder("preempt channel",
+                                                            preempt=self.decoder.sizes)
+            self._watch(self.preempt, self._on_preempt)
+            self._preempt_events(self.preempt_decoder.feed(head))
         while self.acceptor.channels:
             sock, init = self.acceptor.channels.pop(0)
             try:
@@ -292,7 +302,7 @@ class Incoming:
 
     def run(self) -> IncomingResult:
         self.acceptor = Acceptor(tcp.listen(self.addr, "incoming"), self.warn, self._watch,
-                                 self._unwatch)
+                                 self._unwatch, preempt=self.options.postcopy_preempt)
         try:
             result = self._migrate()
             self.status = "completed"
@@ -305,8 +315,9 @@ class Incoming:
         finally:
             self._release()
             self.acceptor.close()
-            if self.conn is not None:
-                self.conn.close()
+            for sock in (self.conn, self.preempt):
+                if sock is not None:
+                    sock.close()
             for sock in self.conns.values():
                 sock.close()
 
@@ -573,6 +584,31 @@ class Incoming:
     def _workload(self) -> dict:
         assert self.guest is not None
         return (self.guest_state or {}).get("workload") or self.guest.query()["workload"]
+
+    def _on_preempt(self) -> None:
+        """The preempt channel: the pages the guest asked for, placed as they come."""
+        assert self.preempt is not None and self.preempt_decoder is not None
+        try:
+            n = self.preempt.recv_into(self.preempt_decoder.buffer())
+        except BlockingIOError:
+            return
+        except OSError as e:
+            raise tcp.LinkLost(f"preempt channel: connection lost ({e.strerror})") from None
+        if n == 0:  # the source is done with it
+            self._unwatch(self.preempt)
+            self.preempt.close()
+            self.preempt = None
+            return
+        self._preempt_events(self.preempt_decoder.filled(n))
+
+    def _preempt_events(self, events: list[livestream.Event]) -> None:
+        for ev in events:
+            if self.postcopy is None:
+                raise ProtocolError("preempt channel: pages before POSTCOPY_LISTEN")
+            if isinstance(ev, livestream.Pages):
+                self.postcopy.pages(self.index[ev.idstr], ev.pages, ev.data)
+            elif isinstance(ev, livestream.ZeroPages):
+                self.postcopy.zero(self.index[ev.idstr], ev.pages)
 
     def _on_faults(self) -> None:
         assert self.postcopy is not None

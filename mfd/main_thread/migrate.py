@@ -84,6 +84,7 @@ class MigrateOptions:
     verify: bool = True  # to an mfd destination: compare RAM at switchover (mfd.shm.pagehash)
     postcopy: bool = False  # QEMU's postcopy-ram capability: the switch may go postcopy
     postcopy_after: float | None = None  # switch to postcopy after this many seconds
+    postcopy_preempt: bool = False  # QEMU's: requested pages on a connection of their own
 
 
 class Migration(Precopy):
@@ -118,6 +119,10 @@ class Migration(Precopy):
         self.unsent: list[np.ndarray] = []  # postcopy: pages not sent since the switch
         self.requests: deque[tuple[int, int, int]] = deque()  # (block, first page, pages)
         self.last_request: str | None = None
+        self.preempt: socket.socket | None = None  # postcopy-preempt's channel
+        self.preempt_block: int | None = None  # the block its records last named
+        if options.postcopy_preempt and not options.postcopy:
+            raise UsageError("Postcopy preempt requires postcopy-ram (QEMU's reason)")
         if options.postcopy and options.multifd:
             raise UsageError("Postcopy is not yet compatible with multifd (QEMU's reason; "
                              "use --no-multifd)")
@@ -262,6 +267,8 @@ class Migration(Precopy):
             raise
         finally:
             self.release()
+            if self.preempt is not None:
+                self.preempt.close()
             if self.hashes is not None:
                 self.hashes.close()
             if self.hash_file is not None:
@@ -521,6 +528,9 @@ class Migration(Precopy):
                      + discards + ping[0] + postcopy.encode_packaged(package) + ping[2])
         self.stats.run_time = time.monotonic()
         self.stats.status = "postcopy-active"
+        if self.options.postcopy_preempt:  # after the main channel (QEMU takes the next
+            # connection for it): it is there, its PONG came long ago
+            self.preempt = tcp.connect(self.addr, self.options.connect_timeout)
         self._push()
         self._stream(stream.encode_section_part(C.QEMU_VM_SECTION_END,
                                                 devices.RAM_SECTION_ID)
@@ -547,15 +557,42 @@ class Migration(Precopy):
         self._on_return_path()
         while self.requests:
             block, first, n = self.requests.popleft()
-            self._send_unsent(block, np.arange(first, first + n, dtype=np.int64))
+            self._send_unsent(block, np.arange(first, first + n, dtype=np.int64),
+                              urgent=True)
 
-    def _send_unsent(self, block: int, pages: np.ndarray) -> None:
-        """Each page goes once after the switch (QEMU's destination fails on a second)."""
+    def _send_unsent(self, block: int, pages: np.ndarray, urgent: bool = False) -> None:
+        """Each page goes once after the switch (QEMU's destination fails on a second);
+        a requested one on the preempt channel when there is one."""
         pages = pages[self.unsent[block][pages]]
-        if len(pages):
-            self.unsent[block][pages] = False
-            self.stats.remaining -= len(pages) * C.TARGET_PAGE_SIZE
+        if not len(pages):
+            return
+        self.unsent[block][pages] = False
+        self.stats.remaining -= len(pages) * C.TARGET_PAGE_SIZE
+        if urgent and self.preempt is not None:
+            self._send_preempt(block, pages)
+        else:
             self._send_inline(block, pages)
+
+    def _send_preempt(self, block: int, pages: np.ndarray) -> None:
+        """``ram_save_host_page_urgent``: PAGE records, bare (no section), straight from
+        guest memory, flushed at once."""
+        assert self.preempt is not None
+        words = self.mapped[block].words
+        bufs: list = []
+        for p in pages.tolist():
+            idstr = None if self.preempt_block == block else self.blocks[block].idstr
+            self.preempt_block = block
+            bufs += [ram.encode_page_header(p * C.TARGET_PAGE_SIZE, C.RAM_SAVE_FLAG_PAGE,
+                                            idstr), words[p]]
+        try:
+            sent = tcp.send_all(self.preempt, bufs, self._tick)
+        except tcp.LinkLost as e:
+            raise tcp.LinkLost(f"preempt channel: {e}") from None
+        self.stats.transferred += sent
+        self.stats.normal += len(pages)
+        if self.verifying:
+            assert self.hashes is not None
+            self.hashes.record(block, words, pages)
 
     def migrate_start_postcopy(self) -> None:
         if not self.options.postcopy:

@@ -204,7 +204,8 @@ class StreamDecoder:
     each block entry (only with :meth:`decode_all`: it moves past bytes never fed)."""
 
     def __init__(self, what: str = "main channel", *, framing: bool = False,
-                 file: bool = False, mapped_ram: MappedRamHook | None = None) -> None:
+                 file: bool = False, mapped_ram: MappedRamHook | None = None,
+                 preempt: dict[str, int] | None = None) -> None:
         self.what = what
         self.framing = framing
         self.file = file
@@ -229,6 +230,11 @@ class StreamDecoder:
         self.advised = False  # POSTCOPY_ADVISE came: postcopy may follow
         self.package_end: int | None = None  # stream offset where PACKAGED's bytes end
         self.listening = False  # POSTCOPY_LISTEN came: postcopy runs
+        if preempt is not None:  # postcopy-preempt's channel: bare RAM records, no header,
+            self.header_done = True  # no section, no EOS (QEMU 10), of these blocks
+            self.sizes = dict(preempt)
+            self.in_ram = stream.SectionHeader(C.QEMU_VM_SECTION_PART, -1)
+        self.preempt = preempt is not None
         self.eof = False
         self.vmdesc = False
         self.done = False
@@ -507,6 +513,9 @@ class StreamDecoder:
             return
         rec = ram.decode_record(r, self.sizes, self.last_block)
         kind = rec.flags & ~C.RAM_SAVE_FLAG_CONTINUE
+        if self.preempt and kind not in (C.RAM_SAVE_FLAG_PAGE, C.RAM_SAVE_FLAG_ZERO):
+            raise r.error(f"RAM record flags {ram.flag_names(kind)} on the preempt channel, "
+                          "which carries pages only")
         if kind == C.RAM_SAVE_FLAG_EOS:
             # the event goes out before the footer arrives, as QEMU's loader syncs at EOS:
             # QEMU's source may hold the footer back until its channels have moved on,
