@@ -90,6 +90,7 @@ class IncomingResult:
     digests: dict[str, str] = field(default_factory=dict)
     verified: bool = False
     source: str = "mfd"  # "mfd" or "qemu"
+    postcopy: dict = field(default_factory=dict)  # requests and fault latency, if it ran
 
 
 class Incoming:
@@ -139,6 +140,7 @@ class Incoming:
         self.preempt_decoder: livestream.StreamDecoder | None = None
         self.postcopy: PostcopyPlacer | None = None  # from LISTEN on
         self.postcopy_ran = False  # RUN came: the guest runs (its RAM named at the end)
+        self.postcopy_stats: dict[str, object] = {}  # requests and latency, kept at the end
 
     # ------------------------------------------------------------------ what the source did not say
 
@@ -406,6 +408,8 @@ class Incoming:
                       "has no place here, only its RAM")
         guest = self.guest_name if self.guest is not None else None
         if self.postcopy is not None:  # every page is here: the guest's uffd may go
+            self.postcopy_stats = {"postcopy-requests": self.postcopy.requests,
+                                   **self.postcopy.latency()}
             self._unwatch(self.postcopy.fileno())
             self.postcopy.close()  # first: the guest may be waiting on a page right now
             self.postcopy = None
@@ -424,7 +428,8 @@ class Incoming:
         return IncomingResult("completed", where, guest,
                               (time.monotonic() - self.start) * 1000, self.setup_time * 1000,
                               digests, bool(theirs),
-                              "mfd" if self.decoder.mfd_source else "qemu")
+                              "mfd" if self.decoder.mfd_source else "qemu",
+                              self.postcopy_stats)
 
     # ------------------------------------------------------------------ sync points
 
@@ -694,7 +699,9 @@ class Incoming:
         out: dict[str, object] = {"status": self.status,
                                   "total-time": round((time.monotonic() - self.start) * 1000)}
         if self.postcopy is not None:
-            out["postcopy-requests"] = self.postcopy.requests
+            self.postcopy_stats = {"postcopy-requests": self.postcopy.requests,
+                                   **self.postcopy.latency()}
+        out.update(self.postcopy_stats)
         if self.error is not None:
             out["error-desc"] = self.error
         return out

@@ -28,6 +28,7 @@ import mmap
 import os
 import socket
 import tempfile
+import time
 
 import numpy as np
 import orjson
@@ -42,6 +43,7 @@ from mfd.shm.receivedmap import ReceivedMap
 from mfd.shm.uffd import UserfaultFd, open_uffd
 
 LISTEN_TIMEOUT = 10.0
+LATENCY_BUCKETS = 24  # QEMU's postcopy-latency-dist: 1 us .. 8 s
 
 
 def check_userfaultfd() -> None:
@@ -61,6 +63,11 @@ class PostcopyPlacer:
                           for b in blocks]
         self.last_requested: str | None = None
         self.requests = 0  # query-migrate's postcopy-requests
+        # (block, page) asked for -> when and by which thread it faulted (QEMU 10.1's
+        # postcopy latency: from the fault to the page placed)
+        self.waiting: dict[tuple[int, int], tuple[float, int]] = {}
+        self.latency_dist = [0] * LATENCY_BUCKETS  # [2^n, 2^(n+1)) us
+        self.thread_latency: dict[int, list[float]] = {}  # thread -> [seconds, faults]
         self.guest_pid = int(guest.query()["pid"])  # to end it if it hangs on a page
         self.uffd, self.bases = _receive_uffd(guest, len(blocks))
         self.ends = [base + b.used_length for base, b in zip(self.bases, blocks, strict=True)]
@@ -84,6 +91,7 @@ class PostcopyPlacer:
                            src + at * TARGET_PAGE_SIZE, (end - start) * TARGET_PAGE_SIZE)
             at += end - start
         received[pages] = 1
+        self._resolved(block, pages)
         if self.hashes is not None:
             self.hashes.table[block][pages] = pagehash.hash_rows(rows)
 
@@ -94,6 +102,7 @@ class PostcopyPlacer:
             self.uffd.zeropage(self.bases[block] + start * TARGET_PAGE_SIZE,
                                (end - start) * TARGET_PAGE_SIZE)
         received[pages] = 1
+        self._resolved(block, pages)
         if self.hashes is not None:
             self.hashes.table[block][pages] = 0
 
@@ -114,6 +123,7 @@ class PostcopyPlacer:
                                    TARGET_PAGE_SIZE)
             elif not self.requested[block][page]:
                 self.requested[block][page] = True
+                self.waiting[(block, page)] = (time.monotonic(), fault.thread)
                 idstr = self.blocks[block].idstr
                 out.append(postcopy.encode_request(
                     page * TARGET_PAGE_SIZE, TARGET_PAGE_SIZE,
@@ -121,6 +131,34 @@ class PostcopyPlacer:
                 self.last_requested = idstr
                 self.requests += 1
         return b"".join(out)
+
+    def _resolved(self, block: int, pages: np.ndarray) -> None:
+        """Pages placed: the latency of those a thread was waiting for (few: a loop)."""
+        asked = pages[self.requested[block][pages]]
+        if not len(asked):
+            return
+        now = time.monotonic()
+        for page in asked.tolist():
+            when = self.waiting.pop((block, page), None)
+            if when is None:
+                continue
+            seconds = now - when[0]
+            bucket = max(0, int(seconds * 1e6)).bit_length() - 1
+            self.latency_dist[min(max(bucket, 0), LATENCY_BUCKETS - 1)] += 1
+            per = self.thread_latency.setdefault(when[1], [0.0, 0])
+            per[0] += seconds
+            per[1] += 1
+        self.requested[block][asked] = False
+
+    def latency(self) -> dict[str, object]:
+        """QEMU 10.1's figures (``query-migrate``): the average from fault to placement of
+        the pages asked for (ns), per faulting thread (the vCPUs), the log2 histogram (us)."""
+        total = sum(s for s, _ in self.thread_latency.values())
+        count = sum(n for _, n in self.thread_latency.values())
+        return {"postcopy-latency": round(total / count * 1e9) if count else 0,
+                "postcopy-vcpu-latency": [round(s / n * 1e9) for s, n in
+                                          self.thread_latency.values()],
+                "postcopy-latency-dist": list(self.latency_dist)}
 
     def close(self) -> None:
         """Unregister the guest's RAM through our copy of its uffd: a thread of the guest
