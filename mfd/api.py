@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -22,7 +23,9 @@ from mfd.describe import describe
 from mfd.errors import MfdError
 from mfd.main_thread import load as loader
 from mfd.main_thread.incoming import Incoming, IncomingOptions, IncomingResult
+from mfd.main_thread.lazy import FileFaults
 from mfd.main_thread.migrate import MigrateOptions, Migration
+from mfd.main_thread.postcopy_dst import receive_uffd
 from mfd.main_thread.save import FileSaver, Progress, SaveOptions
 from mfd.main_thread.stats import MigrationStats
 from mfd.options import MigrationParameters
@@ -80,6 +83,11 @@ class RestoreResult:
     verified: bool  # blake3 digests matched mfd's trailer
     guest: str | None = None
     digests: dict[str, str] = field(default_factory=dict)  # blake3 per block, when verified
+    # lazy restore: seconds from the start until the guest ran, and until all RAM was in;
+    # faults served from the file meanwhile
+    running_after: float | None = None
+    faults: int = 0
+    exits_before_loaded: int | None = None  # a KVM guest's exits when the last page was in
 
 
 def image_blocks(images: dict[str, str]) -> list[RAMBlock]:
@@ -138,19 +146,31 @@ def _fresh_file(path: str, size: int) -> None:
 
 
 def restore(path: str, *, images: dict[str, str] | None = None, guest: str | None = None,
-            channels: int = 2, offset: int = 0, direct_io: bool = False) -> RestoreResult:
+            channels: int = 2, offset: int = 0, direct_io: bool = False,
+            lazy: bool = False, x_run_exits: int | None = None,
+            x_channel_delay: float = 0.0) -> RestoreResult:
     """Restore a migration file (mapped-ram or stream, QEMU's or mfd's) into raw images or
     into a new, stopped guest. Nothing the user had is touched unless the restore succeeds:
-    images are written to temporary files renamed into place at the end."""
+    images are written to temporary files renamed into place at the end. ``lazy``: the
+    guest runs at once, its RAM arriving as it needs it and as the channels load it
+    (mapped-ram files, :mod:`mfd.main_thread.lazy`). Test-only: ``x_run_exits``, the lazy
+    guest runs that many exits and parks (a KVM guest); ``x_channel_delay``, each channel
+    sleeps that long after each job."""
     if (images is None) == (guest is None):
         raise MfdError("restore needs either images or a guest")
     if not 1 <= channels <= 255:
         raise MfdError(f"multifd-channels {channels}, expected 1..255")
+    if lazy and guest is None:
+        raise MfdError("a lazy restore starts a guest: give --guest, not --image")
+    start = time.monotonic()
     with loader.OpenedFile(path, offset) as opened:
         mf = opened.file
         if images is not None:
             return _restore_images(opened, images, channels, direct_io)
         assert guest is not None
+        if lazy and not mf.mapped_ram:
+            raise MfdError(f"{path}: a lazy restore reads pages where they are: it needs a "
+                           "mapped-ram file, not a stream")
         argv = ["--name", guest, "--stopped"]
         workload = (mf.trailer.guest or {}).get("workload") if mf.trailer else None
         if workload:  # mfd's own file: the guest goes on as it was (either kind)
@@ -158,18 +178,48 @@ def restore(path: str, *, images: dict[str, str] | None = None, guest: str | Non
         for b in mf.blocks:
             argv += ["--block", f"{b.idstr}={b.used_length}"]
         client = control.start_guest_daemon(argv, guest)
+        faults = None
+        running_after = None
         try:
-            targets = {b.idstr: b for b in guest_blocks(client.query())}
-            result = loader.load(opened, targets, channels, direct_io)
+            # nothing may read the guest's RAM before a lazy restore registers it
+            described = client.execute("describe")
+            targets = {b.idstr: b for b in guest_blocks(described)}
+            if lazy:
+                uffd, bases = receive_uffd(client, len(mf.blocks))
+                faults = FileFaults(opened, uffd, bases)
+                client.execute("postcopy-run", workload=described["workload"],
+                               run=x_run_exits is None)
+                if x_run_exits is not None:
+                    client.execute("run-exits", count=x_run_exits)
+                running_after = time.monotonic() - start
+            result = loader.load(opened, targets, channels, direct_io, faults,
+                                 x_channel_delay)
+            if faults is not None:  # every page is in: its counter may be read
+                exits = client.execute("describe")["workload"].get("exits")
+                _end_lazy(faults, mf.blocks, client)
         except BaseException:
             with contextlib.suppress(MfdError):
                 client.quit()
             raise
         finally:
+            if faults is not None:
+                faults.close()
+                faults.uffd.close()
             client.close()
-        return RestoreResult(path, {k: v.path for k, v in targets.items()}, result.seconds,
+        return RestoreResult(path, {k: v.path for k, v in targets.items()},
+                             time.monotonic() - start if lazy else result.seconds,
                              result.bytes_read, result.verified, guest,
-                             _verified_digests(mf, result.verified))
+                             _verified_digests(mf, result.verified), running_after,
+                             faults.count if faults else 0, exits if faults else None)
+
+
+def _end_lazy(faults: FileFaults, blocks, client: control.GuestClient) -> None:
+    """All RAM is in: unregister (a thread of the guest blocked on a page is woken and maps
+    it itself: a zero page the file does not hold), then the guest closes its uffd."""
+    for base, b in zip(faults.bases, blocks, strict=True):
+        with contextlib.suppress(OSError):
+            faults.uffd.unregister(base, b.used_length)
+    client.execute("postcopy-end")
 
 
 def _restore_images(opened: loader.OpenedFile, images: dict[str, str], channels: int,

@@ -184,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("restore", help="restore a migration file (mfd's or QEMU's)")
     _file_args(r, "write RAMBlock NAME to the raw image PATH",
                "start a new, stopped guest with the restored RAM")
+    r.add_argument("--lazy", action="store_true",
+                   help="with --guest and a mapped-ram file: the guest runs at once, its "
+                   "pages read as it touches them while the channels load the rest")
 
     m = sub.add_parser("migrate", help="live-migrate a guest over TCP to 'mfd incoming' or "
                        "to a QEMU started with -incoming")
@@ -380,11 +383,13 @@ def cmd_restore(args: argparse.Namespace) -> int:
     images = dict(args.image) if args.image else None
     res = api.restore(args.file, images=images, guest=args.guest,
                       channels=args.multifd_channels, offset=args.offset,
-                      direct_io=args.direct_io)
+                      direct_io=args.direct_io, lazy=args.lazy)
     if args.json:
         print(orjson.dumps(vars(res)).decode())
         return 0
-    where = f"guest {res.guest} (paused)" if res.guest else ", ".join(
+    where = (f"guest {res.guest} (running after {res.running_after:.3f} s, {res.faults} "
+             "page(s) it needed first)" if res.running_after is not None else
+             f"guest {res.guest} (paused)") if res.guest else ", ".join(
         f"{k}={v}" for k, v in res.blocks.items())
     check = "digests verified" if res.verified else "no mfd trailer: nothing to verify"
     print(f"restored {args.file} -> {where}: {human(res.bytes_read)} read in "

@@ -17,6 +17,7 @@ from test_kvm import K, _run_exits, _state, needs_kvm
 from test_migrate import finish, one_line, running, start_incoming, start_migrate, wait_listening
 
 import mfd
+from mfd.errors import MfdError
 from mfd.monitor import monitor_command
 from mfd.options import MigrationParameters
 from mfd.shm import control
@@ -208,3 +209,40 @@ def test_garbage_on_the_preempt_channel(guests):
     rc, _, err = finish(mig)
     assert rc == 1 and "postcopy failed" not in err, err
     assert running(src)
+
+
+@needs_kvm
+def test_lazy_restore_runs_the_guest_before_its_ram_is_read(tmp_path, guests):
+    """``mfd restore --guest --lazy``: the KVM guest makes its first exits while the file is
+    still being read (its faults served from the file; the channels slowed to make sure),
+    and after K exits it is exactly where a full restore's guest is after the same K."""
+    src, _ = guests.start("64M", "--kvm", "--dirty-rate", "50M")
+    time.sleep(0.5)  # RAM worth reading
+    mig = tmp_path / "vm.mig"
+    assert run_mfd("save", str(mig), "--guest", src, "--stop-first").returncode == 0
+    lazy, full = f"{src}l", f"{src}f"
+    guests.adopt(lazy)
+    guests.adopt(full)
+    res = mfd.restore(str(mig), guest=lazy, channels=2, lazy=True, x_run_exits=K,
+                      x_channel_delay=0.05)
+    assert res.verified, "the trailer's digests of what the channels read"
+    assert res.faults > 0 and res.exits_before_loaded > 0, res
+    assert res.running_after < res.seconds
+    with control.GuestClient(lazy) as g:
+        deadline = time.monotonic() + 60
+        while g.query()["status"] != "paused":
+            assert time.monotonic() < deadline, "the vCPU did not park"
+            time.sleep(0.02)
+        after_lazy = _state(g)
+    mfd.restore(str(mig), guest=full)
+    with control.GuestClient(full) as g:
+        after_full = _run_exits(g, K)
+    assert after_lazy == after_full
+
+
+def test_lazy_restore_refusals(tmp_path, guests, reference):
+    with pytest.raises(MfdError, match="needs a mapped-ram file"):
+        mfd.restore(str(reference["case3_stream.mig"]), guest=f"lz{os.getpid()}", lazy=True)
+    with pytest.raises(MfdError, match="give --guest"):
+        mfd.restore(str(reference["case3_stream.mig"]), images={"mem": str(tmp_path / "x")},
+                    lazy=True)

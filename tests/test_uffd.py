@@ -119,3 +119,32 @@ def test_a_registration_outside_any_mapping_is_one_error():
             uffd.register(0x1000, PAGE)
     finally:
         uffd.close()
+
+
+def test_a_run_with_a_page_there_already_still_places_the_rest(ram):
+    """A multi-page COPY stops at a present page (EEXIST when it is the first, EAGAIN after
+    some): the rest of the run must still be placed, or those pages would stay holes (a lazy
+    restore's channel racing a fault lost whole runs this way before it was handled)."""
+    import ctypes
+    import mmap
+
+    fd = os.open(ram, os.O_RDWR)
+    mm = mmap.mmap(fd, PAGES * PAGE, mmap.MAP_SHARED)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+    uffd = UserfaultFd(open_uffd())
+    try:
+        uffd.register(base, PAGES * PAGE)
+        src = np.frombuffer(b"".join(page_of(p) for p in range(PAGES)), dtype=np.uint8)
+        addr = src.ctypes.data
+        assert uffd.copy(base + 10 * PAGE, addr + 10 * PAGE, PAGE)  # a fault's page
+        assert uffd.copy(base + 20 * PAGE, addr + 20 * PAGE, PAGE)
+        assert not uffd.copy(base + 10 * PAGE, addr + 10 * PAGE, 6 * PAGE)  # 10 is there
+        assert not uffd.copy(base + 18 * PAGE, addr + 18 * PAGE, 4 * PAGE)  # 20 is there
+        assert uffd.zeropage(base + 30 * PAGE, 2 * PAGE)  # nothing there yet
+        for p in [*range(10, 16), *range(18, 22)]:
+            assert os.pread(fd, PAGE, p * PAGE) == page_of(p), p
+    finally:
+        uffd.close()
+        del src
+        mm.close()
+        os.close(fd)

@@ -31,6 +31,7 @@ import numpy as np
 
 from mfd.errors import MfdError, ProtocolError
 from mfd.main_thread import decompress
+from mfd.main_thread.lazy import FileFaults
 from mfd.main_thread.pipeline import ChannelPool, OnDone
 from mfd.main_thread.scanner import chunk_jobs
 from mfd.protocol import libvirt_save, livestream, trailer
@@ -251,8 +252,11 @@ def readahead(mm: mmap.mmap, at: int, asked: int) -> int:
 
 
 def load_mapped_ram(opened: OpenedFile, targets: dict[str, RAMBlock], channels: int,
-                    direct_io: bool = False) -> tuple[int, bool]:
-    """Returns bytes read and whether mfd's trailer was verified (False: no trailer)."""
+                    direct_io: bool = False, faults: FileFaults | None = None,
+                    delay: float = 0.0) -> tuple[int, bool]:
+    """Returns bytes read and whether mfd's trailer was verified (False: no trailer).
+    ``faults``: lazy restore, the running guest's faults served while the channels load
+    (through its uffd, which they inherit)."""
     mf = opened.file
     blocks = [targets[b.idstr] for b in mf.blocks]
     verify = mf.trailer is not None
@@ -263,7 +267,9 @@ def load_mapped_ram(opened: OpenedFile, targets: dict[str, RAMBlock], channels: 
         channel_id=i, endpoint="", parent_pid=0, path=opened.path, saving=False,
         blocks=tuple(blocks),
         pages_offsets=tuple(b.mapped_ram.pages_offset for b in mf.blocks),
-        direct_io=direct_io, verify=verify) for i in range(channels)]
+        direct_io=direct_io, verify=verify,
+        uffd=faults.fileno() if faults else -1,
+        bases=tuple(faults.bases) if faults else (), delay=delay) for i in range(channels)]
     moved = [0]
 
     def done(check: ChunkCheck | None, pairs: np.ndarray) -> OnDone:
@@ -274,6 +280,8 @@ def load_mapped_ram(opened: OpenedFile, targets: dict[str, RAMBlock], channels: 
         return on_done
 
     with ChannelPool(configs, channel_main) as pool:
+        if faults is not None:
+            pool.watch(faults.fileno(), faults.serve)
         for block, jobs in work:
             base = mf.blocks[block].mapped_ram.pages_offset
             asked = base
@@ -327,12 +335,14 @@ def load_stream(opened: OpenedFile, targets: dict[str, RAMBlock]) -> int:
 
 
 def load(opened: OpenedFile, targets: dict[str, RAMBlock], channels: int,
-         direct_io: bool = False) -> LoadResult:
+         direct_io: bool = False, faults: FileFaults | None = None,
+         delay: float = 0.0) -> LoadResult:
+    """``delay``: test-only, each channel sleeps that long after each job (a slow disk)."""
     mf = opened.file
     check_targets(mf, targets)
     start = time.monotonic()
     if mf.mapped_ram:
-        moved, ok = load_mapped_ram(opened, targets, channels, direct_io)
+        moved, ok = load_mapped_ram(opened, targets, channels, direct_io, faults, delay)
     else:  # mfd writes no stream files, so no trailer here (the parser refuses one)
         moved, ok = load_stream(opened, targets), False
     return LoadResult(mf, time.monotonic() - start, moved, ok)

@@ -68,8 +68,8 @@ class PostcopyPlacer:
         self.waiting: dict[tuple[int, int], tuple[float, int]] = {}
         self.latency_dist = [0] * LATENCY_BUCKETS  # [2^n, 2^(n+1)) us
         self.thread_latency: dict[int, list[float]] = {}  # thread -> [seconds, faults]
-        self.guest_pid = int(guest.query()["pid"])  # to end it if it hangs on a page
-        self.uffd, self.bases = _receive_uffd(guest, len(blocks))
+        self.guest_pid = int(guest.execute("describe")["pid"])  # to end it if it hangs
+        self.uffd, self.bases = receive_uffd(guest, len(blocks))
         self.ends = [base + b.used_length for base, b in zip(self.bases, blocks, strict=True)]
 
     def fileno(self) -> int:
@@ -181,7 +181,7 @@ def discard(mapped: MappedBlock, receivedmap: np.ndarray, hashes: np.ndarray | N
             hashes[pages] = 0
 
 
-def _receive_uffd(guest: control.GuestClient, nblocks: int) -> tuple[UserfaultFd, list[int]]:
+def receive_uffd(guest: control.GuestClient, nblocks: int) -> tuple[UserfaultFd, list[int]]:
     """LISTEN: ask the guest for its uffd, over a unix socket made for it."""
     path = os.path.join(tempfile.mkdtemp(prefix="mfd-uffd-", dir=control.run_dir()), "s")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -173,6 +173,12 @@ class Guest:
     def command(self, cmd: str, args: dict) -> dict:
         if cmd == "query":
             return {"return": self.status()}
+        if cmd == "describe":  # what query says without reading RAM (a KVM guest's counter
+            # is in RAM: read before a lazy restore registers it, a hole would be allocated
+            # as a zero page that the file's page could then never replace)
+            return {"return": {"name": self.cfg.name, "pid": os.getpid(),
+                               "workload": self.workload.state.to_json(),
+                               "blocks": self._blocks()}}
         if cmd == "stop":
             self.running = False
             self.workload.stop()
@@ -251,10 +257,12 @@ class Guest:
         self.uffd = uffd
 
     def postcopy_end(self) -> None:
-        """Every page has arrived: the uffd may go."""
+        """Every page has arrived: the uffd may go, and this process lives on as before
+        (an incoming migration's guest still dies with it until it commits)."""
         if self.uffd is not None:
             self.uffd.close()
             self.uffd = None
+            set_parent_death_signal(signal.SIGTERM if self.cfg.attached else 0)
 
     def runstate(self) -> str:
         """QEMU's run states: a KVM vCPU that hit an exit it cannot handle is stopped for
@@ -269,11 +277,16 @@ class Guest:
             "pid": os.getpid(),
             "status": self.runstate(),
             "cpu-throttle-percentage": self.throttle,
-            "pages-written": self.workload.pages_written,
+            # a KVM guest's counter is in RAM: while pages still come through the uffd, its
+            # page may be one the caller has yet to place (it would wait for itself)
+            "pages-written": self.workload.pages_written if self.uffd is None else None,
             "workload": self.workload.state.to_json(),
-            "blocks": [{"idstr": b.idstr, "used_length": b.used_length, "path": b.path}
-                       for b in self.ram.blocks],
+            "blocks": self._blocks(),
         }
+
+    def _blocks(self) -> list[dict]:
+        return [{"idstr": b.idstr, "used_length": b.used_length, "path": b.path}
+                for b in self.ram.blocks]
 
 
 def run_guest(cfg: GuestConfig, on_ready=None) -> None:

@@ -44,6 +44,7 @@ _REGISTER = struct.Struct("=QQQQ")
 _COPY = struct.Struct("=QQQQq")
 _ZEROPAGE = struct.Struct("=QQQq")
 _MSG = struct.Struct("=B7xQQI4x")
+PAGE_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -115,37 +116,39 @@ class UserfaultFd:
 
     def copy(self, dst: int, src: int, length: int) -> bool:
         """Place ``length`` bytes from ``src`` (this process's memory) at ``dst``, waking
-        whoever waits there. False if a page there was present already (EEXIST, or EAGAIN
-        after a partial copy: the rest is retried): it is then woken, never overwritten."""
-        while length:
-            buf = bytearray(_COPY.pack(dst, src, length, 0, 0))
-            try:
-                fcntl.ioctl(self.fd, UFFDIO_COPY, buf)
-                return True
-            except OSError as e:
-                done = _COPY.unpack(buf)[4]
-                if e.errno == errno.EAGAIN and done > 0:
-                    dst, src, length = dst + done, src + done, length - done
-                    continue
-                if e.errno in (errno.EEXIST, errno.EAGAIN):
-                    self.wake(dst, length)
-                    return False
-                raise MfdError(f"userfaultfd: UFFDIO_COPY of {length:#x} bytes at {dst:#x} "
-                               f"failed ({e.strerror})") from None
-        return True
+        whoever waits there. A page there already (placed by someone else) is woken and
+        left as it is, and the rest of the range still placed; False if there was one."""
+        return self._place(UFFDIO_COPY, _COPY, dst, length, src)
 
     def zeropage(self, dst: int, length: int) -> bool:
-        """Map zero pages at ``dst`` (see :meth:`copy` for False)."""
-        buf = bytearray(_ZEROPAGE.pack(dst, length, 0, 0))
-        try:
-            fcntl.ioctl(self.fd, UFFDIO_ZEROPAGE, buf)
-            return True
-        except OSError as e:
-            if e.errno in (errno.EEXIST, errno.EAGAIN):
-                self.wake(dst, length)
-                return False
-            raise MfdError(f"userfaultfd: UFFDIO_ZEROPAGE of {length:#x} bytes at {dst:#x} "
-                           f"failed ({e.strerror})") from None
+        """Map zero pages at ``dst`` (see :meth:`copy` for pages there already)."""
+        return self._place(UFFDIO_ZEROPAGE, _ZEROPAGE, dst, length)
+
+    def _place(self, request: int, layout: struct.Struct, dst: int, length: int,
+               src: int | None = None) -> bool:
+        """A multi-page COPY or ZEROPAGE stops at the first page present: with EAGAIN and
+        what it placed before it, or EEXIST when that is the first page (never both
+        silently: the rest of the range would stay missing)."""
+        whole = True
+        while length:
+            fields = (dst, src, length, 0, 0) if src is not None else (dst, length, 0, 0)
+            buf = bytearray(layout.pack(*fields))
+            try:
+                fcntl.ioctl(self.fd, request, buf)
+                return whole
+            except OSError as e:
+                done = layout.unpack(buf)[-1]
+                if e.errno not in (errno.EEXIST, errno.EAGAIN):
+                    what = "COPY" if src is not None else "ZEROPAGE"
+                    raise MfdError(f"userfaultfd: UFFDIO_{what} of {length:#x} bytes at "
+                                   f"{dst:#x} failed ({e.strerror})") from None
+                if done <= 0:  # the page at dst is present: wake its waiters, skip it
+                    self.wake(dst, PAGE_SIZE)
+                    done, whole = PAGE_SIZE, False
+                dst, length = dst + done, length - done
+                if src is not None:
+                    src += done
+        return whole
 
     def wake(self, address: int, length: int) -> None:
         fcntl.ioctl(self.fd, UFFDIO_WAKE, _RANGE.pack(address, length))

@@ -33,6 +33,7 @@ from mfd.protocol.constants import TARGET_PAGE_SIZE
 from mfd.protocol.mapped_ram import page_runs
 from mfd.protocol.trailer import CHUNK_PAGES, chunk_digests, whole_chunks
 from mfd.shm.ramblock import MappedBlock, RAMBlock, attach, nonzero_pages
+from mfd.shm.uffd import UserfaultFd
 from mfd.sysutil import set_parent_death_signal
 
 SYNC_FILE_RANGE_WRITE = 2
@@ -55,6 +56,10 @@ class FileChannelConfig:
     verify: bool = False  # restore: hash each chunk read (the file has mfd's trailer)
     digest_chunks: bool = False  # save of RAM that no longer changes: hash whole-chunk jobs
     delay: float = 0.0  # test-only: sleep after each job's I/O, before DONE (slow channel)
+    # lazy restore: the running guest's userfaultfd (inherited) and where each block is
+    # mapped in the guest: pages are read into a buffer here and placed with UFFDIO_COPY
+    uffd: int = -1
+    bases: tuple[int, ...] = ()
 
 
 def die_with_parent() -> None:
@@ -113,7 +118,12 @@ class FileChannel:
     def __init__(self, cfg: FileChannelConfig) -> None:
         self.cfg = cfg
         self.fd = open_channel_fd(cfg.path, cfg.saving, cfg.direct_io)
-        self.blocks: list[MappedBlock] = [attach(b, writable=not cfg.saving) for b in cfg.blocks]
+        self.uffd = UserfaultFd(cfg.uffd) if cfg.uffd >= 0 else None
+        # lazy restore never touches the guest's RAM through a mapping (a page written
+        # there would be seen half done by the running guest): no mapping at all
+        self.blocks: list[MappedBlock] = [] if self.uffd else \
+            [attach(b, writable=not cfg.saving) for b in cfg.blocks]
+        self.buf = np.empty(0, dtype=np.uint8)
 
     def run(self, job_id: int, block: int, pages: np.ndarray, digest_only: bool) -> list:
         if digest_only:
@@ -148,8 +158,35 @@ class FileChannel:
         while they are still in this CPU's cache. The main process has already asked the
         kernel to read this job's span ahead (``mfd.main_thread.load.readahead``)."""
         runs = pairs.reshape(-1, 2)
+        if self.uffd is not None:
+            return self._load_lazy(job_id, block, runs)
         moved = self._io(block, runs, os.preadv, "read")
         digests = self._digests(block, runs) if self.cfg.verify else b""
+        return messages.encode_done(job_id, moved, None, digests)
+
+    def _load_lazy(self, job_id: int, block: int, runs: np.ndarray) -> list:
+        """Lazy restore: the job's chunks read into a buffer (from the first chunk's start,
+        so chunk digests come out as from RAM), each run placed atomically in the running
+        guest; a page its fault had placed first is left alone (the same bytes)."""
+        assert self.uffd is not None
+        first = int(runs[0, 0]) // CHUNK_PAGES * CHUNK_PAGES
+        span = (int(runs[-1, 1]) - first) * TARGET_PAGE_SIZE
+        if len(self.buf) < span:
+            self.buf = np.empty(span, dtype=np.uint8)
+        view = memoryview(self.buf)
+        rel = runs - first
+        base = self.cfg.pages_offsets[block]
+        moved = 0
+        for start, (a, b) in zip(runs[:, 0].tolist(), (rel * TARGET_PAGE_SIZE).tolist(),
+                                 strict=True):
+            n = os.preadv(self.fd, [view[a:b]], base + start * TARGET_PAGE_SIZE)
+            if n != b - a:
+                raise OSError(f"short read: {n} of {b - a} bytes at "
+                              f"{base + start * TARGET_PAGE_SIZE:#x} (file truncated?)")
+            self.uffd.copy(self.cfg.bases[block] + start * TARGET_PAGE_SIZE,
+                           self.buf.ctypes.data + a, b - a)
+            moved += n
+        digests = chunk_digests(view, rel, TARGET_PAGE_SIZE) if self.cfg.verify else b""
         return messages.encode_done(job_id, moved, None, digests)
 
     def _digests(self, block: int, runs: np.ndarray) -> bytes:

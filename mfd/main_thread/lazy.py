@@ -1,0 +1,72 @@
+"""Lazy restore: the guest runs from a mapped-ram file before its RAM is read.
+
+Beyond QEMU (whose "fast snapshot load" does this with one loader and no multifd)::
+
+    guest      started stopped; opens its userfaultfd, registers its RAM, hands the fd
+               here (as for postcopy's LISTEN), then runs at once
+    faults     served here, by the main process: a page the file has is read from its slot
+               (pages_offset + page * page_size) and placed with UFFDIO_COPY, one it has not
+               (bitmap clear) is mapped as a zero page
+    channels   meanwhile load every page the file has, in parallel, each reading a job into
+               its own buffer and placing it with UFFDIO_COPY through the inherited uffd
+               (a page a fault placed first is left alone: the same bytes)
+    end        unregistered; the guest closes its uffd; its RAM is whole
+
+Pages are only ever placed atomically: nothing writes the running guest's RAM through a
+mapping.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from mfd.errors import ProtocolError
+from mfd.protocol import migration_file as mfile
+from mfd.protocol.constants import TARGET_PAGE_SIZE
+from mfd.shm.uffd import UserfaultFd
+
+
+class FileFaults:
+    """The running guest's faults, served from the file."""
+
+    def __init__(self, opened, uffd: UserfaultFd, bases: list[int]) -> None:
+        mf: mfile.MigrationFile = opened.file
+        self.uffd, self.bases = uffd, bases
+        self.ends = [base + b.used_length for base, b in zip(bases, mf.blocks, strict=True)]
+        self.bits = [mfile.read_bitmap(opened.mm, b) for b in mf.blocks]
+        self.slots = [b.mapped_ram.pages_offset for b in mf.blocks]  # type: ignore[union-attr]
+        self.fd = os.open(opened.path, os.O_RDONLY)
+        self.page = np.empty(TARGET_PAGE_SIZE, dtype=np.uint8)
+        self.count = 0
+        self.first: float | None = None  # when the guest first needed a page
+
+    def fileno(self) -> int:
+        return self.uffd.fileno()
+
+    def serve(self) -> None:
+        for fault in self.uffd.faults():
+            block = next((i for i, (lo, hi) in enumerate(zip(self.bases, self.ends,
+                                                             strict=True))
+                          if lo <= fault.address < hi), None)
+            if block is None:
+                raise ProtocolError(f"userfaultfd: a fault at {fault.address:#x}, outside "
+                                    "every RAM block")
+            page = (fault.address - self.bases[block]) // TARGET_PAGE_SIZE
+            dst = self.bases[block] + page * TARGET_PAGE_SIZE
+            self.count += 1
+            if self.first is None:
+                self.first = time.monotonic()
+            if not self.bits[block][page]:
+                self.uffd.zeropage(dst, TARGET_PAGE_SIZE)
+                continue
+            at = self.slots[block] + page * TARGET_PAGE_SIZE
+            if os.preadv(self.fd, [memoryview(self.page)], at) != TARGET_PAGE_SIZE:
+                raise ProtocolError(f"short read of page {page} at {at:#x} (file "
+                                    "truncated?)")
+            self.uffd.copy(dst, self.page.ctypes.data, TARGET_PAGE_SIZE)
+
+    def close(self) -> None:
+        os.close(self.fd)
