@@ -20,8 +20,12 @@ RUN /opt/mfd/bin/pip install --no-cache-dir --disable-pip-version-check --no-dep
 # /dev/kvm where the host has KVM: docker-compose.yml lets the container use the KVM device
 # (char 10:232, its device_cgroup_rules) and this makes the node; on a host without KVM the
 # node cannot be opened, and mfd demo runs its built-in guest instead
+# (and /dev/userfaultfd for postcopy, where the host has one: its minor is the host's)
 RUN printf '%s\n' '#!/bin/sh' \
       '[ -e /dev/kvm ] || mknod -m 600 /dev/kvm c 10 232 2>/dev/null' \
+      'uffd=$(cat /sys/class/misc/userfaultfd/dev 2>/dev/null)' \
+      '[ -e /dev/userfaultfd ] || [ -z "$uffd" ] ||' \
+      '  mknod -m 600 /dev/userfaultfd c "${uffd%:*}" "${uffd#*:}" 2>/dev/null' \
       'exec mfd "$@"' > /usr/local/bin/mfd-entrypoint \
  && chmod 755 /usr/local/bin/mfd-entrypoint
 

@@ -283,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--multifd-zstd-level", type=int, default=1)
     d.add_argument("--multifd-zlib-level", type=int, default=1)
     _precopy_args(d)
+    d.add_argument("--postcopy", choices=("0", "1"), default="0",
+                   help="1: the live migration switches to postcopy after 1 s of precopy "
+                   "(on both nodes; docker compose: MFD_POSTCOPY=1)")
     d.add_argument("--run-after", type=float, default=10.0, metavar="SECONDS",
                    help="on a node: how long its guest runs on, reported every 5 s, before "
                    "the node exits (default 10)")
@@ -490,6 +493,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if uri:
             parse_uri(uri)  # before a guest starts
     params = _params(args)
+    postcopy = args.postcopy == "1"
+    if postcopy and (args.save or args.restore):
+        raise UsageError("mfd demo: --postcopy 1 is for the live migration")
 
     def say(line: str) -> None:
         if not args.json:
@@ -502,10 +508,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with view or contextlib.nullcontext():
         if args.connect:
             out = demo.source(args.connect, args.name, args.ram, args.dirty_rate, params, say,
-                              progress, args.run_after, use_kvm)
+                              progress, args.run_after, use_kvm, postcopy)
         elif args.listen:
             out = demo.destination(args.listen, args.name, say, args.run_after, args.timeout,
-                                   args.monitor)
+                                   args.monitor, postcopy)
         elif args.save:
             out = demo.save(args.save, args.name, args.ram, args.dirty_rate, params, say,
                             progress, use_kvm)
@@ -513,7 +519,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             out = demo.restore(args.restore, args.name, args.multifd_channels, say,
                                args.run_after)
         else:
-            out = demo.run(args.ram, args.dirty_rate, params, say, progress, use_kvm)
+            out = demo.run(args.ram, args.dirty_rate, params, say, progress, use_kvm, postcopy)
     if args.json:
         print(orjson.dumps(out).decode())
     return 0

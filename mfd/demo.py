@@ -113,7 +113,8 @@ def keep_running(name: str, where: str, seconds: float, say: Say,
 
 
 def run(ram: int, dirty_rate: int, params: MigrationParameters, say: Say,
-        progress: Progress | None = None, use_kvm: bool = False) -> dict:
+        progress: Progress | None = None, use_kvm: bool = False,
+        postcopy: bool = False) -> dict:
     """Both ends on this machine; the destination is a separate ``mfd incoming`` process."""
     pid = os.getpid()
     src, dst = f"demo-src-{pid}", f"demo-dst-{pid}"
@@ -124,9 +125,10 @@ def run(ram: int, dirty_rate: int, params: MigrationParameters, say: Say,
         uri = f"tcp://127.0.0.1:{port}"
         incoming = subprocess.Popen(
             [sys.executable, "-m", "mfd", "incoming", "--listen", uri, "--guest", dst,
-             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             "--json", *(["--postcopy-ram"] if postcopy else [])],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         say(f"destination: mfd incoming --listen {uri} --guest {dst} (pid {incoming.pid})")
-        res = _migrate(uri, src, params, say, progress)
+        res = _migrate(uri, src, params, say, progress, postcopy)
         out, err = incoming.communicate(timeout=60)
         if incoming.returncode != 0:
             raise MfdError(f"destination: {err.strip().splitlines()[-1] if err else '?'}")
@@ -148,13 +150,14 @@ def run(ram: int, dirty_rate: int, params: MigrationParameters, say: Say,
 
 
 def source(uri: str, name: str, ram: int, dirty_rate: int, params: MigrationParameters,
-           say: Say, progress: Progress | None, run_after: float, use_kvm: bool) -> dict:
+           say: Say, progress: Progress | None, run_after: float, use_kvm: bool,
+           postcopy: bool = False) -> dict:
     """Node A: start the guest, migrate it to ``uri``. On failure the guest keeps running
     here; it is reported for ``run_after`` seconds before the failure is raised."""
     try:
         start_guest(name, ram, dirty_rate, say, use_kvm)
         try:
-            res = _migrate(uri, name, params, say, progress)
+            res = _migrate(uri, name, params, say, progress, postcopy)
         except MfdError as e:
             say(f"migration failed: {e}")
             keep_running(name, "here, at the source", run_after, say)
@@ -168,13 +171,18 @@ def source(uri: str, name: str, ram: int, dirty_rate: int, params: MigrationPara
 
 
 def destination(listen: str, name: str, say: Say, run_after: float, timeout: float | None,
-                monitor: str | None) -> dict:
+                monitor: str | None, postcopy: bool = False) -> dict:
     """Node B: receive one migration into the guest ``name``, then let it run and report."""
     say(f"waiting for a migration at {listen}")
     try:
-        res = api.incoming(listen, guest=name, options=IncomingOptions(timeout=timeout),
-                           monitor=monitor)
+        res = api.incoming(listen, guest=name, monitor=monitor,
+                           options=IncomingOptions(timeout=timeout, postcopy_ram=postcopy))
         say("incoming migration completed")
+        if res.postcopy:
+            pc = res.postcopy
+            say(f"postcopy: the guest ran here before its RAM had arrived; it asked for "
+                f"{pc['postcopy-requests']} page(s), {pc['postcopy-latency'] / 1e6:.2f} ms "
+                "from fault to page on average")
         verification(res.digests, say, "at the destination, found equal by the source")
         status = keep_running(name, "here, at the destination", run_after, say)
         return {"incoming": vars(res), "guest": status}
@@ -214,8 +222,20 @@ def restore(path: str, name: str, channels: int, say: Say, run_after: float) -> 
         control.release(name)
 
 
+POSTCOPY_AFTER = 1.0  # seconds of precopy before the postcopy scenario switches
+
+
 def _migrate(uri: str, guest: str, params: MigrationParameters, say: Say,
-             progress: Progress | None) -> api.MigrateResult:
+             progress: Progress | None, postcopy: bool = False) -> api.MigrateResult:
+    if postcopy:  # QEMU's postcopy: the main channel only (no multifd with postcopy)
+        say(f"migrating to {uri}: {POSTCOPY_AFTER:g} s of precopy, then postcopy (the "
+            "guest runs there at once, its missing pages fetched as it touches them)")
+        res = api.migrate(uri, guest=guest, params=params, progress=progress,
+                          options=api.MigrateOptions(multifd=False, postcopy=True,
+                                                     postcopy_after=POSTCOPY_AFTER))
+        say(f"postcopy: {res.query_migrate['ram']['postcopy-requests']} page(s) the "
+            "destination's guest asked for first")
+        return res
     say(f"migrating to {uri} over {params.multifd_channels} channels (compression "
         f"{params.multifd_compression}, downtime limit {params.downtime_limit} ms)")
     return api.migrate(uri, guest=guest, params=params, progress=progress)

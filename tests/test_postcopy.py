@@ -246,3 +246,39 @@ def test_lazy_restore_refusals(tmp_path, guests, reference):
     with pytest.raises(MfdError, match="give --guest"):
         mfd.restore(str(reference["case3_stream.mig"]), images={"mem": str(tmp_path / "x")},
                     lazy=True)
+
+
+def test_a_request_outside_every_block_fails_the_source_in_one_line(guests):
+    """A destination (here a hand-made one, speaking QEMU's wire) that asks for a page past
+    the end of the block: the source refuses it in one line and, being past the switch,
+    keeps its guest paused (postcopy-paused)."""
+    import socket
+
+    from mfd.protocol import livestream, postcopy, returnpath
+
+    src, _ = guests.start("16M", "--dirty-rate", "10M")
+    port = free_ports(1)
+    listener = socket.create_server(("127.0.0.1", port))
+    mig = start_migrate(port, "--guest", src, "--no-multifd", "--postcopy-ram",
+                        "--postcopy-after", "0")
+    conn, _ = listener.accept()
+    conn.settimeout(30)
+    dec = livestream.StreamDecoder()
+    asked = False
+    with conn, listener:
+        while not asked:
+            data = conn.recv(1 << 20)
+            if not data:
+                break
+            for ev in dec.feed(data):
+                if isinstance(ev, livestream.Ping):
+                    conn.sendall(returnpath.encode_pong(ev.value))
+                elif isinstance(ev, livestream.Run):
+                    conn.sendall(postcopy.encode_request(16 << 20, 4096, "mem"))
+                    asked = True
+        rc, _, err = finish(mig)
+    line = one_line(err)
+    assert rc == 1 and "not whole pages inside block 'mem'" in line, err
+    assert "postcopy failed after the switch" in line
+    with control.GuestClient(src) as g:
+        assert g.query()["status"] == "paused"

@@ -1,4 +1,5 @@
-"""``mfd bench save|restore|migrate|live|all``: one run, every mode asked for, one report.
+"""``mfd bench save|restore|migrate|live|kvm|postcopy|all``: one run, every mode asked for,
+one report.
 
 The modes run in order (save, restore, migrate, live), each one's configs interleaved with
 QEMU's and with its physical limit. At the end, whatever happened (Ctrl-C included, after
@@ -19,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from mfd.bench import files, kvm, live, migration, plots, report
+from mfd.bench import files, kvm, live, migration, plots, postcopy, report
 from mfd.bench.env import environment, mfd_sources_digest, qemu_info
 from mfd.bench.options import Settings, settings
 from mfd.bench.runs import Cleanup, Config, RunProgress, log, run_interleaved
@@ -62,6 +63,8 @@ def _groups(ws: Workspace) -> list[tuple[str, Any]]:
             out.append(("migrate", migration.MigrateBench(ws).configs))
         elif mode == "kvm":
             out.append(("kvm", kvm.KvmBench(ws).configs))
+        elif mode == "postcopy":
+            out.append(("postcopy", postcopy.PostcopyBench(ws).configs))
         else:
             out.append(("live", live.LiveBench(ws).configs))
     return out
@@ -71,7 +74,10 @@ def _notes(s: Settings, ws: Workspace, configs: list[Config], env: dict[str, Any
     notes = []
     for mode in s.modes:
         notes += {"save": files.NOTES["save"], "restore": files.NOTES["restore"],
-                  "migrate": migration.NOTES, "live": live.NOTES, "kvm": kvm.NOTES}[mode]
+                  "migrate": migration.NOTES, "live": live.NOTES, "kvm": kvm.NOTES,
+                  "postcopy": postcopy.NOTES}[mode]
+    if "postcopy" in s.modes:
+        notes += postcopy.summary([c for c in configs if c.mode.startswith("postcopy")])
     notes.append(f"Each config: {s.warmup} uncounted warm-up run(s), then {s.repeat} counted "
                  "runs, interleaved across the configs of its mode. MiB/s is RAM size / "
                  "median. mfd/QEMU is mfd's median time over QEMU's with the same parameters "

@@ -9,8 +9,9 @@ from mfd.options import COMPRESSION
 from mfd.shm.workload import PATTERNS
 from mfd.units import parse_size
 
-MODES = ("save", "restore", "migrate", "live", "kvm", "all")
-ALL = ("save", "restore", "migrate", "live")  # kvm is a mode of its own: it needs /dev/kvm
+MODES = ("save", "restore", "migrate", "live", "kvm", "postcopy", "all")
+# kvm and postcopy are modes of their own: they need /dev/kvm, /dev/userfaultfd
+ALL = ("save", "restore", "migrate", "live")
 PAGE = 4096
 
 
@@ -74,7 +75,7 @@ def _fraction(text: str) -> float:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("mode", choices=MODES, help="what to measure (all: every mode, in order)")
     p.add_argument("--size", type=_size,
-                   help="RAM image size (default 2G, kvm 1G; --quick 64M)")
+                   help="RAM image size (default 2G, kvm and postcopy 1G; --quick 64M)")
     p.add_argument("--image", metavar="PATH",
                    help="a real RAM dump as the image (read only; its size is the RAM size)")
     p.add_argument("--zero", type=_fraction, default=0.5,
@@ -164,7 +165,7 @@ def settings(args: argparse.Namespace) -> Settings:
     timeout = args.live_timeout if args.live_timeout is not None else (20.0 if q else 60.0)
     if timeout <= 0:
         raise UsageError("mfd bench: --live-timeout must be positive")
-    default = 64 << 20 if q else (1 << 30 if args.mode == "kvm" else 2 << 30)
+    default = 64 << 20 if q else (1 << 30 if args.mode in ("kvm", "postcopy") else 2 << 30)
     size = None if args.image else (args.size or default)
     ac = {"on": (True,), "off": (False,), None: (False, True)}[args.auto_converge]
     return Settings(

@@ -409,7 +409,9 @@ class Incoming:
         guest = self.guest_name if self.guest is not None else None
         if self.postcopy is not None:  # every page is here: the guest's uffd may go
             self.postcopy_stats = {"postcopy-requests": self.postcopy.requests,
-                                   **self.postcopy.latency()}
+                                   **self.postcopy.latency(),
+                                   "x-latencies-us": [round(x * 1e6)
+                                                      for x in self.postcopy.latencies]}
             self._unwatch(self.postcopy.fileno())
             self.postcopy.close()  # first: the guest may be waiting on a page right now
             self.postcopy = None

@@ -68,6 +68,7 @@ class PostcopyPlacer:
         self.waiting: dict[tuple[int, int], tuple[float, int]] = {}
         self.latency_dist = [0] * LATENCY_BUCKETS  # [2^n, 2^(n+1)) us
         self.thread_latency: dict[int, list[float]] = {}  # thread -> [seconds, faults]
+        self.latencies: list[float] = []  # each one, seconds (for medians and p99)
         self.guest_pid = int(guest.execute("describe")["pid"])  # to end it if it hangs
         self.uffd, self.bases = receive_uffd(guest, len(blocks))
         self.ends = [base + b.used_length for base, b in zip(self.bases, blocks, strict=True)]
@@ -143,6 +144,7 @@ class PostcopyPlacer:
             if when is None:
                 continue
             seconds = now - when[0]
+            self.latencies.append(seconds)
             bucket = max(0, int(seconds * 1e6)).bit_length() - 1
             self.latency_dist[min(max(bucket, 0), LATENCY_BUCKETS - 1)] += 1
             per = self.thread_latency.setdefault(when[1], [0.0, 0])

@@ -70,4 +70,6 @@ class MigrationStats:
             out["cpu-throttle-percentage"] = self.cpu_throttle_percentage
         if self.verify_time is not None:  # mfd's own, so x- as QEMU marks experimental ones
             out["x-verify-time"] = round(self.verify_time * 1000)
+        if self.run_time is not None:  # postcopy: when the destination's guest ran (ms)
+            out["x-postcopy-run-at"] = round((self.run_time - self.start) * 1000)
         return out
