@@ -120,6 +120,16 @@ def _precopy_args(p: argparse.ArgumentParser) -> None:
                    "of 2^SHIFT pages, each just before it is sent (QEMU's default 18)")
 
 
+def _postcopy_args(p: argparse.ArgumentParser) -> None:
+    """QEMU's capabilities, set on both ends (the source also with --no-multifd, as QEMU)."""
+    p.add_argument("--postcopy-ram", action="store_true",
+                   help="QEMU's capability: the switch may go postcopy (the guest runs at the "
+                   "destination before its RAM has arrived, missing pages fetched)")
+    p.add_argument("--postcopy-preempt", action="store_true",
+                   help="QEMU's capability: requested pages travel on a connection of their "
+                   "own, ahead of the push")
+
+
 def _params(args: argparse.Namespace) -> MigrationParameters:
     return MigrationParameters(
         multifd_channels=args.multifd_channels,
@@ -204,12 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="legacy sync per section (QEMU machine types <= 8.0)")
     m.add_argument("--no-multifd", dest="multifd", action="store_false",
                    help="capability multifd off: every page on the main channel")
-    m.add_argument("--postcopy-ram", action="store_true",
-                   help="QEMU's capability: the switch may go postcopy (with --no-multifd, "
-                   "as QEMU); the destination needs --postcopy-ram too")
-    m.add_argument("--postcopy-preempt", action="store_true",
-                   help="QEMU's capability: requested pages go on a connection of their own, "
-                   "ahead of the push (the destination needs it too)")
+    _postcopy_args(m)
     m.add_argument("--max-postcopy-bandwidth", type=parse_size, default=0,
                    help="bytes per second of the push after the switch (0 = unlimited)")
     m.add_argument("--postcopy-after", type=float, metavar="SECONDS",
@@ -247,12 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--monitor", metavar="PATH", help="serve a QMP-style monitor at PATH")
     n.add_argument("--stopped", action="store_true", help="keep the guest paused after the "
                    "migration, as QEMU's -S ('mfd guest --cont' starts it)")
-    n.add_argument("--postcopy-ram", action="store_true",
-                   help="QEMU's capability: accept a source that switches to postcopy (the "
-                   "guest runs here before its RAM has arrived, missing pages fetched)")
-    n.add_argument("--postcopy-preempt", action="store_true",
-                   help="QEMU's capability: requested pages come on a connection of their "
-                   "own (the next one after the main channel), ahead of the push")
+    _postcopy_args(n)
     n.add_argument("--json", action="store_true")
     # test-only: slow receive channels (seconds per packet, comma separated); no recv sync;
     # receive channels damage the page at this offset of the first block (KIND@OFFSET, KIND

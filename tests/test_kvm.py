@@ -39,6 +39,11 @@ def _state(g: control.GuestClient) -> dict:
 
 def _run_exits(g: control.GuestClient, count: int) -> dict:
     g.execute("run-exits", count=count)
+    return _parked_state(g)
+
+
+def _parked_state(g: control.GuestClient) -> dict:
+    """The state once the vCPU parked after its run-exits."""
     deadline = time.monotonic() + 60
     while g.query()["status"] != "paused":
         assert time.monotonic() < deadline, "the vCPU did not park"

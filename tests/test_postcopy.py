@@ -13,7 +13,7 @@ import time
 import orjson
 import pytest
 from conftest import run_mfd, shm_entries
-from test_kvm import K, _run_exits, _state, needs_kvm
+from test_kvm import K, _parked_state, _run_exits, needs_kvm
 from test_migrate import finish, one_line, running, start_incoming, start_migrate, wait_listening
 
 import mfd
@@ -114,12 +114,18 @@ def test_the_destination_killed_during_postcopy(guests):
     time.sleep(0.5)  # postcopy under way
     inc.send_signal(signal.SIGKILL)
     finish(inc)
+    line = _paused_after_the_switch(mig, src)
+    assert "not resumed by itself" in line
+
+
+def _paused_after_the_switch(mig, src: str) -> str:
+    """The source failed past the switch: one line, its guest paused (postcopy-paused)."""
     rc, _, err = finish(mig)
     line = one_line(err)
     assert rc == 1 and "postcopy failed after the switch" in line, err
-    assert "not resumed by itself" in line
     with control.GuestClient(src) as g:
         assert g.query()["status"] == "paused"
+    return line
 
 
 @pytest.mark.parametrize("args", [("--postcopy-after", "1")])
@@ -174,18 +180,18 @@ def test_a_kvm_guest_runs_on_through_postcopy_faults_deterministically(tmp_path,
     assert res.status == "completed" and res.digests
     assert res.query_migrate["ram"]["postcopy-requests"] > 0
     assert finish(inc)[0] == 0
-    with control.GuestClient(dst) as d:
-        deadline = time.monotonic() + 60
-        while d.query()["status"] != "paused":
-            assert time.monotonic() < deadline, "the vCPU did not park"
-            time.sleep(0.02)
-        after_d = _state(d)
+    after_d = _state_once_parked(dst)
     mig = tmp_path / "source.mig"
     assert run_mfd("save", str(mig), "--guest", src).returncode == 0  # paused at the switch
     assert run_mfd("restore", str(mig), "--guest", twin).returncode == 0
     with control.GuestClient(twin) as t:
         after_t = _run_exits(t, K)
     assert after_d == after_t
+
+
+def _state_once_parked(name: str) -> dict:
+    with control.GuestClient(name) as g:
+        return _parked_state(g)
 
 
 def _postcopy_running(src: str) -> bool:
@@ -228,12 +234,7 @@ def test_lazy_restore_runs_the_guest_before_its_ram_is_read(tmp_path, guests):
     assert res.verified, "the trailer's digests of what the channels read"
     assert res.faults > 0 and res.exits_before_loaded > 0, res
     assert res.running_after < res.seconds
-    with control.GuestClient(lazy) as g:
-        deadline = time.monotonic() + 60
-        while g.query()["status"] != "paused":
-            assert time.monotonic() < deadline, "the vCPU did not park"
-            time.sleep(0.02)
-        after_lazy = _state(g)
+    after_lazy = _state_once_parked(lazy)
     mfd.restore(str(mig), guest=full)
     with control.GuestClient(full) as g:
         after_full = _run_exits(g, K)
@@ -276,9 +277,5 @@ def test_a_request_outside_every_block_fails_the_source_in_one_line(guests):
                 elif isinstance(ev, livestream.Run):
                     conn.sendall(postcopy.encode_request(16 << 20, 4096, "mem"))
                     asked = True
-        rc, _, err = finish(mig)
-    line = one_line(err)
-    assert rc == 1 and "not whole pages inside block 'mem'" in line, err
-    assert "postcopy failed after the switch" in line
-    with control.GuestClient(src) as g:
-        assert g.query()["status"] == "paused"
+        line = _paused_after_the_switch(mig, src)
+    assert "not whole pages inside block 'mem'" in line

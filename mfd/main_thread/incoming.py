@@ -270,12 +270,9 @@ class Incoming:
             self._unwatch(self.conn)
             self.main_paused = True
             return
-        try:
-            n = self.conn.recv_into(self.decoder.buffer())
-        except BlockingIOError:
+        n = _receive(self.conn, self.decoder, "main channel")
+        if n is None:
             return
-        except OSError as e:
-            raise tcp.LinkLost(f"main channel: connection lost ({e.strerror})") from None
         if n == 0:
             self._unwatch(self.conn)
             self.main_closed = True
@@ -595,12 +592,9 @@ class Incoming:
     def _on_preempt(self) -> None:
         """The preempt channel: the pages the guest asked for, placed as they come."""
         assert self.preempt is not None and self.preempt_decoder is not None
-        try:
-            n = self.preempt.recv_into(self.preempt_decoder.buffer())
-        except BlockingIOError:
+        n = _receive(self.preempt, self.preempt_decoder, "preempt channel")
+        if n is None:
             return
-        except OSError as e:
-            raise tcp.LinkLost(f"preempt channel: connection lost ({e.strerror})") from None
         if n == 0:  # the source is done with it
             self._unwatch(self.preempt)
             self.preempt.close()
@@ -724,6 +718,17 @@ class Incoming:
 
     def migrate_cancel(self) -> None:
         self.cancel_requested = "cancelled by migrate_cancel"
+
+
+def _receive(sock: socket.socket, decoder: livestream.StreamDecoder, what: str) -> int | None:
+    """Bytes from ``sock`` straight into the decoder's buffer: how many (0: closed), None
+    when there were none after all."""
+    try:
+        return sock.recv_into(decoder.buffer())
+    except BlockingIOError:
+        return None
+    except OSError as e:
+        raise tcp.LinkLost(f"{what}: connection lost ({e.strerror})") from None
 
 
 def _compare(idstr: str, theirs: bytes, ours: np.ndarray) -> None:
