@@ -299,6 +299,7 @@ def migrate(uri: str, *, images: dict[str, str] | None = None, guest: str | None
     with _source("migrate", images, guest) as (blocks, client):
         mig = Migration(uri, blocks, params, options or MigrateOptions(), client, progress,
                         warn)
+        mig.monitored = monitor is not None
         _monitored(monitor, mig, mig.run)
     return MigrateResult(**PrecopyResult.fields_of(mig.stats, mig.digests, mig.query_migrate()),
                          uri=uri)

@@ -326,6 +326,29 @@ def _migrate_start_postcopy(h: MonitorHandlers, c: _Client, args: dict[str, Any]
     return start()
 
 
+def _migrate(h: MonitorHandlers, c: _Client, args: dict[str, Any]) -> Any:
+    """QEMU's ``migrate``: here only to resume a postcopy-paused migration."""
+    uri, resume = args.get("uri"), args.get("resume", False)
+    _expect(uri, str, "string", "uri")
+    _expect(resume, bool, "boolean", "resume")
+    _no_arguments({k: v for k, v in args.items() if k not in ("uri", "resume")})
+    start = getattr(h, "migrate_resume", None)
+    if not resume or start is None:
+        raise MfdError("migrate: a migration is in progress here (only resume=true, on a "
+                       "source in postcopy-paused)")
+    return start(uri)
+
+
+def _migrate_recover(h: MonitorHandlers, c: _Client, args: dict[str, Any]) -> Any:
+    uri = args.get("uri")
+    _expect(uri, str, "string", "uri")
+    _no_arguments({k: v for k, v in args.items() if k != "uri"})
+    recover = getattr(h, "migrate_recover", None)
+    if recover is None:
+        raise MfdError("migrate-recover: this end is not a migration's destination")
+    return recover(uri)
+
+
 _COMMANDS: dict[str, _Command] = {
     "qmp_capabilities": _qmp_capabilities,
     "query-commands": _query_commands,
@@ -336,6 +359,8 @@ _COMMANDS: dict[str, _Command] = {
     "migrate-set-capabilities": _migrate_set_capabilities,
     "migrate_cancel": _migrate_cancel,
     "migrate-start-postcopy": _migrate_start_postcopy,
+    "migrate": _migrate,
+    "migrate-recover": _migrate_recover,
 }
 
 

@@ -279,3 +279,82 @@ def test_a_request_outside_every_block_fails_the_source_in_one_line(guests):
                     asked = True
         line = _paused_after_the_switch(mig, src)
     assert "not whole pages inside block 'mem'" in line
+
+
+def _status(qmp: str) -> str | None:
+    try:
+        return monitor_command(qmp, "query-migrate", None, 2.0)["return"]["status"]
+    except (MfdError, KeyError):
+        return None
+
+
+def _until(cond, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("preempt", [False, True], ids=["plain", "preempt"])
+def test_the_link_cut_mid_postcopy_then_recovered(guests, tmp_path, preempt):
+    """Both ends go to postcopy-paused (the destination's guest waits on missing pages,
+    the source keeps every page); migrate-recover on the destination and migrate with
+    resume on the source complete it, and RAM is equal (verified at the end)."""
+    from netutil import Relay
+
+    flag = ["--postcopy-preempt"] if preempt else []
+    src, dst, port, inc = postcopy_pair(guests, "--monitor", str(tmp_path / "dst.qmp"), *flag)
+    relay_port = free_ports(1)
+    relay = Relay(relay_port, port, 1)  # every connection to it: main and preempt
+    src_qmp, dst_qmp = str(tmp_path / "src.qmp"), str(tmp_path / "dst.qmp")
+    mig = start_migrate(relay_port, "--guest", src, "--no-multifd", "--postcopy-ram",
+                        "--postcopy-after", "0.5", *LINK, "--max-postcopy-bandwidth", "4M",
+                        "--monitor", src_qmp, *flag)
+    try:
+        _until(lambda: _status(src_qmp) == "postcopy-active", "postcopy did not start")
+        time.sleep(0.5)
+        relay.cut()
+        _until(lambda: _status(src_qmp) == "postcopy-paused", "the source did not pause")
+        _until(lambda: _status(dst_qmp) == "postcopy-paused", "the destination did not pause")
+        assert monitor_command(dst_qmp, "migrate-recover",
+                               {"uri": f"tcp:127.0.0.1:{port}"}, 5.0) == {"return": {}}
+        assert monitor_command(src_qmp, "migrate", {"uri": f"tcp:127.0.0.1:{port}",
+                                                    "resume": True}, 5.0) == {"return": {}}
+        rc, _, err = finish(mig)
+        assert rc == 0 and "postcopy paused" in err, err
+        rc, out, err = finish(inc)
+        assert rc == 0 and "RAM verified equal" in out, err
+        assert running(dst)
+    finally:
+        relay.cut()
+
+
+def test_a_recv_bitmap_for_an_unknown_block(guests, tmp_path):
+    """A postcopy-paused destination takes the next main connection as the source's
+    resume; one asking for the received bitmap of a block it does not have fails it in one
+    line (its guest, which ran on RAM that never all arrived, goes with it)."""
+    import socket
+
+    from netutil import Relay
+
+    dst_qmp = str(tmp_path / "dst.qmp")
+    src, dst, port, inc = postcopy_pair(guests, "--monitor", dst_qmp)
+    relay_port = free_ports(1)
+    relay = Relay(relay_port, port, 1)
+    src_qmp = str(tmp_path / "src.qmp")
+    mig = start_migrate(relay_port, "--guest", src, "--no-multifd", "--postcopy-ram",
+                        "--postcopy-after", "0.5", *LINK, "--max-postcopy-bandwidth", "4M",
+                        "--monitor", src_qmp)
+    try:
+        _until(lambda: _status(src_qmp) == "postcopy-active", "postcopy did not start")
+        relay.cut()
+        _until(lambda: _status(dst_qmp) == "postcopy-paused", "the destination did not pause")
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(bytes.fromhex("08 000a 0004 03 6d6578"))  # RECV_BITMAP "mex"
+            rc, _, err = finish(inc)
+        assert rc == 1 and "RECV_BITMAP: unknown block 'mex'" in one_line(err), err
+        assert not control.is_alive(dst)
+    finally:
+        relay.cut()
+        mig.kill()
+        finish(mig)

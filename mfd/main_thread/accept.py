@@ -27,6 +27,7 @@ from mfd.workers import tcp
 SILENT_S = 5.0
 _MAIN = C.QEMU_VM_FILE_MAGIC.to_bytes(4, "big")
 _MULTIFD = C.MULTIFD_MAGIC.to_bytes(4, "big")
+_RESUME = bytes([C.QEMU_VM_COMMAND]) + C.MIG_CMD_RECV_BITMAP.to_bytes(2, "big")
 
 
 @dataclass
@@ -56,6 +57,9 @@ class Acceptor:
         # it has no header), with the bytes read to sort it
         self.expect_preempt = preempt
         self.preempt: tuple[socket.socket, bytes] | None = None
+        # postcopy recovery: the source's new main connection starts with RECV_BITMAP, no
+        # header (QEMU's migrate-recover waits for it the same way)
+        self.expect_resume = False
         watch(listener, self.accept)
 
     def accept(self) -> None:
@@ -101,7 +105,11 @@ class Acceptor:
         p.head += data
         if len(p.head) < 4:
             return
-        if p.head[:4] == _MAIN:
+        if self.expect_resume and p.head[:3] == _RESUME:
+            self.expect_resume = False
+            self._done(p)
+            self.main = (p.sock, bytes(p.head))
+        elif p.head[:4] == _MAIN:
             if self.main is not None or self.main_taken:
                 self._refuse(p, "a second main channel (a migration is in progress here)")
                 return
@@ -129,6 +137,13 @@ class Acceptor:
         main, self.main = self.main, None
         self.main_taken |= main is not None
         return main
+
+    def await_resume(self, preempt: bool) -> None:
+        """Postcopy paused: the next main connection resumes (and the one after it, with
+        preempt, is the new preempt channel)."""
+        self.expect_resume = True
+        self.expect_preempt = preempt
+        self.preempt = None
 
     def _done(self, p: _Pending) -> None:
         self._unwatch(p.sock)

@@ -47,7 +47,7 @@ from mfd.main_thread.accept import Acceptor
 from mfd.main_thread.migrate import Cancelled, failure
 from mfd.main_thread.pipeline import ChannelPool, poll_key
 from mfd.main_thread.postcopy_dst import PostcopyPlacer
-from mfd.protocol import livestream, multifd, peer, returnpath, trailer
+from mfd.protocol import livestream, multifd, peer, postcopy, returnpath, trailer
 from mfd.protocol.constants import TARGET_PAGE_SIZE
 from mfd.protocol.devices import GUEST_IDSTR
 from mfd.shm import control, pagehash
@@ -232,7 +232,7 @@ class Incoming:
             self.conn, head = main
             self.events.extend(self.decoder.feed(head))
             self._watch(self.conn, self._on_main)
-            self.status = "active"
+            self.status = "postcopy-recover" if self.status == "postcopy-paused" else "active"
         if self.acceptor.preempt is not None and self.preempt is None:
             self.preempt, head = self.acceptor.preempt
             self.acceptor.preempt = None
@@ -270,15 +270,45 @@ class Incoming:
             self._unwatch(self.conn)
             self.main_paused = True
             return
-        n = _receive(self.conn, self.decoder, "main channel")
-        if n is None:
-            return
-        if n == 0:
-            self._unwatch(self.conn)
-            self.main_closed = True
-            self.decoder.close()
+        try:
+            n = _receive(self.conn, self.decoder, "main channel")
+            if n is None:
+                return
+            if n == 0:
+                self._unwatch(self.conn)
+                self.main_closed = True
+                self.decoder.close()
+                return
+        except (tcp.LinkLost, ProtocolError) as e:
+            if not self._recoverable(e):
+                raise
+            self._pause(str(e))
             return
         self.events.extend(self.decoder.filled(n))
+
+    def _recoverable(self, e: BaseException) -> bool:
+        """Postcopy, past RUN, lost its link: the guest runs here on what arrived and the
+        source still holds the rest; both wait for the link to come back (QEMU's
+        postcopy-paused), unless the stream had ended anyway."""
+        return self.postcopy_ran and not self.decoder.done and (
+            isinstance(e, tcp.LinkLost) or "closed the connection" in str(e))
+
+    def _pause(self, why: str) -> None:
+        """postcopy-paused: connections gone; the guest's faults are still read (asked for
+        once the source is back); the next main connection resumes."""
+        self.status = "postcopy-paused"
+        self.warn(f"postcopy paused: {why}; waiting for the source to resume (QEMU's migrate "
+                  "with resume) on this port")
+        for sock in (self.conn, self.preempt):
+            if sock is not None:
+                with contextlib.suppress(KeyError):
+                    self._unwatch(sock)
+                sock.close()
+        self.conn = self.preempt = None
+        self.main_closed = self.main_paused = False
+        self.decoder = self.decoder.resumed("main channel (resumed)")
+        assert self.acceptor is not None
+        self.acceptor.await_resume(self.options.postcopy_preempt)
 
     def _next(self) -> livestream.Event | None:
         """The source's next event; None once the stream is complete."""
@@ -295,7 +325,12 @@ class Incoming:
     def _reply(self, data: bytes) -> None:
         """On the return path (only once the source opened it)."""
         assert self.conn is not None
-        tcp.send_all(self.conn, [data], self._tick)
+        try:
+            tcp.send_all(self.conn, [data], self._tick)
+        except tcp.LinkLost as e:
+            if not self._recoverable(e):
+                raise
+            self._pause(str(e))
 
     # ------------------------------------------------------------------ run
 
@@ -372,6 +407,14 @@ class Incoming:
                 self._listen()
             elif isinstance(ev, livestream.Run):
                 self._postcopy_run()
+            elif isinstance(ev, livestream.RecvBitmap):
+                assert self.receivedmap is not None
+                self._reply(postcopy.encode_recv_bitmap(
+                    ev.idstr, self.receivedmap.received[self.index[ev.idstr]] != 0))
+            elif isinstance(ev, livestream.Resume):
+                assert self.postcopy is not None
+                self._reply(returnpath.encode_resume_ack() + self.postcopy.requests_again())
+                self.status = "postcopy-active"
             elif isinstance(ev, livestream.Device):
                 if ev.state.idstr == "globalstate":
                     self.runstate = str(ev.state.fields["runstate"])
@@ -614,7 +657,7 @@ class Incoming:
     def _on_faults(self) -> None:
         assert self.postcopy is not None
         requests = self.postcopy.faults()
-        if requests:
+        if requests and self.status != "postcopy-paused":  # else asked again at resume
             if not self.return_path:
                 raise ProtocolError("postcopy: the guest needs pages and the source opened "
                                     "no return path to ask for them")
@@ -718,6 +761,16 @@ class Incoming:
 
     def migrate_cancel(self) -> None:
         self.cancel_requested = "cancelled by migrate_cancel"
+
+    def migrate_recover(self, uri: str) -> None:
+        """QEMU's migrate-recover: mfd incoming resumes on the port it listens on anyway
+        (a postcopy-paused destination takes the source's next main connection)."""
+        if tcp.parse_uri(uri).port != self.addr.port:
+            raise MfdError(f"migrate-recover: this destination listens at {self.addr}, "
+                           "and resumes there")
+        if self.status != "postcopy-paused":
+            raise MfdError(f"migrate-recover: the migration is {self.status}, not "
+                           "postcopy-paused")
 
 
 def _receive(sock: socket.socket, decoder: livestream.StreamDecoder, what: str) -> int | None:

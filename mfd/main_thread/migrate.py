@@ -121,6 +121,10 @@ class Migration(Precopy):
         self.last_request: str | None = None
         self.preempt: socket.socket | None = None  # postcopy-preempt's channel
         self.preempt_block: int | None = None  # the block its records last named
+        self.resume_uri: str | None = None  # postcopy-paused: QMP migrate resume=true
+        self.monitored = False  # a QMP monitor serves this migration: it can be resumed
+        self.bitmaps_due: set[str] = set()  # recovery: blocks whose RECV_BITMAP is awaited
+        self.resume_acked = False
         if options.postcopy_preempt and not options.postcopy:
             raise UsageError("Postcopy preempt requires postcopy-ram (QEMU's reason)")
         if options.postcopy and options.multifd:
@@ -168,6 +172,14 @@ class Migration(Precopy):
             self.shut = msg.value
         elif msg.type == returnpath.MFD_RESULT:
             self.result = peer.decode_result(msg.data)
+        elif msg.type == returnpath.RECV_BITMAP and self.bitmaps_due:
+            idstr, received = postcopy.decode_recv_bitmap(
+                msg, {b.idstr: b.used_length for b in self.blocks})
+            index = next(i for i, b in enumerate(self.blocks) if b.idstr == idstr)
+            self.unsent[index] = ~received  # what it has not got is dirty again
+            self.bitmaps_due.discard(idstr)
+        elif msg.type == returnpath.RESUME_ACK and self.in_postcopy:
+            self.resume_acked = True
         elif msg.type in (returnpath.REQ_PAGES, returnpath.REQ_PAGES_ID) and self.in_postcopy:
             req = postcopy.decode_request(msg, {b.idstr: b.used_length for b in self.blocks},
                                           self.last_request)
@@ -481,6 +493,7 @@ class Migration(Precopy):
                       "has no digests to compare)")
         sending = time.monotonic() - sending
         self._wait_for(lambda: self.shut is not None, RESULT_TIMEOUT, "say SHUT")
+        self._check_destination()  # closed without a word: a lost link (postcopy resumes)
         if self.shut != 0 or (self.peer_mfd and self.result.get("status") != "completed"):
             raise MfdError(self._failed_why())
         self.stats.end_time = time.monotonic()
@@ -528,22 +541,88 @@ class Migration(Precopy):
                      + discards + ping[0] + postcopy.encode_packaged(package) + ping[2])
         self.stats.run_time = time.monotonic()
         self.stats.status = "postcopy-active"
-        if self.options.postcopy_preempt:  # after the main channel (QEMU takes the next
-            # connection for it): it is there, its PONG came long ago
-            self.preempt = tcp.connect(self.addr, self.options.connect_timeout)
-        self._push()
-        self._stream(stream.encode_section_part(C.QEMU_VM_SECTION_END,
-                                                devices.RAM_SECTION_ID)
-                     + ram.encode_eos() + stream.encode_footer(devices.RAM_SECTION_ID)
-                     + stream.encode_eof()
-                     + (stream.encode_vmdesc(devices.vmdesc_json(self.options.machine, ()))
-                        if self.peer_mfd else b""))
-        self._finish([])
+        while True:
+            try:
+                if self.options.postcopy_preempt:  # after the main channel (QEMU takes the
+                    # next connection for it): it is there, its PONG came long ago
+                    self.preempt = tcp.connect(self.addr, self.options.connect_timeout)
+                    self.preempt_block = None
+                self._push()
+                self._stream(stream.encode_section_part(C.QEMU_VM_SECTION_END,
+                                                        devices.RAM_SECTION_ID)
+                             + ram.encode_eos() + stream.encode_footer(devices.RAM_SECTION_ID)
+                             + stream.encode_eof()
+                             + (stream.encode_vmdesc(devices.vmdesc_json(self.options.machine,
+                                                                         ()))
+                                if self.peer_mfd else b""))
+                self._finish([])
+                return
+            except tcp.LinkLost as e:
+                if self.shut is not None:
+                    raise
+                self._paused(str(e))
+
+    def _paused(self, why: str) -> None:
+        """QEMU's postcopy-paused: the link is gone, the guest stays stopped here with every
+        page the destination may lack; a QMP ``migrate`` with ``resume`` (to the same or
+        another address) reconnects: RECV_BITMAP per block (what is not there is dirty
+        again), POSTCOPY_RESUME, its RESUME_ACK, then the push goes on."""
+        if not self.monitored:  # nobody could ever resume it
+            raise tcp.LinkLost(why)
+        self.stats.status = "postcopy-paused"
+        self.warn(f"postcopy paused: {why}; resume with QMP migrate "
+                  '{"uri": ..., "resume": true} on this migration\'s monitor')
+        for sock in (self.sock, self.preempt):
+            if sock is not None:
+                with contextlib.suppress(KeyError):
+                    self.pool.unwatch(sock)
+                sock.close()
+        self.sock = self.preempt = None
+        while self.resume_uri is None:
+            time.sleep(0.05)
+            self._tick_paused()
+        uri, self.resume_uri = self.resume_uri, None
+        self.stats.status = "postcopy-recover"
+        self.addr = tcp.parse_uri(uri).resolved()
+        self.sock = tcp.connect(self.addr, self.options.connect_timeout)
+        self.returns = returnpath.ReturnPathDecoder()
+        self.returns.mfd = bool(self.peer_mfd)
+        self.closed, self.result = False, {}
+        self.pool.watch(self.sock, self._on_return_path)
+        self.requests.clear()
+        self.last_request, self.last_block = None, None
+        self.bitmaps_due = {b.idstr for b in self.blocks}
+        self.resume_acked = False
+        self._stream(b"".join(postcopy.encode_recv_bitmap_request(b.idstr)
+                              for b in self.blocks)
+                     + stream.encode_command(stream.Command(C.MIG_CMD_POSTCOPY_RESUME)))
+        self._wait_for(lambda: not self.bitmaps_due and self.resume_acked, PEER_TIMEOUT,
+                       "answer RECV_BITMAP and POSTCOPY_RESUME")
+        self._check_destination()
+        self.stats.remaining = sum(int(u.sum()) for u in self.unsent) * C.TARGET_PAGE_SIZE
+        self.stats.status = "postcopy-active"
+
+    def _tick_paused(self) -> None:
+        """While paused: cancel and the timeout still apply."""
+        if self.cancel_requested is not None:
+            raise Cancelled(self.cancel_requested)
+        timeout = self.options.timeout
+        if timeout is not None and time.monotonic() - self.stats.start > timeout:
+            raise Cancelled(f"migration did not complete within {timeout:g} s (--timeout)")
+
+    def migrate_resume(self, uri: str) -> None:
+        """QMP ``migrate`` with ``resume``: only a postcopy-paused migration resumes."""
+        if self.stats.status != "postcopy-paused":
+            raise MfdError(f"migrate resume: the migration is {self.stats.status}, not "
+                           "postcopy-paused")
+        tcp.parse_uri(uri)
+        self.resume_uri = uri
 
     def _push(self) -> None:
         """The pages not sent since the switch, in order, in one PART section; before
         each batch, the pages the destination asked for (QEMU without preempt: the
-        migration thread sends queued pages first and goes on from there)."""
+        migration thread sends queued pages first and goes on from there). Again from the
+        start after a recovery, of what the destination said it lacks."""
         self.begin_section(final=False)
         for block, unsent in enumerate(self.unsent):
             todo = np.flatnonzero(unsent)

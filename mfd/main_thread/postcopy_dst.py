@@ -133,6 +133,21 @@ class PostcopyPlacer:
                 self.requests += 1
         return b"".join(out)
 
+    def requests_again(self) -> bytes:
+        """After recovery: every page asked for and not here yet, asked for again (the
+        source's new connection knows nothing of the old requests)."""
+        out = []
+        self.last_requested = None
+        for block, requested in enumerate(self.requested):
+            idstr = self.blocks[block].idstr
+            pending = np.flatnonzero(requested & (self.receivedmap.received[block] == 0))
+            for page in pending.tolist():
+                out.append(postcopy.encode_request(
+                    page * TARGET_PAGE_SIZE, TARGET_PAGE_SIZE,
+                    idstr if idstr != self.last_requested else None))
+                self.last_requested = idstr
+        return b"".join(out)
+
     def _resolved(self, block: int, pages: np.ndarray) -> None:
         """Pages placed: the latency of those a thread was waiting for (few: a loop)."""
         asked = pages[self.requested[block][pages]]

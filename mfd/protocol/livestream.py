@@ -18,6 +18,9 @@ The same items, validations and events serve the live destination and the file p
     Discard(idstr, runs)             POSTCOPY_RAM_DISCARD: these pages are stale, drop them
     Listen()                         POSTCOPY_LISTEN (in the package): fault handling on
     Run()                            POSTCOPY_RUN (the package's end): the guest runs here
+    RecvBitmap(idstr)                RECV_BITMAP (recovery, a :meth:`resumed` decoder): send
+                                     the source what arrived of this block
+    Resume()                         POSTCOPY_RESUME: the source goes on
                                      (PACKAGED itself is transparent: its items are decoded
                                      as they come, checked to end where it says)
     Blocks([(idstr, used_length)])   ram START: MEM_SIZE and the block list
@@ -115,6 +118,16 @@ class Run:
 
 
 @dataclass(frozen=True)
+class RecvBitmap:
+    idstr: str
+
+
+@dataclass(frozen=True)
+class Resume:
+    pass
+
+
+@dataclass(frozen=True)
 class Blocks:
     blocks: list[tuple[str, int]]
     # absolute offset of each block's entry in the stream
@@ -194,8 +207,8 @@ class Command:
 Advise = postcopy.Advise
 Discard = postcopy.Discard
 Event = (Header | ReturnPath | Ping | SwitchoverStart | Advise | Discard | Listen | Run
-         | Blocks | Flush | SectionEnd | ZeroPages | Pages | Device | Skipped | Eof | Vmdesc
-         | Hashes | Section | Command)
+         | RecvBitmap | Resume | Blocks | Flush | SectionEnd | ZeroPages | Pages | Device
+         | Skipped | Eof | Vmdesc | Hashes | Section | Command)
 
 
 class StreamDecoder:
@@ -235,9 +248,21 @@ class StreamDecoder:
             self.sizes = dict(preempt)
             self.in_ram = stream.SectionHeader(C.QEMU_VM_SECTION_PART, -1)
         self.preempt = preempt is not None
+        self.resuming = False  # a recovery connection: RECV_BITMAPs, then POSTCOPY_RESUME
         self.eof = False
         self.vmdesc = False
         self.done = False
+
+    def resumed(self, what: str) -> StreamDecoder:
+        """Postcopy recovery: the decoder of the new main connection, which goes on from
+        this one's state (blocks, sections) with no header: RECV_BITMAP per block,
+        POSTCOPY_RESUME, then the rest of the RAM section's records as they come."""
+        new = StreamDecoder(what, framing=self.framing)
+        for name in ("header_done", "sizes", "section_names", "ram_section_id",
+                     "ram_complete", "blocks_seen", "advised", "listening", "mfd_source"):
+            setattr(new, name, getattr(self, name))
+        new.resuming = True
+        return new
 
     @property
     def offset(self) -> int:
@@ -467,6 +492,13 @@ class StreamDecoder:
             self.listening = True
         elif cmd.cmd == C.MIG_CMD_POSTCOPY_RUN and self.listening and not cmd.payload:
             event = Run()
+        elif cmd.cmd == C.MIG_CMD_RECV_BITMAP and self.resuming:
+            event = RecvBitmap(postcopy.decode_block_name(
+                cmd.payload, self.sizes, f"{self.what} at offset {r.base + at:#x}: "
+                "RECV_BITMAP"))
+        elif cmd.cmd == C.MIG_CMD_POSTCOPY_RESUME and self.resuming and not cmd.payload:
+            event = Resume()
+            self.resuming = False
         else:
             raise r.error(f"command {cmd.name} ({len(cmd.payload)} bytes) is not one mfd "
                           "takes here (COLO and postcopy recovery are not supported; "

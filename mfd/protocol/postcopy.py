@@ -18,6 +18,12 @@ Pure. Mirrors QEMU's ``migration/savevm.c`` (``qemu_savevm_send_postcopy_advise`
     return path, message data (be16 type, be16 len, data)
       REQ_PAGES_ID         be64 start, be32 length, u8 n, idstr[n] (a new block)
       REQ_PAGES            be64 start, be32 length (the last block named)
+    recovery after a cut link (a new main connection, no header)
+      RECV_BITMAP (cmd)    u8 n, idstr[n]: send me what you received of this block
+      POSTCOPY_RESUME      empty: go on
+      RECV_BITMAP (rp)     u8 n, idstr[n]; then, outside the length: be64 size, the
+                           received bitmap as little-endian u64 words, be64 end mark
+      RESUME_ACK (rp)      be32 1
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+import numpy as np
 
 from mfd.errors import ProtocolError
 from mfd.protocol import constants as C
@@ -160,3 +168,51 @@ def decode_request(msg: returnpath.Message, sizes: dict[str, int],
         raise ProtocolError(f"{what}: {start:#x}+{length:#x} is not whole pages inside "
                             f"block {idstr!r} ({sizes[idstr]:#x} bytes)")
     return PageRequest(idstr, start, length)
+
+
+RECV_BITMAP_END = 0x0123456789ABCDEF  # RAMBLOCK_RECV_BITMAP_ENDING
+_U64 = struct.Struct(">Q")
+
+
+def encode_recv_bitmap_request(idstr: str) -> bytes:
+    name = idstr.encode()
+    return stream.encode_command(stream.Command(C.MIG_CMD_RECV_BITMAP,
+                                                bytes([len(name)]) + name))
+
+
+def decode_block_name(payload: bytes, sizes: dict[str, int], what: str) -> str:
+    """RECV_BITMAP's block: u8 n, idstr[n], a block of this migration."""
+    if not payload or len(payload) != 1 + payload[0]:
+        raise ProtocolError(f"{what}: the block name does not fill its {len(payload)} bytes")
+    idstr = payload[1:].decode(errors="replace")
+    if idstr not in sizes:
+        raise ProtocolError(f"{what}: unknown block {idstr!r}")
+    return idstr
+
+
+def encode_recv_bitmap(idstr: str, received: np.ndarray) -> bytes:
+    """The destination's answer (``ramblock_recv_bitmap_send``): bit i set = page i here."""
+    name = idstr.encode()
+    bits = np.packbits(received.astype(bool), bitorder="little")
+    bits = np.concatenate([bits, np.zeros(-len(bits) % 8, dtype=np.uint8)])
+    return (returnpath.encode(returnpath.RECV_BITMAP, bytes([len(name)]) + name)
+            + _U64.pack(len(bits)) + bits.tobytes() + _U64.pack(RECV_BITMAP_END))
+
+
+def decode_recv_bitmap(msg: returnpath.Message, sizes: dict[str, int]) -> tuple[str, np.ndarray]:
+    """(block, received per page) from a RECV_BITMAP message (its data: the name, then what
+    follows outside its length: ``returnpath`` keeps it with the message)."""
+    what = "return path: RECV_BITMAP"
+    n = msg.data[0] if msg.data else 0
+    idstr = decode_block_name(msg.data[: 1 + n], sizes, what)
+    rest = msg.data[1 + n :]
+    size = _U64.unpack_from(rest)[0]
+    pages = sizes[idstr] // C.TARGET_PAGE_SIZE
+    if size != -(-pages // 64) * 8 or len(rest) != 16 + size:
+        raise ProtocolError(f"{what}: {size} bytes of bitmap for block {idstr!r}, expected "
+                            f"{-(-pages // 64) * 8}")
+    if _U64.unpack_from(rest, 8 + size)[0] != RECV_BITMAP_END:
+        raise ProtocolError(f"{what}: no end mark after block {idstr!r}'s bitmap")
+    bits = np.unpackbits(np.frombuffer(rest, dtype=np.uint8, count=size, offset=8),
+                         bitorder="little")[:pages].astype(bool)
+    return idstr, bits

@@ -35,6 +35,7 @@ _LENGTHS = {SHUT: 4, PONG: 4, REQ_PAGES_ID: -1, REQ_PAGES: 12, RECV_BITMAP: -1,
 _HDR = struct.Struct(">HH")
 _U32 = struct.Struct(">I")
 MAX_DATA = 0xFFFF
+MAX_BITMAP = 1 << 32  # a block of 128 TiB
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,10 @@ class Message:
     @property
     def name(self) -> str:
         return NAMES.get(self.type, f"type {self.type:#06x}")
+
+
+def encode_resume_ack() -> bytes:
+    return encode(RESUME_ACK, _U32.pack(1))
 
 
 def encode(kind: int, data: bytes = b"") -> bytes:
@@ -75,6 +80,19 @@ class ReturnPathDecoder:
         self.offset = 0
         self.mfd = False
 
+    def _recv_bitmap_size(self, size: int) -> int:
+        """RECV_BITMAP's whole size: its name, be64 n, n bytes, be64 end mark; -1 until
+        they are all here."""
+        at = _HDR.size + size
+        if len(self.buf) < at + 8:
+            return -1
+        n = struct.unpack_from(">Q", self.buf, at)[0]
+        if n > MAX_BITMAP:
+            raise ProtocolError(f"return path at offset {self.offset:#x}: RECV_BITMAP of {n} "
+                                "bytes")
+        whole = size + 8 + n + 8
+        return whole if len(self.buf) >= _HDR.size + whole else -1
+
     def feed(self, data: bytes) -> list[Message]:
         self.buf += data
         out = []
@@ -91,6 +109,10 @@ class ReturnPathDecoder:
                                     f"{NAMES[kind]} of {size} bytes, expected {known}")
             if len(self.buf) < _HDR.size + size:
                 break
+            if kind == RECV_BITMAP:  # the bitmap follows outside the length
+                size = self._recv_bitmap_size(size)
+                if size < 0:
+                    break
             msg = Message(kind, bytes(self.buf[_HDR.size : _HDR.size + size]))
             if kind == PONG and msg.value == peer.MFD_PONG:
                 self.mfd = True  # its MFD_RESULT may follow in these very bytes
