@@ -96,3 +96,106 @@ def test_qemu_to_mfd_postcopy(shm_file, guests, preempt):
     assert info["status"] == "completed"
     assert res["status"] == "completed" and res["source"] == "qemu"
     assert_same_ram(src, res["blocks"]["mem"])
+
+
+def _until(cond, what: str, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def _mfd_status(qmp: str) -> str | None:
+    from mfd.errors import MfdError
+    from mfd.monitor import monitor_command
+
+    try:
+        return monitor_command(qmp, "query-migrate", None, 2.0)["return"]["status"]
+    except (MfdError, KeyError):
+        return None
+
+
+def test_qemu_to_mfd_postcopy_recovery(shm_file, guests, tmp_path):
+    """QEMU's source, the link cut mid-postcopy: QEMU and mfd both pause; QEMU's migrate
+    with resume=true to mfd's port completes it; RAM equal."""
+    from netutil import Relay
+
+    from mfd.monitor import monitor_command
+
+    src = shm_file("qemu-src")
+    generate(str(src), SIZE, seed=4)
+    dst = f"pr{os.getpid()}"
+    guests.adopt(dst)
+    port, relay_port = free_ports(1), free_ports(1)
+    dst_qmp = str(tmp_path / "dst.qmp")
+    relay = Relay(relay_port, port, 1)
+    try:
+        with Mfd("incoming", "--listen", f"tcp:127.0.0.1:{port}", "--guest", dst,
+                 "--postcopy-ram", "--json", "--timeout", str(WAIT), "--monitor",
+                 dst_qmp) as inc, QemuMachine(str(src), SIZE, timeout=QMP_TIMEOUT) as q:
+            wait_listening(port, inc.alive)
+            q.set_migration(postcopy=True)
+            q.qmp("migrate-set-parameters", **{"max-bandwidth": 16 << 20,
+                                               "max-postcopy-bandwidth": 4 << 20})
+            q.start_migrate(f"tcp:127.0.0.1:{relay_port}")
+            time.sleep(0.5)
+            q.qmp("migrate-start-postcopy")
+            _until(lambda: q.qmp("query-migrate")["status"] == "postcopy-active",
+                   "QEMU did not start postcopy")
+            time.sleep(0.5)
+            relay.cut()
+            _until(lambda: q.qmp("query-migrate")["status"] == "postcopy-paused",
+                   "QEMU did not pause")
+            _until(lambda: _mfd_status(dst_qmp) == "postcopy-paused", "mfd did not pause")
+            assert monitor_command(dst_qmp, "migrate-recover",
+                                   {"uri": f"tcp:127.0.0.1:{port}"}, 5.0) == {"return": {}}
+            q.qmp("migrate", uri=f"tcp:127.0.0.1:{port}", resume=True)
+            info = q.wait_migration(WAIT)
+            res = inc.completed(WAIT)
+        assert info["status"] == "completed" and res["status"] == "completed"
+        assert_same_ram(src, res["blocks"]["mem"])
+    finally:
+        relay.cut()
+
+
+def test_mfd_to_qemu_postcopy_recovery(shm_file, guests, tmp_path):
+    """mfd's source, the link cut mid-postcopy: both pause; QEMU's migrate-recover on a
+    new port and mfd's migrate with resume=true to it complete it; RAM equal."""
+    from netutil import Relay
+
+    from mfd.monitor import monitor_command
+
+    src, _ = guests.start("64M", "--dirty-rate", "100M")
+    out = shm_file("qemu-dst")
+    with open(out, "wb") as f:
+        f.truncate(SIZE)
+    port, relay_port, again = free_ports(1), free_ports(1), free_ports(1)
+    src_qmp = str(tmp_path / "src.qmp")
+    relay = Relay(relay_port, port, 1)
+    try:
+        with QemuMachine(str(out), SIZE, incoming=True, timeout=QMP_TIMEOUT) as q:
+            q.set_migration(postcopy=True)
+            q.start_migrate_incoming(f"tcp:127.0.0.1:{port}")
+            with Mfd("migrate", f"tcp:127.0.0.1:{relay_port}", "--guest", src,
+                     "--no-multifd", "--postcopy-ram", "--postcopy-after", "0.5",
+                     "--max-bandwidth", "30M", "--max-postcopy-bandwidth", "4M",
+                     "--keep-source", "--json", "--monitor", src_qmp) as mig:
+                _until(lambda: q.qmp("query-migrate").get("status") == "postcopy-active",
+                       "QEMU did not see postcopy start")
+                time.sleep(0.5)
+                relay.cut()
+                _until(lambda: q.qmp("query-migrate").get("status") == "postcopy-paused",
+                       "QEMU did not pause")
+                _until(lambda: _mfd_status(src_qmp) == "postcopy-paused",
+                       "mfd did not pause")
+                q.qmp("migrate-recover", uri=f"tcp:127.0.0.1:{again}")
+                assert monitor_command(src_qmp, "migrate", {"uri": f"tcp:127.0.0.1:{again}",
+                                                            "resume": True}, 5.0) == \
+                    {"return": {}}
+                res = mig.completed(WAIT)
+            info = q.wait_migration(WAIT)
+        assert info["status"] == "completed" and res["status"] == "completed"
+        with control.GuestClient(src) as g:
+            assert_same_ram(g.query()["blocks"][0]["path"], out)
+    finally:
+        relay.cut()
