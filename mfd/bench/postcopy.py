@@ -72,7 +72,7 @@ class PostcopyBench:
             g.cont()
 
     def migrate(self, postcopy: bool) -> dict[str, Any]:
-        from mfd.main_thread.migrate import MigrateOptions
+        from mfd.main_thread.migrate import Cancelled, MigrateOptions
         from mfd.options import MigrationParameters
 
         src, dst = f"bench-pc-src-{os.getpid()}", f"bench-pc-dst-{os.getpid()}"
@@ -92,8 +92,11 @@ class PostcopyBench:
             with Incoming(self.ws, args + (["--postcopy-ram"] if postcopy else []),
                           port) as inc:
                 time.sleep(SETTLE)
+                t0 = time.perf_counter()
                 try:
                     r, dt = inc.migrate(uri, guest=src, params=params, options=options)
+                except Cancelled:  # --live-timeout: precopy did not converge in time
+                    return {"seconds": time.perf_counter() - t0, "converged": False}
                 except Exception as e:
                     raise inc.explain(e) from e
                 dest = inc.result()
@@ -102,7 +105,8 @@ class PostcopyBench:
             pc = dest.get("postcopy") or {}
             lat = [x / 1000 for x in pc.get("x-latencies-us", [])]
             run_at = r.query_migrate.get("x-postcopy-run-at", r.total_time_ms)
-            return {"seconds": dt, **figures(r), "run_at_s": run_at / 1000,
+            return {"seconds": dt, "converged": True, **figures(r),
+                    "run_at_s": run_at / 1000,
                     "postcopy_requests": pc.get("postcopy-requests", 0),
                     "latency_median_ms": _percentile(lat, 0.5),
                     "latency_p99_ms": _percentile(lat, 0.99),
