@@ -312,6 +312,7 @@ def test_the_link_cut_mid_postcopy_then_recovered(guests, tmp_path, preempt):
                         "--monitor", src_qmp, *flag)
     try:
         _until(lambda: _status(src_qmp) == "postcopy-active", "postcopy did not start")
+        _until(lambda: _status(dst_qmp) == "postcopy-active", "the guest did not run")
         time.sleep(0.5)
         relay.cut()
         _until(lambda: _status(src_qmp) == "postcopy-paused", "the source did not pause")
@@ -347,6 +348,7 @@ def test_a_recv_bitmap_for_an_unknown_block(guests, tmp_path):
                         "--monitor", src_qmp)
     try:
         _until(lambda: _status(src_qmp) == "postcopy-active", "postcopy did not start")
+        _until(lambda: _status(dst_qmp) == "postcopy-active", "the guest did not run")
         relay.cut()
         _until(lambda: _status(dst_qmp) == "postcopy-paused", "the destination did not pause")
         with socket.create_connection(("127.0.0.1", port)) as s:

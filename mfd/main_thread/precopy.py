@@ -29,7 +29,7 @@ import numpy as np
 from mfd.errors import MfdError
 from mfd.main_thread.convergence import AutoConverge, BandwidthMeter, RateLimiter
 from mfd.main_thread.pipeline import ChannelPool, OnDone
-from mfd.main_thread.scanner import dirty_batches, new_bmap, popcount
+from mfd.main_thread.scanner import dirty_batches, new_bmap, popcount, set_pages
 from mfd.main_thread.stats import MigrationStats
 from mfd.options import MigrationParameters
 from mfd.protocol import constants as C
@@ -160,10 +160,7 @@ class Precopy:
         start = time.monotonic()
         legacy = self.params.zero_page_detection == "legacy"
         self.begin_section(final)
-        for i, words in enumerate(self.bmap):
-            for lo, hi in self._clear_chunks(i, words):
-                for batch in dirty_batches(words, self.batch_pages, lo, hi):
-                    self._queue(i, batch, legacy)
+        self._sweep(legacy, final)
         if not self.skip_round_sync:
             self.end_round()
         self.end_section(final)
@@ -172,6 +169,20 @@ class Precopy:
         self.stats.rounds.append({"round": self.stats.dirty_sync_count,
                                   "bytes": self.round_bytes, "seconds": elapsed,
                                   "throttle": self.stats.cpu_throttle_percentage})
+
+    def _sweep(self, legacy: bool, final: bool) -> None:
+        """The round's pages to the channels, batch by batch. A switch to postcopy comes
+        between batches, as QEMU's between its iterations, not at the round's end: what was
+        not sent stays dirty (and is discarded at the switch)."""
+        for i, words in enumerate(self.bmap):
+            for lo, hi in self._clear_chunks(i, words):
+                batches = dirty_batches(words, self.batch_pages, lo, hi)
+                for batch in batches:
+                    if not final and self.postcopy_due():
+                        for rest in (batch, *batches):
+                            set_pages(words, rest)
+                        return
+                    self._queue(i, batch, legacy)
 
     def _clear_chunks(self, block: int, words: np.ndarray) -> Iterator[tuple[int, int]]:
         """The block's bmap in clear_bmap chunks, as word ranges [lo, hi). A KVM guest with

@@ -35,6 +35,13 @@ def popcount(words: np.ndarray) -> int:
     return int(np.unpackbits(words.view(np.uint8)).sum()) if len(words) else 0
 
 
+def set_pages(words: np.ndarray, pages: np.ndarray) -> None:
+    """Mark ``pages`` dirty again in a bmap (what :func:`take_dirty` took and was not sent)."""
+    pages = pages.astype(np.uint64, copy=False)
+    np.bitwise_or.at(words, (pages >> np.uint64(6)).astype(np.intp),
+                     np.left_shift(np.uint64(1), pages & np.uint64(63)))
+
+
 def take_dirty(words: np.ndarray, start: int, count: int) -> np.ndarray:
     """Indices of the set bits in ``words[start:start+count]``, clearing them.
 
