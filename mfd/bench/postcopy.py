@@ -5,9 +5,9 @@ full one.
   else the built-in workload) dirtying pages at twice the link's rate, the link capped with
   max-bandwidth (LINK). Precopy (the largest channel count, auto-converge) against postcopy
   (the main channel, as QEMU: no multifd with postcopy; the switch after POSTCOPY_AFTER s of
-  precopy; the push at the same cap). Recorded: total time, downtime, when the destination's
-  guest ran (precopy: at completion), pages it asked for, the fault latency (from the fault
-  to the page placed) median and p99.
+  precopy; the push at the same cap; with and without postcopy-preempt). Recorded: total
+  time, downtime, when the destination's guest ran (precopy: at completion), pages it asked
+  for, the fault latency (from the fault to the page placed) median and p99.
 * **restore:** the writing guest (the image's data) saved to a mapped-ram file on the disk
   (mfd's, with its trailer: restored, the guest goes on writing);
   a full ``mfd restore --guest`` (the guest may run once it returns) against ``--lazy`` (the
@@ -71,7 +71,7 @@ class PostcopyBench:
             self.ws.image.copy(block["path"], fresh=False, start=DATA if self.kvm else 0)
             g.cont()
 
-    def migrate(self, postcopy: bool) -> dict[str, Any]:
+    def migrate(self, postcopy: bool, preempt: bool = False) -> dict[str, Any]:
         from mfd.main_thread.migrate import Cancelled, MigrateOptions
         from mfd.options import MigrationParameters
 
@@ -87,10 +87,12 @@ class PostcopyBench:
                                          auto_converge=not postcopy)
             options = MigrateOptions(multifd=not postcopy, postcopy=postcopy,
                                      postcopy_after=POSTCOPY_AFTER if postcopy else None,
+                                     postcopy_preempt=preempt,
                                      timeout=self.ws.settings.live_timeout)
             args = ["--listen", uri, "--guest", dst, "--json"]
-            with Incoming(self.ws, args + (["--postcopy-ram"] if postcopy else []),
-                          port) as inc:
+            args += ["--postcopy-ram"] if postcopy else []
+            args += ["--postcopy-preempt"] if preempt else []
+            with Incoming(self.ws, args, port) as inc:
                 time.sleep(SETTLE)
                 t0 = time.perf_counter()
                 try:
@@ -155,10 +157,13 @@ class PostcopyBench:
                    f"precopy, {self.channels} ch, auto-converge, {who}",
                    {"postcopy": False, "link": LINK, "dirty_rate": 2 * LINK, "kvm": self.kvm},
                    lambda: self.migrate(False)),
-            Config("postcopy-postcopy", "postcopy migrate", "mfd",
-                   f"postcopy after {POSTCOPY_AFTER:g} s, {who}",
-                   {"postcopy": True, "link": LINK, "dirty_rate": 2 * LINK, "kvm": self.kvm},
-                   lambda: self.migrate(True)),
+            *[Config(f"postcopy-postcopy{'-preempt' if preempt else ''}", "postcopy migrate",
+                     "mfd", f"postcopy after {POSTCOPY_AFTER:g} s"
+                     + (", preempt" if preempt else "") + f", {who}",
+                     {"postcopy": True, "preempt": preempt, "link": LINK,
+                      "dirty_rate": 2 * LINK, "kvm": self.kvm},
+                     lambda preempt=preempt: self.migrate(True, preempt))
+              for preempt in (False, True)],
         ]
         for lazy in (False, True):
             out.append(Config(f"postcopy-restore-{'lazy' if lazy else 'full'}",
