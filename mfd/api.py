@@ -185,8 +185,7 @@ def restore(path: str, *, images: dict[str, str] | None = None, guest: str | Non
             described = client.execute("describe")
             targets = {b.idstr: b for b in guest_blocks(described)}
             if lazy:
-                uffd, bases = receive_uffd(client, len(mf.blocks))
-                faults = FileFaults(opened, uffd, bases)
+                faults = FileFaults(opened, receive_uffd(client, mf.blocks))
                 client.execute("postcopy-run", workload=described["workload"],
                                run=x_run_exits is None)
                 if x_run_exits is not None:
@@ -194,9 +193,10 @@ def restore(path: str, *, images: dict[str, str] | None = None, guest: str | Non
                 running_after = time.monotonic() - start
             result = loader.load(opened, targets, channels, direct_io, faults,
                                  x_channel_delay)
-            if faults is not None:  # every page is in: its counter may be read
+            if faults is not None:  # every page is in: unregistered, the guest's uffd goes
                 exits = client.execute("describe")["workload"].get("exits")
-                _end_lazy(faults, mf.blocks, client)
+                faults.close()
+                client.execute("postcopy-end")
         except BaseException:
             with contextlib.suppress(MfdError):
                 client.quit()
@@ -204,22 +204,12 @@ def restore(path: str, *, images: dict[str, str] | None = None, guest: str | Non
         finally:
             if faults is not None:
                 faults.close()
-                faults.uffd.close()
             client.close()
         return RestoreResult(path, {k: v.path for k, v in targets.items()},
                              time.monotonic() - start if lazy else result.seconds,
                              result.bytes_read, result.verified, guest,
                              _verified_digests(mf, result.verified), running_after,
                              faults.count if faults else 0, exits if faults else None)
-
-
-def _end_lazy(faults: FileFaults, blocks, client: control.GuestClient) -> None:
-    """All RAM is in: unregister (a thread of the guest blocked on a page is woken and maps
-    it itself: a zero page the file does not hold), then the guest closes its uffd."""
-    for base, b in zip(faults.bases, blocks, strict=True):
-        with contextlib.suppress(OSError):
-            faults.uffd.unregister(base, b.used_length)
-    client.execute("postcopy-end")
 
 
 def _restore_images(opened: loader.OpenedFile, images: dict[str, str], channels: int,

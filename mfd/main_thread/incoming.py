@@ -451,7 +451,7 @@ class Incoming:
             self.postcopy_stats = {"postcopy-requests": self.postcopy.requests,
                                    **self.postcopy.latency(),
                                    "x-latencies-us": [round(x * 1e6)
-                                                      for x in self.postcopy.latencies]}
+                                                      for x, _ in self.postcopy.latencies]}
             self._unwatch(self.postcopy.fileno())
             self.postcopy.close()  # first: the guest may be waiting on a page right now
             self.postcopy = None

@@ -19,54 +19,48 @@ mapping.
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 
 from mfd.errors import ProtocolError
 from mfd.protocol import migration_file as mfile
 from mfd.protocol.constants import TARGET_PAGE_SIZE
-from mfd.shm.uffd import UserfaultFd
+from mfd.shm.uffd import GuestRAM
 
 
 class FileFaults:
     """The running guest's faults, served from the file."""
 
-    def __init__(self, opened, uffd: UserfaultFd, bases: list[int]) -> None:
+    def __init__(self, opened, ram: GuestRAM) -> None:
         mf: mfile.MigrationFile = opened.file
-        self.uffd, self.bases = uffd, bases
-        self.ends = [base + b.used_length for base, b in zip(bases, mf.blocks, strict=True)]
+        self.ram = ram
         self.bits = [mfile.read_bitmap(opened.mm, b) for b in mf.blocks]
         self.slots = [b.mapped_ram.pages_offset for b in mf.blocks]  # type: ignore[union-attr]
         self.fd = os.open(opened.path, os.O_RDONLY)
         self.page = np.empty(TARGET_PAGE_SIZE, dtype=np.uint8)
         self.count = 0
-        self.first: float | None = None  # when the guest first needed a page
 
     def fileno(self) -> int:
-        return self.uffd.fileno()
+        return self.ram.uffd.fileno()
 
     def serve(self) -> None:
-        for fault in self.uffd.faults():
-            block = next((i for i, (lo, hi) in enumerate(zip(self.bases, self.ends,
-                                                             strict=True))
-                          if lo <= fault.address < hi), None)
-            if block is None:
-                raise ProtocolError(f"userfaultfd: a fault at {fault.address:#x}, outside "
-                                    "every RAM block")
-            page = (fault.address - self.bases[block]) // TARGET_PAGE_SIZE
-            dst = self.bases[block] + page * TARGET_PAGE_SIZE
+        for fault in self.ram.uffd.faults():
+            block, page = self.ram.locate(fault.address)
+            dst = self.ram.address(block, page)
             self.count += 1
-            if self.first is None:
-                self.first = time.monotonic()
             if not self.bits[block][page]:
-                self.uffd.zeropage(dst, TARGET_PAGE_SIZE)
+                self.ram.uffd.zeropage(dst, TARGET_PAGE_SIZE)
                 continue
             at = self.slots[block] + page * TARGET_PAGE_SIZE
             if os.preadv(self.fd, [memoryview(self.page)], at) != TARGET_PAGE_SIZE:
                 raise ProtocolError(f"short read of page {page} at {at:#x} (file "
                                     "truncated?)")
-            self.uffd.copy(dst, self.page.ctypes.data, TARGET_PAGE_SIZE)
+            self.ram.uffd.copy(dst, self.page.ctypes.data, TARGET_PAGE_SIZE)
 
     def close(self) -> None:
-        os.close(self.fd)
+        """All RAM is in (or the restore failed): the guest's RAM unregistered (a thread
+        blocked on a page the file does not hold maps it itself), the file closed; once."""
+        if self.fd >= 0:
+            self.ram.close()
+            os.close(self.fd)
+            self.fd = -1

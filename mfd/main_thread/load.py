@@ -269,7 +269,8 @@ def load_mapped_ram(opened: OpenedFile, targets: dict[str, RAMBlock], channels: 
         pages_offsets=tuple(b.mapped_ram.pages_offset for b in mf.blocks),
         direct_io=direct_io, verify=verify,
         uffd=faults.fileno() if faults else -1,
-        bases=tuple(faults.bases) if faults else (), delay=delay) for i in range(channels)]
+        bases=tuple(faults.ram.bases) if faults else (), delay=delay)
+        for i in range(channels)]
     moved = [0]
 
     def done(check: ChunkCheck | None, pairs: np.ndarray) -> OnDone:

@@ -118,6 +118,8 @@ class Migration(Precopy):
         self.in_postcopy = False  # the destination's guest may run: never resume ours
         self.unsent: list[np.ndarray] = []  # postcopy: pages not sent since the switch
         self.requests: deque[tuple[int, int, int]] = deque()  # (block, first page, pages)
+        self.sizes = {b.idstr: b.used_length for b in blocks}  # what requests may name
+        self.index = {b.idstr: i for i, b in enumerate(blocks)}
         self.last_request: str | None = None
         self.preempt: socket.socket | None = None  # postcopy-preempt's channel
         self.preempt_block: int | None = None  # the block its records last named
@@ -173,19 +175,15 @@ class Migration(Precopy):
         elif msg.type == returnpath.MFD_RESULT:
             self.result = peer.decode_result(msg.data)
         elif msg.type == returnpath.RECV_BITMAP and self.bitmaps_due:
-            idstr, received = postcopy.decode_recv_bitmap(
-                msg, {b.idstr: b.used_length for b in self.blocks})
-            index = next(i for i, b in enumerate(self.blocks) if b.idstr == idstr)
-            self.unsent[index] = ~received  # what it has not got is dirty again
+            idstr, received = postcopy.decode_recv_bitmap(msg, self.sizes)
+            self.unsent[self.index[idstr]] = ~received  # what it lacks is dirty again
             self.bitmaps_due.discard(idstr)
         elif msg.type == returnpath.RESUME_ACK and self.in_postcopy:
             self.resume_acked = True
         elif msg.type in (returnpath.REQ_PAGES, returnpath.REQ_PAGES_ID) and self.in_postcopy:
-            req = postcopy.decode_request(msg, {b.idstr: b.used_length for b in self.blocks},
-                                          self.last_request)
+            req = postcopy.decode_request(msg, self.sizes, self.last_request)
             self.last_request = req.idstr
-            index = next(i for i, b in enumerate(self.blocks) if b.idstr == req.idstr)
-            self.requests.append((index, req.start // C.TARGET_PAGE_SIZE,
+            self.requests.append((self.index[req.idstr], req.start // C.TARGET_PAGE_SIZE,
                                   req.length // C.TARGET_PAGE_SIZE))
             self.stats.postcopy_requests += 1
         else:
@@ -422,14 +420,7 @@ class Migration(Precopy):
             self.hashes.record(block, words, normal)
         for at in range(0, len(normal), INLINE_PAGES):
             part = normal[at : at + INLINE_PAGES]
-            addrs = part.astype(np.uint64) * np.uint64(C.TARGET_PAGE_SIZE)
-            first = ram.encode_page_header(int(addrs[0]), C.RAM_SAVE_FLAG_PAGE,
-                                           self._name(block))
-            rest = (addrs[1:] | np.uint64(C.RAM_SAVE_FLAG_PAGE | C.RAM_SAVE_FLAG_CONTINUE)
-                    ).astype(">u8")
-            headers = [first, *rest.view(np.uint8).reshape(-1, 8)]
-            rows = (words[p] for p in part.tolist())
-            self._stream([b for pair in zip(headers, rows, strict=True) for b in pair])
+            self._stream(_page_records(words, part, self._name(block)))
         moved = self.stats.transferred - before
         self.stats.transferred = before  # on_done counts it
         self.on_done(block, pages, moved, nonzero, b"")
@@ -657,14 +648,10 @@ class Migration(Precopy):
         guest memory, flushed at once."""
         assert self.preempt is not None
         words = self.mapped[block].words
-        bufs: list = []
-        for p in pages.tolist():
-            idstr = None if self.preempt_block == block else self.blocks[block].idstr
-            self.preempt_block = block
-            bufs += [ram.encode_page_header(p * C.TARGET_PAGE_SIZE, C.RAM_SAVE_FLAG_PAGE,
-                                            idstr), words[p]]
+        idstr = None if self.preempt_block == block else self.blocks[block].idstr
+        self.preempt_block = block
         try:
-            sent = tcp.send_all(self.preempt, bufs, self._tick)
+            sent = tcp.send_all(self.preempt, _page_records(words, pages, idstr), self._tick)
         except tcp.LinkLost as e:
             raise tcp.LinkLost(f"preempt channel: {e}") from None
         self.stats.transferred += sent
@@ -728,6 +715,19 @@ class Migration(Precopy):
 
     def migrate_cancel(self) -> None:
         self.cancel_requested = "cancelled by migrate_cancel"
+
+
+def _page_records(words: np.ndarray, pages: np.ndarray, idstr: str | None) -> list:
+    """PAGE records of ``pages`` (at most IOV_MAX / 2 of them, sorted) as buffers for one
+    sendmsg: each be64 header followed by the page straight from guest memory, the first
+    naming the block unless ``idstr`` is None (it CONTINUEs the block named last)."""
+    addrs = pages.astype(np.uint64) * np.uint64(C.TARGET_PAGE_SIZE)
+    first = ram.encode_page_header(int(addrs[0]), C.RAM_SAVE_FLAG_PAGE, idstr)
+    rest = (addrs[1:] | np.uint64(C.RAM_SAVE_FLAG_PAGE | C.RAM_SAVE_FLAG_CONTINUE)
+            ).astype(">u8")
+    headers = [first, *rest.view(np.uint8).reshape(-1, 8)]
+    rows = (words[p] for p in pages.tolist())
+    return [b for pair in zip(headers, rows, strict=True) for b in pair]
 
 
 def failure(e: BaseException, peer_reason: Callable[[], str | None]

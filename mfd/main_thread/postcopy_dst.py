@@ -33,14 +33,14 @@ import time
 import numpy as np
 import orjson
 
-from mfd.errors import MfdError, ProtocolError
+from mfd.errors import MfdError
 from mfd.protocol import postcopy
 from mfd.protocol.constants import TARGET_PAGE_SIZE
 from mfd.protocol.mapped_ram import page_runs
 from mfd.shm import control, pagehash
 from mfd.shm.ramblock import MappedBlock, RAMBlock
 from mfd.shm.receivedmap import ReceivedMap
-from mfd.shm.uffd import UserfaultFd, open_uffd
+from mfd.shm.uffd import GuestRAM, UserfaultFd, open_uffd
 
 LISTEN_TIMEOUT = 10.0
 LATENCY_BUCKETS = 24  # QEMU's postcopy-latency-dist: 1 us .. 8 s
@@ -66,15 +66,12 @@ class PostcopyPlacer:
         # (block, page) asked for -> when and by which thread it faulted (QEMU 10.1's
         # postcopy latency: from the fault to the page placed)
         self.waiting: dict[tuple[int, int], tuple[float, int]] = {}
-        self.latency_dist = [0] * LATENCY_BUCKETS  # [2^n, 2^(n+1)) us
-        self.thread_latency: dict[int, list[float]] = {}  # thread -> [seconds, faults]
-        self.latencies: list[float] = []  # each one, seconds (for medians and p99)
+        self.latencies: list[tuple[float, int]] = []  # (seconds, faulting thread) each
         self.guest_pid = int(guest.execute("describe")["pid"])  # to end it if it hangs
-        self.uffd, self.bases = receive_uffd(guest, len(blocks))
-        self.ends = [base + b.used_length for base, b in zip(self.bases, blocks, strict=True)]
+        self.ram = receive_uffd(guest, blocks)
 
     def fileno(self) -> int:
-        return self.uffd.fileno()
+        return self.ram.uffd.fileno()
 
     def pages(self, block: int, pages: np.ndarray, data: np.ndarray) -> None:
         """PAGE records: each run of consecutive pages not here yet, gathered into one
@@ -88,8 +85,8 @@ class PostcopyPlacer:
         src = rows.ctypes.data
         at = 0
         for start, end in page_runs(pages).tolist():
-            self.uffd.copy(self.bases[block] + start * TARGET_PAGE_SIZE,
-                           src + at * TARGET_PAGE_SIZE, (end - start) * TARGET_PAGE_SIZE)
+            self.ram.uffd.copy(self.ram.address(block, start), src + at * TARGET_PAGE_SIZE,
+                           (end - start) * TARGET_PAGE_SIZE)
             at += end - start
         received[pages] = 1
         self._resolved(block, pages)
@@ -100,7 +97,7 @@ class PostcopyPlacer:
         received = self.receivedmap.received[block]
         pages = np.unique(pages[received[pages] == 0])
         for start, end in page_runs(pages).tolist():
-            self.uffd.zeropage(self.bases[block] + start * TARGET_PAGE_SIZE,
+            self.ram.uffd.zeropage(self.ram.address(block, start),
                                (end - start) * TARGET_PAGE_SIZE)
         received[pages] = 1
         self._resolved(block, pages)
@@ -110,43 +107,33 @@ class PostcopyPlacer:
     def faults(self) -> bytes:
         """The guest's pending faults: the page requests they make (return path bytes)."""
         out = []
-        for fault in self.uffd.faults():
-            block = next((i for i, (lo, hi) in enumerate(zip(self.bases, self.ends,
-                                                             strict=True))
-                          if lo <= fault.address < hi), None)
-            if block is None:  # not ours: the kernel sends only registered ranges
-                raise ProtocolError(f"userfaultfd: a fault at {fault.address:#x}, outside "
-                                    "every RAM block")
-            page = (fault.address - self.bases[block]) // TARGET_PAGE_SIZE
+        for fault in self.ram.uffd.faults():
+            block, page = self.ram.locate(fault.address)
             if self.receivedmap.received[block][page]:
                 # here already (woken), or received as zero and still a hole (mapped now)
-                self.uffd.zeropage(self.bases[block] + page * TARGET_PAGE_SIZE,
-                                   TARGET_PAGE_SIZE)
+                self.ram.uffd.zeropage(self.ram.address(block, page), TARGET_PAGE_SIZE)
             elif not self.requested[block][page]:
                 self.requested[block][page] = True
                 self.waiting[(block, page)] = (time.monotonic(), fault.thread)
-                idstr = self.blocks[block].idstr
-                out.append(postcopy.encode_request(
-                    page * TARGET_PAGE_SIZE, TARGET_PAGE_SIZE,
-                    idstr if idstr != self.last_requested else None))
-                self.last_requested = idstr
+                out.append(self._request(block, page))
                 self.requests += 1
         return b"".join(out)
 
     def requests_again(self) -> bytes:
         """After recovery: every page asked for and not here yet, asked for again (the
         source's new connection knows nothing of the old requests)."""
-        out = []
         self.last_requested = None
-        for block, requested in enumerate(self.requested):
-            idstr = self.blocks[block].idstr
-            pending = np.flatnonzero(requested & (self.receivedmap.received[block] == 0))
-            for page in pending.tolist():
-                out.append(postcopy.encode_request(
-                    page * TARGET_PAGE_SIZE, TARGET_PAGE_SIZE,
-                    idstr if idstr != self.last_requested else None))
-                self.last_requested = idstr
-        return b"".join(out)
+        return b"".join(
+            self._request(block, page) for block, requested in enumerate(self.requested)
+            for page in np.flatnonzero(
+                requested & (self.receivedmap.received[block] == 0)).tolist())
+
+    def _request(self, block: int, page: int) -> bytes:
+        """REQ_PAGES_ID when the block differs from the last request's, else REQ_PAGES."""
+        idstr = self.blocks[block].idstr
+        named = idstr if idstr != self.last_requested else None
+        self.last_requested = idstr
+        return postcopy.encode_request(page * TARGET_PAGE_SIZE, TARGET_PAGE_SIZE, named)
 
     def _resolved(self, block: int, pages: np.ndarray) -> None:
         """Pages placed: the latency of those a thread was waiting for (few: a loop)."""
@@ -156,35 +143,28 @@ class PostcopyPlacer:
         now = time.monotonic()
         for page in asked.tolist():
             when = self.waiting.pop((block, page), None)
-            if when is None:
-                continue
-            seconds = now - when[0]
-            self.latencies.append(seconds)
-            bucket = max(0, int(seconds * 1e6)).bit_length() - 1
-            self.latency_dist[min(max(bucket, 0), LATENCY_BUCKETS - 1)] += 1
-            per = self.thread_latency.setdefault(when[1], [0.0, 0])
-            per[0] += seconds
-            per[1] += 1
+            if when is not None:
+                self.latencies.append((now - when[0], when[1]))
         self.requested[block][asked] = False
 
     def latency(self) -> dict[str, object]:
         """QEMU 10.1's figures (``query-migrate``): the average from fault to placement of
-        the pages asked for (ns), per faulting thread (the vCPUs), the log2 histogram (us)."""
-        total = sum(s for s, _ in self.thread_latency.values())
-        count = sum(n for _, n in self.thread_latency.values())
-        return {"postcopy-latency": round(total / count * 1e9) if count else 0,
-                "postcopy-vcpu-latency": [round(s / n * 1e9) for s, n in
-                                          self.thread_latency.values()],
-                "postcopy-latency-dist": list(self.latency_dist)}
+        the pages asked for (ns), per faulting thread (the vCPUs), the log2 histogram of
+        [2^n, 2^(n+1)) us buckets."""
+        dist = [0] * LATENCY_BUCKETS
+        threads: dict[int, list[float]] = {}
+        for seconds, thread in self.latencies:
+            dist[min(max(int(seconds * 1e6).bit_length() - 1, 0), LATENCY_BUCKETS - 1)] += 1
+            threads.setdefault(thread, []).append(seconds)
+        total = sum(s for s, _ in self.latencies)
+        return {"postcopy-latency": round(total / len(self.latencies) * 1e9)
+                if self.latencies else 0,
+                "postcopy-vcpu-latency": [round(sum(xs) / len(xs) * 1e9)
+                                          for xs in threads.values()],
+                "postcopy-latency-dist": dist}
 
     def close(self) -> None:
-        """Unregister the guest's RAM through our copy of its uffd: a thread of the guest
-        blocked on a page (a zero page received as a hole, touched just now) is woken and
-        maps it itself; the guest may then close its own fd whenever it is told."""
-        for base, b in zip(self.bases, self.blocks, strict=True):
-            with contextlib.suppress(OSError):
-                self.uffd.unregister(base, b.used_length)
-        self.uffd.close()
+        self.ram.close()
 
 
 def discard(mapped: MappedBlock, receivedmap: np.ndarray, hashes: np.ndarray | None,
@@ -198,8 +178,9 @@ def discard(mapped: MappedBlock, receivedmap: np.ndarray, hashes: np.ndarray | N
             hashes[pages] = 0
 
 
-def receive_uffd(guest: control.GuestClient, nblocks: int) -> tuple[UserfaultFd, list[int]]:
-    """LISTEN: ask the guest for its uffd, over a unix socket made for it."""
+def receive_uffd(guest: control.GuestClient, blocks: list) -> GuestRAM:
+    """LISTEN: ask the guest for its uffd, over a unix socket made for it; ``blocks``
+    (anything with ``used_length``) are its RAM blocks, in order."""
     path = os.path.join(tempfile.mkdtemp(prefix="mfd-uffd-", dir=control.run_dir()), "s")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -223,7 +204,8 @@ def receive_uffd(guest: control.GuestClient, nblocks: int) -> tuple[UserfaultFd,
             os.close(fd)
         raise MfdError("postcopy: the guest sent no userfaultfd")
     bases = [int(b) for b in orjson.loads(msg)]
-    if len(bases) != nblocks:
+    if len(bases) != len(blocks):
         os.close(fds[0])
-        raise MfdError(f"postcopy: the guest mapped {len(bases)} blocks, expected {nblocks}")
-    return UserfaultFd(fds[0]), bases
+        raise MfdError(f"postcopy: the guest mapped {len(bases)} blocks, expected "
+                       f"{len(blocks)}")
+    return GuestRAM(UserfaultFd(fds[0]), bases, [b.used_length for b in blocks])

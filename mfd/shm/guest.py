@@ -153,9 +153,7 @@ class Guest:
             except (ValueError, TypeError, KeyError, MfdError) as e:
                 sock.send(orjson.dumps({"error": f"{cmd}: {e}"}))
                 return
-            # after postcopy-run, not our status: reading the KVM guest's counter from RAM
-            # could wait on a page the caller is the one to place
-            sock.send(orjson.dumps({"return": self.status() if cmd == "commit" else {}}))
+            sock.send(orjson.dumps({"return": self.status()}))
             return
         if cmd == "harvest":
             words = self.workload.harvest()

@@ -14,6 +14,7 @@ The numbers are the x86_64 uapi's, checked on this kernel (``shared/postcopy-fac
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -172,3 +173,31 @@ class UserfaultFd:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class GuestRAM:
+    """A guest's RAM blocks as registered in its uffd: where each is mapped in the guest
+    (``bases``) and how long; what every server of its faults (postcopy, lazy restore)
+    needs to turn a fault into a page and back."""
+
+    def __init__(self, uffd: UserfaultFd, bases: list[int], lengths: list[int]) -> None:
+        self.uffd, self.bases, self.lengths = uffd, bases, lengths
+
+    def locate(self, address: int) -> tuple[int, int]:
+        """(block, page) of a faulting address."""
+        for block, (base, length) in enumerate(zip(self.bases, self.lengths, strict=True)):
+            if base <= address < base + length:
+                return block, (address - base) // PAGE_SIZE
+        raise MfdError(f"userfaultfd: a fault at {address:#x}, outside every RAM block")
+
+    def address(self, block: int, page: int) -> int:
+        return self.bases[block] + page * PAGE_SIZE
+
+    def close(self) -> None:
+        """Unregister every block through this copy of the uffd, then close it: a guest
+        thread blocked on a page (a zero page never sent, a hole) is woken and maps it
+        itself; the guest may close its own fd whenever it is told."""
+        for base, length in zip(self.bases, self.lengths, strict=True):
+            with contextlib.suppress(OSError):
+                self.uffd.unregister(base, length)
+        self.uffd.close()
