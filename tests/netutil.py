@@ -31,17 +31,25 @@ class Relay:
             ls.setblocking(False)
             self.sel.register(ls, selectors.EVENT_READ, target + i)
             self.listeners.append(ls)
+        self.accepted: list[tuple[socket.socket, socket.socket]] = []  # in accept order
+        self.to_cut: list[int] = []  # indexes into accepted, reset by the relay's thread
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
         while not self.stop.is_set():
+            while self.to_cut:
+                pair = self.accepted[self.to_cut.pop()]
+                for s in pair:
+                    _reset(s)
+                self._drop(pair[0])  # and its peer
             for key, _ in self.sel.select(0.05):
                 s = key.fileobj
                 if key.data is not None and s in self.listeners:
                     conn, _ = s.accept()
                     out = socket.create_connection(("127.0.0.1", key.data))
+                    self.accepted.append((conn, out))
                     for a, b in ((conn, out), (out, conn)):
                         a.setblocking(False)
                         self.pairs[a] = b
@@ -68,13 +76,16 @@ class Relay:
                 self.pairs.pop(x, None)
                 x.close()
 
+    def cut_one(self, k: int) -> None:
+        """Reset only the ``k``-th connection accepted (both of its sides); relay the rest."""
+        self.to_cut.append(k)
+
     def cut(self) -> None:
         """Reset every relayed connection (SO_LINGER 0 sends RST) and stop relaying."""
         self.stop.set()
         self.thread.join(5)
         for s in list(self.pairs):
-            with contextlib.suppress(OSError):
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            _reset(s)
             s.close()
         for s in self.listeners:
             s.close()
@@ -127,3 +138,9 @@ def wait_until(cond, timeout: float, step: float = 0.02) -> bool:
             return True
         time.sleep(step)
     return cond()
+
+
+def _reset(s: socket.socket) -> None:
+    """Make the socket's close send RST rather than FIN (SO_LINGER 0)."""
+    with contextlib.suppress(OSError):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

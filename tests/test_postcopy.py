@@ -217,6 +217,22 @@ def test_garbage_on_the_preempt_channel(guests):
     assert running(src)
 
 
+def test_a_quiet_preempt_channel_is_kept(guests):
+    """The preempt channel carries nothing until the guest asks for a page: a destination
+    whose guest stays paused (``--stopped``, no faults) through a push longer than the
+    5 s a connection may stay silent before it is sorted must keep it all the same."""
+    src, dst, port, inc = postcopy_pair(guests, "--postcopy-preempt", "--stopped")
+    t0 = time.monotonic()
+    mig = start_migrate(port, "--guest", src, "--no-multifd", "--postcopy-ram",
+                        "--postcopy-preempt", "--postcopy-after", "0.5", *LINK,
+                        "--max-postcopy-bandwidth", "4M")
+    rc, _, err = finish(mig)
+    assert rc == 0, err
+    assert time.monotonic() - t0 > 6, "the push was too short to show anything"
+    rc, _, err = finish(inc)
+    assert rc == 0 and "it sent 0 byte(s)" not in err, err  # (the port probe closes: fine)
+
+
 @needs_kvm
 def test_lazy_restore_runs_the_guest_before_its_ram_is_read(tmp_path, guests):
     """``mfd restore --guest --lazy``: the KVM guest makes its first exits while the file is
@@ -295,11 +311,13 @@ def _until(cond, what: str, timeout: float = 30) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("preempt", [False, True], ids=["plain", "preempt"])
-def test_the_link_cut_mid_postcopy_then_recovered(guests, tmp_path, preempt):
+@pytest.mark.parametrize(("preempt", "alone"), [(False, False), (True, False), (True, True)],
+                         ids=["plain", "preempt", "preempt-channel-alone"])
+def test_the_link_cut_mid_postcopy_then_recovered(guests, tmp_path, preempt, alone):
     """Both ends go to postcopy-paused (the destination's guest waits on missing pages,
     the source keeps every page); migrate-recover on the destination and migrate with
-    resume on the source complete it, and RAM is equal (verified at the end)."""
+    resume on the source complete it, and RAM is equal (verified at the end). The
+    preempt channel lost by itself pauses both ends too, as in QEMU."""
     from netutil import Relay
 
     flag = ["--postcopy-preempt"] if preempt else []
@@ -314,7 +332,11 @@ def test_the_link_cut_mid_postcopy_then_recovered(guests, tmp_path, preempt):
         _until(lambda: _status(src_qmp) == "postcopy-active", "postcopy did not start")
         _until(lambda: _status(dst_qmp) == "postcopy-active", "the guest did not run")
         time.sleep(0.5)
-        relay.cut()
+        if alone:
+            _until(lambda: len(relay.accepted) == 2, "no preempt channel")
+            relay.cut_one(1)  # the main channel came first
+        else:
+            relay.cut()
         _until(lambda: _status(src_qmp) == "postcopy-paused", "the source did not pause")
         _until(lambda: _status(dst_qmp) == "postcopy-paused", "the destination did not pause")
         assert monitor_command(dst_qmp, "migrate-recover",
@@ -325,6 +347,7 @@ def test_the_link_cut_mid_postcopy_then_recovered(guests, tmp_path, preempt):
         assert rc == 0 and "postcopy paused" in err, err
         rc, out, err = finish(inc)
         assert rc == 0 and "RAM verified equal" in out, err
+        assert not alone or "postcopy paused: preempt channel" in err, err
         assert running(dst)
     finally:
         relay.cut()

@@ -5,8 +5,8 @@ Mirrors ``migration_ioc_process_incoming`` (QEMU 10): a connection whose first 4
 (its 64-byte ``MultiFDInit_t`` is read here, in the main process, and the connection then
 goes to its channel process). Unlike QEMU 10, which takes anything else for a multifd
 channel and waits for a silent connection in its main loop, anything else is refused with
-one warning line (with postcopy-preempt, the first such connection after the main channel
-is the preempt channel, as QEMU 10.0 takes it), a connection that says nothing is dropped
+one warning line (with postcopy-preempt, the first connection after the main channel is
+the preempt channel, as QEMU 10.0 takes it, unread), a connection that says nothing is dropped
 after :data:`SILENT_S`, and the migration goes on. Channels may come before the main
 channel and in any id order.
 """
@@ -54,9 +54,9 @@ class Acceptor:
         self.main_taken = False
         self.channels: list[tuple[socket.socket, multifd.MultiFDInit]] = []
         # postcopy-preempt: the next connection after the main channel (QEMU 10.0's rule;
-        # it has no header), with the bytes read to sort it
+        # it has no header)
         self.expect_preempt = preempt
-        self.preempt: tuple[socket.socket, bytes] | None = None
+        self.preempt: socket.socket | None = None
         # postcopy recovery: the source's new main connection starts with RECV_BITMAP, no
         # header (QEMU's migrate-recover waits for it the same way)
         self.expect_resume = False
@@ -73,6 +73,12 @@ class Acceptor:
                 return
             sock.setblocking(False)
             tcp.tune(sock)
+            if self.expect_preempt and self.main_taken and not self.expect_resume:
+                # QEMU 10.0's rule, at accept time: the preempt channel has no header and
+                # stays silent until the guest asks for a page (perhaps for minutes)
+                self.expect_preempt = False
+                self.preempt = sock
+                continue
             p = _Pending(sock, f"{addr[0]}:{addr[1]}")
             self.pending[sock] = p
             self._watch(sock, lambda p=p: self._read(p))
@@ -125,10 +131,6 @@ class Acceptor:
                 return
             self._done(p)
             self.channels.append((p.sock, init))
-        elif self.expect_preempt and self.main_taken:
-            self.expect_preempt = False
-            self._done(p)
-            self.preempt = (p.sock, bytes(p.head))
         else:
             self._refuse(p, f"it starts with {bytes(p.head[:4]).hex()}, neither a main "
                          "channel (QEVM) nor a multifd channel")
@@ -161,9 +163,10 @@ class Acceptor:
         for sock, _ in self.channels:
             sock.close()
         self.channels = []
-        for taken in (self.main, self.preempt):
-            if taken is not None:
-                taken[0].close()
+        if self.main is not None:
+            self.main[0].close()
+        if self.preempt is not None:
+            self.preempt.close()
         self.main = self.preempt = None
         with contextlib.suppress(KeyError):
             self._unwatch(self.listener)

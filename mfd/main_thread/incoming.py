@@ -45,7 +45,7 @@ from mfd.errors import MfdError, ProtocolError
 from mfd.main_thread import postcopy_dst
 from mfd.main_thread.accept import Acceptor
 from mfd.main_thread.migrate import Cancelled, failure
-from mfd.main_thread.pipeline import ChannelPool, poll_key
+from mfd.main_thread.pipeline import ChannelPool, dispatch, poll_key
 from mfd.main_thread.postcopy_dst import PostcopyPlacer
 from mfd.protocol import livestream, multifd, peer, postcopy, returnpath, trailer
 from mfd.protocol.constants import TARGET_PAGE_SIZE
@@ -209,9 +209,7 @@ class Incoming:
         for source in self.watched:
             poller.register(source, zmq.POLLIN)
         ready = dict(poller.poll(timeout_ms))
-        for source, callback in list(self.watched.items()):
-            if source in ready:
-                callback()
+        dispatch(self.watched, ready)
         self._tick()
 
     def _tick(self) -> None:
@@ -234,12 +232,10 @@ class Incoming:
             self._watch(self.conn, self._on_main)
             self.status = "postcopy-recover" if self.status == "postcopy-paused" else "active"
         if self.acceptor.preempt is not None and self.preempt is None:
-            self.preempt, head = self.acceptor.preempt
-            self.acceptor.preempt = None
+            self.preempt, self.acceptor.preempt = self.acceptor.preempt, None
             self.preempt_decoder = livestream.StreamDecoder("preempt channel",
                                                             preempt=self.decoder.sizes)
             self._watch(self.preempt, self._on_preempt)
-            self._preempt_events(self.preempt_decoder.feed(head))
         while self.acceptor.channels:
             sock, init = self.acceptor.channels.pop(0)
             try:
@@ -635,7 +631,13 @@ class Incoming:
     def _on_preempt(self) -> None:
         """The preempt channel: the pages the guest asked for, placed as they come."""
         assert self.preempt is not None and self.preempt_decoder is not None
-        n = _receive(self.preempt, self.preempt_decoder, "preempt channel")
+        try:
+            n = _receive(self.preempt, self.preempt_decoder, "preempt channel")
+        except tcp.LinkLost as e:  # as the main channel's loss: QEMU pauses on either
+            if not self._recoverable(e):
+                raise
+            self._pause(str(e))
+            return
         if n is None:
             return
         if n == 0:  # the source is done with it

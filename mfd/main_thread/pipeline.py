@@ -270,9 +270,7 @@ class ChannelPool:
         if self.tick is not None and time.monotonic() >= self.next_tick:
             self.next_tick = time.monotonic() + TICK_MS / 1000 / 2
             self.tick()
-        for source, callback in list(self.watched.items()):
-            if source in events:
-                callback()
+        dispatch(self.watched, events)
         if self.router in events:
             while True:
                 try:
@@ -356,6 +354,15 @@ class ChannelPool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def dispatch(watched: dict[Any, Callable[[], None]], ready: dict[Any, int]) -> None:
+    """Call the callback of each watched source that is ready. One may unwatch (and close)
+    another ready source, as a lost main channel closes the preempt channel: that one is
+    skipped."""
+    for source, callback in list(watched.items()):
+        if source in ready and watched.get(source) is callback:
+            callback()
 
 
 def poll_key(source: Any) -> Any:
