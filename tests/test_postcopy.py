@@ -221,7 +221,7 @@ def test_a_quiet_preempt_channel_is_kept(guests):
     """The preempt channel carries nothing until the guest asks for a page: a destination
     whose guest stays paused (``--stopped``, no faults) through a push longer than the
     5 s a connection may stay silent before it is sorted must keep it all the same."""
-    src, dst, port, inc = postcopy_pair(guests, "--postcopy-preempt", "--stopped")
+    src, _, port, inc = postcopy_pair(guests, "--postcopy-preempt", "--stopped")
     t0 = time.monotonic()
     mig = start_migrate(port, "--guest", src, "--no-multifd", "--postcopy-ram",
                         "--postcopy-preempt", "--postcopy-after", "0.5", *LINK,
