@@ -29,6 +29,8 @@ from mfd.sysutil import Terminated, end_like_ctrl_c
 from mfd.units import human, parse_size
 from mfd.workers.socket_channel import FAULTS
 from mfd.workers.tcp import parse_uri
+from mfd.workers.tls import TLSOptions
+from mfd.workers.tls import check as tls_check
 
 
 def parse_named(text: str) -> tuple[str, str]:
@@ -128,6 +130,40 @@ def _postcopy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--postcopy-preempt", action="store_true",
                    help="QEMU's capability: requested pages travel on a connection of their "
                    "own, ahead of the push")
+
+
+def _tls_args(p: argparse.ArgumentParser, server: bool) -> None:
+    """QEMU's tls-creds (here the directory a tls-creds-x509 object names), and per end
+    tls-hostname or verify-peer and tls-authz."""
+    p.add_argument("--tls-creds", metavar="DIR", help="TLS 1.3 on every connection, with "
+                   "QEMU's x509 files in DIR (ca-cert.pem, server-cert.pem, server-key.pem, "
+                   "client-cert.pem, client-key.pem; 'mfd tls-certs' makes them)")
+    if server:
+        p.add_argument("--tls-verify-peer", action=argparse.BooleanOptionalAction,
+                       default=True, help="ask for the source's client certificate (QEMU's "
+                       "verify-peer, on by default)")
+        p.add_argument("--tls-authz", action="append", default=[], metavar="DN",
+                       help="accept only a source whose certificate has this distinguished "
+                       "name, as GnuTLS prints it: 'CN=mfd-client,O=mfd' (repeatable; "
+                       "QEMU's tls-authz)")
+    else:
+        p.add_argument("--tls-hostname", metavar="NAME", help="the name the destination's "
+                       "certificate must carry (default: the host in the URI)")
+
+
+def _tls(args: argparse.Namespace, server: bool) -> TLSOptions | None:
+    others = ("--tls-authz" if server and args.tls_authz else
+              "--no-tls-verify-peer" if server and not args.tls_verify_peer else
+              "--tls-hostname" if not server and args.tls_hostname else None)
+    if args.tls_creds is None:
+        if others:
+            raise UsageError(f"{others} goes with --tls-creds")
+        return None
+    opts = TLSOptions(args.tls_creds, verify_peer=args.tls_verify_peer,
+                      authz=tuple(args.tls_authz)) if server else \
+        TLSOptions(args.tls_creds, hostname=args.tls_hostname)
+    tls_check(opts, server)
+    return opts
 
 
 def _params(args: argparse.Namespace) -> MigrationParameters:
@@ -230,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--machine", default="none", help="machine type in the stream")
     m.add_argument("--keep-source", action="store_true", help="leave the source guest paused "
                    "after the migration, as QEMU does (postmigrate); by default it quits")
+    _tls_args(m, server=False)
     m.add_argument("--json", action="store_true")
 
     n = sub.add_parser("incoming", help="wait for a migration from 'mfd migrate' or QEMU")
@@ -253,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--stopped", action="store_true", help="keep the guest paused after the "
                    "migration, as QEMU's -S ('mfd guest --cont' starts it)")
     _postcopy_args(n)
+    _tls_args(n, server=True)
     n.add_argument("--json", action="store_true")
     # test-only: slow receive channels (seconds per packet, comma separated); no recv sync;
     # receive channels damage the page at this offset of the first block (KIND@OFFSET, KIND
@@ -260,6 +298,16 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--x-channel-delay", default="", help=argparse.SUPPRESS)
     n.add_argument("--x-skip-sync", action="store_true", help=argparse.SUPPRESS)
     n.add_argument("--x-fault", type=_fault, help=argparse.SUPPRESS)
+
+    t = sub.add_parser("tls-certs", help="make a throwaway CA and the certificates QEMU's "
+                       "tls-creds-x509 reads, for --tls-creds (demos and tests)")
+    t.add_argument("dir", help="the directory to write (ca-cert.pem, server-cert.pem, ...)")
+    t.add_argument("--host", action="append", required=True, metavar="NAME",
+                   help="a DNS name or IP address the server certificate carries (repeatable; "
+                   "the first is its CN)")
+    t.add_argument("--client-cn", default="mfd-client",
+                   help="the client certificate's CN (default mfd-client)")
+    t.add_argument("--days", type=int, default=365, help="validity (default 365)")
 
     d = sub.add_parser("demo", help="live migration of a writing 1 GiB guest (both ends on "
                        "this machine, or one end of the two-node demo)")
@@ -419,7 +467,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                           timeout=args.timeout, keep_source=args.keep_source,
                           verify=args.verify, postcopy=args.postcopy_ram,
                           postcopy_after=args.postcopy_after,
-                          postcopy_preempt=args.postcopy_preempt)
+                          postcopy_preempt=args.postcopy_preempt, tls=_tls(args, False))
     for given, name in ((args.postcopy_after is not None, "--postcopy-after"),
                         (args.postcopy_preempt, "--postcopy-preempt")):
         if given and not args.postcopy_ram:
@@ -443,6 +491,20 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tls_certs(args: argparse.Namespace) -> int:
+    from mfd import tlscerts
+
+    if args.days < 1:
+        raise UsageError("--days must be at least 1")
+    try:
+        subjects = tlscerts.make(args.dir, args.host, args.client_cn, args.days)
+    except OSError as e:
+        raise MfdError(f"tls-certs: cannot write {args.dir}: {e.strerror}") from None
+    print(f"wrote a CA, a server certificate for {', '.join(args.host)} and a client "
+          f"certificate ({subjects['client-cert.pem']}) to {args.dir}")
+    return 0
+
+
 def cmd_incoming(args: argparse.Namespace) -> int:
     delays = tuple(float(x) for x in args.x_channel_delay.split(",") if x)
     if args.multifd_channels is not None and not 1 <= args.multifd_channels <= 255:
@@ -455,7 +517,7 @@ def cmd_incoming(args: argparse.Namespace) -> int:
                            uuid=args.uuid,
                            skip_sync=args.x_skip_sync, fault=args.x_fault,
                            stopped=args.stopped, postcopy_ram=args.postcopy_ram,
-                           postcopy_preempt=args.postcopy_preempt)
+                           postcopy_preempt=args.postcopy_preempt, tls=_tls(args, True))
     if args.postcopy_preempt and not args.postcopy_ram:
         raise UsageError("mfd incoming: --postcopy-preempt goes with --postcopy-ram")
     with _outcome("incoming migration"):
@@ -546,7 +608,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 COMMANDS = {"guest": cmd_guest, "save": cmd_save, "restore": cmd_restore,
             "inspect": cmd_inspect, "demo": cmd_demo, "migrate": cmd_migrate,
-            "incoming": cmd_incoming, "bench": cmd_bench, "qmp": cmd_qmp}
+            "incoming": cmd_incoming, "bench": cmd_bench, "qmp": cmd_qmp,
+            "tls-certs": cmd_tls_certs}
 
 
 def main(argv: list[str] | None = None) -> int:

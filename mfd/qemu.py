@@ -513,6 +513,24 @@ class QemuMachine:
             params["zero-page-detection"] = zero_page_detection
         self.qmp("migrate-set-parameters", **params)
 
+    def set_tls(self, creds: str, *, server: bool, verify_peer: bool = True,
+                hostname: str | None = None, authz: str | None = None) -> None:
+        """TLS on the next migration (``tls-creds-x509`` over the x509 files in ``creds``,
+        made with ``object-add``: no QEMU option escaping), ``tls-hostname`` for a client
+        and, for a server, ``tls-authz`` through an ``authz-simple`` allowing ``authz``."""
+        self.qmp("object-add", **{"qom-type": "tls-creds-x509", "id": "mfd-tls",
+                                  "dir": os.path.abspath(creds),
+                                  "endpoint": "server" if server else "client",
+                                  "verify-peer": verify_peer})
+        params: dict[str, Any] = {"tls-creds": "mfd-tls"}
+        if hostname is not None:
+            params["tls-hostname"] = hostname
+        if authz is not None:
+            self.qmp("object-add", **{"qom-type": "authz-simple", "id": "mfd-authz",
+                                      "identity": authz})
+            params["tls-authz"] = "mfd-authz"
+        self.qmp("migrate-set-parameters", **params)
+
     def start_migrate(self, uri: str) -> None:
         """Start saving to ``uri`` (``file:/path``, ``tcp:HOST:PORT``) and return at once;
         :meth:`wait_migration` waits for the end. Raises :class:`QemuError` if QEMU refuses."""

@@ -23,17 +23,22 @@ from mfd.errors import ProtocolError
 from mfd.protocol import constants as C
 from mfd.protocol import multifd
 from mfd.workers import tcp
+from mfd.workers import tls as tls_relay
+from mfd.workers.tls import TLSOptions
 
 SILENT_S = 5.0
 _MAIN = C.QEMU_VM_FILE_MAGIC.to_bytes(4, "big")
 _MULTIFD = C.MULTIFD_MAGIC.to_bytes(4, "big")
 _RESUME = bytes([C.QEMU_VM_COMMAND]) + C.MIG_CMD_RECV_BITMAP.to_bytes(2, "big")
+_TLS_HANDSHAKE = 0x16  # a TLS record's first byte, ClientHello's
+MAX_HANDSHAKES = 16  # TLS relays at once (each a process): a port scan spawns no more
 
 
 @dataclass
 class _Pending:
     sock: socket.socket
     who: str
+    opened: bool  # False until its TLS relay said the handshake succeeded
     since: float = field(default_factory=time.monotonic)
     head: bytearray = field(default_factory=bytearray)
 
@@ -45,8 +50,10 @@ class Acceptor:
 
     def __init__(self, listener: socket.socket, warn: Callable[[str], None],
                  watch: Callable[[socket.socket, Callable[[], None]], None],
-                 unwatch: Callable[[socket.socket], None], preempt: bool = False) -> None:
+                 unwatch: Callable[[socket.socket], None], preempt: bool = False,
+                 tls: TLSOptions | None = None) -> None:
         self.listener = listener
+        self.tls = tls
         self.warn = warn
         self._watch, self._unwatch = watch, unwatch
         self.pending: dict[socket.socket, _Pending] = {}
@@ -73,13 +80,17 @@ class Acceptor:
                 return
             sock.setblocking(False)
             tcp.tune(sock)
-            if self.expect_preempt and self.main_taken and not self.expect_resume:
-                # QEMU 10.0's rule, at accept time: the preempt channel has no header and
-                # stays silent until the guest asks for a page (perhaps for minutes)
-                self.expect_preempt = False
-                self.preempt = sock
+            who = f"{addr[0]}:{addr[1]}"
+            if self.tls is not None:
+                if sum(not p.opened for p in self.pending.values()) >= MAX_HANDSHAKES:
+                    self.warn(f"refused a connection from {who}: {MAX_HANDSHAKES} TLS "
+                              "handshakes are in progress already")
+                    sock.close()
+                    continue
+                sock = tls_relay.server(sock, self.tls)  # the handshake: in the relay
+            p = _Pending(sock, who, opened=self.tls is None)
+            if p.opened and self._preempt(p):
                 continue
-            p = _Pending(sock, f"{addr[0]}:{addr[1]}")
             self.pending[sock] = p
             self._watch(sock, lambda p=p: self._read(p))
 
@@ -96,10 +107,23 @@ class Acceptor:
             if now - p.since > SILENT_S:
                 self._refuse(p, f"it sent {len(p.head)} byte(s) in {SILENT_S:g} s")
 
+    def _preempt(self, p: _Pending) -> bool:
+        """QEMU 10.0's rule, as soon as the connection is open (accepted, or its TLS
+        handshake done): the next one after the main channel is the preempt channel. It has
+        no header and stays silent until the guest asks for a page (perhaps for minutes)."""
+        if not (self.expect_preempt and self.main_taken and not self.expect_resume):
+            return False
+        self.expect_preempt = False
+        if p.sock in self.pending:
+            self._done(p)
+        self.preempt = p.sock
+        return True
+
     def _read(self, p: _Pending) -> None:
         want = 4 if len(p.head) < 4 or p.head[:4] == _MAIN else multifd.INIT_SIZE
         try:
-            data = p.sock.recv(want - len(p.head))
+            # the TLS relay's result first: one byte, or one byte and its reason
+            data = p.sock.recv(want - len(p.head) if p.opened else 1)
         except BlockingIOError:
             return
         except OSError as e:
@@ -107,6 +131,13 @@ class Acceptor:
             return
         if not data:
             self._refuse(p, f"it closed after {len(p.head)} byte(s)")
+            return
+        if not p.opened:
+            if data != tls_relay.OK:
+                self._refuse(p, f"TLS: {tls_relay.failure(p.sock)}")
+                return
+            p.opened = True
+            self._preempt(p)
             return
         p.head += data
         if len(p.head) < 4:
@@ -131,6 +162,9 @@ class Acceptor:
                 return
             self._done(p)
             self.channels.append((p.sock, init))
+        elif p.head[0] == _TLS_HANDSHAKE and self.tls is None:
+            self._refuse(p, "it starts a TLS handshake, and this destination has no TLS "
+                         "(--tls-creds)")
         else:
             self._refuse(p, f"it starts with {bytes(p.head[:4]).hex()}, neither a main "
                          "channel (QEVM) nor a multifd channel")

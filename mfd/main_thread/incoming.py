@@ -55,6 +55,7 @@ from mfd.shm.ramblock import SHM_DIR, MappedBlock, PendingRAM, RAMBlock, attach,
 from mfd.shm.receivedmap import ReceivedMap, map_size
 from mfd.workers import tcp
 from mfd.workers.socket_channel import SocketChannelConfig, recv_main
+from mfd.workers.tls import TLSOptions, tls_parameters
 
 CHANNEL_GRACE_S = 5.0  # the source's channels connect before its main stream needs them
 QUEUE_EVENTS = 256  # decoded events waiting; beyond that the main channel is not read
@@ -78,6 +79,7 @@ class IncomingOptions:
     stopped: bool = False  # the guest stays paused after the migration (QEMU's -S)
     postcopy_ram: bool = False  # QEMU's capability: the source may switch to postcopy
     postcopy_preempt: bool = False  # QEMU's: requested pages come on a channel of their own
+    tls: TLSOptions | None = None  # QEMU's tls-creds, verify-peer, tls-authz
 
 
 @dataclass
@@ -332,7 +334,8 @@ class Incoming:
 
     def run(self) -> IncomingResult:
         self.acceptor = Acceptor(tcp.listen(self.addr, "incoming"), self.warn, self._watch,
-                                 self._unwatch, preempt=self.options.postcopy_preempt)
+                                 self._unwatch, preempt=self.options.postcopy_preempt,
+                                 tls=self.options.tls)
         try:
             result = self._migrate()
             self.status = "completed"
@@ -749,7 +752,8 @@ class Incoming:
 
     def query_migrate_parameters(self) -> dict:
         return {"multifd-channels": self.channels, "multifd-compression": self.compression,
-                "multifd-flush-after-each-section": self.legacy}
+                "multifd-flush-after-each-section": self.legacy,
+                **tls_parameters(self.options.tls)}
 
     def query_migrate_capabilities(self) -> list[dict]:
         return [{"capability": "multifd", "state": self.multifd is not False},

@@ -49,6 +49,7 @@ from mfd.shm.control import GuestClient
 from mfd.shm.ramblock import SHM_DIR, DataExtents, PendingRAM, RAMBlock, nonzero_pages
 from mfd.workers import tcp
 from mfd.workers.socket_channel import SocketChannelConfig, send_main
+from mfd.workers.tls import TLSOptions, tls_parameters
 
 CONNECT_TIMEOUT = 30.0
 RESULT_TIMEOUT = 60.0  # the destination loads the device state, hashes its RAM, starts
@@ -85,6 +86,7 @@ class MigrateOptions:
     postcopy: bool = False  # QEMU's postcopy-ram capability: the switch may go postcopy
     postcopy_after: float | None = None  # switch to postcopy after this many seconds
     postcopy_preempt: bool = False  # QEMU's: requested pages on a connection of their own
+    tls: TLSOptions | None = None  # QEMU's tls-creds, tls-hostname: every connection TLS
 
 
 class Migration(Precopy):
@@ -97,6 +99,7 @@ class Migration(Precopy):
         self.addr = tcp.parse_uri(uri)
         self.uri = uri
         self.options = options
+        self.tls = self._tls(self.addr)
         self.warn = warn or (lambda line: None)
         self.error: str | None = None  # why it failed or was cancelled
         self.cancel_requested: str | None = None  # set by the monitor thread
@@ -239,7 +242,7 @@ class Migration(Precopy):
         completed = False
         try:
             self.addr = self.addr.resolved()
-            self.sock = tcp.connect(self.addr, self.options.connect_timeout)
+            self.sock = tcp.connect(self.addr, self.options.connect_timeout, self.tls)
             live = self.start_guest_log()
             self.extents = [DataExtents(m.fd) for m in self.mapped]
             self.hash_file = PendingRAM(SHM_DIR, [("pagehash",
@@ -289,6 +292,14 @@ class Migration(Precopy):
             with contextlib.suppress(MfdError):
                 self.guest.quit()  # it runs on the destination now
 
+    def _tls(self, addr: tcp.Address) -> TLSOptions | None:
+        """The TLS options for connections to ``addr``: the name its certificate must carry
+        is tls-hostname, else the URI's host (QEMU's rule), before any lookup."""
+        tls = self.options.tls
+        if tls is None or tls.hostname:
+            return tls
+        return replace(tls, hostname=addr.host.strip("[]"))
+
     def _destination_reason(self) -> str | None:
         """The destination's own verdict, if it gave one just before a channel lost its
         connection (SHUT, or an mfd destination's reason, says why better)."""
@@ -317,7 +328,7 @@ class Migration(Precopy):
             peer=self.addr if self.options.multifd else None, uuid=self.options.uuid,
             init_unused=settings,
             zero_page_detection=self.params.zero_page_detection == "multifd",
-            connect_timeout=self.options.connect_timeout,
+            connect_timeout=self.options.connect_timeout, tls=self.tls,
             hashes=self.hash_file.blocks[0] if self.hash_file else None) for i in range(n)]
         assert self.sock is not None
         return ChannelPool(configs, send_main, inherited=(self.sock,))
@@ -536,7 +547,8 @@ class Migration(Precopy):
             try:
                 if self.options.postcopy_preempt:  # after the main channel (QEMU takes the
                     # next connection for it): it is there, its PONG came long ago
-                    self.preempt = tcp.connect(self.addr, self.options.connect_timeout)
+                    self.preempt = tcp.connect(self.addr, self.options.connect_timeout,
+                                               self.tls)
                     self.preempt_block = None
                 self._push()
                 self._stream(stream.encode_section_part(C.QEMU_VM_SECTION_END,
@@ -574,8 +586,10 @@ class Migration(Precopy):
             self._tick_paused()
         uri, self.resume_uri = self.resume_uri, None
         self.stats.status = "postcopy-recover"
-        self.addr = tcp.parse_uri(uri).resolved()
-        self.sock = tcp.connect(self.addr, self.options.connect_timeout)
+        self.addr = tcp.parse_uri(uri)
+        self.tls = self._tls(self.addr)
+        self.addr = self.addr.resolved()
+        self.sock = tcp.connect(self.addr, self.options.connect_timeout, self.tls)
         self.returns = returnpath.ReturnPathDecoder()
         self.returns.mfd = bool(self.peer_mfd)
         self.closed, self.result = False, {}
@@ -675,7 +689,7 @@ class Migration(Precopy):
         return out
 
     def query_migrate_parameters(self) -> dict:
-        return self.params.to_qmp()
+        return self.params.to_qmp() | tls_parameters(self.tls)
 
     def query_migrate_capabilities(self) -> list[dict]:
         return [{"capability": "multifd", "state": self.options.multifd},
@@ -683,6 +697,15 @@ class Migration(Precopy):
                 {"capability": "auto-converge", "state": self.params.auto_converge}]
 
     def migrate_set_parameters(self, args: dict) -> None:
+        args = dict(args)
+        if "tls-hostname" in args:  # for the connections of a resume (postcopy recovery)
+            name = args.pop("tls-hostname")
+            if not isinstance(name, str):
+                raise UsageError("Invalid parameter type for 'tls-hostname', expected: string")
+            if self.options.tls is None:
+                raise UsageError("tls-hostname: this migration has no TLS (--tls-creds)")
+            self.options = replace(self.options,
+                                   tls=replace(self.options.tls, hostname=name or None))
         self._update({k.replace("-", "_"): v for k, v in args.items()})
 
     def migrate_set_capabilities(self, capabilities: list[dict]) -> None:

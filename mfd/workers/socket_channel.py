@@ -57,6 +57,7 @@ from mfd.shm.receivedmap import ReceivedMap
 from mfd.workers import tcp
 from mfd.workers.file_channel import ERROR_LINGER_MS, die_with_parent
 from mfd.workers.methods import get_method
+from mfd.workers.tls import TLSOptions
 
 POLL_MS = 500
 PAGE = TARGET_PAGE_SIZE
@@ -82,6 +83,7 @@ class SocketChannelConfig:
     init_unused: bytes = bytes(32)  # mfd's settings (``mfd.protocol.peer``)
     zero_page_detection: bool = True  # multifd mode: the send channel finds zero pages
     connect_timeout: float = 30.0
+    tls: TLSOptions | None = None  # the connection's TLS (its relay does the handshake)
     # this end's page hash table (send: filled for JOB_HASH jobs; receive: None when the
     # source is QEMU, which has nothing to compare)
     hashes: RAMBlock | None = None
@@ -176,7 +178,7 @@ class SendChannel(_Channel):
         multifd (no peer) the channel only hashes RAM."""
         if self.cfg.peer is None:
             return
-        self.conn = tcp.connect(self.cfg.peer, self.cfg.connect_timeout)
+        self.conn = tcp.connect(self.cfg.peer, self.cfg.connect_timeout, self.cfg.tls)
         init = multifd.MultiFDInit(self.cfg.uuid, self.cfg.channel_id, self.cfg.init_unused)
         self._send([multifd.encode_init(init)])
 

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mfd.errors import MfdError, UsageError
+from mfd.workers import tls as tls_relay
 
 USER_TIMEOUT_S = 10
 WAIT_S = 0.1
@@ -103,10 +104,12 @@ def listen(addr: Address, what: str) -> socket.socket:
     return sock
 
 
-def connect(addr: Address, timeout: float) -> socket.socket:
+def connect(addr: Address, timeout: float,
+            tls: tls_relay.TLSOptions | None = None) -> socket.socket:
     """A connection to ``addr`` (already resolved), within ``timeout`` seconds. A refused
     connection is tried again for up to :data:`REFUSED_S`: a destination started a moment
-    before its source may not listen yet."""
+    before its source may not listen yet. With ``tls``, the plaintext end of its TLS relay
+    once the handshake succeeded (``mfd.workers.tls``)."""
     deadline = time.monotonic() + timeout
     refused_until = time.monotonic() + min(REFUSED_S, timeout)
     while True:
@@ -131,6 +134,8 @@ def connect(addr: Address, timeout: float) -> socket.socket:
             raise MfdError(f"cannot reach the destination at {addr}: "
                            f"{e.strerror or e}") from None
     tune(sock)
+    if tls is not None:
+        return tls_relay.client(sock, tls, str(addr))
     sock.setblocking(False)
     return sock
 
