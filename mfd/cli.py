@@ -144,8 +144,8 @@ def _tls_args(p: argparse.ArgumentParser, server: bool) -> None:
                        "verify-peer, on by default)")
         p.add_argument("--tls-authz", action="append", default=[], metavar="DN",
                        help="accept only a source whose certificate has this distinguished "
-                       "name, as GnuTLS prints it: 'CN=mfd-client,O=mfd' (repeatable; "
-                       "QEMU's tls-authz)")
+                       "name, as QEMU (GnuTLS) prints it: 'O=mfd,CN=mfd-client' "
+                       "(repeatable; QEMU's tls-authz)")
     else:
         p.add_argument("--tls-hostname", metavar="NAME", help="the name the destination's "
                        "certificate must carry (default: the host in the URI)")
@@ -300,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--x-fault", type=_fault, help=argparse.SUPPRESS)
 
     t = sub.add_parser("tls-certs", help="make a throwaway CA and the certificates QEMU's "
-                       "tls-creds-x509 reads, for --tls-creds (demos and tests)")
+                       "tls-creds-x509 reads, for --tls-creds (demos and tests); a CA already "
+                       "in DIR signs them")
     t.add_argument("dir", help="the directory to write (ca-cert.pem, server-cert.pem, ...)")
     t.add_argument("--host", action="append", required=True, metavar="NAME",
                    help="a DNS name or IP address the server certificate carries (repeatable; "

@@ -14,9 +14,10 @@ import datetime
 import ipaddress
 import os
 
-from mfd.workers.tls import CA, CLIENT, SERVER
+from mfd.workers.tls import CA, CLIENT, SERVER, distinguished_name
 
 DAY = datetime.timedelta(days=1)
+CA_KEY = "ca-key.pem"  # not QEMU's: only this tool reads it
 
 
 def _key():
@@ -52,8 +53,9 @@ def make(directory: str, hosts: list[str], client_cn: str = "mfd-client", days: 
          start: datetime.datetime | None = None) -> dict[str, str]:
     """Write ca-cert.pem (and ca-key.pem), server-cert.pem, server-key.pem,
     client-cert.pem, client-key.pem into ``directory``, valid from ``start`` (default: a
-    minute ago) for ``days``. Returns the subjects, in RFC 4514 form (what --tls-authz
-    takes)."""
+    minute ago) for ``days``. A CA already there (with its key) signs the new
+    certificates: the two hosts of a migration can share it. Returns the subjects, as
+    --tls-authz takes them."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -73,16 +75,23 @@ def make(directory: str, hosts: list[str], client_cn: str = "mfd-client", days: 
                              key_agreement=False, key_cert_sign=sign, crl_sign=sign,
                              encipher_only=False, decipher_only=False)
 
-    ca_key = _key()
-    ca_name = _name("mfd test CA")
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(start).not_valid_after(end)
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .add_extension(usage(True), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    _write(os.path.join(directory, CA), ca.public_bytes(serialization.Encoding.PEM))
-    _write(os.path.join(directory, "ca-key.pem"), pem_key(ca_key), secret=True)
+    ca_path, ca_key_path = os.path.join(directory, CA), os.path.join(directory, CA_KEY)
+    if os.path.exists(ca_path) and os.path.exists(ca_key_path):  # one CA for every host
+        with open(ca_path, "rb") as f:
+            ca_name = x509.load_pem_x509_certificate(f.read()).subject
+        with open(ca_key_path, "rb") as f:
+            ca_key = serialization.load_pem_private_key(f.read(), None)
+    else:
+        ca_key = _key()
+        ca_name = _name(f"mfd test CA {os.urandom(4).hex()}")  # each CA its own issuer name
+        ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+              .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+              .not_valid_before(start).not_valid_after(end)
+              .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+              .add_extension(usage(True), critical=True)
+              .sign(ca_key, hashes.SHA256()))
+        _write(ca_path, ca.public_bytes(serialization.Encoding.PEM))
+        _write(ca_key_path, pem_key(ca_key), secret=True)
     subjects = {}
     for (cert_file, key_file), cn, purpose, sans in (
             (SERVER, hosts[0], ExtendedKeyUsageOID.SERVER_AUTH, hosts),
@@ -101,5 +110,5 @@ def make(directory: str, hosts: list[str], client_cn: str = "mfd-client", days: 
         cert = builder.sign(ca_key, hashes.SHA256())
         _write(os.path.join(directory, cert_file), cert.public_bytes(serialization.Encoding.PEM))
         _write(os.path.join(directory, key_file), pem_key(key), secret=True)
-        subjects[cert_file] = cert.subject.rfc4514_string()
+        subjects[cert_file] = distinguished_name(cert.subject)
     return subjects

@@ -104,8 +104,10 @@ class Acceptor:
     def expire(self) -> None:
         now = time.monotonic()
         for p in list(self.pending.values()):
-            if now - p.since > SILENT_S:
+            if p.opened and now - p.since > SILENT_S:
                 self._refuse(p, f"it sent {len(p.head)} byte(s) in {SILENT_S:g} s")
+            elif now - p.since > 2 * tls_relay.HANDSHAKE_S:  # its relay, stuck? (it has a
+                self._refuse(p, "its TLS relay did not answer")  # deadline of its own)
 
     def _preempt(self, p: _Pending) -> bool:
         """QEMU 10.0's rule, as soon as the connection is open (accepted, or its TLS
@@ -136,7 +138,7 @@ class Acceptor:
             if data != tls_relay.OK:
                 self._refuse(p, f"TLS: {tls_relay.failure(p.sock)}")
                 return
-            p.opened = True
+            p.opened, p.since = True, time.monotonic()
             self._preempt(p)
             return
         p.head += data

@@ -162,7 +162,9 @@ class Migration(Precopy):
                 raise tcp.LinkLost(f"main channel: connection lost ({e.strerror})") from None
             if not data:
                 self.closed = True
-                self.pool.unwatch(self.sock)  # at its end for good: poll it no more
+                pool = getattr(self, "pool", None)  # none yet if the channels did not start
+                if pool is not None:
+                    pool.unwatch(self.sock)  # at its end for good: poll it no more
                 return
             for msg in self.returns.feed(data):
                 self._message(msg)
@@ -267,7 +269,11 @@ class Migration(Precopy):
                     self._complete()
             completed = True
         except BaseException as e:
+            setup = self.stats.status == "setup"
             self.stats.status, self.error, why = failure(e, self._destination_reason)
+            if why is None and setup and self.tls is not None and self.error.endswith(
+                    "(the destination closed it)"):  # TLS 1.3: a client learns late
+                why = f"{self.error}: did it refuse this end's TLS certificate? (its log says)"
             if self.in_postcopy:  # the destination's guest may have run: ours is stale
                 self.stats.status = "postcopy-paused"
                 raise MfdError(

@@ -52,8 +52,8 @@ _HANDSHAKE_RECORD = 0x16
 @dataclass(frozen=True)
 class TLSOptions:
     """QEMU's ``tls-creds`` (a directory here), ``tls-hostname``, ``verify-peer`` and
-    ``tls-authz`` (the distinguished names allowed, in RFC 4514 form as GnuTLS prints them:
-    ``CN=client,O=mfd``)."""
+    ``tls-authz`` (the distinguished names allowed, as QEMU's GnuTLS prints them:
+    ``O=mfd,CN=mfd-client``)."""
 
     creds: str
     hostname: str | None = None  # the client's name for the server (else the URI's host)
@@ -103,14 +103,14 @@ def check(opts: TLSOptions, server: bool) -> None:
     ``tls-creds-x509`` object: files missing or unreadable, a key that does not match, this
     end's own certificate not valid now."""
     if not os.path.isdir(opts.creds):
-        raise UsageError(f"--tls-creds {opts.creds}: not a directory")
+        raise MfdError(f"--tls-creds {opts.creds}: not a directory")
     need = [CA, *(SERVER if server else ())]
     if not server and os.path.exists(os.path.join(opts.creds, CLIENT[0])):
         need.append(CLIENT[1])
     for name in need:
         if not os.path.isfile(os.path.join(opts.creds, name)):
-            raise UsageError(f"--tls-creds {opts.creds}: no {name} (QEMU's file names: "
-                             f"{', '.join(FILES)})")
+            raise MfdError(f"--tls-creds {opts.creds}: no {name} (QEMU's file names: "
+                           f"{', '.join(FILES)})")
     if opts.authz and not server:
         raise UsageError("--tls-authz checks the source's certificate: it belongs to the "
                          "destination (mfd incoming)")
@@ -120,9 +120,8 @@ def check(opts: TLSOptions, server: bool) -> None:
     try:
         context(opts, server)
     except (ssl.SSLError, OSError) as e:
-        raise UsageError(f"--tls-creds {opts.creds}: {_reason(e)}") from None
-    cert = SERVER[0] if server else CLIENT[0]
-    for name in (CA, cert):
+        raise MfdError(f"--tls-creds {opts.creds}: {_reason(e)}") from None
+    for name in (SERVER[0] if server else CLIENT[0], CA):
         if os.path.exists(os.path.join(opts.creds, name)):
             _check_dates(os.path.join(opts.creds, name))
 
@@ -134,10 +133,10 @@ def _check_dates(path: str) -> None:
         cert = x509.load_pem_x509_certificate(f.read())
     now = datetime.datetime.now(datetime.UTC)
     if cert.not_valid_after_utc < now:
-        raise UsageError(f"{path}: the certificate expired on "
+        raise MfdError(f"{path}: the certificate expired on "
                          f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
     if cert.not_valid_before_utc > now:
-        raise UsageError(f"{path}: the certificate is not valid before "
+        raise MfdError(f"{path}: the certificate is not valid before "
                          f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")
 
 
@@ -272,8 +271,7 @@ def _handshake(net: socket.socket, opts: TLSOptions, server: bool) -> ssl.SSLSoc
     if server and opts.authz:
         dn = _peer_dn(tls)
         if dn not in opts.authz:
-            raise _Refused(f"the client certificate {dn!r} is not in --tls-authz "
-                           "(QEMU's tls-authz)")
+            raise _Refused(f"the client certificate {dn!r} is not in --tls-authz")
     return tls
 
 
@@ -283,7 +281,13 @@ def _peer_dn(tls: ssl.SSLSocket) -> str:
     der = tls.getpeercert(binary_form=True)
     if der is None:
         raise _Refused("--tls-authz needs a client certificate (and --tls-verify-peer)")
-    return x509.load_der_x509_certificate(der).subject.rfc4514_string()
+    return distinguished_name(x509.load_der_x509_certificate(der).subject)
+
+
+def distinguished_name(name) -> str:
+    """A certificate's subject as QEMU's tls-authz sees it: GnuTLS's compatible form, the
+    RDNs in certificate order (``O=mfd,CN=mfd-client``; RFC 4514 reverses them)."""
+    return ",".join(rdn.rfc4514_string() for rdn in name.rdns)
 
 
 def _relay(tls: ssl.SSLSocket, plain: socket.socket) -> None:

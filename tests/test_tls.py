@@ -1,0 +1,317 @@
+"""TLS on every migration connection (``mfd.workers.tls``), as QEMU's ``tls-creds-x509``.
+
+mfd -> mfd with and without multifd; real QEMU 10 -> mfd and mfd -> QEMU with x509
+credentials made by ``mfd tls-certs``, multifd off / 1 / 2 / 4, compression none / zstd, RAM
+compared byte for byte; then every refusal: one line on each end within seconds, nothing
+written where the RAM would go, the source's guest running on.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import run_mfd
+from test_migrate import running
+from test_wire_qemu import (
+    QMP_TIMEOUT,
+    SIZE,
+    WAIT,
+    Mfd,
+    assert_same_ram,
+    image,  # noqa: F401 - the fixture
+    one_line,
+    source_copy,
+    wait_listening,
+    zero_file,
+)
+
+from mfd import tlscerts
+from mfd.monitor import monitor_command
+from mfd.qemu import QemuMachine, qemu_binary
+from mfd.workers.tcp import free_ports
+from mfd.workers.tls import HANDSHAKE_S
+
+needs_qemu = pytest.mark.skipif(qemu_binary() is None, reason="QEMU 10 not installed")
+REFUSED_WITHIN = HANDSHAKE_S + 10  # a refusal shows on both ends within this
+
+
+@pytest.fixture(scope="module")
+def creds(tmp_path_factory: pytest.TempPathFactory) -> str:
+    d = tmp_path_factory.mktemp("tls") / "creds"
+    r = run_mfd("tls-certs", str(d), "--host", "127.0.0.1", "--host", "localhost")
+    assert r.returncode == 0, r.stderr
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def other_ca(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Certificates for the same names from another CA."""
+    d = tmp_path_factory.mktemp("tls") / "other"
+    tlscerts.make(str(d), ["127.0.0.1"])
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def expired(tmp_path_factory: pytest.TempPathFactory, creds: str) -> str:
+    """Certificates from the same CA that expired yesterday (valid for a day from 2 days
+    ago)."""
+    d = tmp_path_factory.mktemp("tls") / "expired"
+    d.mkdir()
+    for name in ("ca-cert.pem", "ca-key.pem"):
+        (d / name).write_bytes((Path(creds) / name).read_bytes())
+    start = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=2)
+    tlscerts.make(str(d), ["127.0.0.1"], days=1, start=start)
+    return str(d)
+
+
+def tls(creds: str) -> list[str]:
+    return ["--tls-creds", creds]
+
+
+# ---------------------------------------------------------------------------- mfd <-> mfd
+
+
+@pytest.mark.parametrize("multifd", [["--multifd-channels", "2"], ["--no-multifd"]],
+                         ids=["2ch", "nomultifd"])
+def test_mfd_to_mfd_with_tls(tmp_path: Path, creds: str, image: Path, multifd) -> None:  # noqa: F811
+    out, qmp = tmp_path / "out.bin", str(tmp_path / "dst.qmp")
+    port = free_ports(1)
+    with Mfd("incoming", "--listen", f"tcp:127.0.0.1:{port}", "--image", f"mem={out}",
+             "--json", "--monitor", qmp, *tls(creds), "--tls-authz", "O=mfd,CN=mfd-client"
+             ) as inc:
+        wait_listening(port, inc.alive)
+        params = monitor_command(qmp, "query-migrate-parameters", None, 5.0)["return"]
+        assert params["tls-creds"] == creds and params["tls-authz"] == "O=mfd,CN=mfd-client"
+        r = run_mfd("migrate", f"tcp:127.0.0.1:{port}", "--image", f"mem={image}", "--json",
+                    *multifd, *tls(creds))
+        assert r.returncode == 0, r.stderr
+        res = inc.completed()
+    assert res["verified"]
+    assert_same_ram(image, out)
+
+
+# ---------------------------------------------------------------------------- QEMU <-> mfd
+
+# multifd channels (0: off) and compression: each value of each at least once
+CASES = [(0, "none"), (1, "zstd"), (2, "none"), (4, "zstd")]
+
+
+@needs_qemu
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}ch-{c[1]}")
+def test_qemu_to_mfd_with_tls(tmp_path: Path, creds: str, image: Path, case) -> None:  # noqa: F811
+    ch, comp = case
+    out, port = tmp_path / "out.bin", free_ports(1)
+    multifd = ["--multifd-channels", str(ch), "--multifd-compression", comp] if ch else []
+    with Mfd("incoming", "--listen", f"tcp:127.0.0.1:{port}", "--image", f"mem={out}",
+             "--json", "--timeout", str(WAIT), *multifd, *tls(creds)) as inc, \
+            QemuMachine(str(source_copy(image, tmp_path)), SIZE, timeout=QMP_TIMEOUT) as q:
+        wait_listening(port, inc.alive)
+        q.set_migration(multifd_channels=ch, multifd_compression=comp)
+        q.set_tls(creds, server=False)
+        q.start_migrate(f"tcp:127.0.0.1:{port}")
+        assert q.wait_migration(WAIT)["status"] == "completed"
+        assert inc.completed()["status"] == "completed"
+    assert_same_ram(image, out)
+
+
+@needs_qemu
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}ch-{c[1]}")
+def test_mfd_to_qemu_with_tls(tmp_path: Path, creds: str, image: Path, case) -> None:  # noqa: F811
+    ch, comp = case
+    ram, port = zero_file(tmp_path / "dst.bin", SIZE), free_ports(1)
+    multifd = ["--multifd-channels", str(ch), "--multifd-compression", comp] if ch else \
+        ["--no-multifd"]
+    with QemuMachine(str(ram), SIZE, incoming=True, timeout=QMP_TIMEOUT) as q:
+        q.set_migration(multifd_channels=ch, multifd_compression=comp)
+        q.set_tls(creds, server=True, authz="O=mfd,CN=mfd-client")  # verify-peer: QEMU's default
+        q.start_migrate_incoming(f"tcp:127.0.0.1:{port}")
+        r = run_mfd("migrate", f"tcp:127.0.0.1:{port}", "--image", f"mem={image}", "--json",
+                    *multifd, *tls(creds), timeout=WAIT)
+        assert r.returncode == 0, r.stderr
+        assert q.wait_migration(WAIT)["status"] == "completed"
+    assert_same_ram(image, ram)
+
+
+# ---------------------------------------------------------------------------- refusals
+
+
+class Destination:
+    """``mfd incoming`` writing an image, its stderr in a file the test reads while it runs
+    (a refused connection is one warning line; it listens on for a real source)."""
+
+    def __init__(self, tmp_path: Path, *args: str) -> None:
+        self.port = free_ports(1)
+        self.out = tmp_path / "out.bin"
+        self.err_path = tmp_path / "incoming.err"
+        with open(self.err_path, "w") as err:
+            self.p = subprocess.Popen(
+                [sys.executable, "-m", "mfd", "incoming", "--listen",
+                 f"tcp:127.0.0.1:{self.port}", "--image", f"mem={self.out}", "--timeout", "60",
+                 *args], stdout=subprocess.DEVNULL, stderr=err)
+        wait_listening(self.port, lambda: self.p.poll() is None)
+
+    def says(self, text: str, within: float = REFUSED_WITHIN) -> str:
+        """The one line that says ``text``, once it is there."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            lines = self.err_path.read_text().splitlines()
+            hits = [line for line in lines if text in line]
+            if hits:
+                assert "Traceback" not in self.err_path.read_text()
+                return hits[0]
+            time.sleep(0.05)
+        raise AssertionError(f"the destination did not say {text!r}: "
+                             f"{self.err_path.read_text()}")
+
+    def close(self) -> None:
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+            self.p.wait(10)
+        assert not self.out.exists(), "nothing may be written where the RAM would go"
+
+
+def refused(guests, tmp_path: Path, dst_args: list[str], src_args: list[str],
+            dst_says: str, src_says: str) -> None:
+    src, _ = guests.start("64M", "--dirty-rate", "20M")
+    dst = Destination(tmp_path, *dst_args)
+    try:
+        r = run_mfd("migrate", f"tcp:127.0.0.1:{dst.port}", "--guest", src, *src_args,
+                    timeout=REFUSED_WITHIN + 10)
+        assert r.returncode == 1 and src_says in one_line(r.stderr), r.stderr
+        dst.says(dst_says)
+        assert running(src), "the source's guest runs on"
+    finally:
+        dst.close()
+
+
+def test_a_source_without_tls_is_refused(guests, tmp_path, creds):
+    refused(guests, tmp_path, tls(creds), [],
+            "TLS: the peer sends a migration stream without TLS", "migration failed")
+
+
+def test_a_tls_source_is_refused_by_a_destination_without_tls(guests, tmp_path, creds):
+    refused(guests, tmp_path, [], tls(creds),
+            "it starts a TLS handshake, and this destination has no TLS",
+            "the peer closed the connection during the TLS handshake")
+
+
+def test_a_destination_from_an_unknown_ca_is_refused(guests, tmp_path, creds, other_ca):
+    refused(guests, tmp_path, tls(creds), tls(other_ca), "TLS: the peer refused the "
+            "handshake", "certificate verify failed")
+
+
+def test_a_wrong_host_name_is_refused(guests, tmp_path, creds):
+    refused(guests, tmp_path, tls(creds), [*tls(creds), "--tls-hostname", "wrong.example"],
+            "TLS: the peer refused the handshake",
+            "certificate verify failed: Hostname mismatch")
+
+
+def test_a_client_certificate_outside_tls_authz_is_refused(guests, tmp_path, creds):
+    refused(guests, tmp_path, [*tls(creds), "--tls-authz", "O=mfd,CN=someone-else"],
+            tls(creds), "the client certificate 'O=mfd,CN=mfd-client' is not in --tls-authz",
+            "migration failed")
+
+
+def test_a_client_certificate_from_an_unknown_ca_is_refused(guests, tmp_path, creds,
+                                                            other_ca):
+    """The destination checks the source's certificate (verify-peer): another CA's is
+    refused, though the source trusts the destination (its CA file is the right one)."""
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for name in ("client-cert.pem", "client-key.pem"):
+        (mixed / name).write_bytes((Path(other_ca) / name).read_bytes())
+    (mixed / "ca-cert.pem").write_bytes((Path(creds) / "ca-cert.pem").read_bytes())
+    refused(guests, tmp_path, tls(creds), tls(str(mixed)),
+            "TLS: certificate verify failed: unable to get local issuer certificate",
+            "migration failed")
+
+
+def test_expired_certificates(guests, tmp_path, creds, expired):
+    """An end refuses its own expired certificate at start (as QEMU refuses to create the
+    tls-creds-x509 object); a destination refuses a peer's expired one."""
+    src, _ = guests.start("64M", "--dirty-rate", "20M")
+    r = run_mfd("migrate", "tcp:127.0.0.1:9", "--guest", src, *tls(expired))
+    assert r.returncode == 1 and "client-cert.pem: the certificate expired on" in \
+        one_line(r.stderr), r.stderr
+    r = run_mfd("incoming", "--listen", "tcp:127.0.0.1:9", "--image", "mem=/nonexistent",
+                *tls(expired))
+    assert r.returncode == 1 and "server-cert.pem: the certificate expired on" in \
+        one_line(r.stderr), r.stderr
+    assert running(src)
+    dst = Destination(tmp_path, *tls(creds))
+    try:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(os.path.join(creds, "ca-cert.pem"))
+        ctx.load_cert_chain(os.path.join(expired, "client-cert.pem"),
+                            os.path.join(expired, "client-key.pem"))
+        with socket.create_connection(("127.0.0.1", dst.port)) as raw, \
+                ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+            s.settimeout(REFUSED_WITHIN)
+            with pytest.raises((ssl.SSLError, ConnectionError)):  # its alert, or the close
+                s.sendall(b"QEVM")
+                s.recv(1)
+        dst.says("TLS: certificate verify failed: certificate has expired")
+    finally:
+        dst.close()
+
+
+def test_a_peer_that_stops_mid_handshake(guests, tmp_path, creds):
+    """Half a ClientHello, then silence: the destination gives up after HANDSHAKE_S; a
+    destination that never answers a source's ClientHello, likewise."""
+    dst = Destination(tmp_path, *tls(creds))
+    try:
+        with socket.create_connection(("127.0.0.1", dst.port)) as s:
+            s.sendall(bytes.fromhex("1603010200010001fc0303"))
+            dst.says(f"TLS: no TLS handshake within {HANDSHAKE_S:g} s")
+    finally:
+        dst.close()
+    src, _ = guests.start("64M", "--dirty-rate", "20M")
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        t0 = time.monotonic()
+        r = run_mfd("migrate", f"tcp:127.0.0.1:{silent.getsockname()[1]}", "--guest", src,
+                    *tls(creds), timeout=REFUSED_WITHIN + 10)
+    assert r.returncode == 1 and f"no TLS handshake within {HANDSHAKE_S:g} s" in \
+        one_line(r.stderr), r.stderr
+    assert time.monotonic() - t0 < REFUSED_WITHIN
+    assert running(src)
+
+
+def test_garbage_instead_of_a_client_hello(guests, tmp_path, creds, image):  # noqa: F811
+    """One line for the stranger; the destination listens on and a real source's TLS
+    migration then completes."""
+    port = free_ports(1)
+    out = tmp_path / "out.bin"
+    with Mfd("incoming", "--listen", f"tcp:127.0.0.1:{port}", "--image", f"mem={out}",
+             "--json", "--timeout", str(WAIT), *tls(creds)) as inc:
+        wait_listening(port, inc.alive)
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(bytes(range(7, 200)))
+            time.sleep(1.0)
+        r = run_mfd("migrate", f"tcp:127.0.0.1:{port}", "--image", f"mem={image}",
+                    "--multifd-channels", "2", *tls(creds))
+        assert r.returncode == 0, r.stderr
+        inc.completed()
+    assert "TLS: the peer does not start a TLS handshake (it sent 0708090a)" in inc.err, \
+        inc.err
+    assert "Traceback" not in inc.err
+    assert_same_ram(image, out)
+
+
+def test_tls_options_alone_are_refused(tmp_path):
+    for args, says in ((["migrate", "tcp:127.0.0.1:9", "--image", "mem=/x", "--tls-hostname",
+                         "h"], "--tls-hostname goes with --tls-creds"),
+                       (["incoming", "--listen", "tcp:127.0.0.1:9", "--tls-authz", "CN=x"],
+                        "--tls-authz goes with --tls-creds"),
+                       (["incoming", "--listen", "tcp:127.0.0.1:9", "--tls-creds",
+                         str(tmp_path)], "no ca-cert.pem")):
+        r = run_mfd(*args)
+        assert r.returncode != 0 and says in one_line(r.stderr), r.stderr
