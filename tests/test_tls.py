@@ -80,8 +80,9 @@ def tls(creds: str) -> list[str]:
 # ---------------------------------------------------------------------------- mfd <-> mfd
 
 
-@pytest.mark.parametrize("multifd", [["--multifd-channels", "2"], ["--no-multifd"]],
-                         ids=["2ch", "nomultifd"])
+@pytest.mark.parametrize("multifd", [["--multifd-channels", "1"],
+                                     ["--multifd-channels", "4"], ["--no-multifd"]],
+                         ids=["1ch", "4ch", "nomultifd"])
 def test_mfd_to_mfd_with_tls(tmp_path: Path, creds: str, image: Path, multifd) -> None:  # noqa: F811
     out, qmp = tmp_path / "out.bin", str(tmp_path / "dst.qmp")
     port = free_ports(1)

@@ -220,6 +220,15 @@ class MigrateBench:
 
     def __init__(self, ws: Workspace) -> None:
         self.ws = ws
+        self.creds: str | None = None  # --tls: made once, in the work directory
+
+    def _tls_creds(self) -> str:
+        if self.creds is None:
+            from mfd import tlscerts
+
+            self.creds = self.ws.disk("tls")
+            tlscerts.make(self.creds, ["127.0.0.1"])
+        return self.creds
 
     @contextlib.contextmanager
     def ends(self, dst_exists: bool) -> Iterator[tuple[str, str]]:
@@ -243,20 +252,24 @@ class MigrateBench:
         return MigrationParameters(multifd_channels=channels, multifd_compression=comp,
                                    multifd_zstd_level=LEVEL, multifd_zlib_level=LEVEL)
 
-    def mfd(self, channels: int, comp: str, verify: bool = True) -> dict[str, Any]:
+    def mfd(self, channels: int, comp: str, verify: bool = True,
+            tls: bool = False) -> dict[str, Any]:
         """mfd -> mfd (``verify=False``: mfd migrate --no-verify; the image is compared
-        with its copy all the same, untimed)."""
+        with its copy all the same, untimed; ``tls``: --tls-creds on both ends)."""
         from mfd.main_thread.migrate import MigrateOptions
+        from mfd.workers.tls import TLSOptions
 
         port = free_ports(1)
         uri = f"tcp:127.0.0.1:{port}"
+        creds = self._tls_creds() if tls else None
         with self.ends(dst_exists=False) as (src, dst), \
-                Incoming(self.ws, ["--listen", uri, "--image", f"mem={dst}", "--json"],
-                         port) as inc:
+                Incoming(self.ws, ["--listen", uri, "--image", f"mem={dst}", "--json",
+                                   *(["--tls-creds", creds] if creds else [])], port) as inc:
             try:
                 r, dt = inc.migrate(uri, images={"mem": src},
                                     params=self._params(channels, comp),
-                                    options=MigrateOptions(verify=verify))
+                                    options=MigrateOptions(verify=verify, tls=TLSOptions(
+                                        creds, hostname="127.0.0.1") if creds else None))
             except Exception as e:
                 raise inc.explain(e) from e
             inc.result()
@@ -265,8 +278,8 @@ class MigrateBench:
                 **per_gib(inc.src_cpu.total, inc.dst_cpu, self.ws.size), **inc.cpu_figures(),
                 "verified": True}
 
-    def qemu(self, channels: int, comp: str) -> dict[str, Any]:
-        """QEMU -> QEMU."""
+    def qemu(self, channels: int, comp: str, tls: bool = False) -> dict[str, Any]:
+        """QEMU -> QEMU (``tls``: tls-creds-x509 on both)."""
         from mfd.qemu import QemuError, QemuMachine
 
         uri = f"tcp:127.0.0.1:{free_ports(1)}"
@@ -276,6 +289,8 @@ class MigrateBench:
             for m in (d, s):
                 m.set_migration(mapped_ram=False, multifd_channels=channels,
                                 multifd_compression=comp, **_level(comp))
+                if tls:
+                    m.set_tls(self._tls_creds(), server=m is d)
             d.start_migrate_incoming(uri)
             s0, d0 = proc_cpu(s.pid), proc_cpu(d.pid)
             t0 = time.perf_counter()
@@ -395,6 +410,17 @@ class MigrateBench:
                                       label.format(ch=ch, comp=comp) + lvl, params,
                                       lambda f=run[tool], ch=ch, comp=comp: f(ch, comp),
                                       limit=f"tcp-{ch}"))
+                if s.tls:  # each tool over TLS, beside itself in clear
+                    for tool, run_tls in (("mfd", self.mfd), ("qemu", self.qemu)):
+                        if tool == "qemu" and not self.ws.qemu_ok:
+                            continue
+                        label = dict((t, lb) for _, t, lb in self.PAIRS)[tool]
+                        out.append(Config(f"{tool}-tls-{ch}-{comp}", "migrate", tool,
+                                          label.format(ch=ch, comp=comp) + lvl + ", TLS",
+                                          {**params, "tls": True},
+                                          lambda f=run_tls, ch=ch, comp=comp: f(ch, comp,
+                                                                                tls=True),
+                                          limit=f"tcp-{ch}"))
                 if False in s.verify:  # what the verification costs, beside it
                     out.append(Config(f"mfd-noverify-{ch}-{comp}", "migrate", "mfd",
                                       f"{ch} ch {comp}{lvl}, --no-verify",

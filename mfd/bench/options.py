@@ -109,6 +109,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="live: a migration not done by then counts as not converged "
                    "(default 60; --quick 20)")
     p.add_argument("--repeat", type=int, help="counted runs per config (default 3; --quick 1)")
+    p.add_argument("--tls", action="store_true",
+                   help="migrate: also each mfd->mfd and QEMU->QEMU config over TLS 1.3 "
+                   "(x509 credentials made as 'mfd tls-certs' makes them), beside it in clear")
     p.add_argument("--against", choices=("qemu",),
                    help="also run QEMU 10 on the same image and settings, in the same run")
     p.add_argument("--out", default="mfd-bench", metavar="DIR",
@@ -140,6 +143,7 @@ class Settings:
     repeat: int
     warmup: int
     against_qemu: bool
+    tls: bool
     out: str
     workdir_parent: str
     quick: bool
@@ -178,5 +182,5 @@ def settings(args: argparse.Namespace) -> Settings:
         patterns=tuple(args.pattern or (["random"] if q else ["random", "hotset"])),
         verify={"on": (True,), "off": (False,), "both": (True, False)}[args.verify],
         auto_converge=ac, live_timeout=timeout, repeat=repeat, warmup=0 if q else 1,
-        against_qemu=args.against == "qemu", out=args.out, workdir_parent=args.dir, quick=q,
-        json=args.json)
+        against_qemu=args.against == "qemu", tls=args.tls, out=args.out,
+        workdir_parent=args.dir, quick=q, json=args.json)

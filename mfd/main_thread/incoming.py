@@ -55,7 +55,7 @@ from mfd.shm.ramblock import SHM_DIR, MappedBlock, PendingRAM, RAMBlock, attach,
 from mfd.shm.receivedmap import ReceivedMap, map_size
 from mfd.workers import tcp
 from mfd.workers.socket_channel import SocketChannelConfig, recv_main
-from mfd.workers.tls import TLSOptions, tls_parameters
+from mfd.workers.tls import TLSOptions, tls_parameters, wait_relays
 
 CHANNEL_GRACE_S = 5.0  # the source's channels connect before its main stream needs them
 QUEUE_EVENTS = 256  # decoded events waiting; beyond that the main channel is not read
@@ -255,6 +255,9 @@ class Incoming:
         if self.multifd is False:
             raise ProtocolError(f"{where} connected, but the source started without multifd")
         if self.pool is not None:
+            if init.id >= self.pool.channels:
+                raise ProtocolError(f"{where}: this destination started "
+                                    f"{self.pool.channels} channel(s)")
             self.pool.hand_over(init.id, sock)
             self.handed.add(init.id)
         else:
@@ -353,6 +356,7 @@ class Incoming:
                     sock.close()
             for sock in self.conns.values():
                 sock.close()
+            wait_relays()
 
     def _say_failed(self, error: str) -> None:
         """The source's return path, best effort: MFD_RESULT to mfd, SHUT(1)."""
@@ -558,6 +562,12 @@ class Incoming:
         assert self.acceptor is not None and self.rmap_ram is not None
         self.acceptor.drain()
         self._take_connections()
+        if self.start_flushed and not self.conns:
+            # an mfd source's channels say how many they are; with TLS they come after
+            # their handshakes, later than the main channel's first sync point
+            deadline = time.monotonic() + CHANNEL_GRACE_S
+            while not self.conns and not self.handed and time.monotonic() < deadline:
+                self._wait(20)
         self.multifd = self.start_flushed or bool(self.conns)
         n = self.channels if self.multifd else 0
         delays = self.options.channel_delays

@@ -49,7 +49,7 @@ from mfd.shm.control import GuestClient
 from mfd.shm.ramblock import SHM_DIR, DataExtents, PendingRAM, RAMBlock, nonzero_pages
 from mfd.workers import tcp
 from mfd.workers.socket_channel import SocketChannelConfig, send_main
-from mfd.workers.tls import TLSOptions, tls_parameters
+from mfd.workers.tls import TLSOptions, tls_parameters, wait_relays
 
 CONNECT_TIMEOUT = 30.0
 RESULT_TIMEOUT = 60.0  # the destination loads the device state, hashes its RAM, starts
@@ -294,6 +294,7 @@ class Migration(Precopy):
                 self.hash_file.close()
             if self.sock is not None:
                 self.sock.close()
+            wait_relays()
         if completed and self.guest is not None and not self.options.keep_source:
             with contextlib.suppress(MfdError):
                 self.guest.quit()  # it runs on the destination now

@@ -57,7 +57,7 @@ from mfd.shm.receivedmap import ReceivedMap
 from mfd.workers import tcp
 from mfd.workers.file_channel import ERROR_LINGER_MS, die_with_parent
 from mfd.workers.methods import get_method
-from mfd.workers.tls import TLSOptions
+from mfd.workers.tls import TLSOptions, wait_relays
 
 POLL_MS = 500
 PAGE = TARGET_PAGE_SIZE
@@ -581,6 +581,7 @@ def channel_main(cfg: SocketChannelConfig, receive: bool) -> None:
         if channel is not None:
             channel.close()
         ctx.destroy(0)  # also a socket of a channel that failed half-built
+        wait_relays()  # its connection's TLS relay, ending now that it is closed
 
 
 def send_main(cfg: SocketChannelConfig) -> None:

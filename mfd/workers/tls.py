@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass
 from mfd.errors import MfdError, UsageError
 
 HANDSHAKE_S = 5.0  # a peer silent for this long in the handshake is refused
+LINGER_S = 1.0  # after the owner closed: how long the relay waits for the peer's end
 CA, CRL = "ca-cert.pem", "ca-crl.pem"
 SERVER = ("server-cert.pem", "server-key.pem")
 CLIENT = ("client-cert.pem", "client-key.pem")
@@ -166,6 +167,19 @@ def _spawn(role: str, net: socket.socket, opts: TLSOptions) -> socket.socket:
         net.close()
         theirs.close()
     return ours
+
+
+def wait_relays(timeout: float = LINGER_S + 1) -> None:
+    """Reap this process's relays once their connections are closed (each ends then): their
+    CPU time is counted as this process's children's, and none is left behind."""
+    deadline = time.monotonic() + timeout
+    for p in _relays:
+        try:
+            p.wait(max(deadline - time.monotonic(), 0.01))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    _relays.clear()
 
 
 def client(net: socket.socket, opts: TLSOptions, peer: str) -> socket.socket:
@@ -300,6 +314,7 @@ def _relay(tls: ssl.SSLSocket, plain: socket.socket) -> None:
     down_view = up_view = memoryview(b"")
     tls_in = plain_in = True  # the sides still readable
     tls_out = plain_out = True  # our close_notify not sent yet; plaintext not shut yet
+    linger = 0.0
     while True:
         if tls_in and not down_view:
             mv, n = memoryview(down), 0
@@ -337,18 +352,24 @@ def _relay(tls: ssl.SSLSocket, plain: socket.socket) -> None:
                 up_view = memoryview(b"")
         if not plain_in and not up_view and tls_out:
             tls_out = False
-            with contextlib.suppress(ssl.SSLError, OSError):
-                tls.unwrap()  # our close_notify (QEMU's multifd "bye"); not waiting for theirs
+            try:  # our close_notify (QEMU's multifd "bye")
+                tls.unwrap()
+                tls_in = False  # theirs had come too: TLS is over (and the socket plain)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                pass  # theirs is still to come
+            except OSError:
+                tls_in = False
             with contextlib.suppress(OSError):
                 tls.shutdown(socket.SHUT_WR)
-        if not tls_in and not down_view and not tls_out:
+            linger = time.monotonic() + LINGER_S  # the peer's last bytes, then its end
+        if not tls_out and ((not tls_in and not down_view) or time.monotonic() > linger):
             return
         if tls_in and not down_view and tls.pending():
             continue
         r = [s for s, want in ((tls, tls_in and not down_view),
                                (plain, plain_in and not up_view)) if want]
         w = [s for s, want in ((plain, bool(down_view)), (tls, bool(up_view))) if want]
-        select.select(r, w, [], 1.0)
+        select.select(r, w, [], 0.1 if not tls_out else 1.0)
 
 
 def _main(argv: list[str]) -> int:
@@ -366,7 +387,7 @@ def _main(argv: list[str]) -> int:
     plain.sendall(OK)
     try:
         _relay(tls, plain)
-    except OSError:  # either side broke: the other sees its connection reset
+    except OSError:  # either side broke (or its owner left): the other sees a reset
         for s in (tls, plain):
             with contextlib.suppress(OSError):
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
