@@ -335,6 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--postcopy", choices=("0", "1"), default="0",
                    help="1: the live migration switches to postcopy after 1 s of precopy "
                    "(on both nodes; docker compose: MFD_POSTCOPY=1)")
+    d.add_argument("--tls", choices=("0", "1"), default="0",
+                   help="1: every connection TLS 1.3, each end's certificate checked (on both "
+                   "nodes; docker compose: MFD_TLS=1)")
+    d.add_argument("--tls-creds", metavar="DIR", help="--tls 1: the x509 files (on one "
+                   "machine, by default throwaway ones made by 'mfd tls-certs')")
     d.add_argument("--run-after", type=float, default=10.0, metavar="SECONDS",
                    help="on a node: how long its guest runs on, reported every 5 s, before "
                    "the node exits (default 10)")
@@ -545,6 +550,25 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _throwaway_creds(wanted: bool) -> Iterator[str | None]:
+    """A temporary directory of x509 files for TLS on one machine (removed after)."""
+    if not wanted:
+        yield None
+        return
+    import shutil
+    import tempfile
+
+    from mfd import tlscerts
+
+    d = tempfile.mkdtemp(prefix="mfd-tls-")
+    try:
+        tlscerts.make(d, ["127.0.0.1"])
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from mfd import demo
 
@@ -559,6 +583,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     postcopy = args.postcopy == "1"
     if postcopy and (args.save or args.restore):
         raise UsageError("mfd demo: --postcopy 1 is for the live migration")
+    tls = args.tls == "1"
+    if tls and (args.save or args.restore):
+        raise UsageError("mfd demo: --tls 1 is for the live migration (files are not TLS)")
+    if tls and (args.connect or args.listen) and not args.tls_creds:
+        raise UsageError("mfd demo: a node's --tls 1 needs --tls-creds DIR (the same CA on "
+                         "both nodes)")
+    creds = args.tls_creds if tls else None
+    if creds is not None:
+        tls_check(TLSOptions(creds), server=bool(args.listen))
 
     def say(line: str) -> None:
         if not args.json:
@@ -571,10 +604,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with view or contextlib.nullcontext():
         if args.connect:
             out = demo.source(args.connect, args.name, args.ram, args.dirty_rate, params, say,
-                              progress, args.run_after, use_kvm, postcopy)
+                              progress, args.run_after, use_kvm, postcopy,
+                              TLSOptions(creds) if creds else None)
         elif args.listen:
             out = demo.destination(args.listen, args.name, say, args.run_after, args.timeout,
-                                   args.monitor, postcopy)
+                                   args.monitor, postcopy, TLSOptions(creds) if creds else None)
         elif args.save:
             out = demo.save(args.save, args.name, args.ram, args.dirty_rate, params, say,
                             progress, use_kvm)
@@ -582,7 +616,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             out = demo.restore(args.restore, args.name, args.multifd_channels, say,
                                args.run_after)
         else:
-            out = demo.run(args.ram, args.dirty_rate, params, say, progress, use_kvm, postcopy)
+            with _throwaway_creds(tls and creds is None) as made:
+                out = demo.run(args.ram, args.dirty_rate, params, say, progress, use_kvm,
+                               postcopy, creds or made)
     if args.json:
         print(orjson.dumps(out).decode())
     return 0

@@ -38,6 +38,7 @@ from mfd.shm import control, kvm
 from mfd.shm.kvmguest import DATA
 from mfd.units import human
 from mfd.workers.tcp import free_ports
+from mfd.workers.tls import TLSOptions
 
 Say = Callable[[str], None]
 REPORT_EVERY = 5.0  # seconds between the lines of a guest that runs on after the demo
@@ -114,8 +115,9 @@ def keep_running(name: str, where: str, seconds: float, say: Say,
 
 def run(ram: int, dirty_rate: int, params: MigrationParameters, say: Say,
         progress: Progress | None = None, use_kvm: bool = False,
-        postcopy: bool = False) -> dict:
-    """Both ends on this machine; the destination is a separate ``mfd incoming`` process."""
+        postcopy: bool = False, tls: str | None = None) -> dict:
+    """Both ends on this machine; the destination is a separate ``mfd incoming`` process
+    (``tls``: the x509 directory both ends use)."""
     pid = os.getpid()
     src, dst = f"demo-src-{pid}", f"demo-dst-{pid}"
     incoming = None
@@ -125,10 +127,12 @@ def run(ram: int, dirty_rate: int, params: MigrationParameters, say: Say,
         uri = f"tcp://127.0.0.1:{port}"
         incoming = subprocess.Popen(
             [sys.executable, "-m", "mfd", "incoming", "--listen", uri, "--guest", dst,
-             "--json", *(["--postcopy-ram"] if postcopy else [])],
+             "--json", *(["--postcopy-ram"] if postcopy else []),
+             *(["--tls-creds", tls] if tls else [])],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         say(f"destination: mfd incoming --listen {uri} --guest {dst} (pid {incoming.pid})")
-        res = _migrate(uri, src, params, say, progress, postcopy)
+        res = _migrate(uri, src, params, say, progress, postcopy,
+                       TLSOptions(tls) if tls else None)
         out, err = incoming.communicate(timeout=60)
         if incoming.returncode != 0:
             raise MfdError(f"destination: {err.strip().splitlines()[-1] if err else '?'}")
@@ -151,13 +155,13 @@ def run(ram: int, dirty_rate: int, params: MigrationParameters, say: Say,
 
 def source(uri: str, name: str, ram: int, dirty_rate: int, params: MigrationParameters,
            say: Say, progress: Progress | None, run_after: float, use_kvm: bool,
-           postcopy: bool = False) -> dict:
+           postcopy: bool = False, tls: TLSOptions | None = None) -> dict:
     """Node A: start the guest, migrate it to ``uri``. On failure the guest keeps running
     here; it is reported for ``run_after`` seconds before the failure is raised."""
     try:
         start_guest(name, ram, dirty_rate, say, use_kvm)
         try:
-            res = _migrate(uri, name, params, say, progress, postcopy)
+            res = _migrate(uri, name, params, say, progress, postcopy, tls)
         except MfdError as e:
             say(f"migration failed: {e}")
             keep_running(name, "here, at the source", run_after, say)
@@ -171,12 +175,15 @@ def source(uri: str, name: str, ram: int, dirty_rate: int, params: MigrationPara
 
 
 def destination(listen: str, name: str, say: Say, run_after: float, timeout: float | None,
-                monitor: str | None, postcopy: bool = False) -> dict:
+                monitor: str | None, postcopy: bool = False,
+                tls: TLSOptions | None = None) -> dict:
     """Node B: receive one migration into the guest ``name``, then let it run and report."""
-    say(f"waiting for a migration at {listen}")
+    say(f"waiting for a migration at {listen}" + (" (TLS, the source's certificate checked)"
+                                                   if tls else ""))
     try:
         res = api.incoming(listen, guest=name, monitor=monitor,
-                           options=IncomingOptions(timeout=timeout, postcopy_ram=postcopy))
+                           options=IncomingOptions(timeout=timeout, postcopy_ram=postcopy,
+                                                   tls=tls))
         say("incoming migration completed")
         if res.postcopy:
             pc = res.postcopy
@@ -226,16 +233,21 @@ POSTCOPY_AFTER = 1.0  # seconds of precopy before the postcopy scenario switches
 
 
 def _migrate(uri: str, guest: str, params: MigrationParameters, say: Say,
-             progress: Progress | None, postcopy: bool = False) -> api.MigrateResult:
+             progress: Progress | None, postcopy: bool = False,
+             tls: TLSOptions | None = None) -> api.MigrateResult:
+    if tls is not None:
+        say(f"every connection TLS 1.3, the destination's certificate checked against "
+            f"{tls.creds}/ca-cert.pem")
     if postcopy:  # QEMU's postcopy: the main channel only (no multifd with postcopy)
         say(f"migrating to {uri}: {POSTCOPY_AFTER:g} s of precopy, then postcopy (the "
             "guest runs there at once, its missing pages fetched as it touches them)")
         res = api.migrate(uri, guest=guest, params=params, progress=progress,
                           options=api.MigrateOptions(multifd=False, postcopy=True,
-                                                     postcopy_after=POSTCOPY_AFTER))
+                                                     postcopy_after=POSTCOPY_AFTER, tls=tls))
         say(f"postcopy: {res.query_migrate['ram']['postcopy-requests']} page(s) the "
             "destination's guest asked for first")
         return res
     say(f"migrating to {uri} over {params.multifd_channels} channels (compression "
         f"{params.multifd_compression}, downtime limit {params.downtime_limit} ms)")
-    return api.migrate(uri, guest=guest, params=params, progress=progress)
+    return api.migrate(uri, guest=guest, params=params, progress=progress,
+                       options=api.MigrateOptions(tls=tls))

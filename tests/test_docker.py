@@ -227,6 +227,21 @@ def test_postcopy_between_two_containers(project):
                             "at the destination, found equal by the source", "at the destination")
 
 
+def test_tls_between_two_containers(project):
+    """MFD_TLS=1: the certs service makes a CA and node B's certificate (for the name
+    node-b) into the project's volume; every connection is TLS 1.3, node B checks node A's
+    certificate, and the guest arrives whole."""
+    p = project(MFD_RAM="256M", MFD_DIRTY_RATE="20M", MFD_TLS="1", MFD_RUN_AFTER="3")
+    p("up", "-d", timeout=300)
+    assert p.wait_exit("node-a", 180) == 0, p.logs("node-a")
+    assert p.wait_exit("node-b", 60) == 0, p.logs("node-b")
+    a_log, b_log = p.logs("node-a"), p.logs("node-b")
+    assert "every connection TLS 1.3" in a_log, a_log
+    assert "(TLS, the source's certificate checked)" in b_log, b_log
+    _same_ram_and_runs_on_b(a_log, "at the source, found equal by the destination", b_log,
+                            "at the destination, found equal by the source", "at the destination")
+
+
 def test_node_b_killed_mid_migration(project):
     """Node B dies mid-migration: node A says so, its guest keeps running, exit 1."""
     p = project(MFD_RAM="256M", MFD_DIRTY_RATE="20M", MFD_MAX_BANDWIDTH="16M",

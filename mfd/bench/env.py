@@ -84,7 +84,8 @@ def qemu_info() -> dict[str, Any]:
 def net_settings() -> dict[str, str]:
     out = {}
     for name in ("net/ipv4/tcp_rmem", "net/ipv4/tcp_wmem", "net/core/rmem_max",
-                 "net/core/wmem_max", "net/ipv4/tcp_congestion_control"):
+                 "net/core/wmem_max", "net/ipv4/tcp_congestion_control",
+                 "net/ipv4/tcp_available_ulp"):  # "tls" there: the kernel can do TLS
         with contextlib.suppress(OSError), open(f"/proc/sys/{name}") as f:
             out[name.replace("/", ".")] = f.read().strip()
     with contextlib.suppress(OSError), open("/sys/class/net/lo/mtu") as f:
@@ -103,6 +104,9 @@ def environment(qemu: dict[str, Any]) -> dict[str, Any]:
             versions[name] = __import__(mod).__version__
         except (ImportError, AttributeError):
             versions[name] = None
+    import ssl
+
+    versions["openssl"] = ssl.OPENSSL_VERSION
     with contextlib.suppress(ImportError, AttributeError):
         import zmq
 

@@ -84,6 +84,13 @@ def _notes(s: Settings, ws: Workspace, configs: list[Config], env: dict[str, Any
                  "(below 1: mfd is faster; for QEMU->mfd and mfd->QEMU, over QEMU->QEMU's); "
                  "'of limit' is the share of the limit's throughput reached.")
     notes += ws.notes
+    if s.tls and "migrate" in s.modes:
+        ulp = env.get("net", {}).get("net.ipv4.tcp_available_ulp", "?")
+        notes.append("TLS: mfd runs each connection's TLS 1.3 in a relay process "
+                     f"({env.get('versions', {}).get('openssl')}, userspace AES-GCM); kernel "
+                     "TLS " + ("could be used here (tls in tcp_available_ulp) but is not "
+                               "measured" if "tls" in ulp.split() else
+                               f"is not available on this kernel (tcp_available_ulp: {ulp})"))
     env["mfd_sources_blake3_at_end"] = mfd_sources_digest()
     if env["mfd_sources_blake3_at_end"] != env["mfd_sources_blake3"]:
         notes.append("WARNING: mfd's sources changed while the benchmark ran: runs before "
