@@ -108,6 +108,29 @@ def test_quick_all_runs_every_mode_and_writes_the_report(tmp_path):
         assert routes == {"tcp", "mfd->mfd", "QEMU->QEMU", "QEMU->mfd", "mfd->QEMU"}
 
 
+def test_quick_migrate_over_tls_beside_clear(tmp_path):
+    """``--tls``: each tool also over TLS (mfd's relays, QEMU's tls-creds-x509 with the same
+    certificates), the cost of TLS per tool and the 1.2x target over TLS in the report."""
+    out = tmp_path / "out"
+    p = subprocess.run([*MFD, "bench", "migrate", "--quick", "--against", "qemu", "--tls",
+                        "--multifd-channels", "2", "--multifd-compression", "none", "--out",
+                        str(out), "--json"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    result = json.loads(p.stdout)
+    rows = {r["key"]: r for r in result["summary"]}
+    tools = ["mfd", "qemu"] if qemu_binary() is not None else ["mfd"]
+    for tool in tools:
+        r = rows[f"{tool}-tls-2-none"]
+        assert r["error"] is None and r["n"] == 1 and r["params"]["tls"] is True, r
+    table = (out / "table.txt").read_text()
+    assert "the cost of TLS" in table and "mfd->mfd 2 ch none, TLS:" in table, table
+    assert any("kernel TLS" in n for n in result["notes"])
+    if qemu_binary() is not None:
+        assert rows["mfd-tls-2-none"]["qemu"] == "qemu-tls-2-none"
+        (t,) = [t for t in result["targets"] if t["what"] == "migrate, 2 ch none, TLS"]
+        assert t["target"] == 1.2
+
+
 def test_ctrl_c_stops_and_removes_what_it_created(tmp_path):
     """Interrupted in the middle of a live run (a guest, `mfd incoming`, a migration in
     flight): exit 130, one line, partial results written, nothing left behind."""

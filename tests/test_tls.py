@@ -316,3 +316,40 @@ def test_tls_options_alone_are_refused(tmp_path):
                          str(tmp_path)], "no ca-cert.pem")):
         r = run_mfd(*args)
         assert r.returncode != 0 and says in one_line(r.stderr), r.stderr
+
+
+def test_postcopy_preempt_over_tls_cut_and_recovered(guests, tmp_path, creds):
+    """Postcopy with preempt over TLS (the preempt channel is the next connection after the
+    main channel once its handshake is done), the link cut mid-postcopy, then recovered:
+    the resume's new connections are TLS too, and RAM ends equal."""
+    from netutil import Relay
+    from test_migrate import finish, start_migrate
+    from test_postcopy import LINK, _status, _until, postcopy_pair
+
+    src_qmp, dst_qmp = str(tmp_path / "src.qmp"), str(tmp_path / "dst.qmp")
+    src, dst, port, inc = postcopy_pair(guests, "--monitor", dst_qmp, "--postcopy-preempt",
+                                        *tls(creds))
+    relay_port = free_ports(1)
+    relay = Relay(relay_port, port, 1)
+    mig = start_migrate(relay_port, "--guest", src, "--no-multifd", "--postcopy-ram",
+                        "--postcopy-preempt", "--postcopy-after", "0.5", *LINK,
+                        "--max-postcopy-bandwidth", "4M", "--monitor", src_qmp, *tls(creds),
+                        "--tls-hostname", "127.0.0.1")
+    try:
+        _until(lambda: _status(dst_qmp) == "postcopy-active", "the guest did not run")
+        _until(lambda: len(relay.accepted) >= 2, "no preempt channel")
+        time.sleep(0.5)
+        relay.cut()
+        _until(lambda: _status(src_qmp) == "postcopy-paused", "the source did not pause")
+        _until(lambda: _status(dst_qmp) == "postcopy-paused", "the destination did not pause")
+        assert monitor_command(src_qmp, "query-migrate-parameters", None, 5.0)["return"][
+            "tls-hostname"] == "127.0.0.1"
+        assert monitor_command(src_qmp, "migrate", {"uri": f"tcp:127.0.0.1:{port}",
+                                                    "resume": True}, 5.0) == {"return": {}}
+        rc, _, err = finish(mig)
+        assert rc == 0 and "postcopy paused" in err, err
+        rc, out, err = finish(inc)
+        assert rc == 0 and "RAM verified equal" in out, err
+        assert running(dst)
+    finally:
+        relay.cut()
