@@ -323,8 +323,8 @@ def test_postcopy_preempt_over_tls_cut_and_recovered(guests, tmp_path, creds):
     main channel once its handshake is done), the link cut mid-postcopy, then recovered:
     the resume's new connections are TLS too, and RAM ends equal."""
     from netutil import Relay
-    from test_migrate import finish, start_migrate
-    from test_postcopy import LINK, _status, _until, postcopy_pair
+    from test_migrate import start_migrate
+    from test_postcopy import LINK, _status, _until, postcopy_pair, resumed_to_the_end
 
     src_qmp, dst_qmp = str(tmp_path / "src.qmp"), str(tmp_path / "dst.qmp")
     src, dst, port, inc = postcopy_pair(guests, "--monitor", dst_qmp, "--postcopy-preempt",
@@ -344,12 +344,6 @@ def test_postcopy_preempt_over_tls_cut_and_recovered(guests, tmp_path, creds):
         _until(lambda: _status(dst_qmp) == "postcopy-paused", "the destination did not pause")
         assert monitor_command(src_qmp, "query-migrate-parameters", None, 5.0)["return"][
             "tls-hostname"] == "127.0.0.1"
-        assert monitor_command(src_qmp, "migrate", {"uri": f"tcp:127.0.0.1:{port}",
-                                                    "resume": True}, 5.0) == {"return": {}}
-        rc, _, err = finish(mig)
-        assert rc == 0 and "postcopy paused" in err, err
-        rc, out, err = finish(inc)
-        assert rc == 0 and "RAM verified equal" in out, err
-        assert running(dst)
+        resumed_to_the_end(src_qmp, port, mig, inc, dst)
     finally:
         relay.cut()

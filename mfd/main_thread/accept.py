@@ -9,6 +9,10 @@ one warning line (with postcopy-preempt, the first connection after the main cha
 the preempt channel, as QEMU 10.0 takes it, unread), a connection that says nothing is dropped
 after :data:`SILENT_S`, and the migration goes on. Channels may come before the main
 channel and in any id order.
+
+With TLS (``mfd.workers.tls``) every accepted connection goes to a relay process at once;
+what is sorted is the relay's plaintext end, after its first byte said that the handshake
+succeeded (QEMU 10.0 sorts TLS connections by order instead: it cannot peek through TLS).
 """
 
 from __future__ import annotations
@@ -106,8 +110,8 @@ class Acceptor:
         for p in list(self.pending.values()):
             if p.opened and now - p.since > SILENT_S:
                 self._refuse(p, f"it sent {len(p.head)} byte(s) in {SILENT_S:g} s")
-            elif now - p.since > 2 * tls_relay.HANDSHAKE_S:  # its relay, stuck? (it has a
-                self._refuse(p, "its TLS relay did not answer")  # deadline of its own)
+            elif not p.opened and now - p.since > 2 * tls_relay.HANDSHAKE_S:
+                self._refuse(p, "its TLS relay did not answer")  # (it has a deadline too)
 
     def _preempt(self, p: _Pending) -> bool:
         """QEMU 10.0's rule, as soon as the connection is open (accepted, or its TLS
