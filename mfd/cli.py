@@ -184,6 +184,7 @@ def _params(args: argparse.Namespace) -> MigrationParameters:
         max_cpu_throttle=args.max_cpu_throttle,
         throttle_trigger_threshold=args.throttle_trigger_threshold,
         x_clear_bitmap_shift=args.x_clear_bitmap_shift,
+        xbzrle_cache_size=getattr(args, "xbzrle_cache_size", 64 << 20),
     )
 
 
@@ -250,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="legacy sync per section (QEMU machine types <= 8.0)")
     m.add_argument("--no-multifd", dest="multifd", action="store_false",
                    help="capability multifd off: every page on the main channel")
+    m.add_argument("--xbzrle", action="store_true",
+                   help="QEMU's capability: a page sent again goes as the bytes that "
+                   "changed since it went (with --no-multifd, as QEMU)")
+    m.add_argument("--xbzrle-cache-size", type=parse_size, default=64 << 20, metavar="SIZE",
+                   help="the source's cache of pages sent (QEMU's parameter; a power of two, "
+                   "default 64M)")
     _postcopy_args(m)
     m.add_argument("--max-postcopy-bandwidth", type=parse_size, default=0,
                    help="bytes per second of the push after the switch (0 = unlimited)")
@@ -473,7 +480,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                           timeout=args.timeout, keep_source=args.keep_source,
                           verify=args.verify, postcopy=args.postcopy_ram,
                           postcopy_after=args.postcopy_after,
-                          postcopy_preempt=args.postcopy_preempt, tls=_tls(args, False))
+                          postcopy_preempt=args.postcopy_preempt, tls=_tls(args, False),
+                          xbzrle=args.xbzrle)
     for given, name in ((args.postcopy_after is not None, "--postcopy-after"),
                         (args.postcopy_preempt, "--postcopy-preempt")):
         if given and not args.postcopy_ram:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from mfd.errors import UsageError
+from mfd.protocol import constants as C
 
 ZERO_PAGE_DETECTION = ("multifd", "legacy", "none")
 COMPRESSION = ("none", "zstd", "zlib")
@@ -38,6 +39,7 @@ class MigrationParameters:
     cpu_throttle_tailslow: bool = False
     max_cpu_throttle: int = 99
     throttle_trigger_threshold: int = 50
+    xbzrle_cache_size: int = 64 << 20  # bytes (QEMU's default); the capability is an option
     # pages per clear_bmap chunk, as a power of two: a KVM guest with manual dirty log
     # protect has each chunk's pages write-protected again just before the chunk is sent
     x_clear_bitmap_shift: int = 18
@@ -67,6 +69,10 @@ def check_params(p: MigrationParameters, *, mapped_ram: bool) -> MigrationParame
     for name in ("max_bandwidth", "max_postcopy_bandwidth"):
         if getattr(p, name) < 0:
             raise UsageError(f"Parameter '{name.replace('_', '-')}' must not be negative")
+    size = p.xbzrle_cache_size
+    if size < C.TARGET_PAGE_SIZE or size & (size - 1):
+        raise UsageError("Parameter 'xbzrle_cache_size' expects a power of two no less than "
+                         "the target page size")
     if p.zero_page_detection not in ZERO_PAGE_DETECTION:
         raise UsageError(f"zero-page-detection {p.zero_page_detection!r}, expected one of "
                          f"{', '.join(ZERO_PAGE_DETECTION)}")

@@ -22,6 +22,11 @@ REDRAW = 0.2  # seconds between redraws of the live view
 def fields(stats: MigrationStats) -> dict[str, str]:
     q = stats.query_migrate()
     r = q["ram"]
+    x = q.get("xbzrle-cache")
+    xbzrle = {} if not isinstance(x, dict) else {
+        "xbzrle": f"{x['pages']} pages in {human(x['bytes'])}, encoding rate "
+                  f"{x['encoding-rate']:.1f}, cache misses {x['cache-miss-rate']:.0%}, "
+                  f"overflow {x['overflow']}"}
     return {
         "status": str(q["status"]),
         "round": str(r["dirty-sync-count"]),
@@ -31,6 +36,7 @@ def fields(stats: MigrationStats) -> dict[str, str]:
         "dirty rate": f"{stats.dirty_pages_rate * 4096 / (1 << 20):.0f} MiB/s",
         "throttle": f"{stats.cpu_throttle_percentage}%",
         "expected downtime": f"{q['expected-downtime']} ms",
+        **xbzrle,
     }
 
 

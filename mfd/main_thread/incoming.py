@@ -47,7 +47,7 @@ from mfd.main_thread.accept import Acceptor
 from mfd.main_thread.migrate import Cancelled, failure
 from mfd.main_thread.pipeline import ChannelPool, dispatch, poll_key
 from mfd.main_thread.postcopy_dst import PostcopyPlacer
-from mfd.protocol import livestream, multifd, peer, postcopy, returnpath, trailer
+from mfd.protocol import livestream, multifd, peer, postcopy, returnpath, trailer, xbzrle
 from mfd.protocol.constants import TARGET_PAGE_SIZE
 from mfd.protocol.devices import GUEST_IDSTR
 from mfd.shm import control, pagehash
@@ -398,6 +398,9 @@ class Incoming:
                     self.postcopy.pages(self.index[ev.idstr], ev.pages, ev.data)
                 else:
                     self._pages(ev.idstr, ev.pages, ev.data)
+            elif isinstance(ev, livestream.XbzrlePages):
+                self._start_channels()
+                self._xbzrle(ev)
             elif isinstance(ev, livestream.Advise):
                 self._advise()
             elif isinstance(ev, livestream.Discard):
@@ -606,6 +609,25 @@ class Incoming:
         if self.verifying:
             assert self.hashes is not None
             self.hashes.record(block, self.words[block], pages)
+
+    def _xbzrle(self, ev: livestream.XbzrlePages) -> None:
+        """XBZRLE records (no multifd, as QEMU): each delta applied onto the page here."""
+        if self.multifd:
+            raise ProtocolError("main channel: an XBZRLE page with multifd (QEMU refuses "
+                                "xbzrle with multifd: 'Multifd is not compatible with "
+                                "xbzrle')")
+        if self.postcopy is not None:
+            raise ProtocolError("main channel: an XBZRLE page in postcopy (QEMU's postcopy "
+                                "loads whole and zero pages only)")
+        block = self.index[ev.idstr]
+        words = self.words[block]
+        xbzrle.decode_into(words.view(np.uint8), ev.pages, ev.data, ev.starts, ev.lengths,
+                           f"main channel: block {ev.idstr!r}: XBZRLE page")
+        assert self.receivedmap is not None
+        self.receivedmap.received[block][ev.pages] = 1
+        if self.verifying:
+            assert self.hashes is not None
+            self.hashes.record(block, words, ev.pages)
 
     # ------------------------------------------------------------------ postcopy
 

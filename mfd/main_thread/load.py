@@ -34,7 +34,7 @@ from mfd.main_thread import decompress
 from mfd.main_thread.lazy import FileFaults
 from mfd.main_thread.pipeline import ChannelPool, OnDone
 from mfd.main_thread.scanner import chunk_jobs
-from mfd.protocol import libvirt_save, livestream, trailer
+from mfd.protocol import libvirt_save, livestream, trailer, xbzrle
 from mfd.protocol import migration_file as mfile
 from mfd.protocol.constants import TARGET_PAGE_SIZE
 from mfd.shm.ramblock import RAMBlock, attach
@@ -325,6 +325,12 @@ def load_stream(opened: OpenedFile, targets: dict[str, RAMBlock]) -> int:
                         pages, data = pages[last], data[last]
                     out[pages] = data
                 received[i][pages] = 1
+                moved += len(ev.pages) * TARGET_PAGE_SIZE
+            elif isinstance(ev, livestream.XbzrlePages):  # onto the page as it is now
+                i = index[ev.idstr]
+                xbzrle.decode_into(words[i].view(np.uint8), ev.pages, ev.data, ev.starts,
+                                   ev.lengths, f"block {ev.idstr!r}: XBZRLE page")
+                received[i][ev.pages] = 1
                 moved += len(ev.pages) * TARGET_PAGE_SIZE
             elif isinstance(ev, livestream.ZeroPages):
                 i = index[ev.idstr]

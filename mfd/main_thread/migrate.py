@@ -27,11 +27,12 @@ source stays authoritative until the destination has said SHUT(0).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -39,9 +40,20 @@ import numpy as np
 from mfd.errors import BrokenPipeline, MfdError, ProtocolError, UsageError
 from mfd.main_thread.pipeline import ChannelPool
 from mfd.main_thread.precopy import Precopy, Progress
+from mfd.main_thread.xbzrle import XbzrleCache
 from mfd.options import MigrationParameters, check_params
 from mfd.protocol import constants as C
-from mfd.protocol import devices, messages, peer, postcopy, ram, returnpath, stream, trailer
+from mfd.protocol import (
+    devices,
+    messages,
+    peer,
+    postcopy,
+    ram,
+    returnpath,
+    stream,
+    trailer,
+    xbzrle,
+)
 from mfd.protocol.mapped_ram import page_runs
 from mfd.protocol.multifd import UUID_SIZE
 from mfd.shm import pagehash
@@ -87,6 +99,7 @@ class MigrateOptions:
     postcopy_after: float | None = None  # switch to postcopy after this many seconds
     postcopy_preempt: bool = False  # QEMU's: requested pages on a connection of their own
     tls: TLSOptions | None = None  # QEMU's tls-creds, tls-hostname: every connection TLS
+    xbzrle: bool = False  # QEMU's capability: pages sent again as what changed (no multifd)
 
 
 class Migration(Precopy):
@@ -135,6 +148,14 @@ class Migration(Precopy):
         if options.postcopy and options.multifd:
             raise UsageError("Postcopy is not yet compatible with multifd (QEMU's reason; "
                              "use --no-multifd)")
+        if options.xbzrle and options.multifd:
+            raise UsageError("Multifd is not compatible with xbzrle (QEMU's reason; use "
+                             "--no-multifd)")
+        self.xbzrle = XbzrleCache(self.params.xbzrle_cache_size) if options.xbzrle else None
+        self.stats.xbzrle = self.xbzrle.counters if self.xbzrle is not None else None
+        # each block's first RAM address: the XBZRLE cache's keys, as QEMU's ram_addr_t
+        self.block_base = np.cumsum([0] + [b.used_length for b in blocks[:-1]])
+        self.round_pages = 0  # pages the round handled since its start (cache-miss-rate)
 
     # ------------------------------------------------------------------ main channel
 
@@ -384,6 +405,9 @@ class Migration(Precopy):
             self._flush_and_sync()
 
     def end_section(self, final: bool) -> None:
+        if self.xbzrle is not None:
+            self.xbzrle.counters.end_round(self.round_pages)
+            self.round_pages = 0
         data = ram.encode_eos() + stream.encode_footer(devices.RAM_SECTION_ID)
         if self.peer_mfd and not final:
             data += stream.encode_command(stream.Command(
@@ -436,12 +460,46 @@ class Migration(Precopy):
             assert self.hashes is not None  # migration thread carries them
             self.hashes.table[block][zero] = 0
             self.hashes.record(block, words, normal)
-        for at in range(0, len(normal), INLINE_PAGES):
-            part = normal[at : at + INLINE_PAGES]
-            self._stream(_page_records(words, part, self._name(block)))
+        # QEMU's xbzrle_started: from the second round on (the cache holds what went);
+        # never in postcopy (its destination takes whole and zero pages only)
+        if self.xbzrle is not None and self.stats.dirty_sync_count >= 1 \
+                and not self.in_postcopy:
+            self._send_xbzrle(block, zero, normal)
+        else:
+            self._send_whole(block, normal, (words[p] for p in normal.tolist()))
         moved = self.stats.transferred - before
         self.stats.transferred = before  # on_done counts it
         self.on_done(block, pages, moved, nonzero, b"")
+
+    def _send_whole(self, block: int, pages: np.ndarray, rows: Iterable) -> None:
+        """PAGE records, each header followed by the page's bytes (``rows``, in order)."""
+        rows = iter(rows)
+        for at in range(0, len(pages), INLINE_PAGES):
+            part = pages[at : at + INLINE_PAGES]
+            self._stream(_page_records(part, itertools.islice(rows, len(part)),
+                                       self._name(block)))
+
+    def _send_xbzrle(self, block: int, zero: np.ndarray, normal: np.ndarray) -> None:
+        """``save_xbzrle_page`` for the batch (mfd.main_thread.xbzrle): zero pages go into
+        the cache, the others are copied once and sent whole or as their deltas."""
+        assert self.xbzrle is not None
+        base, generation = int(self.block_base[block]), self.stats.dirty_sync_count
+        page = np.int64(C.TARGET_PAGE_SIZE)
+        if len(zero):
+            self.xbzrle.zero_pages(base + zero * page, generation)
+        self.round_pages += len(zero) + len(normal)
+        if not len(normal):
+            return
+        rows = self.mapped[block].words.view(np.uint8)[normal]  # QEMU's current_buf
+        batch = self.xbzrle.encode(base + normal * page, rows, generation, self.final_round)
+        self._send_whole(block, normal[batch.whole], batch.rows)
+        if len(batch.encoded):
+            before = self.stats.transferred
+            self._stream(xbzrle.encode_records(normal[batch.encoded] * page, batch.lengths,
+                                               batch.starts, batch.data, self._name(block)))
+            # QEMU counts each record but its 8-byte header (idstr included)
+            self.xbzrle.counters.bytes += self.stats.transferred - before \
+                - 8 * len(batch.encoded)
 
     # ------------------------------------------------------------------ completion
 
@@ -672,7 +730,8 @@ class Migration(Precopy):
         idstr = None if self.preempt_block == block else self.blocks[block].idstr
         self.preempt_block = block
         try:
-            sent = tcp.send_all(self.preempt, _page_records(words, pages, idstr), self._tick)
+            sent = tcp.send_all(self.preempt, _page_records(
+                pages, (words[p] for p in pages.tolist()), idstr), self._tick)
         except tcp.LinkLost as e:
             raise tcp.LinkLost(f"preempt channel: {e}") from None
         self.stats.transferred += sent
@@ -701,7 +760,8 @@ class Migration(Precopy):
     def query_migrate_capabilities(self) -> list[dict]:
         return [{"capability": "multifd", "state": self.options.multifd},
                 {"capability": "return-path", "state": True},
-                {"capability": "auto-converge", "state": self.params.auto_converge}]
+                {"capability": "auto-converge", "state": self.params.auto_converge},
+                {"capability": "xbzrle", "state": self.xbzrle is not None}]
 
     def migrate_set_parameters(self, args: dict) -> None:
         args = dict(args)
@@ -747,16 +807,16 @@ class Migration(Precopy):
         self.cancel_requested = "cancelled by migrate_cancel"
 
 
-def _page_records(words: np.ndarray, pages: np.ndarray, idstr: str | None) -> list:
+def _page_records(pages: np.ndarray, rows: Iterable, idstr: str | None) -> list:
     """PAGE records of ``pages`` (at most IOV_MAX / 2 of them, sorted) as buffers for one
-    sendmsg: each be64 header followed by the page straight from guest memory, the first
-    naming the block unless ``idstr`` is None (it CONTINUEs the block named last)."""
+    sendmsg: each be64 header followed by the page's bytes (``rows``: straight from guest
+    memory, or a copy), the first naming the block unless ``idstr`` is None (it CONTINUEs
+    the block named last)."""
     addrs = pages.astype(np.uint64) * np.uint64(C.TARGET_PAGE_SIZE)
     first = ram.encode_page_header(int(addrs[0]), C.RAM_SAVE_FLAG_PAGE, idstr)
     rest = (addrs[1:] | np.uint64(C.RAM_SAVE_FLAG_PAGE | C.RAM_SAVE_FLAG_CONTINUE)
             ).astype(">u8")
     headers = [first, *rest.view(np.uint8).reshape(-1, 8)]
-    rows = (words[p] for p in pages.tolist())
     return [b for pair in zip(headers, rows, strict=True) for b in pair]
 
 

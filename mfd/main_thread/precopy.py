@@ -67,6 +67,7 @@ class Precopy:
         self.was_running = False
         self.manual_protect = False  # the guest's log is cleared per chunk (_clear_chunks)
         self.mapped: list[MappedBlock] = []
+        self.final_round = False
 
     # ------------------------------------------------------------------ hooks
 
@@ -157,6 +158,7 @@ class Precopy:
         """One sweep over every block's bmap, between a section's header and its end; the
         final round (guest stopped) is ram_save_complete's, in the END section."""
         self.round_bytes = 0
+        self.final_round = final  # QEMU's last_stage
         start = time.monotonic()
         legacy = self.params.zero_page_detection == "legacy"
         self.begin_section(final)

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from mfd.protocol.constants import TARGET_PAGE_SIZE
+
+if TYPE_CHECKING:
+    from mfd.main_thread.xbzrle import XbzrleCounters
 
 
 @dataclass
@@ -29,6 +33,7 @@ class MigrationStats:
     verify_time: float | None = None  # live migration: seconds of the downtime spent verifying
     postcopy_requests: int = 0  # pages the destination asked for during postcopy
     rounds: list[dict] = field(default_factory=list)
+    xbzrle: XbzrleCounters | None = None  # with the xbzrle capability
 
     @property
     def total_time_ms(self) -> float:
@@ -72,4 +77,6 @@ class MigrationStats:
             out["x-verify-time"] = round(self.verify_time * 1000)
         if self.run_time is not None:  # postcopy: when the destination's guest ran (ms)
             out["x-postcopy-run-at"] = round((self.run_time - self.start) * 1000)
+        if self.xbzrle is not None:
+            out["xbzrle-cache"] = self.xbzrle.to_qmp()
         return out

@@ -31,6 +31,9 @@ The same items, validations and events serve the live destination and the file p
                                      (pages, 4096) view of the received bytes, valid until the
                                      next :meth:`buffer` or :meth:`feed`; ``offsets``: where
                                      each page's data is in the stream
+    XbzrlePages(idstr, pages, data,  RAM_SAVE_FLAG_XBZRLE records (no multifd): page i's delta
+                starts, lengths)     is data[starts[i]:starts[i] + lengths[i]] (a view of the
+                                     received bytes, valid as Pages' data)
     Device(state)                    a FULL section mfd knows (timer, globalstate, mfd-guest)
     Skipped(idstr)                   a device section mfd has no layout for (after RAM only)
     Eof()                            QEMU_VM_EOF
@@ -68,6 +71,8 @@ _ZERO_CONT = C.RAM_SAVE_FLAG_ZERO | C.RAM_SAVE_FLAG_CONTINUE
 _ZERO_RECORD = 9  # be64 word + fill byte
 _PAGE_CONT = C.RAM_SAVE_FLAG_PAGE | C.RAM_SAVE_FLAG_CONTINUE
 _PAGE_RECORD = 8 + C.TARGET_PAGE_SIZE
+_XBZRLE_CONT = C.RAM_SAVE_FLAG_XBZRLE | C.RAM_SAVE_FLAG_CONTINUE
+_XBZRLE_HEADER = 8 + 3  # be64 word, encoding flag, be16 length
 _U16 = struct.Struct(">H")
 _U64 = struct.Struct(">Q")
 _VMDESC_MAX = 64 << 20
@@ -165,6 +170,15 @@ class Pages:
         return self.offset + np.arange(len(self.pages), dtype=np.int64) * _PAGE_RECORD
 
 
+@dataclass(frozen=True, eq=False)
+class XbzrlePages:
+    idstr: str
+    pages: np.ndarray
+    data: np.ndarray  # uint8, the records' bytes; each delta at its start
+    starts: np.ndarray
+    lengths: np.ndarray
+
+
 @dataclass(frozen=True)
 class Device:
     state: devices.DeviceState
@@ -207,8 +221,8 @@ class Command:
 Advise = postcopy.Advise
 Discard = postcopy.Discard
 Event = (Header | ReturnPath | Ping | SwitchoverStart | Advise | Discard | Listen | Run
-         | RecvBitmap | Resume | Blocks | Flush | SectionEnd | ZeroPages | Pages | Device
-         | Skipped | Eof | Vmdesc | Hashes | Section | Command)
+         | RecvBitmap | Resume | Blocks | Flush | SectionEnd | ZeroPages | Pages
+         | XbzrlePages | Device | Skipped | Eof | Vmdesc | Hashes | Section | Command)
 
 
 class StreamDecoder:
@@ -569,6 +583,11 @@ class StreamDecoder:
             data = np.frombuffer(self.buf, dtype=np.uint8, count=C.TARGET_PAGE_SIZE,
                                  offset=start).reshape(1, -1)
             events.append(Pages(rec.idstr, page, data, rec.data_offset))
+        elif kind == C.RAM_SAVE_FLAG_XBZRLE:
+            data = np.frombuffer(self.buf, dtype=np.uint8, count=rec.length,
+                                 offset=rec.data_offset - r.base)
+            events.append(XbzrlePages(rec.idstr, page, data, np.zeros(1, dtype=np.int64),
+                                      np.array([rec.length], dtype=np.int64)))
         else:
             events.append(ZeroPages(rec.idstr, page))
 
@@ -581,6 +600,8 @@ class StreamDecoder:
             flags = low & ram.FLAG_MASK
             if flags == _ZERO_CONT:
                 decoded = self._zero_run(r, events)
+            elif flags == _XBZRLE_CONT:
+                decoded = self._xbzrle_run(r, events)
             else:
                 decoded = flags == _PAGE_CONT and self._page_run(r, events)
             if not decoded:
@@ -671,6 +692,39 @@ class StreamDecoder:
         r.seek(r.pos + k * _ZERO_RECORD, "zero page records")
         assert self.last_block is not None
         events.append(ZeroPages(self.last_block, pages))
+        return True
+
+    def _xbzrle_run(self, r: Reader, events: list[Event]) -> bool:
+        """XBZRLE|CONTINUE records, as many as are whole: their headers are read one by one
+        (each delta's length says where the next record starts), the deltas stay where
+        they are for the caller to apply together."""
+        assert self.last_block is not None
+        limit = self.sizes[self.last_block] - C.TARGET_PAGE_SIZE
+        buf, pos, end = self.buf, r.pos, r.pos + r.remaining
+        pages, starts, lengths = [], [], []
+        while pos + _XBZRLE_HEADER <= end:
+            (word,) = _U64.unpack_from(buf, pos)
+            if word & ram.FLAG_MASK != _XBZRLE_CONT:
+                break
+            addr = word ^ _XBZRLE_CONT
+            if addr > limit:
+                raise self._past_block(r, addr, pos)
+            (length,) = _U16.unpack_from(buf, pos + 9)
+            length = ram.xbzrle_header(buf[pos + 8], length,
+                                       lambda why, at=pos + 8: r.error(why, at=at))
+            if pos + _XBZRLE_HEADER + length > end:
+                break
+            pages.append(addr // C.TARGET_PAGE_SIZE)
+            starts.append(pos + _XBZRLE_HEADER - r.pos)
+            lengths.append(length)
+            pos += _XBZRLE_HEADER + length
+        if not pages:
+            return False
+        data = np.frombuffer(self.buf, dtype=np.uint8, count=pos - r.pos, offset=r.pos)
+        r.seek(pos, "XBZRLE records")
+        events.append(XbzrlePages(self.last_block, np.array(pages, dtype=np.int64), data,
+                                  np.array(starts, dtype=np.int64),
+                                  np.array(lengths, dtype=np.int64)))
         return True
 
     def _page_run(self, r: Reader, events: list[Event]) -> bool:

@@ -143,6 +143,9 @@ def on_event(mf: MigrationFile, ev: livestream.Event) -> None:
         case livestream.Pages(idstr, pages):
             _count(mf, "PAGE", len(pages))
             _state(mf.block(idstr))[pages] = PAGE_DATA
+        case livestream.XbzrlePages(idstr, pages):
+            _count(mf, "XBZRLE", len(pages))
+            _state(mf.block(idstr))[pages] = PAGE_DATA
         case livestream.Header(configuration):
             mf.version = C.QEMU_VM_FILE_VERSION  # the decoder takes no other
             mf.configuration = configuration

@@ -17,6 +17,7 @@ from mfd.protocol import constants as C
 from mfd.protocol.codec import Reader, Writer
 
 FLAG_MASK = C.TARGET_PAGE_SIZE - 1
+XBZRLE_ENCODING = 0x01  # ENCODING_FLAG_XBZRLE
 
 FLAG_NAMES = {
     C.RAM_SAVE_FLAG_ZERO: "ZERO",
@@ -45,6 +46,7 @@ class RamRecord:
     fill: int = 0  # ZERO's fill byte
     data_offset: int = -1
     total: int = 0  # MEM_SIZE's total
+    length: int = 0  # an XBZRLE delta's
 
 
 def encode_mem_size(total: int) -> bytes:
@@ -90,6 +92,16 @@ def encode_zero_records(addrs: np.ndarray) -> bytes:
              | np.uint64(C.RAM_SAVE_FLAG_ZERO | C.RAM_SAVE_FLAG_CONTINUE)).astype(">u8")
     out[:, :8] = words.view(np.uint8).reshape(-1, 8)
     return out.tobytes()
+
+
+def xbzrle_header(flag: int, length: int, error: Callable[[str], ProtocolError]) -> int:
+    """An XBZRLE record's encoding flag and delta length, checked as ``load_xbzrle``."""
+    if flag != XBZRLE_ENCODING:
+        raise error(f"XBZRLE page with encoding flag {flag:#04x}, expected "
+                    f"{XBZRLE_ENCODING:#04x} (QEMU: wrong compression)")
+    if length > C.TARGET_PAGE_SIZE:
+        raise error(f"XBZRLE delta of {length} bytes, more than a page (QEMU: len overflow)")
+    return length
 
 
 def decode_block_entry(r: Reader) -> tuple[str, int, int]:
@@ -156,7 +168,7 @@ def decode_record(r: Reader, blocks: dict[str, int], last_block: str | None) -> 
         if addr or flags & C.RAM_SAVE_FLAG_CONTINUE:
             raise r.error(f"RAM record {word:#x}: {flag_names(kind)} with an address", at=at)
         return RamRecord(flags, 0)
-    if kind not in (C.RAM_SAVE_FLAG_PAGE, C.RAM_SAVE_FLAG_ZERO):
+    if kind not in (C.RAM_SAVE_FLAG_PAGE, C.RAM_SAVE_FLAG_ZERO, C.RAM_SAVE_FLAG_XBZRLE):
         raise r.error(f"unexpected RAM flags {flags:#x} ({flag_names(flags)})", at=at)
     if flags & C.RAM_SAVE_FLAG_CONTINUE:
         if last_block is None:
@@ -175,6 +187,12 @@ def decode_record(r: Reader, blocks: dict[str, int], last_block: str | None) -> 
             raise r.error(f"zero page record with fill byte {fill:#04x}, expected 0",
                           at=r.pos - 1)
         return RamRecord(flags, addr, idstr)
+    if kind == C.RAM_SAVE_FLAG_XBZRLE:
+        length = xbzrle_header(r.u8("XBZRLE encoding flag"), r.be16("XBZRLE length"),
+                               lambda why: r.error(why, at=r.pos - 3))
+        data_offset = r.offset
+        r.take(length, f"XBZRLE delta at {addr:#x} of block {idstr!r}")
+        return RamRecord(flags, addr, idstr, data_offset=data_offset, length=length)
     data_offset = r.offset
     r.take(C.TARGET_PAGE_SIZE, f"page data at {addr:#x} of block {idstr!r}")
     return RamRecord(flags, addr, idstr, data_offset=data_offset)
