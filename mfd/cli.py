@@ -19,7 +19,7 @@ from mfd import __version__, api
 from mfd.errors import MfdError, UsageError
 from mfd.main_thread.incoming import IncomingOptions
 from mfd.main_thread.migrate import Cancelled, MigrateOptions
-from mfd.options import MigrationParameters
+from mfd.options import MigrationParameters, check_params
 from mfd.progress import LiveView
 from mfd.shm import control
 from mfd.shm.guest import GuestConfig, run_guest
@@ -486,10 +486,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                         (args.postcopy_preempt, "--postcopy-preempt")):
         if given and not args.postcopy_ram:
             raise UsageError(f"mfd migrate: {name} goes with --postcopy-ram")
+    opts.check()  # option conflicts before any file or guest is looked at
+    params = check_params(_params(args), mapped_ram=False)
     view = None if args.json else LiveView(f"migrate to {args.uri}")
     with _outcome("migration"), view or contextlib.nullcontext():
         res = api.migrate(args.uri, images=dict(args.image) if args.image else None,
-                          guest=args.guest, params=_params(args), options=opts,
+                          guest=args.guest, params=params, options=opts,
                           progress=view.update if view is not None else None,
                           monitor=args.monitor,
                           warn=lambda line: print(f"mfd migrate: {line}", file=sys.stderr))

@@ -471,6 +471,8 @@ class QemuMachine:
         zero_page_detection: str | None = None,
         postcopy: bool = False,
         preempt: bool = False,
+        xbzrle: bool = False,
+        max_bandwidth: int = MAX_BANDWIDTH,
     ) -> None:
         """Set the capabilities and parameters for the next migrate / migrate-incoming.
 
@@ -483,7 +485,8 @@ class QemuMachine:
         capability (the source then waits for the destination's SHUT); ``zero_page_detection``
         (``none``, ``legacy``, ``multifd``) is only sent when given; ``postcopy`` is the
         ``postcopy-ram`` capability (RAM in a tmpfs file, as userfaultfd needs), ``preempt``
-        ``postcopy-preempt``.
+        ``postcopy-preempt``, ``xbzrle`` the ``xbzrle`` capability (its cache at QEMU's
+        default size). ``max_bandwidth``: a cap in bytes per second instead of 1 TiB/s.
         """
         if multifd_channels < 0:
             raise ValueError(f"multifd_channels must be >= 0, got {multifd_channels}")
@@ -496,9 +499,10 @@ class QemuMachine:
                 {"capability": "return-path", "state": return_path},
                 {"capability": "postcopy-ram", "state": postcopy},
                 {"capability": "postcopy-preempt", "state": preempt},
+                {"capability": "xbzrle", "state": xbzrle},
             ],
         )
-        params: dict[str, Any] = {"max-bandwidth": MAX_BANDWIDTH}
+        params: dict[str, Any] = {"max-bandwidth": max_bandwidth}
         if multifd:
             params["multifd-channels"] = multifd_channels
         if multifd or multifd_compression != "none":

@@ -101,6 +101,17 @@ class MigrateOptions:
     tls: TLSOptions | None = None  # QEMU's tls-creds, tls-hostname: every connection TLS
     xbzrle: bool = False  # QEMU's capability: pages sent again as what changed (no multifd)
 
+    def check(self) -> None:
+        """``migrate_caps_check`` for these capabilities, with QEMU's reasons."""
+        if self.postcopy_preempt and not self.postcopy:
+            raise UsageError("Postcopy preempt requires postcopy-ram (QEMU's reason)")
+        if self.postcopy and self.multifd:
+            raise UsageError("Postcopy is not yet compatible with multifd (QEMU's reason; "
+                             "use --no-multifd)")
+        if self.xbzrle and self.multifd:
+            raise UsageError("Multifd is not compatible with xbzrle (QEMU's reason; use "
+                             "--no-multifd)")
+
 
 class Migration(Precopy):
     def __init__(self, uri: str, blocks: list[RAMBlock], params: MigrationParameters,
@@ -143,14 +154,7 @@ class Migration(Precopy):
         self.monitored = False  # a QMP monitor serves this migration: it can be resumed
         self.bitmaps_due: set[str] = set()  # recovery: blocks whose RECV_BITMAP is awaited
         self.resume_acked = False
-        if options.postcopy_preempt and not options.postcopy:
-            raise UsageError("Postcopy preempt requires postcopy-ram (QEMU's reason)")
-        if options.postcopy and options.multifd:
-            raise UsageError("Postcopy is not yet compatible with multifd (QEMU's reason; "
-                             "use --no-multifd)")
-        if options.xbzrle and options.multifd:
-            raise UsageError("Multifd is not compatible with xbzrle (QEMU's reason; use "
-                             "--no-multifd)")
+        options.check()
         self.xbzrle = XbzrleCache(self.params.xbzrle_cache_size) if options.xbzrle else None
         self.stats.xbzrle = self.xbzrle.counters if self.xbzrle is not None else None
         # each block's first RAM address: the XBZRLE cache's keys, as QEMU's ram_addr_t
