@@ -475,6 +475,22 @@ def test_timeout_cancels(guests):
     r.destination_fails()
 
 
+def test_timeout_cancels_without_multifd(guests):
+    """The main channel carries the pages, paced by the rate limiter (the socket never
+    blocks): --timeout still cancels, within a batch."""
+    src, _ = guests.start("32M", "--dirty-rate", "40M", "--pattern", "random")
+    port = free_ports(1)
+    inc = start_incoming(port, "--guest", f"{src}d")
+    guests.adopt(f"{src}d")
+    wait_listening(port)
+    mig = start_migrate(port, "--guest", src, "--no-multifd", *NEVER_CONVERGES, "--timeout",
+                        "3")
+    rc, _, err = finish(mig, 20)
+    assert rc == 1 and "did not complete within 3 s" in one_line(err), err
+    assert running(src)
+    assert finish(inc)[0] == 1
+
+
 def test_no_destination():
     """Nobody listening: one line, bounded."""
     port = free_ports(1)

@@ -97,7 +97,10 @@ class LiveBench:
         self.kvm = kvm
 
     def run(self, rate: int, auto_converge: bool, kick: bool = True,
-            pattern: str = "random", verify: bool = True) -> dict[str, Any]:
+            pattern: str = "random", verify: bool = True,
+            xbzrle: bool | None = None) -> dict[str, Any]:
+        """``xbzrle``: None, multifd over the largest channel count; False or True, no
+        multifd, without or with XBZRLE."""
         from mfd.main_thread.migrate import Cancelled, MigrateOptions
         from mfd.options import MigrationParameters
 
@@ -120,15 +123,17 @@ class LiveBench:
             uri = f"tcp:127.0.0.1:{port}"
             monitor = self.ws.shm("source.qmp")
             params = MigrationParameters(multifd_channels=self.channels,
-                                         auto_converge=auto_converge)
+                                         auto_converge=auto_converge,
+                                         max_bandwidth=s.max_bandwidth)
             with Incoming(self.ws, ["--listen", uri, "--guest", dst, "--json"], port) as inc:
                 time.sleep(SETTLE)
                 with Sampler(monitor) as sampler:
                     t0 = time.perf_counter()
                     try:
                         r, dt = inc.migrate(uri, guest=src, params=params, monitor=monitor,
-                                            options=MigrateOptions(timeout=s.live_timeout,
-                                                                   verify=verify))
+                                            options=MigrateOptions(
+                                                timeout=s.live_timeout, verify=verify,
+                                                multifd=xbzrle is None, xbzrle=bool(xbzrle)))
                     except Cancelled:
                         if time.perf_counter() - t0 < s.live_timeout:
                             raise
@@ -139,31 +144,52 @@ class LiveBench:
                 dest = inc.result()
             if dest.get("digests") != r.digests:
                 raise RuntimeError("the destination's RAM digests differ from the source's")
+            x = r.query_migrate.get("xbzrle-cache")
             return {"seconds": dt, "converged": True, **figures(r),
                     "final_round_bytes": r.round_log[-1]["bytes"],
                     "series": sampler.series, "rounds_log": r.round_log,
-                    "digests_equal": verify}
+                    "digests_equal": verify, "xbzrle": x,
+                    # the whole migration's: a page's bytes over what its record took
+                    "xbzrle_encoding_rate": x["pages"] * 4096 / x["bytes"]
+                    if x and x["bytes"] else None}
         finally:
             for t in reversed(tokens):
                 self.ws.cleanup.done(t)
 
     def configs(self) -> list[Config]:
+        """Each pattern, rate, auto-converge and verify setting; with --xbzrle each without
+        multifd, without and with XBZRLE (also for the KVM guest where it works)."""
         s = self.ws.settings
         out = []
-        kind = "kvm-" if self.kvm else ""
-        for pattern in s.patterns:
-            for rate in s.dirty_rates:
-                for ac in s.auto_converge:
-                    for verify in s.verify:
-                        label = (f"dirty {human(rate)}/s {pattern}, {self.channels} ch"
-                                 + (", auto-converge" if ac else "")
-                                 + (", KVM" if self.kvm else "")
-                                 + ("" if verify else ", --no-verify"))
-                        out.append(Config(
-                            f"{kind}live-{pattern}-{rate >> 20}M{'-ac' if ac else ''}"
-                            f"{'' if verify else '-noverify'}", "live", "mfd", label,
-                            {"dirty_rate": rate, "pattern": pattern, "auto_converge": ac,
-                             "channels": self.channels, "kvm": self.kvm, "verify": verify},
-                            lambda rate=rate, ac=ac, pattern=pattern, verify=verify: self.run(
-                                rate, ac, pattern=pattern, verify=verify)))
+        for kvm in (self.kvm, *([True] if s.xbzrle and not self.kvm and kvm_works() else [])):
+            bench = self if kvm == self.kvm else LiveBench(self.ws, kvm=kvm)
+            kind = "kvm-" if kvm else ""
+            for pattern in s.patterns:
+                for rate in s.dirty_rates:
+                    for ac in s.auto_converge:
+                        for verify in s.verify:
+                            for xb in (False, True) if s.xbzrle else (None,):
+                                out.append(bench._config(kind, pattern, rate, ac, verify, xb))
         return out
+
+    def _config(self, kind: str, pattern: str, rate: int, ac: bool, verify: bool,
+                xb: bool | None) -> Config:
+        how = f"{self.channels} ch" if xb is None else "no multifd" + (", XBZRLE" if xb else "")
+        label = (f"dirty {human(rate)}/s {pattern}, {how}" + (", auto-converge" if ac else "")
+                 + (", KVM" if self.kvm else "") + ("" if verify else ", --no-verify"))
+        key = (f"{kind}live-{pattern}-{rate >> 20}M{'-ac' if ac else ''}"
+               f"{'' if verify else '-noverify'}"
+               + ("" if xb is None else "-xbzrle" if xb else "-nomultifd"))
+        params = {"dirty_rate": rate, "pattern": pattern, "auto_converge": ac,
+                  "channels": self.channels if xb is None else 0, "kvm": self.kvm,
+                  "verify": verify}
+        if xb is not None:
+            params["xbzrle"] = xb
+        return Config(key, "live", "mfd", label, params,
+                      lambda: self.run(rate, ac, pattern=pattern, verify=verify, xbzrle=xb))
+
+
+def kvm_works() -> bool:
+    from mfd.shm import kvm
+
+    return kvm.unavailable() is None

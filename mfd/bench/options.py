@@ -109,6 +109,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="live: a migration not done by then counts as not converged "
                    "(default 60; --quick 20)")
     p.add_argument("--repeat", type=int, help="counted runs per config (default 3; --quick 1)")
+    p.add_argument("--xbzrle", action="store_true",
+                   help="live: each config without multifd, without and with XBZRLE (the "
+                   "built-in guest, and the KVM guest where /dev/kvm works)")
+    p.add_argument("--max-bandwidth", type=parse_size, default=0, metavar="RATE",
+                   help="live: cap the link at RATE bytes/s (default 0: unlimited)")
     p.add_argument("--tls", action="store_true",
                    help="migrate: also each mfd->mfd and QEMU->QEMU config over TLS 1.3 "
                    "(x509 credentials made as 'mfd tls-certs' makes them), beside it in clear")
@@ -144,6 +149,8 @@ class Settings:
     warmup: int
     against_qemu: bool
     tls: bool
+    xbzrle: bool
+    max_bandwidth: int
     out: str
     workdir_parent: str
     quick: bool
@@ -182,5 +189,6 @@ def settings(args: argparse.Namespace) -> Settings:
         patterns=tuple(args.pattern or (["random"] if q else ["random", "hotset"])),
         verify={"on": (True,), "off": (False,), "both": (True, False)}[args.verify],
         auto_converge=ac, live_timeout=timeout, repeat=repeat, warmup=0 if q else 1,
-        against_qemu=args.against == "qemu", tls=args.tls, out=args.out,
+        against_qemu=args.against == "qemu", tls=args.tls, xbzrle=args.xbzrle,
+        max_bandwidth=args.max_bandwidth, out=args.out,
         workdir_parent=args.dir, quick=q, json=args.json)

@@ -93,7 +93,8 @@ def summarize(configs: list[Config], size: int) -> list[dict[str, Any]]:
                        final_bytes=_med([r.get("final_round_bytes") for r in ok]),
                        verify_per_100mib=_med([_per_100mib(r) for r in ok]),
                        throttle=_med([r.get("cpu_throttle_percentage") for r in ok]),
-                       transferred=_med([r.get("transferred") for r in ok]))
+                       transferred=_med([r.get("transferred") for r in ok]),
+                       xbzrle_rate=_med([r.get("xbzrle_encoding_rate") for r in ok]))
         if c.mode == "kvm throttle":
             runs = c.counted()
             row.update(iterations_per_s=_med([r.get("iterations_per_s") for r in runs]),
@@ -185,27 +186,33 @@ def _per_100mib(run: dict[str, Any]) -> float | None:
 
 
 def live_table(rows: list[dict[str, Any]]) -> str:
-    head = ["dirty rate", "pattern", "auto-converge", "verify", "converged", "total s",
-            "downtime ms", "(min-max)", "verifying ms", "final MiB", "verify ms/100 MiB",
-            "A/B ms", "A/B ms/100 MiB", "rounds", "throttle %", "sent MiB"]
+    xb = any("xbzrle" in r["params"] for r in rows)  # --xbzrle: guest, how pages went, rate
+    head = ["dirty rate", "pattern", *(["guest", "pages"] if xb else []), "auto-converge",
+            "verify", "converged", "total s", "downtime ms", "(min-max)", "verifying ms",
+            "final MiB", "verify ms/100 MiB", "A/B ms", "A/B ms/100 MiB", "rounds",
+            "throttle %", "sent MiB", *(["XBZRLE rate"] if xb else [])]
     body = []
     for r in rows:
-        rate = f"{human(r['params']['dirty_rate'])}/s"
-        pattern = r["params"].get("pattern", "random")
-        ac = "yes" if r["params"]["auto_converge"] else "no"
-        verify = "no" if r["params"].get("verify") is False else "yes"
+        p = r["params"]
+        first = [f"{human(p['dirty_rate'])}/s", p.get("pattern", "random")]
+        if xb:
+            first += ["KVM" if p.get("kvm") else "built-in",
+                      "XBZRLE" if p.get("xbzrle") else "no multifd" if "xbzrle" in p
+                      else f"{p['channels']} ch"]
+        verify = "no" if p.get("verify") is False else "yes"
+        first += ["yes" if p["auto_converge"] else "no", verify]
         if r["error"] is not None:
-            body.append([rate, pattern, ac, verify, "FAILED: " + r["error"]])
+            body.append([*first, "FAILED: " + r["error"]])
             continue
         if not r.get("converged"):
-            body.append([rate, pattern, ac, verify, f"0/{r.get('runs', 0)}", "not converged"])
+            body.append([*first, f"0/{r.get('runs', 0)}", "not converged"])
             continue
 
         def f(x: float | None, scale: float = 1.0, fmt: str = "{:.0f}") -> str:
             return fmt.format(x * scale) if x is not None else "?"
 
         unverified = verify == "no"
-        body.append([rate, pattern, ac, verify, f"{r['converged']}/{r['runs']}",
+        body.append([*first, f"{r['converged']}/{r['runs']}",
                      f(r["total_time_ms"], 1e-3, "{:.2f}"), f(r["downtime_ms"]),
                      f"{f(r['downtime_min_ms'])}-{f(r['downtime_max_ms'])}",
                      "-" if unverified else f(r["verify_ms"]),
@@ -213,8 +220,9 @@ def live_table(rows: list[dict[str, Any]]) -> str:
                      "-" if unverified else f(r["verify_per_100mib"]),
                      "-" if unverified else f(r.get("ab_ms")),
                      "-" if unverified else f(r.get("ab_per_100mib")),
-                     f(r["rounds"]), f(r["throttle"]), f(r["transferred"], 1 / MiB)])
-    return format_table(head, body, {0, *range(4, 16)})
+                     f(r["rounds"]), f(r["throttle"]), f(r["transferred"], 1 / MiB),
+                     *([f(r.get("xbzrle_rate")) if p.get("xbzrle") else "-"] if xb else [])])
+    return format_table(head, body, {0, *range(len(head) - (13 if xb else 12), len(head))})
 
 
 def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

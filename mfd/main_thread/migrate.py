@@ -474,6 +474,9 @@ class Migration(Precopy):
         moved = self.stats.transferred - before
         self.stats.transferred = before  # on_done counts it
         self.on_done(block, pages, moved, nonzero, b"")
+        # no pool waits between batches here (the rate limiter sleeps, the socket rarely
+        # blocks): cancel, --timeout and the monitor's parameters are seen each batch
+        self._tick()
 
     def _send_whole(self, block: int, pages: np.ndarray, rows: Iterable) -> None:
         """PAGE records, each header followed by the page's bytes (``rows``, in order)."""
