@@ -84,6 +84,13 @@ def _notes(s: Settings, ws: Workspace, configs: list[Config], env: dict[str, Any
                  "(below 1: mfd is faster; for QEMU->mfd and mfd->QEMU, over QEMU->QEMU's); "
                  "'of limit' is the share of the limit's throughput reached.")
     notes += ws.notes
+    if s.xbzrle and "live" in s.modes:
+        notes.append("live --xbzrle: each config without multifd (QEMU refuses XBZRLE with "
+                     "multifd), without and with XBZRLE, max-bandwidth "
+                     f"{human(s.max_bandwidth) + '/s' if s.max_bandwidth else 'unlimited'}, "
+                     "QEMU's 64 MiB cache; 'XBZRLE rate' is a page's 4096 bytes over what "
+                     "its record took, over the whole migration (QEMU's encoding-rate is "
+                     "the last period's)")
     if s.tls and "migrate" in s.modes:
         ulp = env.get("net", {}).get("net.ipv4.tcp_available_ulp", "?")
         notes.append("TLS: mfd runs each connection's TLS 1.3 in a relay process "
