@@ -638,12 +638,9 @@ class StreamDecoder:
         buf, pos = self.buf, r.pos
         pages: list[int] = []
         while len(pages) < min(n, _RUN_FIRST):
-            (word,) = _U64.unpack_from(buf, pos)
-            if word & ram.FLAG_MASK != flags:
+            addr = self._continued(r, pos, flags, limit)
+            if addr is None:
                 break
-            addr = word ^ flags
-            if addr > limit:
-                raise self._past_block(r, addr, pos)
             if zero and buf[pos + 8]:
                 raise self._fill(r, buf[pos + 8], pos + 8)
             pages.append(addr // C.TARGET_PAGE_SIZE)
@@ -674,6 +671,17 @@ class StreamDecoder:
                 raise self._fill(r, int(fill[i]), r.pos + i * size + 8)
         return k, (addrs_ // C.TARGET_PAGE_SIZE).astype(np.int64)
 
+    def _continued(self, r: Reader, pos: int, flags: int, limit: int) -> int | None:
+        """The offset of the CONTINUE record with ``flags`` at ``pos`` (at most ``limit``,
+        the block's last page), or None if another record is there."""
+        (word,) = _U64.unpack_from(self.buf, pos)
+        if word & ram.FLAG_MASK != flags:
+            return None
+        addr = word ^ flags
+        if addr > limit:
+            raise self._past_block(r, addr, pos)
+        return addr
+
     def _past_block(self, r: Reader, addr: int, at: int) -> ProtocolError:
         assert self.last_block is not None
         return r.error(f"page offset {addr:#x} is past the end of block {self.last_block!r} "
@@ -703,12 +711,9 @@ class StreamDecoder:
         buf, pos, end = self.buf, r.pos, r.pos + r.remaining
         pages, starts, lengths = [], [], []
         while pos + _XBZRLE_HEADER <= end:
-            (word,) = _U64.unpack_from(buf, pos)
-            if word & ram.FLAG_MASK != _XBZRLE_CONT:
+            addr = self._continued(r, pos, _XBZRLE_CONT, limit)
+            if addr is None:
                 break
-            addr = word ^ _XBZRLE_CONT
-            if addr > limit:
-                raise self._past_block(r, addr, pos)
             (length,) = _U16.unpack_from(buf, pos + 9)
             length = ram.xbzrle_header(buf[pos + 8], length,
                                        lambda why, at=pos + 8: r.error(why, at=at))
