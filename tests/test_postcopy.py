@@ -225,7 +225,7 @@ def test_a_quiet_preempt_channel_is_kept(guests):
     t0 = time.monotonic()
     mig = start_migrate(port, "--guest", src, "--no-multifd", "--postcopy-ram",
                         "--postcopy-preempt", "--postcopy-after", "0.5", *LINK,
-                        "--max-postcopy-bandwidth", "4M")
+                        "--max-postcopy-bandwidth", "8M")
     rc, _, err = finish(mig)
     assert rc == 0, err
     assert time.monotonic() - t0 > 6, "the push was too short to show anything"
@@ -312,8 +312,11 @@ def _until(cond, what: str, timeout: float = 30) -> None:
 
 
 def resumed_to_the_end(src_qmp: str, port: int, mig, inc, dst: str) -> str:
-    """QMP migrate with resume on the paused source: both ends complete, RAM verified, the
+    """QMP migrate with resume on the paused source (the push's cap lifted, as
+    migrate-set-parameters can while migrating): both ends complete, RAM verified, the
     guest running at the destination. The destination's stderr."""
+    assert monitor_command(src_qmp, "migrate-set-parameters",
+                           {"max-postcopy-bandwidth": 0}, 5.0) == {"return": {}}
     assert monitor_command(src_qmp, "migrate", {"uri": f"tcp:127.0.0.1:{port}",
                                                 "resume": True}, 5.0) == {"return": {}}
     rc, _, err = finish(mig)

@@ -324,6 +324,12 @@ class Migration(Precopy):
             with contextlib.suppress(MfdError):
                 self.guest.quit()  # it runs on the destination now
 
+    def set_params(self, params: MigrationParameters) -> None:
+        """After the switch to postcopy the push's rate is max-postcopy-bandwidth."""
+        super().set_params(params)
+        if self.in_postcopy:
+            self.limiter.set_bandwidth(params.max_postcopy_bandwidth)
+
     def _tls(self, addr: tcp.Address) -> TLSOptions | None:
         """The TLS options for connections to ``addr``: the name its certificate must carry
         is tls-hostname, else the URI's host (QEMU's rule), before any lookup."""
