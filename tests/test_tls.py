@@ -307,7 +307,25 @@ def test_garbage_instead_of_a_client_hello(guests, tmp_path, creds, image):  # n
     assert_same_ram(image, out)
 
 
-def test_tls_options_alone_are_refused(tmp_path):
+def test_bad_credentials_and_options_are_refused(tmp_path, creds):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in os.listdir(creds):
+        (bad / name).write_bytes((Path(creds) / name).read_bytes())
+    listen = ["incoming", "--listen", "tcp:127.0.0.1:9", "--image", "mem=/x", "--tls-creds",
+              str(bad)]
+    (bad / "server-key.pem").write_bytes((Path(creds) / "client-key.pem").read_bytes())
+    r = run_mfd(*listen)
+    assert r.returncode == 1 and "server-key.pem is not the key of server-cert.pem" in \
+        one_line(r.stderr), r.stderr
+    (bad / "server-key.pem").write_text("garbage\n")
+    r = run_mfd(*listen)
+    assert r.returncode == 1 and "server-key.pem: not an unencrypted PEM private key" in \
+        one_line(r.stderr), r.stderr
+    (bad / "ca-cert.pem").write_text("garbage\n")
+    r = run_mfd("migrate", "tcp:127.0.0.1:9", "--image", "mem=/x", "--tls-creds", str(bad))
+    assert r.returncode == 1 and "ca-cert.pem: not a PEM certificate" in one_line(r.stderr), \
+        r.stderr
     for args, says in ((["migrate", "tcp:127.0.0.1:9", "--image", "mem=/x", "--tls-hostname",
                          "h"], "--tls-hostname goes with --tls-creds"),
                        (["incoming", "--listen", "tcp:127.0.0.1:9", "--tls-authz", "CN=x"],

@@ -118,20 +118,40 @@ def check(opts: TLSOptions, server: bool) -> None:
     if opts.authz and not opts.verify_peer:
         raise UsageError("--tls-authz needs the client's certificate: not with "
                          "--no-tls-verify-peer")
+    cert, key = SERVER if server else CLIENT
+    for name in (cert, CA):  # each file on its own: OpenSSL's word for a bad one is obscure
+        if os.path.exists(os.path.join(opts.creds, name)):
+            _check_cert(os.path.join(opts.creds, name))
+    if os.path.exists(os.path.join(opts.creds, key)):
+        _check_key(os.path.join(opts.creds, key))
     try:
         context(opts, server)
     except (ssl.SSLError, OSError) as e:
-        raise MfdError(f"--tls-creds {opts.creds}: {_reason(e)}") from None
-    for name in (SERVER[0] if server else CLIENT[0], CA):
-        if os.path.exists(os.path.join(opts.creds, name)):
-            _check_dates(os.path.join(opts.creds, name))
+        why = _reason(e)
+        if "key values mismatch" in why:
+            why = f"{key} is not the key of {cert}"
+        raise MfdError(f"--tls-creds {opts.creds}: {why}") from None
 
 
-def _check_dates(path: str) -> None:
+def _check_key(path: str) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        with open(path, "rb") as f:
+            serialization.load_pem_private_key(f.read(), None)
+    except (ValueError, TypeError, OSError):
+        raise MfdError(f"{path}: not an unencrypted PEM private key") from None
+
+
+def _check_cert(path: str) -> None:
+    """A PEM certificate, valid now."""
     from cryptography import x509
 
-    with open(path, "rb") as f:
-        cert = x509.load_pem_x509_certificate(f.read())
+    try:
+        with open(path, "rb") as f:
+            cert = x509.load_pem_x509_certificate(f.read())
+    except (ValueError, OSError):
+        raise MfdError(f"{path}: not a PEM certificate") from None
     now = datetime.datetime.now(datetime.UTC)
     if cert.not_valid_after_utc < now:
         raise MfdError(f"{path}: the certificate expired on "
