@@ -476,7 +476,7 @@ class Migration(Precopy):
                 and not self.in_postcopy:
             self._send_xbzrle(block, zero, normal)
         else:
-            self._send_whole(block, normal, (words[p] for p in normal.tolist()))
+            self._send_whole(block, normal, _rows(words, normal))
         moved = self.stats.transferred - before
         self.stats.transferred = before  # on_done counts it
         self.on_done(block, pages, moved, nonzero, b"")
@@ -744,7 +744,7 @@ class Migration(Precopy):
         self.preempt_block = block
         try:
             sent = tcp.send_all(self.preempt, _page_records(
-                pages, (words[p] for p in pages.tolist()), idstr), self._tick)
+                pages, _rows(words, pages), idstr), self._tick)
         except tcp.LinkLost as e:
             raise tcp.LinkLost(f"preempt channel: {e}") from None
         self.stats.transferred += sent
@@ -818,6 +818,11 @@ class Migration(Precopy):
 
     def migrate_cancel(self) -> None:
         self.cancel_requested = "cancelled by migrate_cancel"
+
+
+def _rows(words: np.ndarray, pages: np.ndarray) -> Iterable:
+    """Each page's row of guest memory, a view (no copy), in order."""
+    return (words[p] for p in pages.tolist())
 
 
 def _page_records(pages: np.ndarray, rows: Iterable, idstr: str | None) -> list:
