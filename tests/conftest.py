@@ -101,7 +101,7 @@ def run_mfd(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 def qemu_temp_files() -> set[str]:
     """Socket dirs and /dev/shm RAM copies mfd's QEMU driver creates (all mfd-qemu-*)."""
-    from mfd.qemu import TMP_PREFIX
+    from mfd.bench.qemu import TMP_PREFIX
 
     found = set()
     for d in {"/dev/shm", tempfile.gettempdir()}:

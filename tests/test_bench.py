@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from mfd.bench import report
+from mfd.bench.qemu import qemu_binary
 from mfd.bench.runs import Config
-from mfd.qemu import qemu_binary
 
 MFD = [sys.executable, "-m", "mfd"]
 

@@ -1,8 +1,8 @@
-"""mfd.bootsector's guest in a real QEMU, and QEMU-to-QEMU TCP migrations of it.
+"""mfd.bench.bootsector's guest in a real QEMU, and QEMU-to-QEMU TCP migrations of it.
 
 The sector's bytes are checked against what GNU as assembled from the same program; the rest
 boots it in ``qemu-system-x86_64 -machine pc -accel tcg`` (64 MiB, RAM in /dev/shm) through
-:class:`mfd.qemu.QemuMachine`, skipped where QEMU >= 9 is not installed.
+:class:`mfd.bench.qemu.QemuMachine`, skipped where QEMU >= 9 is not installed.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from conftest import qemu_temp_files
 
-from mfd.bootsector import (
+from mfd.bench.bootsector import (
     ENTRY_CHAR,
     SECTOR,
     SWEEP_CHAR,
@@ -28,7 +28,7 @@ from mfd.bootsector import (
     program_listing,
     write_boot_image,
 )
-from mfd.qemu import QemuError, QemuMachine, qemu_binary
+from mfd.bench.qemu import QemuError, QemuMachine, qemu_binary
 
 needs_qemu = pytest.mark.skipif(qemu_binary() is None,
                                 reason="qemu-system-x86_64 >= 9 not installed")

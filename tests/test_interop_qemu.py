@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 import mfd
+from mfd.bench.qemu import QemuError, QemuMachine, qemu_binary, qemu_restore, qemu_save
 from mfd.options import MigrationParameters
-from mfd.qemu import QemuError, QemuMachine, qemu_binary, qemu_restore, qemu_save
 from mfd.ramimage import generate
 
 pytestmark = [pytest.mark.qemu,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from test_wire_qemu import QMP_TIMEOUT, Mfd, assert_same_ram, wait_listening
 
-from mfd.qemu import QemuMachine, qemu_binary
+from mfd.bench.qemu import QemuMachine, qemu_binary
 from mfd.ramimage import generate
 from mfd.shm import control
 from mfd.workers.tcp import free_ports

@@ -1,4 +1,4 @@
-"""Tests for mfd.qemu, the real-QEMU driver that the interop tests and benchmarks build on.
+"""Tests for mfd.bench.qemu, the real-QEMU driver that the interop tests and benchmarks build on.
 
 They run QEMU itself, so they are skipped where qemu-system-x86_64 >= 9 is not installed.
 """
@@ -15,7 +15,14 @@ import numpy as np
 import pytest
 from conftest import qemu_temp_files
 
-from mfd.qemu import QemuError, QemuMachine, qemu_binary, qemu_restore, qemu_save, qemu_version
+from mfd.bench.qemu import (
+    QemuError,
+    QemuMachine,
+    qemu_binary,
+    qemu_restore,
+    qemu_save,
+    qemu_version,
+)
 
 pytestmark = [
     pytest.mark.qemu,

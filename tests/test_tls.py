@@ -35,8 +35,8 @@ from test_wire_qemu import (
 )
 
 from mfd import tlscerts
+from mfd.bench.qemu import QemuMachine, qemu_binary
 from mfd.monitor import monitor_command
-from mfd.qemu import QemuMachine, qemu_binary
 from mfd.workers.tcp import free_ports
 from mfd.workers.tls import HANDSHAKE_S
 

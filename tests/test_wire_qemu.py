@@ -8,7 +8,7 @@ multifd-flush-after-each-section, return-path on / off, each value in each direc
 a few combinations (not the cartesian product). Every success ends with QEMU's
 ``query-migrate`` ``completed``, mfd's result ``completed`` and the RAM equal byte for byte.
 
-Then a running ``-machine pc`` guest (``mfd.bootsector``) migrated live to
+Then a running ``-machine pc`` guest (``mfd.bench.bootsector``) migrated live to
 ``mfd incoming --guest``, and mismatched settings, which must fail on mfd's side within
 seconds with one line naming what differs.
 
@@ -35,8 +35,8 @@ import numpy as np
 import orjson
 import pytest
 
-from mfd.bootsector import SWEEP_CHAR, default_range, write_boot_image
-from mfd.qemu import QemuError, QemuMachine, qemu_binary
+from mfd.bench.bootsector import SWEEP_CHAR, default_range, write_boot_image
+from mfd.bench.qemu import QemuError, QemuMachine, qemu_binary
 from mfd.ramimage import generate
 from mfd.shm import control
 from mfd.shm.ramblock import shm_path

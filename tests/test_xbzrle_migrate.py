@@ -26,10 +26,10 @@ from test_wire_qemu import (
 from test_wire_qemu import wait_listening as wait_listening_proc
 
 import mfd
-from mfd.bootsector import SWEEP_CHAR, default_range, write_boot_image
+from mfd.bench.bootsector import SWEEP_CHAR, default_range, write_boot_image
+from mfd.bench.qemu import QemuMachine, qemu_binary
 from mfd.options import MigrationParameters
 from mfd.protocol import livestream, xbzrle
-from mfd.qemu import QemuMachine, qemu_binary
 from mfd.shm import control
 from mfd.shm.ramblock import shm_path
 from mfd.workers.tcp import free_ports

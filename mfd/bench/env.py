@@ -72,8 +72,8 @@ def mfd_sources_digest() -> str:
 
 
 def qemu_info() -> dict[str, Any]:
-    """The qemu-system-x86_64 on PATH: binary, version, usable (>= 9.0, see mfd.qemu)."""
-    from mfd.qemu import qemu_binary, qemu_version
+    """The qemu-system-x86_64 on PATH: binary, version, usable (>= 9.0, see mfd.bench.qemu)."""
+    from mfd.bench.qemu import qemu_binary, qemu_version
 
     ver = qemu_version()
     return {"binary": shutil.which("qemu-system-x86_64"),

@@ -84,7 +84,7 @@ class FileBench:
                 "zero_pages": r.zero_pages, "transferred": r.transferred}
 
     def qemu_save(self, target: str, multifd: int, direct_io: bool, ram: str) -> dict[str, Any]:
-        from mfd.qemu import QemuMachine
+        from mfd.bench.qemu import QemuMachine
 
         source = self.ws.guest_ram("guest.ram", ram)
         try:
@@ -128,7 +128,7 @@ class FileBench:
 
     def qemu_restore(self, path: str, out: str, multifd: int,
                      direct_io: bool) -> dict[str, Any]:
-        from mfd.qemu import QemuMachine
+        from mfd.bench.qemu import QemuMachine
 
         zeroed(out, self.ws.size)
         with QemuMachine(out, self.ws.size, incoming=True, timeout=self.ws.qemu_timeout) as m:

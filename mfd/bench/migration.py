@@ -280,7 +280,7 @@ class MigrateBench:
 
     def qemu(self, channels: int, comp: str, tls: bool = False) -> dict[str, Any]:
         """QEMU -> QEMU (``tls``: tls-creds-x509 on both)."""
-        from mfd.qemu import QemuError, QemuMachine
+        from mfd.bench.qemu import QemuError, QemuMachine
 
         uri = f"tcp:127.0.0.1:{free_ports(1)}"
         with self.ends(dst_exists=True) as (src, dst), \
@@ -309,7 +309,7 @@ class MigrateBench:
 
     def qemu_to_mfd(self, channels: int, comp: str) -> dict[str, Any]:
         """QEMU -> mfd: QEMU's source to `mfd incoming`, timed as QEMU -> QEMU."""
-        from mfd.qemu import QemuMachine
+        from mfd.bench.qemu import QemuMachine
 
         port = free_ports(1)
         uri = f"tcp:127.0.0.1:{port}"
@@ -340,7 +340,7 @@ class MigrateBench:
         """mfd -> QEMU: mfd.api.migrate() to QEMU's -incoming defer, timed as mfd -> mfd;
         QEMU's completion awaited after (untimed)."""
         from mfd import api
-        from mfd.qemu import QemuError, QemuMachine
+        from mfd.bench.qemu import QemuError, QemuMachine
 
         uri = f"tcp:127.0.0.1:{free_ports(1)}"
         warnings: list[str] = []

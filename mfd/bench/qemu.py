@@ -9,7 +9,7 @@ and compares it after a restore, without any guest code running (``-S``, no vCPU
 
 For live migrations (TCP) QEMU must also run a guest, since its dirty log only sees what its
 own vCPUs write: ``QemuMachine(..., machine="pc", accel="tcg", boot=IMAGE, paused=False)``
-boots a raw disk image (e.g. :mod:`mfd.bootsector`'s) with COM1 going to a file in the
+boots a raw disk image (e.g. :mod:`mfd.bench.bootsector`'s) with COM1 going to a file in the
 machine's work directory (:meth:`QemuMachine.serial_text`). ``start_migrate`` /
 ``start_migrate_incoming`` return at once so that both ends of a QEMU-to-QEMU migration can be
 driven from one thread; ``wait_migration`` then polls to the end.
