@@ -582,8 +582,8 @@ class Incoming:
             skip_sync=self.options.skip_sync, fault=self.options.fault) for i in range(n)]
         inherited = (self.acceptor.listener, *self.acceptor.pending, *self.conns.values(),
                      *([self.conn] if self.conn is not None else []))
-        self.pool = ChannelPool(configs, recv_main, handoff=True, inherited=inherited)
-        self.pool.tick = self._tick
+        self.pool = ChannelPool(configs, recv_main, handoff=True, inherited=inherited,
+                                tick=self._tick)
         for source, callback in self.watched.items():
             self.pool.watch(source, callback)
         for i, sock in sorted(self.conns.items()):

@@ -277,7 +277,6 @@ class Migration(Precopy):
             self.hashes = pagehash.PageHashes(self.hash_file.blocks[0], self.blocks)
             with self._channels() as pool:
                 self.pool = pool
-                pool.tick = self._tick
                 pool.watch(self.sock, self._on_return_path)
                 self._setup_stream()
                 self._flush_and_sync()
@@ -369,7 +368,7 @@ class Migration(Precopy):
             connect_timeout=self.options.connect_timeout, tls=self.tls,
             hashes=self.hash_file.blocks[0] if self.hash_file else None) for i in range(n)]
         assert self.sock is not None
-        return ChannelPool(configs, send_main, inherited=(self.sock,))
+        return ChannelPool(configs, send_main, inherited=(self.sock,), tick=self._tick)
 
     @property
     def verifying(self) -> bool:

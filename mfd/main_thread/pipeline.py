@@ -68,12 +68,15 @@ OnDone = Callable[[int, np.ndarray, bytes], None]  # bytes moved, nonzero mask, 
 
 class ChannelPool:
     def __init__(self, configs: list[Any], target: Callable[[Any], None], *,
-                 handoff: bool = False, inherited: tuple[Any, ...] = ()) -> None:
+                 handoff: bool = False, inherited: tuple[Any, ...] = (),
+                 tick: Callable[[], None] | None = None) -> None:
         """``configs[i]`` is channel i's frozen config (``endpoint`` and ``parent_pid`` are
         filled in here, and ``handoff``: the channel's end of its socketpair, when
         ``handoff``); each channel process runs ``target(config)``. ``inherited``: the
         caller's sockets, closed in every channel at once (a connection must close when
-        its owner closes it, not when the last forked copy goes)."""
+        its owner closes it, not when the last forked copy goes). ``tick``: the owner's
+        periodic checks, called every <= 100 ms while the pool waits, once the channels
+        have started (it may raise to abort the wait)."""
         self.broken: BrokenPipeline | None = None
         self.handoffs: list[socket.socket] = []
         self.tmpdir = tempfile.mkdtemp(prefix="mfd-ch-")
@@ -96,7 +99,7 @@ class ChannelPool:
         self.closed: set[bytes] = set()  # channels whose peer ended their connection
         self.quiesced: set[bytes] = set()
         self.watched: dict[Any, Callable[[], None]] = {}
-        self.tick: Callable[[], None] | None = None  # called every <= 100 ms while waiting
+        self.tick: Callable[[], None] | None = None  # ``tick``, once the channels started
         self.next_tick = 0.0
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
@@ -117,6 +120,7 @@ class ChannelPool:
                 if time.monotonic() > deadline:
                     raise BrokenPipeline(f"channels did not start within {START_TIMEOUT:g} s")
                 self._pump(500)
+            self.tick = tick
         except BaseException:
             self.close()
             raise

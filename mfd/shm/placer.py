@@ -1,0 +1,144 @@
+"""The one placer: every received page goes into destination RAM through here.
+
+Two implementations of one interface (DESIGN.md invariant 7)::
+
+    MappedPlacer   through the block's mapping (or its file): live receive channels, the
+                   main channel without multifd, stream files, mapped-ram restore
+    UffdPlacer     through a userfaultfd, atomically into a guest that already runs:
+                   postcopy, lazy restore
+
+    pages(block, pages, rows)    whole pages; a page twice in one run ends with its later
+                                 copy, as QEMU's loader (``last_copies``)
+    zero(block, pages)           zero pages, QEMU's rule: only a page received before is
+                                 cleared (destination RAM starts zeroed)
+    placed(block, pages, rows)   the hook every path ends in: the receivedmap, and the
+                                 page hashes of what was placed (verification)
+
+Both keep the receivedmap (one byte per page, ``mfd.shm.receivedmap``) and, when the
+source is mfd and verifies, this end's page hash table (``mfd.shm.pagehash``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mfd.protocol.constants import TARGET_PAGE_SIZE
+from mfd.protocol.mapped_ram import page_runs
+from mfd.shm.pagehash import PageHashes, hash_pages, hash_rows
+from mfd.shm.uffd import GuestRAM
+
+
+def last_copies(pages: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The placement rule: each page once, with its last copy in ``rows`` (QEMU's loader
+    writes records in order, so the later one stays). Pages in increasing order, as
+    every sender but a hostile one sends them, cost one comparison."""
+    if len(pages) < 2 or bool(np.all(pages[1:] > pages[:-1])):
+        return pages, rows
+    reverse = pages[::-1]
+    _, first_in_reverse = np.unique(reverse, return_index=True)
+    keep = len(pages) - 1 - first_in_reverse  # sorted by page
+    return pages[keep], rows[keep]
+
+
+class Placer:
+    """What both implementations share: the rule, the receivedmap and the hook."""
+
+    def __init__(self, received: list[np.ndarray], hashes: PageHashes | None) -> None:
+        """``received``: each block's receivedmap (a byte per page); ``hashes``: this end's
+        page hash table when verifying, else None."""
+        self.received = received
+        self.hashes = hashes
+
+    def pages(self, block: int, pages: np.ndarray, rows: np.ndarray) -> None:
+        """Whole pages: ``rows[i]`` (4096 bytes, any dtype) is page ``pages[i]``."""
+        pages, rows = last_copies(pages, rows)
+        pages, rows = self._write(block, pages, rows)
+        self.placed(block, pages, rows)
+
+    def zero(self, block: int, pages: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def placed(self, block: int, pages: np.ndarray, rows: np.ndarray | None) -> None:
+        """``pages`` are in RAM now: received, and hashed from ``rows`` (the bytes placed)
+        or, when the bytes went straight into RAM (``rows`` None), read back from it."""
+        self.received[block][pages] = 1
+        if self.hashes is not None and len(pages):
+            self.hashes.table[block][pages] = hash_rows(rows) if rows is not None else \
+                self._hash_from_ram(block, pages)
+
+    def _write(self, block: int, pages: np.ndarray, rows: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Put ``rows`` (each page once) in place; returns what was placed."""
+        raise NotImplementedError
+
+    def _hash_from_ram(self, block: int, pages: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class MappedPlacer(Placer):
+    """Into RAM this process maps writable (``words[block]``: the block as (pages, 512)
+    uint64 rows)."""
+
+    def __init__(self, words: list[np.ndarray], received: list[np.ndarray],
+                 hashes: PageHashes | None) -> None:
+        super().__init__(received, hashes)
+        self.words = words
+
+    def _write(self, block: int, pages: np.ndarray, rows: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray]:
+        words = self.words[block]
+        words.view(np.uint8).reshape(len(words), -1)[pages] = \
+            rows.view(np.uint8).reshape(len(pages), -1)
+        return pages, rows
+
+    def zero(self, block: int, pages: np.ndarray) -> None:
+        """QEMU's rule: memset only a page received before; one never received is still
+        zero and stays untouched (unallocated)."""
+        received = self.received[block]
+        again = pages[received[pages] != 0]
+        if len(again):
+            self.words[block][again] = 0
+        received[pages] = 1
+        if self.hashes is not None:
+            self.hashes.table[block][pages] = 0  # hash of a zero page (pagehash)
+
+    def _hash_from_ram(self, block: int, pages: np.ndarray) -> np.ndarray:
+        return hash_pages(self.words[block], pages)
+
+
+class UffdPlacer(Placer):
+    """Into a running guest's RAM, atomically (UFFDIO_COPY, UFFDIO_ZEROPAGE): a page is
+    filled before it is mapped, never written through a mapping the guest could see half
+    done. A page the guest already has (received in an earlier run, or placed by its own
+    fault) is left alone: the guest may have written it since."""
+
+    def __init__(self, ram: GuestRAM, received: list[np.ndarray],
+                 hashes: PageHashes | None) -> None:
+        super().__init__(received, hashes)
+        self.ram = ram
+
+    def _write(self, block: int, pages: np.ndarray, rows: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Each run of consecutive pages not here yet gathered into one buffer (QEMU copies
+        each page into its temp page too), placed by one UFFDIO_COPY."""
+        todo = self.received[block][pages] == 0
+        pages = pages[todo]
+        rows = np.ascontiguousarray(rows[todo]).view(np.uint8).reshape(len(pages), -1)
+        src, at = rows.ctypes.data, 0
+        for start, end in page_runs(pages).tolist():
+            self.ram.uffd.copy(self.ram.address(block, start), src + at * TARGET_PAGE_SIZE,
+                               (end - start) * TARGET_PAGE_SIZE)
+            at += end - start
+        return pages, rows
+
+    def zero(self, block: int, pages: np.ndarray) -> None:
+        pages = np.unique(pages[self.received[block][pages] == 0])
+        for start, end in page_runs(pages).tolist():
+            self.ram.uffd.zeropage(self.ram.address(block, start),
+                                   (end - start) * TARGET_PAGE_SIZE)
+        self.received[block][pages] = 1
+        if self.hashes is not None:
+            self.hashes.table[block][pages] = 0
+
+    def _hash_from_ram(self, block: int, pages: np.ndarray) -> np.ndarray:
+        raise AssertionError("a uffd placer always has the bytes it placed")
