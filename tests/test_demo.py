@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 
 import orjson
-from conftest import run_mfd, shm_entries
-from netutil import wait_until
+from helpers import run_mfd, shm_entries, start_mfd, until
 
 from mfd.workers.tcp import free_ports
 
@@ -37,12 +34,10 @@ def test_node_roles_over_loopback(tmp_path):
     name; each prints its own digest of the RAM at switchover, and they are equal."""
     before = shm_entries()
     port, qmp, tag = free_ports(1), str(tmp_path / "b.qmp"), os.getpid()
-    b = subprocess.Popen([sys.executable, "-m", "mfd", "demo", "--listen",
-                          f"tcp://127.0.0.1:{port}", "--monitor", qmp, "--name", f"b{tag}",
-                          "--run-after", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+    b = start_mfd("demo", "--listen", f"tcp://127.0.0.1:{port}", "--monitor", qmp,
+                  "--name", f"b{tag}", "--run-after", "1")
     try:
-        assert wait_until(lambda: run_mfd("qmp", qmp, "query-migrate").returncode == 0, 30)
+        until(lambda: run_mfd("qmp", qmp, "query-migrate").returncode == 0, "no monitor")
         assert orjson.loads(run_mfd("qmp", qmp, "query-migrate").stdout)["status"] == "setup"
         bad = run_mfd("qmp", qmp, "no-such-command")
         assert bad.returncode == 1 and bad.stderr.count("\n") == 1

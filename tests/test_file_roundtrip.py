@@ -12,7 +12,7 @@ import blake3
 import numpy as np
 import orjson
 import pytest
-from conftest import run_mfd
+from helpers import run_mfd
 
 import mfd
 from mfd.options import MigrationParameters

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
-from conftest import run_mfd, shm_entries
+from helpers import run_mfd, shm_entries, start_mfd
 
 from mfd.errors import GuestError
 from mfd.protocol.mapped_ram import words_to_bits
@@ -75,9 +73,8 @@ def test_guest_interrupted_unlinks_its_ram(tmp_path, sig):
     about leaked resources (no resource_tracker involved)."""
     before = shm_entries()
     name = f"fg{os.getpid()}{sig}"
-    p = subprocess.Popen([sys.executable, "-m", "mfd", "guest", "--name", name, "--ram", "8M",
-                          "--block", "vram=4M", "--dirty-rate", "10M"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = start_mfd("guest", "--name", name, "--ram", "8M", "--block", "vram=4M",
+                  "--dirty-rate", "10M")
     try:
         line = p.stdout.readline()
         assert "running" in line, p.stderr.read()

@@ -7,15 +7,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import needs_qemu
 
 import mfd
-from mfd.bench.qemu import QemuError, QemuMachine, qemu_binary, qemu_restore, qemu_save
+from mfd.bench.qemu import QemuError, QemuMachine, qemu_restore, qemu_save
 from mfd.options import MigrationParameters
 from mfd.ramimage import generate
 
-pytestmark = [pytest.mark.qemu,
-              pytest.mark.skipif(qemu_binary() is None,
-                                 reason="qemu-system-x86_64 >= 9 not installed")]
+pytestmark = [pytest.mark.qemu, needs_qemu]
 
 SIZE = (32 << 20) + 40 * 1024  # the last bitmap word is partly used
 

@@ -15,53 +15,26 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-from procs import channel_pids, rss_anon_kib
+from helpers import MANY_ROUNDS, channel_pids, live_save_matches, rss_anon_kib, run_mfd
 
-import mfd
 from mfd.main_thread.save import SaveOptions
 from mfd.options import MigrationParameters
 from mfd.protocol import constants as C
 from mfd.shm import control
 
-
-def _live_save_matches(tmp_path: Path, guests, guest_args: list[str], params: MigrationParameters,
-                       options: SaveOptions, min_rounds: int = 2, ram: str = "32M") -> bool:
-    """Live-save a writing guest; True when the file restores to its final RAM exactly."""
-    name, g = guests.start(ram, *guest_args)
-    tmp_path.mkdir(exist_ok=True)
-    mig = tmp_path / "live.mig"
-    res = mfd.save(str(mig), guest=name, params=params, options=options)
-    assert res.status == "completed" and res.rounds >= min_rounds
-    status = g.query()
-    assert status["status"] == "paused"  # stopped for switchover, like QEMU's postmigrate
-    (block,) = status["blocks"]
-    out = tmp_path / "out.bin"
-    try:
-        mfd.restore(str(mig), images={"mem": str(out)})
-    except mfd.MfdError as e:  # the trailer's digest may already catch it
-        assert "does not match the digest" in str(e)
-        return False
-    final = Path(block["path"]).read_bytes()
-    g.quit()
-    return out.read_bytes() == final
-
-
 HARD = ["--dirty-rate", "1G", "--pattern", "random"]
-MANY_ROUNDS = MigrationParameters(downtime_limit=5, auto_converge=True, cpu_throttle_initial=90,
-                                  cpu_throttle_increment=9)
 
 
 def test_no_lost_write(tmp_path, guests):
-    assert _live_save_matches(tmp_path, guests, HARD, MANY_ROUNDS, SaveOptions())
+    assert live_save_matches(tmp_path, guests, HARD, MANY_ROUNDS, SaveOptions())
 
 
 def test_no_lost_write_bites_without_the_dirty_log(tmp_path, guests):
-    assert not _live_save_matches(tmp_path, guests, HARD, MigrationParameters(),
-                                  SaveOptions(ignore_dirty_log=True), min_rounds=1)
+    assert not live_save_matches(tmp_path, guests, HARD, MigrationParameters(),
+                                 SaveOptions(ignore_dirty_log=True), min_rounds=1)
 
 
 # 512 pages that the guest rewrites about a hundred times a second, half of the writes zeroing
@@ -75,15 +48,15 @@ FEW_ROUNDS = MigrationParameters(downtime_limit=2000)
 
 def test_round_order_with_a_slow_channel(tmp_path, guests):
     slow = SaveOptions(channel_delays=(0.3,))
-    assert _live_save_matches(tmp_path, guests, ZEROING, FEW_ROUNDS, slow, ram="2M")
+    assert live_save_matches(tmp_path, guests, ZEROING, FEW_ROUNDS, slow, ram="2M")
 
 
 def test_round_order_bites_without_round_sync(tmp_path, guests):
     """Which pages the stale report covers depends on the guest's timing: about one save in
     ten comes out right by luck, so up to five (the first wrong one ends the test)."""
     broken = SaveOptions(channel_delays=(0.3,), skip_round_sync=True)
-    assert not all(_live_save_matches(tmp_path / str(i), guests, ZEROING, FEW_ROUNDS, broken,
-                                      ram="2M") for i in range(5))
+    assert not all(live_save_matches(tmp_path / str(i), guests, ZEROING, FEW_ROUNDS, broken,
+                                     ram="2M") for i in range(5))
 
 
 # The save runs in a fresh interpreter: channels are forked, and a child of the big pytest
@@ -146,8 +119,6 @@ def test_bounded_channel_memory(bounded):
 
 def test_guest_writes_are_all_in_the_file_after_live_save_via_cli(tmp_path, guests):
     """The same through the CLI, with legacy zero-page detection in the main process."""
-    from conftest import run_mfd
-
     name, g = guests.start("16M", "--dirty-rate", "300M", "--zero-fraction", "0.3")
     mig = tmp_path / "cli.mig"
     r = run_mfd("save", str(mig), "--guest", name, "--zero-page-detection", "legacy",

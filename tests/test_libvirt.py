@@ -15,11 +15,11 @@ import hashlib
 from pathlib import Path
 
 import pytest
+from helpers import run_mfd
+from libvirtd import Libvirtd, missing
 
 import mfd
 from mfd.ramimage import generate
-from tests.conftest import run_mfd
-from tests.libvirtd import Libvirtd, missing
 
 RAM = 64 << 20
 SAVES = {  # image format -> virsh save options

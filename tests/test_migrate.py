@@ -15,15 +15,24 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import orjson
 import pytest
-from conftest import shm_entries
-from netutil import FakeSource, Relay, wait_until
-from procs import children, cmdline
+from helpers import (
+    children,
+    cmdline,
+    finish,
+    one_line,
+    run_mfd,
+    running,
+    shm_entries,
+    start_incoming,
+    start_migrate,
+    until,
+)
+from netutil import FakeSource, Relay
 
 import mfd
 from mfd.errors import MfdError
@@ -35,44 +44,6 @@ from mfd.shm import control
 from mfd.workers.tcp import free_ports
 
 
-def start_incoming(port: int, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "mfd", "incoming", "--listen",
-                             f"tcp:127.0.0.1:{port}", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def start_migrate(port: int, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "mfd", "migrate",
-                             f"tcp:127.0.0.1:{port}", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finish(p: subprocess.Popen, timeout: float = 60) -> tuple[int, str, str]:
-    try:
-        out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        out, err = p.communicate()
-        raise AssertionError(f"did not finish within {timeout} s: {err}") from None
-    return p.returncode, out, err
-
-
-def one_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) >= 1 and "Traceback" not in err, err
-    return lines[-1]
-
-
-def wait_listening(port: int) -> None:
-    import socket
-
-    def up() -> bool:
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", port)) == 0
-
-    assert wait_until(up, 20), "incoming did not start listening"
-
-
 def image_incoming(tmp_path: Path, size: int, seed: int, *args: str
                    ) -> tuple[Path, Path, int, subprocess.Popen]:
     """A generated source image, and `mfd incoming` listening to write it to a new one."""
@@ -81,20 +52,7 @@ def image_incoming(tmp_path: Path, size: int, seed: int, *args: str
     out = tmp_path / "dst.bin"
     port = free_ports(1)
     inc = start_incoming(port, "--image", f"mem={out}", *args)
-    wait_listening(port)
     return img, out, port, inc
-
-
-def running(name: str) -> bool:
-    try:
-        with control.GuestClient(name, timeout=5) as g:
-            a = g.query()
-            time.sleep(0.1)
-            b = g.query()
-        return (a["status"] == b["status"] == "running" and b["cpu-throttle-percentage"] == 0
-                and b["pages-written"] > a["pages-written"])
-    except MfdError:
-        return False
 
 
 # ---------------------------------------------------------------------------- success
@@ -108,7 +66,6 @@ def test_live_migration_of_a_writing_guest(guests):
     guests.adopt(dst)
     port = free_ports(1)
     inc = start_incoming(port, "--guest", dst, "--json")
-    wait_listening(port)
     res = mfd.migrate(f"tcp:127.0.0.1:{port}", guest=src,
                       params=MigrationParameters(multifd_channels=4))
     rc, out, err = finish(inc)
@@ -158,7 +115,6 @@ def test_auto_converge_throttles_in_qemus_steps(guests):
     guests.adopt(dst)
     port = free_ports(1)
     inc = start_incoming(port, "--guest", dst)
-    wait_listening(port)
     res = mfd.migrate(f"tcp:127.0.0.1:{port}", guest=src, params=MigrationParameters(
         multifd_channels=2, max_bandwidth=20 << 20, auto_converge=True),
         options=mfd.MigrateOptions(timeout=90))
@@ -183,7 +139,6 @@ def _migrate_slow_receiver(guests, *incoming_args: str) -> bool:
     guests.adopt(dst)
     port = free_ports(1)
     inc = start_incoming(port, "--guest", dst, "--x-channel-delay", "0.2", *incoming_args)
-    wait_listening(port)
     try:
         mfd.migrate(f"tcp:127.0.0.1:{port}", guest=src,
                     params=MigrationParameters(multifd_channels=2, downtime_limit=2000))
@@ -219,7 +174,6 @@ def _hostile(action, expect: str, channels: int = 1, compression: str = "none",
     out = (tmp_path or Path("/tmp")) / f"hostile-{port}.bin"
     inc = start_incoming(port, "--image", f"mem={out}", "--multifd-channels", str(channels),
                          "--multifd-compression", compression)
-    wait_listening(port)
     src = FakeSource(port)
     try:
         action(src)
@@ -336,7 +290,6 @@ class Running:
         self.port = free_ports(1)
         self.inc = start_incoming(self.port, "--guest", f"{self.src}d", *incoming_args)
         guests.adopt(f"{self.src}d")
-        wait_listening(self.port)
         target = self.port
         self.relay = None
         if relay:
@@ -344,9 +297,9 @@ class Running:
             self.relay = Relay(target, self.port, 1)
         self.mig = start_migrate(target, "--guest", self.src, *NEVER_CONVERGES, *migrate_args)
         # in flight: both ends have their channels
-        assert wait_until(lambda: len(self.channels(self.mig.pid)) == 2, 30), \
-            self.mig.stderr.read() if self.mig.poll() is not None else "no channels"
-        assert wait_until(lambda: len(self.channels(self.inc.pid)) == 2, 30)
+        until(lambda: len(self.channels(self.mig.pid)) == 2,
+              lambda: self.mig.stderr.read() if self.mig.poll() is not None else "no channels")
+        until(lambda: len(self.channels(self.inc.pid)) == 2, "no channels at the destination")
         time.sleep(0.5)
 
     @staticmethod
@@ -378,7 +331,7 @@ def test_destination_killed(guests):
     r.source_fails("migration failed")
     r.inc.wait()
     # the pending guest died with it; its RAM had no name
-    assert wait_until(lambda: not control.is_alive(f"{r.src}d"), 10)
+    until(lambda: not control.is_alive(f"{r.src}d"), "the pending guest lives on", 10)
     assert shm_entries() <= r.before
 
 
@@ -482,7 +435,6 @@ def test_timeout_cancels_without_multifd(guests):
     port = free_ports(1)
     inc = start_incoming(port, "--guest", f"{src}d")
     guests.adopt(f"{src}d")
-    wait_listening(port)
     mig = start_migrate(port, "--guest", src, "--no-multifd", *NEVER_CONVERGES, "--timeout",
                         "3")
     rc, _, err = finish(mig, 20)
@@ -494,7 +446,6 @@ def test_timeout_cancels_without_multifd(guests):
 def test_no_destination():
     """Nobody listening: one line, bounded."""
     port = free_ports(1)
-    p = subprocess.run([sys.executable, "-m", "mfd", "migrate", f"tcp:127.0.0.1:{port}",
-                        "--image", "mem=/dev/null"], capture_output=True, text=True, timeout=60)
+    p = run_mfd("migrate", f"tcp:127.0.0.1:{port}", "--image", "mem=/dev/null", timeout=60)
     assert p.returncode == 1
     assert "image" in one_line(p.stderr) or "reach" in one_line(p.stderr)

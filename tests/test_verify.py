@@ -15,9 +15,14 @@ import re
 
 import numpy as np
 import pytest
-from conftest import shm_entries
-from test_kvm import needs_kvm
-from test_migrate import finish, one_line, running, start_incoming, wait_listening
+from helpers import (
+    finish,
+    needs_kvm,
+    one_line,
+    running,
+    shm_entries,
+    start_incoming,
+)
 
 import mfd
 from mfd.errors import MfdError
@@ -55,7 +60,6 @@ def _faulty_migration(guests, fault: str, *guest_args: str) -> None:
     before = shm_entries()
     port = free_ports(1)
     inc = start_incoming(port, "--guest", dst, "--x-fault", f"{fault}@{FAULT_AT:#x}")
-    wait_listening(port)
     with pytest.raises(MfdError) as failed:
         mfd.migrate(f"tcp:127.0.0.1:{port}", guest=src,
                     params=MigrationParameters(multifd_channels=4))
@@ -101,7 +105,6 @@ def test_with_no_verify_the_same_damage_goes_through(guests):
     guests.adopt(dst)
     port = free_ports(1)
     inc = start_incoming(port, "--guest", dst, "--x-fault", f"corrupt@{FAULT_AT:#x}")
-    wait_listening(port)
     res = mfd.migrate(f"tcp:127.0.0.1:{port}", guest=src,
                       params=MigrationParameters(multifd_channels=2),
                       options=mfd.MigrateOptions(verify=False))
@@ -118,7 +121,6 @@ def test_no_verify_moves_ram_exactly(tmp_path, multifd):
     img.write_bytes(np.random.default_rng(3).bytes(4 << 20) + bytes(4 << 20))
     port = free_ports(1)
     inc = start_incoming(port, "--image", f"mem={out}")
-    wait_listening(port)
     res = mfd.migrate(f"tcp:127.0.0.1:{port}", images={"mem": str(img)},
                       params=MigrationParameters(multifd_channels=2),
                       options=mfd.MigrateOptions(multifd=multifd, verify=False))
