@@ -277,8 +277,18 @@ class Case:
     xfail: str = ""
 
     def param(self):
+        name = f"{self.base}-{self.id}"
         marks = [pytest.mark.xfail(strict=True, reason=self.xfail)] if self.xfail else []
-        return pytest.param(self, id=f"{self.base}-{self.id}", marks=marks)
+        if name not in FAST:
+            marks.append(pytest.mark.slow)
+        return pytest.param(self, id=name, marks=marks)
+
+
+# The fast tier's sample: a few refusals of each kind of file and one harmless change; the
+# full suite runs every case.
+FAST = {"mfd-empty", "mfd-cut-in-bitmap", "mfd-page-data-flipped", "qemu-mr-bitmap-offset-0",
+        "qemu-stream-record-flags-bad", "libvirt-stream-data-len-0", "zstd-stream-byte-flipped",
+        "mfd-spare-bits-of-last-word-set"}
 
 
 def named_cuts() -> list[Case]:
@@ -723,6 +733,7 @@ KILL_MOMENTS = {
 
 
 @pytest.mark.parametrize("moment", KILL_MOMENTS)
+@pytest.mark.slow
 def test_killed_save_is_refused(big_image: Path, tmp_path: Path, private_tmp: str,
                                 moment: str):
     mig = tmp_path / "KILLED.mig"

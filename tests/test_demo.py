@@ -7,6 +7,7 @@ import os
 import re
 
 import orjson
+import pytest
 from helpers import run_mfd, shm_entries, start_mfd, until
 
 from mfd.workers.tcp import free_ports
@@ -29,6 +30,7 @@ def test_demo_end_to_end():
     assert shm_entries() == before
 
 
+@pytest.mark.slow
 def test_node_roles_over_loopback(tmp_path):
     """Node B listens with a monitor (its health check is `mfd qmp`), node A connects by host
     name; each prints its own digest of the RAM at switchover, and they are equal."""
@@ -59,6 +61,7 @@ def test_node_roles_over_loopback(tmp_path):
     assert shm_entries() == before
 
 
+@pytest.mark.slow
 def test_file_roles(tmp_path):
     """Node A saves its running guest, node B restores the file into a guest that runs."""
     before = shm_entries()

@@ -26,9 +26,12 @@ def image(tmp_path_factory) -> Path:
     return p
 
 
-@pytest.mark.parametrize("qemu_channels", [0, 4])
-@pytest.mark.parametrize("mode", ["multifd", "none"])
-def test_qemu_loads_what_mfd_wrote(tmp_path, image, qemu_channels, mode):
+@pytest.mark.parametrize(("mode", "qemu_channels"), [
+    ("multifd", 4),
+    *(pytest.param(m, c, marks=pytest.mark.slow)
+      for m, c in (("multifd", 0), ("none", 0), ("none", 4))),
+])
+def test_qemu_loads_what_mfd_wrote(tmp_path, image, mode, qemu_channels):
     mig = tmp_path / "mfd.mig"
     mfd.save(str(mig), images={"mem": str(image)},
              params=MigrationParameters(multifd_channels=3, zero_page_detection=mode))
@@ -37,6 +40,7 @@ def test_qemu_loads_what_mfd_wrote(tmp_path, image, qemu_channels, mode):
     assert out.read_bytes() == image.read_bytes()
 
 
+@pytest.mark.slow
 def test_qemu_loads_a_live_save_of_a_writing_guest(tmp_path, guests):
     """The trailer after the vmdesc does not bother QEMU, nor does a guest's runstate."""
     name, g = guests.start("16M", "--dirty-rate", "200M", "--zero-fraction", "0.2")
@@ -68,7 +72,8 @@ def test_mfd_restores_a_qemu_stream_file_at_an_offset(tmp_path, image):
     assert out.read_bytes() == image.read_bytes()
 
 
-@pytest.mark.parametrize("program", ["zstd", "gzip", "bzip2", "xz", "lzop"])
+@pytest.mark.parametrize("program", ["zstd", "gzip", pytest.param("bzip2", marks=pytest.mark.slow),
+                                     pytest.param("xz", marks=pytest.mark.slow), "lzop"])
 def test_mfd_restores_a_compressed_qemu_stream(tmp_path, image, program):
     """``migrate exec:"PROGRAM -c > FILE"``: QEMU's stream through a compressor, no header
     (libvirt's save_image_format pipes it the same way, tests/test_libvirt.py)."""

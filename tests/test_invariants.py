@@ -32,6 +32,7 @@ def test_no_lost_write(tmp_path, guests):
     assert live_save_matches(tmp_path, guests, HARD, MANY_ROUNDS, SaveOptions())
 
 
+@pytest.mark.slow
 def test_no_lost_write_bites_without_the_dirty_log(tmp_path, guests):
     assert not live_save_matches(tmp_path, guests, HARD, MigrationParameters(),
                                  SaveOptions(ignore_dirty_log=True), min_rounds=1)
@@ -46,11 +47,13 @@ ZEROING = ["--dirty-rate", "200M", "--pattern", "random", "--zero-fraction", "0.
 FEW_ROUNDS = MigrationParameters(downtime_limit=2000)
 
 
+@pytest.mark.slow
 def test_round_order_with_a_slow_channel(tmp_path, guests):
     slow = SaveOptions(channel_delays=(0.3,))
     assert live_save_matches(tmp_path, guests, ZEROING, FEW_ROUNDS, slow, ram="2M")
 
 
+@pytest.mark.slow
 def test_round_order_bites_without_round_sync(tmp_path, guests):
     """Which pages the stale report covers depends on the guest's timing: about one save in
     ten comes out right by luck, so up to five (the first wrong one ends the test)."""
@@ -102,6 +105,7 @@ def _peak_channel_rss(size: int, batch_pages: int, delay: float) -> int:
 
 
 @pytest.mark.parametrize("bounded", [True, False], ids=["packets", "unbounded-jobs-bites"])
+@pytest.mark.slow
 def test_bounded_channel_memory(bounded):
     # Unbounded: one job per block holds its page array only for milliseconds; a 0.3 s pause
     # after each job keeps that peak in place for the sampler on a loaded 2-core machine.
@@ -117,6 +121,7 @@ def test_bounded_channel_memory(bounded):
         assert grew >= 4 * 1024, f"the test did not see unbounded jobs grow memory ({grew} KiB)"
 
 
+@pytest.mark.slow
 def test_guest_writes_are_all_in_the_file_after_live_save_via_cli(tmp_path, guests):
     """The same through the CLI, with legacy zero-page detection in the main process."""
     name, g = guests.start("16M", "--dirty-rate", "300M", "--zero-fraction", "0.3")

@@ -38,6 +38,7 @@ def _flip_rax_bit(regs_hex: str) -> str:
 
 
 @needs_kvm
+@pytest.mark.slow
 def test_determinism_across_a_live_migration(tmp_path, guests):
     """A KVM guest migrates live while it writes. The destination (kept paused, QEMU's -S)
     runs K exits; a second VM made from the source's state at switchover (the source kept
@@ -84,6 +85,7 @@ HARD_KVM = ["--kvm", "--dirty-rate", "400M", "--pattern", "random"]
 
 @needs_kvm
 @pytest.mark.parametrize("protect", ["manual-protect", "get-clears"])
+@pytest.mark.slow
 def test_no_lost_write_under_kvms_dirty_log(tmp_path, guests, protect):
     """A hard-writing vCPU, a live save over many rounds (throttled until it converges):
     the file restores to exactly the RAM the vCPU left at the switchover."""
@@ -93,12 +95,14 @@ def test_no_lost_write_under_kvms_dirty_log(tmp_path, guests, protect):
 
 
 @needs_kvm
+@pytest.mark.slow
 def test_no_lost_write_bites_without_kvms_dirty_log(tmp_path, guests):
     assert not live_save_matches(tmp_path, guests, HARD_KVM, MigrationParameters(),
                                  SaveOptions(ignore_dirty_log=True), min_rounds=1, ram="64M")
 
 
 @needs_kvm
+@pytest.mark.slow
 def test_auto_converge_throttles_a_kvm_guest(tmp_path, guests):
     """A vCPU dirtying faster than the link: the migration converges only as the throttle
     rises in QEMU's steps, seen in query-migrate's cpu-throttle-percentage."""

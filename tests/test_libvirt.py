@@ -21,6 +21,8 @@ from libvirtd import Libvirtd, missing
 import mfd
 from mfd.ramimage import generate
 
+pytestmark = pytest.mark.slow
+
 RAM = 64 << 20
 SAVES = {  # image format -> virsh save options
     "raw": [],

@@ -107,6 +107,7 @@ def test_image_migration_end_to_end(tmp_path, compression, extra):
         assert res.transferred < (8 << 20) * 0.8
 
 
+@pytest.mark.slow
 def test_auto_converge_throttles_in_qemus_steps(guests):
     """A guest dirtying faster than the (rate-limited) link converges only because the
     throttle rises: 20, 30, 40 ... as QEMU's cpu-throttle-initial/-increment."""
@@ -153,10 +154,12 @@ def _migrate_slow_receiver(guests, *incoming_args: str) -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_round_order_with_a_slow_receive_channel(guests):
     assert _migrate_slow_receiver(guests)
 
 
+@pytest.mark.slow
 def test_round_order_bites_without_the_receivers_sync(guests):
     assert not all(_migrate_slow_receiver(guests, "--x-skip-sync") for _ in range(5))
 
@@ -193,15 +196,18 @@ def _init(uuid=bytes(16), ident=0, magic=0x11223344, version=1) -> bytes:
     return struct.pack(">II16sB", magic, version, uuid, ident).ljust(64, b"\0")
 
 
+# (a channel refused or missing is noticed after the 5 s grace for channels to come: slow)
 @pytest.mark.parametrize("inits,channels,expect", [
-    ([_init(magic=0xDEADBEEF)], 1, "opened 0 multifd channel(s)"),  # refused, then missing
-    ([_init(version=2)], 1, "opened 0 multifd channel(s)"),
+    pytest.param([_init(magic=0xDEADBEEF)], 1, "opened 0 multifd channel(s)",
+                 marks=pytest.mark.slow),  # refused, then missing
+    pytest.param([_init(version=2)], 1, "opened 0 multifd channel(s)", marks=pytest.mark.slow),
     ([_init(uuid=b"\x22" * 16)], 1, "uuid 22222222-"),
     ([_init(ident=5)], 1, "channel id 5, expected 0..0"),
     ([_init(ident=1)], 1, "channel id 1, expected 0..0"),  # QEMU 10: SIGSEGV
     ([_init(ident=0), _init(ident=0)], 2, "duplicate"),
-    ([b"garbage!"], 1, "opened 0 multifd channel(s)"),
-    ([_init(ident=0)], 2, "opened 1 multifd channel(s), this destination expects 2"),
+    pytest.param([b"garbage!"], 1, "opened 0 multifd channel(s)", marks=pytest.mark.slow),
+    pytest.param([_init(ident=0)], 2, "opened 1 multifd channel(s), this destination expects 2",
+                 marks=pytest.mark.slow),
 ])
 def test_hostile_handshake(tmp_path, inits, channels, expect):
     def act(src: FakeSource) -> None:
@@ -263,6 +269,7 @@ def test_strangers_are_refused_and_the_migration_still_works(tmp_path):
     assert out.read_bytes() == img.read_bytes()
 
 
+@pytest.mark.slow
 def test_a_silent_connection_is_dropped(tmp_path):
     """QEMU 10 freezes its main loop on a connection that sends nothing; mfd drops it."""
     _, _, port, inc = image_incoming(tmp_path, 1 << 20, seed=5)
@@ -325,6 +332,7 @@ class Running:
         assert shm_entries() <= self.before, "the destination left RAM in /dev/shm"
 
 
+@pytest.mark.slow
 def test_destination_killed(guests):
     r = Running(guests)
     r.inc.send_signal(signal.SIGKILL)
@@ -335,6 +343,7 @@ def test_destination_killed(guests):
     assert shm_entries() <= r.before
 
 
+@pytest.mark.slow
 def test_source_channel_killed(guests):
     r = Running(guests)
     os.kill(r.channels(r.mig.pid)[0], signal.SIGKILL)
@@ -342,6 +351,7 @@ def test_source_channel_killed(guests):
     r.destination_fails()
 
 
+@pytest.mark.slow
 def test_destination_channel_killed(guests):
     r = Running(guests)
     os.kill(r.channels(r.inc.pid)[1], signal.SIGKILL)
@@ -349,6 +359,7 @@ def test_destination_channel_killed(guests):
     r.destination_fails()
 
 
+@pytest.mark.slow
 def test_connection_cut(guests):
     r = Running(guests, relay=True)
     assert r.relay is not None
@@ -357,6 +368,7 @@ def test_connection_cut(guests):
     r.destination_fails()
 
 
+@pytest.mark.slow
 def test_migrate_cancel_through_the_monitor(guests, tmp_path):
     path = f"/tmp/mfdmon-{os.getpid()}-{time.monotonic_ns()}.sock"
     dest = f"{path}.dest"
@@ -414,6 +426,7 @@ def _read_events(client) -> list[str]:
 
 @pytest.mark.parametrize(("sig", "says", "rc"), [(signal.SIGINT, "interrupted", 130),
                                                  (signal.SIGTERM, "terminated (SIGTERM)", 143)])
+@pytest.mark.slow
 def test_ctrl_c_or_sigterm(guests, sig, says, rc):
     """Ctrl-C, or SIGTERM as from `docker stop`: cancelled, the guest runs on, one line."""
     r = Running(guests)
@@ -422,12 +435,14 @@ def test_ctrl_c_or_sigterm(guests, sig, says, rc):
     r.destination_fails()
 
 
+@pytest.mark.slow
 def test_timeout_cancels(guests):
     r = Running(guests, "--timeout", "3")
     r.source_fails("did not complete within 3 s")
     r.destination_fails()
 
 
+@pytest.mark.slow
 def test_timeout_cancels_without_multifd(guests):
     """The main channel carries the pages, paced by the rate limiter (the socket never
     blocks): --timeout still cancels, within a batch."""

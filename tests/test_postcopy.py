@@ -40,7 +40,8 @@ from mfd.shm import control
 from mfd.workers.tcp import free_ports
 
 
-@pytest.mark.parametrize("preempt", [False, True], ids=["plain", "preempt"])
+@pytest.mark.parametrize("preempt", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["plain", "preempt"])
 def test_a_guest_dirtying_faster_than_the_link_moves_in_postcopy(guests, preempt):
     flag = ["--postcopy-preempt"] if preempt else []
     src, dst, port, inc = postcopy_pair(guests, "--json", *flag)
@@ -67,6 +68,7 @@ def test_a_guest_dirtying_faster_than_the_link_moves_in_postcopy(guests, preempt
     assert shm_entries() - before <= {f"mfd-{dst}-mem"}
 
 
+@pytest.mark.slow
 def test_migrate_start_postcopy_on_the_monitor(guests, tmp_path):
     src, dst, port, inc = postcopy_pair(guests)
     qmp = str(tmp_path / "src.qmp")
@@ -101,6 +103,7 @@ def test_refusals_in_one_line(guests):
     assert running(src), "before the switch the source's guest runs on"
 
 
+@pytest.mark.slow
 def test_the_destination_killed_during_postcopy(guests):
     """As QEMU: the source goes to postcopy-paused, says so in one line, and never resumes
     its guest by itself (the destination's may have run)."""
@@ -137,6 +140,7 @@ def test_postcopy_after_needs_postcopy_ram(guests, args):
 
 
 @needs_kvm
+@pytest.mark.slow
 def test_a_kvm_guest_runs_on_through_postcopy_faults_deterministically(tmp_path, guests):
     """The KVM guest's vCPU faults in KVM_RUN on pages not yet pushed (the push is slowed
     to make sure), they are fetched on request; after K exits it is exactly where a twin
@@ -199,6 +203,7 @@ def _postcopy_running(src: str) -> bool:
         return s.query()["status"] == "paused"
 
 
+@pytest.mark.slow
 def test_garbage_on_the_preempt_channel(guests):
     """The next connection after the main channel is the preempt channel (QEMU 10.0's
     rule): garbage there fails the destination in one line, before the switch, and the
@@ -217,6 +222,7 @@ def test_garbage_on_the_preempt_channel(guests):
     assert running(src)
 
 
+@pytest.mark.slow
 def test_a_quiet_preempt_channel_is_kept(guests):
     """The preempt channel carries nothing until the guest asks for a page: a destination
     whose guest stays paused (``--stopped``, no faults) through a push longer than the
@@ -234,6 +240,7 @@ def test_a_quiet_preempt_channel_is_kept(guests):
 
 
 @needs_kvm
+@pytest.mark.slow
 def test_lazy_restore_runs_the_guest_before_its_ram_is_read(tmp_path, guests):
     """``mfd restore --guest --lazy``: the KVM guest makes its first exits while the file is
     still being read (its faults served from the file; the channels slowed to make sure),
@@ -299,6 +306,7 @@ def test_a_request_outside_every_block_fails_the_source_in_one_line(guests):
 
 @pytest.mark.parametrize(("preempt", "alone"), [(False, False), (True, False), (True, True)],
                          ids=["plain", "preempt", "preempt-channel-alone"])
+@pytest.mark.slow
 def test_the_link_cut_mid_postcopy_then_recovered(guests, tmp_path, preempt, alone):
     """Both ends go to postcopy-paused (the destination's guest waits on missing pages,
     the source keeps every page); migrate-recover on the destination and migrate with
@@ -331,6 +339,7 @@ def test_the_link_cut_mid_postcopy_then_recovered(guests, tmp_path, preempt, alo
         relay.cut()
 
 
+@pytest.mark.slow
 def test_a_recv_bitmap_for_an_unknown_block(guests, tmp_path):
     """A postcopy-paused destination takes the next main connection as the source's
     resume; one asking for the received bitmap of a block it does not have fails it in one

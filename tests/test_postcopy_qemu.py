@@ -18,7 +18,7 @@ from mfd.ramimage import generate
 from mfd.shm import control
 from mfd.workers.tcp import free_ports
 
-pytestmark = [pytest.mark.qemu, needs_qemu]
+pytestmark = [pytest.mark.qemu, pytest.mark.slow, needs_qemu]
 
 SIZE = 64 << 20
 WAIT = 60.0

@@ -86,9 +86,11 @@ def tls(creds: str) -> list[str]:
 # ---------------------------------------------------------------------------- mfd <-> mfd
 
 
-@pytest.mark.parametrize("multifd", [["--multifd-channels", "1"],
-                                     ["--multifd-channels", "4"], ["--no-multifd"]],
-                         ids=["1ch", "4ch", "nomultifd"])
+@pytest.mark.parametrize("multifd", [
+    ["--multifd-channels", "1"],
+    pytest.param(["--multifd-channels", "4"], marks=pytest.mark.slow),
+    pytest.param(["--no-multifd"], marks=pytest.mark.slow),
+], ids=["1ch", "4ch", "nomultifd"])
 def test_mfd_to_mfd_with_tls(tmp_path: Path, creds: str, image: Path, multifd) -> None:
     out, qmp = tmp_path / "out.bin", str(tmp_path / "dst.qmp")
     port = free_ports(1)
@@ -114,6 +116,7 @@ CASES = [(0, "none"), (1, "zstd"), (2, "none"), (4, "zstd")]
 
 @needs_qemu
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}ch-{c[1]}")
+@pytest.mark.slow
 def test_qemu_to_mfd_with_tls(tmp_path: Path, creds: str, image: Path, case) -> None:
     ch, comp = case
     out, port = tmp_path / "out.bin", free_ports(1)
@@ -132,6 +135,7 @@ def test_qemu_to_mfd_with_tls(tmp_path: Path, creds: str, image: Path, case) -> 
 
 @needs_qemu
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}ch-{c[1]}")
+@pytest.mark.slow
 def test_mfd_to_qemu_with_tls(tmp_path: Path, creds: str, image: Path, case) -> None:
     ch, comp = case
     ram, port = zero_file(tmp_path / "dst.bin", IMAGE_SIZE), free_ports(1)
@@ -204,29 +208,34 @@ def test_a_source_without_tls_is_refused(guests, tmp_path, creds):
             "TLS: the peer sends a migration stream without TLS", "migration failed")
 
 
+@pytest.mark.slow
 def test_a_tls_source_is_refused_by_a_destination_without_tls(guests, tmp_path, creds):
     refused(guests, tmp_path, [], tls(creds),
             "it starts a TLS handshake, and this destination has no TLS",
             "the peer closed the connection during the TLS handshake")
 
 
+@pytest.mark.slow
 def test_a_destination_from_an_unknown_ca_is_refused(guests, tmp_path, creds, other_ca):
     refused(guests, tmp_path, tls(creds), tls(other_ca), "TLS: the peer refused the "
             "handshake", "certificate verify failed")
 
 
+@pytest.mark.slow
 def test_a_wrong_host_name_is_refused(guests, tmp_path, creds):
     refused(guests, tmp_path, tls(creds), [*tls(creds), "--tls-hostname", "wrong.example"],
             "TLS: the peer refused the handshake",
             "certificate verify failed: Hostname mismatch")
 
 
+@pytest.mark.slow
 def test_a_client_certificate_outside_tls_authz_is_refused(guests, tmp_path, creds):
     refused(guests, tmp_path, [*tls(creds), "--tls-authz", "O=mfd,CN=someone-else"],
             tls(creds), "the client certificate 'O=mfd,CN=mfd-client' is not in --tls-authz",
             "migration failed")
 
 
+@pytest.mark.slow
 def test_a_client_certificate_from_an_unknown_ca_is_refused(guests, tmp_path, creds,
                                                             other_ca):
     """The destination checks the source's certificate (verify-peer): another CA's is
@@ -241,6 +250,7 @@ def test_a_client_certificate_from_an_unknown_ca_is_refused(guests, tmp_path, cr
             "migration failed")
 
 
+@pytest.mark.slow
 def test_expired_certificates(guests, tmp_path, creds, expired):
     """An end refuses its own expired certificate at start (as QEMU refuses to create the
     tls-creds-x509 object); a destination refuses a peer's expired one."""
@@ -270,6 +280,7 @@ def test_expired_certificates(guests, tmp_path, creds, expired):
         dst.close()
 
 
+@pytest.mark.slow
 def test_a_peer_that_stops_mid_handshake(guests, tmp_path, creds):
     """Half a ClientHello, then silence: the destination gives up after HANDSHAKE_S; a
     destination that never answers a source's ClientHello, likewise."""
@@ -291,6 +302,7 @@ def test_a_peer_that_stops_mid_handshake(guests, tmp_path, creds):
     assert running(src)
 
 
+@pytest.mark.slow
 def test_garbage_instead_of_a_client_hello(guests, tmp_path, creds, image):
     """One line for the stranger; the destination listens on and a real source's TLS
     migration then completes."""
@@ -341,6 +353,7 @@ def test_bad_credentials_and_options_are_refused(tmp_path, creds):
         assert r.returncode != 0 and says in only_line(r.stderr), r.stderr
 
 
+@pytest.mark.slow
 def test_postcopy_preempt_over_tls_cut_and_recovered(guests, tmp_path, creds):
     """Postcopy with preempt over TLS (the preempt channel is the next connection after the
     main channel once its handshake is done), the link cut mid-postcopy, then recovered:

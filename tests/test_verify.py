@@ -87,16 +87,19 @@ def _faulty_migration(guests, fault: str, *guest_args: str) -> None:
     assert shm_entries() <= before, "the destination left RAM in /dev/shm"
 
 
-@pytest.mark.parametrize("fault", ["corrupt", "misplace", "drop"])
+@pytest.mark.parametrize("fault", ["corrupt", pytest.param("misplace", marks=pytest.mark.slow),
+                                   pytest.param("drop", marks=pytest.mark.slow)])
 def test_a_damaged_page_fails_the_migration(guests, fault):
     _faulty_migration(guests, fault)
 
 
 @needs_kvm
+@pytest.mark.slow
 def test_a_corrupted_page_of_a_kvm_guest_fails_the_migration(guests):
     _faulty_migration(guests, "corrupt", "--kvm")
 
 
+@pytest.mark.slow
 def test_with_no_verify_the_same_damage_goes_through(guests):
     """The check is what bites: with mfd migrate --no-verify neither end hashes, and the
     page the destination corrupts is not noticed (why verification is on by default)."""

@@ -103,6 +103,14 @@ def case_id(c: Case) -> str:
                      "each" if each else "round", "rp" if rp else "norp"])
 
 
+# The fast tier's cases, each way (no multifd, and 2 channels); the full suite runs them all.
+FAST_CASES = {(0, "none", "multifd", False, False), (2, "none", "multifd", False, True)}
+
+
+def tiered(cases: list[Case]) -> list:
+    return [c if c in FAST_CASES else pytest.param(c, marks=pytest.mark.slow) for c in cases]
+
+
 # ============================================================================ 1. QEMU -> mfd
 
 # Every value of every axis at least once. With multifd-flush-after-each-section the
@@ -156,7 +164,7 @@ def qemu_to_mfd(src: Path, out: Path, case: Case) -> tuple[dict, dict]:
     return info, res
 
 
-@pytest.mark.parametrize("case", QEMU_TO_MFD, ids=case_id)
+@pytest.mark.parametrize("case", tiered(QEMU_TO_MFD), ids=case_id)
 def test_qemu_to_mfd(tmp_path: Path, image: Path, sparse: Path, case: Case) -> None:
     image = sparse if case[3] else image
     src, out = source_copy(image, tmp_path), tmp_path / "out.bin"
@@ -171,6 +179,7 @@ def test_qemu_to_mfd(tmp_path: Path, image: Path, sparse: Path, case: Case) -> N
 
 
 @pytest.mark.parametrize("mfd_each", [True, False], ids=["same-mode", "mfd-per-round"])
+@pytest.mark.slow
 def test_qemu_to_mfd_flush_each_section_with_data(tmp_path: Path, image32: Path,
                                                   mfd_each: bool) -> None:
     """Uncompressed, 2 channels, 32 MiB: QEMU flushes the START section's footer only
@@ -227,7 +236,7 @@ def migrate_args(port: int, src: Path, case: Case, *extra: str) -> list[str]:
     return args
 
 
-@pytest.mark.parametrize("case", MFD_TO_QEMU, ids=case_id)
+@pytest.mark.parametrize("case", tiered(MFD_TO_QEMU), ids=case_id)
 def test_mfd_to_qemu(tmp_path: Path, image: Path, case: Case) -> None:
     ch, comp, _, each, rp = case
     out = zero_file(tmp_path / "out.bin", SIZE)
@@ -273,7 +282,8 @@ def qemu_destination_fails(tmp_path: Path, image: Path, *, dst_size: int = SIZE,
     return mig, elapsed, status, stderr
 
 
-@pytest.mark.parametrize("exit_on_error", [False, True], ids=["keep", "exit-on-error"])
+@pytest.mark.parametrize("exit_on_error", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["keep", "exit-on-error"])
 def test_mfd_to_qemu_of_another_ram_size(tmp_path: Path, image: Path,
                                          exit_on_error: bool) -> None:
     """QEMU refuses the block size: SHUT(1) on the return path, then (exit-on-error) exits."""
@@ -294,6 +304,7 @@ def test_mfd_to_qemu_of_another_ram_size(tmp_path: Path, image: Path,
         assert status == "failed"
 
 
+@pytest.mark.slow
 def test_mfd_to_qemu_of_another_machine_type(tmp_path: Path, image: Path) -> None:
     """The configuration section is refused before the return path opens: QEMU just
     closes the main channel."""
@@ -307,6 +318,7 @@ def test_mfd_to_qemu_of_another_machine_type(tmp_path: Path, image: Path) -> Non
     assert "Machine type received is 'pc' and local is 'none'" in stderr
 
 
+@pytest.mark.slow
 def test_mfd_to_qemu_with_another_uuid_exit_on_error(tmp_path: Path, image: Path) -> None:
     """QEMU's default exit-on-error: it refuses the channel's uuid and exits; mfd sees its
     connections go."""
@@ -321,6 +333,7 @@ def test_mfd_to_qemu_with_another_uuid_exit_on_error(tmp_path: Path, image: Path
 
 
 @pytest.mark.parametrize("what", ["uuid", "compression"])
+@pytest.mark.slow
 def test_mfd_to_qemu_that_fails_and_stays(tmp_path: Path, image: Path, what: str) -> None:
     """exit-on-error false: QEMU refuses a channel (uuid; compression flags, where QEMU's
     status may even stay "active") and keeps the main channel open. mfd cannot learn why,
@@ -344,6 +357,7 @@ def test_mfd_to_qemu_that_fails_and_stays(tmp_path: Path, image: Path, what: str
 
 
 @pytest.mark.parametrize("channels", [2, 0], ids=["multifd2", "nomultifd"])
+@pytest.mark.slow
 def test_running_qemu_guest_to_mfd_guest(tmp_path: Path, channels: int) -> None:
     """-machine pc, TCG, the boot-sector guest sweeping [1 MiB, 31 MiB) while it migrates to
     ``mfd incoming --guest NAME --stopped``. QEMU stops the guest before the last round, so
@@ -396,6 +410,7 @@ def test_running_qemu_guest_to_mfd_guest(tmp_path: Path, channels: int) -> None:
         quit_guest(name)
 
 
+@pytest.mark.slow
 def test_qemu_to_mfd_guest_names_the_guest(tmp_path: Path, image: Path) -> None:
     src = source_copy(image, tmp_path)
     name = f"wire{uuidlib.uuid4().hex[:8]}"
@@ -442,9 +457,11 @@ MISMATCHES = {
 
 
 @pytest.mark.parametrize(("what", "rp"), [
-    *((what, False) for what in MISMATCHES),
-    ("compression-zstd-vs-none", True),
-    ("flush-round-vs-each", True),
+    ("compression-zstd-vs-none", False),  # the fast tier's; the full suite's all
+    *(pytest.param(what, False, marks=pytest.mark.slow) for what in MISMATCHES
+      if what != "compression-zstd-vs-none"),
+    pytest.param("compression-zstd-vs-none", True, marks=pytest.mark.slow),
+    pytest.param("flush-round-vs-each", True, marks=pytest.mark.slow),
 ], ids=lambda v: v if isinstance(v, str) else ("rp" if v else "norp"))
 def test_qemu_to_mfd_mismatch(tmp_path: Path, sparse: Path, what: str, rp: bool) -> None:
     settings, mfd_args, expect = MISMATCHES[what]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+import pytest
 from helpers import (
     QMP_TIMEOUT,
     WAIT,
@@ -73,6 +74,7 @@ def migrate_with_xbzrle_hits(tmp_path: Path, port: int, src: str, *args: str) ->
     return orjson.loads(out)
 
 
+@pytest.mark.slow
 def test_the_builtin_guest_moves_with_xbzrle(guests, tmp_path):
     """50 MB/s of 8-byte stamps over a 20 MB/s link: with XBZRLE each page sent again
     costs a few bytes, RAM is verified equal and the guest writes on at the destination."""
@@ -127,6 +129,7 @@ def test_a_stream_with_a_bad_xbzrle_delta_is_one_line(tmp_path):
 
 
 @needs_kvm
+@pytest.mark.slow
 def test_the_kvm_guest_moves_with_xbzrle(guests, tmp_path):
     """The KVM guest's 8-byte stores go as XBZRLE deltas; the destination is the same guest
     (RAM, counter, registers) and runs K exits exactly as a VM restored from the source's
@@ -191,6 +194,7 @@ def xbzrle_used(info: dict) -> dict:
 
 
 @needs_qemu
+@pytest.mark.slow
 def test_qemu_to_mfd_with_xbzrle(tmp_path):
     name = f"xb{uuidlib.uuid4().hex[:8]}"
     port = free_ports(1)
@@ -209,6 +213,7 @@ def test_qemu_to_mfd_with_xbzrle(tmp_path):
 
 
 @needs_qemu
+@pytest.mark.slow
 def test_qemus_xbzrle_bytes_are_mfds(tmp_path):
     """QEMU's stream to a file (``exec:``): every XBZRLE delta in it is what mfd's encoder
     makes of the page before and after it, byte for byte; and ``mfd restore`` of the file
@@ -252,6 +257,7 @@ def test_qemus_xbzrle_bytes_are_mfds(tmp_path):
 
 
 @needs_qemu
+@pytest.mark.slow
 def test_mfd_to_qemu_with_xbzrle(guests, tmp_path):
     """The built-in guest (its block is ``mem``) to QEMU ``-machine none``: QEMU loads
     mfd's XBZRLE records; its RAM is the source's, paused at the switchover."""
