@@ -26,6 +26,7 @@ from mfd.main_thread.save import SaveOptions
 from mfd.options import MigrationParameters
 from mfd.protocol import constants as C
 from mfd.shm import control
+from mfd.xhooks import XHooks
 
 
 def _live_save_matches(tmp_path: Path, guests, guest_args: list[str], params: MigrationParameters,
@@ -61,7 +62,7 @@ def test_no_lost_write(tmp_path, guests):
 
 def test_no_lost_write_bites_without_the_dirty_log(tmp_path, guests):
     assert not _live_save_matches(tmp_path, guests, HARD, MigrationParameters(),
-                                  SaveOptions(ignore_dirty_log=True), min_rounds=1)
+                                  SaveOptions(x=XHooks(ignore_dirty_log=True)), min_rounds=1)
 
 
 # 512 pages that the guest rewrites about a hundred times a second, half of the writes zeroing
@@ -74,14 +75,14 @@ FEW_ROUNDS = MigrationParameters(downtime_limit=2000)
 
 
 def test_round_order_with_a_slow_channel(tmp_path, guests):
-    slow = SaveOptions(channel_delays=(0.3,))
+    slow = SaveOptions(x=XHooks(channel_delays=(0.3,)))
     assert _live_save_matches(tmp_path, guests, ZEROING, FEW_ROUNDS, slow, ram="2M")
 
 
 def test_round_order_bites_without_round_sync(tmp_path, guests):
     """Which pages the stale report covers depends on the guest's timing: about one save in
     ten comes out right by luck, so up to five (the first wrong one ends the test)."""
-    broken = SaveOptions(channel_delays=(0.3,), skip_round_sync=True)
+    broken = SaveOptions(x=XHooks(channel_delays=(0.3,), skip_round_sync=True))
     assert not all(_live_save_matches(tmp_path / str(i), guests, ZEROING, FEW_ROUNDS, broken,
                                       ram="2M") for i in range(5))
 
@@ -95,7 +96,7 @@ from mfd.main_thread.save import SaveOptions
 from mfd.protocol import constants as C
 batch, delay = int(sys.argv[3]), float(sys.argv[4])
 mfd.save(sys.argv[1], images={"mem": sys.argv[2]},
-         options=SaveOptions(batch_pages=batch, channel_delays=(delay, delay)))
+         options=SaveOptions(batch_pages=batch, x=XHooks(channel_delays=(delay, delay))))
 """
 
 

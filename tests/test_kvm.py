@@ -22,6 +22,7 @@ from mfd.monitor import monitor_command
 from mfd.options import MigrationParameters
 from mfd.shm import control, kvm
 from mfd.workers.tcp import free_ports
+from mfd.xhooks import XHooks
 
 WHY = kvm.unavailable()
 needs_kvm = pytest.mark.skipif(WHY is not None, reason=f"no KVM here: {WHY}")
@@ -116,7 +117,8 @@ def test_no_lost_write_under_kvms_dirty_log(tmp_path, guests, protect):
 @needs_kvm
 def test_no_lost_write_bites_without_kvms_dirty_log(tmp_path, guests):
     assert not _live_save_matches(tmp_path, guests, HARD_KVM, MigrationParameters(),
-                                  SaveOptions(ignore_dirty_log=True), min_rounds=1, ram="64M")
+                                  SaveOptions(x=XHooks(ignore_dirty_log=True)), min_rounds=1,
+                                  ram="64M")
 
 
 @needs_kvm
