@@ -22,13 +22,13 @@ import orjson
 from mfd.describe import describe
 from mfd.errors import MfdError
 from mfd.main_thread import load as loader
-from mfd.main_thread.incoming import Incoming, IncomingOptions, IncomingResult
+from mfd.main_thread.incoming import Incoming, IncomingResult
 from mfd.main_thread.lazy import FileFaults
-from mfd.main_thread.migrate import MigrateOptions, Migration
+from mfd.main_thread.migrate import Migration
 from mfd.main_thread.postcopy_dst import receive_uffd
-from mfd.main_thread.save import FileSaver, Progress, SaveOptions
+from mfd.main_thread.save import FileSaver, Progress
 from mfd.main_thread.stats import MigrationStats
-from mfd.options import MigrationParameters
+from mfd.options import IncomingOptions, MigrateOptions, MigrationParameters, SaveOptions
 from mfd.protocol.constants import TARGET_PAGE_SIZE
 from mfd.protocol.migration_file import MigrationFile
 from mfd.shm import control

@@ -17,9 +17,8 @@ import orjson
 
 from mfd import __version__, api
 from mfd.errors import MfdError, UsageError
-from mfd.main_thread.incoming import IncomingOptions
-from mfd.main_thread.migrate import Cancelled, MigrateOptions
-from mfd.options import MigrationParameters, check_params
+from mfd.main_thread.migrate import Cancelled
+from mfd.options import IncomingOptions, MigrateOptions, MigrationParameters, check_params
 from mfd.progress import LiveView
 from mfd.shm import control
 from mfd.shm.guest import GuestConfig, run_guest

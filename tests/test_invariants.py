@@ -22,8 +22,7 @@ import pytest
 from procs import channel_pids, rss_anon_kib
 
 import mfd
-from mfd.main_thread.save import SaveOptions
-from mfd.options import MigrationParameters
+from mfd.options import MigrationParameters, SaveOptions
 from mfd.protocol import constants as C
 from mfd.shm import control
 from mfd.xhooks import XHooks
@@ -92,8 +91,9 @@ def test_round_order_bites_without_round_sync(tmp_path, guests):
 _SAVE = """
 import sys
 import mfd
-from mfd.main_thread.save import SaveOptions
+from mfd.options import SaveOptions
 from mfd.protocol import constants as C
+from mfd.xhooks import XHooks
 batch, delay = int(sys.argv[3]), float(sys.argv[4])
 mfd.save(sys.argv[1], images={"mem": sys.argv[2]},
          options=SaveOptions(batch_pages=batch, x=XHooks(channel_delays=(delay, delay))))

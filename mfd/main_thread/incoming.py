@@ -47,6 +47,7 @@ from mfd.main_thread.accept import Acceptor
 from mfd.main_thread.migrate import Cancelled, failure
 from mfd.main_thread.pipeline import ChannelPool, dispatch, poll_key
 from mfd.main_thread.postcopy_dst import PostcopyPlacer
+from mfd.options import IncomingOptions
 from mfd.protocol import livestream, multifd, peer, postcopy, returnpath, trailer, xbzrle
 from mfd.protocol.constants import TARGET_PAGE_SIZE
 from mfd.protocol.devices import GUEST_IDSTR
@@ -55,27 +56,13 @@ from mfd.shm.ramblock import SHM_DIR, MappedBlock, PendingRAM, RAMBlock, attach,
 from mfd.shm.receivedmap import ReceivedMap, map_size
 from mfd.workers import tcp
 from mfd.workers.socket_channel import SocketChannelConfig, recv_main
-from mfd.workers.tls import TLSOptions, tls_parameters, wait_relays
-from mfd.xhooks import NO_HOOKS, XHooks
+from mfd.workers.tls import tls_parameters, wait_relays
 
 CHANNEL_GRACE_S = 5.0  # the source's channels connect before its main stream needs them
 QUEUE_EVENTS = 256  # decoded events waiting; beyond that the main channel is not read
 _QEMU_CHANNELS = 2  # QEMU's default multifd-channels
 
 
-@dataclass(frozen=True)
-class IncomingOptions:
-    timeout: float | None = None  # give up when no migration completed within this
-    # QEMU's settings for its destination; None: QEMU's default, or what an mfd source says
-    multifd_channels: int | None = None
-    multifd_compression: str | None = None
-    flush_after_each_section: bool | None = None
-    uuid: bytes = bytes(multifd.UUID_SIZE)  # QEMU's -uuid: channels must carry it
-    stopped: bool = False  # the guest stays paused after the migration (QEMU's -S)
-    postcopy_ram: bool = False  # QEMU's capability: the source may switch to postcopy
-    postcopy_preempt: bool = False  # QEMU's: requested pages come on a channel of their own
-    tls: TLSOptions | None = None  # QEMU's tls-creds, verify-peer, tls-authz
-    x: XHooks = NO_HOOKS  # test-only: channel_delays, skip_sync, fault
 
 
 @dataclass

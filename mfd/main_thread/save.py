@@ -25,7 +25,6 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -35,24 +34,12 @@ from mfd.main_thread.digests import ChunkTable
 from mfd.main_thread.pipeline import ChannelPool
 from mfd.main_thread.precopy import Precopy, Progress
 from mfd.main_thread.stats import MigrationStats
-from mfd.options import MigrationParameters, check_params
+from mfd.options import MigrationParameters, SaveOptions, check_params
 from mfd.protocol import constants as C
 from mfd.protocol import devices, mapped_ram, ram, stream, trailer
 from mfd.shm.control import GuestClient
 from mfd.shm.ramblock import RAMBlock
 from mfd.workers.file_channel import FileChannelConfig, channel_main
-from mfd.xhooks import NO_HOOKS, XHooks
-
-
-@dataclass(frozen=True)
-class SaveOptions:
-    machine: str = "none"
-    offset: int = 0  # file:PATH,offset=N: keep the first N bytes (libvirt's header)
-    stop_first: bool = False
-    runstate: str | None = None  # globalstate; default from the guest's state
-    batch_pages: int = C.MULTIFD_PAGE_COUNT  # pages per job: QEMU's 128 (512 KiB)
-    x: XHooks = NO_HOOKS  # test-only behaviour (channel_delays, skip_round_sync,
-    # ignore_dirty_log)
 
 
 def _probe_direct_io(path: str) -> bool:
