@@ -22,17 +22,18 @@ import orjson
 from mfd.describe import describe
 from mfd.errors import MfdError
 from mfd.main_thread import load as loader
-from mfd.main_thread.incoming import Incoming, IncomingOptions, IncomingResult
+from mfd.main_thread.incoming import Incoming, IncomingResult
 from mfd.main_thread.lazy import FileFaults
-from mfd.main_thread.migrate import MigrateOptions, Migration
+from mfd.main_thread.migrate import Migration
 from mfd.main_thread.postcopy_dst import receive_uffd
-from mfd.main_thread.save import FileSaver, Progress, SaveOptions
+from mfd.main_thread.save import FileSaver, Progress
 from mfd.main_thread.stats import MigrationStats
-from mfd.options import MigrationParameters
+from mfd.options import IncomingOptions, MigrateOptions, MigrationParameters, SaveOptions
 from mfd.protocol.constants import TARGET_PAGE_SIZE
 from mfd.protocol.migration_file import MigrationFile
 from mfd.shm import control
 from mfd.shm.ramblock import RAMBlock
+from mfd.xhooks import NO_HOOKS, XHooks
 
 
 @dataclass(frozen=True)
@@ -148,14 +149,14 @@ def _fresh_file(path: str, size: int) -> None:
 def restore(path: str, *, images: dict[str, str] | None = None, guest: str | None = None,
             channels: int = 2, offset: int = 0, direct_io: bool = False,
             lazy: bool = False, x_run_exits: int | None = None,
-            x_channel_delay: float = 0.0) -> RestoreResult:
+            x: XHooks = NO_HOOKS) -> RestoreResult:
     """Restore a migration file (mapped-ram or stream, QEMU's or mfd's) into raw images or
     into a new, stopped guest. Nothing the user had is touched unless the restore succeeds:
     images are written to temporary files renamed into place at the end. ``lazy``: the
     guest runs at once, its RAM arriving as it needs it and as the channels load it
     (mapped-ram files, :mod:`mfd.main_thread.lazy`). Test-only: ``x_run_exits``, the lazy
-    guest runs that many exits and parks (a KVM guest); ``x_channel_delay``, each channel
-    sleeps that long after each job."""
+    guest runs that many exits and parks (a KVM guest); ``x``, test-only behaviour
+    (``channel_delays``: channel i sleeps that long after each job)."""
     if (images is None) == (guest is None):
         raise MfdError("restore needs either images or a guest")
     if not 1 <= channels <= 255:
@@ -191,8 +192,7 @@ def restore(path: str, *, images: dict[str, str] | None = None, guest: str | Non
                 if x_run_exits is not None:
                     client.execute("run-exits", count=x_run_exits)
                 running_after = time.monotonic() - start
-            result = loader.load(opened, targets, channels, direct_io, faults,
-                                 x_channel_delay)
+            result = loader.load(opened, targets, channels, direct_io, faults, x)
             if faults is not None:  # every page is in: unregistered, the guest's uffd goes
                 exits = client.execute("describe")["workload"].get("exits")
                 faults.close()

@@ -17,9 +17,8 @@ import orjson
 
 from mfd import __version__, api
 from mfd.errors import MfdError, UsageError
-from mfd.main_thread.incoming import IncomingOptions
-from mfd.main_thread.migrate import Cancelled, MigrateOptions
-from mfd.options import MigrationParameters, check_params
+from mfd.main_thread.migrate import Cancelled
+from mfd.options import IncomingOptions, MigrateOptions, MigrationParameters, check_params
 from mfd.progress import LiveView
 from mfd.shm import control
 from mfd.shm.guest import GuestConfig, run_guest
@@ -27,10 +26,10 @@ from mfd.shm.ramblock import RAMBlock
 from mfd.shm.workload import PATTERNS, WorkloadState
 from mfd.sysutil import Terminated, end_like_ctrl_c
 from mfd.units import human, parse_size
-from mfd.workers.socket_channel import FAULTS
 from mfd.workers.tcp import parse_uri
 from mfd.workers.tls import TLSOptions
 from mfd.workers.tls import check as tls_check
+from mfd.xhooks import FAULTS, XHooks
 
 
 def parse_named(text: str) -> tuple[str, str]:
@@ -301,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--json", action="store_true")
     # test-only: slow receive channels (seconds per packet, comma separated); no recv sync;
     # receive channels damage the page at this offset of the first block (KIND@OFFSET, KIND
-    # one of socket_channel.FAULTS) each time they place it: verification must catch it
+    # one of xhooks.FAULTS) each time they place it: verification must catch it
     n.add_argument("--x-channel-delay", default="", help=argparse.SUPPRESS)
     n.add_argument("--x-skip-sync", action="store_true", help=argparse.SUPPRESS)
     n.add_argument("--x-fault", type=_fault, help=argparse.SUPPRESS)
@@ -526,12 +525,13 @@ def cmd_incoming(args: argparse.Namespace) -> int:
     if args.multifd_channels is not None and not 1 <= args.multifd_channels <= 255:
         raise UsageError("Parameter 'multifd-channels' expects a value between 1 and 255, "
                          f"got {args.multifd_channels}")
-    opts = IncomingOptions(timeout=args.timeout, channel_delays=delays,
+    opts = IncomingOptions(timeout=args.timeout,
                            multifd_channels=args.multifd_channels,
                            multifd_compression=args.multifd_compression,
                            flush_after_each_section=args.multifd_flush_after_each_section,
                            uuid=args.uuid,
-                           skip_sync=args.x_skip_sync, fault=args.x_fault,
+                           x=XHooks(channel_delays=delays, skip_sync=args.x_skip_sync,
+                                    fault=args.x_fault),
                            stopped=args.stopped, postcopy_ram=args.postcopy_ram,
                            postcopy_preempt=args.postcopy_preempt, tls=_tls(args, True))
     if args.postcopy_preempt and not args.postcopy_ram:

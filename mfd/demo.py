@@ -29,9 +29,8 @@ import orjson
 
 from mfd import api
 from mfd.errors import MfdError
-from mfd.main_thread.incoming import IncomingOptions
 from mfd.main_thread.precopy import Progress
-from mfd.options import MigrationParameters
+from mfd.options import IncomingOptions, MigrationParameters
 from mfd.protocol.constants import TARGET_PAGE_SIZE
 from mfd.ramimage import generate
 from mfd.shm import control, kvm

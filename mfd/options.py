@@ -11,7 +11,11 @@ from dataclasses import dataclass, fields
 
 from mfd.errors import UsageError
 from mfd.protocol import constants as C
+from mfd.protocol.multifd import UUID_SIZE
+from mfd.workers.tls import TLSOptions
+from mfd.xhooks import NO_HOOKS, XHooks
 
+CONNECT_TIMEOUT = 30.0
 ZERO_PAGE_DETECTION = ("multifd", "legacy", "none")
 COMPRESSION = ("none", "zstd", "zlib")
 
@@ -84,3 +88,57 @@ def check_params(p: MigrationParameters, *, mapped_ram: bool) -> MigrationParame
     if p.direct_io and not mapped_ram:
         raise UsageError("direct-io is only available with mapped-ram")
     return p
+
+
+@dataclass(frozen=True)
+class SaveOptions:
+    machine: str = "none"
+    offset: int = 0  # file:PATH,offset=N: keep the first N bytes (libvirt's header)
+    stop_first: bool = False
+    runstate: str | None = None  # globalstate; default from the guest's state
+    batch_pages: int = C.MULTIFD_PAGE_COUNT  # pages per job: QEMU's 128 (512 KiB)
+    x: XHooks = NO_HOOKS  # test-only behaviour (channel_delays, skip_round_sync,
+    # ignore_dirty_log)
+
+
+@dataclass(frozen=True)
+class MigrateOptions:
+    machine: str = "none"
+    multifd: bool = True  # QEMU's capability: off sends every page on the main channel
+    flush_after_each_section: bool = False  # QEMU's multifd-flush-after-each-section
+    uuid: bytes = bytes(UUID_SIZE)  # QEMU's -uuid (zeros: unset)
+    timeout: float | None = None  # cancel when the migration would take longer
+    connect_timeout: float = CONNECT_TIMEOUT
+    keep_source: bool = False  # the source guest stays paused afterwards (QEMU's postmigrate)
+    verify: bool = True  # to an mfd destination: compare RAM at switchover (mfd.shm.pagehash)
+    postcopy: bool = False  # QEMU's postcopy-ram capability: the switch may go postcopy
+    postcopy_after: float | None = None  # switch to postcopy after this many seconds
+    postcopy_preempt: bool = False  # QEMU's: requested pages on a connection of their own
+    tls: TLSOptions | None = None  # QEMU's tls-creds, tls-hostname: every connection TLS
+    xbzrle: bool = False  # QEMU's capability: pages sent again as what changed (no multifd)
+
+    def check(self) -> None:
+        """``migrate_caps_check`` for these capabilities, with QEMU's reasons."""
+        if self.postcopy_preempt and not self.postcopy:
+            raise UsageError("Postcopy preempt requires postcopy-ram (QEMU's reason)")
+        if self.postcopy and self.multifd:
+            raise UsageError("Postcopy is not yet compatible with multifd (QEMU's reason; "
+                             "use --no-multifd)")
+        if self.xbzrle and self.multifd:
+            raise UsageError("Multifd is not compatible with xbzrle (QEMU's reason; use "
+                             "--no-multifd)")
+
+
+@dataclass(frozen=True)
+class IncomingOptions:
+    timeout: float | None = None  # give up when no migration completed within this
+    # QEMU's settings for its destination; None: QEMU's default, or what an mfd source says
+    multifd_channels: int | None = None
+    multifd_compression: str | None = None
+    flush_after_each_section: bool | None = None
+    uuid: bytes = bytes(UUID_SIZE)  # QEMU's -uuid: channels must carry it
+    stopped: bool = False  # the guest stays paused after the migration (QEMU's -S)
+    postcopy_ram: bool = False  # QEMU's capability: the source may switch to postcopy
+    postcopy_preempt: bool = False  # QEMU's: requested pages come on a channel of their own
+    tls: TLSOptions | None = None  # QEMU's tls-creds, verify-peer, tls-authz
+    x: XHooks = NO_HOOKS  # test-only: channel_delays, skip_sync, fault

@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 from helpers import MANY_ROUNDS, channel_pids, live_save_matches, rss_anon_kib, run_mfd
 
-from mfd.main_thread.save import SaveOptions
-from mfd.options import MigrationParameters
+from mfd.options import MigrationParameters, SaveOptions
 from mfd.protocol import constants as C
 from mfd.shm import control
+from mfd.xhooks import XHooks
 
 HARD = ["--dirty-rate", "1G", "--pattern", "random"]
 
@@ -35,7 +35,7 @@ def test_no_lost_write(tmp_path, guests):
 @pytest.mark.slow
 def test_no_lost_write_bites_without_the_dirty_log(tmp_path, guests):
     assert not live_save_matches(tmp_path, guests, HARD, MigrationParameters(),
-                                 SaveOptions(ignore_dirty_log=True), min_rounds=1)
+                                 SaveOptions(x=XHooks(ignore_dirty_log=True)), min_rounds=1)
 
 
 # 512 pages that the guest rewrites about a hundred times a second, half of the writes zeroing
@@ -49,7 +49,7 @@ FEW_ROUNDS = MigrationParameters(downtime_limit=2000)
 
 @pytest.mark.slow
 def test_round_order_with_a_slow_channel(tmp_path, guests):
-    slow = SaveOptions(channel_delays=(0.3,))
+    slow = SaveOptions(x=XHooks(channel_delays=(0.3,)))
     assert live_save_matches(tmp_path, guests, ZEROING, FEW_ROUNDS, slow, ram="2M")
 
 
@@ -57,7 +57,7 @@ def test_round_order_with_a_slow_channel(tmp_path, guests):
 def test_round_order_bites_without_round_sync(tmp_path, guests):
     """Which pages the stale report covers depends on the guest's timing: about one save in
     ten comes out right by luck, so up to five (the first wrong one ends the test)."""
-    broken = SaveOptions(channel_delays=(0.3,), skip_round_sync=True)
+    broken = SaveOptions(x=XHooks(channel_delays=(0.3,), skip_round_sync=True))
     assert not all(live_save_matches(tmp_path / str(i), guests, ZEROING, FEW_ROUNDS, broken,
                                      ram="2M") for i in range(5))
 
@@ -67,11 +67,12 @@ def test_round_order_bites_without_round_sync(tmp_path, guests):
 _SAVE = """
 import sys
 import mfd
-from mfd.main_thread.save import SaveOptions
+from mfd.options import SaveOptions
 from mfd.protocol import constants as C
+from mfd.xhooks import XHooks
 batch, delay = int(sys.argv[3]), float(sys.argv[4])
 mfd.save(sys.argv[1], images={"mem": sys.argv[2]},
-         options=SaveOptions(batch_pages=batch, channel_delays=(delay, delay)))
+         options=SaveOptions(batch_pages=batch, x=XHooks(channel_delays=(delay, delay))))
 """
 
 

@@ -24,11 +24,11 @@ from helpers import (
 )
 
 import mfd
-from mfd.main_thread.save import SaveOptions
 from mfd.monitor import monitor_command
-from mfd.options import MigrationParameters
+from mfd.options import MigrationParameters, SaveOptions
 from mfd.shm import control
 from mfd.workers.tcp import free_ports
+from mfd.xhooks import XHooks
 
 
 def _flip_rax_bit(regs_hex: str) -> str:
@@ -98,7 +98,8 @@ def test_no_lost_write_under_kvms_dirty_log(tmp_path, guests, protect):
 @pytest.mark.slow
 def test_no_lost_write_bites_without_kvms_dirty_log(tmp_path, guests):
     assert not live_save_matches(tmp_path, guests, HARD_KVM, MigrationParameters(),
-                                 SaveOptions(ignore_dirty_log=True), min_rounds=1, ram="64M")
+                                 SaveOptions(x=XHooks(ignore_dirty_log=True)), min_rounds=1,
+                                 ram="64M")
 
 
 @needs_kvm

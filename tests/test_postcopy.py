@@ -38,6 +38,7 @@ from mfd.monitor import monitor_command
 from mfd.options import MigrationParameters
 from mfd.shm import control
 from mfd.workers.tcp import free_ports
+from mfd.xhooks import XHooks
 
 
 @pytest.mark.parametrize("preempt", [False, pytest.param(True, marks=pytest.mark.slow)],
@@ -253,7 +254,7 @@ def test_lazy_restore_runs_the_guest_before_its_ram_is_read(tmp_path, guests):
     guests.adopt(lazy)
     guests.adopt(full)
     res = mfd.restore(str(mig), guest=lazy, channels=2, lazy=True, x_run_exits=K,
-                      x_channel_delay=0.05)
+                      x=XHooks(channel_delays=(0.05,) * 8))
     assert res.verified, "the trailer's digests of what the channels read"
     assert res.faults > 0 and res.exits_before_loaded > 0, res
     assert res.running_after < res.seconds

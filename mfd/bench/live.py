@@ -101,8 +101,8 @@ class LiveBench:
             xbzrle: bool | None = None) -> dict[str, Any]:
         """``xbzrle``: None, multifd over the largest channel count; False or True, no
         multifd, without or with XBZRLE."""
-        from mfd.main_thread.migrate import Cancelled, MigrateOptions
-        from mfd.options import MigrationParameters
+        from mfd.main_thread.migrate import Cancelled
+        from mfd.options import MigrateOptions, MigrationParameters
 
         s = self.ws.settings
         src, dst = f"bench-src-{os.getpid()}", f"bench-dst-{os.getpid()}"

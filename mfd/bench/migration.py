@@ -256,7 +256,7 @@ class MigrateBench:
             tls: bool = False) -> dict[str, Any]:
         """mfd -> mfd (``verify=False``: mfd migrate --no-verify; the image is compared
         with its copy all the same, untimed; ``tls``: --tls-creds on both ends)."""
-        from mfd.main_thread.migrate import MigrateOptions
+        from mfd.options import MigrateOptions
         from mfd.workers.tls import TLSOptions
 
         port = free_ports(1)

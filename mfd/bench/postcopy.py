@@ -72,8 +72,8 @@ class PostcopyBench:
             g.cont()
 
     def migrate(self, postcopy: bool, preempt: bool = False) -> dict[str, Any]:
-        from mfd.main_thread.migrate import Cancelled, MigrateOptions
-        from mfd.options import MigrationParameters
+        from mfd.main_thread.migrate import Cancelled
+        from mfd.options import MigrateOptions, MigrationParameters
 
         src, dst = f"bench-pc-src-{os.getpid()}", f"bench-pc-dst-{os.getpid()}"
         tokens = [self.ws.cleanup.add(f"quit guest {n}", lambda n=n: control.release(n))

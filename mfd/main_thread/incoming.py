@@ -47,6 +47,7 @@ from mfd.main_thread.accept import Acceptor
 from mfd.main_thread.migrate import Cancelled, failure
 from mfd.main_thread.pipeline import ChannelPool, dispatch, poll_key
 from mfd.main_thread.postcopy_dst import PostcopyPlacer
+from mfd.options import IncomingOptions
 from mfd.protocol import livestream, multifd, peer, postcopy, returnpath, trailer, xbzrle
 from mfd.protocol.constants import TARGET_PAGE_SIZE
 from mfd.protocol.devices import GUEST_IDSTR
@@ -55,31 +56,13 @@ from mfd.shm.ramblock import SHM_DIR, MappedBlock, PendingRAM, RAMBlock, attach,
 from mfd.shm.receivedmap import ReceivedMap, map_size
 from mfd.workers import tcp
 from mfd.workers.socket_channel import SocketChannelConfig, recv_main
-from mfd.workers.tls import TLSOptions, tls_parameters, wait_relays
+from mfd.workers.tls import tls_parameters, wait_relays
 
 CHANNEL_GRACE_S = 5.0  # the source's channels connect before its main stream needs them
 QUEUE_EVENTS = 256  # decoded events waiting; beyond that the main channel is not read
 _QEMU_CHANNELS = 2  # QEMU's default multifd-channels
 
 
-@dataclass(frozen=True)
-class IncomingOptions:
-    timeout: float | None = None  # give up when no migration completed within this
-    # QEMU's settings for its destination; None: QEMU's default, or what an mfd source says
-    multifd_channels: int | None = None
-    multifd_compression: str | None = None
-    flush_after_each_section: bool | None = None
-    uuid: bytes = bytes(multifd.UUID_SIZE)  # QEMU's -uuid: channels must carry it
-    # test-only: receive channel i sleeps before placing each packet; no recv sync at all
-    # (channels do not stop at SYNC packets, MULTIFD_FLUSH does not wait): round order is
-    # then not kept and a test must see it fail
-    channel_delays: tuple[float, ...] = ()
-    skip_sync: bool = False
-    fault: tuple[str, int] | None = None  # (socket_channel.FAULTS, page of the first block)
-    stopped: bool = False  # the guest stays paused after the migration (QEMU's -S)
-    postcopy_ram: bool = False  # QEMU's capability: the source may switch to postcopy
-    postcopy_preempt: bool = False  # QEMU's: requested pages come on a channel of their own
-    tls: TLSOptions | None = None  # QEMU's tls-creds, verify-peer, tls-authz
 
 
 @dataclass
@@ -502,7 +485,7 @@ class Incoming:
             raise ProtocolError("the source syncs after each section (QEMU's "
                                 "multifd-flush-after-each-section): start mfd incoming with "
                                 "--multifd-flush-after-each-section")
-        if flush != self.legacy and not self.options.skip_sync:
+        if flush != self.legacy and not self.options.x.skip_sync:
             self._await_channels()
             pool = self._pool()
             pool.recv_sync()
@@ -573,13 +556,11 @@ class Incoming:
                 self._wait(20)
         self.multifd = self.start_flushed or bool(self.conns)
         n = self.channels if self.multifd else 0
-        delays = self.options.channel_delays
         hashes = self.hash_file.blocks[0] if self.verifying and self.hash_file else None
         configs = [SocketChannelConfig(
             channel_id=i, endpoint="", parent_pid=0, blocks=tuple(self.blocks),
             compression=self.compression, receivedmap=self.rmap_ram.blocks[0],
-            hashes=hashes, delay=delays[i] if i < len(delays) else 0.0,
-            skip_sync=self.options.skip_sync, fault=self.options.fault) for i in range(n)]
+            hashes=hashes, x=self.options.x) for i in range(n)]
         inherited = (self.acceptor.listener, *self.acceptor.pending, *self.conns.values(),
                      *([self.conn] if self.conn is not None else []))
         self.pool = ChannelPool(configs, recv_main, handoff=True, inherited=inherited,

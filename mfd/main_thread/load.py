@@ -40,6 +40,7 @@ from mfd.protocol.constants import TARGET_PAGE_SIZE
 from mfd.shm.ramblock import RAMBlock, attach
 from mfd.shm.receivedmap import zero_pages
 from mfd.workers.file_channel import FileChannelConfig, channel_main
+from mfd.xhooks import NO_HOOKS, XHooks
 
 _HEAD = 4096  # bytes read to recognise what starts at an offset
 QEVM = b"QEVM"
@@ -253,7 +254,7 @@ def readahead(mm: mmap.mmap, at: int, asked: int) -> int:
 
 def load_mapped_ram(opened: OpenedFile, targets: dict[str, RAMBlock], channels: int,
                     direct_io: bool = False, faults: FileFaults | None = None,
-                    delay: float = 0.0) -> tuple[int, bool]:
+                    x: XHooks = NO_HOOKS) -> tuple[int, bool]:
     """Returns bytes read and whether mfd's trailer was verified (False: no trailer).
     ``faults``: lazy restore, the running guest's faults served while the channels load
     (through its uffd, which they inherit)."""
@@ -269,7 +270,7 @@ def load_mapped_ram(opened: OpenedFile, targets: dict[str, RAMBlock], channels: 
         pages_offsets=tuple(b.mapped_ram.pages_offset for b in mf.blocks),
         direct_io=direct_io, verify=verify,
         uffd=faults.fileno() if faults else -1,
-        bases=tuple(faults.ram.bases) if faults else (), delay=delay)
+        bases=tuple(faults.ram.bases) if faults else (), x=x)
         for i in range(channels)]
     moved = [0]
 
@@ -343,13 +344,12 @@ def load_stream(opened: OpenedFile, targets: dict[str, RAMBlock]) -> int:
 
 def load(opened: OpenedFile, targets: dict[str, RAMBlock], channels: int,
          direct_io: bool = False, faults: FileFaults | None = None,
-         delay: float = 0.0) -> LoadResult:
-    """``delay``: test-only, each channel sleeps that long after each job (a slow disk)."""
+         x: XHooks = NO_HOOKS) -> LoadResult:
     mf = opened.file
     check_targets(mf, targets)
     start = time.monotonic()
     if mf.mapped_ram:
-        moved, ok = load_mapped_ram(opened, targets, channels, direct_io, faults, delay)
+        moved, ok = load_mapped_ram(opened, targets, channels, direct_io, faults, x)
     else:  # mfd writes no stream files, so no trailer here (the parser refuses one)
         moved, ok = load_stream(opened, targets), False
     return LoadResult(mf, time.monotonic() - start, moved, ok)

@@ -33,7 +33,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 
@@ -41,7 +41,7 @@ from mfd.errors import BrokenPipeline, MfdError, ProtocolError, UsageError
 from mfd.main_thread.pipeline import ChannelPool
 from mfd.main_thread.precopy import Precopy, Progress
 from mfd.main_thread.xbzrle import XbzrleCache
-from mfd.options import MigrationParameters, check_params
+from mfd.options import MigrateOptions, MigrationParameters, check_params
 from mfd.protocol import constants as C
 from mfd.protocol import (
     devices,
@@ -55,7 +55,6 @@ from mfd.protocol import (
     xbzrle,
 )
 from mfd.protocol.mapped_ram import page_runs
-from mfd.protocol.multifd import UUID_SIZE
 from mfd.shm import pagehash
 from mfd.shm.control import GuestClient
 from mfd.shm.ramblock import SHM_DIR, DataExtents, PendingRAM, RAMBlock, nonzero_pages
@@ -63,7 +62,6 @@ from mfd.workers import tcp
 from mfd.workers.socket_channel import SocketChannelConfig, send_main
 from mfd.workers.tls import TLSOptions, tls_parameters, wait_relays
 
-CONNECT_TIMEOUT = 30.0
 RESULT_TIMEOUT = 60.0  # the destination loads the device state, hashes its RAM, starts
 PEER_TIMEOUT = 30.0  # the destination answers PING once it reads the main channel
 GRACE_S = 0.3  # after a lost channel, time for the destination's own reason to show up
@@ -85,32 +83,6 @@ class Cancelled(MfdError):
     """``migrate_cancel``, the timeout, or Ctrl-C."""
 
 
-@dataclass(frozen=True)
-class MigrateOptions:
-    machine: str = "none"
-    multifd: bool = True  # QEMU's capability: off sends every page on the main channel
-    flush_after_each_section: bool = False  # QEMU's multifd-flush-after-each-section
-    uuid: bytes = bytes(UUID_SIZE)  # QEMU's -uuid (zeros: unset)
-    timeout: float | None = None  # cancel when the migration would take longer
-    connect_timeout: float = CONNECT_TIMEOUT
-    keep_source: bool = False  # the source guest stays paused afterwards (QEMU's postmigrate)
-    verify: bool = True  # to an mfd destination: compare RAM at switchover (mfd.shm.pagehash)
-    postcopy: bool = False  # QEMU's postcopy-ram capability: the switch may go postcopy
-    postcopy_after: float | None = None  # switch to postcopy after this many seconds
-    postcopy_preempt: bool = False  # QEMU's: requested pages on a connection of their own
-    tls: TLSOptions | None = None  # QEMU's tls-creds, tls-hostname: every connection TLS
-    xbzrle: bool = False  # QEMU's capability: pages sent again as what changed (no multifd)
-
-    def check(self) -> None:
-        """``migrate_caps_check`` for these capabilities, with QEMU's reasons."""
-        if self.postcopy_preempt and not self.postcopy:
-            raise UsageError("Postcopy preempt requires postcopy-ram (QEMU's reason)")
-        if self.postcopy and self.multifd:
-            raise UsageError("Postcopy is not yet compatible with multifd (QEMU's reason; "
-                             "use --no-multifd)")
-        if self.xbzrle and self.multifd:
-            raise UsageError("Multifd is not compatible with xbzrle (QEMU's reason; use "
-                             "--no-multifd)")
 
 
 class Migration(Precopy):

@@ -35,6 +35,7 @@ from mfd.options import MigrationParameters
 from mfd.protocol import constants as C
 from mfd.shm.control import GuestClient
 from mfd.shm.ramblock import MappedBlock, RAMBlock, attach, nonzero_rows
+from mfd.xhooks import NO_HOOKS, XHooks
 
 Progress = Callable[[MigrationStats], None]
 
@@ -46,8 +47,7 @@ class Precopy:
 
     def __init__(self, blocks: list[RAMBlock], params: MigrationParameters,
                  guest: GuestClient | None, progress: Progress | None,
-                 batch_pages: int = C.MULTIFD_PAGE_COUNT, ignore_dirty_log: bool = False,
-                 skip_round_sync: bool = False) -> None:
+                 batch_pages: int = C.MULTIFD_PAGE_COUNT, x: XHooks = NO_HOOKS) -> None:
         names = [b.idstr for b in blocks]
         if len(set(names)) != len(names):
             raise MfdError(f"duplicate RAM block names: {names}")
@@ -58,11 +58,7 @@ class Precopy:
         self.guest = guest
         self.progress = progress
         self.batch_pages = batch_pages
-        # test-only, each disables one mechanism so a test can show it bites: the guest's
-        # dirty log is never harvested (every write after setup is lost); no sync at the end
-        # of a round
-        self.ignore_dirty_log = ignore_dirty_log
-        self.skip_round_sync = skip_round_sync
+        self.x = x  # test-only: ignore_dirty_log, skip_round_sync
         self.stats = MigrationStats(total=sum(b.used_length for b in blocks))
         self.was_running = False
         self.manual_protect = False  # the guest's log is cleared per chunk (_clear_chunks)
@@ -163,7 +159,7 @@ class Precopy:
         legacy = self.params.zero_page_detection == "legacy"
         self.begin_section(final)
         self._sweep(legacy, final)
-        if not self.skip_round_sync:
+        if not self.x.skip_round_sync:
             self.end_round()
         self.end_section(final)
         self.stats.dirty_sync_count += 1
@@ -221,7 +217,7 @@ class Precopy:
         """``migration_bitmap_sync``: OR the guest's log into bmap; returns dirty pages."""
         assert self.guest is not None
         status, logs = self.guest.harvest()
-        if self.ignore_dirty_log:
+        if self.x.ignore_dirty_log:
             logs = [np.zeros_like(w) for w in self.bmap]
         dirty = 0
         for words, log in zip(self.bmap, logs, strict=True):

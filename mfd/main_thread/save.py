@@ -25,7 +25,6 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -35,27 +34,12 @@ from mfd.main_thread.digests import ChunkTable
 from mfd.main_thread.pipeline import ChannelPool
 from mfd.main_thread.precopy import Precopy, Progress
 from mfd.main_thread.stats import MigrationStats
-from mfd.options import MigrationParameters, check_params
+from mfd.options import MigrationParameters, SaveOptions, check_params
 from mfd.protocol import constants as C
 from mfd.protocol import devices, mapped_ram, ram, stream, trailer
 from mfd.shm.control import GuestClient
 from mfd.shm.ramblock import RAMBlock
 from mfd.workers.file_channel import FileChannelConfig, channel_main
-
-
-@dataclass(frozen=True)
-class SaveOptions:
-    machine: str = "none"
-    offset: int = 0  # file:PATH,offset=N: keep the first N bytes (libvirt's header)
-    stop_first: bool = False
-    runstate: str | None = None  # globalstate; default from the guest's state
-    batch_pages: int = C.MULTIFD_PAGE_COUNT  # pages per job: QEMU's 128 (512 KiB)
-    # test-only, each disables one mechanism so a test can show it bites: channel i sleeps
-    # before reporting each job; no local sync at the end of a round; the guest's dirty
-    # log is never harvested (so every write after setup is lost)
-    channel_delays: tuple[float, ...] = ()
-    skip_round_sync: bool = False
-    ignore_dirty_log: bool = False
 
 
 def _probe_direct_io(path: str) -> bool:
@@ -75,8 +59,7 @@ class FileSaver(Precopy):
                  options: SaveOptions, guest: GuestClient | None = None,
                  progress: Progress | None = None) -> None:
         super().__init__(blocks, check_params(params, mapped_ram=True), guest, progress,
-                         options.batch_pages, options.ignore_dirty_log,
-                         options.skip_round_sync)
+                         options.batch_pages, options.x)
         self.path = path
         self.options = options
         self.configuration = stream.Configuration(options.machine, (C.CAP_MAPPED_RAM,))
@@ -144,14 +127,13 @@ class FileSaver(Precopy):
             # chunk digests: hashed by the channel that writes a whole chunk, where RAM no
             # longer changes; any other chunk with pages in the file is hashed at completion
             self.chunks = ChunkTable(self.blocks)
-            delays = self.options.channel_delays
             configs = [FileChannelConfig(
                 channel_id=i, endpoint="", parent_pid=0, path=self.path, saving=True,
                 blocks=tuple(self.blocks),
                 pages_offsets=tuple(lay.header.pages_offset for lay in layout),
                 direct_io=direct_io,
                 zero_page_detection=self.params.zero_page_detection == "multifd",
-                digest_chunks=not live, delay=delays[i] if i < len(delays) else 0.0)
+                digest_chunks=not live, x=self.options.x)
                 for i in range(self.params.multifd_channels)]
             with ChannelPool(configs, channel_main) as pool:
                 self.pool = pool

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from mfd.protocol import xbzrle
 from mfd.protocol.constants import TARGET_PAGE_SIZE
 from mfd.protocol.mapped_ram import page_runs
 from mfd.shm.pagehash import PageHashes, hash_pages, hash_rows
@@ -101,6 +102,14 @@ class MappedPlacer(Placer):
         received[pages] = 1
         if self.hashes is not None:
             self.hashes.table[block][pages] = 0  # hash of a zero page (pagehash)
+
+    def xbzrle(self, block: int, pages: np.ndarray, data: np.ndarray, starts: np.ndarray,
+               lengths: np.ndarray, where: str) -> None:
+        """XBZRLE deltas applied onto the pages as they are (``xbzrle_decode_buffer``),
+        in order: a page twice in one run gets both deltas, the later one last."""
+        xbzrle.decode_into(self.words[block].view(np.uint8), pages, data, starts, lengths,
+                           where)
+        self.placed(block, np.unique(pages), None)
 
     def _hash_from_ram(self, block: int, pages: np.ndarray) -> np.ndarray:
         return hash_pages(self.words[block], pages)

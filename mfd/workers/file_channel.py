@@ -35,6 +35,7 @@ from mfd.protocol.trailer import CHUNK_PAGES, chunk_digests, whole_chunks
 from mfd.shm.ramblock import MappedBlock, RAMBlock, attach, nonzero_pages
 from mfd.shm.uffd import UserfaultFd
 from mfd.sysutil import set_parent_death_signal
+from mfd.xhooks import NO_HOOKS, XHooks
 
 SYNC_FILE_RANGE_WRITE = 2
 ERROR_LINGER_MS = 2000  # how long a failing channel's last ERROR may take to go out
@@ -55,7 +56,7 @@ class FileChannelConfig:
     zero_page_detection: bool = True  # multifd mode: the channel finds zero pages
     verify: bool = False  # restore: hash each chunk read (the file has mfd's trailer)
     digest_chunks: bool = False  # save of RAM that no longer changes: hash whole-chunk jobs
-    delay: float = 0.0  # test-only: sleep after each job's I/O, before DONE (slow channel)
+    x: XHooks = NO_HOOKS  # test-only: channel_delays (sleep after each job, a slow disk)
     # lazy restore: the running guest's userfaultfd (inherited) and where each block is
     # mapped in the guest: pages are read into a buffer here and placed with UFFDIO_COPY
     uffd: int = -1
@@ -94,8 +95,8 @@ def channel_main(cfg: FileChannelConfig) -> None:
                     raise RuntimeError(f"unexpected message {kind[:16]!r}")
                 job_id, block, pages, _ = messages.decode_job(frames)
                 reply = channel.run(job_id, block, pages, kind == messages.DIGEST)
-                if cfg.delay:  # test-only: a channel slow to finish after its I/O
-                    time.sleep(cfg.delay)
+                if cfg.x.delay(cfg.channel_id):  # test-only: slow to finish after its I/O
+                    time.sleep(cfg.x.delay(cfg.channel_id))
                 sock.send_multipart(reply)
         finally:
             channel.close()

@@ -58,6 +58,7 @@ from mfd.workers import tcp
 from mfd.workers.file_channel import ERROR_LINGER_MS, die_with_parent
 from mfd.workers.methods import get_method
 from mfd.workers.tls import TLSOptions, wait_relays
+from mfd.xhooks import NO_HOOKS, XHooks
 
 POLL_MS = 500
 PAGE = TARGET_PAGE_SIZE
@@ -90,19 +91,10 @@ class SocketChannelConfig:
     # receive: the map shared by every channel; the socket the connection comes on
     receivedmap: RAMBlock | None = None
     handoff: int = -1
-    # test-only: a receive channel sleeps this long before placing each packet; a receive
-    # channel ignores SYNC packets (round order is then not kept: the test must fail); a
-    # receive channel damages (FAULTS) every packet that has this page of the first block,
-    # as it places it
-    delay: float = 0.0
-    skip_sync: bool = False
-    fault: tuple[str, int] | None = None
-
-
-# test-only faults of a receive channel, each of which verification must catch: one byte of
-# the page flipped; the page's content placed at the next page's offset (the previous one's
-# at a block's end) and the page left zero; the packet's pages received and thrown away
-FAULTS = ("corrupt", "misplace", "drop")
+    # test-only: a receive channel sleeps before placing each packet (channel_delays),
+    # ignores SYNC packets (skip_sync: round order is then not kept, the test must fail),
+    # damages every packet that has the fault's page, as it places it (fault)
+    x: XHooks = NO_HOOKS
 
 
 class _Channel:
@@ -442,10 +434,10 @@ class RecvChannel(_Channel):
             raise ProtocolError(f"{self.where()}: packet {pkt.packet_num} payload of "
                                 f"{pkt.next_packet_size} bytes (at most {self.max_payload})")
         if pkt.normal_pages or pkt.zero_pages:
-            if self.cfg.delay:
-                time.sleep(self.cfg.delay)
+            if self.cfg.x.delay(self.cfg.channel_id):
+                time.sleep(self.cfg.x.delay(self.cfg.channel_id))
             self.place(pkt)
-        if pkt.flags & multifd.MULTIFD_FLAG_SYNC and not self.cfg.skip_sync:
+        if pkt.flags & multifd.MULTIFD_FLAG_SYNC and not self.cfg.x.skip_sync:
             self.main.send_multipart(messages.encode_synced(pkt.packet_num, self.hashing))
             self.hashing = 0.0
             # wait at the SYNC: read nothing more from the connection until RELEASE
@@ -464,7 +456,7 @@ class RecvChannel(_Channel):
         received = self.receivedmap.received[block]
         normal = (pkt.normal // PAGE).astype(np.intp)
         zero = (pkt.zero // PAGE).astype(np.intp)
-        fault = self.cfg.fault
+        fault = self.cfg.x.fault
         if fault is not None and not (block == 0 and fault[1] in normal):
             fault = None
         via_file: list[tuple[int, int]] = []  # runs written to the file, not mapped here
