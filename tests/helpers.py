@@ -262,6 +262,7 @@ def _stat(pid: int | str) -> list[str]:
 
 
 def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (an mfd process's: its forked channels)."""
     out = []
     for name in os.listdir("/proc"):
         if name.isdigit():
@@ -305,11 +306,6 @@ def cmdline(pid: int) -> str:
             return f.read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
-
-
-def channel_pids(pid: int) -> list[int]:
-    """The channel processes of an mfd process (forked: same command line as the parent)."""
-    return children(pid)
 
 
 def rss_anon_kib(pid: int) -> int:

@@ -9,7 +9,7 @@ import subprocess
 import time
 
 import pytest
-from helpers import alive, channel_pids, shm_entries, start_mfd, until
+from helpers import alive, children, shm_entries, start_mfd, until
 
 import mfd
 from mfd.errors import BrokenPipeline
@@ -19,7 +19,7 @@ from mfd.ramimage import generate
 def _wait_channels(p: subprocess.Popen, n: int) -> list[int]:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        pids = channel_pids(p.pid)
+        pids = children(p.pid)
         if len(pids) >= n:
             return pids
         assert p.poll() is None, p.stderr.read()

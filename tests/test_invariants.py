@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import MANY_ROUNDS, channel_pids, live_save_matches, rss_anon_kib, run_mfd
+from helpers import MANY_ROUNDS, children, live_save_matches, rss_anon_kib, run_mfd
 
 from mfd.options import MigrationParameters, SaveOptions
 from mfd.protocol import constants as C
@@ -91,7 +91,7 @@ def _peak_channel_rss(size: int, batch_pages: int, delay: float) -> int:
                                  str(delay)], stderr=subprocess.PIPE, text=True)
         try:
             while save.poll() is None:
-                for pid in channel_pids(save.pid):
+                for pid in children(save.pid):
                     peak = max(peak, rss_anon_kib(pid))
                 time.sleep(0.001)
         finally:
