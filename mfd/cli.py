@@ -18,7 +18,13 @@ import orjson
 from mfd import __version__, api
 from mfd.errors import MfdError, UsageError
 from mfd.main_thread.migrate import Cancelled
-from mfd.options import IncomingOptions, MigrateOptions, MigrationParameters, check_params
+from mfd.options import (
+    IncomingOptions,
+    MigrateOptions,
+    MigrationParameters,
+    RestoreOptions,
+    SaveOptions,
+)
 from mfd.progress import LiveView
 from mfd.shm import control
 from mfd.shm.guest import GuestConfig, run_guest
@@ -206,9 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of writes that zero a whole page, as freed memory (0..1)")
     g.add_argument("--kvm", action="store_true",
                    help="a KVM VM runs the guest: one vCPU, KVM's dirty log (random|hotset)")
+    # test-only (XHooks): a KVM guest without manual dirty log protect; a stop that waits for
+    # the vCPU's next exit instead of kicking it out
     g.add_argument("--x-no-manual-protect", action="store_true", help=argparse.SUPPRESS)
     g.add_argument("--x-no-kick", action="store_true", help=argparse.SUPPRESS)
-    # a saved workload state to go on from (mfd restore passes the file's)
+    # plumbing, not a hook: a saved workload state to go on from (mfd restore passes the
+    # file's)
     g.add_argument("--x-resume", type=json_object, help=argparse.SUPPRESS)
     g.add_argument("--stopped", action="store_true", help="start paused (like QEMU's -S)")
     g.add_argument("--attach", type=parse_named, action="append", default=[],
@@ -411,8 +420,8 @@ def cmd_guest(args: argparse.Namespace) -> int:
                       WorkloadState(args.dirty_rate, args.pattern, args.seed,
                                     zero_fraction=args.zero_fraction),
                       start_stopped=args.stopped, attached=attached, kvm=args.kvm,
-                      manual_protect=not args.x_no_manual_protect, kick=not args.x_no_kick,
-                      resume=args.x_resume)
+                      resume=args.x_resume, x=XHooks(no_manual_protect=args.x_no_manual_protect,
+                                                     no_kick=args.x_no_kick))
 
     def ready(ram) -> None:
         paths = ", ".join(f"{b.idstr}={b.path}" for b in ram.blocks)
@@ -428,7 +437,8 @@ def cmd_save(args: argparse.Namespace) -> int:
     show = sys.stderr.isatty() and args.guest and not args.json
     with LiveView(f"live save of {args.guest}") if show else contextlib.nullcontext() as view:
         res = api.save(args.file, images=images, guest=args.guest, params=_params(args),
-                       machine=args.machine, offset=args.offset, stop_first=args.stop_first,
+                       options=SaveOptions(machine=args.machine, offset=args.offset,
+                                           stop_first=args.stop_first),
                        progress=view.update if view is not None else None)
     if args.json:
         print(orjson.dumps(res.query_migrate | {"file": args.file,
@@ -445,8 +455,9 @@ def cmd_save(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     images = dict(args.image) if args.image else None
     res = api.restore(args.file, images=images, guest=args.guest,
-                      channels=args.multifd_channels, offset=args.offset,
-                      direct_io=args.direct_io, lazy=args.lazy)
+                      options=RestoreOptions(multifd_channels=args.multifd_channels,
+                                             offset=args.offset, direct_io=args.direct_io,
+                                             lazy=args.lazy))
     if args.json:
         print(orjson.dumps(vars(res)).decode())
         return 0
@@ -481,16 +492,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                           postcopy_after=args.postcopy_after,
                           postcopy_preempt=args.postcopy_preempt, tls=_tls(args, False),
                           xbzrle=args.xbzrle)
-    for given, name in ((args.postcopy_after is not None, "--postcopy-after"),
-                        (args.postcopy_preempt, "--postcopy-preempt")):
-        if given and not args.postcopy_ram:
-            raise UsageError(f"mfd migrate: {name} goes with --postcopy-ram")
-    opts.check()  # option conflicts before any file or guest is looked at
-    params = check_params(_params(args), mapped_ram=False)
     view = None if args.json else LiveView(f"migrate to {args.uri}")
     with _outcome("migration"), view or contextlib.nullcontext():
         res = api.migrate(args.uri, images=dict(args.image) if args.image else None,
-                          guest=args.guest, params=params, options=opts,
+                          guest=args.guest, params=_params(args), options=opts,
                           progress=view.update if view is not None else None,
                           monitor=args.monitor,
                           warn=lambda line: print(f"mfd migrate: {line}", file=sys.stderr))
@@ -522,9 +527,6 @@ def cmd_tls_certs(args: argparse.Namespace) -> int:
 
 def cmd_incoming(args: argparse.Namespace) -> int:
     delays = tuple(float(x) for x in args.x_channel_delay.split(",") if x)
-    if args.multifd_channels is not None and not 1 <= args.multifd_channels <= 255:
-        raise UsageError("Parameter 'multifd-channels' expects a value between 1 and 255, "
-                         f"got {args.multifd_channels}")
     opts = IncomingOptions(timeout=args.timeout,
                            multifd_channels=args.multifd_channels,
                            multifd_compression=args.multifd_compression,
@@ -534,8 +536,6 @@ def cmd_incoming(args: argparse.Namespace) -> int:
                                     fault=args.x_fault),
                            stopped=args.stopped, postcopy_ram=args.postcopy_ram,
                            postcopy_preempt=args.postcopy_preempt, tls=_tls(args, True))
-    if args.postcopy_preempt and not args.postcopy_ram:
-        raise UsageError("mfd incoming: --postcopy-preempt goes with --postcopy-ram")
     with _outcome("incoming migration"):
         res = api.incoming(args.listen, images=dict(args.image) if args.image else None,
                            guest=args.guest, options=opts, monitor=args.monitor)

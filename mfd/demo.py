@@ -30,7 +30,7 @@ import orjson
 from mfd import api
 from mfd.errors import MfdError
 from mfd.main_thread.precopy import Progress
-from mfd.options import IncomingOptions, MigrationParameters
+from mfd.options import IncomingOptions, MigrateOptions, MigrationParameters, RestoreOptions
 from mfd.protocol.constants import TARGET_PAGE_SIZE
 from mfd.ramimage import generate
 from mfd.shm import control, kvm
@@ -214,7 +214,7 @@ def restore(path: str, name: str, channels: int, say: Say, run_after: float) -> 
     """Node B of the file scenario: restore into a new guest, resume it, report it."""
     try:
         say(f"restoring {path} over {channels} channels")
-        res = api.restore(path, guest=name, channels=channels)
+        res = api.restore(path, guest=name, options=RestoreOptions(multifd_channels=channels))
         say(f"restored {human(res.bytes_read)} in {res.seconds:.2f} s "
             f"({res.bytes_read / max(res.seconds, 1e-9) / (1 << 20):.0f} MiB/s)")
         if not res.verified:
@@ -241,12 +241,12 @@ def _migrate(uri: str, guest: str, params: MigrationParameters, say: Say,
         say(f"migrating to {uri}: {POSTCOPY_AFTER:g} s of precopy, then postcopy (the "
             "guest runs there at once, its missing pages fetched as it touches them)")
         res = api.migrate(uri, guest=guest, params=params, progress=progress,
-                          options=api.MigrateOptions(multifd=False, postcopy=True,
-                                                     postcopy_after=POSTCOPY_AFTER, tls=tls))
+                          options=MigrateOptions(multifd=False, postcopy=True,
+                                                 postcopy_after=POSTCOPY_AFTER, tls=tls))
         say(f"postcopy: {res.query_migrate['ram']['postcopy-requests']} page(s) the "
             "destination's guest asked for first")
         return res
     say(f"migrating to {uri} over {params.multifd_channels} channels (compression "
         f"{params.multifd_compression}, downtime limit {params.downtime_limit} ms)")
     return api.migrate(uri, guest=guest, params=params, progress=progress,
-                       options=api.MigrateOptions(tls=tls))
+                       options=MigrateOptions(tls=tls))

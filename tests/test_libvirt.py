@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import mfd
+from mfd.options import RestoreOptions
 from mfd.ramimage import generate
 from tests.conftest import run_mfd
 from tests.libvirtd import Libvirtd, missing
@@ -55,7 +56,7 @@ def restored_blocks(sav: Path, out: Path, names: list[str], channels: int) -> di
     """mfd restore of every block; their sha256."""
     out.mkdir()
     mfd.restore(str(sav), images={n: str(out / n.replace("/", "_")) for n in names},
-                channels=channels)
+                options=RestoreOptions(multifd_channels=channels))
     return {n: hashlib.sha256((out / n.replace("/", "_")).read_bytes()).hexdigest()
             for n in names}
 
