@@ -25,7 +25,7 @@ from mfd.options import (
     RestoreOptions,
     SaveOptions,
 )
-from mfd.progress import LiveView
+from mfd.progress import LiveView, shown
 from mfd.shm import control
 from mfd.shm.guest import GuestConfig, run_guest
 from mfd.shm.ramblock import RAMBlock
@@ -435,11 +435,11 @@ def cmd_guest(args: argparse.Namespace) -> int:
 def cmd_save(args: argparse.Namespace) -> int:
     images = dict(args.image) if args.image else None
     show = sys.stderr.isatty() and args.guest and not args.json
-    with LiveView(f"live save of {args.guest}") if show else contextlib.nullcontext() as view:
+    with shown(LiveView(f"live save of {args.guest}") if show else None) as progress:
         res = api.save(args.file, images=images, guest=args.guest, params=_params(args),
                        options=SaveOptions(machine=args.machine, offset=args.offset,
                                            stop_first=args.stop_first),
-                       progress=view.update if view is not None else None)
+                       progress=progress)
     if args.json:
         print(orjson.dumps(res.query_migrate | {"file": args.file,
                                                 "digests": res.digests}).decode())
@@ -493,11 +493,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                           postcopy_preempt=args.postcopy_preempt, tls=_tls(args, False),
                           xbzrle=args.xbzrle)
     view = None if args.json else LiveView(f"migrate to {args.uri}")
-    with _outcome("migration"), view or contextlib.nullcontext():
+    with _outcome("migration"), shown(view) as progress:
         res = api.migrate(args.uri, images=dict(args.image) if args.image else None,
                           guest=args.guest, params=_params(args), options=opts,
-                          progress=view.update if view is not None else None,
-                          monitor=args.monitor,
+                          progress=progress, monitor=args.monitor,
                           warn=lambda line: print(f"mfd migrate: {line}", file=sys.stderr))
     if args.json:
         print(orjson.dumps(res.query_migrate | {"digests": res.digests}).decode())
@@ -607,28 +606,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if not args.json:
             print(line, flush=True)
 
+    # the view lasts as long as the migration (demo: shown()), the summary said after it
     view = None if args.json or args.listen or args.restore else LiveView(
         f"live {'save' if args.save else 'migration'}")
-    progress = view.update if view is not None else None
     use_kvm = False if args.listen or args.restore else demo.kvm_default(args.kvm, say)
-    with view or contextlib.nullcontext():
-        if args.connect:
-            out = demo.source(args.connect, args.name, args.ram, args.dirty_rate, params, say,
-                              progress, args.run_after, use_kvm, postcopy,
-                              TLSOptions(creds) if creds else None)
-        elif args.listen:
-            out = demo.destination(args.listen, args.name, say, args.run_after, args.timeout,
-                                   args.monitor, postcopy, TLSOptions(creds) if creds else None)
-        elif args.save:
-            out = demo.save(args.save, args.name, args.ram, args.dirty_rate, params, say,
-                            progress, use_kvm)
-        elif args.restore:
-            out = demo.restore(args.restore, args.name, args.multifd_channels, say,
-                               args.run_after)
-        else:
-            with _throwaway_creds(tls and creds is None) as made:
-                out = demo.run(args.ram, args.dirty_rate, params, say, progress, use_kvm,
-                               postcopy, creds or made)
+    if args.connect:
+        out = demo.source(args.connect, args.name, args.ram, args.dirty_rate, params, say,
+                          view, args.run_after, use_kvm, postcopy,
+                          TLSOptions(creds) if creds else None)
+    elif args.listen:
+        out = demo.destination(args.listen, args.name, say, args.run_after, args.timeout,
+                               args.monitor, postcopy, TLSOptions(creds) if creds else None)
+    elif args.save:
+        out = demo.save(args.save, args.name, args.ram, args.dirty_rate, params, say, view,
+                        use_kvm)
+    elif args.restore:
+        out = demo.restore(args.restore, args.name, args.multifd_channels, say,
+                           args.run_after)
+    else:
+        with _throwaway_creds(tls and creds is None) as made:
+            out = demo.run(args.ram, args.dirty_rate, params, say, view, use_kvm, postcopy,
+                           creds or made)
     if args.json:
         print(orjson.dumps(out).decode())
     return 0
@@ -637,13 +635,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_qmp(args: argparse.Namespace) -> int:
     """What ``socat`` does for QEMU users, one command at a time: a container's health check,
     a script's ``query-migrate``; a QMP error is one line and exit 1."""
-    from mfd.monitor import monitor_command
+    from mfd.qmp import QMPClient
 
-    reply = monitor_command(args.socket, args.execute, args.arguments, args.timeout)
-    if "error" in reply:
-        err = reply["error"]
-        raise MfdError(f"{args.execute}: {err.get('class')}: {err.get('desc')}")
-    print(orjson.dumps(reply.get("return"), option=orjson.OPT_INDENT_2).decode())
+    with QMPClient(args.socket, args.timeout) as qmp:
+        value = qmp.execute(args.execute, args.arguments)  # an error reply: CommandError
+    print(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode())
     return 0
 
 

@@ -17,8 +17,8 @@ from test_invariants import MANY_ROUNDS, _live_save_matches
 from test_migrate import finish, start_incoming, wait_listening
 
 import mfd
-from mfd.monitor import monitor_command
 from mfd.options import MigrationParameters, SaveOptions
+from mfd.qmp import monitor_command
 from mfd.shm import control, kvm
 from mfd.workers.tcp import free_ports
 from mfd.xhooks import XHooks

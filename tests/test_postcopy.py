@@ -18,8 +18,8 @@ from test_migrate import finish, one_line, running, start_incoming, start_migrat
 
 import mfd
 from mfd.errors import MfdError
-from mfd.monitor import monitor_command
 from mfd.options import MigrationParameters, RestoreOptions
+from mfd.qmp import monitor_command
 from mfd.shm import control
 from mfd.workers.tcp import free_ports
 from mfd.xhooks import XHooks

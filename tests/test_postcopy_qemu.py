@@ -107,7 +107,7 @@ def _until(cond, what: str, timeout: float = WAIT) -> None:
 
 def _mfd_status(qmp: str) -> str | None:
     from mfd.errors import MfdError
-    from mfd.monitor import monitor_command
+    from mfd.qmp import monitor_command
 
     try:
         return monitor_command(qmp, "query-migrate", None, 2.0)["return"]["status"]
@@ -120,7 +120,7 @@ def test_qemu_to_mfd_postcopy_recovery(shm_file, guests, tmp_path):
     with resume=true to mfd's port completes it; RAM equal."""
     from netutil import Relay
 
-    from mfd.monitor import monitor_command
+    from mfd.qmp import monitor_command
 
     src = shm_file("qemu-src")
     generate(str(src), SIZE, seed=4)
@@ -163,7 +163,7 @@ def test_mfd_to_qemu_postcopy_recovery(shm_file, guests, tmp_path):
     new port and mfd's migrate with resume=true to it complete it; RAM equal."""
     from netutil import Relay
 
-    from mfd.monitor import monitor_command
+    from mfd.qmp import monitor_command
 
     src, _ = guests.start("64M", "--dirty-rate", "100M")
     out = shm_file("qemu-dst")

@@ -36,7 +36,7 @@ from test_wire_qemu import (
 
 from mfd import tlscerts
 from mfd.bench.qemu import QemuMachine, qemu_binary
-from mfd.monitor import monitor_command
+from mfd.qmp import monitor_command
 from mfd.workers.tcp import free_ports
 from mfd.workers.tls import HANDSHAKE_S
 
