@@ -49,6 +49,11 @@ def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise UsageError(f"{_qmp_name(name)} {value!r}, expected one of {', '.join(allowed)}")
 
 
+def check_channels(channels: int) -> None:
+    """QEMU's range of multifd-channels, for every command and the bench."""
+    _range("multifd_channels", channels, 1, 255)
+
+
 def check_ram(what: str, images: object, guest: object, *, required: bool = True) -> None:
     """Where the RAM comes from or goes: raw images or a guest, never both (and one of them
     unless not ``required``: an incoming migration's guest has a default name)."""
@@ -92,7 +97,7 @@ class MigrationParameters:
 
     def check(self, *, mapped_ram: bool) -> None:
         """``migrate_params_check`` + ``migrate_caps_check`` for what mfd supports."""
-        _range("multifd_channels", self.multifd_channels, 1, 255)
+        check_channels(self.multifd_channels)
         _range("multifd_zstd_level", self.multifd_zstd_level, 0, 20)
         _range("multifd_zlib_level", self.multifd_zlib_level, 0, 9)
         _range("downtime_limit", self.downtime_limit, 0, 2_000_000)
@@ -192,7 +197,7 @@ class IncomingOptions:
 
     def check(self) -> None:
         if self.multifd_channels is not None:
-            _range("multifd_channels", self.multifd_channels, 1, 255)
+            check_channels(self.multifd_channels)
         if self.multifd_compression is not None:
             _one_of("multifd_compression", self.multifd_compression, COMPRESSION)
         _postcopy_preempt(self.postcopy_ram, self.postcopy_preempt)
@@ -209,7 +214,7 @@ class RestoreOptions:
     x: XHooks = NO_HOOKS  # test-only: channel_delays, run_exits
 
     def check(self, *, guest: bool) -> None:
-        _range("multifd_channels", self.multifd_channels, 1, 255)
+        check_channels(self.multifd_channels)
         _not_negative("offset", self.offset)
         if self.lazy and not guest:
             raise UsageError("a lazy restore starts a guest: give --guest, not --image")

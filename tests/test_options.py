@@ -13,19 +13,12 @@ from conftest import run_mfd
 
 import mfd
 from mfd.errors import UsageError
-from mfd.options import (
-    IncomingOptions,
-    MigrateOptions,
-    MigrationParameters,
-    RestoreOptions,
-    SaveOptions,
-    check_ram,
-)
+from mfd.options import IncomingOptions, MigrateOptions, RestoreOptions, SaveOptions, check_ram
+from mfd.options import MigrationParameters as P
 from mfd.qmp import monitor_command
 from mfd.workers.tcp import free_ports
 
 PREEMPT = "Postcopy preempt requires postcopy-ram (QEMU's reason)"
-P = MigrationParameters
 
 
 def _channels(n: int) -> str:
