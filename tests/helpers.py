@@ -28,8 +28,8 @@ import pytest
 import mfd
 from mfd.bench.qemu import TMP_PREFIX, qemu_binary
 from mfd.errors import MfdError
-from mfd.monitor import monitor_command
 from mfd.options import MigrationParameters, SaveOptions
+from mfd.qmp import monitor_command
 from mfd.shm import control, kvm
 from mfd.workers.tcp import free_ports
 

@@ -38,6 +38,7 @@ from hypothesis import strategies as st
 import mfd
 from mfd.describe import describe
 from mfd.errors import ProtocolError
+from mfd.options import SaveOptions
 from mfd.protocol import migration_file
 from mfd.ramimage import generate
 
@@ -89,7 +90,7 @@ class Bases:
             img, mig = self["mfd"].image, self.root / f"{name}.mig"
             header = libvirt_header(6, data_len=PAGE - LIBVIRT_HEADER)
             mig.write_bytes(header)
-            mfd.save(str(mig), images={"mem": str(img)}, offset=len(header))
+            mfd.save(str(mig), images={"mem": str(img)}, options=SaveOptions(offset=len(header)))
         else:
             if not REFERENCE.is_dir():
                 pytest.skip(f"no QEMU reference files at {REFERENCE}")

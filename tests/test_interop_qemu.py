@@ -11,7 +11,7 @@ from helpers import needs_qemu
 
 import mfd
 from mfd.bench.qemu import QemuError, QemuMachine, qemu_restore, qemu_save
-from mfd.options import MigrationParameters
+from mfd.options import MigrationParameters, RestoreOptions, SaveOptions
 from mfd.ramimage import generate
 
 pytestmark = [pytest.mark.qemu, needs_qemu]
@@ -58,7 +58,8 @@ def test_mfd_restores_what_qemu_wrote(tmp_path, image, qemu_channels, mfd_channe
     mig = tmp_path / "qemu.mig"
     qemu_save(str(image), str(mig), multifd_channels=qemu_channels)
     out = tmp_path / "out.bin"
-    mfd.restore(str(mig), images={"mem": str(out)}, channels=mfd_channels)
+    mfd.restore(str(mig), images={"mem": str(out)},
+                options=RestoreOptions(multifd_channels=mfd_channels))
     assert out.read_bytes() == image.read_bytes()
 
 
@@ -68,7 +69,7 @@ def test_mfd_restores_a_qemu_stream_file_at_an_offset(tmp_path, image):
     qemu_save(str(image), str(mig), mapped_ram=False, offset=8192)
     assert mig.read_bytes()[:8192] == b"H" * 8192
     out = tmp_path / "out.bin"
-    mfd.restore(str(mig), images={"mem": str(out)}, offset=8192)
+    mfd.restore(str(mig), images={"mem": str(out)}, options=RestoreOptions(offset=8192))
     assert out.read_bytes() == image.read_bytes()
 
 
@@ -94,7 +95,7 @@ def test_mfd_restores_a_compressed_qemu_stream(tmp_path, image, program):
 def test_qemu_refuses_an_mfd_file_with_another_machine_name(tmp_path, image):
     """The configuration section is QEMU's: a machine name QEMU does not run is refused."""
     mig = tmp_path / "pc.mig"
-    mfd.save(str(mig), images={"mem": str(image)}, machine="pc-q35-10.0")
+    mfd.save(str(mig), images={"mem": str(image)}, options=SaveOptions(machine="pc-q35-10.0"))
     with pytest.raises(QemuError, match=r"Machine type received is 'pc-q35-10\.0'"):
         qemu_restore(str(mig), str(tmp_path / "x.bin"), SIZE)
     assert not [n for n in os.listdir("/dev/shm") if n.startswith("mfd-qemu")]

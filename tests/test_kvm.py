@@ -24,8 +24,8 @@ from helpers import (
 )
 
 import mfd
-from mfd.monitor import monitor_command
 from mfd.options import MigrationParameters, SaveOptions
+from mfd.qmp import monitor_command
 from mfd.shm import control
 from mfd.workers.tcp import free_ports
 from mfd.xhooks import XHooks

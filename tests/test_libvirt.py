@@ -19,6 +19,7 @@ from helpers import run_mfd
 from libvirtd import Libvirtd, missing
 
 import mfd
+from mfd.options import RestoreOptions
 from mfd.ramimage import generate
 
 pytestmark = pytest.mark.slow
@@ -57,7 +58,7 @@ def restored_blocks(sav: Path, out: Path, names: list[str], channels: int) -> di
     """mfd restore of every block; their sha256."""
     out.mkdir()
     mfd.restore(str(sav), images={n: str(out / n.replace("/", "_")) for n in names},
-                channels=channels)
+                options=RestoreOptions(multifd_channels=channels))
     return {n: hashlib.sha256((out / n.replace("/", "_")).read_bytes()).hexdigest()
             for n in names}
 

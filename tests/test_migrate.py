@@ -36,9 +36,9 @@ from netutil import FakeSource, Relay
 
 import mfd
 from mfd.errors import MfdError
-from mfd.monitor import monitor_command
 from mfd.options import MigrationParameters
 from mfd.protocol import multifd
+from mfd.qmp import MonitorGone, QMPClient, monitor_command
 from mfd.ramimage import generate
 from mfd.shm import control
 from mfd.workers.tcp import free_ports
@@ -385,7 +385,7 @@ def test_migrate_cancel_through_the_monitor(guests, tmp_path):
                                        {"downtime-limit": 250})
     assert monitor_command(path, "query-migrate-parameters")["return"] \
         .get("downtime-limit") in (250, 300)  # applied at the next tick
-    events = _qmp_client(path)  # QEMU's MIGRATION events, as a QMP client sees them
+    events = QMPClient(path)  # QEMU's MIGRATION events, as a QMP client sees them
     assert "return" in monitor_command(path, "migrate_cancel")
     r.source_fails("migration cancelled: cancelled by migrate_cancel")
     seen = _read_events(events)
@@ -394,32 +394,16 @@ def test_migrate_cancel_through_the_monitor(guests, tmp_path):
     assert not os.path.exists(path) and not os.path.exists(dest)
 
 
-def _qmp_client(path: str):
-    import socket
-
-    c = socket.socket(socket.AF_UNIX)
-    c.settimeout(10)
-    c.connect(path)
-    f = c.makefile("rwb")
-    assert b"QMP" in f.readline()
-    f.write(b'{"execute": "qmp_capabilities"}\n')
-    f.flush()
-    assert b"return" in f.readline()
-    return c, f
-
-
-def _read_events(client) -> list[str]:
-    """MIGRATION statuses until a final one (or the monitor closes), bounded by the
-    socket's timeout."""
-    c, f = client
-    seen = []
-    with c, f:
+def _read_events(client: QMPClient) -> list[str]:
+    """MIGRATION statuses until a final one (or the monitor closes), each within 10 s."""
+    seen: list[str] = []
+    with client:
         while not seen or seen[-1] not in ("completed", "failed", "cancelled"):
-            line = f.readline()
-            if not line:
+            try:
+                msg = client.event(timeout=10)
+            except MonitorGone:
                 break
-            msg = orjson.loads(line)
-            if msg.get("event") == "MIGRATION":
+            if msg["event"] == "MIGRATION":
                 seen.append(msg["data"]["status"])
     return seen
 

@@ -34,8 +34,8 @@ from netutil import Relay
 
 import mfd
 from mfd.errors import MfdError
-from mfd.monitor import monitor_command
-from mfd.options import MigrationParameters
+from mfd.options import MigrationParameters, RestoreOptions
+from mfd.qmp import monitor_command
 from mfd.shm import control
 from mfd.workers.tcp import free_ports
 from mfd.xhooks import XHooks
@@ -253,8 +253,8 @@ def test_lazy_restore_runs_the_guest_before_its_ram_is_read(tmp_path, guests):
     lazy, full = f"{src}l", f"{src}f"
     guests.adopt(lazy)
     guests.adopt(full)
-    res = mfd.restore(str(mig), guest=lazy, channels=2, lazy=True, x_run_exits=K,
-                      x=XHooks(channel_delays=(0.05,) * 8))
+    res = mfd.restore(str(mig), guest=lazy, options=RestoreOptions(
+        multifd_channels=2, lazy=True, x=XHooks(channel_delays=(0.05,) * 8, run_exits=K)))
     assert res.verified, "the trailer's digests of what the channels read"
     assert res.faults > 0 and res.exits_before_loaded > 0, res
     assert res.running_after < res.seconds
@@ -267,10 +267,11 @@ def test_lazy_restore_runs_the_guest_before_its_ram_is_read(tmp_path, guests):
 
 def test_lazy_restore_refusals(tmp_path, guests, reference):
     with pytest.raises(MfdError, match="needs a mapped-ram file"):
-        mfd.restore(str(reference["case3_stream.mig"]), guest=f"lz{os.getpid()}", lazy=True)
+        mfd.restore(str(reference["case3_stream.mig"]), guest=f"lz{os.getpid()}",
+                    options=RestoreOptions(lazy=True))
     with pytest.raises(MfdError, match="give --guest"):
         mfd.restore(str(reference["case3_stream.mig"]), images={"mem": str(tmp_path / "x")},
-                    lazy=True)
+                    options=RestoreOptions(lazy=True))
 
 
 def test_a_request_outside_every_block_fails_the_source_in_one_line(guests):

@@ -13,7 +13,7 @@ from helpers import QMP_TIMEOUT, Mfd, assert_same_ram, mfd_status, needs_qemu, u
 from netutil import Relay
 
 from mfd.bench.qemu import QemuMachine
-from mfd.monitor import monitor_command
+from mfd.qmp import monitor_command
 from mfd.ramimage import generate
 from mfd.shm import control
 from mfd.workers.tcp import free_ports

@@ -43,7 +43,7 @@ from netutil import Relay
 
 from mfd import tlscerts
 from mfd.bench.qemu import QemuMachine
-from mfd.monitor import monitor_command
+from mfd.qmp import monitor_command
 from mfd.workers.tcp import free_ports
 from mfd.workers.tls import HANDSHAKE_S
 

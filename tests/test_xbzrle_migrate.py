@@ -38,8 +38,8 @@ from helpers import (
 from mfd.bench.bootsector import SWEEP_CHAR, default_range, write_boot_image
 from mfd.bench.qemu import QemuMachine
 from mfd.errors import MfdError
-from mfd.monitor import monitor_command
 from mfd.protocol import livestream, xbzrle
+from mfd.qmp import monitor_command
 from mfd.shm import control
 from mfd.shm.ramblock import shm_path
 from mfd.workers.tcp import free_ports

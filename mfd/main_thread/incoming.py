@@ -82,8 +82,6 @@ class Incoming:
     def __init__(self, listen: str, *, images: dict[str, str] | None = None,
                  guest: str | None = None, options: IncomingOptions | None = None,
                  warn: Callable[[str], None] | None = None) -> None:
-        if images is not None and guest is not None:
-            raise MfdError("incoming takes either images or a guest name, not both")
         self.addr = tcp.parse_uri(listen)
         self.images = images
         self.guest_name = guest
