@@ -143,6 +143,7 @@ class FileChannel(Channel):
         placed first (the guest may have written it since); the chunk digests taken from
         the buffer, each chunk's runs being consecutive there too."""
         assert self.placer is not None
+        runs = runs.astype(np.int64)
         lengths = runs[:, 1] - runs[:, 0]
         count = int(lengths.sum())
         if len(self.buf) < count:
