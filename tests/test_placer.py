@@ -66,15 +66,6 @@ def test_last_copies_keeps_each_page_once_with_its_later_copy():
     assert last_copies(swapped, rows(1, 2, 3))[0] is swapped
 
 
-@pytest.fixture
-def shm_file():
-    fd, path = tempfile.mkstemp(prefix="mfd-placer-test-", dir="/dev/shm")
-    os.ftruncate(fd, PAGES * PAGE)
-    os.close(fd)
-    yield path
-    os.unlink(path)
-
-
 def _hashes(tmp_path: Path) -> PageHashes:
     block = RAMBlock("mem", PAGES * PAGE, str(tmp_path / "ram"))
     table = tmp_path / "hashes"
@@ -104,22 +95,22 @@ def test_mapped_placer_rule_zero_rule_and_hook(tmp_path):
 
 
 @contextlib.contextmanager
-def registered(path: str):
-    """``path`` mapped here and registered with a new uffd: pages are placed with
-    UFFDIO_COPY, read back through the file (a read through the mapping of a page not
-    placed would wait for ever)."""
-    fd = os.open(path, os.O_RDWR)
-    mm = mmap.mmap(fd, PAGES * PAGE, mmap.MAP_SHARED)
-    os.close(fd)
-    base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
-    uffd = UserfaultFd(open_uffd())
-    uffd.register(base, PAGES * PAGE)
-    guest = GuestRAM(uffd, [base], [PAGES * PAGE])
-    try:
-        yield guest
-    finally:
-        guest.close()
-        mm.close()
+def registered():
+    """A RAM file in /dev/shm, mapped here and registered with a new uffd: pages are placed
+    with UFFDIO_COPY and read back through the file (a read through the mapping of a page
+    not placed would wait for ever)."""
+    with tempfile.NamedTemporaryFile(prefix="mfd-placer-test-", dir="/dev/shm") as f:
+        f.truncate(PAGES * PAGE)
+        mm = mmap.mmap(f.fileno(), PAGES * PAGE, mmap.MAP_SHARED)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+        uffd = UserfaultFd(open_uffd())
+        uffd.register(base, PAGES * PAGE)
+        guest = GuestRAM(uffd, [base], [PAGES * PAGE])
+        try:
+            yield f.name, guest
+        finally:
+            guest.close()
+            mm.close()
 
 
 def read_page(path: str, n: int) -> np.ndarray:
@@ -127,10 +118,10 @@ def read_page(path: str, n: int) -> np.ndarray:
         return np.frombuffer(os.pread(f.fileno(), PAGE, n * PAGE), dtype=np.uint8)
 
 
-def test_uffd_placer_rule_and_a_page_placed_first_is_left_alone(shm_file, tmp_path):
+def test_uffd_placer_rule_and_a_page_placed_first_is_left_alone(tmp_path):
     received = np.zeros(PAGES, dtype=np.uint8)
     hashes = _hashes(tmp_path)
-    with registered(shm_file) as guest:
+    with registered() as (shm_file, guest):
         placer = UffdPlacer(guest, [received], hashes)
         placer.pages(0, np.array([5, 6, 5]), rows(1, 2, 3))
         assert read_page(shm_file, 5)[0] == 3 and read_page(shm_file, 6)[0] == 2
@@ -253,7 +244,7 @@ def test_a_stream_file_keeps_the_later_copy(tmp_path):
     assert out.read_bytes() == expected(size, (0, 1))
 
 
-def test_lazy_restore_leaves_alone_a_page_its_fault_placed_first(tmp_path, shm_file):
+def test_lazy_restore_leaves_alone_a_page_its_fault_placed_first(tmp_path):
     """In this process: the guest (a thread) faults on a page, served from the file
     (``FileFaults``), and writes it; then a channel (``FileChannel``, lazy) loads every
     page of the file through the same uffd. The guest's write stays, every other page is
@@ -264,7 +255,7 @@ def test_lazy_restore_leaves_alone_a_page_its_fault_placed_first(tmp_path, shm_f
     mig = tmp_path / "lazy.mig"
     mfd.save(str(mig), images={"mem": str(img)})
     n = int(np.flatnonzero(data[PAGES // 2 :].any(axis=1))[0]) + PAGES // 2  # in the file
-    with load.OpenedFile(str(mig)) as opened, registered(shm_file) as guest:
+    with load.OpenedFile(str(mig)) as opened, registered() as (shm_file, guest):
         (entry,) = opened.file.blocks
         faults = FileFaults(opened, guest)
         try:
@@ -292,9 +283,9 @@ def test_lazy_restore_leaves_alone_a_page_its_fault_placed_first(tmp_path, shm_f
             finally:
                 channel.close()
             check.check()
+            want = data.copy()
+            want[n] = LATER
+            assert Path(shm_file).read_bytes() == want.tobytes()
         finally:
             faults.fd, fd = -1, faults.fd  # the uffd is the test's to close (registered)
             os.close(fd)
-    want = data.copy()
-    want[n] = LATER
-    assert Path(shm_file).read_bytes() == want.tobytes()
