@@ -43,11 +43,6 @@ POLL_MS = 500  # how often an idle channel checks that its main process is still
 ERROR_LINGER_MS = 2000  # how long a failing channel's last ERROR may take to go out
 
 
-def die_with_parent() -> None:
-    """The channel must not outlive the main process (which alone unlinks shm)."""
-    set_parent_death_signal(signal.SIGTERM)
-
-
 class Link:
     """The channel's side of its main process: the DEALER, and the poller that also watches
     whatever else the channel reads (a connection handed over, the connection itself)."""
@@ -139,8 +134,8 @@ class Channel:
 def run_channel(cfg: Any, kind: Callable[[Any, Link], Channel]) -> None:
     """Process entry point of a channel of ``kind``. ``cfg``: its frozen config, with
     ``channel_id``, ``endpoint`` and ``parent_pid`` (filled in by the pool)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    set_parent_death_signal(signal.SIGTERM)  # never outlive it: it alone unlinks shm
     if os.getppid() != cfg.parent_pid:  # died before PR_SET_PDEATHSIG was in place
         return
     ctx = zmq.Context()

@@ -149,43 +149,34 @@ class FileChannel(Channel):
         if len(self.buf) < count:
             self.buf = np.empty((count, TARGET_PAGE_SIZE), dtype=np.uint8)
         rows = self.buf[:count]
-        base = self.cfg.pages_offsets[block]
-        at = 0
-        for start, n in zip(runs[:, 0].tolist(), lengths.tolist(), strict=True):
-            self._read(memoryview(rows[at : at + n]).cast("B"),
-                       base + start * TARGET_PAGE_SIZE)
-            at += n
-        pages = np.repeat(runs[:, 0] - np.cumsum(lengths) + lengths, lengths) + \
-            np.arange(count)
-        self.placer.pages(block, pages, rows)
+        view = memoryview(rows).cast("B")
+        self._io(block, runs, os.preadv, "read", view)
+        ends = np.cumsum(lengths)  # where each run ends in the buffer
+        self.placer.pages(block, np.repeat(runs[:, 0] - ends + lengths, lengths)
+                          + np.arange(count), rows)
         digests = b""
         if self.cfg.verify:
-            ends = np.cumsum(lengths)
             last = np.flatnonzero(np.diff(runs[:, 0] // CHUNK_PAGES, append=-1))  # per chunk
             starts = np.concatenate(([0], ends[last[:-1]]))
-            digests = b"".join(
-                chunk_digests(memoryview(rows[a:b]).cast("B"), np.array([[0, b - a]]),
-                              TARGET_PAGE_SIZE)
-                for a, b in zip(starts.tolist(), ends[last].tolist(), strict=True))
+            digests = b"".join(chunk_digests(view, np.array([[a, b]]), TARGET_PAGE_SIZE)
+                               for a, b in zip(starts.tolist(), ends[last].tolist(),
+                                               strict=True))
         return messages.encode_done(job_id, count * TARGET_PAGE_SIZE, None, digests)
-
-    def _read(self, into: memoryview, at: int) -> None:
-        n = os.preadv(self.fd, [into], at)
-        if n != into.nbytes:
-            raise OSError(f"short read: {n} of {into.nbytes} bytes at {at:#x} (file "
-                          "truncated?)")
 
     def _digests(self, block: int, runs: np.ndarray) -> bytes:
         return chunk_digests(self.blocks[block].view, runs, TARGET_PAGE_SIZE)
 
-    def _io(self, block: int, runs: np.ndarray, io, verb: str) -> int:
-        """One ``pwritev``/``preadv`` per run of pages, between the block and its slots."""
-        view = self.blocks[block].view
+    def _io(self, block: int, runs: np.ndarray, io, verb: str,
+            buffer: memoryview | None = None) -> int:
+        """One ``pwritev``/``preadv`` per run of pages, between the runs' slots in the file
+        and the block (or ``buffer``, where the runs follow each other)."""
+        view = self.blocks[block].view if buffer is None else buffer
         base = self.cfg.pages_offsets[block]
         moved = 0
         for start, end in runs.tolist():
             a, b = start * TARGET_PAGE_SIZE, end * TARGET_PAGE_SIZE
-            n = io(self.fd, [view[a:b]], base + a)
+            at = a if buffer is None else moved
+            n = io(self.fd, [view[at : at + b - a]], base + a)
             if n != b - a:
                 hint = " (file truncated?)" if verb == "read" else ""
                 raise OSError(f"short {verb}: {n} of {b - a} bytes at {base + a:#x}{hint}")
