@@ -281,9 +281,9 @@ class RecvChannel(SocketChannel):
         self.quiesced = False  # QUIESCE: reads nothing more, for good
         assert cfg.receivedmap is not None
         self.receivedmap = ReceivedMap(cfg.receivedmap, list(cfg.blocks))
-        self.placer = MappedPlacer(self.words, self.receivedmap.received, self.hashes) \
-            if cfg.x.fault is None else \
-            _DamagingPlacer(self.words, self.receivedmap.received, self.hashes, cfg.x.fault)
+        ram = (self.words, self.receivedmap.received, self.hashes)
+        self.placer = MappedPlacer(*ram) if cfg.x.fault is None else \
+            _DamagingPlacer(*ram, cfg.x.fault)
         self.populating = 0.0  # seconds spent mapping pages to hash them, since the last SYNC
 
     def close(self) -> None:
