@@ -139,3 +139,14 @@ def test_no_verify_moves_ram_exactly(tmp_path, multifd):
     rc, said, err = finish(inc)
     assert rc == 0 and res.status == "completed", err
     assert "not verified" in said and out.read_bytes() == img.read_bytes()
+
+
+def test_page_hashes_follow_the_pages_in_any_order():
+    """``hash_pages`` slices RAM for one run in order and reads each page otherwise: pages
+    out of order whose span happens to equal their count ([0, 3, 2, 1]) are not a run."""
+    from mfd.shm.pagehash import hash_pages, hash_rows
+
+    words = np.random.default_rng(1).integers(0, 2**63, (8, 512), dtype=np.uint64)
+    for pages in ([0, 1, 2, 3], [0, 3, 2, 1], [5, 2], [7]):
+        p = np.array(pages)
+        assert (hash_pages(words, p) == hash_rows(words[p])).all(), pages
