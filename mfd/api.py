@@ -24,9 +24,10 @@ from mfd.errors import MfdError
 from mfd.main_thread import load as loader
 from mfd.main_thread.incoming import Incoming, IncomingResult
 from mfd.main_thread.lazy import FileFaults
-from mfd.main_thread.migrate import Migration
 from mfd.main_thread.postcopy_dst import receive_uffd
-from mfd.main_thread.save import FileSaver, Progress
+from mfd.main_thread.precopy import Progress
+from mfd.main_thread.save import FileSaver
+from mfd.main_thread.source.migration import Migration
 from mfd.main_thread.stats import MigrationStats
 from mfd.options import IncomingOptions, MigrateOptions, MigrationParameters, SaveOptions
 from mfd.protocol.constants import TARGET_PAGE_SIZE
@@ -288,11 +289,10 @@ def migrate(uri: str, *, images: dict[str, str] | None = None, guest: str | None
     params = params or MigrationParameters()
     with _source("migrate", images, guest) as (blocks, client):
         mig = Migration(uri, blocks, params, options or MigrateOptions(), client, progress,
-                        warn)
-        mig.monitored = monitor is not None
-        _monitored(monitor, mig, mig.run)
-    return MigrateResult(**PrecopyResult.fields_of(mig.stats, mig.digests, mig.query_migrate()),
-                         uri=uri)
+                        warn, monitored=monitor is not None)
+        _monitored(monitor, mig.qmp, mig.run)
+    return MigrateResult(**PrecopyResult.fields_of(mig.stats, mig.digests,
+                                                   mig.qmp.query_migrate()), uri=uri)
 
 
 def incoming(listen: str, *, images: dict[str, str] | None = None, guest: str | None = None,
