@@ -265,36 +265,29 @@ class Precopy:
         if not live:
             self.round(sink)
             return
-        self._period_start(time.monotonic())
+        self.throttle.begin(self.stats.transferred)
         while True:
             self.round(sink, switch_due=switch_due)
-            self.period_dirty += self.bitmap_sync()
+            dirty = self.bitmap_sync()
             self.stats.remaining = self.stats.rounds[-1]["remaining"] = self.remaining()
             self.stats.bandwidth = self.meter.bandwidth
             extra = switchover_cost()
             if self.meter.bandwidth:
                 self.stats.expected_downtime = \
                     (self.stats.remaining / self.meter.bandwidth + extra) * 1000
-            self._period_end()
+            self._auto_converge(dirty)
             self.report()
             if self.stats.remaining + extra * self.meter.bandwidth \
                     <= self.meter.threshold(self.params.downtime_limit) or switch_due():
                 return
 
-    def _period_start(self, now: float) -> None:
-        self.period_start, self.period_dirty = now, 0
-        self.period_xfer = self.stats.transferred
-
-    def _period_end(self) -> None:
-        """At a bitmap sync >= 1 s after the period began: the dirty rate, auto-converge."""
-        now = time.monotonic()
-        if now - self.period_start < 1.0:
+    def _auto_converge(self, dirty: int) -> None:
+        """At the end of a period: the dirty rate, and the guest throttled harder."""
+        ended = self.throttle.on_sync(dirty, self.stats.transferred)
+        if ended is None:
             return
-        self.stats.dirty_pages_rate = self.period_dirty / (now - self.period_start)
-        pct = self.throttle.on_period(self.period_dirty * C.TARGET_PAGE_SIZE,
-                                      self.stats.transferred - self.period_xfer)
+        self.stats.dirty_pages_rate, pct = ended
         if pct is not None:
             assert self.guest is not None
             self.guest.set_throttle(pct)
             self.stats.cpu_throttle_percentage = pct
-        self._period_start(now)

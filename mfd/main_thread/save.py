@@ -212,14 +212,7 @@ class FileSaver:
         caps = self.configuration.capabilities
         self._write_stream(
             stream.encode_section_part(C.QEMU_VM_SECTION_END, rid) + ram.encode_eos()
-            + stream.encode_footer(rid)
-            + stream.encode_section_start(C.QEMU_VM_SECTION_FULL, devices.TIMER_SECTION_ID,
-                                          "timer", 0, 2)
-            + devices.encode_timer() + stream.encode_footer(devices.TIMER_SECTION_ID)
-            + stream.encode_section_start(C.QEMU_VM_SECTION_FULL,
-                                          devices.GLOBALSTATE_SECTION_ID, "globalstate", 0, 1)
-            + devices.encode_globalstate(self.runstate)
-            + stream.encode_footer(devices.GLOBALSTATE_SECTION_ID)
+            + stream.encode_footer(rid) + devices.encode_sections(self.runstate)
             + stream.encode_eof()
             + stream.encode_vmdesc(devices.vmdesc_json(self.options.machine, caps)))
         # the channels hash the final RAM (their mappings are already faulted in) while this

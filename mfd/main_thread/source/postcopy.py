@@ -45,9 +45,7 @@ class Postcopy:
                  switchover: Switchover, preempt: Preempt | None, monitored: bool,
                  warn: Callable[[str], None]) -> None:
         self.session = session
-        self.channel = session.channel
-        self.precopy = session.precopy
-        self.stats = session.stats
+        self.channel, self.precopy, self.stats = session.channel, session.precopy, session.stats
         self.options = options
         self.stream = stream_
         self.switchover = switchover

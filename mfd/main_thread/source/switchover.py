@@ -32,9 +32,7 @@ class Switchover:
     def __init__(self, session: Session, verification: Verification, machine: str,
                  warn: Callable[[str], None]) -> None:
         self.session = session
-        self.channel = session.channel
-        self.precopy = session.precopy
-        self.stats = session.stats
+        self.channel, self.precopy, self.stats = session.channel, session.precopy, session.stats
         self.verification = verification
         self.machine = machine
         self.warn = warn
@@ -60,26 +58,14 @@ class Switchover:
     def device_state(self, status: dict | None) -> bytes:
         """timer, globalstate and, to mfd, the guest's own state (its workload)."""
         runstate = "running" if self.precopy.was_running else "paused"
-        data = (stream.encode_section_start(C.QEMU_VM_SECTION_FULL, devices.TIMER_SECTION_ID,
-                                            "timer", 0, 2)
-                + devices.encode_timer() + stream.encode_footer(devices.TIMER_SECTION_ID)
-                + stream.encode_section_start(C.QEMU_VM_SECTION_FULL,
-                                              devices.GLOBALSTATE_SECTION_ID, "globalstate",
-                                              0, 1)
-                + devices.encode_globalstate(runstate)
-                + stream.encode_footer(devices.GLOBALSTATE_SECTION_ID))
+        guest = None
         if status is not None and self.channel.peer_mfd:
-            guest_state = {"name": status["name"], "runstate": runstate,
-                           "workload": status["workload"]}
-            data += (stream.encode_section_start(C.QEMU_VM_SECTION_FULL,
-                                                 devices.GUEST_SECTION_ID, devices.GUEST_IDSTR,
-                                                 0, devices.GUEST_VERSION)
-                     + devices.encode_guest(guest_state)
-                     + stream.encode_footer(devices.GUEST_SECTION_ID))
+            guest = {"name": status["name"], "runstate": runstate,
+                     "workload": status["workload"]}
         elif status is not None and status["workload"].get("kind") == "kvm":
             self.warn("the destination is QEMU: the guest's KVM vCPU state has no place in "
                       "QEMU's -machine none, only its RAM goes")
-        return data
+        return devices.encode_sections(runstate, guest)
 
     def finish(self, hashing: list[float]) -> None:
         """After EOF and the vmdesc: the page hashes to an mfd destination, its verdict.
