@@ -41,14 +41,16 @@ class Control:
     read as they stand, one attribute at a time, as QEMU's query-migrate reads its
     ``mig_stats`` atomics one by one."""
 
-    def __init__(self, params: MigrationParameters, tls: TLSOptions | None,
+    def __init__(self, params: MigrationParameters, tls_options: TLSOptions | None,
                  stats: MigrationStats) -> None:
         self._lock = threading.Lock()
         self.stats = stats
         self.params = params  # in force
-        self.tls = tls  # the connections' (the URI's host as the name, unless tls-hostname)
-        self.tls_options = tls  # as given; tls-hostname sets the name for a resume
-        self.error: str | None = None  # why it failed or was cancelled
+        self.tls_options = tls_options  # as given; tls-hostname sets the name for a resume
+        # set by the session: the connections' TLS options (the URI's host as the name,
+        # unless tls-hostname), and why the migration failed or was cancelled
+        self.tls: TLSOptions | None = None
+        self.error: str | None = None
         self._pending: MigrationParameters | None = None
         self._cancel: str | None = None
         self._postcopy = False
