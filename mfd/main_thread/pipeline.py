@@ -102,26 +102,31 @@ class ChannelPool:
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
         try:
-            pairs = [socket.socketpair() for _ in configs] if handoff else []
-            self.handoffs = [ours for ours, _ in pairs]
-            for i, cfg in enumerate(configs):
-                cfg = replace(cfg, endpoint=endpoint, parent_pid=os.getpid())
-                if handoff:
-                    cfg = replace(cfg, handoff=pairs[i][1].fileno())
-                keep = pairs[i][1] if handoff else None
-                closing = [*inherited, *(s for pair in pairs for s in pair if s is not keep)]
-                self.poller.register(self.procs.fork(target, cfg, closing), zmq.POLLIN)
-            for _, theirs in pairs:
-                theirs.close()
-            deadline = time.monotonic() + START_TIMEOUT
-            while len(self.channel_of) < len(configs):
-                if time.monotonic() > deadline:
-                    raise BrokenPipeline(f"channels did not start within {START_TIMEOUT:g} s")
-                self._pump(500)
+            self._start(configs, target, endpoint, handoff, inherited)
             self.tick = tick
         except BaseException:
             self.close()
             raise
+
+    def _start(self, configs: list[Any], target: Callable[[Any], None], endpoint: str,
+               handoff: bool, inherited: tuple[Any, ...]) -> None:
+        """Fork the channels and wait until each has said READY."""
+        pairs = [socket.socketpair() for _ in configs] if handoff else []
+        self.handoffs = [ours for ours, _ in pairs]
+        for i, cfg in enumerate(configs):
+            cfg = replace(cfg, endpoint=endpoint, parent_pid=os.getpid())
+            if handoff:
+                cfg = replace(cfg, handoff=pairs[i][1].fileno())
+            keep = pairs[i][1] if handoff else None
+            closing = [*inherited, *(s for pair in pairs for s in pair if s is not keep)]
+            self.poller.register(self.procs.fork(target, cfg, closing), zmq.POLLIN)
+        for _, theirs in pairs:
+            theirs.close()
+        deadline = time.monotonic() + START_TIMEOUT
+        while len(self.channel_of) < len(configs):
+            if time.monotonic() > deadline:
+                raise BrokenPipeline(f"channels did not start within {START_TIMEOUT:g} s")
+            self._pump(500)
 
     @property
     def channels(self) -> int:
