@@ -25,9 +25,10 @@ from mfd.errors import MfdError
 from mfd.main_thread import load as loader
 from mfd.main_thread.incoming import Incoming, IncomingResult
 from mfd.main_thread.lazy import FileFaults
-from mfd.main_thread.migrate import Migration
 from mfd.main_thread.postcopy_dst import receive_uffd
-from mfd.main_thread.save import FileSaver, Progress
+from mfd.main_thread.precopy import Progress
+from mfd.main_thread.save import FileSaver
+from mfd.main_thread.source.migration import Migration
 from mfd.main_thread.stats import MigrationStats
 from mfd.options import (
     IncomingOptions,
@@ -291,11 +292,11 @@ def migrate(uri: str, *, images: dict[str, str] | None = None, guest: str | None
     params.check(mapped_ram=False)
     options.check()  # before any file or guest is looked at
     with _source(images, guest) as (blocks, client):
-        mig = Migration(uri, blocks, params, options, client, progress, warn)
-        mig.monitored = monitor is not None
-        _monitored(monitor, mig, mig.run)
-    return MigrateResult(**PrecopyResult.fields_of(mig.stats, mig.digests, mig.query_migrate()),
-                         uri=uri)
+        mig = Migration(uri, blocks, params, options, client, progress, warn,
+                        monitored=monitor is not None)
+        _monitored(monitor, mig.qmp, mig.run)
+    return MigrateResult(**PrecopyResult.fields_of(mig.stats, mig.digests,
+                                                   mig.qmp.query_migrate()), uri=uri)
 
 
 def incoming(listen: str, *, images: dict[str, str] | None = None, guest: str | None = None,

@@ -16,8 +16,7 @@ from collections.abc import Iterator
 import orjson
 
 from mfd import __version__, api
-from mfd.errors import MfdError, UsageError
-from mfd.main_thread.migrate import Cancelled
+from mfd.errors import Cancelled, MfdError, UsageError
 from mfd.options import (
     IncomingOptions,
     MigrateOptions,

@@ -42,3 +42,7 @@ class BrokenPipeline(MfdError):
 
 class GuestError(MfdError):
     """The guest process is missing, refused a command, or died."""
+
+
+class Cancelled(MfdError):
+    """``migrate_cancel``, the timeout, or Ctrl-C."""

@@ -292,7 +292,7 @@ def test_mfd_to_qemu_of_another_ram_size(tmp_path: Path, image: Path,
     line = mig.failed(0)
     # QEMU says SHUT(1), then closes everything; a channel that meets the closed socket
     # first wins the race for the message, as mfd keeps only an mfd destination's reason
-    # (Migration._destination_reason ignores SHUT): both seen
+    # (MainChannel.reason ignores SHUT): both seen
     assert re.fullmatch(r"mfd: migration failed: (the destination failed to load the "
                         r"migration \(SHUT 1\)|(main channel|channel \d+ failed): "
                         r"connection lost \(.*\))", line), line

@@ -101,7 +101,7 @@ class LiveBench:
             xbzrle: bool | None = None) -> dict[str, Any]:
         """``xbzrle``: None, multifd over the largest channel count; False or True, no
         multifd, without or with XBZRLE."""
-        from mfd.main_thread.migrate import Cancelled
+        from mfd.errors import Cancelled
         from mfd.options import MigrateOptions, MigrationParameters
 
         s = self.ws.settings

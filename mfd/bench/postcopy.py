@@ -72,7 +72,7 @@ class PostcopyBench:
             g.cont()
 
     def migrate(self, postcopy: bool, preempt: bool = False) -> dict[str, Any]:
-        from mfd.main_thread.migrate import Cancelled
+        from mfd.errors import Cancelled
         from mfd.options import MigrateOptions, MigrationParameters
 
         src, dst = f"bench-pc-src-{os.getpid()}", f"bench-pc-dst-{os.getpid()}"

@@ -9,9 +9,9 @@ window, ``threshold_size = bandwidth * downtime_limit``, expected downtime),
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 from mfd.options import MigrationParameters
+from mfd.protocol.constants import TARGET_PAGE_SIZE
 
 BUFFER_DELAY = 0.100  # QEMU's window for bandwidth and rate limiting
 THROTTLE_PERIOD = 1.0  # a dirty-rate period is judged at a bitmap sync >= 1 s after the last
@@ -74,13 +74,35 @@ class RateLimiter:
         self.budget = 0
 
 
-@dataclass
 class AutoConverge:
-    """``migration_trigger_throttle`` + ``mig_throttle_guest_down``."""
+    """The dirty rate per period of >= 1 s (``migration_update_rates``), and at each
+    period's end ``migration_trigger_throttle`` + ``mig_throttle_guest_down``."""
 
-    params: MigrationParameters
-    percentage: int = 0
-    dirty_rate_high_cnt: int = 0
+    def __init__(self, params: MigrationParameters) -> None:
+        self.params = params
+        self.percentage = 0
+        self.dirty_rate_high_cnt = 0
+        self.begin(0)
+
+    def begin(self, transferred: int) -> None:
+        """A period starts now; ``transferred``: the bytes sent so far."""
+        self.period_start = time.monotonic()
+        self.period_dirty = 0
+        self.period_xfer = transferred
+
+    def on_sync(self, dirty_pages: int, transferred: int) -> tuple[float, int | None] | None:
+        """A bitmap sync found ``dirty_pages``. At the first sync >= 1 s after the period
+        began: the period's dirty rate (pages per second) and a new throttle percentage
+        (None: unchanged); a new period begins."""
+        self.period_dirty += dirty_pages
+        elapsed = time.monotonic() - self.period_start
+        if elapsed < THROTTLE_PERIOD:
+            return None
+        rate = self.period_dirty / elapsed
+        pct = self.on_period(self.period_dirty * TARGET_PAGE_SIZE,
+                             transferred - self.period_xfer)
+        self.begin(transferred)
+        return rate, pct
 
     def on_period(self, bytes_dirty_period: int, bytes_xfer_period: int) -> int | None:
         """Judge one >= 1 s period; returns a new throttle percentage, or None."""

@@ -41,12 +41,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 
-from mfd.errors import MfdError, ProtocolError
+from mfd.errors import Cancelled, MfdError, ProtocolError
 from mfd.main_thread import postcopy_dst
 from mfd.main_thread.accept import Acceptor
-from mfd.main_thread.migrate import Cancelled, failure
 from mfd.main_thread.pipeline import ChannelPool, dispatch, poll_key
 from mfd.main_thread.postcopy_dst import PostcopyPlacer
+from mfd.main_thread.state import failure
 from mfd.options import IncomingOptions
 from mfd.protocol import livestream, multifd, peer, postcopy, returnpath, trailer, xbzrle
 from mfd.protocol.constants import TARGET_PAGE_SIZE

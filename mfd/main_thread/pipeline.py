@@ -86,9 +86,7 @@ class ChannelPool:
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.router.bind(endpoint)
-        self.pids: list[int] = []
-        self.sentinels: list[int] = []
-        self.statuses: list[int | None] = []
+        self.procs = ChannelProcesses()
         self.idle: deque[bytes] = deque()
         self.channel_of: dict[bytes, int] = {}
         self.inflight: dict[int, tuple[bytes, OnDone | None]] = {}
@@ -104,50 +102,35 @@ class ChannelPool:
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
         try:
-            pairs = [socket.socketpair() for _ in configs] if handoff else []
-            self.handoffs = [ours for ours, _ in pairs]
-            for i, cfg in enumerate(configs):
-                cfg = replace(cfg, endpoint=endpoint, parent_pid=os.getpid())
-                if handoff:
-                    cfg = replace(cfg, handoff=pairs[i][1].fileno())
-                keep = pairs[i][1] if handoff else None
-                closing = [*inherited, *(s for pair in pairs for s in pair if s is not keep)]
-                self._fork(target, cfg, closing)
-            for _, theirs in pairs:
-                theirs.close()
-            deadline = time.monotonic() + START_TIMEOUT
-            while len(self.channel_of) < len(configs):
-                if time.monotonic() > deadline:
-                    raise BrokenPipeline(f"channels did not start within {START_TIMEOUT:g} s")
-                self._pump(500)
+            self._start(configs, target, endpoint, handoff, inherited)
             self.tick = tick
         except BaseException:
             self.close()
             raise
 
-    def _fork(self, target: Callable[[Any], None], cfg: Any, closing: list[Any]) -> None:
-        pid = os.fork()
-        if pid == 0:  # the channel: never returns into the caller's code
-            status = 1
-            try:
-                for obj in closing:
-                    obj.close()
-                default_signals()
-                target(cfg)
-                status = 0
-            except SystemExit as e:
-                status = e.code if isinstance(e.code, int) else 1
-            finally:
-                os._exit(status)
-        self.pids.append(pid)
-        self.statuses.append(None)
-        fd = os.pidfd_open(pid)
-        self.sentinels.append(fd)
-        self.poller.register(fd, zmq.POLLIN)
+    def _start(self, configs: list[Any], target: Callable[[Any], None], endpoint: str,
+               handoff: bool, inherited: tuple[Any, ...]) -> None:
+        """Fork the channels and wait until each has said READY."""
+        pairs = [socket.socketpair() for _ in configs] if handoff else []
+        self.handoffs = [ours for ours, _ in pairs]
+        for i, cfg in enumerate(configs):
+            cfg = replace(cfg, endpoint=endpoint, parent_pid=os.getpid())
+            if handoff:
+                cfg = replace(cfg, handoff=pairs[i][1].fileno())
+            keep = pairs[i][1] if handoff else None
+            closing = [*inherited, *(s for pair in pairs for s in pair if s is not keep)]
+            self.poller.register(self.procs.fork(target, cfg, closing), zmq.POLLIN)
+        for _, theirs in pairs:
+            theirs.close()
+        deadline = time.monotonic() + START_TIMEOUT
+        while len(self.channel_of) < len(configs):
+            if time.monotonic() > deadline:
+                raise BrokenPipeline(f"channels did not start within {START_TIMEOUT:g} s")
+            self._pump(500)
 
     @property
     def channels(self) -> int:
-        return len(self.pids)
+        return len(self.procs.pids)
 
     def watch(self, source: Any, callback: Callable[[], None]) -> None:
         """Call ``callback`` whenever ``source`` (a zmq socket, a socket or a file
@@ -202,8 +185,8 @@ class ChannelPool:
             i = self.channel_of.get(ident)
             if i is None:
                 raise self._fail(BrokenPipeline(f"a channel is gone ({e.strerror})")) from None
-            dying = select.select([self.sentinels[i]], [], [], JOIN_TIMEOUT)[0]
-            why = _exit_reason(self._reap(i)) if dying else e.strerror  # say how it died
+            dying = select.select([self.procs.sentinels[i]], [], [], JOIN_TIMEOUT)[0]
+            why = self.procs.exit_reason(i) if dying else e.strerror  # say how it died
             raise self._fail(BrokenPipeline(
                 f"channel {i} died unexpectedly ({why})")) from None
 
@@ -282,10 +265,10 @@ class ChannelPool:
                 except zmq.Again:
                     break
                 self._message(frames[0], frames[1:])
-        for i, fd in enumerate(self.sentinels):
+        for i, fd in enumerate(self.procs.sentinels):
             if fd in events:
                 raise self._fail(BrokenPipeline(
-                    f"channel {i} died unexpectedly ({_exit_reason(self._reap(i))})"))
+                    f"channel {i} died unexpectedly ({self.procs.exit_reason(i)})"))
 
     def _message(self, ident: bytes, frames: list[bytes]) -> None:
         kind = frames[0]
@@ -325,7 +308,70 @@ class ChannelPool:
         for ident in list(self.channel_of):
             with contextlib.suppress(zmq.ZMQError):
                 self.router.send_multipart([ident, messages.STOP], zmq.NOBLOCK)
-        deadline = time.monotonic() + JOIN_TIMEOUT
+        self.procs.join(JOIN_TIMEOUT)
+        for s in self.handoffs:
+            s.close()
+        self.handoffs = []
+        self.router.close(0)
+        self.ctx.term()
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+    def __enter__(self) -> ChannelPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ChannelProcesses:
+    """The channels as processes: forked from this one, each with a pidfd (its sentinel,
+    readable once it exited), joined with a deadline at the end, stragglers terminated."""
+
+    def __init__(self) -> None:
+        self.pids: list[int] = []
+        self.sentinels: list[int] = []
+        self.statuses: list[int | None] = []
+
+    def fork(self, target: Callable[[Any], None], cfg: Any, closing: list[Any]) -> int:
+        """A channel running ``target(cfg)`` once it closed ``closing`` (the caller's
+        sockets); returns its sentinel."""
+        pid = os.fork()
+        if pid == 0:  # the channel: never returns into the caller's code
+            status = 1
+            try:
+                for obj in closing:
+                    obj.close()
+                default_signals()
+                target(cfg)
+                status = 0
+            except SystemExit as e:
+                status = e.code if isinstance(e.code, int) else 1
+            finally:
+                os._exit(status)
+        self.pids.append(pid)
+        self.statuses.append(None)
+        self.sentinels.append(os.pidfd_open(pid))
+        return self.sentinels[-1]
+
+    def reap(self, i: int) -> int:
+        if self.statuses[i] is None:
+            _, status = os.waitpid(self.pids[i], 0)
+            self.statuses[i] = os.waitstatus_to_exitcode(status)
+        return self.statuses[i]
+
+    def exit_reason(self, i: int) -> str:
+        """How channel ``i`` ended (it has: its sentinel is readable)."""
+        status = self.reap(i)
+        if status < 0:
+            with contextlib.suppress(ValueError):
+                return f"killed by {signal.Signals(-status).name}"
+            return f"killed by signal {-status}"
+        return f"exit status {status}"
+
+    def join(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for every channel to exit (each was told to STOP), then
+        SIGTERM, then SIGKILL the stragglers."""
+        deadline = time.monotonic() + timeout
         for i, fd in enumerate(self.sentinels):
             if self.statuses[i] is not None:
                 continue
@@ -336,28 +382,10 @@ class ChannelPool:
                         os.kill(self.pids[i], sig)
                 if select.select([fd], [], [], None if wait is None else max(0.0, wait))[0]:
                     break
-            self._reap(i)
+            self.reap(i)
         for fd in self.sentinels:
             os.close(fd)
         self.sentinels = []
-        for s in self.handoffs:
-            s.close()
-        self.handoffs = []
-        self.router.close(0)
-        self.ctx.term()
-        shutil.rmtree(self.tmpdir, ignore_errors=True)
-
-    def _reap(self, i: int) -> int:
-        if self.statuses[i] is None:
-            _, status = os.waitpid(self.pids[i], 0)
-            self.statuses[i] = os.waitstatus_to_exitcode(status)
-        return self.statuses[i]
-
-    def __enter__(self) -> ChannelPool:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def dispatch(watched: dict[Any, Callable[[], None]], ready: dict[Any, int]) -> None:
@@ -372,11 +400,3 @@ def dispatch(watched: dict[Any, Callable[[], None]], ready: dict[Any, int]) -> N
 def poll_key(source: Any) -> Any:
     """What a zmq poller reports ``source`` as: a plain socket by its descriptor."""
     return source.fileno() if isinstance(source, socket.socket) else source
-
-
-def _exit_reason(status: int) -> str:
-    if status < 0:
-        with contextlib.suppress(ValueError):
-            return f"killed by {signal.Signals(-status).name}"
-        return f"killed by signal {-status}"
-    return f"exit status {status}"

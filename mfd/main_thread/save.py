@@ -33,6 +33,7 @@ from mfd.errors import MfdError
 from mfd.main_thread.digests import ChunkTable
 from mfd.main_thread.pipeline import ChannelPool
 from mfd.main_thread.precopy import Precopy, Progress
+from mfd.main_thread.state import MigrationStatus
 from mfd.main_thread.stats import MigrationStats
 from mfd.options import MigrationParameters, SaveOptions
 from mfd.protocol import constants as C
@@ -54,12 +55,20 @@ def _probe_direct_io(path: str) -> bool:
     return True
 
 
-class FileSaver(Precopy):
+class FileSaver:
+    """A save to a file: the precopy rounds (:class:`Precopy`) with this as their sink."""
+
+    pool: ChannelPool
+
     def __init__(self, path: str, blocks: list[RAMBlock], params: MigrationParameters,
                  options: SaveOptions, guest: GuestClient | None = None,
                  progress: Progress | None = None) -> None:
-        super().__init__(blocks, params, guest, progress,
-                         options.batch_pages, options.x)
+        self.params = params  # checked by the API (MigrationParameters.check)
+        self.stats = MigrationStats(total=sum(b.used_length for b in blocks))
+        self.precopy = Precopy(blocks, self.params, guest, self.stats, progress,
+                               options.batch_pages, options.x)
+        self.blocks = blocks
+        self.guest = guest
         self.path = path
         self.options = options
         self.configuration = stream.Configuration(options.machine, (C.CAP_MAPPED_RAM,))
@@ -97,7 +106,7 @@ class FileSaver(Precopy):
             completed = True
         finally:
             if not completed:
-                self.stats.status = "failed"
+                self.stats.status = MigrationStatus.FAILED
                 with contextlib.suppress(OSError):
                     os.ftruncate(self.fd, self.options.offset)
                     if self.options.offset == 0:
@@ -120,9 +129,9 @@ class FileSaver(Precopy):
 
         self.file_bmap = [np.zeros(b.num_pages, dtype=bool) for b in self.blocks]
         try:
-            live = self.start_guest_log(self.options.stop_first)
+            live = self.precopy.start(self.options.stop_first)
             self.runstate = self.options.runstate or (
-                "prelaunch" if self.guest is None else "running" if self.was_running
+                "prelaunch" if self.guest is None else "running" if self.precopy.was_running
                 else "paused")
             # chunk digests: hashed by the channel that writes a whole chunk, where RAM no
             # longer changes; any other chunk with pages in the file is hashed at completion
@@ -138,26 +147,35 @@ class FileSaver(Precopy):
             with ChannelPool(configs, channel_main) as pool:
                 self.pool = pool
                 self.stats.setup_time = time.monotonic() - self.stats.start
-                self.stats.status = "active"
-                self.iterate(live)
+                self.stats.status = MigrationStatus.ACTIVE
+                self.precopy.iterate(self, live)
                 self._complete()
         except BaseException:
-            self.resume_guest()
+            self.precopy.resume_guest()
             raise
         finally:
-            self.release()
+            self.precopy.release()
 
-    # ------------------------------------------------------------------ rounds
+    # ------------------------------------------------------------------ the rounds' sink
 
-    def on_done(self, block: int, pages: np.ndarray, moved: int, nonzero: np.ndarray,
-                digest: bytes) -> None:
+    def begin_section(self, final: bool) -> None:
+        """Nothing: a round's pages go to their slots, not into the stream."""
+
+    def pages(self, block: int, pages: np.ndarray) -> None:
+        self.pool.send(block, pages, lambda moved, nonzero, digest: self._written(
+            block, pages, moved, nonzero, digest))
+
+    def _written(self, block: int, pages: np.ndarray, moved: int, nonzero: np.ndarray,
+                 digest: bytes) -> None:
+        """A channel wrote a job: its chunk digest, file_bmap (only this process updates
+        it, invariant 3), the counters."""
         self.chunks.job_done(block, pages, digest)
         fb = self.file_bmap[block]
         fb[pages[nonzero]] = True  # written: data is at its slot
         fb[pages[~nonzero]] = False  # zero: nothing written, the bit says "zero"
-        super().on_done(block, pages, moved, nonzero, digest)
+        self.precopy.account(pages, moved, nonzero)
 
-    def on_legacy_zero(self, block: int, pages: np.ndarray) -> None:
+    def zero(self, block: int, pages: np.ndarray) -> None:
         self.file_bmap[block][pages] = False
 
     def end_round(self) -> None:
@@ -176,13 +194,14 @@ class FileSaver(Precopy):
 
     def _complete(self) -> None:
         guest_state = None
-        status = self.stop_guest()
+        status = self.precopy.stop()
+        self.stats.status = MigrationStatus.DEVICE
         if status is not None:
             guest_state = {"name": status["name"], "runstate": self.runstate,
                            "workload": status["workload"]}
         self._write_stream(stream.encode_command(stream.Command(C.MIG_CMD_SWITCHOVER_START)))
         if self.guest is not None:
-            self.round(final=True)  # what the guest dirtied since the last sync
+            self.precopy.round(self, final=True)  # what the guest dirtied since the last sync
         self.pool.sync()  # every channel idle before file_bmap is written (invariant 3)
         self.stats.remaining = 0
         for lay, fb in zip(self.layout, self.file_bmap, strict=True):
@@ -193,14 +212,7 @@ class FileSaver(Precopy):
         caps = self.configuration.capabilities
         self._write_stream(
             stream.encode_section_part(C.QEMU_VM_SECTION_END, rid) + ram.encode_eos()
-            + stream.encode_footer(rid)
-            + stream.encode_section_start(C.QEMU_VM_SECTION_FULL, devices.TIMER_SECTION_ID,
-                                          "timer", 0, 2)
-            + devices.encode_timer() + stream.encode_footer(devices.TIMER_SECTION_ID)
-            + stream.encode_section_start(C.QEMU_VM_SECTION_FULL,
-                                          devices.GLOBALSTATE_SECTION_ID, "globalstate", 0, 1)
-            + devices.encode_globalstate(self.runstate)
-            + stream.encode_footer(devices.GLOBALSTATE_SECTION_ID)
+            + stream.encode_footer(rid) + devices.encode_sections(self.runstate)
             + stream.encode_eof()
             + stream.encode_vmdesc(devices.vmdesc_json(self.options.machine, caps)))
         # the channels hash the final RAM (their mappings are already faulted in) while this
@@ -215,7 +227,7 @@ class FileSaver(Precopy):
         os.pwrite(self.fd, tr.encode(), self.stream_pos)
         os.fdatasync(self.fd)
         self.stats.end_time = time.monotonic()
-        self.stats.status = "completed"
+        self.stats.status = MigrationStatus.COMPLETED
         self.digests = digests
 
     def _chunk_digests(self) -> dict[str, trailer.BlockDigest]:

@@ -3,7 +3,11 @@ in ``qapi/migration.json``): what ``query-migrate`` says as ``status``."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import StrEnum
+
+from mfd.errors import BrokenPipeline, Cancelled
+from mfd.workers.tcp import LinkLost
 
 
 class MigrationStatus(StrEnum):
@@ -25,3 +29,15 @@ class MigrationStatus(StrEnum):
     def finished(self) -> bool:
         return self in (MigrationStatus.COMPLETED, MigrationStatus.FAILED,
                         MigrationStatus.CANCELLED)
+
+
+def failure(e: BaseException, peer_reason: Callable[[], str | None]
+            ) -> tuple[MigrationStatus, str, str | None]:
+    """How a migration ended on error: its status, the reason, and the other end's own
+    reason when a channel lost its connection because that end gave up (it says why
+    better)."""
+    cancelled = isinstance(e, Cancelled | KeyboardInterrupt)
+    status = MigrationStatus.CANCELLED if cancelled else MigrationStatus.FAILED
+    lost = isinstance(e, LinkLost) or (isinstance(e, BrokenPipeline) and e.link_lost)
+    why = peer_reason() if lost else None
+    return status, why or ("interrupted" if isinstance(e, KeyboardInterrupt) else str(e)), why

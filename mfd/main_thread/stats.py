@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from mfd.main_thread.state import MigrationStatus
 from mfd.protocol.constants import TARGET_PAGE_SIZE
 
 if TYPE_CHECKING:
@@ -14,7 +15,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class MigrationStats:
-    status: str = "setup"
+    status: MigrationStatus = MigrationStatus.SETUP  # moved by the session that owns these
     start: float = field(default_factory=time.monotonic)
     setup_time: float = 0.0
     stop_time: float | None = None  # when the guest was stopped for switchover

@@ -18,6 +18,10 @@ of every hit are encoded together (:func:`mfd.protocol.xbzrle.encode`), and the 
 numpy array of slots updated with one scatter: the page bytes are copied as often as QEMU
 copies them (into the buffer, into the cache). Pages of one batch that share a slot are
 taken in turns, so each slot sees its pages in order, as QEMU's one-by-one loop does.
+
+:class:`Xbzrle` is all the source's stream sender needs: a batch of a block's pages in
+(zero and normal), the pages to send whole and the XBZRLE records out, the counters of
+``query-migrate``'s ``xbzrle-cache`` kept as it goes.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import numpy as np
 
 from mfd.protocol import xbzrle
 from mfd.protocol.constants import TARGET_PAGE_SIZE
+from mfd.shm.ramblock import RAMBlock
 
 PAGE = TARGET_PAGE_SIZE
 CACHED_PAGE_LIFETIME = 2
@@ -140,6 +145,43 @@ class XbzrleCache:
     def _stamp(self, slot: np.ndarray, addrs: np.ndarray, generation: int) -> None:
         self.addr[slot] = addrs
         self.age[slot] = generation
+
+
+class Xbzrle:
+    """The source's XBZRLE over its RAM blocks: the cache is keyed by RAM address (QEMU's
+    ``ram_addr_t``: each block's pages after the blocks before it)."""
+
+    def __init__(self, cache_size: int, blocks: list[RAMBlock]) -> None:
+        self.cache = XbzrleCache(cache_size)
+        self.counters = self.cache.counters
+        self.base = np.cumsum([0] + [b.used_length for b in blocks[:-1]])
+        self.round_pages = 0  # pages handled since the round began (cache-miss-rate)
+
+    def encode(self, block: int, zero: np.ndarray, normal: np.ndarray, words: np.ndarray,
+               generation: int, last_stage: bool) -> Batch | None:
+        """``save_xbzrle_page`` for a batch of the block's pages (offsets into ``normal``
+        in the answer): zero pages go into the cache, the others are copied once from
+        ``words`` (guest RAM) and sent whole or as their deltas. None: no normal page."""
+        base, page = int(self.base[block]), np.int64(PAGE)
+        if len(zero):
+            self.cache.zero_pages(base + zero * page, generation)
+        self.round_pages += len(zero) + len(normal)
+        if not len(normal):
+            return None
+        rows = words.view(np.uint8)[normal]  # QEMU's current_buf
+        return self.cache.encode(base + normal * page, rows, generation, last_stage)
+
+    def records(self, normal: np.ndarray, batch: Batch, idstr: str | None) -> bytes:
+        """The batch's XBZRLE records (the first names the block unless ``idstr`` is None),
+        counted as QEMU counts them: each record but its 8-byte header (idstr included)."""
+        data = xbzrle.encode_records(normal[batch.encoded] * np.int64(PAGE), batch.lengths,
+                                     batch.starts, batch.data, idstr)
+        self.counters.bytes += len(data) - 8 * len(batch.encoded)
+        return data
+
+    def end_round(self) -> None:
+        self.counters.end_round(self.round_pages)
+        self.round_pages = 0
 
 
 def _turns(slots: np.ndarray) -> list[np.ndarray]:

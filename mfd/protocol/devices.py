@@ -13,6 +13,7 @@ import struct
 from dataclasses import dataclass
 
 from mfd.protocol import constants as C
+from mfd.protocol import stream
 from mfd.protocol.codec import Reader
 
 TIMER_SECTION_ID = 0
@@ -49,6 +50,21 @@ def encode_globalstate(runstate: str) -> bytes:
     assert len(raw) < _RUNSTATE_LEN
     return (struct.pack(">I", len(raw) + 1) + raw.ljust(_RUNSTATE_LEN, b"\0")
             + bytes([1, 0]) + bytes(_GLOBALSTATE_UNUSED))
+
+
+def encode_sections(runstate: str, guest: dict | None = None) -> bytes:
+    """The device state after RAM, as FULL sections: timer, globalstate and, only to an mfd
+    destination, the guest's own state (``guest``: name, runstate, workload)."""
+    out = (stream.encode_section_start(C.QEMU_VM_SECTION_FULL, TIMER_SECTION_ID, "timer", 0, 2)
+           + encode_timer() + stream.encode_footer(TIMER_SECTION_ID)
+           + stream.encode_section_start(C.QEMU_VM_SECTION_FULL, GLOBALSTATE_SECTION_ID,
+                                         "globalstate", 0, 1)
+           + encode_globalstate(runstate) + stream.encode_footer(GLOBALSTATE_SECTION_ID))
+    if guest is not None:
+        out += (stream.encode_section_start(C.QEMU_VM_SECTION_FULL, GUEST_SECTION_ID,
+                                            GUEST_IDSTR, 0, GUEST_VERSION)
+                + encode_guest(guest) + stream.encode_footer(GUEST_SECTION_ID))
+    return out
 
 
 def _decode_timer(r: Reader) -> dict[str, object]:
