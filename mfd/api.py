@@ -22,10 +22,11 @@ import orjson
 from mfd.describe import describe
 from mfd.errors import MfdError
 from mfd.main_thread import load as loader
-from mfd.main_thread.incoming import Incoming, IncomingResult
+from mfd.main_thread.destination.postcopy import receive_uffd
+from mfd.main_thread.destination.qmp import QmpHandlers
+from mfd.main_thread.destination.session import Incoming, IncomingResult
 from mfd.main_thread.lazy import FileFaults
 from mfd.main_thread.migrate import Migration
-from mfd.main_thread.postcopy_dst import receive_uffd
 from mfd.main_thread.save import FileSaver, Progress
 from mfd.main_thread.stats import MigrationStats
 from mfd.options import IncomingOptions, MigrateOptions, MigrationParameters, SaveOptions
@@ -302,7 +303,7 @@ def incoming(listen: str, *, images: dict[str, str] | None = None, guest: str | 
     goes to a new guest (named ``guest``, default ``vm0``) that runs once the RAM is
     verified (an mfd source) or loaded (QEMU), or to raw image files."""
     inc = Incoming(listen, images=images, guest=guest, options=options, warn=warn)
-    return _monitored(monitor, inc, inc.run)
+    return _monitored(monitor, QmpHandlers(inc.control), inc.run)
 
 
 def inspect(path: str, offset: int = 0) -> dict[str, object]:
