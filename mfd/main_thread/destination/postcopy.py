@@ -76,6 +76,8 @@ class Postcopy:
         """PAGE and ZERO records (the main channel's or the preempt channel's)."""
         block = self.index[ev.idstr]  # type: ignore[union-attr]
         fresh = ev.pages[self.received[block][ev.pages] == 0]  # type: ignore[union-attr]
+        if not len(fresh):  # all here already (the guest may have written them since)
+            return
         if isinstance(ev, livestream.Pages):
             self.placer.pages(block, ev.pages, ev.data)
         else:

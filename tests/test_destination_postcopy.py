@@ -1,0 +1,118 @@
+"""Postcopy's placement on the destination, through a real userfaultfd (no guest, no mocks).
+
+A /dev/shm file is mapped here and registered on a uffd of this process, as a guest
+registers its RAM; records decoded from the stream's bytes by the preempt channel's decoder
+go to ``Postcopy.place``, the handler the session gives PAGE and ZERO records from LISTEN
+on (the preempt channel's pages go there too). Only pages placed are read back: a read of
+a missing page would wait for this very process to place it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import tempfile
+
+import numpy as np
+import pytest
+
+from mfd.main_thread.destination.postcopy import Postcopy
+from mfd.protocol import livestream, ram
+from mfd.shm.pagehash import PageHashes, hash_rows, table_size
+from mfd.shm.ramblock import RAMBlock
+from mfd.shm.uffd import GuestRAM, UserfaultFd, open_uffd
+
+PAGE = 4096
+PAGES = 32
+BLOCK = "mem"
+
+
+def page_of(fill: int) -> bytes:
+    return bytes([fill]) * PAGE
+
+
+def _file(size: int) -> str:
+    fd, path = tempfile.mkstemp(prefix="mfd-test-postcopy-", dir="/dev/shm")
+    os.ftruncate(fd, size)
+    os.close(fd)
+    return path
+
+
+@pytest.fixture
+def guest():
+    """(Postcopy on a registered mapping, that mapping, its receivedmap, its hashes)."""
+    block = RAMBlock(BLOCK, PAGES * PAGE, _file(PAGES * PAGE))
+    table = RAMBlock("pagehash", table_size([block]), _file(table_size([block])))
+    fd = os.open(block.path, os.O_RDWR)
+    mm = mmap.mmap(fd, PAGES * PAGE, mmap.MAP_SHARED)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+    uffd = UserfaultFd(open_uffd())
+    uffd.register(base, PAGES * PAGE)
+    received = [np.zeros(PAGES, dtype=np.uint8)]
+    hashes = PageHashes(table, [block])
+    postcopy = Postcopy(GuestRAM(uffd, [base], [PAGES * PAGE]), [block], received, hashes,
+                        guest_pid=0)
+    try:
+        yield postcopy, mm, received, hashes
+    finally:
+        postcopy.close()  # unregisters: the mapping may go
+        hashes.close()
+        mm.close()
+        os.close(fd)
+        for path in (block.path, table.path):
+            os.unlink(path)
+
+
+def place(postcopy: Postcopy, records: bytes) -> None:
+    """``records`` decoded as the preempt channel's, each event to postcopy's handler."""
+    decoder = livestream.StreamDecoder("preempt channel", preempt={BLOCK: PAGES * PAGE})
+    events = decoder.feed(records)
+    assert events and decoder.start == decoder.end, "records left undecoded"
+    for ev in events:
+        postcopy.place(ev)
+
+
+def test_a_page_twice_in_one_run_ends_with_its_later_copy(guest):
+    """QEMU's loader writes records in order: of two copies of a page in one run of
+    records (one Pages event), the later is what the guest gets, hashed as placed."""
+    postcopy, mm, received, hashes = guest
+    run = (ram.encode_page(3 * PAGE, page_of(0x33), BLOCK)  # names the block
+           + ram.encode_page(5 * PAGE, page_of(0xA1), None)
+           + ram.encode_page(6 * PAGE, page_of(0x66), None)
+           + ram.encode_page(5 * PAGE, page_of(0xB2), None))
+    decoded = livestream.StreamDecoder("preempt channel", preempt={BLOCK: PAGES * PAGE})
+    assert [ev.pages.tolist() for ev in decoded.feed(run)] == [[3], [5, 6, 5]]  # one run
+    place(postcopy, run)
+    assert mm[5 * PAGE:6 * PAGE] == page_of(0xB2)
+    assert mm[6 * PAGE:7 * PAGE] == page_of(0x66)
+    assert np.flatnonzero(received[0]).tolist() == [3, 5, 6]
+    want = hash_rows(np.frombuffer(page_of(0xB2) + page_of(0x66), np.uint64).reshape(2, -1))
+    assert hashes.table[0][[5, 6]].tolist() == want.tolist()
+
+
+def test_a_page_the_guest_has_is_left_alone(guest):
+    """A later run never replaces a placed page (the guest may have written it since),
+    nor does a zero record; a zero record places a page not there yet."""
+    postcopy, mm, received, _ = guest
+    place(postcopy, ram.encode_page(5 * PAGE, page_of(0xB2), BLOCK))
+    place(postcopy, ram.encode_page(5 * PAGE, page_of(0xC3), BLOCK)
+          + ram.encode_zero_page(5 * PAGE, None) + ram.encode_zero_page(7 * PAGE, None))
+    assert mm[5 * PAGE:6 * PAGE] == page_of(0xB2)
+    assert mm[7 * PAGE:8 * PAGE] == bytes(PAGE)
+    assert np.flatnonzero(received[0]).tolist() == [5, 7]
+
+
+def test_a_page_asked_for_is_resolved_once_placed(guest):
+    """A fault's request is answered by the page arriving: its latency is counted once,
+    however many copies of it the run had."""
+    postcopy, _, _, _ = guest
+    assert postcopy.faults.ask(0, 9, thread=7)
+    assert postcopy.faults.ask(0, 9, thread=7) == b""  # asked once
+    place(postcopy, ram.encode_page(8 * PAGE, page_of(1), BLOCK)
+          + ram.encode_page(9 * PAGE, page_of(1), None)
+          + ram.encode_page(9 * PAGE, page_of(2), None))
+    figures = postcopy.faults.figures()
+    assert figures["postcopy-requests"] == 1 and sum(figures["postcopy-latency-dist"]) == 1
+    assert len(figures["postcopy-vcpu-latency"]) == 1
+    assert postcopy.requests_again() == b""  # here: nothing to ask for again
