@@ -22,7 +22,7 @@ import orjson
 from mfd.describe import describe
 from mfd.errors import MfdError
 from mfd.main_thread import load as loader
-from mfd.main_thread.destination.postcopy import receive_uffd
+from mfd.main_thread.destination.faults import receive_uffd
 from mfd.main_thread.destination.qmp import QmpHandlers
 from mfd.main_thread.destination.session import Incoming, IncomingResult
 from mfd.main_thread.lazy import FileFaults

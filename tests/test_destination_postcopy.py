@@ -2,7 +2,7 @@
 
 A /dev/shm file is mapped here and registered on a uffd of this process, as a guest
 registers its RAM; records decoded from the stream's bytes by the preempt channel's decoder
-go to ``Postcopy.place``, the handler the session gives PAGE and ZERO records from LISTEN
+go to ``PostcopyRAM.place``, the handler the session gives PAGE and ZERO records from LISTEN
 on (the preempt channel's pages go there too). Only pages placed are read back: a read of
 a missing page would wait for this very process to place it.
 """
@@ -17,7 +17,7 @@ import tempfile
 import numpy as np
 import pytest
 
-from mfd.main_thread.destination.postcopy import Postcopy
+from mfd.main_thread.destination.faults import PostcopyRAM
 from mfd.protocol import livestream, ram
 from mfd.shm.pagehash import PageHashes, hash_rows, table_size
 from mfd.shm.ramblock import RAMBlock
@@ -41,7 +41,7 @@ def _file(size: int) -> str:
 
 @pytest.fixture
 def guest():
-    """(Postcopy on a registered mapping, that mapping, its receivedmap, its hashes)."""
+    """(PostcopyRAM on a registered mapping, that mapping, its receivedmap, its hashes)."""
     block = RAMBlock(BLOCK, PAGES * PAGE, _file(PAGES * PAGE))
     table = RAMBlock("pagehash", table_size([block]), _file(table_size([block])))
     fd = os.open(block.path, os.O_RDWR)
@@ -51,7 +51,7 @@ def guest():
     uffd.register(base, PAGES * PAGE)
     received = [np.zeros(PAGES, dtype=np.uint8)]
     hashes = PageHashes(table, [block])
-    postcopy = Postcopy(GuestRAM(uffd, [base], [PAGES * PAGE]), [block], received, hashes,
+    postcopy = PostcopyRAM(GuestRAM(uffd, [base], [PAGES * PAGE]), [block], received, hashes,
                         guest_pid=0)
     try:
         yield postcopy, mm, received, hashes
@@ -64,7 +64,7 @@ def guest():
             os.unlink(path)
 
 
-def place(postcopy: Postcopy, records: bytes) -> None:
+def place(postcopy: PostcopyRAM, records: bytes) -> None:
     """``records`` decoded as the preempt channel's, each event to postcopy's handler."""
     decoder = livestream.StreamDecoder("preempt channel", preempt={BLOCK: PAGES * PAGE})
     events = decoder.feed(records)
@@ -107,12 +107,12 @@ def test_a_page_asked_for_is_resolved_once_placed(guest):
     """A fault's request is answered by the page arriving: its latency is counted once,
     however many copies of it the run had."""
     postcopy, _, _, _ = guest
-    assert postcopy.faults.ask(0, 9, thread=7)
-    assert postcopy.faults.ask(0, 9, thread=7) == b""  # asked once
+    assert postcopy.asked.ask(0, 9, thread=7)
+    assert postcopy.asked.ask(0, 9, thread=7) == b""  # asked once
     place(postcopy, ram.encode_page(8 * PAGE, page_of(1), BLOCK)
           + ram.encode_page(9 * PAGE, page_of(1), None)
           + ram.encode_page(9 * PAGE, page_of(2), None))
-    figures = postcopy.faults.figures()
+    figures = postcopy.asked.figures()
     assert figures["postcopy-requests"] == 1 and sum(figures["postcopy-latency-dist"]) == 1
     assert len(figures["postcopy-vcpu-latency"]) == 1
-    assert postcopy.requests_again() == b""  # here: nothing to ask for again
+    assert postcopy.again() == b""  # here: nothing to ask for again

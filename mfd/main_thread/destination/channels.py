@@ -47,7 +47,7 @@ class Channels:
     def __init__(self, options: IncomingOptions, loop: Loop) -> None:
         self.options = options
         self.loop = loop
-        self.acceptor: Acceptor | None = None  # from open()
+        self._acceptor: Acceptor | None = None  # from open()
         self.settings: peer.ChannelSettings | None = None  # an mfd source's (MultiFDInit)
         self.pending: dict[int, Channel] = {}  # channel id -> connection, until started
         self.handed: set[int] = set()  # channel ids whose connection went to its process
@@ -58,8 +58,13 @@ class Channels:
 
     def open(self, addr: tcp.Address, warn: Callable[[str], None]) -> None:
         """Listen: connections are sorted from now on."""
-        self.acceptor = Acceptor(tcp.listen(addr, "incoming"), self.loop, warn,
-                                 preempt=self.options.postcopy_preempt, tls=self.options.tls)
+        self._acceptor = Acceptor(tcp.listen(addr, "incoming"), self.loop, warn,
+                                  preempt=self.options.postcopy_preempt, tls=self.options.tls)
+
+    @property
+    def acceptor(self) -> Acceptor:
+        assert self._acceptor is not None, "not listening"
+        return self._acceptor
 
     # ------------------------------------------------------------------ what the source did not say
 
@@ -84,6 +89,10 @@ class Channels:
         """We hash what we place: the source is mfd, and did not say --no-verify."""
         return mfd_source and (self.settings.verify if self.settings else True)
 
+    def promised(self, mfd_source: bool) -> bool:
+        """The source said (in its MultiFDInit) that it sends its page hashes."""
+        return mfd_source and self.settings is not None and self.settings.verify
+
     def parameters(self) -> dict[str, object]:
         """Their part of ``query-migrate-parameters``."""
         return {"multifd-channels": self.count, "multifd-compression": self.compression,
@@ -94,7 +103,6 @@ class Channels:
     def check(self) -> None:
         """Connections sorted since the last check: a silent one refused, a closed pending
         one forgotten, multifd channels adopted."""
-        assert self.acceptor is not None
         self.acceptor.expire()
         self._forget_closed()
         while self.acceptor.channels:
@@ -108,7 +116,6 @@ class Channels:
     def _forget_closed(self) -> None:
         """Before any main channel: a pending channel whose peer closed (even with data
         unread) is no source's channel any more."""
-        assert self.acceptor is not None
         if self.acceptor.main_taken or not self.pending:
             return
         poll = select.poll()
@@ -169,7 +176,7 @@ class Channels:
         and the receive channels (none without multifd), hashing what they place if
         :meth:`verifying`. ``inherited``: the caller's sockets, closed in every channel
         process."""
-        assert self.acceptor is not None and self.pool is None
+        assert self.pool is None
         self.flushed = flushed
         self.acceptor.drain()
         self.check()
@@ -227,5 +234,5 @@ class Channels:
         for channel in self.pending.values():
             channel.sock.close()
         self.pending.clear()
-        if self.acceptor is not None:
-            self.acceptor.close()
+        if self._acceptor is not None:
+            self._acceptor.close()

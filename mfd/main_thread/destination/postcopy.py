@@ -1,210 +1,152 @@
 """The destination's half of postcopy: the guest runs before its RAM has all arrived.
 
-Mirrors ``migration/postcopy-ram.c`` and ``ram.c``'s postcopy load, with mfd's processes::
+Mirrors ``migration/savevm.c``'s postcopy commands, with mfd's processes::
 
     ADVISE     userfaultfd must work here (else fail now, before the guest is stopped)
     DISCARD    the pages still dirty at the source: holes again, not received
                (``IncomingRAM.discard``)
-    LISTEN     the guest process opens a uffd, registers its mappings of every block for
-               missing pages and passes the fd here (SCM_RIGHTS, a unix socket)
-    RUN        the guest runs; a page it touches that is not here blocks it in the kernel
-    faults     read here from the uffd: a page received (or received as zero, still a hole)
-               is mapped (ZEROPAGE, which only wakes where a page is present); else asked
-               for once on the return path (REQ_PAGES_ID / REQ_PAGES)
-    pages      from the main channel and the preempt channel, placed atomically in the
-               guest's address space by ``mfd.shm.placer.UffdPlacer`` (UFFDIO_COPY of each
-               run of consecutive pages, UFFDIO_ZEROPAGE), never written through a mapping
-               here: a write seen half done, or a read that allocates a zero page, would
-               corrupt the guest's RAM (QEMU pauses with EEXIST then). A page twice in one
-               run ends with its later copy; the receivedmap is set, and the page hashed
-               from the bytes placed, only once it is placed
-    end        every page is here: the guest closes its uffd
+    LISTEN     the guest's uffd comes here (``faults.PostcopyRAM``): its faults are read
+               and asked for from now on, and PAGE and ZERO records go in through it
+    RUN        the guest runs; its RAM gets its names only once it has all arrived (a
+               destination killed before leaves nothing)
+    preempt    postcopy-preempt's channel: the pages asked for, placed as they come
+    paused     the link lost past RUN (QEMU's postcopy-paused): the guest runs on what
+               arrived, its faults are still read and asked for once the source is back:
+               the next main connection sends RECV_BITMAP per block, then RESUME
+    end        every page is here: the uffd closed, the guest told
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
-import tempfile
-import time
+from collections.abc import Callable
 
-import numpy as np
-import orjson
-
-from mfd.errors import MfdError
-from mfd.protocol import livestream, postcopy
-from mfd.protocol.constants import TARGET_PAGE_SIZE
-from mfd.shm import control, pagehash
-from mfd.shm.placer import UffdPlacer
-from mfd.shm.ramblock import RAMBlock
-from mfd.shm.uffd import GuestRAM, UserfaultFd, open_uffd
-
-LISTEN_TIMEOUT = 10.0
-LATENCY_BUCKETS = 24  # QEMU's postcopy-latency-dist: 1 us .. 8 s
-
-
-def check_userfaultfd() -> None:
-    """ADVISE: the destination fails early when it cannot do postcopy here."""
-    os.close(open_uffd())
+from mfd.errors import MfdError, ProtocolError
+from mfd.main_thread.destination.faults import PostcopyRAM
+from mfd.main_thread.destination.loop import Loop
+from mfd.main_thread.destination.qmp import Control
+from mfd.main_thread.destination.ram import IncomingRAM
+from mfd.main_thread.destination.streams import Lost, MainChannel, PreemptChannel
+from mfd.main_thread.destination.target import Guest, Images
+from mfd.main_thread.state import MigrationStatus
+from mfd.options import IncomingOptions
+from mfd.protocol import livestream, postcopy, returnpath
+from mfd.shm.uffd import open_uffd
+from mfd.workers import tcp
 
 
 class Postcopy:
-    """From LISTEN to the end: the guest's uffd, the pages placed through it, its faults."""
+    def __init__(self, options: IncomingOptions, target: Images | Guest, loop: Loop,
+                 main: MainChannel, control: Control, warn: Callable[[str], None]) -> None:
+        self.options = options
+        self.target = target
+        self.loop = loop
+        self.main = main
+        self.control = control  # the status
+        self.warn = warn
+        self.ram: PostcopyRAM | None = None  # from LISTEN to the end
+        self.preempt: PreemptChannel | None = None
+        self.ran = False  # RUN came: the guest runs on RAM that has not all arrived
+        self.figures: dict[str, object] = {}  # query-migrate's, kept at the end
 
-    def __init__(self, ram: GuestRAM, blocks: list[RAMBlock], received: list[np.ndarray],
-                 hashes: pagehash.PageHashes | None, guest_pid: int) -> None:
-        """``received``: the receivedmap; ``hashes``: the page hash table when verifying;
-        ``guest_pid``: the guest's process, to end it if the migration fails."""
-        self.ram = ram
-        self.index = {b.idstr: i for i, b in enumerate(blocks)}
-        self.received = received
-        self.placer = UffdPlacer(ram, received, hashes)
-        self.faults = Faults(blocks)
-        self.guest_pid = guest_pid
+    def advise(self, ev: livestream.Advise) -> None:
+        """ADVISE: postcopy may follow; fail now if it could not work here."""
+        if not self.options.postcopy_ram:
+            raise ProtocolError("the source advises postcopy: start mfd incoming with "
+                                "--postcopy-ram (QEMU's destination needs the capability "
+                                "too)")
+        if isinstance(self.target, Images):
+            raise MfdError("postcopy runs the guest before its RAM has arrived: it needs a "
+                           "guest (--guest), not --image")
+        os.close(open_uffd())
 
-    @classmethod
-    def listen(cls, guest: control.GuestClient, blocks: list[RAMBlock],
-               received: list[np.ndarray], hashes: pagehash.PageHashes | None) -> Postcopy:
-        pid = int(guest.execute("describe")["pid"])
-        return cls(receive_uffd(guest, blocks), blocks, received, hashes, pid)
+    def listen(self, ram: IncomingRAM, verifying: bool) -> PostcopyRAM:
+        assert self.target.client is not None
+        self.ram = PostcopyRAM.listen(self.target.client, ram.blocks, ram.received,
+                                      ram.hashes if verifying else None)
+        self.loop.watch(self.ram.fileno(), self._on_faults)
+        if self.preempt is not None:
+            self.preempt.postcopy = self.ram
+        return self.ram
 
-    def fileno(self) -> int:
-        return self.ram.uffd.fileno()
+    def run(self, workload: dict, run: bool) -> None:
+        """RUN: the guest goes on from the source's state (``workload``), running if
+        ``run``."""
+        assert self.target.client is not None
+        self.target.client.execute("postcopy-run", workload=workload, run=run)
+        self.ran = True
+        self.control.move(MigrationStatus.POSTCOPY_ACTIVE)
 
-    def place(self, ev: livestream.Event) -> None:
-        """PAGE and ZERO records (the main channel's or the preempt channel's)."""
-        block = self.index[ev.idstr]  # type: ignore[union-attr]
-        fresh = ev.pages[self.received[block][ev.pages] == 0]  # type: ignore[union-attr]
-        if not len(fresh):  # all here already (the guest may have written them since)
-            return
-        if isinstance(ev, livestream.Pages):
-            self.placer.pages(block, ev.pages, ev.data)
-        else:
-            assert isinstance(ev, livestream.ZeroPages)
-            self.placer.zero(block, ev.pages)
-        self.faults.resolved(block, fresh)
+    def _on_faults(self) -> None:
+        assert self.ram is not None
+        requests = self.ram.faults()
+        if requests and self.control.status is not MigrationStatus.POSTCOPY_PAUSED:
+            if not self.main.return_path:  # (else asked for again at the resume)
+                raise ProtocolError("postcopy: the guest needs pages and the source opened "
+                                    "no return path to ask for them")
+            self.main.reply(requests)
 
-    def requests(self) -> bytes:
-        """The guest's pending faults: the page requests they make (return path bytes)."""
-        out = []
-        for fault in self.ram.uffd.faults():
-            block, page = self.ram.locate(fault.address)
-            if self.received[block][page]:
-                # here already (woken), or received as zero and still a hole (mapped now)
-                self.ram.uffd.zeropage(self.ram.address(block, page), TARGET_PAGE_SIZE)
-            else:
-                out.append(self.faults.ask(block, page, fault.thread))
-        return b"".join(out)
+    def preempt_channel(self, sock: socket.socket, lost: Lost) -> None:
+        """postcopy-preempt's connection (a new one after a resume)."""
+        if self.preempt is not None:
+            self.preempt.close()
+        self.preempt = PreemptChannel(sock, self.main.decoder.sizes, self.loop, lost)
+        self.preempt.postcopy = self.ram
 
-    def requests_again(self) -> bytes:
-        """After recovery: every page asked for and not here yet, asked for again (the
-        source's new connection knows nothing of the old requests)."""
-        return self.faults.again(self.received)
+    def recoverable(self, e: BaseException) -> bool:
+        """Past RUN, a lost link pauses (the source still holds the rest), unless the
+        stream had ended anyway."""
+        return self.ran and not self.main.decoder.done and (
+            isinstance(e, tcp.LinkLost) or "closed the connection" in str(e))
+
+    def pause(self, why: BaseException) -> None:
+        """postcopy-paused: the connections gone; the guest's faults are still read."""
+        self.control.move(MigrationStatus.POSTCOPY_PAUSED)
+        self.warn(f"postcopy paused: {why}; waiting for the source to resume (QEMU's "
+                  "migrate with resume) on this port")
+        self.main.drop()
+        if self.preempt is not None:
+            self.preempt.close()
+
+    def recv_bitmap(self, ev: livestream.RecvBitmap) -> None:
+        """The resumed source asks what arrived of a block."""
+        assert self.ram is not None
+        self.main.reply(postcopy.encode_recv_bitmap(
+            ev.idstr, self.ram.received[self.ram.index[ev.idstr]] != 0))
+
+    def resume(self, ev: livestream.Resume) -> None:
+        assert self.ram is not None
+        self.main.reply(returnpath.encode_resume_ack() + self.ram.again())
+        self.control.move(MigrationStatus.POSTCOPY_ACTIVE)
+
+    def end(self) -> None:
+        """Every page is here: the guest's uffd may go."""
+        assert self.ram is not None and self.target.client is not None
+        asked = self.ram.asked
+        self.figures = {**asked.figures(),
+                        "x-latencies-us": [round(x * 1e6) for x in asked.latencies]}
+        self.loop.unwatch(self.ram.fileno())
+        self._close_uffd()  # first: the guest may be waiting on a page right now
+        self.target.client.execute("postcopy-end")
+
+    def query(self) -> dict[str, object]:
+        """query-migrate's figures: the requests and their latency."""
+        return self.ram.asked.figures() if self.ram is not None else self.figures
+
+    def hung_pid(self) -> int | None:
+        """The guest's process if it ran on RAM that never all arrived (it may be blocked
+        on a page that will not come)."""
+        return self.ram.guest_pid if self.ram is not None and self.ran else None
+
+    def _close_uffd(self) -> None:
+        if self.preempt is not None:
+            self.preempt.postcopy = None
+        if self.ram is not None:
+            self.ram.close()
+            self.ram = None
 
     def close(self) -> None:
-        self.ram.close()
-
-
-class Faults:
-    """The pages asked for, each once, and QEMU 10.1's postcopy latency: from the fault
-    to the page placed, kept as it goes (``query-migrate`` reads the figures often)."""
-
-    def __init__(self, blocks: list[RAMBlock]) -> None:
-        self.idstrs = [b.idstr for b in blocks]
-        self.requested = [np.zeros(b.used_length // TARGET_PAGE_SIZE, dtype=bool)
-                          for b in blocks]
-        self.last_requested: str | None = None
-        self.requests = 0  # query-migrate's postcopy-requests
-        # (block, page) asked for -> when and by which thread it faulted
-        self.waiting: dict[tuple[int, int], tuple[float, int]] = {}
-        self.latencies: list[float] = []  # seconds, each page asked for and placed
-        self.total = 0.0  # their sum
-        self.threads: dict[int, list[float]] = {}  # faulting thread -> [seconds, pages]
-        self.dist = [0] * LATENCY_BUCKETS
-
-    def ask(self, block: int, page: int, thread: int) -> bytes:
-        """A fault on a page not here: its request, unless it was asked for already."""
-        if self.requested[block][page]:
-            return b""
-        self.requested[block][page] = True
-        self.waiting[(block, page)] = (time.monotonic(), thread)
-        self.requests += 1
-        return self._request(block, page)
-
-    def again(self, received: list[np.ndarray]) -> bytes:
-        self.last_requested = None
-        return b"".join(
-            self._request(block, page) for block, requested in enumerate(self.requested)
-            for page in np.flatnonzero(requested & (received[block] == 0)).tolist())
-
-    def _request(self, block: int, page: int) -> bytes:
-        """REQ_PAGES_ID when the block differs from the last request's, else REQ_PAGES."""
-        idstr = self.idstrs[block]
-        named = idstr if idstr != self.last_requested else None
-        self.last_requested = idstr
-        return postcopy.encode_request(page * TARGET_PAGE_SIZE, TARGET_PAGE_SIZE, named)
-
-    def resolved(self, block: int, pages: np.ndarray) -> None:
-        """Pages placed: the latency of those a thread was waiting for (few: a loop)."""
-        asked = pages[self.requested[block][pages]]
-        if not len(asked):
-            return
-        now = time.monotonic()
-        for page in asked.tolist():
-            when = self.waiting.pop((block, page), None)
-            if when is None:
-                continue
-            seconds = now - when[0]
-            self.latencies.append(seconds)
-            self.total += seconds
-            self.dist[min(max(int(seconds * 1e6).bit_length() - 1, 0),
-                          LATENCY_BUCKETS - 1)] += 1
-            thread = self.threads.setdefault(when[1], [0.0, 0])
-            thread[0] += seconds
-            thread[1] += 1
-        self.requested[block][asked] = False
-
-    def figures(self) -> dict[str, object]:
-        """``query-migrate``'s: the requests, the average from fault to placement of the
-        pages asked for (ns), per faulting thread (the vCPUs), the log2 histogram of
-        [2^n, 2^(n+1)) us buckets."""
-        return {"postcopy-requests": self.requests,
-                "postcopy-latency": round(self.total / len(self.latencies) * 1e9)
-                if self.latencies else 0,
-                "postcopy-vcpu-latency": [round(total / count * 1e9)
-                                          for total, count in self.threads.values()],
-                "postcopy-latency-dist": list(self.dist)}
-
-
-def receive_uffd(guest: control.GuestClient, blocks: list) -> GuestRAM:
-    """LISTEN: ask the guest for its uffd, over a unix socket made for it; ``blocks``
-    (anything with ``used_length``) are its RAM blocks, in order."""
-    path = os.path.join(tempfile.mkdtemp(prefix="mfd-uffd-", dir=control.run_dir()), "s")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        listener.bind(path)
-        listener.listen(1)
-        listener.settimeout(LISTEN_TIMEOUT)
-        guest.execute("postcopy-listen", socket=path)
-        conn, _ = listener.accept()
-        with conn:
-            msg, fds, _, _ = socket.recv_fds(conn, 1 << 16, 1)
-    except (OSError, TimeoutError) as e:
-        raise MfdError(f"postcopy: the guest did not hand over its userfaultfd ({e})") \
-            from None
-    finally:
-        listener.close()
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-            os.rmdir(os.path.dirname(path))
-    if len(fds) != 1:
-        for fd in fds:
-            os.close(fd)
-        raise MfdError("postcopy: the guest sent no userfaultfd")
-    bases = [int(b) for b in orjson.loads(msg)]
-    if len(bases) != len(blocks):
-        os.close(fds[0])
-        raise MfdError(f"postcopy: the guest mapped {len(bases)} blocks, expected "
-                       f"{len(blocks)}")
-    return GuestRAM(UserfaultFd(fds[0]), bases, [b.used_length for b in blocks])
+        self._close_uffd()
+        if self.preempt is not None:
+            self.preempt.close()

@@ -5,8 +5,9 @@ main thread. They meet only in :class:`Control`, under one lock::
 
     monitor thread                Control                      session (main thread)
     migrate_cancel      --> cancel request          --> check(): raises Cancelled
-    query-migrate*      <-- Snapshot (frozen)       <-- publish(): at every status move
-                                                        and every check (<= 100 ms)
+    query-migrate*      <-- Snapshot (frozen)       <-- move(status), the one place the
+                                                        status changes; publish(): at
+                                                        every check (<= 100 ms)
     migrate-recover     <-- (the status, our port: it only checks; a paused destination
                              takes the source's next main connection anyway)
 """
@@ -46,6 +47,7 @@ class Control:
         self._lock = threading.Lock()
         self._cancel: str | None = None  # the monitor's request
         self._snapshot = Snapshot()
+        self.status = MigrationStatus.SETUP  # the session's (only its thread moves it)
 
     # the session's side
 
@@ -57,6 +59,11 @@ class Control:
             raise Cancelled(why)
         if self.timeout is not None and time.monotonic() - self.start > self.timeout:
             raise Cancelled(f"no migration completed within {self.timeout:g} s (--timeout)")
+
+    def move(self, status: MigrationStatus, error: str | None = None) -> None:
+        """The session's state moves (``error``: why it failed or was cancelled)."""
+        self.status = status
+        self.publish(status=status, error=error)
 
     def publish(self, **changes: object) -> None:
         with self._lock:

@@ -7,8 +7,9 @@
     receivedmap   a byte per page, shared with the receive channels (``mfd.shm.receivedmap``)
     hashes        this end's page hash table (``mfd.shm.pagehash``): every process hashes
                   what it placed, compared with the source's at the end
-    placer        the main channel's pages (no multifd) go through ``MappedPlacer``, as the
-                  channels' do; postcopy's through its own (``postcopy``)
+    placer        the main channel's PAGE, ZERO and XBZRLE records (no multifd) go in
+                  through ``mfd.shm.placer.MappedPlacer``, as the channels' pages do;
+                  postcopy's through the guest's uffd (``faults``)
     link          at the commit each block gets its name (``target``)
 """
 
@@ -19,6 +20,7 @@ import mmap
 import numpy as np
 
 from mfd.errors import MfdError
+from mfd.protocol import livestream
 from mfd.protocol.constants import TARGET_PAGE_SIZE
 from mfd.shm import pagehash
 from mfd.shm.placer import MappedPlacer
@@ -34,6 +36,7 @@ class IncomingRAM:
         self.mapped: list[MappedBlock] = []
         self.receivedmap: ReceivedMap | None = None
         self.hashes: pagehash.PageHashes | None = None
+        self.placer: MappedPlacer | None = None  # the main channel's, from start_placing
         try:
             self.pending = self._file(directory, blocks)
             self.blocks: list[RAMBlock] = self.pending.blocks
@@ -58,10 +61,26 @@ class IncomingRAM:
         assert self.receivedmap is not None
         return self.receivedmap.received
 
-    def placer(self, verifying: bool) -> MappedPlacer:
-        """Pages into this RAM through its mapping; hashed when ``verifying``."""
-        return MappedPlacer([m.words for m in self.mapped], self.received,
-                            self.hashes if verifying else None)
+    def start_placing(self, verifying: bool) -> None:
+        """The main channel's records go in through the mapping from now on (the receive
+        channels', when there are some, are their own); hashed when ``verifying``."""
+        self.placer = MappedPlacer([m.words for m in self.mapped], self.received,
+                                   self.hashes if verifying else None)
+
+    def pages(self, ev: livestream.Pages) -> None:
+        """PAGE records on the main stream (no multifd)."""
+        assert self.placer is not None
+        self.placer.pages(self.index[ev.idstr], ev.pages, ev.data)
+
+    def zero(self, ev: livestream.ZeroPages) -> None:
+        assert self.placer is not None
+        self.placer.zero(self.index[ev.idstr], ev.pages)
+
+    def xbzrle(self, ev: livestream.XbzrlePages) -> None:
+        """XBZRLE records (no multifd, as QEMU): each delta applied onto its page."""
+        assert self.placer is not None
+        self.placer.xbzrle(self.index[ev.idstr], ev.pages, ev.data, ev.starts, ev.lengths,
+                           f"main channel: block {ev.idstr!r}: XBZRLE page")
 
     def discard(self, idstr: str, runs: tuple[tuple[int, int], ...], verifying: bool) -> None:
         """POSTCOPY_RAM_DISCARD (before LISTEN): the pages are holes again (MADV_REMOVE
@@ -88,6 +107,7 @@ class IncomingRAM:
                                f"{page * TARGET_PAGE_SIZE:#x}")
 
     def close(self) -> None:
+        self.placer = None
         for m in self.mapped:
             m.close()
         self.mapped = []

@@ -9,7 +9,7 @@ Each is a connection read, as it becomes readable, straight into a sans-I/O deco
                      path. Recovery: a lost link gives way to the next main connection,
                      whose decoder goes on from this one's state
     preempt channel  bare PAGE and ZERO records, the pages the running guest asked for:
-                     placed as they come, through postcopy (``postcopy.Postcopy``)
+                     placed as they come, through postcopy (``faults.PostcopyRAM``)
 
 A lost link (or the source closing the main channel early) goes to the session's ``lost``:
 postcopy past RUN pauses there, anything else fails.
@@ -23,8 +23,8 @@ from collections import deque
 from collections.abc import Callable
 
 from mfd.errors import ProtocolError
+from mfd.main_thread.destination.faults import PostcopyRAM
 from mfd.main_thread.destination.loop import Loop
-from mfd.main_thread.destination.postcopy import Postcopy
 from mfd.protocol import livestream, peer, returnpath
 from mfd.workers import tcp
 
@@ -82,6 +82,15 @@ class MainChannel:
             self.loop.wait(100)
         return self.events.popleft()
 
+    def on_return_path(self, ev: livestream.ReturnPath) -> None:
+        self.return_path = True
+
+    def on_ping(self, ev: livestream.Ping) -> None:
+        """PONG with the PING's value (an mfd source's PING: mfd's PONG)."""
+        if self.return_path:
+            self.reply(returnpath.encode_pong(
+                peer.MFD_PONG if ev.value == peer.MFD_PING else ev.value))
+
     def reply(self, data: bytes) -> None:
         """On the return path (only once the source opened it)."""
         assert self.sock is not None
@@ -89,6 +98,18 @@ class MainChannel:
             tcp.send_all(self.sock, [data], self.loop.check)
         except tcp.LinkLost as e:
             self.lost(e)
+
+    def say_completed(self, verify_ms: float | None) -> None:
+        """MFD_RESULT to an mfd source, then SHUT(0), if the source opened the return
+        path; the guest runs here now, whatever becomes of the link."""
+        if not self.return_path:
+            return
+        data = returnpath.encode_shut(0)
+        if self.decoder.mfd_source:
+            data = returnpath.encode(returnpath.MFD_RESULT, peer.encode_result(
+                "completed", verify_ms=verify_ms)) + data
+        with contextlib.suppress(tcp.LinkLost):
+            self.reply(data)
 
     def say_failed(self, error: str) -> None:
         """The migration failed: MFD_RESULT to an mfd source, SHUT(1); best effort."""
@@ -120,7 +141,7 @@ class PreemptChannel:
         self.decoder = livestream.StreamDecoder("preempt channel", preempt=sizes)
         self.loop = loop
         self.lost = lost
-        self.postcopy: Postcopy | None = None  # from LISTEN on: where its pages go
+        self.postcopy: PostcopyRAM | None = None  # from LISTEN on: where its pages go
         loop.watch(sock, self._readable)
 
     def _readable(self) -> None:
