@@ -14,7 +14,7 @@ is QEMU's (``shared/qemu-wire.md``)::
                (invariant 2); ZERO/PAGE/XBZRLE records (no multifd): placed by the main
                process (``mfd.shm.placer.MappedPlacer``); device sections: globalstate's
                runstate, an mfd source's guest state; postcopy: the guest runs on a uffd
-               that asks for what it lacks (postcopy)
+               that asks for what it lacks (postcopy, faults)
     complete   EOF, vmdesc; from an mfd source its page hashes, compared page by page with
                ours (``mfd.shm.pagehash``: each process hashed every page it placed, as it
                placed it): equal -> the RAM gets its names, the guest takes it and runs (as
@@ -31,7 +31,8 @@ The modules::
     channels   the multifd channels: adoption, start, sync points
     streams    the main channel (events, return path) and postcopy-preempt's
     ram        the RAM being received, its receivedmap and page hashes
-    postcopy   the guest's uffd, its faults, pages placed through it
+    postcopy   postcopy's commands (ADVISE .. RESUME), the pause, postcopy-preempt
+    faults     from LISTEN: the guest's uffd, its faults asked for, pages placed through it
     target     image files or a guest: the commit, and what a failure removes
     qmp        the monitor's commands, through a lock-guarded Control
 

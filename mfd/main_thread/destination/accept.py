@@ -154,8 +154,12 @@ class Acceptor:
             self._preempt(p)
             return
         p.head += data
-        if len(p.head) < 4:
-            return
+        if len(p.head) >= 4:
+            self._sort(p)
+
+    def _sort(self, p: _Pending) -> None:
+        """Its first bytes say what it is (a multifd channel's: once its MultiFDInit is
+        whole)."""
         if self.expect_resume and p.head[:3] == _RESUME:
             self.expect_resume = False
             self._done(p)

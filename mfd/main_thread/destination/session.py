@@ -8,8 +8,9 @@ from a collaborator::
                    every wait, the channel pool's included
     Channels       the acceptor, the multifd channels' adoption, start and sync points
     MainChannel    the stream's events; answers on the return path
-    IncomingRAM    unnamed RAM, receivedmap, page hashes; the main channel's pages go in
-                   through its MappedPlacer
+    IncomingRAM    unnamed RAM, receivedmap, page hashes; the main channel's records go
+                   in through its MappedPlacer
+    SourceState    what the stream says besides RAM (runstate, guest state, hashes)
     Postcopy       its commands, the pause; from LISTEN the guest's uffd (PostcopyRAM):
                    PAGE and ZERO records then go to it, as the preempt channel's pages
     Images, Guest  where the RAM goes at the commit, and what goes at a failure
