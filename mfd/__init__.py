@@ -6,9 +6,11 @@ loading it.
 
 __version__ = "0.1.0"
 
-_API = ("IncomingOptions", "MigrateOptions", "MigrateResult", "RestoreResult", "SaveResult",
-        "incoming", "inspect", "migrate", "restore", "save")
-__all__ = ["MfdError", "MigrationParameters", *_API]
+_API = ("MigrateResult", "RestoreResult", "SaveResult", "incoming", "inspect", "migrate",
+        "restore", "save")
+_OPTIONS = ("IncomingOptions", "MigrateOptions", "MigrationParameters", "RestoreOptions",
+            "SaveOptions")
+__all__ = ["MfdError", *_API, *_OPTIONS]
 
 
 def __getattr__(name: str):
@@ -16,12 +18,12 @@ def __getattr__(name: str):
         from mfd import api
 
         return getattr(api, name)
+    if name in _OPTIONS:
+        from mfd import options
+
+        return getattr(options, name)
     if name == "MfdError":
         from mfd.errors import MfdError
 
         return MfdError
-    if name == "MigrationParameters":
-        from mfd.options import MigrationParameters
-
-        return MigrationParameters
     raise AttributeError(f"module 'mfd' has no attribute {name!r}")

@@ -2,7 +2,8 @@
 
     >>> import mfd
     >>> mfd.save("vm.mig", images={"mem": "ram.bin"})          # parallel mapped-ram save
-    >>> mfd.restore("vm.mig", images={"mem": "out.bin"})        # any number of channels
+    >>> mfd.restore("vm.mig", images={"mem": "out.bin"},        # any number of channels
+    ...             options=mfd.RestoreOptions(multifd_channels=4))
     >>> mfd.inspect("vm.mig")["ram_blocks"]
     >>> mfd.incoming("tcp://0.0.0.0:4444", guest="vm1")       # destination (blocks until done)
     >>> mfd.migrate("tcp://dst:4444", guest="vm0")             # live migration, 2 channels
@@ -29,12 +30,18 @@ from mfd.main_thread.lazy import FileFaults
 from mfd.main_thread.migrate import Migration
 from mfd.main_thread.save import FileSaver, Progress
 from mfd.main_thread.stats import MigrationStats
-from mfd.options import IncomingOptions, MigrateOptions, MigrationParameters, SaveOptions
+from mfd.options import (
+    IncomingOptions,
+    MigrateOptions,
+    MigrationParameters,
+    RestoreOptions,
+    SaveOptions,
+    check_ram,
+)
 from mfd.protocol.constants import TARGET_PAGE_SIZE
 from mfd.protocol.migration_file import MigrationFile
 from mfd.shm import control
 from mfd.shm.ramblock import RAMBlock
-from mfd.xhooks import NO_HOOKS, XHooks
 
 
 @dataclass(frozen=True)
@@ -111,12 +118,10 @@ def guest_blocks(status: dict) -> list[RAMBlock]:
 
 
 @contextlib.contextmanager
-def _source(what: str, images: dict[str, str] | None, guest: str | None
+def _source(images: dict[str, str] | None, guest: str | None
             ) -> Iterator[tuple[list[RAMBlock], control.GuestClient | None]]:
     """The RAM a save or migration reads: raw images, or a running guest's blocks (and a
     client to drive the guest, closed at the end)."""
-    if (images is None) == (guest is None):
-        raise MfdError(f"{what} needs either images or a guest")
     if images is not None:
         yield image_blocks(images), None
         return
@@ -126,14 +131,15 @@ def _source(what: str, images: dict[str, str] | None, guest: str | None
 
 
 def save(path: str, *, images: dict[str, str] | None = None, guest: str | None = None,
-         params: MigrationParameters | None = None, machine: str = "none", offset: int = 0,
-         stop_first: bool = False, progress: Progress | None = None,
-         options: SaveOptions | None = None) -> SaveResult:
+         params: MigrationParameters | None = None, options: SaveOptions | None = None,
+         progress: Progress | None = None) -> SaveResult:
     """Save raw images or a running guest's RAM to ``path`` in QEMU's mapped-ram format."""
-    params = params or MigrationParameters()
-    opts = options or SaveOptions(machine=machine, offset=offset, stop_first=stop_first)
-    with _source("save", images, guest) as (blocks, client):
-        saver = FileSaver(path, blocks, params, opts, client, progress)
+    params, options = params or MigrationParameters(), options or SaveOptions()
+    check_ram("save", images, guest)
+    params.check(mapped_ram=True)
+    options.check()
+    with _source(images, guest) as (blocks, client):
+        saver = FileSaver(path, blocks, params, options, client, progress)
         stats = saver.run()
     return SaveResult(**PrecopyResult.fields_of(stats, {k: v.blake3 for k, v in
                                                          saver.digests.items()}), path=path)
@@ -148,27 +154,20 @@ def _fresh_file(path: str, size: int) -> None:
 
 
 def restore(path: str, *, images: dict[str, str] | None = None, guest: str | None = None,
-            channels: int = 2, offset: int = 0, direct_io: bool = False,
-            lazy: bool = False, x_run_exits: int | None = None,
-            x: XHooks = NO_HOOKS) -> RestoreResult:
+            options: RestoreOptions | None = None) -> RestoreResult:
     """Restore a migration file (mapped-ram or stream, QEMU's or mfd's) into raw images or
-    into a new, stopped guest. Nothing the user had is touched unless the restore succeeds:
-    images are written to temporary files renamed into place at the end. ``lazy``: the
-    guest runs at once, its RAM arriving as it needs it and as the channels load it
-    (mapped-ram files, :mod:`mfd.main_thread.lazy`). Test-only: ``x_run_exits``, the lazy
-    guest runs that many exits and parks (a KVM guest); ``x``, test-only behaviour
-    (``channel_delays``: channel i sleeps that long after each job)."""
-    if (images is None) == (guest is None):
-        raise MfdError("restore needs either images or a guest")
-    if not 1 <= channels <= 255:
-        raise MfdError(f"multifd-channels {channels}, expected 1..255")
-    if lazy and guest is None:
-        raise MfdError("a lazy restore starts a guest: give --guest, not --image")
+    into a new, stopped guest (:class:`RestoreOptions`: channels, offset, a lazy restore).
+    Nothing the user had is touched unless the restore succeeds: images are written to
+    temporary files renamed into place at the end."""
+    options = options or RestoreOptions()
+    check_ram("restore", images, guest)
+    options.check(guest=guest is not None)
     start = time.monotonic()
-    with loader.OpenedFile(path, offset) as opened:
+    lazy, run_exits = options.lazy, options.x.run_exits
+    with loader.OpenedFile(path, options.offset) as opened:
         mf = opened.file
         if images is not None:
-            return _restore_images(opened, images, channels, direct_io)
+            return _restore_images(opened, images, options)
         assert guest is not None
         if lazy and not mf.mapped_ram:
             raise MfdError(f"{path}: a lazy restore reads pages where they are: it needs a "
@@ -189,11 +188,12 @@ def restore(path: str, *, images: dict[str, str] | None = None, guest: str | Non
             if lazy:
                 faults = FileFaults(opened, receive_uffd(client, mf.blocks))
                 client.execute("postcopy-run", workload=described["workload"],
-                               run=x_run_exits is None)
-                if x_run_exits is not None:
-                    client.execute("run-exits", count=x_run_exits)
+                               run=run_exits is None)
+                if run_exits is not None:
+                    client.execute("run-exits", count=run_exits)
                 running_after = time.monotonic() - start
-            result = loader.load(opened, targets, channels, direct_io, faults, x)
+            result = loader.load(opened, targets, options.multifd_channels, options.direct_io,
+                                 faults, options.x)
             if faults is not None:  # every page is in: unregistered, the guest's uffd goes
                 exits = client.execute("describe")["workload"].get("exits")
                 faults.close()
@@ -213,8 +213,8 @@ def restore(path: str, *, images: dict[str, str] | None = None, guest: str | Non
                              faults.count if faults else 0, exits if faults else None)
 
 
-def _restore_images(opened: loader.OpenedFile, images: dict[str, str], channels: int,
-                    direct_io: bool) -> RestoreResult:
+def _restore_images(opened: loader.OpenedFile, images: dict[str, str],
+                    options: RestoreOptions) -> RestoreResult:
     sizes = {b.idstr: b.used_length for b in opened.file.blocks}
     temps = {name: f"{p}.mfd-restore-{os.getpid()}" for name, p in images.items()}
     targets = {name: RAMBlock(name, sizes.get(name, 0), t) for name, t in temps.items()}
@@ -227,7 +227,8 @@ def _restore_images(opened: loader.OpenedFile, images: dict[str, str], channels:
             except OSError as e:
                 raise MfdError(f"cannot create {t.path}: {e.strerror}") from None
             created.append(t.path)
-        result = loader.load(opened, targets, channels, direct_io)
+        result = loader.load(opened, targets, options.multifd_channels, options.direct_io,
+                             x=options.x)
         for name, t in targets.items():
             os.replace(t.path, images[name])
         created.clear()
@@ -286,10 +287,12 @@ def migrate(uri: str, *, images: dict[str, str] | None = None, guest: str | None
     ``-incoming`` at ``uri`` (``tcp:HOST:PORT``). On success the guest runs on the
     destination and is gone here; on failure or cancel it keeps running here and
     :class:`MfdError` says why. ``warn``: what mfd could not do with a QEMU destination."""
-    params = params or MigrationParameters()
-    with _source("migrate", images, guest) as (blocks, client):
-        mig = Migration(uri, blocks, params, options or MigrateOptions(), client, progress,
-                        warn)
+    params, options = params or MigrationParameters(), options or MigrateOptions()
+    check_ram("migrate", images, guest)
+    params.check(mapped_ram=False)
+    options.check()  # before any file or guest is looked at
+    with _source(images, guest) as (blocks, client):
+        mig = Migration(uri, blocks, params, options, client, progress, warn)
         mig.monitored = monitor is not None
         _monitored(monitor, mig, mig.run)
     return MigrateResult(**PrecopyResult.fields_of(mig.stats, mig.digests, mig.query_migrate()),
@@ -302,6 +305,9 @@ def incoming(listen: str, *, images: dict[str, str] | None = None, guest: str | 
     """Wait at ``listen`` (``tcp:HOST:PORT``) for one migration from mfd or QEMU; its RAM
     goes to a new guest (named ``guest``, default ``vm0``) that runs once the RAM is
     verified (an mfd source) or loaded (QEMU), or to raw image files."""
+    options = options or IncomingOptions()
+    check_ram("incoming", images, guest, required=False)
+    options.check()
     inc = Incoming(listen, images=images, guest=guest, options=options, warn=warn)
     return _monitored(monitor, QmpHandlers(inc.control), inc.run)
 

@@ -18,8 +18,14 @@ import orjson
 from mfd import __version__, api
 from mfd.errors import MfdError, UsageError
 from mfd.main_thread.migrate import Cancelled
-from mfd.options import IncomingOptions, MigrateOptions, MigrationParameters, check_params
-from mfd.progress import LiveView
+from mfd.options import (
+    IncomingOptions,
+    MigrateOptions,
+    MigrationParameters,
+    RestoreOptions,
+    SaveOptions,
+)
+from mfd.progress import LiveView, shown
 from mfd.shm import control
 from mfd.shm.guest import GuestConfig, run_guest
 from mfd.shm.ramblock import RAMBlock
@@ -206,9 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of writes that zero a whole page, as freed memory (0..1)")
     g.add_argument("--kvm", action="store_true",
                    help="a KVM VM runs the guest: one vCPU, KVM's dirty log (random|hotset)")
+    # test-only (XHooks): a KVM guest without manual dirty log protect; a stop that waits for
+    # the vCPU's next exit instead of kicking it out
     g.add_argument("--x-no-manual-protect", action="store_true", help=argparse.SUPPRESS)
     g.add_argument("--x-no-kick", action="store_true", help=argparse.SUPPRESS)
-    # a saved workload state to go on from (mfd restore passes the file's)
+    # plumbing, not a hook: a saved workload state to go on from (mfd restore passes the
+    # file's)
     g.add_argument("--x-resume", type=json_object, help=argparse.SUPPRESS)
     g.add_argument("--stopped", action="store_true", help="start paused (like QEMU's -S)")
     g.add_argument("--attach", type=parse_named, action="append", default=[],
@@ -411,8 +420,8 @@ def cmd_guest(args: argparse.Namespace) -> int:
                       WorkloadState(args.dirty_rate, args.pattern, args.seed,
                                     zero_fraction=args.zero_fraction),
                       start_stopped=args.stopped, attached=attached, kvm=args.kvm,
-                      manual_protect=not args.x_no_manual_protect, kick=not args.x_no_kick,
-                      resume=args.x_resume)
+                      resume=args.x_resume, x=XHooks(no_manual_protect=args.x_no_manual_protect,
+                                                     no_kick=args.x_no_kick))
 
     def ready(ram) -> None:
         paths = ", ".join(f"{b.idstr}={b.path}" for b in ram.blocks)
@@ -426,10 +435,11 @@ def cmd_guest(args: argparse.Namespace) -> int:
 def cmd_save(args: argparse.Namespace) -> int:
     images = dict(args.image) if args.image else None
     show = sys.stderr.isatty() and args.guest and not args.json
-    with LiveView(f"live save of {args.guest}") if show else contextlib.nullcontext() as view:
+    with shown(LiveView(f"live save of {args.guest}") if show else None) as progress:
         res = api.save(args.file, images=images, guest=args.guest, params=_params(args),
-                       machine=args.machine, offset=args.offset, stop_first=args.stop_first,
-                       progress=view.update if view is not None else None)
+                       options=SaveOptions(machine=args.machine, offset=args.offset,
+                                           stop_first=args.stop_first),
+                       progress=progress)
     if args.json:
         print(orjson.dumps(res.query_migrate | {"file": args.file,
                                                 "digests": res.digests}).decode())
@@ -445,8 +455,9 @@ def cmd_save(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     images = dict(args.image) if args.image else None
     res = api.restore(args.file, images=images, guest=args.guest,
-                      channels=args.multifd_channels, offset=args.offset,
-                      direct_io=args.direct_io, lazy=args.lazy)
+                      options=RestoreOptions(multifd_channels=args.multifd_channels,
+                                             offset=args.offset, direct_io=args.direct_io,
+                                             lazy=args.lazy))
     if args.json:
         print(orjson.dumps(vars(res)).decode())
         return 0
@@ -481,18 +492,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                           postcopy_after=args.postcopy_after,
                           postcopy_preempt=args.postcopy_preempt, tls=_tls(args, False),
                           xbzrle=args.xbzrle)
-    for given, name in ((args.postcopy_after is not None, "--postcopy-after"),
-                        (args.postcopy_preempt, "--postcopy-preempt")):
-        if given and not args.postcopy_ram:
-            raise UsageError(f"mfd migrate: {name} goes with --postcopy-ram")
-    opts.check()  # option conflicts before any file or guest is looked at
-    params = check_params(_params(args), mapped_ram=False)
     view = None if args.json else LiveView(f"migrate to {args.uri}")
-    with _outcome("migration"), view or contextlib.nullcontext():
+    with _outcome("migration"), shown(view) as progress:
         res = api.migrate(args.uri, images=dict(args.image) if args.image else None,
-                          guest=args.guest, params=params, options=opts,
-                          progress=view.update if view is not None else None,
-                          monitor=args.monitor,
+                          guest=args.guest, params=_params(args), options=opts,
+                          progress=progress, monitor=args.monitor,
                           warn=lambda line: print(f"mfd migrate: {line}", file=sys.stderr))
     if args.json:
         print(orjson.dumps(res.query_migrate | {"digests": res.digests}).decode())
@@ -522,9 +526,6 @@ def cmd_tls_certs(args: argparse.Namespace) -> int:
 
 def cmd_incoming(args: argparse.Namespace) -> int:
     delays = tuple(float(x) for x in args.x_channel_delay.split(",") if x)
-    if args.multifd_channels is not None and not 1 <= args.multifd_channels <= 255:
-        raise UsageError("Parameter 'multifd-channels' expects a value between 1 and 255, "
-                         f"got {args.multifd_channels}")
     opts = IncomingOptions(timeout=args.timeout,
                            multifd_channels=args.multifd_channels,
                            multifd_compression=args.multifd_compression,
@@ -534,8 +535,6 @@ def cmd_incoming(args: argparse.Namespace) -> int:
                                     fault=args.x_fault),
                            stopped=args.stopped, postcopy_ram=args.postcopy_ram,
                            postcopy_preempt=args.postcopy_preempt, tls=_tls(args, True))
-    if args.postcopy_preempt and not args.postcopy_ram:
-        raise UsageError("mfd incoming: --postcopy-preempt goes with --postcopy-ram")
     with _outcome("incoming migration"):
         res = api.incoming(args.listen, images=dict(args.image) if args.image else None,
                            guest=args.guest, options=opts, monitor=args.monitor)
@@ -607,28 +606,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if not args.json:
             print(line, flush=True)
 
+    # the view lasts as long as the migration (demo: shown()), the summary said after it
     view = None if args.json or args.listen or args.restore else LiveView(
         f"live {'save' if args.save else 'migration'}")
-    progress = view.update if view is not None else None
     use_kvm = False if args.listen or args.restore else demo.kvm_default(args.kvm, say)
-    with view or contextlib.nullcontext():
-        if args.connect:
-            out = demo.source(args.connect, args.name, args.ram, args.dirty_rate, params, say,
-                              progress, args.run_after, use_kvm, postcopy,
-                              TLSOptions(creds) if creds else None)
-        elif args.listen:
-            out = demo.destination(args.listen, args.name, say, args.run_after, args.timeout,
-                                   args.monitor, postcopy, TLSOptions(creds) if creds else None)
-        elif args.save:
-            out = demo.save(args.save, args.name, args.ram, args.dirty_rate, params, say,
-                            progress, use_kvm)
-        elif args.restore:
-            out = demo.restore(args.restore, args.name, args.multifd_channels, say,
-                               args.run_after)
-        else:
-            with _throwaway_creds(tls and creds is None) as made:
-                out = demo.run(args.ram, args.dirty_rate, params, say, progress, use_kvm,
-                               postcopy, creds or made)
+    if args.connect:
+        out = demo.source(args.connect, args.name, args.ram, args.dirty_rate, params, say,
+                          view, args.run_after, use_kvm, postcopy,
+                          TLSOptions(creds) if creds else None)
+    elif args.listen:
+        out = demo.destination(args.listen, args.name, say, args.run_after, args.timeout,
+                               args.monitor, postcopy, TLSOptions(creds) if creds else None)
+    elif args.save:
+        out = demo.save(args.save, args.name, args.ram, args.dirty_rate, params, say, view,
+                        use_kvm)
+    elif args.restore:
+        out = demo.restore(args.restore, args.name, args.multifd_channels, say,
+                           args.run_after)
+    else:
+        with _throwaway_creds(tls and creds is None) as made:
+            out = demo.run(args.ram, args.dirty_rate, params, say, view, use_kvm, postcopy,
+                           creds or made)
     if args.json:
         print(orjson.dumps(out).decode())
     return 0
@@ -637,13 +635,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_qmp(args: argparse.Namespace) -> int:
     """What ``socat`` does for QEMU users, one command at a time: a container's health check,
     a script's ``query-migrate``; a QMP error is one line and exit 1."""
-    from mfd.monitor import monitor_command
+    from mfd.qmp import QMPClient
 
-    reply = monitor_command(args.socket, args.execute, args.arguments, args.timeout)
-    if "error" in reply:
-        err = reply["error"]
-        raise MfdError(f"{args.execute}: {err.get('class')}: {err.get('desc')}")
-    print(orjson.dumps(reply.get("return"), option=orjson.OPT_INDENT_2).decode())
+    with QMPClient(args.socket, args.timeout) as qmp:
+        value = qmp.execute(args.execute, args.arguments)  # an error reply: CommandError
+    print(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode())
     return 0
 
 

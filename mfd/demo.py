@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 
@@ -29,12 +28,13 @@ import orjson
 
 from mfd import api
 from mfd.errors import MfdError
-from mfd.main_thread.precopy import Progress
-from mfd.options import IncomingOptions, MigrationParameters
+from mfd.options import IncomingOptions, MigrateOptions, MigrationParameters, RestoreOptions
+from mfd.progress import LiveView, shown
 from mfd.protocol.constants import TARGET_PAGE_SIZE
 from mfd.ramimage import generate
 from mfd.shm import control, kvm
 from mfd.shm.kvmguest import DATA
+from mfd.sysutil import python_m
 from mfd.units import human
 from mfd.workers.tcp import free_ports
 from mfd.workers.tls import TLSOptions
@@ -113,7 +113,7 @@ def keep_running(name: str, where: str, seconds: float, say: Say,
 
 
 def run(ram: int, dirty_rate: int, params: MigrationParameters, say: Say,
-        progress: Progress | None = None, use_kvm: bool = False,
+        view: LiveView | None = None, use_kvm: bool = False,
         postcopy: bool = False, tls: str | None = None) -> dict:
     """Both ends on this machine; the destination is a separate ``mfd incoming`` process
     (``tls``: the x509 directory both ends use)."""
@@ -124,14 +124,13 @@ def run(ram: int, dirty_rate: int, params: MigrationParameters, say: Say,
         start_guest(src, ram, dirty_rate, say, use_kvm)
         port = free_ports(1)
         uri = f"tcp://127.0.0.1:{port}"
-        incoming = subprocess.Popen(
-            [sys.executable, "-m", "mfd", "incoming", "--listen", uri, "--guest", dst,
-             "--json", *(["--postcopy-ram"] if postcopy else []),
-             *(["--tls-creds", tls] if tls else [])],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        command, env = python_m("mfd", "incoming", "--listen", uri, "--guest", dst, "--json",
+                                *(["--postcopy-ram"] if postcopy else []),
+                                *(["--tls-creds", tls] if tls else []))
+        incoming = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
         say(f"destination: mfd incoming --listen {uri} --guest {dst} (pid {incoming.pid})")
-        res = _migrate(uri, src, params, say, progress, postcopy,
-                       TLSOptions(tls) if tls else None)
+        res = _migrate(uri, src, params, say, view, postcopy, TLSOptions(tls) if tls else None)
         out, err = incoming.communicate(timeout=60)
         if incoming.returncode != 0:
             raise MfdError(f"destination: {err.strip().splitlines()[-1] if err else '?'}")
@@ -153,14 +152,14 @@ def run(ram: int, dirty_rate: int, params: MigrationParameters, say: Say,
 
 
 def source(uri: str, name: str, ram: int, dirty_rate: int, params: MigrationParameters,
-           say: Say, progress: Progress | None, run_after: float, use_kvm: bool,
+           say: Say, view: LiveView | None, run_after: float, use_kvm: bool,
            postcopy: bool = False, tls: TLSOptions | None = None) -> dict:
     """Node A: start the guest, migrate it to ``uri``. On failure the guest keeps running
     here; it is reported for ``run_after`` seconds before the failure is raised."""
     try:
         start_guest(name, ram, dirty_rate, say, use_kvm)
         try:
-            res = _migrate(uri, name, params, say, progress, postcopy, tls)
+            res = _migrate(uri, name, params, say, view, postcopy, tls)
         except MfdError as e:
             say(f"migration failed: {e}")
             keep_running(name, "here, at the source", run_after, say)
@@ -197,12 +196,13 @@ def destination(listen: str, name: str, say: Say, run_after: float, timeout: flo
 
 
 def save(path: str, name: str, ram: int, dirty_rate: int, params: MigrationParameters,
-         say: Say, progress: Progress | None, use_kvm: bool) -> dict:
+         say: Say, view: LiveView | None, use_kvm: bool) -> dict:
     """Node A of the file scenario: a live save of a running guest, in parallel."""
     try:
         start_guest(name, ram, dirty_rate, say, use_kvm)
         say(f"saving to {path} over {params.multifd_channels} channels (mapped-ram)")
-        res = api.save(path, guest=name, params=params, progress=progress)
+        with shown(view) as progress:
+            res = api.save(path, guest=name, params=params, progress=progress)
         report(res, say)
         verification(res.digests, say, "saved in the file's trailer")
         return {"save": res.query_migrate, "digests": res.digests}
@@ -214,7 +214,7 @@ def restore(path: str, name: str, channels: int, say: Say, run_after: float) -> 
     """Node B of the file scenario: restore into a new guest, resume it, report it."""
     try:
         say(f"restoring {path} over {channels} channels")
-        res = api.restore(path, guest=name, channels=channels)
+        res = api.restore(path, guest=name, options=RestoreOptions(multifd_channels=channels))
         say(f"restored {human(res.bytes_read)} in {res.seconds:.2f} s "
             f"({res.bytes_read / max(res.seconds, 1e-9) / (1 << 20):.0f} MiB/s)")
         if not res.verified:
@@ -232,7 +232,7 @@ POSTCOPY_AFTER = 1.0  # seconds of precopy before the postcopy scenario switches
 
 
 def _migrate(uri: str, guest: str, params: MigrationParameters, say: Say,
-             progress: Progress | None, postcopy: bool = False,
+             view: LiveView | None, postcopy: bool = False,
              tls: TLSOptions | None = None) -> api.MigrateResult:
     if tls is not None:
         say(f"every connection TLS 1.3, the destination's certificate checked against "
@@ -240,13 +240,15 @@ def _migrate(uri: str, guest: str, params: MigrationParameters, say: Say,
     if postcopy:  # QEMU's postcopy: the main channel only (no multifd with postcopy)
         say(f"migrating to {uri}: {POSTCOPY_AFTER:g} s of precopy, then postcopy (the "
             "guest runs there at once, its missing pages fetched as it touches them)")
-        res = api.migrate(uri, guest=guest, params=params, progress=progress,
-                          options=api.MigrateOptions(multifd=False, postcopy=True,
+        with shown(view) as progress:
+            res = api.migrate(uri, guest=guest, params=params, progress=progress,
+                              options=MigrateOptions(multifd=False, postcopy=True,
                                                      postcopy_after=POSTCOPY_AFTER, tls=tls))
         say(f"postcopy: {res.query_migrate['ram']['postcopy-requests']} page(s) the "
             "destination's guest asked for first")
         return res
     say(f"migrating to {uri} over {params.multifd_channels} channels (compression "
         f"{params.multifd_compression}, downtime limit {params.downtime_limit} ms)")
-    return api.migrate(uri, guest=guest, params=params, progress=progress,
-                       options=api.MigrateOptions(tls=tls))
+    with shown(view) as progress:
+        return api.migrate(uri, guest=guest, params=params, progress=progress,
+                           options=MigrateOptions(tls=tls))

@@ -4,7 +4,7 @@ People who drive QEMU with ``socat`` or qmp-shell style scripts drive mfd the sa
 background thread in the migration's main process serves any number of clients; the migration
 itself only ever calls :meth:`MonitorServer.emit`, which never blocks::
 
-    clients (socat, scripts, monitor_command)
+    clients (socat, scripts, mfd.qmp's client)
         |  unix socket: a stream of JSON requests, one JSON reply per line
         v
     monitor thread: one selector over the listener, the clients and a wake pipe
@@ -61,7 +61,8 @@ Example::
     {"execute": "query-migrate", "id": 1}
     {"return": {"status": "active", "total-time": 1234, "ram": {...}}, "id": 1}
 
-or from a script: ``monitor_command("/tmp/mfd-run/migrate.qmp", "query-migrate")``.
+or from a script: ``mfd.qmp.monitor_command("/tmp/mfd-run/migrate.qmp", "query-migrate")``
+(:mod:`mfd.qmp` is the client; this module is the server).
 """
 
 from __future__ import annotations
@@ -721,113 +722,3 @@ class MonitorServer:
         except Exception as e:  # a handler's bug: one reply, never the end of the monitor
             return _error(f"internal error: {type(e).__name__}: {e}")
         return {"return": {} if result is None else result}
-
-
-# ----------------------------------------------------------------------- client
-
-
-class _Peer:
-    """The client side of one monitor_command(): every wait bounded by one deadline."""
-
-    def __init__(self, path: str, timeout: float) -> None:
-        self.path = path
-        self.timeout = timeout
-        self.deadline = time.monotonic() + timeout
-        self.buf = bytearray()
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-
-    def _left(self, what: str) -> float:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise MfdError(f"monitor {self.path} did not answer {what} within "
-                           f"{self.timeout:g} s")
-        return left
-
-    def connect(self) -> None:
-        self.sock.settimeout(self._left("the connection"))
-        try:
-            self.sock.connect(self.path)
-        except FileNotFoundError:
-            raise MfdError(f"no monitor at {self.path}") from None
-        except ConnectionRefusedError:
-            raise MfdError(f"monitor {self.path} refused the connection "
-                           "(its process has gone?)") from None
-        except TimeoutError:
-            raise MfdError(f"monitor {self.path} did not accept the connection within "
-                           f"{self.timeout:g} s") from None
-        except OSError as e:
-            raise MfdError(f"cannot connect to monitor {self.path}: {_why(e)}") from None
-
-    def send(self, request: dict[str, Any], what: str) -> None:
-        self.sock.settimeout(self._left(what))
-        try:
-            self.sock.sendall(orjson.dumps(request) + b"\n")
-        except TimeoutError:
-            raise MfdError(f"monitor {self.path} did not take {what} within "
-                           f"{self.timeout:g} s") from None
-        except OSError as e:
-            raise MfdError(f"monitor {self.path} closed the connection ({_why(e)})") from None
-
-    def message(self, what: str) -> dict[str, Any]:
-        while True:
-            end = self.buf.find(b"\n")
-            if end >= 0:
-                line = bytes(self.buf[:end]).strip()
-                del self.buf[: end + 1]
-                if not line:
-                    continue
-                try:
-                    msg = orjson.loads(line)
-                except orjson.JSONDecodeError:
-                    msg = None
-                if not isinstance(msg, dict):
-                    raise MfdError(f"monitor {self.path} sent {line[:80]!r}, not a QMP message")
-                return msg
-            self.sock.settimeout(self._left(what))
-            try:
-                chunk = self.sock.recv(_RECV)
-            except TimeoutError:
-                self._left(what)  # raises: the deadline has passed
-                continue
-            except OSError as e:
-                raise MfdError(f"monitor {self.path} closed the connection before answering "
-                               f"{what} ({_why(e)})") from None
-            if not chunk:
-                raise MfdError(f"monitor {self.path} closed the connection before answering "
-                               f"{what}")
-            self.buf += chunk
-
-    def reply(self, what: str) -> dict[str, Any]:
-        while True:
-            msg = self.message(what)
-            if "return" in msg or "error" in msg:
-                return msg  # anything else is an event
-
-
-def monitor_command(path: str, command: str, arguments: dict[str, Any] | None = None,
-                    timeout: float = 5.0) -> dict[str, Any]:
-    """Run one command on the monitor at ``path``; return its reply as sent.
-
-    Connects, reads the greeting, negotiates, sends ``command`` and returns
-    ``{"return": ...}`` or ``{"error": {"class": ..., "desc": ...}}`` (a QMP error is an
-    answer, not a failure here), skipping events. Raises :class:`MfdError` with one line when
-    there is no monitor, it refuses or drops the connection, speaks something else, or the
-    whole exchange takes longer than ``timeout`` seconds.
-    """
-    peer = _Peer(path, timeout)
-    try:
-        peer.connect()
-        greeting = peer.message("with its greeting")
-        if "QMP" not in greeting:
-            raise MfdError(f"monitor {path} greeted with {greeting!r:.80}, not QMP")
-        peer.send({"execute": "qmp_capabilities"}, "'qmp_capabilities'")
-        negotiated = peer.reply("'qmp_capabilities'")
-        if "error" in negotiated:
-            raise MfdError(f"monitor {path} refused qmp_capabilities: {negotiated['error']}")
-        request: dict[str, Any] = {"execute": command}
-        if arguments is not None:
-            request["arguments"] = arguments
-        peer.send(request, repr(command))
-        return peer.reply(repr(command))
-    finally:
-        peer.sock.close()

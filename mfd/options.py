@@ -1,13 +1,16 @@
-"""Migration parameters and capabilities with QEMU's names and defaults, checked once.
+"""Migration parameters, capabilities and each command's options, checked here and only here.
 
-Mirrors ``migration/options.c``: the values live in one frozen dataclass and
-:func:`check_params` rejects what QEMU rejects (ranges, mapped-ram with compression) with
-QEMU-like messages. Elsewhere code branches on the fields, never re-validates.
+Mirrors ``migration/options.c``: the values live in frozen dataclasses, and each one's
+``check()`` rejects what QEMU rejects (ranges, mapped-ram with compression, postcopy with
+multifd) in QEMU's words where QEMU has some. The API's entry points (:mod:`mfd.api`) call
+the checks before they look at any file or guest, so the CLI, a script and the monitor
+(``migrate-set-parameters``: :meth:`MigrationParameters.updated`) get the same line.
+Elsewhere code branches on the fields, never re-validates.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from mfd.errors import UsageError
 from mfd.protocol import constants as C
@@ -18,6 +21,46 @@ from mfd.xhooks import NO_HOOKS, XHooks
 CONNECT_TIMEOUT = 30.0
 ZERO_PAGE_DETECTION = ("multifd", "legacy", "none")
 COMPRESSION = ("none", "zstd", "zlib")
+# what migrate-set-parameters (and migrate-set-capabilities' auto-converge) may change while
+# a migration runs
+LIVE = frozenset({"max_bandwidth", "max_postcopy_bandwidth", "downtime_limit", "auto_converge",
+                  "cpu_throttle_initial", "cpu_throttle_increment", "cpu_throttle_tailslow",
+                  "max_cpu_throttle", "throttle_trigger_threshold"})
+_QAPI_TYPES = {"int": (int, "integer"), "bool": (bool, "boolean"), "str": (str, "string")}
+
+
+def _qmp_name(field: str) -> str:
+    return field.replace("_", "-")
+
+
+def _range(name: str, value: int, lo: int, hi: int) -> None:
+    if not lo <= value <= hi:
+        raise UsageError(f"Parameter '{_qmp_name(name)}' expects a value between {lo} and "
+                         f"{hi}, got {value}")
+
+
+def _not_negative(name: str, value: float) -> None:
+    if value < 0:
+        raise UsageError(f"Parameter '{_qmp_name(name)}' must not be negative")
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise UsageError(f"{_qmp_name(name)} {value!r}, expected one of {', '.join(allowed)}")
+
+
+def check_channels(channels: int) -> None:
+    """QEMU's range of multifd-channels, for every command and the bench."""
+    _range("multifd_channels", channels, 1, 255)
+
+
+def check_ram(what: str, images: object, guest: object, *, required: bool = True) -> None:
+    """Where the RAM comes from or goes: raw images or a guest, never both (and one of them
+    unless not ``required``: an incoming migration's guest has a default name)."""
+    if images is not None and guest is not None:
+        raise UsageError(f"{what} takes either images or a guest, not both")
+    if required and images is None and guest is None:
+        raise UsageError(f"{what} needs either images or a guest")
 
 
 @dataclass(frozen=True)
@@ -50,44 +93,49 @@ class MigrationParameters:
 
     def to_qmp(self) -> dict[str, object]:
         """QEMU's ``query-migrate-parameters`` field names."""
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+        return {_qmp_name(f.name): getattr(self, f.name) for f in fields(self)}
 
+    def check(self, *, mapped_ram: bool) -> None:
+        """``migrate_params_check`` + ``migrate_caps_check`` for what mfd supports."""
+        check_channels(self.multifd_channels)
+        _range("multifd_zstd_level", self.multifd_zstd_level, 0, 20)
+        _range("multifd_zlib_level", self.multifd_zlib_level, 0, 9)
+        _range("downtime_limit", self.downtime_limit, 0, 2_000_000)
+        _range("throttle_trigger_threshold", self.throttle_trigger_threshold, 1, 100)
+        _range("cpu_throttle_initial", self.cpu_throttle_initial, 1, 99)
+        _range("cpu_throttle_increment", self.cpu_throttle_increment, 1, 99)
+        _range("max_cpu_throttle", self.max_cpu_throttle, 1, 99)
+        _range("x_clear_bitmap_shift", self.x_clear_bitmap_shift, 6, 31)
+        _not_negative("max_bandwidth", self.max_bandwidth)
+        _not_negative("max_postcopy_bandwidth", self.max_postcopy_bandwidth)
+        size = self.xbzrle_cache_size
+        if size < C.TARGET_PAGE_SIZE or size & (size - 1):
+            raise UsageError("Parameter 'xbzrle_cache_size' expects a power of two no less "
+                             "than the target page size")
+        _one_of("zero_page_detection", self.zero_page_detection, ZERO_PAGE_DETECTION)
+        _one_of("multifd_compression", self.multifd_compression, COMPRESSION)
+        if mapped_ram and self.multifd_compression != "none":
+            raise UsageError("Cannot use compression with mapped-ram")
+        if self.direct_io and not mapped_ram:
+            raise UsageError("direct-io is only available with mapped-ram")
 
-def _range(name: str, value: int, lo: int, hi: int) -> None:
-    if not lo <= value <= hi:
-        raise UsageError(f"Parameter '{name.replace('_', '-')}' expects a value between "
-                         f"{lo} and {hi}, got {value}")
-
-
-def check_params(p: MigrationParameters, *, mapped_ram: bool) -> MigrationParameters:
-    """``migrate_params_check`` + ``migrate_caps_check`` for what mfd supports."""
-    _range("multifd_channels", p.multifd_channels, 1, 255)
-    _range("multifd_zstd_level", p.multifd_zstd_level, 0, 20)
-    _range("multifd_zlib_level", p.multifd_zlib_level, 0, 9)
-    _range("downtime_limit", p.downtime_limit, 0, 2_000_000)
-    _range("throttle_trigger_threshold", p.throttle_trigger_threshold, 1, 100)
-    _range("cpu_throttle_initial", p.cpu_throttle_initial, 1, 99)
-    _range("cpu_throttle_increment", p.cpu_throttle_increment, 1, 99)
-    _range("max_cpu_throttle", p.max_cpu_throttle, 1, 99)
-    _range("x_clear_bitmap_shift", p.x_clear_bitmap_shift, 6, 31)
-    for name in ("max_bandwidth", "max_postcopy_bandwidth"):
-        if getattr(p, name) < 0:
-            raise UsageError(f"Parameter '{name.replace('_', '-')}' must not be negative")
-    size = p.xbzrle_cache_size
-    if size < C.TARGET_PAGE_SIZE or size & (size - 1):
-        raise UsageError("Parameter 'xbzrle_cache_size' expects a power of two no less than "
-                         "the target page size")
-    if p.zero_page_detection not in ZERO_PAGE_DETECTION:
-        raise UsageError(f"zero-page-detection {p.zero_page_detection!r}, expected one of "
-                         f"{', '.join(ZERO_PAGE_DETECTION)}")
-    if p.multifd_compression not in COMPRESSION:
-        raise UsageError(f"multifd-compression {p.multifd_compression!r}, expected one of "
-                         f"{', '.join(COMPRESSION)}")
-    if mapped_ram and p.multifd_compression != "none":
-        raise UsageError("Cannot use compression with mapped-ram")
-    if p.direct_io and not mapped_ram:
-        raise UsageError("direct-io is only available with mapped-ram")
-    return p
+    def updated(self, changes: dict[str, object], *, mapped_ram: bool) -> MigrationParameters:
+        """These parameters with ``changes`` (field names) applied while migrating, as QEMU's
+        ``migrate-set-parameters``: only what may change live (:data:`LIVE`), of QAPI's
+        types, then checked."""
+        bad = sorted(set(changes) - LIVE)
+        if bad:
+            raise UsageError(f"parameter {_qmp_name(bad[0])!r} cannot be changed while "
+                             "migrating")
+        types = {f.name: _QAPI_TYPES[f.type] for f in fields(self)}
+        for name, value in changes.items():
+            kind, what = types[name]
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise UsageError(f"Invalid parameter type for '{_qmp_name(name)}', "
+                                 f"expected: {what}")
+        new = replace(self, **changes)
+        new.check(mapped_ram=mapped_ram)
+        return new
 
 
 @dataclass(frozen=True)
@@ -99,6 +147,9 @@ class SaveOptions:
     batch_pages: int = C.MULTIFD_PAGE_COUNT  # pages per job: QEMU's 128 (512 KiB)
     x: XHooks = NO_HOOKS  # test-only behaviour (channel_delays, skip_round_sync,
     # ignore_dirty_log)
+
+    def check(self) -> None:
+        _not_negative("offset", self.offset)
 
 
 @dataclass(frozen=True)
@@ -119,8 +170,9 @@ class MigrateOptions:
 
     def check(self) -> None:
         """``migrate_caps_check`` for these capabilities, with QEMU's reasons."""
-        if self.postcopy_preempt and not self.postcopy:
-            raise UsageError("Postcopy preempt requires postcopy-ram (QEMU's reason)")
+        _postcopy_preempt(self.postcopy, self.postcopy_preempt)
+        if self.postcopy_after is not None and not self.postcopy:
+            raise UsageError("--postcopy-after goes with --postcopy-ram")
         if self.postcopy and self.multifd:
             raise UsageError("Postcopy is not yet compatible with multifd (QEMU's reason; "
                              "use --no-multifd)")
@@ -142,3 +194,32 @@ class IncomingOptions:
     postcopy_preempt: bool = False  # QEMU's: requested pages come on a channel of their own
     tls: TLSOptions | None = None  # QEMU's tls-creds, verify-peer, tls-authz
     x: XHooks = NO_HOOKS  # test-only: channel_delays, skip_sync, fault
+
+    def check(self) -> None:
+        if self.multifd_channels is not None:
+            check_channels(self.multifd_channels)
+        if self.multifd_compression is not None:
+            _one_of("multifd_compression", self.multifd_compression, COMPRESSION)
+        _postcopy_preempt(self.postcopy_ram, self.postcopy_preempt)
+
+
+@dataclass(frozen=True)
+class RestoreOptions:
+    multifd_channels: int = 2  # channels that load a mapped-ram file (any number, any file)
+    offset: int = 0  # where the stream starts in the file (libvirt's header before it)
+    direct_io: bool = False  # O_DIRECT channel reads
+    # the guest runs at once, its RAM arriving as it needs it and as the channels load it
+    # (a mapped-ram file and a guest: mfd.main_thread.lazy)
+    lazy: bool = False
+    x: XHooks = NO_HOOKS  # test-only: channel_delays, run_exits
+
+    def check(self, *, guest: bool) -> None:
+        check_channels(self.multifd_channels)
+        _not_negative("offset", self.offset)
+        if self.lazy and not guest:
+            raise UsageError("a lazy restore starts a guest: give --guest, not --image")
+
+
+def _postcopy_preempt(postcopy_ram: bool, preempt: bool) -> None:
+    if preempt and not postcopy_ram:
+        raise UsageError("Postcopy preempt requires postcopy-ram (QEMU's reason)")

@@ -5,14 +5,21 @@ On a terminal (stderr is a TTY) the view is a small table redrawn a few times a 
 redraw without flicker and clean teardown on Ctrl-C, which hand-written ANSI codes do badly.
 Anywhere else (``docker compose`` logs, CI) it prints one plain line per round, so a log
 shows the migration converging without control characters.
+
+The view lasts as long as the migration (:func:`shown` around the call that migrates): its
+last frame is drawn before anything the caller prints about the result, so the summary
+comes last on the terminal.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+from collections.abc import Iterator
 from typing import TextIO
 
+from mfd.main_thread.precopy import Progress
 from mfd.main_thread.stats import MigrationStats
 from mfd.units import human
 
@@ -94,3 +101,14 @@ class LiveView:
             if self.stats is not None:  # the final state, whatever the redraw rate skipped
                 self.live.update(self._table(self.stats), refresh=True)
             self.live.__exit__(None, None, None)
+
+
+@contextlib.contextmanager
+def shown(view: LiveView | None) -> Iterator[Progress | None]:
+    """``view`` while the block runs (the call that migrates), its last frame drawn when the
+    block ends; yields the progress callback to give that call (None without a view)."""
+    if view is None:
+        yield None
+        return
+    with view:
+        yield view.update

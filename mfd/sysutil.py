@@ -6,6 +6,7 @@ import ctypes
 import errno
 import os
 import signal
+import sys
 
 PR_SET_PDEATHSIG = 1
 libc = ctypes.CDLL(None, use_errno=True)  # shared: mfd.shm.kvm adds ioctl
@@ -55,3 +56,23 @@ def link_fd(fd: int, path: str) -> None:
     if err not in (errno.ENOENT, errno.EPERM, errno.EINVAL):
         raise OSError(err, os.strerror(err), path)
     os.link(f"/proc/self/fd/{fd}", path, follow_symlinks=True)
+
+
+def python_m(module: str, *args: str) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment for mfd starting a process of its own, ``python -m
+    MODULE ARGS`` (a guest daemon, an incoming migration, a TLS relay), that runs this very
+    mfd. ``-P`` (Python 3.11's safe path) keeps the working directory off the child's
+    path, so a folder named ``mfd`` there (a clone of mfd, say) cannot shadow it; the
+    directory this mfd came from goes first on PYTHONPATH, unless it is a site-packages
+    directory (the child finds it there anyway)."""
+    import site
+
+    import mfd
+
+    env = os.environ.copy()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(mfd.__file__)))
+    sites = {os.path.realpath(d) for d in [*site.getsitepackages(), site.getusersitepackages()]}
+    path = env.get("PYTHONPATH", "")
+    if os.path.realpath(root) not in sites and path.split(os.pathsep)[0] != root:
+        env["PYTHONPATH"] = root + (os.pathsep + path if path else "")
+    return [sys.executable, "-P", "-m", module, *args], env

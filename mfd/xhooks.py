@@ -26,6 +26,14 @@ class XHooks:
     ignore_dirty_log: bool = False  # source / save: the guest's dirty log is never read
     # a receive channel damages (FAULTS) every packet that has this page of the first block
     fault: tuple[str, int] | None = None
+    # lazy restore: the new guest runs this many exits, then parks (a KVM guest; the test
+    # knows how far it got when the last page came in)
+    run_exits: int | None = None
+    # the guest (mfd guest --x-no-manual-protect / --x-no-kick): a KVM guest reads its dirty
+    # log the way kernels without KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 do; a stop waits for the
+    # vCPU's next exit instead of kicking it out (the bench measures what the kick buys)
+    no_manual_protect: bool = False
+    no_kick: bool = False
 
     def delay(self, channel: int) -> float:
         return self.channel_delays[channel] if channel < len(self.channel_delays) else 0.0

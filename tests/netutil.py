@@ -9,7 +9,6 @@ import selectors
 import socket
 import struct
 import threading
-import time
 
 from mfd.protocol import constants as C
 from mfd.protocol import devices, ram, stream
@@ -129,15 +128,6 @@ class FakeSource:
         for s in [self.main, *self.links]:
             if s is not None:
                 s.close()
-
-
-def wait_until(cond, timeout: float, step: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(step)
-    return cond()
 
 
 def _reset(s: socket.socket) -> None:

@@ -31,17 +31,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import REFERENCE, alive, descendants, shm_entries, start_mfd, until, unzstd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mfd
 from mfd.describe import describe
 from mfd.errors import ProtocolError
+from mfd.options import SaveOptions
 from mfd.protocol import migration_file
 from mfd.ramimage import generate
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-REFERENCE = SHARED / "reference"
 PAGE = 4096
 MFD_SIZE = (64 << 20) + (40 << 10)  # 16394 pages: the last bitmap word has 54 spare bits
 TIMEOUT = 60
@@ -69,12 +69,6 @@ class Base:
                     if s["type"] == kind and s["idstr"] == idstr)
 
 
-def _unzstd(src: Path, dst: Path) -> Path:
-    dst.write_bytes(subprocess.run(["zstd", "-dc", str(src)], capture_output=True,
-                                   check=True).stdout)
-    return dst
-
-
 class Bases:
     """Built on first use: the mfd file always, QEMU's only if shared/reference is there."""
 
@@ -96,15 +90,15 @@ class Bases:
             img, mig = self["mfd"].image, self.root / f"{name}.mig"
             header = libvirt_header(6, data_len=PAGE - LIBVIRT_HEADER)
             mig.write_bytes(header)
-            mfd.save(str(mig), images={"mem": str(img)}, offset=len(header))
+            mfd.save(str(mig), images={"mem": str(img)}, options=SaveOptions(offset=len(header)))
         else:
             if not REFERENCE.is_dir():
                 pytest.skip(f"no QEMU reference files at {REFERENCE}")
             img = self.root / "ram_16M_seed1.bin"
             if not img.exists():
-                _unzstd(REFERENCE / "ram_16M_seed1.bin.zst", img)
+                unzstd(REFERENCE / "ram_16M_seed1.bin.zst", img)
             src = {"qemu-mr": "case1_mapped-ram.mig", "qemu-stream": "case3_stream.mig"}[name]
-            mig = _unzstd(REFERENCE / f"{src}.zst", self.root / src)
+            mig = unzstd(REFERENCE / f"{src}.zst", self.root / src)
         good = name != "zstd-mapped-ram"  # mfd refuses it: there is no layout to show
         return Base(mig, img, mig.read_bytes(), mfd.inspect(str(mig)) if good else {})
 
@@ -284,8 +278,18 @@ class Case:
     xfail: str = ""
 
     def param(self):
+        name = f"{self.base}-{self.id}"
         marks = [pytest.mark.xfail(strict=True, reason=self.xfail)] if self.xfail else []
-        return pytest.param(self, id=f"{self.base}-{self.id}", marks=marks)
+        if name not in FAST:
+            marks.append(pytest.mark.slow)
+        return pytest.param(self, id=name, marks=marks)
+
+
+# The fast tier's sample: a few refusals of each kind of file and one harmless change; the
+# full suite runs every case.
+FAST = {"mfd-empty", "mfd-cut-in-bitmap", "mfd-page-data-flipped", "qemu-mr-bitmap-offset-0",
+        "qemu-stream-record-flags-bad", "libvirt-stream-data-len-0", "zstd-stream-byte-flipped",
+        "mfd-spare-bits-of-last-word-set"}
 
 
 def named_cuts() -> list[Case]:
@@ -467,10 +471,6 @@ HARMLESS: list[Case] = [
 # ------------------------------------------------------------------------------ running mfd
 
 
-def shm_entries() -> set[str]:
-    return {n for n in os.listdir("/dev/shm") if n.startswith("mfd-")}
-
-
 def _held(paths: set[str]) -> set[str]:
     """Those of ``paths`` some live process has open or mapped."""
     held = set()
@@ -527,8 +527,7 @@ def run_both(bad: Path, out: Path, tmpdir: str) -> tuple[Run, Run]:
     """``restore BAD --image mem=OUT`` and ``inspect BAD`` side by side (2 cores)."""
     env = {k: v for k, v in os.environ.items() if k != "MFD_DEBUG"} | {"TMPDIR": tmpdir}
     argvs = [["restore", str(bad), "--image", f"mem={out}"], ["inspect", str(bad)]]
-    procs = [subprocess.Popen([sys.executable, "-m", "mfd", *a], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for a in argvs]
+    procs = [start_mfd(*a, env=env) for a in argvs]
     runs = []
     try:
         for p, a in zip(procs, argvs, strict=True):
@@ -712,34 +711,6 @@ def test_random_byte_changes_never_escape_the_wall(bases: Bases, data):
 # ------------------------------------------------------------------------------ killed save
 
 
-def _children(pid: int) -> dict[int, str]:
-    """Descendants of ``pid`` as {pid: starttime} (starttime tells a reused pid apart)."""
-    stats = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            with contextlib.suppress(OSError):
-                stat = Path(f"/proc/{d}/stat").read_text()
-                fields = stat[stat.rindex(")") + 2 :].split()
-                stats[int(d)] = (int(fields[1]), fields[19])  # ppid, starttime
-    out, todo = {}, [pid]
-    while todo:
-        parent = todo.pop()
-        for p, (ppid, start) in stats.items():
-            if ppid == parent and p not in out:
-                out[p] = start
-                todo.append(p)
-    return out
-
-
-def _alive(pid: int, start: str) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return fields[19] == start and fields[0] != "Z"
-
-
 @pytest.fixture(scope="module")
 def big_image(tmp_path_factory) -> Path:
     img = tmp_path_factory.mktemp("killed") / "big.img"
@@ -756,13 +727,14 @@ def _allocated(path: Path) -> int:
 
 KILL_MOMENTS = {
     "file-appears": lambda mig, pid: _allocated(mig) >= 0,
-    "channels-up": lambda mig, pid: len(_children(pid)) >= 2,
+    "channels-up": lambda mig, pid: len(descendants(pid)) >= 2,
     "16MiB-written": lambda mig, pid: _allocated(mig) >= 16 << 20,
     "100MiB-written": lambda mig, pid: _allocated(mig) >= 100 << 20,
 }
 
 
 @pytest.mark.parametrize("moment", KILL_MOMENTS)
+@pytest.mark.slow
 def test_killed_save_is_refused(big_image: Path, tmp_path: Path, private_tmp: str,
                                 moment: str):
     mig = tmp_path / "KILLED.mig"
@@ -770,16 +742,15 @@ def test_killed_save_is_refused(big_image: Path, tmp_path: Path, private_tmp: st
     save_tmp.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "MFD_DEBUG"} | {"TMPDIR": str(save_tmp)}
     shm_before = shm_entries()
-    proc = subprocess.Popen([sys.executable, "-m", "mfd", "save", str(mig), "--image",
-                             f"mem={big_image}", "--multifd-channels", "2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    proc = start_mfd("save", str(mig), "--image", f"mem={big_image}", "--multifd-channels", "2",
+                     stdout=subprocess.DEVNULL, text=False, env=env)
     try:
         deadline = time.monotonic() + 20
         while not KILL_MOMENTS[moment](mig, proc.pid):
             assert proc.poll() is None, f"save ended before the kill: {proc.stderr.read()!r}"
             assert time.monotonic() < deadline, "save did not get going within 20 s"
             time.sleep(0.002)
-        kids = _children(proc.pid)
+        kids = descendants(proc.pid)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=TIMEOUT)
     finally:
@@ -789,11 +760,9 @@ def test_killed_save_is_refused(big_image: Path, tmp_path: Path, private_tmp: st
         proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
     # the channels die with their parent (PR_SET_PDEATHSIG, or they see it gone)
-    deadline = time.monotonic() + 5
-    while (alive := [p for p, s in kids.items() if _alive(p, s)]) and \
-            time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not alive, f"processes of the killed save survive: {alive}"
+    until(lambda: not any(alive(p, s) for p, s in kids.items()),
+          lambda: f"processes of the killed save survive: "
+                  f"{[p for p, s in kids.items() if alive(p, s)]}", 5, 0.05)
 
     out = tmp_path / "OUT.img"
     restore, inspect = run_both(mig, out, private_tmp)

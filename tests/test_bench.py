@@ -12,17 +12,15 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from helpers import run_mfd, start_mfd
 
 from mfd.bench import report
 from mfd.bench.qemu import qemu_binary
 from mfd.bench.runs import Config
-
-MFD = [sys.executable, "-m", "mfd"]
 
 
 def bench_leftovers(workdir: Path) -> set[str]:
@@ -34,16 +32,22 @@ def bench_leftovers(workdir: Path) -> set[str]:
     return shm | disk | run
 
 
+def left_behind(workdir: Path, before: set[str]) -> set[str]:
+    """What the run left of what a benchmark creates (a benchmark running beside this suite,
+    whose files were there before, may have removed its own meanwhile)."""
+    return bench_leftovers(workdir) - before
+
+
+@pytest.mark.slow
 def test_quick_all_runs_every_mode_and_writes_the_report(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     work.mkdir()
     before = bench_leftovers(work)
-    p = subprocess.run([*MFD, "bench", "all", "--quick", "--against", "qemu", "--out",
-                        str(out), "--dir", str(work), "--json"], capture_output=True,
-                       text=True, timeout=600)
+    p = run_mfd("bench", "all", "--quick", "--against", "qemu", "--out", str(out), "--dir",
+                str(work), "--json", timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     result = json.loads(p.stdout)
-    assert bench_leftovers(work) == before
+    assert left_behind(work, before) == set()
 
     configs = result["configs"]
     assert configs and all(c["error"] is None for c in configs), \
@@ -108,13 +112,14 @@ def test_quick_all_runs_every_mode_and_writes_the_report(tmp_path):
         assert routes == {"tcp", "mfd->mfd", "QEMU->QEMU", "QEMU->mfd", "mfd->QEMU"}
 
 
+@pytest.mark.slow
 def test_quick_migrate_over_tls_beside_clear(tmp_path):
     """``--tls``: each tool also over TLS (mfd's relays, QEMU's tls-creds-x509 with the same
     certificates), the cost of TLS per tool and the 1.2x target over TLS in the report."""
     out = tmp_path / "out"
-    p = subprocess.run([*MFD, "bench", "migrate", "--quick", "--against", "qemu", "--tls",
-                        "--multifd-channels", "2", "--multifd-compression", "none", "--out",
-                        str(out), "--json"], capture_output=True, text=True, timeout=600)
+    p = run_mfd("bench", "migrate", "--quick", "--against", "qemu", "--tls",
+                "--multifd-channels", "2", "--multifd-compression", "none", "--out", str(out),
+                "--json", timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     result = json.loads(p.stdout)
     rows = {r["key"]: r for r in result["summary"]}
@@ -131,6 +136,7 @@ def test_quick_migrate_over_tls_beside_clear(tmp_path):
         assert t["target"] == 1.2
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_and_removes_what_it_created(tmp_path):
     """Interrupted in the middle of a live run (a guest, `mfd incoming`, a migration in
     flight): exit 130, one line, partial results written, nothing left behind."""
@@ -140,14 +146,9 @@ def test_ctrl_c_stops_and_removes_what_it_created(tmp_path):
     # a guest dirtying far faster than any link, and too big for its rest to fit in the
     # downtime limit: the migration cannot converge, so the signal lands while it is in
     # flight (its monitor socket exists only then)
-    proc = subprocess.Popen([*MFD, "bench", "live", "--quick", "--size", "512M",
-                             "--dirty-rate", "4G",
-                             "--no-auto-converge", "--live-timeout", "120", "--out", str(out),
-                             "--dir", str(work)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            # as from a terminal, even where this suite runs as a background
-                            # job (which starts with SIGINT ignored, and so would its child)
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = start_mfd("bench", "live", "--quick", "--size", "512M", "--dirty-rate", "4G",
+                     "--no-auto-converge", "--live-timeout", "120", "--out", str(out), "--dir",
+                     str(work))
     try:
         deadline = time.monotonic() + 120
         while not {os.path.dirname(p) for p in glob.glob("/dev/shm/mfd-bench-*/source.qmp")
@@ -170,7 +171,7 @@ def test_ctrl_c_stops_and_removes_what_it_created(tmp_path):
     assert "Traceback" not in stderr
     assert "(INTERRUPTED: partial results)" in stdout
     assert json.loads((out / "results.json").read_bytes())["interrupted"] is True
-    assert bench_leftovers(work) == before
+    assert left_behind(work, before) == set()
 
 
 @pytest.mark.parametrize("argv, says", [
@@ -184,8 +185,7 @@ def test_ctrl_c_stops_and_removes_what_it_created(tmp_path):
     (["save", "--dir", "/proc/no/such/dir"], "--dir /proc/no/such/dir"),
 ])
 def test_bad_options_are_one_line_and_exit_2(tmp_path, argv, says):
-    p = subprocess.run([*MFD, "bench", *argv, "--out", str(tmp_path / "o")],
-                       capture_output=True, text=True, timeout=60)
+    p = run_mfd("bench", *argv, "--out", str(tmp_path / "o"), timeout=60)
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and says in lines[0], p.stderr
@@ -236,6 +236,7 @@ def test_report_pairs_mfd_with_qemus_same_config_and_its_limit():
     assert any(ln.startswith("mfd->QEMU") and "FAILED: cross boom" in ln for ln in table)
 
 
+@pytest.mark.slow
 def test_a_real_ram_dump_is_the_image_and_is_left_as_it_was(tmp_path, reference):
     """``--image``: QEMU's own RAM image of the reference set, saved and restored by mfd
     (and QEMU where installed); the dump's size is the RAM size, and the dump is only read."""
@@ -243,9 +244,8 @@ def test_a_real_ram_dump_is_the_image_and_is_left_as_it_was(tmp_path, reference)
     before = (dump.stat().st_size, dump.stat().st_mtime_ns, dump.read_bytes())
     work = tmp_path / "work"
     work.mkdir()
-    p = subprocess.run([*MFD, "bench", "restore", "--quick", "--image", str(dump),
-                        "--against", "qemu", "--out", str(tmp_path / "o"), "--dir", str(work),
-                        "--json"], capture_output=True, text=True, timeout=300)
+    p = run_mfd("bench", "restore", "--quick", "--image", str(dump), "--against", "qemu",
+                "--out", str(tmp_path / "o"), "--dir", str(work), "--json", timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     result = json.loads(p.stdout)
     image = result["setup"]["image"]

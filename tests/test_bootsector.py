@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import qemu_temp_files
+from helpers import needs_qemu, qemu_temp_files
 
 from mfd.bench.bootsector import (
     ENTRY_CHAR,
@@ -28,17 +27,14 @@ from mfd.bench.bootsector import (
     program_listing,
     write_boot_image,
 )
-from mfd.bench.qemu import QemuError, QemuMachine, qemu_binary
-
-needs_qemu = pytest.mark.skipif(qemu_binary() is None,
-                                reason="qemu-system-x86_64 >= 9 not installed")
+from mfd.bench.qemu import QemuError, QemuMachine
+from mfd.workers.tcp import free_ports
 
 PAGE = 4096
 MIB = 1 << 20
 RAM_SIZE = 64 * MIB
 WAIT = 10.0  # bound on every wait for the guest
 TIMEOUT = 20.0  # QemuMachine: startup, each QMP reply, each migration
-TMP_PREFIX = "mfd-qemu-"
 # Above 1 MiB, SeaBIOS (QEMU 10.0.2) leaves data only in the top half of a 64 MiB guest: its
 # temporary high zone (seen at 0x2fe1000-0x3000000) and its tables (0x3fe0000-0x3fe3000).
 BIOS_HIGH = RAM_SIZE // 2
@@ -103,8 +99,6 @@ def test_default_range_and_image(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- in QEMU
-
-
 
 
 @pytest.fixture
@@ -202,12 +196,6 @@ def test_guest_sweeps_its_range_only(ram_file: Callable[[], str], tmp_path: Path
     assert (touched >= BIOS_HIGH).all(), [hex(a) for a in touched[:8]]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 MIGRATIONS = {
     "multifd2": {"multifd_channels": 2},
     "plain": {},
@@ -230,7 +218,7 @@ def test_tcp_migration_of_running_guest(ram_file: Callable[[], str], tmp_path: P
     image = tmp_path / "boot.img"
     write_boot_image(image, start, end)
     src_ram, dst_ram = ram_file(), ram_file()
-    uri = f"tcp:127.0.0.1:{_free_port()}"
+    uri = f"tcp:127.0.0.1:{free_ports(1)}"
     with _pc(src_ram, image, paused=False, **machine_opts) as src, \
             _pc(dst_ram, image, incoming=True, **machine_opts) as dst:
         _wait_sweeps(src, 3)
@@ -278,4 +266,4 @@ def test_driver_options(ram_file: Callable[[], str], tmp_path: Path) -> None:
         # mapped-ram over TCP: refused at once by QEMU, not after a timeout
         m.set_migration(mapped_ram=True, multifd_channels=2)
         with pytest.raises(QemuError, match="seekable"):
-            m.start_migrate(f"tcp:127.0.0.1:{_free_port()}")
+            m.start_migrate(f"tcp:127.0.0.1:{free_ports(1)}")

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 
 import orjson
-from conftest import run_mfd, shm_entries
-from netutil import wait_until
+import pytest
+from helpers import run_mfd, shm_entries, start_mfd, until
 
 from mfd.workers.tcp import free_ports
 
@@ -32,17 +30,16 @@ def test_demo_end_to_end():
     assert shm_entries() == before
 
 
+@pytest.mark.slow
 def test_node_roles_over_loopback(tmp_path):
     """Node B listens with a monitor (its health check is `mfd qmp`), node A connects by host
     name; each prints its own digest of the RAM at switchover, and they are equal."""
     before = shm_entries()
     port, qmp, tag = free_ports(1), str(tmp_path / "b.qmp"), os.getpid()
-    b = subprocess.Popen([sys.executable, "-m", "mfd", "demo", "--listen",
-                          f"tcp://127.0.0.1:{port}", "--monitor", qmp, "--name", f"b{tag}",
-                          "--run-after", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+    b = start_mfd("demo", "--listen", f"tcp://127.0.0.1:{port}", "--monitor", qmp,
+                  "--name", f"b{tag}", "--run-after", "1")
     try:
-        assert wait_until(lambda: run_mfd("qmp", qmp, "query-migrate").returncode == 0, 30)
+        until(lambda: run_mfd("qmp", qmp, "query-migrate").returncode == 0, "no monitor")
         assert orjson.loads(run_mfd("qmp", qmp, "query-migrate").stdout)["status"] == "setup"
         bad = run_mfd("qmp", qmp, "no-such-command")
         assert bad.returncode == 1 and bad.stderr.count("\n") == 1
@@ -64,6 +61,7 @@ def test_node_roles_over_loopback(tmp_path):
     assert shm_entries() == before
 
 
+@pytest.mark.slow
 def test_file_roles(tmp_path):
     """Node A saves its running guest, node B restores the file into a guest that runs."""
     before = shm_entries()

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BASE_TAG = "mfd-base-local:bookworm"
 DIGEST = "[0-9a-f]{64}"
 _projects = itertools.count()
+pytestmark = pytest.mark.slow
 
 
 def _compose_command() -> list[str] | None:

@@ -6,27 +6,20 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
-from conftest import shm_entries
-from procs import alive, channel_pids
+from helpers import alive, children, shm_entries, start_mfd, until
 
 import mfd
 from mfd.errors import BrokenPipeline
 from mfd.ramimage import generate
 
 
-def _start_save(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "mfd", "save", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 def _wait_channels(p: subprocess.Popen, n: int) -> list[int]:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        pids = channel_pids(p.pid)
+        pids = children(p.pid)
         if len(pids) >= n:
             return pids
         assert p.poll() is None, p.stderr.read()
@@ -41,8 +34,8 @@ def test_killed_channel_fails_the_save_and_the_guest_keeps_running(tmp_path, gue
     paths = [b["path"] for b in g.query()["blocks"]]
     mig = tmp_path / "x.mig"
     # a slow channel keeps the save busy long enough to kill the other one mid-way
-    p = _start_save([str(mig), "--guest", name, "--downtime-limit", "1",
-                     "--max-bandwidth", "20M"])
+    p = start_mfd("save", str(mig), "--guest", name, "--downtime-limit", "1",
+                  "--max-bandwidth", "20M")
     victim = _wait_channels(p, 2)[0]
     time.sleep(0.3)
     os.kill(victim, signal.SIGKILL)
@@ -57,33 +50,27 @@ def test_killed_channel_fails_the_save_and_the_guest_keeps_running(tmp_path, gue
 def test_ctrl_c_cancels_the_save_cleanly(tmp_path, guests):
     name, g = guests.start("32M", "--dirty-rate", "100M")
     mig = tmp_path / "x.mig"
-    p = _start_save([str(mig), "--guest", name, "--downtime-limit", "1",
-                     "--max-bandwidth", "20M"])
+    p = start_mfd("save", str(mig), "--guest", name, "--downtime-limit", "1",
+                  "--max-bandwidth", "20M")
     pids = _wait_channels(p, 2)
     time.sleep(0.3)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=30)
     assert p.returncode == 130 and err.strip() == "mfd: interrupted"
     assert not mig.exists()
-    deadline = time.monotonic() + 10
-    while any(alive(c) for c in pids) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not any(alive(c) for c in pids), "a channel outlived its save"
+    until(lambda: not any(alive(c) for c in pids), "a channel outlived its save", 10)
     assert g.query()["status"] == "running"
 
 
 def test_sigkill_of_the_save_leaves_no_channel_behind(tmp_path):
     img = tmp_path / "img.bin"
     generate(str(img), 256 << 20, seed=2)
-    p = _start_save([str(tmp_path / "k.mig"), "--image", f"mem={img}", "--multifd-channels",
-                     "3", "--max-bandwidth", "50M"])
+    p = start_mfd("save", str(tmp_path / "k.mig"), "--image", f"mem={img}",
+                  "--multifd-channels", "3", "--max-bandwidth", "50M")
     pids = _wait_channels(p, 3)
     p.kill()
     p.wait()
-    deadline = time.monotonic() + 10
-    while any(alive(c) for c in pids) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not any(alive(c) for c in pids), "channels must die with the main process"
+    until(lambda: not any(alive(c) for c in pids), "channels must die with the main process", 10)
 
 
 def test_channel_error_breaks_the_pool(tmp_path):

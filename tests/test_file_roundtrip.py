@@ -12,10 +12,10 @@ import blake3
 import numpy as np
 import orjson
 import pytest
-from conftest import run_mfd
+from helpers import run_mfd
 
 import mfd
-from mfd.options import MigrationParameters
+from mfd.options import MigrationParameters, RestoreOptions, SaveOptions
 from mfd.protocol import migration_file
 from mfd.ramimage import generate
 
@@ -31,7 +31,8 @@ CASES = [
 @pytest.mark.parametrize("channels", [1, 3])
 def test_restore_reference_byte_exact(reference, tmp_path, case, image, channels):
     out = tmp_path / "out.bin"
-    res = mfd.restore(str(reference[case]), images={"mem": str(out)}, channels=channels)
+    res = mfd.restore(str(reference[case]), images={"mem": str(out)},
+                      options=RestoreOptions(multifd_channels=channels))
     assert out.read_bytes() == reference[image].read_bytes()
     assert not res.verified  # QEMU's files carry no mfd trailer
     assert os.listdir(tmp_path) == ["out.bin"]
@@ -64,11 +65,11 @@ def images(tmp_path_factory):
 @pytest.mark.parametrize("save_ch,load_ch", [(1, 4), (4, 1), (2, 2)])
 def test_multi_block_round_trip(tmp_path, images, save_ch, load_ch):
     mig = tmp_path / "vm.mig"
-    res = mfd.save(str(mig), images=images, machine="pc-q35-10.0",
+    res = mfd.save(str(mig), images=images, options=SaveOptions(machine="pc-q35-10.0"),
                    params=MigrationParameters(multifd_channels=save_ch))
     assert res.status == "completed" and res.zero_pages > 0
     outs = {name: str(tmp_path / f"out{i}.bin") for i, name in enumerate(images)}
-    r = mfd.restore(str(mig), images=outs, channels=load_ch)
+    r = mfd.restore(str(mig), images=outs, options=RestoreOptions(multifd_channels=load_ch))
     assert r.verified
     for name, path in images.items():
         assert Path(outs[name]).read_bytes() == Path(path).read_bytes()
@@ -141,11 +142,11 @@ def test_offset_keeps_the_header_in_front(tmp_path, images):
     mig = tmp_path / "app.save"
     header = b"MyAppHeader" + bytes(4096 - 11)
     mig.write_bytes(header + b"stale bytes that the save truncates")
-    mfd.save(str(mig), images={"mem": images["pc.ram"]}, offset=4096)
+    mfd.save(str(mig), images={"mem": images["pc.ram"]}, options=SaveOptions(offset=4096))
     assert mig.read_bytes()[:4096] == header
     assert mig.read_bytes()[4096:4100] == b"QEVM"
     out = tmp_path / "out.bin"
-    mfd.restore(str(mig), images={"mem": str(out)}, offset=4096)
+    mfd.restore(str(mig), images={"mem": str(out)}, options=RestoreOptions(offset=4096))
     assert out.read_bytes() == Path(images["pc.ram"]).read_bytes()
     assert run_mfd("inspect", str(mig), "--offset", "0x1000", "--json").returncode == 0
     bad = run_mfd("inspect", str(mig))

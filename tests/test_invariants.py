@@ -15,53 +15,27 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-from procs import channel_pids, rss_anon_kib
+from helpers import MANY_ROUNDS, children, live_save_matches, rss_anon_kib, run_mfd
 
-import mfd
 from mfd.options import MigrationParameters, SaveOptions
 from mfd.protocol import constants as C
 from mfd.shm import control
 from mfd.xhooks import XHooks
 
-
-def _live_save_matches(tmp_path: Path, guests, guest_args: list[str], params: MigrationParameters,
-                       options: SaveOptions, min_rounds: int = 2, ram: str = "32M") -> bool:
-    """Live-save a writing guest; True when the file restores to its final RAM exactly."""
-    name, g = guests.start(ram, *guest_args)
-    tmp_path.mkdir(exist_ok=True)
-    mig = tmp_path / "live.mig"
-    res = mfd.save(str(mig), guest=name, params=params, options=options)
-    assert res.status == "completed" and res.rounds >= min_rounds
-    status = g.query()
-    assert status["status"] == "paused"  # stopped for switchover, like QEMU's postmigrate
-    (block,) = status["blocks"]
-    out = tmp_path / "out.bin"
-    try:
-        mfd.restore(str(mig), images={"mem": str(out)})
-    except mfd.MfdError as e:  # the trailer's digest may already catch it
-        assert "does not match the digest" in str(e)
-        return False
-    final = Path(block["path"]).read_bytes()
-    g.quit()
-    return out.read_bytes() == final
-
-
 HARD = ["--dirty-rate", "1G", "--pattern", "random"]
-MANY_ROUNDS = MigrationParameters(downtime_limit=5, auto_converge=True, cpu_throttle_initial=90,
-                                  cpu_throttle_increment=9)
 
 
 def test_no_lost_write(tmp_path, guests):
-    assert _live_save_matches(tmp_path, guests, HARD, MANY_ROUNDS, SaveOptions())
+    assert live_save_matches(tmp_path, guests, HARD, MANY_ROUNDS, SaveOptions())
 
 
+@pytest.mark.slow
 def test_no_lost_write_bites_without_the_dirty_log(tmp_path, guests):
-    assert not _live_save_matches(tmp_path, guests, HARD, MigrationParameters(),
-                                  SaveOptions(x=XHooks(ignore_dirty_log=True)), min_rounds=1)
+    assert not live_save_matches(tmp_path, guests, HARD, MigrationParameters(),
+                                 SaveOptions(x=XHooks(ignore_dirty_log=True)), min_rounds=1)
 
 
 # 512 pages that the guest rewrites about a hundred times a second, half of the writes zeroing
@@ -73,17 +47,19 @@ ZEROING = ["--dirty-rate", "200M", "--pattern", "random", "--zero-fraction", "0.
 FEW_ROUNDS = MigrationParameters(downtime_limit=2000)
 
 
+@pytest.mark.slow
 def test_round_order_with_a_slow_channel(tmp_path, guests):
     slow = SaveOptions(x=XHooks(channel_delays=(0.3,)))
-    assert _live_save_matches(tmp_path, guests, ZEROING, FEW_ROUNDS, slow, ram="2M")
+    assert live_save_matches(tmp_path, guests, ZEROING, FEW_ROUNDS, slow, ram="2M")
 
 
+@pytest.mark.slow
 def test_round_order_bites_without_round_sync(tmp_path, guests):
     """Which pages the stale report covers depends on the guest's timing: about one save in
     ten comes out right by luck, so up to five (the first wrong one ends the test)."""
     broken = SaveOptions(x=XHooks(channel_delays=(0.3,), skip_round_sync=True))
-    assert not all(_live_save_matches(tmp_path / str(i), guests, ZEROING, FEW_ROUNDS, broken,
-                                      ram="2M") for i in range(5))
+    assert not all(live_save_matches(tmp_path / str(i), guests, ZEROING, FEW_ROUNDS, broken,
+                                     ram="2M") for i in range(5))
 
 
 # The save runs in a fresh interpreter: channels are forked, and a child of the big pytest
@@ -115,7 +91,7 @@ def _peak_channel_rss(size: int, batch_pages: int, delay: float) -> int:
                                  str(delay)], stderr=subprocess.PIPE, text=True)
         try:
             while save.poll() is None:
-                for pid in channel_pids(save.pid):
+                for pid in children(save.pid):
                     peak = max(peak, rss_anon_kib(pid))
                 time.sleep(0.001)
         finally:
@@ -130,6 +106,7 @@ def _peak_channel_rss(size: int, batch_pages: int, delay: float) -> int:
 
 
 @pytest.mark.parametrize("bounded", [True, False], ids=["packets", "unbounded-jobs-bites"])
+@pytest.mark.slow
 def test_bounded_channel_memory(bounded):
     # Unbounded: one job per block holds its page array only for milliseconds; a 0.3 s pause
     # after each job keeps that peak in place for the sampler on a loaded 2-core machine.
@@ -145,10 +122,9 @@ def test_bounded_channel_memory(bounded):
         assert grew >= 4 * 1024, f"the test did not see unbounded jobs grow memory ({grew} KiB)"
 
 
+@pytest.mark.slow
 def test_guest_writes_are_all_in_the_file_after_live_save_via_cli(tmp_path, guests):
     """The same through the CLI, with legacy zero-page detection in the main process."""
-    from conftest import run_mfd
-
     name, g = guests.start("16M", "--dirty-rate", "300M", "--zero-fraction", "0.3")
     mig = tmp_path / "cli.mig"
     r = run_mfd("save", str(mig), "--guest", name, "--zero-page-detection", "legacy",

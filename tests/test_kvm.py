@@ -6,49 +6,29 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
-import blake3
 import orjson
 import pytest
-from conftest import run_mfd, shm_entries
-from test_invariants import MANY_ROUNDS, _live_save_matches
-from test_migrate import finish, start_incoming, wait_listening
+from helpers import (
+    MANY_ROUNDS,
+    K,
+    finish,
+    guest_state,
+    live_save_matches,
+    needs_kvm,
+    run_exits,
+    run_mfd,
+    shm_entries,
+    start_incoming,
+)
 
 import mfd
-from mfd.monitor import monitor_command
 from mfd.options import MigrationParameters, SaveOptions
-from mfd.shm import control, kvm
+from mfd.qmp import monitor_command
+from mfd.shm import control
 from mfd.workers.tcp import free_ports
 from mfd.xhooks import XHooks
-
-WHY = kvm.unavailable()
-needs_kvm = pytest.mark.skipif(WHY is not None, reason=f"no KVM here: {WHY}")
-K = 200  # exits each VM runs after the switchover
-
-
-def _state(g: control.GuestClient) -> dict:
-    """What decides the guest's future: its RAM (blake3), counter, exits and registers."""
-    st = g.query()
-    ram = Path(st["blocks"][0]["path"]).read_bytes()
-    w = st["workload"]
-    return {"ram": blake3.blake3(ram).hexdigest(), "counter": st["pages-written"],
-            "exits": w["exits"], "regs": w["regs"], "sregs": w["sregs"]}
-
-
-def _run_exits(g: control.GuestClient, count: int) -> dict:
-    g.execute("run-exits", count=count)
-    return _parked_state(g)
-
-
-def _parked_state(g: control.GuestClient) -> dict:
-    """The state once the vCPU parked after its run-exits."""
-    deadline = time.monotonic() + 60
-    while g.query()["status"] != "paused":
-        assert time.monotonic() < deadline, "the vCPU did not park"
-        time.sleep(0.02)
-    return _state(g)
 
 
 def _flip_rax_bit(regs_hex: str) -> str:
@@ -58,6 +38,7 @@ def _flip_rax_bit(regs_hex: str) -> str:
 
 
 @needs_kvm
+@pytest.mark.slow
 def test_determinism_across_a_live_migration(tmp_path, guests):
     """A KVM guest migrates live while it writes. The destination (kept paused, QEMU's -S)
     runs K exits; a second VM made from the source's state at switchover (the source kept
@@ -70,15 +51,14 @@ def test_determinism_across_a_live_migration(tmp_path, guests):
         guests.adopt(n)
     port = free_ports(1)
     inc = start_incoming(port, "--guest", dst, "--stopped")
-    wait_listening(port)
     res = mfd.migrate(f"tcp://127.0.0.1:{port}", guest=src,
                       params=MigrationParameters(multifd_channels=2),
                       options=mfd.MigrateOptions(keep_source=True))
     assert finish(inc)[0] == 0 and res.rounds >= 2
     with control.GuestClient(src) as s, control.GuestClient(dst) as d:
         assert s.query()["status"] == d.query()["status"] == "paused"
-        at_switchover = _state(s)
-        assert _state(d) == at_switchover  # the migration itself: the same guest
+        at_switchover = guest_state(s)
+        assert guest_state(d) == at_switchover  # the migration itself: the same guest
         source = s.query()
     mig = tmp_path / "source.mig"
     assert run_mfd("save", str(mig), "--guest", src).returncode == 0
@@ -91,9 +71,9 @@ def test_determinism_across_a_live_migration(tmp_path, guests):
         with open(f.query()["blocks"][0]["path"], "r+b") as ram:  # no truncation: it is mapped
             ram.write(Path(source["blocks"][0]["path"]).read_bytes())
         with control.GuestClient(dst) as d, control.GuestClient(twin) as t:
-            assert _state(t) == at_switchover
-            after_d, after_t = _run_exits(d, K), _run_exits(t, K)
-            after_f = _run_exits(f, K)
+            assert guest_state(t) == at_switchover
+            after_d, after_t = run_exits(d, K), run_exits(t, K)
+            after_f = run_exits(f, K)
     assert after_d["exits"] == at_switchover["exits"] + K
     assert after_d["ram"] != at_switchover["ram"]  # it did run
     assert after_d == after_t
@@ -105,22 +85,25 @@ HARD_KVM = ["--kvm", "--dirty-rate", "400M", "--pattern", "random"]
 
 @needs_kvm
 @pytest.mark.parametrize("protect", ["manual-protect", "get-clears"])
+@pytest.mark.slow
 def test_no_lost_write_under_kvms_dirty_log(tmp_path, guests, protect):
     """A hard-writing vCPU, a live save over many rounds (throttled until it converges):
     the file restores to exactly the RAM the vCPU left at the switchover."""
     extra = [] if protect == "manual-protect" else ["--x-no-manual-protect"]
-    assert _live_save_matches(tmp_path, guests, [*HARD_KVM, *extra], MANY_ROUNDS,
-                              SaveOptions(), min_rounds=3, ram="64M")
+    assert live_save_matches(tmp_path, guests, [*HARD_KVM, *extra], MANY_ROUNDS,
+                             SaveOptions(), min_rounds=3, ram="64M")
 
 
 @needs_kvm
+@pytest.mark.slow
 def test_no_lost_write_bites_without_kvms_dirty_log(tmp_path, guests):
-    assert not _live_save_matches(tmp_path, guests, HARD_KVM, MigrationParameters(),
-                                  SaveOptions(x=XHooks(ignore_dirty_log=True)), min_rounds=1,
-                                  ram="64M")
+    assert not live_save_matches(tmp_path, guests, HARD_KVM, MigrationParameters(),
+                                 SaveOptions(x=XHooks(ignore_dirty_log=True)), min_rounds=1,
+                                 ram="64M")
 
 
 @needs_kvm
+@pytest.mark.slow
 def test_auto_converge_throttles_a_kvm_guest(tmp_path, guests):
     """A vCPU dirtying faster than the link: the migration converges only as the throttle
     rises in QEMU's steps, seen in query-migrate's cpu-throttle-percentage."""
@@ -129,7 +112,6 @@ def test_auto_converge_throttles_a_kvm_guest(tmp_path, guests):
     guests.adopt(dst)
     port = free_ports(1)
     inc = start_incoming(port, "--guest", dst)
-    wait_listening(port)
     qmp = str(tmp_path / "src.qmp")
     seen: set[int] = set()
     done = threading.Event()

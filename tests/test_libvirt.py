@@ -15,11 +15,14 @@ import hashlib
 from pathlib import Path
 
 import pytest
+from helpers import run_mfd
+from libvirtd import Libvirtd, missing
 
 import mfd
+from mfd.options import RestoreOptions
 from mfd.ramimage import generate
-from tests.conftest import run_mfd
-from tests.libvirtd import Libvirtd, missing
+
+pytestmark = pytest.mark.slow
 
 RAM = 64 << 20
 SAVES = {  # image format -> virsh save options
@@ -55,7 +58,7 @@ def restored_blocks(sav: Path, out: Path, names: list[str], channels: int) -> di
     """mfd restore of every block; their sha256."""
     out.mkdir()
     mfd.restore(str(sav), images={n: str(out / n.replace("/", "_")) for n in names},
-                channels=channels)
+                options=RestoreOptions(multifd_channels=channels))
     return {n: hashlib.sha256((out / n.replace("/", "_")).read_bytes()).hexdigest()
             for n in names}
 

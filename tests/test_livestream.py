@@ -4,10 +4,10 @@ main channels and hand-made streams), the return path, and what mfd adds between
 from __future__ import annotations
 
 import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import SHARED
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,7 +16,7 @@ from mfd.protocol import constants as C
 from mfd.protocol import devices, livestream, multifd, peer, ram, returnpath, stream
 from mfd.protocol.codec import Reader
 
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "wire-samples"
+SAMPLES = SHARED / "wire-samples"
 
 
 def _setup(blocks=(("mem", 1 << 20),), extra: bytes = b"") -> bytes:

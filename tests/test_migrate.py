@@ -15,62 +15,33 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import orjson
 import pytest
-from conftest import shm_entries
-from netutil import FakeSource, Relay, wait_until
-from procs import children, cmdline
+from helpers import (
+    children,
+    cmdline,
+    finish,
+    one_line,
+    run_mfd,
+    running,
+    shm_entries,
+    start_incoming,
+    start_migrate,
+    until,
+)
+from netutil import FakeSource, Relay
 
 import mfd
 from mfd.errors import MfdError
-from mfd.monitor import monitor_command
 from mfd.options import MigrationParameters
 from mfd.protocol import multifd
+from mfd.qmp import MonitorGone, QMPClient, monitor_command
 from mfd.ramimage import generate
 from mfd.shm import control
 from mfd.workers.tcp import free_ports
-
-
-def start_incoming(port: int, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "mfd", "incoming", "--listen",
-                             f"tcp:127.0.0.1:{port}", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def start_migrate(port: int, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "mfd", "migrate",
-                             f"tcp:127.0.0.1:{port}", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finish(p: subprocess.Popen, timeout: float = 60) -> tuple[int, str, str]:
-    try:
-        out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        out, err = p.communicate()
-        raise AssertionError(f"did not finish within {timeout} s: {err}") from None
-    return p.returncode, out, err
-
-
-def one_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) >= 1 and "Traceback" not in err, err
-    return lines[-1]
-
-
-def wait_listening(port: int) -> None:
-    import socket
-
-    def up() -> bool:
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", port)) == 0
-
-    assert wait_until(up, 20), "incoming did not start listening"
 
 
 def image_incoming(tmp_path: Path, size: int, seed: int, *args: str
@@ -81,20 +52,7 @@ def image_incoming(tmp_path: Path, size: int, seed: int, *args: str
     out = tmp_path / "dst.bin"
     port = free_ports(1)
     inc = start_incoming(port, "--image", f"mem={out}", *args)
-    wait_listening(port)
     return img, out, port, inc
-
-
-def running(name: str) -> bool:
-    try:
-        with control.GuestClient(name, timeout=5) as g:
-            a = g.query()
-            time.sleep(0.1)
-            b = g.query()
-        return (a["status"] == b["status"] == "running" and b["cpu-throttle-percentage"] == 0
-                and b["pages-written"] > a["pages-written"])
-    except MfdError:
-        return False
 
 
 # ---------------------------------------------------------------------------- success
@@ -108,7 +66,6 @@ def test_live_migration_of_a_writing_guest(guests):
     guests.adopt(dst)
     port = free_ports(1)
     inc = start_incoming(port, "--guest", dst, "--json")
-    wait_listening(port)
     res = mfd.migrate(f"tcp:127.0.0.1:{port}", guest=src,
                       params=MigrationParameters(multifd_channels=4))
     rc, out, err = finish(inc)
@@ -150,6 +107,7 @@ def test_image_migration_end_to_end(tmp_path, compression, extra):
         assert res.transferred < (8 << 20) * 0.8
 
 
+@pytest.mark.slow
 def test_auto_converge_throttles_in_qemus_steps(guests):
     """A guest dirtying faster than the (rate-limited) link converges only because the
     throttle rises: 20, 30, 40 ... as QEMU's cpu-throttle-initial/-increment."""
@@ -158,7 +116,6 @@ def test_auto_converge_throttles_in_qemus_steps(guests):
     guests.adopt(dst)
     port = free_ports(1)
     inc = start_incoming(port, "--guest", dst)
-    wait_listening(port)
     res = mfd.migrate(f"tcp:127.0.0.1:{port}", guest=src, params=MigrationParameters(
         multifd_channels=2, max_bandwidth=20 << 20, auto_converge=True),
         options=mfd.MigrateOptions(timeout=90))
@@ -183,7 +140,6 @@ def _migrate_slow_receiver(guests, *incoming_args: str) -> bool:
     guests.adopt(dst)
     port = free_ports(1)
     inc = start_incoming(port, "--guest", dst, "--x-channel-delay", "0.2", *incoming_args)
-    wait_listening(port)
     try:
         mfd.migrate(f"tcp:127.0.0.1:{port}", guest=src,
                     params=MigrationParameters(multifd_channels=2, downtime_limit=2000))
@@ -198,10 +154,12 @@ def _migrate_slow_receiver(guests, *incoming_args: str) -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_round_order_with_a_slow_receive_channel(guests):
     assert _migrate_slow_receiver(guests)
 
 
+@pytest.mark.slow
 def test_round_order_bites_without_the_receivers_sync(guests):
     assert not all(_migrate_slow_receiver(guests, "--x-skip-sync") for _ in range(5))
 
@@ -219,7 +177,6 @@ def _hostile(action, expect: str, channels: int = 1, compression: str = "none",
     out = (tmp_path or Path("/tmp")) / f"hostile-{port}.bin"
     inc = start_incoming(port, "--image", f"mem={out}", "--multifd-channels", str(channels),
                          "--multifd-compression", compression)
-    wait_listening(port)
     src = FakeSource(port)
     try:
         action(src)
@@ -239,15 +196,18 @@ def _init(uuid=bytes(16), ident=0, magic=0x11223344, version=1) -> bytes:
     return struct.pack(">II16sB", magic, version, uuid, ident).ljust(64, b"\0")
 
 
+# (a channel refused or missing is noticed after the 5 s grace for channels to come: slow)
 @pytest.mark.parametrize("inits,channels,expect", [
-    ([_init(magic=0xDEADBEEF)], 1, "opened 0 multifd channel(s)"),  # refused, then missing
-    ([_init(version=2)], 1, "opened 0 multifd channel(s)"),
+    pytest.param([_init(magic=0xDEADBEEF)], 1, "opened 0 multifd channel(s)",
+                 marks=pytest.mark.slow),  # refused, then missing
+    pytest.param([_init(version=2)], 1, "opened 0 multifd channel(s)", marks=pytest.mark.slow),
     ([_init(uuid=b"\x22" * 16)], 1, "uuid 22222222-"),
     ([_init(ident=5)], 1, "channel id 5, expected 0..0"),
     ([_init(ident=1)], 1, "channel id 1, expected 0..0"),  # QEMU 10: SIGSEGV
     ([_init(ident=0), _init(ident=0)], 2, "duplicate"),
-    ([b"garbage!"], 1, "opened 0 multifd channel(s)"),
-    ([_init(ident=0)], 2, "opened 1 multifd channel(s), this destination expects 2"),
+    pytest.param([b"garbage!"], 1, "opened 0 multifd channel(s)", marks=pytest.mark.slow),
+    pytest.param([_init(ident=0)], 2, "opened 1 multifd channel(s), this destination expects 2",
+                 marks=pytest.mark.slow),
 ])
 def test_hostile_handshake(tmp_path, inits, channels, expect):
     def act(src: FakeSource) -> None:
@@ -309,6 +269,7 @@ def test_strangers_are_refused_and_the_migration_still_works(tmp_path):
     assert out.read_bytes() == img.read_bytes()
 
 
+@pytest.mark.slow
 def test_a_silent_connection_is_dropped(tmp_path):
     """QEMU 10 freezes its main loop on a connection that sends nothing; mfd drops it."""
     _, _, port, inc = image_incoming(tmp_path, 1 << 20, seed=5)
@@ -336,7 +297,6 @@ class Running:
         self.port = free_ports(1)
         self.inc = start_incoming(self.port, "--guest", f"{self.src}d", *incoming_args)
         guests.adopt(f"{self.src}d")
-        wait_listening(self.port)
         target = self.port
         self.relay = None
         if relay:
@@ -344,9 +304,9 @@ class Running:
             self.relay = Relay(target, self.port, 1)
         self.mig = start_migrate(target, "--guest", self.src, *NEVER_CONVERGES, *migrate_args)
         # in flight: both ends have their channels
-        assert wait_until(lambda: len(self.channels(self.mig.pid)) == 2, 30), \
-            self.mig.stderr.read() if self.mig.poll() is not None else "no channels"
-        assert wait_until(lambda: len(self.channels(self.inc.pid)) == 2, 30)
+        until(lambda: len(self.channels(self.mig.pid)) == 2,
+              lambda: self.mig.stderr.read() if self.mig.poll() is not None else "no channels")
+        until(lambda: len(self.channels(self.inc.pid)) == 2, "no channels at the destination")
         time.sleep(0.5)
 
     @staticmethod
@@ -372,16 +332,18 @@ class Running:
         assert shm_entries() <= self.before, "the destination left RAM in /dev/shm"
 
 
+@pytest.mark.slow
 def test_destination_killed(guests):
     r = Running(guests)
     r.inc.send_signal(signal.SIGKILL)
     r.source_fails("migration failed")
     r.inc.wait()
     # the pending guest died with it; its RAM had no name
-    assert wait_until(lambda: not control.is_alive(f"{r.src}d"), 10)
+    until(lambda: not control.is_alive(f"{r.src}d"), "the pending guest lives on", 10)
     assert shm_entries() <= r.before
 
 
+@pytest.mark.slow
 def test_source_channel_killed(guests):
     r = Running(guests)
     os.kill(r.channels(r.mig.pid)[0], signal.SIGKILL)
@@ -389,6 +351,7 @@ def test_source_channel_killed(guests):
     r.destination_fails()
 
 
+@pytest.mark.slow
 def test_destination_channel_killed(guests):
     r = Running(guests)
     os.kill(r.channels(r.inc.pid)[1], signal.SIGKILL)
@@ -396,6 +359,7 @@ def test_destination_channel_killed(guests):
     r.destination_fails()
 
 
+@pytest.mark.slow
 def test_connection_cut(guests):
     r = Running(guests, relay=True)
     assert r.relay is not None
@@ -404,6 +368,7 @@ def test_connection_cut(guests):
     r.destination_fails()
 
 
+@pytest.mark.slow
 def test_migrate_cancel_through_the_monitor(guests, tmp_path):
     path = f"/tmp/mfdmon-{os.getpid()}-{time.monotonic_ns()}.sock"
     dest = f"{path}.dest"
@@ -420,7 +385,7 @@ def test_migrate_cancel_through_the_monitor(guests, tmp_path):
                                        {"downtime-limit": 250})
     assert monitor_command(path, "query-migrate-parameters")["return"] \
         .get("downtime-limit") in (250, 300)  # applied at the next tick
-    events = _qmp_client(path)  # QEMU's MIGRATION events, as a QMP client sees them
+    events = QMPClient(path)  # QEMU's MIGRATION events, as a QMP client sees them
     assert "return" in monitor_command(path, "migrate_cancel")
     r.source_fails("migration cancelled: cancelled by migrate_cancel")
     seen = _read_events(events)
@@ -429,38 +394,23 @@ def test_migrate_cancel_through_the_monitor(guests, tmp_path):
     assert not os.path.exists(path) and not os.path.exists(dest)
 
 
-def _qmp_client(path: str):
-    import socket
-
-    c = socket.socket(socket.AF_UNIX)
-    c.settimeout(10)
-    c.connect(path)
-    f = c.makefile("rwb")
-    assert b"QMP" in f.readline()
-    f.write(b'{"execute": "qmp_capabilities"}\n')
-    f.flush()
-    assert b"return" in f.readline()
-    return c, f
-
-
-def _read_events(client) -> list[str]:
-    """MIGRATION statuses until a final one (or the monitor closes), bounded by the
-    socket's timeout."""
-    c, f = client
-    seen = []
-    with c, f:
+def _read_events(client: QMPClient) -> list[str]:
+    """MIGRATION statuses until a final one (or the monitor closes), each within 10 s."""
+    seen: list[str] = []
+    with client:
         while not seen or seen[-1] not in ("completed", "failed", "cancelled"):
-            line = f.readline()
-            if not line:
+            try:
+                msg = client.event(timeout=10)
+            except MonitorGone:
                 break
-            msg = orjson.loads(line)
-            if msg.get("event") == "MIGRATION":
+            if msg["event"] == "MIGRATION":
                 seen.append(msg["data"]["status"])
     return seen
 
 
 @pytest.mark.parametrize(("sig", "says", "rc"), [(signal.SIGINT, "interrupted", 130),
                                                  (signal.SIGTERM, "terminated (SIGTERM)", 143)])
+@pytest.mark.slow
 def test_ctrl_c_or_sigterm(guests, sig, says, rc):
     """Ctrl-C, or SIGTERM as from `docker stop`: cancelled, the guest runs on, one line."""
     r = Running(guests)
@@ -469,12 +419,14 @@ def test_ctrl_c_or_sigterm(guests, sig, says, rc):
     r.destination_fails()
 
 
+@pytest.mark.slow
 def test_timeout_cancels(guests):
     r = Running(guests, "--timeout", "3")
     r.source_fails("did not complete within 3 s")
     r.destination_fails()
 
 
+@pytest.mark.slow
 def test_timeout_cancels_without_multifd(guests):
     """The main channel carries the pages, paced by the rate limiter (the socket never
     blocks): --timeout still cancels, within a batch."""
@@ -482,7 +434,6 @@ def test_timeout_cancels_without_multifd(guests):
     port = free_ports(1)
     inc = start_incoming(port, "--guest", f"{src}d")
     guests.adopt(f"{src}d")
-    wait_listening(port)
     mig = start_migrate(port, "--guest", src, "--no-multifd", *NEVER_CONVERGES, "--timeout",
                         "3")
     rc, _, err = finish(mig, 20)
@@ -494,7 +445,6 @@ def test_timeout_cancels_without_multifd(guests):
 def test_no_destination():
     """Nobody listening: one line, bounded."""
     port = free_ports(1)
-    p = subprocess.run([sys.executable, "-m", "mfd", "migrate", f"tcp:127.0.0.1:{port}",
-                        "--image", "mem=/dev/null"], capture_output=True, text=True, timeout=60)
+    p = run_mfd("migrate", f"tcp:127.0.0.1:{port}", "--image", "mem=/dev/null", timeout=60)
     assert p.returncode == 1
     assert "image" in one_line(p.stderr) or "reach" in one_line(p.stderr)

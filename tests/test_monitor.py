@@ -19,7 +19,8 @@ import pytest
 
 import mfd
 from mfd.errors import MfdError
-from mfd.monitor import MAX_CLIENTS, MAX_INPUT, MonitorServer, monitor_command
+from mfd.monitor import MAX_CLIENTS, MAX_INPUT, MonitorServer
+from mfd.qmp import monitor_command
 
 WAIT = 5.0  # longest wait for anything the server should send; never reached when it works
 QUIET = 0.2  # how long "nothing arrives" is watched

@@ -12,40 +12,43 @@ import time
 
 import orjson
 import pytest
-from conftest import run_mfd, shm_entries
-from test_kvm import K, _parked_state, _run_exits, needs_kvm
-from test_migrate import finish, one_line, running, start_incoming, start_migrate, wait_listening
+from helpers import (
+    POSTCOPY_LINK,
+    K,
+    finish,
+    mfd_status,
+    needs_kvm,
+    one_line,
+    parked_state,
+    postcopy_pair,
+    resumed_to_the_end,
+    run_exits,
+    run_mfd,
+    running,
+    shm_entries,
+    start_incoming,
+    start_migrate,
+    until,
+)
+from netutil import Relay
 
 import mfd
 from mfd.errors import MfdError
-from mfd.monitor import monitor_command
-from mfd.options import MigrationParameters
+from mfd.options import MigrationParameters, RestoreOptions
+from mfd.qmp import monitor_command
 from mfd.shm import control
 from mfd.workers.tcp import free_ports
 from mfd.xhooks import XHooks
 
-DIRTY = ("--dirty-rate", "200M")  # 4x the link below
-LINK = ("--max-bandwidth", "50M")
 
-
-def postcopy_pair(guests, *incoming_args: str) -> tuple[str, str, int, object]:
-    src, _ = guests.start("64M", *DIRTY)
-    dst = f"{src}d"
-    guests.adopt(dst)
-    port = free_ports(1)
-    inc = start_incoming(port, "--guest", dst, "--postcopy-ram", "--timeout", "60",
-                         *incoming_args)
-    wait_listening(port)
-    return src, dst, port, inc
-
-
-@pytest.mark.parametrize("preempt", [False, True], ids=["plain", "preempt"])
+@pytest.mark.parametrize("preempt", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["plain", "preempt"])
 def test_a_guest_dirtying_faster_than_the_link_moves_in_postcopy(guests, preempt):
     flag = ["--postcopy-preempt"] if preempt else []
     src, dst, port, inc = postcopy_pair(guests, "--json", *flag)
     before = shm_entries()
     mig = start_migrate(port, "--guest", src, "--no-multifd", "--postcopy-ram",
-                        "--postcopy-after", "1", *LINK, "--json", *flag)
+                        "--postcopy-after", "1", *POSTCOPY_LINK, "--json", *flag)
     rc, out, err = finish(mig)
     assert rc == 0, err
     q = orjson.loads(out)
@@ -66,10 +69,11 @@ def test_a_guest_dirtying_faster_than_the_link_moves_in_postcopy(guests, preempt
     assert shm_entries() - before <= {f"mfd-{dst}-mem"}
 
 
+@pytest.mark.slow
 def test_migrate_start_postcopy_on_the_monitor(guests, tmp_path):
     src, dst, port, inc = postcopy_pair(guests)
     qmp = str(tmp_path / "src.qmp")
-    mig = start_migrate(port, "--guest", src, "--no-multifd", "--postcopy-ram", *LINK,
+    mig = start_migrate(port, "--guest", src, "--no-multifd", "--postcopy-ram", *POSTCOPY_LINK,
                         "--monitor", qmp)
     deadline = time.monotonic() + 20
     while not os.path.exists(qmp) and time.monotonic() < deadline:
@@ -92,7 +96,6 @@ def test_refusals_in_one_line(guests):
     assert rc == 2 and "Postcopy is not yet compatible with multifd" in one_line(err)
     # a destination without --postcopy-ram: the source's ADVISE is refused
     inc = start_incoming(port, "--guest", f"{src}d", "--timeout", "30")
-    wait_listening(port)
     mig = start_migrate(port, "--guest", src, "--no-multifd", "--postcopy-ram")
     rc, _, err = finish(mig)
     assert rc == 1 and "--postcopy-ram" in one_line(err), err
@@ -101,6 +104,7 @@ def test_refusals_in_one_line(guests):
     assert running(src), "before the switch the source's guest runs on"
 
 
+@pytest.mark.slow
 def test_the_destination_killed_during_postcopy(guests):
     """As QEMU: the source goes to postcopy-paused, says so in one line, and never resumes
     its guest by itself (the destination's may have run)."""
@@ -137,6 +141,7 @@ def test_postcopy_after_needs_postcopy_ram(guests, args):
 
 
 @needs_kvm
+@pytest.mark.slow
 def test_a_kvm_guest_runs_on_through_postcopy_faults_deterministically(tmp_path, guests):
     """The KVM guest's vCPU faults in KVM_RUN on pages not yet pushed (the push is slowed
     to make sure), they are fetched on request; after K exits it is exactly where a twin
@@ -148,7 +153,6 @@ def test_a_kvm_guest_runs_on_through_postcopy_faults_deterministically(tmp_path,
     guests.adopt(twin)
     port = free_ports(1)
     inc = start_incoming(port, "--guest", dst, "--postcopy-ram", "--stopped", "--timeout", "90")
-    wait_listening(port)
     out: dict = {}
 
     def migrate() -> None:
@@ -186,13 +190,13 @@ def test_a_kvm_guest_runs_on_through_postcopy_faults_deterministically(tmp_path,
     assert run_mfd("save", str(mig), "--guest", src).returncode == 0  # paused at the switch
     assert run_mfd("restore", str(mig), "--guest", twin).returncode == 0
     with control.GuestClient(twin) as t:
-        after_t = _run_exits(t, K)
+        after_t = run_exits(t, K)
     assert after_d == after_t
 
 
 def _state_once_parked(name: str) -> dict:
     with control.GuestClient(name) as g:
-        return _parked_state(g)
+        return parked_state(g)
 
 
 def _postcopy_running(src: str) -> bool:
@@ -200,12 +204,13 @@ def _postcopy_running(src: str) -> bool:
         return s.query()["status"] == "paused"
 
 
+@pytest.mark.slow
 def test_garbage_on_the_preempt_channel(guests):
     """The next connection after the main channel is the preempt channel (QEMU 10.0's
     rule): garbage there fails the destination in one line, before the switch, and the
     source's guest runs on."""
     src, _, port, inc = postcopy_pair(guests, "--postcopy-preempt")
-    mig = start_migrate(port, "--guest", src, "--no-multifd", "--postcopy-ram", *LINK)
+    mig = start_migrate(port, "--guest", src, "--no-multifd", "--postcopy-ram", *POSTCOPY_LINK)
     time.sleep(1.0)  # the main channel is there
     import socket
 
@@ -218,6 +223,7 @@ def test_garbage_on_the_preempt_channel(guests):
     assert running(src)
 
 
+@pytest.mark.slow
 def test_a_quiet_preempt_channel_is_kept(guests):
     """The preempt channel carries nothing until the guest asks for a page: a destination
     whose guest stays paused (``--stopped``, no faults) through a push longer than the
@@ -225,7 +231,7 @@ def test_a_quiet_preempt_channel_is_kept(guests):
     src, _, port, inc = postcopy_pair(guests, "--postcopy-preempt", "--stopped")
     t0 = time.monotonic()
     mig = start_migrate(port, "--guest", src, "--no-multifd", "--postcopy-ram",
-                        "--postcopy-preempt", "--postcopy-after", "0.5", *LINK,
+                        "--postcopy-preempt", "--postcopy-after", "0.5", *POSTCOPY_LINK,
                         "--max-postcopy-bandwidth", "8M")
     rc, _, err = finish(mig)
     assert rc == 0, err
@@ -235,6 +241,7 @@ def test_a_quiet_preempt_channel_is_kept(guests):
 
 
 @needs_kvm
+@pytest.mark.slow
 def test_lazy_restore_runs_the_guest_before_its_ram_is_read(tmp_path, guests):
     """``mfd restore --guest --lazy``: the KVM guest makes its first exits while the file is
     still being read (its faults served from the file; the channels slowed to make sure),
@@ -246,24 +253,25 @@ def test_lazy_restore_runs_the_guest_before_its_ram_is_read(tmp_path, guests):
     lazy, full = f"{src}l", f"{src}f"
     guests.adopt(lazy)
     guests.adopt(full)
-    res = mfd.restore(str(mig), guest=lazy, channels=2, lazy=True, x_run_exits=K,
-                      x=XHooks(channel_delays=(0.05,) * 8))
+    res = mfd.restore(str(mig), guest=lazy, options=RestoreOptions(
+        multifd_channels=2, lazy=True, x=XHooks(channel_delays=(0.05,) * 8, run_exits=K)))
     assert res.verified, "the trailer's digests of what the channels read"
     assert res.faults > 0 and res.exits_before_loaded > 0, res
     assert res.running_after < res.seconds
     after_lazy = _state_once_parked(lazy)
     mfd.restore(str(mig), guest=full)
     with control.GuestClient(full) as g:
-        after_full = _run_exits(g, K)
+        after_full = run_exits(g, K)
     assert after_lazy == after_full
 
 
 def test_lazy_restore_refusals(tmp_path, guests, reference):
     with pytest.raises(MfdError, match="needs a mapped-ram file"):
-        mfd.restore(str(reference["case3_stream.mig"]), guest=f"lz{os.getpid()}", lazy=True)
+        mfd.restore(str(reference["case3_stream.mig"]), guest=f"lz{os.getpid()}",
+                    options=RestoreOptions(lazy=True))
     with pytest.raises(MfdError, match="give --guest"):
         mfd.restore(str(reference["case3_stream.mig"]), images={"mem": str(tmp_path / "x")},
-                    lazy=True)
+                    options=RestoreOptions(lazy=True))
 
 
 def test_a_request_outside_every_block_fails_the_source_in_one_line(guests):
@@ -298,64 +306,33 @@ def test_a_request_outside_every_block_fails_the_source_in_one_line(guests):
     assert "not whole pages inside block 'mem'" in line
 
 
-def _status(qmp: str) -> str | None:
-    try:
-        return monitor_command(qmp, "query-migrate", None, 2.0)["return"]["status"]
-    except (MfdError, KeyError):
-        return None
-
-
-def _until(cond, what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
-
-
-def resumed_to_the_end(src_qmp: str, port: int, mig, inc, dst: str) -> str:
-    """QMP migrate with resume on the paused source (the push's cap lifted, as
-    migrate-set-parameters can while migrating): both ends complete, RAM verified, the
-    guest running at the destination. The destination's stderr."""
-    assert monitor_command(src_qmp, "migrate-set-parameters",
-                           {"max-postcopy-bandwidth": 0}, 5.0) == {"return": {}}
-    assert monitor_command(src_qmp, "migrate", {"uri": f"tcp:127.0.0.1:{port}",
-                                                "resume": True}, 5.0) == {"return": {}}
-    rc, _, err = finish(mig)
-    assert rc == 0 and "postcopy paused" in err, err
-    rc, out, err = finish(inc)
-    assert rc == 0 and "RAM verified equal" in out, err
-    assert running(dst)
-    return err
-
-
 @pytest.mark.parametrize(("preempt", "alone"), [(False, False), (True, False), (True, True)],
                          ids=["plain", "preempt", "preempt-channel-alone"])
+@pytest.mark.slow
 def test_the_link_cut_mid_postcopy_then_recovered(guests, tmp_path, preempt, alone):
     """Both ends go to postcopy-paused (the destination's guest waits on missing pages,
     the source keeps every page); migrate-recover on the destination and migrate with
     resume on the source complete it, and RAM is equal (verified at the end). The
     preempt channel lost by itself pauses both ends too, as in QEMU."""
-    from netutil import Relay
-
     flag = ["--postcopy-preempt"] if preempt else []
     src, dst, port, inc = postcopy_pair(guests, "--monitor", str(tmp_path / "dst.qmp"), *flag)
     relay_port = free_ports(1)
     relay = Relay(relay_port, port, 1)  # every connection to it: main and preempt
     src_qmp, dst_qmp = str(tmp_path / "src.qmp"), str(tmp_path / "dst.qmp")
     mig = start_migrate(relay_port, "--guest", src, "--no-multifd", "--postcopy-ram",
-                        "--postcopy-after", "0.5", *LINK, "--max-postcopy-bandwidth", "4M",
+                        "--postcopy-after", "0.5", *POSTCOPY_LINK, "--max-postcopy-bandwidth", "4M",
                         "--monitor", src_qmp, *flag)
     try:
-        _until(lambda: _status(src_qmp) == "postcopy-active", "postcopy did not start")
-        _until(lambda: _status(dst_qmp) == "postcopy-active", "the guest did not run")
+        until(lambda: mfd_status(src_qmp) == "postcopy-active", "postcopy did not start")
+        until(lambda: mfd_status(dst_qmp) == "postcopy-active", "the guest did not run")
         time.sleep(0.5)
         if alone:
-            _until(lambda: len(relay.accepted) == 2, "no preempt channel")
+            until(lambda: len(relay.accepted) == 2, "no preempt channel")
             relay.cut_one(1)  # the main channel came first
         else:
             relay.cut()
-        _until(lambda: _status(src_qmp) == "postcopy-paused", "the source did not pause")
-        _until(lambda: _status(dst_qmp) == "postcopy-paused", "the destination did not pause")
+        until(lambda: mfd_status(src_qmp) == "postcopy-paused", "the source did not pause")
+        until(lambda: mfd_status(dst_qmp) == "postcopy-paused", "the destination did not pause")
         assert monitor_command(dst_qmp, "migrate-recover",
                                {"uri": f"tcp:127.0.0.1:{port}"}, 5.0) == {"return": {}}
         err = resumed_to_the_end(src_qmp, port, mig, inc, dst)
@@ -364,13 +341,12 @@ def test_the_link_cut_mid_postcopy_then_recovered(guests, tmp_path, preempt, alo
         relay.cut()
 
 
+@pytest.mark.slow
 def test_a_recv_bitmap_for_an_unknown_block(guests, tmp_path):
     """A postcopy-paused destination takes the next main connection as the source's
     resume; one asking for the received bitmap of a block it does not have fails it in one
     line (its guest, which ran on RAM that never all arrived, goes with it)."""
     import socket
-
-    from netutil import Relay
 
     dst_qmp = str(tmp_path / "dst.qmp")
     src, dst, port, inc = postcopy_pair(guests, "--monitor", dst_qmp)
@@ -378,13 +354,13 @@ def test_a_recv_bitmap_for_an_unknown_block(guests, tmp_path):
     relay = Relay(relay_port, port, 1)
     src_qmp = str(tmp_path / "src.qmp")
     mig = start_migrate(relay_port, "--guest", src, "--no-multifd", "--postcopy-ram",
-                        "--postcopy-after", "0.5", *LINK, "--max-postcopy-bandwidth", "4M",
+                        "--postcopy-after", "0.5", *POSTCOPY_LINK, "--max-postcopy-bandwidth", "4M",
                         "--monitor", src_qmp)
     try:
-        _until(lambda: _status(src_qmp) == "postcopy-active", "postcopy did not start")
-        _until(lambda: _status(dst_qmp) == "postcopy-active", "the guest did not run")
+        until(lambda: mfd_status(src_qmp) == "postcopy-active", "postcopy did not start")
+        until(lambda: mfd_status(dst_qmp) == "postcopy-active", "the guest did not run")
         relay.cut()
-        _until(lambda: _status(dst_qmp) == "postcopy-paused", "the destination did not pause")
+        until(lambda: mfd_status(dst_qmp) == "postcopy-paused", "the destination did not pause")
         with socket.create_connection(("127.0.0.1", port)) as s:
             s.sendall(bytes.fromhex("08 000a 0004 03 6d6578"))  # RECV_BITMAP "mex"
             rc, _, err = finish(inc)

@@ -9,16 +9,16 @@ import time
 from pathlib import Path
 
 import pytest
-from test_wire_qemu import QMP_TIMEOUT, Mfd, assert_same_ram, wait_listening
+from helpers import QMP_TIMEOUT, Mfd, assert_same_ram, mfd_status, needs_qemu, until, wait_listening
+from netutil import Relay
 
-from mfd.bench.qemu import QemuMachine, qemu_binary
+from mfd.bench.qemu import QemuMachine
+from mfd.qmp import monitor_command
 from mfd.ramimage import generate
 from mfd.shm import control
 from mfd.workers.tcp import free_ports
 
-pytestmark = [pytest.mark.qemu,
-              pytest.mark.skipif(qemu_binary() is None,
-                                 reason="qemu-system-x86_64 >= 9 not installed")]
+pytestmark = [pytest.mark.qemu, pytest.mark.slow, needs_qemu]
 
 SIZE = 64 << 20
 WAIT = 60.0
@@ -98,30 +98,9 @@ def test_qemu_to_mfd_postcopy(shm_file, guests, preempt):
     assert_same_ram(src, res["blocks"]["mem"])
 
 
-def _until(cond, what: str, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
-
-
-def _mfd_status(qmp: str) -> str | None:
-    from mfd.errors import MfdError
-    from mfd.monitor import monitor_command
-
-    try:
-        return monitor_command(qmp, "query-migrate", None, 2.0)["return"]["status"]
-    except (MfdError, KeyError):
-        return None
-
-
 def test_qemu_to_mfd_postcopy_recovery(shm_file, guests, tmp_path):
     """QEMU's source, the link cut mid-postcopy: QEMU and mfd both pause; QEMU's migrate
     with resume=true to mfd's port completes it; RAM equal."""
-    from netutil import Relay
-
-    from mfd.monitor import monitor_command
-
     src = shm_file("qemu-src")
     generate(str(src), SIZE, seed=4)
     dst = f"pr{os.getpid()}"
@@ -140,13 +119,13 @@ def test_qemu_to_mfd_postcopy_recovery(shm_file, guests, tmp_path):
             q.start_migrate(f"tcp:127.0.0.1:{relay_port}")
             time.sleep(0.5)
             q.qmp("migrate-start-postcopy")
-            _until(lambda: q.qmp("query-migrate")["status"] == "postcopy-active",
-                   "QEMU did not start postcopy")
+            until(lambda: q.qmp("query-migrate")["status"] == "postcopy-active",
+                  "QEMU did not start postcopy", WAIT)
             time.sleep(0.5)
             relay.cut()
-            _until(lambda: q.qmp("query-migrate")["status"] == "postcopy-paused",
-                   "QEMU did not pause")
-            _until(lambda: _mfd_status(dst_qmp) == "postcopy-paused", "mfd did not pause")
+            until(lambda: q.qmp("query-migrate")["status"] == "postcopy-paused",
+                  "QEMU did not pause", WAIT)
+            until(lambda: mfd_status(dst_qmp) == "postcopy-paused", "mfd did not pause", WAIT)
             assert monitor_command(dst_qmp, "migrate-recover",
                                    {"uri": f"tcp:127.0.0.1:{port}"}, 5.0) == {"return": {}}
             q.qmp("migrate", uri=f"tcp:127.0.0.1:{port}", resume=True)
@@ -161,10 +140,6 @@ def test_qemu_to_mfd_postcopy_recovery(shm_file, guests, tmp_path):
 def test_mfd_to_qemu_postcopy_recovery(shm_file, guests, tmp_path):
     """mfd's source, the link cut mid-postcopy: both pause; QEMU's migrate-recover on a
     new port and mfd's migrate with resume=true to it complete it; RAM equal."""
-    from netutil import Relay
-
-    from mfd.monitor import monitor_command
-
     src, _ = guests.start("64M", "--dirty-rate", "100M")
     out = shm_file("qemu-dst")
     with open(out, "wb") as f:
@@ -180,14 +155,14 @@ def test_mfd_to_qemu_postcopy_recovery(shm_file, guests, tmp_path):
                      "--no-multifd", "--postcopy-ram", "--postcopy-after", "0.5",
                      "--max-bandwidth", "30M", "--max-postcopy-bandwidth", "4M",
                      "--keep-source", "--json", "--monitor", src_qmp) as mig:
-                _until(lambda: q.qmp("query-migrate").get("status") == "postcopy-active",
-                       "QEMU did not see postcopy start")
+                until(lambda: q.qmp("query-migrate").get("status") == "postcopy-active",
+                      "QEMU did not see postcopy start", WAIT)
                 time.sleep(0.5)
                 relay.cut()
-                _until(lambda: q.qmp("query-migrate").get("status") == "postcopy-paused",
-                       "QEMU did not pause")
-                _until(lambda: _mfd_status(src_qmp) == "postcopy-paused",
-                       "mfd did not pause")
+                until(lambda: q.qmp("query-migrate").get("status") == "postcopy-paused",
+                      "QEMU did not pause", WAIT)
+                until(lambda: mfd_status(src_qmp) == "postcopy-paused", "mfd did not pause",
+                      WAIT)
                 q.qmp("migrate-recover", uri=f"tcp:127.0.0.1:{again}")
                 assert monitor_command(src_qmp, "migrate", {"uri": f"tcp:127.0.0.1:{again}",
                                                             "resume": True}, 5.0) == \

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import qemu_temp_files
+from helpers import needs_qemu, qemu_temp_files
 
 from mfd.bench.qemu import (
     QemuError,
@@ -24,24 +24,16 @@ from mfd.bench.qemu import (
     qemu_version,
 )
 
-pytestmark = [
-    pytest.mark.qemu,
-    pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 >= 9 not installed"),
-]
+pytestmark = [pytest.mark.qemu, needs_qemu]
 
 PAGE = 4096
 IMAGE_SIZE = 4 << 20
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-REFERENCE = SHARED / "reference"
 REF_IMAGE_SHA256 = "9f0f4101c1bfa421f6d6e5be656aede2dfee9a0cc078078196e3dcbe26676ec5"
-TMP_PREFIX = "mfd-qemu-"
 
 
 def _qemu_count() -> int:
     out = subprocess.run(["pgrep", "-f", "qemu-system"], capture_output=True, text=True).stdout
     return len(out.split())
-
-
 
 
 @pytest.fixture(autouse=True)
@@ -50,10 +42,6 @@ def no_leftovers() -> Iterator[None]:
     before = qemu_temp_files()
     yield
     assert qemu_temp_files() - before == set()
-
-
-def _zstd_dc(path: Path) -> bytes:
-    return subprocess.run(["zstd", "-dc", str(path)], capture_output=True, check=True).stdout
 
 
 @pytest.fixture(scope="module")
@@ -110,18 +98,13 @@ def test_save_restore_with_offset(image: Path, tmp_path: Path) -> None:
     assert out.read_bytes() == image.read_bytes()
 
 
-def test_reference_case1_restores(tmp_path: Path) -> None:
-    mig_zst = REFERENCE / "case1_mapped-ram.mig.zst"
-    img_zst = REFERENCE / "ram_16M_seed1.bin.zst"
-    if not (mig_zst.exists() and img_zst.exists()) or shutil.which("zstd") is None:
-        pytest.skip("reference files or zstd CLI not available")
-    mig = tmp_path / "case1.mig"
-    mig.write_bytes(_zstd_dc(mig_zst))
-    expected = _zstd_dc(img_zst)
+def test_reference_case1_restores(tmp_path: Path, reference: dict[str, Path]) -> None:
+    expected = reference["ram_16M_seed1.bin"].read_bytes()
     assert hashlib.sha256(expected).hexdigest() == REF_IMAGE_SHA256
 
     out = tmp_path / "restored.bin"
-    result = qemu_restore(str(mig), str(out), len(expected), mapped_ram=True)
+    result = qemu_restore(str(reference["case1_mapped-ram.mig"]), str(out), len(expected),
+                          mapped_ram=True)
     assert result["query_migrate"]["status"] == "completed"
     assert out.read_bytes() == expected
 

@@ -14,33 +14,39 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import run_mfd
-from test_migrate import running
-from test_wire_qemu import (
+from helpers import (
+    IMAGE_SIZE,
+    POSTCOPY_LINK,
     QMP_TIMEOUT,
-    SIZE,
     WAIT,
     Mfd,
     assert_same_ram,
-    image,  # noqa: F401 - the fixture
-    one_line,
+    mfd_status,
+    needs_qemu,
+    only_line,
+    postcopy_pair,
+    resumed_to_the_end,
+    run_mfd,
+    running,
     source_copy,
+    start_mfd,
+    start_migrate,
+    until,
     wait_listening,
     zero_file,
 )
+from netutil import Relay
 
 from mfd import tlscerts
-from mfd.bench.qemu import QemuMachine, qemu_binary
-from mfd.monitor import monitor_command
+from mfd.bench.qemu import QemuMachine
+from mfd.qmp import monitor_command
 from mfd.workers.tcp import free_ports
 from mfd.workers.tls import HANDSHAKE_S
 
-needs_qemu = pytest.mark.skipif(qemu_binary() is None, reason="QEMU 10 not installed")
 REFUSED_WITHIN = HANDSHAKE_S + 10  # a refusal shows on both ends within this
 
 
@@ -80,10 +86,12 @@ def tls(creds: str) -> list[str]:
 # ---------------------------------------------------------------------------- mfd <-> mfd
 
 
-@pytest.mark.parametrize("multifd", [["--multifd-channels", "1"],
-                                     ["--multifd-channels", "4"], ["--no-multifd"]],
-                         ids=["1ch", "4ch", "nomultifd"])
-def test_mfd_to_mfd_with_tls(tmp_path: Path, creds: str, image: Path, multifd) -> None:  # noqa: F811
+@pytest.mark.parametrize("multifd", [
+    ["--multifd-channels", "1"],
+    pytest.param(["--multifd-channels", "4"], marks=pytest.mark.slow),
+    pytest.param(["--no-multifd"], marks=pytest.mark.slow),
+], ids=["1ch", "4ch", "nomultifd"])
+def test_mfd_to_mfd_with_tls(tmp_path: Path, creds: str, image: Path, multifd) -> None:
     out, qmp = tmp_path / "out.bin", str(tmp_path / "dst.qmp")
     port = free_ports(1)
     with Mfd("incoming", "--listen", f"tcp:127.0.0.1:{port}", "--image", f"mem={out}",
@@ -108,13 +116,14 @@ CASES = [(0, "none"), (1, "zstd"), (2, "none"), (4, "zstd")]
 
 @needs_qemu
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}ch-{c[1]}")
-def test_qemu_to_mfd_with_tls(tmp_path: Path, creds: str, image: Path, case) -> None:  # noqa: F811
+@pytest.mark.slow
+def test_qemu_to_mfd_with_tls(tmp_path: Path, creds: str, image: Path, case) -> None:
     ch, comp = case
     out, port = tmp_path / "out.bin", free_ports(1)
     multifd = ["--multifd-channels", str(ch), "--multifd-compression", comp] if ch else []
     with Mfd("incoming", "--listen", f"tcp:127.0.0.1:{port}", "--image", f"mem={out}",
              "--json", "--timeout", str(WAIT), *multifd, *tls(creds)) as inc, \
-            QemuMachine(str(source_copy(image, tmp_path)), SIZE, timeout=QMP_TIMEOUT) as q:
+            QemuMachine(str(source_copy(image, tmp_path)), IMAGE_SIZE, timeout=QMP_TIMEOUT) as q:
         wait_listening(port, inc.alive)
         q.set_migration(multifd_channels=ch, multifd_compression=comp)
         q.set_tls(creds, server=False)
@@ -126,12 +135,13 @@ def test_qemu_to_mfd_with_tls(tmp_path: Path, creds: str, image: Path, case) -> 
 
 @needs_qemu
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}ch-{c[1]}")
-def test_mfd_to_qemu_with_tls(tmp_path: Path, creds: str, image: Path, case) -> None:  # noqa: F811
+@pytest.mark.slow
+def test_mfd_to_qemu_with_tls(tmp_path: Path, creds: str, image: Path, case) -> None:
     ch, comp = case
-    ram, port = zero_file(tmp_path / "dst.bin", SIZE), free_ports(1)
+    ram, port = zero_file(tmp_path / "dst.bin", IMAGE_SIZE), free_ports(1)
     multifd = ["--multifd-channels", str(ch), "--multifd-compression", comp] if ch else \
         ["--no-multifd"]
-    with QemuMachine(str(ram), SIZE, incoming=True, timeout=QMP_TIMEOUT) as q:
+    with QemuMachine(str(ram), IMAGE_SIZE, incoming=True, timeout=QMP_TIMEOUT) as q:
         q.set_migration(multifd_channels=ch, multifd_compression=comp)
         q.set_tls(creds, server=True, authz="O=mfd,CN=mfd-client")  # verify-peer: QEMU's default
         q.start_migrate_incoming(f"tcp:127.0.0.1:{port}")
@@ -154,10 +164,9 @@ class Destination:
         self.out = tmp_path / "out.bin"
         self.err_path = tmp_path / "incoming.err"
         with open(self.err_path, "w") as err:
-            self.p = subprocess.Popen(
-                [sys.executable, "-m", "mfd", "incoming", "--listen",
-                 f"tcp:127.0.0.1:{self.port}", "--image", f"mem={self.out}", "--timeout", "60",
-                 *args], stdout=subprocess.DEVNULL, stderr=err)
+            self.p = start_mfd("incoming", "--listen", f"tcp:127.0.0.1:{self.port}", "--image",
+                               f"mem={self.out}", "--timeout", "60", *args,
+                               stdout=subprocess.DEVNULL, stderr=err)
         wait_listening(self.port, lambda: self.p.poll() is None)
 
     def says(self, text: str, within: float = REFUSED_WITHIN) -> str:
@@ -187,7 +196,7 @@ def refused(guests, tmp_path: Path, dst_args: list[str], src_args: list[str],
     try:
         r = run_mfd("migrate", f"tcp:127.0.0.1:{dst.port}", "--guest", src, *src_args,
                     timeout=REFUSED_WITHIN + 10)
-        assert r.returncode == 1 and src_says in one_line(r.stderr), r.stderr
+        assert r.returncode == 1 and src_says in only_line(r.stderr), r.stderr
         dst.says(dst_says)
         assert running(src), "the source's guest runs on"
     finally:
@@ -199,29 +208,34 @@ def test_a_source_without_tls_is_refused(guests, tmp_path, creds):
             "TLS: the peer sends a migration stream without TLS", "migration failed")
 
 
+@pytest.mark.slow
 def test_a_tls_source_is_refused_by_a_destination_without_tls(guests, tmp_path, creds):
     refused(guests, tmp_path, [], tls(creds),
             "it starts a TLS handshake, and this destination has no TLS",
             "the peer closed the connection during the TLS handshake")
 
 
+@pytest.mark.slow
 def test_a_destination_from_an_unknown_ca_is_refused(guests, tmp_path, creds, other_ca):
     refused(guests, tmp_path, tls(creds), tls(other_ca), "TLS: the peer refused the "
             "handshake", "certificate verify failed")
 
 
+@pytest.mark.slow
 def test_a_wrong_host_name_is_refused(guests, tmp_path, creds):
     refused(guests, tmp_path, tls(creds), [*tls(creds), "--tls-hostname", "wrong.example"],
             "TLS: the peer refused the handshake",
             "certificate verify failed: Hostname mismatch")
 
 
+@pytest.mark.slow
 def test_a_client_certificate_outside_tls_authz_is_refused(guests, tmp_path, creds):
     refused(guests, tmp_path, [*tls(creds), "--tls-authz", "O=mfd,CN=someone-else"],
             tls(creds), "the client certificate 'O=mfd,CN=mfd-client' is not in --tls-authz",
             "migration failed")
 
 
+@pytest.mark.slow
 def test_a_client_certificate_from_an_unknown_ca_is_refused(guests, tmp_path, creds,
                                                             other_ca):
     """The destination checks the source's certificate (verify-peer): another CA's is
@@ -236,17 +250,18 @@ def test_a_client_certificate_from_an_unknown_ca_is_refused(guests, tmp_path, cr
             "migration failed")
 
 
+@pytest.mark.slow
 def test_expired_certificates(guests, tmp_path, creds, expired):
     """An end refuses its own expired certificate at start (as QEMU refuses to create the
     tls-creds-x509 object); a destination refuses a peer's expired one."""
     src, _ = guests.start("64M", "--dirty-rate", "20M")
     r = run_mfd("migrate", "tcp:127.0.0.1:9", "--guest", src, *tls(expired))
     assert r.returncode == 1 and "client-cert.pem: the certificate expired on" in \
-        one_line(r.stderr), r.stderr
+        only_line(r.stderr), r.stderr
     r = run_mfd("incoming", "--listen", "tcp:127.0.0.1:9", "--image", "mem=/nonexistent",
                 *tls(expired))
     assert r.returncode == 1 and "server-cert.pem: the certificate expired on" in \
-        one_line(r.stderr), r.stderr
+        only_line(r.stderr), r.stderr
     assert running(src)
     dst = Destination(tmp_path, *tls(creds))
     try:
@@ -265,6 +280,7 @@ def test_expired_certificates(guests, tmp_path, creds, expired):
         dst.close()
 
 
+@pytest.mark.slow
 def test_a_peer_that_stops_mid_handshake(guests, tmp_path, creds):
     """Half a ClientHello, then silence: the destination gives up after HANDSHAKE_S; a
     destination that never answers a source's ClientHello, likewise."""
@@ -281,12 +297,13 @@ def test_a_peer_that_stops_mid_handshake(guests, tmp_path, creds):
         r = run_mfd("migrate", f"tcp:127.0.0.1:{silent.getsockname()[1]}", "--guest", src,
                     *tls(creds), timeout=REFUSED_WITHIN + 10)
     assert r.returncode == 1 and f"no TLS handshake within {HANDSHAKE_S:g} s" in \
-        one_line(r.stderr), r.stderr
+        only_line(r.stderr), r.stderr
     assert time.monotonic() - t0 < REFUSED_WITHIN
     assert running(src)
 
 
-def test_garbage_instead_of_a_client_hello(guests, tmp_path, creds, image):  # noqa: F811
+@pytest.mark.slow
+def test_garbage_instead_of_a_client_hello(guests, tmp_path, creds, image):
     """One line for the stranger; the destination listens on and a real source's TLS
     migration then completes."""
     port = free_ports(1)
@@ -317,14 +334,14 @@ def test_bad_credentials_and_options_are_refused(tmp_path, creds):
     (bad / "server-key.pem").write_bytes((Path(creds) / "client-key.pem").read_bytes())
     r = run_mfd(*listen)
     assert r.returncode == 1 and "server-key.pem is not the key of server-cert.pem" in \
-        one_line(r.stderr), r.stderr
+        only_line(r.stderr), r.stderr
     (bad / "server-key.pem").write_text("garbage\n")
     r = run_mfd(*listen)
     assert r.returncode == 1 and "server-key.pem: not an unencrypted PEM private key" in \
-        one_line(r.stderr), r.stderr
+        only_line(r.stderr), r.stderr
     (bad / "ca-cert.pem").write_text("garbage\n")
     r = run_mfd("migrate", "tcp:127.0.0.1:9", "--image", "mem=/x", "--tls-creds", str(bad))
-    assert r.returncode == 1 and "ca-cert.pem: not a PEM certificate" in one_line(r.stderr), \
+    assert r.returncode == 1 and "ca-cert.pem: not a PEM certificate" in only_line(r.stderr), \
         r.stderr
     for args, says in ((["migrate", "tcp:127.0.0.1:9", "--image", "mem=/x", "--tls-hostname",
                          "h"], "--tls-hostname goes with --tls-creds"),
@@ -333,33 +350,30 @@ def test_bad_credentials_and_options_are_refused(tmp_path, creds):
                        (["incoming", "--listen", "tcp:127.0.0.1:9", "--tls-creds",
                          str(tmp_path)], "no ca-cert.pem")):
         r = run_mfd(*args)
-        assert r.returncode != 0 and says in one_line(r.stderr), r.stderr
+        assert r.returncode != 0 and says in only_line(r.stderr), r.stderr
 
 
+@pytest.mark.slow
 def test_postcopy_preempt_over_tls_cut_and_recovered(guests, tmp_path, creds):
     """Postcopy with preempt over TLS (the preempt channel is the next connection after the
     main channel once its handshake is done), the link cut mid-postcopy, then recovered:
     the resume's new connections are TLS too, and RAM ends equal."""
-    from netutil import Relay
-    from test_migrate import start_migrate
-    from test_postcopy import LINK, _status, _until, postcopy_pair, resumed_to_the_end
-
     src_qmp, dst_qmp = str(tmp_path / "src.qmp"), str(tmp_path / "dst.qmp")
     src, dst, port, inc = postcopy_pair(guests, "--monitor", dst_qmp, "--postcopy-preempt",
                                         *tls(creds))
     relay_port = free_ports(1)
     relay = Relay(relay_port, port, 1)
     mig = start_migrate(relay_port, "--guest", src, "--no-multifd", "--postcopy-ram",
-                        "--postcopy-preempt", "--postcopy-after", "0.5", *LINK,
+                        "--postcopy-preempt", "--postcopy-after", "0.5", *POSTCOPY_LINK,
                         "--max-postcopy-bandwidth", "4M", "--monitor", src_qmp, *tls(creds),
                         "--tls-hostname", "127.0.0.1")
     try:
-        _until(lambda: _status(dst_qmp) == "postcopy-active", "the guest did not run")
-        _until(lambda: len(relay.accepted) >= 2, "no preempt channel")
+        until(lambda: mfd_status(dst_qmp) == "postcopy-active", "the guest did not run")
+        until(lambda: len(relay.accepted) >= 2, "no preempt channel")
         time.sleep(0.5)
         relay.cut()
-        _until(lambda: _status(src_qmp) == "postcopy-paused", "the source did not pause")
-        _until(lambda: _status(dst_qmp) == "postcopy-paused", "the destination did not pause")
+        until(lambda: mfd_status(src_qmp) == "postcopy-paused", "the source did not pause")
+        until(lambda: mfd_status(dst_qmp) == "postcopy-paused", "the destination did not pause")
         assert monitor_command(src_qmp, "query-migrate-parameters", None, 5.0)["return"][
             "tls-hostname"] == "127.0.0.1"
         resumed_to_the_end(src_qmp, port, mig, inc, dst)

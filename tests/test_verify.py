@@ -15,9 +15,14 @@ import re
 
 import numpy as np
 import pytest
-from conftest import shm_entries
-from test_kvm import needs_kvm
-from test_migrate import finish, one_line, running, start_incoming, wait_listening
+from helpers import (
+    finish,
+    needs_kvm,
+    one_line,
+    running,
+    shm_entries,
+    start_incoming,
+)
 
 import mfd
 from mfd.errors import MfdError
@@ -55,7 +60,6 @@ def _faulty_migration(guests, fault: str, *guest_args: str) -> None:
     before = shm_entries()
     port = free_ports(1)
     inc = start_incoming(port, "--guest", dst, "--x-fault", f"{fault}@{FAULT_AT:#x}")
-    wait_listening(port)
     with pytest.raises(MfdError) as failed:
         mfd.migrate(f"tcp:127.0.0.1:{port}", guest=src,
                     params=MigrationParameters(multifd_channels=4))
@@ -83,16 +87,19 @@ def _faulty_migration(guests, fault: str, *guest_args: str) -> None:
     assert shm_entries() <= before, "the destination left RAM in /dev/shm"
 
 
-@pytest.mark.parametrize("fault", ["corrupt", "misplace", "drop"])
+@pytest.mark.parametrize("fault", ["corrupt", pytest.param("misplace", marks=pytest.mark.slow),
+                                   pytest.param("drop", marks=pytest.mark.slow)])
 def test_a_damaged_page_fails_the_migration(guests, fault):
     _faulty_migration(guests, fault)
 
 
 @needs_kvm
+@pytest.mark.slow
 def test_a_corrupted_page_of_a_kvm_guest_fails_the_migration(guests):
     _faulty_migration(guests, "corrupt", "--kvm")
 
 
+@pytest.mark.slow
 def test_with_no_verify_the_same_damage_goes_through(guests):
     """The check is what bites: with mfd migrate --no-verify neither end hashes, and the
     page the destination corrupts is not noticed (why verification is on by default)."""
@@ -101,7 +108,6 @@ def test_with_no_verify_the_same_damage_goes_through(guests):
     guests.adopt(dst)
     port = free_ports(1)
     inc = start_incoming(port, "--guest", dst, "--x-fault", f"corrupt@{FAULT_AT:#x}")
-    wait_listening(port)
     res = mfd.migrate(f"tcp:127.0.0.1:{port}", guest=src,
                       params=MigrationParameters(multifd_channels=2),
                       options=mfd.MigrateOptions(verify=False))
@@ -118,7 +124,6 @@ def test_no_verify_moves_ram_exactly(tmp_path, multifd):
     img.write_bytes(np.random.default_rng(3).bytes(4 << 20) + bytes(4 << 20))
     port = free_ports(1)
     inc = start_incoming(port, "--image", f"mem={out}")
-    wait_listening(port)
     res = mfd.migrate(f"tcp:127.0.0.1:{port}", images={"mem": str(img)},
                       params=MigrationParameters(multifd_channels=2),
                       options=mfd.MigrateOptions(multifd=multifd, verify=False))

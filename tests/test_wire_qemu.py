@@ -19,38 +19,39 @@ is bounded; QEMU is closed (quit, then SIGTERM / SIGKILL) by its context manager
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import shutil
-import subprocess
-import sys
 import time
 import uuid as uuidlib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import orjson
 import pytest
+from helpers import (
+    IMAGE_SIZE,
+    QMP_TIMEOUT,
+    WAIT,
+    Mfd,
+    assert_same_ram,
+    needs_qemu,
+    pages_of,
+    quit_guest,
+    source_copy,
+    wait_listening,
+    zero_file,
+)
 
 from mfd.bench.bootsector import SWEEP_CHAR, default_range, write_boot_image
-from mfd.bench.qemu import QemuError, QemuMachine, qemu_binary
+from mfd.bench.qemu import QemuError, QemuMachine
 from mfd.ramimage import generate
 from mfd.shm import control
 from mfd.shm.ramblock import shm_path
 from mfd.workers.tcp import free_ports
 
-pytestmark = [pytest.mark.qemu,
-              pytest.mark.skipif(qemu_binary() is None,
-                                 reason="qemu-system-x86_64 >= 9 not installed")]
+pytestmark = [pytest.mark.qemu, needs_qemu]
 
 PAGE = 4096
-MIB = 1 << 20
-SIZE = 16 * MIB
-WAIT = 20.0  # bound on a migration, on either end (they take 0.2-3 s)
-QMP_TIMEOUT = 10.0  # QemuMachine: startup and each QMP reply
+SIZE = IMAGE_SIZE  # conftest's image: 16 MiB
 FAIL_WITHIN = 10.0  # a mismatch is noticed by mfd within this (from QEMU's migrate)
 STOP_WITHIN = 8.0  # past --timeout: a channel stuck in a write is killed after 5 s
 EACH = "migration.multifd-flush-after-each-section=on"
@@ -60,101 +61,6 @@ PC_BLOCKS = {"mem", "/rom@etc/acpi/tables", "pc.bios", "pc.rom", "/rom@etc/table
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def listening(port: int) -> bool:
-    """A socket listens on 127.0.0.1:port (read from /proc: a probing connection would be
-    a stranger on mfd's port)."""
-    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError), open(path) as f:
-            for line in f.read().splitlines()[1:]:
-                fields = line.split()
-                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                    return True
-    return False
-
-
-def wait_listening(port: int, alive: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not listening(port):
-        assert alive(), "mfd incoming ended before it listened"
-        assert time.monotonic() < deadline, f"mfd incoming did not listen within {timeout:g} s"
-        time.sleep(0.01)
-
-
-class Mfd:
-    """``python3 -m mfd ARGS`` as a user runs it (a process: whatever mfd does, the test can
-    stop it); stopped with SIGTERM, then SIGKILL, if still running at ``close()``."""
-
-    def __init__(self, *args: str) -> None:
-        self.args = args
-        self.p = subprocess.Popen([sys.executable, "-m", "mfd", *args],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  env=os.environ.copy())
-        self.rc: int | None = None
-        self.out = self.err = ""
-        self.ended_at: float | None = None
-
-    def alive(self) -> bool:
-        return self.p.poll() is None
-
-    def wait(self, timeout: float) -> bool:
-        """Whether it ended within ``timeout``; then rc, out, err."""
-        try:
-            self.out, self.err = self.p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return False
-        self.rc, self.ended_at = self.p.returncode, time.monotonic()
-        return True
-
-    def close(self) -> None:
-        if self.rc is not None:
-            return
-        self.p.terminate()
-        if not self.wait(10):
-            self.p.kill()
-            self.wait(10)
-
-    def __enter__(self) -> Mfd:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def completed(self, timeout: float = WAIT) -> dict:
-        """Ended with status 0 within ``timeout``: its --json line."""
-        assert self.wait(timeout), f"mfd {self.args[0]} did not end within {timeout:g} s"
-        assert self.rc == 0, f"mfd {self.args[0]}: exit {self.rc}: {self.err}"
-        return orjson.loads(self.out)
-
-    def failed(self, timeout: float) -> str:
-        """Ended with status 1 within ``timeout``: its one line on stderr."""
-        assert self.wait(timeout), f"mfd {self.args[0]} did not end within {timeout:g} s"
-        assert self.rc == 1, f"mfd {self.args[0]}: exit {self.rc}: {self.err}"
-        return one_line(self.err)
-
-
-def pages_of(path: Path | str) -> np.ndarray:
-    return np.fromfile(path, dtype=np.uint8).reshape(-1, PAGE)
-
-
-def assert_same_ram(expected: Path | str, got: Path | str) -> None:
-    a, b = pages_of(expected), pages_of(got)
-    assert a.shape == b.shape
-    bad = np.flatnonzero((a != b).any(axis=1))
-    assert len(bad) == 0, f"{len(bad)} page(s) differ, first at {[hex(p * PAGE) for p in bad[:8]]}"
-
-
-def one_line(text: str) -> str:
-    lines = text.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in text, text
-    return lines[0]
-
-
-def zero_file(path: Path, size: int) -> Path:
-    with open(path, "wb") as f:
-        f.truncate(size)
-    return path
 
 
 def qemu_status(q: QemuMachine) -> str:
@@ -167,14 +73,6 @@ def qemu_status(q: QemuMachine) -> str:
 
 def strays(directory: Path, keep: set[str]) -> list[str]:
     return sorted(set(os.listdir(directory)) - keep)
-
-
-@pytest.fixture(scope="module")
-def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """16 MiB: zero and nonzero pages (random and compressible) in runs of 16."""
-    p = tmp_path_factory.mktemp("img") / "ram16.bin"
-    generate(str(p), SIZE, seed=1)
-    return p
 
 
 @pytest.fixture(scope="module")
@@ -194,13 +92,6 @@ def image32(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return p
 
 
-def source_copy(image: Path, tmp_path: Path) -> Path:
-    """QEMU maps its RAM file shared: each source gets its own copy of the image."""
-    src = tmp_path / "src.bin"
-    shutil.copyfile(image, src)
-    return src
-
-
 # A case: QEMU's multifd channels (0: multifd off), compression, zero-page-detection,
 # multifd-flush-after-each-section, return-path.
 Case = tuple[int, str, str, bool, bool]
@@ -210,6 +101,14 @@ def case_id(c: Case) -> str:
     ch, comp, zpd, each, rp = c
     return "-".join([f"{ch}ch" if ch else "nomultifd", comp, f"zpd_{zpd}",
                      "each" if each else "round", "rp" if rp else "norp"])
+
+
+# The fast tier's cases, each way (no multifd, and 2 channels); the full suite runs them all.
+FAST_CASES = {(0, "none", "multifd", False, False), (2, "none", "multifd", False, True)}
+
+
+def tiered(cases: list[Case]) -> list:
+    return [c if c in FAST_CASES else pytest.param(c, marks=pytest.mark.slow) for c in cases]
 
 
 # ============================================================================ 1. QEMU -> mfd
@@ -265,7 +164,7 @@ def qemu_to_mfd(src: Path, out: Path, case: Case) -> tuple[dict, dict]:
     return info, res
 
 
-@pytest.mark.parametrize("case", QEMU_TO_MFD, ids=case_id)
+@pytest.mark.parametrize("case", tiered(QEMU_TO_MFD), ids=case_id)
 def test_qemu_to_mfd(tmp_path: Path, image: Path, sparse: Path, case: Case) -> None:
     image = sparse if case[3] else image
     src, out = source_copy(image, tmp_path), tmp_path / "out.bin"
@@ -280,6 +179,7 @@ def test_qemu_to_mfd(tmp_path: Path, image: Path, sparse: Path, case: Case) -> N
 
 
 @pytest.mark.parametrize("mfd_each", [True, False], ids=["same-mode", "mfd-per-round"])
+@pytest.mark.slow
 def test_qemu_to_mfd_flush_each_section_with_data(tmp_path: Path, image32: Path,
                                                   mfd_each: bool) -> None:
     """Uncompressed, 2 channels, 32 MiB: QEMU flushes the START section's footer only
@@ -336,7 +236,7 @@ def migrate_args(port: int, src: Path, case: Case, *extra: str) -> list[str]:
     return args
 
 
-@pytest.mark.parametrize("case", MFD_TO_QEMU, ids=case_id)
+@pytest.mark.parametrize("case", tiered(MFD_TO_QEMU), ids=case_id)
 def test_mfd_to_qemu(tmp_path: Path, image: Path, case: Case) -> None:
     ch, comp, _, each, rp = case
     out = zero_file(tmp_path / "out.bin", SIZE)
@@ -382,7 +282,8 @@ def qemu_destination_fails(tmp_path: Path, image: Path, *, dst_size: int = SIZE,
     return mig, elapsed, status, stderr
 
 
-@pytest.mark.parametrize("exit_on_error", [False, True], ids=["keep", "exit-on-error"])
+@pytest.mark.parametrize("exit_on_error", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["keep", "exit-on-error"])
 def test_mfd_to_qemu_of_another_ram_size(tmp_path: Path, image: Path,
                                          exit_on_error: bool) -> None:
     """QEMU refuses the block size: SHUT(1) on the return path, then (exit-on-error) exits."""
@@ -403,6 +304,7 @@ def test_mfd_to_qemu_of_another_ram_size(tmp_path: Path, image: Path,
         assert status == "failed"
 
 
+@pytest.mark.slow
 def test_mfd_to_qemu_of_another_machine_type(tmp_path: Path, image: Path) -> None:
     """The configuration section is refused before the return path opens: QEMU just
     closes the main channel."""
@@ -416,6 +318,7 @@ def test_mfd_to_qemu_of_another_machine_type(tmp_path: Path, image: Path) -> Non
     assert "Machine type received is 'pc' and local is 'none'" in stderr
 
 
+@pytest.mark.slow
 def test_mfd_to_qemu_with_another_uuid_exit_on_error(tmp_path: Path, image: Path) -> None:
     """QEMU's default exit-on-error: it refuses the channel's uuid and exits; mfd sees its
     connections go."""
@@ -430,6 +333,7 @@ def test_mfd_to_qemu_with_another_uuid_exit_on_error(tmp_path: Path, image: Path
 
 
 @pytest.mark.parametrize("what", ["uuid", "compression"])
+@pytest.mark.slow
 def test_mfd_to_qemu_that_fails_and_stays(tmp_path: Path, image: Path, what: str) -> None:
     """exit-on-error false: QEMU refuses a channel (uuid; compression flags, where QEMU's
     status may even stay "active") and keeps the main channel open. mfd cannot learn why,
@@ -453,6 +357,7 @@ def test_mfd_to_qemu_that_fails_and_stays(tmp_path: Path, image: Path, what: str
 
 
 @pytest.mark.parametrize("channels", [2, 0], ids=["multifd2", "nomultifd"])
+@pytest.mark.slow
 def test_running_qemu_guest_to_mfd_guest(tmp_path: Path, channels: int) -> None:
     """-machine pc, TCG, the boot-sector guest sweeping [1 MiB, 31 MiB) while it migrates to
     ``mfd incoming --guest NAME --stopped``. QEMU stops the guest before the last round, so
@@ -505,16 +410,7 @@ def test_running_qemu_guest_to_mfd_guest(tmp_path: Path, channels: int) -> None:
         quit_guest(name)
 
 
-def quit_guest(name: str) -> None:
-    """``mfd guest --name NAME --quit``, if it runs; its block files go with it."""
-    if os.path.exists(control.socket_path(name)):
-        subprocess.run([sys.executable, "-m", "mfd", "guest", "--name", name, "--quit"],
-                       capture_output=True, timeout=30, env=os.environ.copy())
-    control.release(name)
-    left = [n for n in os.listdir("/dev/shm") if n.startswith(f"mfd-{name}-")]
-    assert left == [], left
-
-
+@pytest.mark.slow
 def test_qemu_to_mfd_guest_names_the_guest(tmp_path: Path, image: Path) -> None:
     src = source_copy(image, tmp_path)
     name = f"wire{uuidlib.uuid4().hex[:8]}"
@@ -561,9 +457,11 @@ MISMATCHES = {
 
 
 @pytest.mark.parametrize(("what", "rp"), [
-    *((what, False) for what in MISMATCHES),
-    ("compression-zstd-vs-none", True),
-    ("flush-round-vs-each", True),
+    ("compression-zstd-vs-none", False),  # the fast tier's; the full suite's all
+    *(pytest.param(what, False, marks=pytest.mark.slow) for what in MISMATCHES
+      if what != "compression-zstd-vs-none"),
+    pytest.param("compression-zstd-vs-none", True, marks=pytest.mark.slow),
+    pytest.param("flush-round-vs-each", True, marks=pytest.mark.slow),
 ], ids=lambda v: v if isinstance(v, str) else ("rp" if v else "norp"))
 def test_qemu_to_mfd_mismatch(tmp_path: Path, sparse: Path, what: str, rp: bool) -> None:
     settings, mfd_args, expect = MISMATCHES[what]
@@ -597,6 +495,7 @@ def test_qemu_to_mfd_mismatch(tmp_path: Path, sparse: Path, what: str, rp: bool)
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "wire-samples"
 
 
+@pytest.mark.slow
 def test_replayed_channels_that_closed_are_forgotten(tmp_path: Path, sparse: Path) -> None:
     """QEMU's recorded connections replayed into mfd incoming, the main channel garbled:
     the multifd channels 0 and 1 say their MultiFDInit and a packet, then close. Each is

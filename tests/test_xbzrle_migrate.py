@@ -4,6 +4,7 @@ QEMU's own XBZRLE bytes re-encoded by mfd byte for byte."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid as uuidlib
@@ -12,48 +13,77 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
-from conftest import run_mfd
-from test_kvm import K, _run_exits, _state, needs_kvm
-from test_migrate import finish, one_line, running, start_incoming, start_migrate, wait_listening
-from test_wire_qemu import (
+from helpers import (
     QMP_TIMEOUT,
     WAIT,
+    K,
     Mfd,
     assert_same_ram,
+    finish,
+    guest_state,
+    needs_kvm,
+    needs_qemu,
+    one_line,
     quit_guest,
+    run_exits,
+    run_mfd,
+    running,
+    start_incoming,
+    start_migrate,
+    until,
+    wait_listening,
     zero_file,
 )
-from test_wire_qemu import wait_listening as wait_listening_proc
 
-import mfd
 from mfd.bench.bootsector import SWEEP_CHAR, default_range, write_boot_image
-from mfd.bench.qemu import QemuMachine, qemu_binary
-from mfd.options import MigrationParameters
+from mfd.bench.qemu import QemuMachine
+from mfd.errors import MfdError
 from mfd.protocol import livestream, xbzrle
+from mfd.qmp import monitor_command
 from mfd.shm import control
 from mfd.shm.ramblock import shm_path
 from mfd.workers.tcp import free_ports
 
-needs_qemu = pytest.mark.skipif(qemu_binary() is None, reason="QEMU 10 not installed")
 PAGE = 4096
 SIZE = 32 << 20
 LINK = ("--max-bandwidth", "20M")  # the guest below dirties 2.5x that
 
 
-def test_the_builtin_guest_moves_with_xbzrle(guests):
+def migrate_with_xbzrle_hits(tmp_path: Path, port: int, src: str, *args: str) -> dict:
+    """``mfd migrate --no-multifd --xbzrle`` of guest ``src`` (more options in ``args``),
+    held in its rounds by a downtime limit of 0 (no round can meet it) until query-migrate
+    shows pages sent as XBZRLE deltas, then let converge (limit 2 s): a page goes as a delta
+    only once it was sent in a round after the first and is dirty again, so a migration that
+    converged early (a guest slowed by a loaded machine) would show none. Its --json line."""
+    qmp = str(tmp_path / "src.qmp")
+    mig = start_migrate(port, "--guest", src, "--no-multifd", "--xbzrle", "--downtime-limit",
+                        "0", "--monitor", qmp, "--json", *args)
+
+    def deltas_sent() -> bool:
+        assert mig.poll() is None, mig.stderr.read()
+        with contextlib.suppress(MfdError):  # the monitor may not be up yet
+            x = monitor_command(qmp, "query-migrate", None, 5.0)["return"]["xbzrle-cache"]
+            return x["pages"] > 0 and x["bytes"] > 0
+        return False
+
+    until(deltas_sent, "no page went as an XBZRLE delta", 60, 0.05)
+    assert monitor_command(qmp, "migrate-set-parameters", {"downtime-limit": 2000},
+                           5.0) == {"return": {}}
+    rc, out, err = finish(mig, 90)
+    assert rc == 0, err
+    return orjson.loads(out)
+
+
+@pytest.mark.slow
+def test_the_builtin_guest_moves_with_xbzrle(guests, tmp_path):
     """50 MB/s of 8-byte stamps over a 20 MB/s link: with XBZRLE each page sent again
-    costs a few bytes, the migration converges, RAM is verified equal and the guest writes
-    on at the destination."""
+    costs a few bytes, RAM is verified equal and the guest writes on at the destination."""
     src, _ = guests.start("32M", "--dirty-rate", "50M")
     dst = f"{src}d"
     guests.adopt(dst)
     port = free_ports(1)
     inc = start_incoming(port, "--guest", dst, "--json")
-    wait_listening(port)
-    mig = start_migrate(port, "--guest", src, "--no-multifd", "--xbzrle", *LINK, "--json")
-    rc, out, err = finish(mig, 90)
-    assert rc == 0, err
-    q = orjson.loads(out)
+    q = migrate_with_xbzrle_hits(tmp_path, port, src, *LINK)
     x = q["xbzrle-cache"]
     assert q["status"] == "completed" and q["digests"]
     assert x["cache-size"] == 64 << 20 and x["pages"] > 0 and x["bytes"] > 0, x
@@ -99,6 +129,7 @@ def test_a_stream_with_a_bad_xbzrle_delta_is_one_line(tmp_path):
 
 
 @needs_kvm
+@pytest.mark.slow
 def test_the_kvm_guest_moves_with_xbzrle(guests, tmp_path):
     """The KVM guest's 8-byte stores go as XBZRLE deltas; the destination is the same guest
     (RAM, counter, registers) and runs K exits exactly as a VM restored from the source's
@@ -109,21 +140,17 @@ def test_the_kvm_guest_moves_with_xbzrle(guests, tmp_path):
     guests.adopt(twin)
     port = free_ports(1)
     inc = start_incoming(port, "--guest", dst, "--stopped")
-    wait_listening(port)
-    res = mfd.migrate(f"tcp://127.0.0.1:{port}", guest=src,
-                      params=MigrationParameters(max_bandwidth=32 << 20),
-                      options=mfd.MigrateOptions(multifd=False, xbzrle=True, keep_source=True))
-    assert finish(inc)[0] == 0 and res.rounds >= 2
-    x = res.query_migrate["xbzrle-cache"]
-    assert x["pages"] > 0 and x["bytes"] > 0, x
+    q = migrate_with_xbzrle_hits(tmp_path, port, src, "--max-bandwidth", "32M", "--keep-source")
+    assert finish(inc)[0] == 0 and q["ram"]["dirty-sync-count"] >= 2
+    xbzrle_used(q)
     with control.GuestClient(src) as s, control.GuestClient(dst) as d:
-        at_switchover = _state(s)
-        assert _state(d) == at_switchover
+        at_switchover = guest_state(s)
+        assert guest_state(d) == at_switchover
     mig = tmp_path / "source.mig"
     assert run_mfd("save", str(mig), "--guest", src).returncode == 0
     assert run_mfd("restore", str(mig), "--guest", twin).returncode == 0
     with control.GuestClient(dst) as d, control.GuestClient(twin) as t:
-        after_d, after_t = _run_exits(d, K), _run_exits(t, K)
+        after_d, after_t = run_exits(d, K), run_exits(t, K)
     assert after_d["exits"] == at_switchover["exits"] + K and after_d == after_t
 
 
@@ -167,6 +194,7 @@ def xbzrle_used(info: dict) -> dict:
 
 
 @needs_qemu
+@pytest.mark.slow
 def test_qemu_to_mfd_with_xbzrle(tmp_path):
     name = f"xb{uuidlib.uuid4().hex[:8]}"
     port = free_ports(1)
@@ -174,7 +202,7 @@ def test_qemu_to_mfd_with_xbzrle(tmp_path):
         q, ram = sweeping_qemu(tmp_path)
         with q, Mfd("incoming", "--listen", f"tcp:127.0.0.1:{port}", "--guest", name,
                     "--stopped", "--json", "--timeout", str(WAIT)) as inc:
-            wait_listening_proc(port, inc.alive)
+            wait_listening(port, inc.alive)
             info = migrate_until_xbzrle(q, f"tcp:127.0.0.1:{port}")
             assert info["status"] == "completed"
             xbzrle_used(info)
@@ -185,6 +213,7 @@ def test_qemu_to_mfd_with_xbzrle(tmp_path):
 
 
 @needs_qemu
+@pytest.mark.slow
 def test_qemus_xbzrle_bytes_are_mfds(tmp_path):
     """QEMU's stream to a file (``exec:``): every XBZRLE delta in it is what mfd's encoder
     makes of the page before and after it, byte for byte; and ``mfd restore`` of the file
@@ -228,6 +257,7 @@ def test_qemus_xbzrle_bytes_are_mfds(tmp_path):
 
 
 @needs_qemu
+@pytest.mark.slow
 def test_mfd_to_qemu_with_xbzrle(guests, tmp_path):
     """The built-in guest (its block is ``mem``) to QEMU ``-machine none``: QEMU loads
     mfd's XBZRLE records; its RAM is the source's, paused at the switchover."""
@@ -237,11 +267,7 @@ def test_mfd_to_qemu_with_xbzrle(guests, tmp_path):
     with QemuMachine(str(dst), SIZE, incoming=True, timeout=QMP_TIMEOUT) as q:
         q.set_migration()
         q.start_migrate_incoming(f"tcp:127.0.0.1:{port}")
-        mig = start_migrate(port, "--guest", src, "--no-multifd", "--xbzrle", *LINK,
-                            "--keep-source", "--json")
-        rc, out, err = finish(mig, 90)
-        assert rc == 0, err
-        xbzrle_used(orjson.loads(out))
+        xbzrle_used(migrate_with_xbzrle_hits(tmp_path, port, src, *LINK, "--keep-source"))
         assert q.wait_migration(WAIT)["status"] == "completed"
     with control.GuestClient(src) as s:
         assert s.query()["status"] == "paused"

@@ -122,7 +122,9 @@ class FileBench:
         import mfd
 
         t0 = time.perf_counter()
-        r = mfd.restore(path, images={"mem": out}, channels=channels, direct_io=direct_io)
+        r = mfd.restore(path, images={"mem": out},
+                        options=mfd.RestoreOptions(multifd_channels=channels,
+                                                   direct_io=direct_io))
         return {"seconds": time.perf_counter() - t0, "bytes_read": r.bytes_read,
                 "trailer_verified": r.verified}
 

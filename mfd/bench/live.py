@@ -62,7 +62,7 @@ class Sampler:
 
     def run(self) -> None:
         from mfd.errors import MfdError
-        from mfd.monitor import monitor_command
+        from mfd.qmp import monitor_command
 
         t0 = time.monotonic()
         while not self.stop.wait(POLL):

@@ -27,7 +27,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -37,6 +36,7 @@ from mfd.bench import baselines
 from mfd.bench.cpu import SelfCpu, delta, per_gib, proc_cpu, wait_cpu
 from mfd.bench.runs import Config, one_line, unlink
 from mfd.bench.workspace import Workspace
+from mfd.sysutil import python_m
 from mfd.workers.tcp import free_ports
 
 MIGRATE_TIMEOUT = 600.0  # an mfd migration taking longer: the destination is killed
@@ -94,10 +94,10 @@ class Incoming:
         self.port = port
         self.stdout_path = ws.shm("incoming.out")
         self.stderr_path = ws.shm("incoming.err")
+        command, env = python_m("mfd", "incoming", *args)
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "mfd", "incoming", *args],
-                                         stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                         close_fds=True)
+            self.proc = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL,
+                                         stdout=out, stderr=err, close_fds=True)
         self.cleanup = ws.cleanup
         self.token = ws.cleanup.add_process(self.proc, "mfd incoming")
         self.cpu0: float | None = None  # its CPU seconds when the migration started

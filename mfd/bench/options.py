@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from mfd.options import COMPRESSION
+from mfd.errors import UsageError
+from mfd.options import COMPRESSION, check_channels
 from mfd.shm.workload import PATTERNS
 from mfd.units import parse_size
 
@@ -36,8 +37,11 @@ def _list(item, what: str, example: str):
 
 def _channels(text: str) -> list[int]:
     chans = _list(int, "channel", "1,2,4")(text)
-    if any(not 1 <= c <= 255 for c in chans):
-        raise argparse.ArgumentTypeError(f"channels must be in 1..255, got {text!r}")
+    try:
+        for c in chans:
+            check_channels(c)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return sorted(set(chans))
 
 

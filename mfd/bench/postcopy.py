@@ -122,6 +122,7 @@ class PostcopyBench:
         writing, so a lazy restore's guest touches pages not read yet."""
         if self.file is None:
             from mfd import api
+            from mfd.options import SaveOptions
 
             name = f"bench-pc-save-{os.getpid()}"
             token = self.ws.cleanup.add(f"quit guest {name}", lambda: control.release(name))
@@ -129,7 +130,7 @@ class PostcopyBench:
                 self._guest(name)
                 path = self.ws.disk("postcopy.mig")
                 self.ws.cleanup.add_path(path)
-                api.save(path, guest=name, stop_first=True)
+                api.save(path, guest=name, options=SaveOptions(stop_first=True))
             finally:
                 self.ws.cleanup.done(token)
             self.file = path
@@ -137,13 +138,15 @@ class PostcopyBench:
 
     def restore(self, lazy: bool) -> dict[str, Any]:
         from mfd import api
+        from mfd.options import RestoreOptions
 
         path = self._saved()
         name = f"bench-lazy-{os.getpid()}"
         token = self.ws.cleanup.add(f"quit guest {name}", lambda: control.release(name))
         try:
             t0 = time.perf_counter()
-            res = api.restore(path, guest=name, channels=self.channels, lazy=lazy)
+            res = api.restore(path, guest=name, options=RestoreOptions(
+                multifd_channels=self.channels, lazy=lazy))
             dt = time.perf_counter() - t0
         finally:
             self.ws.cleanup.done(token)

@@ -19,19 +19,17 @@ on truncated mapped-ram files when multifd is on) is noticed through the QMP soc
 reported with its exit signal and stderr tail, and each QEMU process, QMP socket directory and
 /dev/shm copy is removed in ``finally`` blocks.
 
-Standard library only.
+QMP goes through :mod:`mfd.qmp`, the client ``mfd qmp`` and the tests use too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -39,6 +37,8 @@ import weakref
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
+
+from mfd.qmp import CommandError, MonitorGone, NoMonitor, QMPClient, QMPError
 
 __all__ = [
     "QemuError",
@@ -149,14 +149,13 @@ class _Resources:
     def __init__(self, workdir: str) -> None:
         self.workdir = workdir
         self.proc: subprocess.Popen[bytes] | None = None
-        self.sock: socket.socket | None = None
+        self.qmp: QMPClient | None = None
         self.log: Any = None  # binary file object receiving QEMU's stderr
 
     def release(self) -> None:
-        if self.sock is not None:
-            with contextlib.suppress(OSError):
-                self.sock.close()
-            self.sock = None
+        if self.qmp is not None:
+            self.qmp.close()
+            self.qmp = None
         proc = self.proc
         if proc is not None:
             if proc.poll() is None:
@@ -247,7 +246,6 @@ class QemuMachine:
         self.size = size
         self.incoming = incoming
         self.timeout = timeout
-        self._buf = bytearray()
         self._closed = False
         self._pending: str | None = None  # what start_migrate* started, for wait_migration
 
@@ -291,7 +289,6 @@ class QemuMachine:
                 close_fds=True,
             )
             self._connect(time.monotonic() + timeout)
-            self.qmp("qmp_capabilities")
         except BaseException:
             self.close()
             raise
@@ -371,58 +368,18 @@ class QemuMachine:
         while True:
             if proc.poll() is not None:
                 raise self._error(f"QEMU {_describe_exit(proc.returncode)} during startup")
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                sock.connect(self.qmp_path)
-            except (FileNotFoundError, ConnectionRefusedError):
-                sock.close()
+                self._res.qmp = QMPClient(self.qmp_path, max(deadline - time.monotonic(), 0.1))
+                return
+            except NoMonitor:
                 if time.monotonic() >= deadline:
-                    raise self._error(
-                        f"QMP socket {self.qmp_path} did not appear within {self.timeout:g} s"
-                    ) from None
+                    raise self._error(f"QMP socket {self.qmp_path} did not appear within "
+                                      f"{self.timeout:g} s") from None
                 time.sleep(0.005)
-                continue
-            except BaseException:
-                sock.close()
-                raise
-            self._res.sock = sock
-            break
-        greeting = self._read_message(deadline, "waiting for the QMP greeting")
-        if "QMP" not in greeting:
-            raise self._error(f"unexpected QMP greeting: {greeting!r}")
-
-    def _read_message(self, deadline: float, context: str) -> dict[str, Any]:
-        """One JSON line from QMP, with a deadline (a plain makefile() read could block forever)."""
-        sock = self._res.sock
-        if sock is None:
-            raise QemuError(f"QEMU machine is closed ({context})")
-        while True:
-            nl = self._buf.find(b"\n")
-            if nl >= 0:
-                line = bytes(self._buf[:nl])
-                del self._buf[: nl + 1]
-                if not line.strip():
-                    continue
-                try:
-                    msg = json.loads(line)
-                except ValueError as e:
-                    raise self._error(f"bad QMP message {line[:200]!r} {context}") from e
-                if not isinstance(msg, dict):
-                    raise self._error(f"bad QMP message {line[:200]!r} {context}")
-                return msg
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise self._error(f"timed out after {self.timeout:g} s {context}")
-            sock.settimeout(remaining)
-            try:
-                chunk = sock.recv(65536)
-            except TimeoutError:
-                raise self._error(f"timed out after {self.timeout:g} s {context}") from None
-            except OSError as e:  # ECONNRESET when QEMU crashes mid-reply
-                raise self._died(f"{context} ({e})") from e
-            if not chunk:
-                raise self._died(context)
-            self._buf += chunk
+            except MonitorGone as e:
+                raise self._died("waiting for the QMP greeting") from e
+            except QMPError as e:
+                raise self._error(str(e)) from e
 
     def qmp(self, command: str, **arguments: Any) -> Any:
         """Run one QMP command and return its ``return`` value.
@@ -431,30 +388,17 @@ class QemuMachine:
         ``**{"exit-on-error": False}``). Asynchronous events arriving before the reply are
         skipped. A QMP ``error`` reply raises :class:`QemuError` with QMP's ``desc``.
         """
-        sock = self._res.sock
-        if sock is None:
+        client = self._res.qmp
+        if client is None:
             raise QemuError(f"QEMU machine is closed (QMP {command})")
-        request: dict[str, Any] = {"execute": command}
-        if arguments:
-            request["arguments"] = arguments
-        context = f"waiting for the reply to QMP {command}"
         try:
-            sock.settimeout(self.timeout)
-            sock.sendall(json.dumps(request).encode() + b"\n")
-        except TimeoutError:
-            raise self._error(f"timed out sending QMP {command}") from None
-        except OSError as e:  # EPIPE: QEMU is gone
-            raise self._died(f"sending QMP {command} ({e})") from e
-        deadline = time.monotonic() + self.timeout
-        while True:
-            msg = self._read_message(deadline, context)
-            if "return" in msg:
-                return msg["return"]
-            if "error" in msg:
-                err = msg["error"]
-                desc = err.get("desc", err) if isinstance(err, dict) else err
-                raise self._error(f"QMP {command} failed: {desc}")
-            # Anything else is an event ({"event": ...}); we do not subscribe to any.
+            return client.execute(command, arguments or None, self.timeout)
+        except CommandError as e:
+            raise self._error(f"QMP {command} failed: {e.desc}") from None
+        except MonitorGone as e:  # QEMU is gone, or crashed mid-reply
+            raise self._died(f"waiting for the reply to QMP {command}") from e
+        except QMPError as e:
+            raise self._error(str(e)) from e
 
     # ----------------------------------------------------------------------- migration
 
@@ -610,7 +554,7 @@ class QemuMachine:
             return
         self._closed = True
         proc = self._res.proc
-        if proc is not None and proc.poll() is None and self._res.sock is not None:
+        if proc is not None and proc.poll() is None and self._res.qmp is not None:
             saved = self.timeout
             self.timeout = QUIT_TIMEOUT
             try:

@@ -41,7 +41,7 @@ from mfd.errors import BrokenPipeline, MfdError, ProtocolError, UsageError
 from mfd.main_thread.pipeline import ChannelPool
 from mfd.main_thread.precopy import Precopy, Progress
 from mfd.main_thread.xbzrle import XbzrleCache
-from mfd.options import MigrateOptions, MigrationParameters, check_params
+from mfd.options import MigrateOptions, MigrationParameters
 from mfd.protocol import constants as C
 from mfd.protocol import (
     devices,
@@ -90,7 +90,7 @@ class Migration(Precopy):
                  options: MigrateOptions, guest: GuestClient | None = None,
                  progress: Progress | None = None,
                  warn: Callable[[str], None] | None = None) -> None:
-        super().__init__(blocks, check_params(params, mapped_ram=False), guest, progress,
+        super().__init__(blocks, params, guest, progress,
                          batch_pages=JOB_PACKETS * C.MULTIFD_PAGE_COUNT)
         self.addr = tcp.parse_uri(uri)
         self.uri = uri
@@ -126,7 +126,6 @@ class Migration(Precopy):
         self.monitored = False  # a QMP monitor serves this migration: it can be resumed
         self.bitmaps_due: set[str] = set()  # recovery: blocks whose RECV_BITMAP is awaited
         self.resume_acked = False
-        options.check()
         self.xbzrle = XbzrleCache(self.params.xbzrle_cache_size) if options.xbzrle else None
         self.stats.xbzrle = self.xbzrle.counters if self.xbzrle is not None else None
         # each block's first RAM address: the XBZRLE cache's keys, as QEMU's ram_addr_t
@@ -772,20 +771,9 @@ class Migration(Precopy):
         self._update(changes)
 
     def _update(self, changes: dict) -> None:
-        live_ok = {"max_bandwidth", "max_postcopy_bandwidth", "downtime_limit",
-                   "auto_converge", "cpu_throttle_initial", "cpu_throttle_increment",
-                   "cpu_throttle_tailslow", "max_cpu_throttle", "throttle_trigger_threshold"}
-        bad = sorted(set(changes) - live_ok)
-        if bad:
-            raise UsageError(f"parameter {bad[0].replace('_', '-')!r} cannot be changed "
-                             "while migrating")
         with self.lock:
             base = self.pending_params or self.params
-            try:
-                new = replace(base, **changes)
-            except TypeError as e:
-                raise UsageError(str(e)) from None
-            self.pending_params = check_params(new, mapped_ram=False)
+            self.pending_params = base.updated(changes, mapped_ram=False)
 
     def migrate_cancel(self) -> None:
         self.cancel_requested = "cancelled by migrate_cancel"

@@ -34,7 +34,7 @@ from mfd.main_thread.digests import ChunkTable
 from mfd.main_thread.pipeline import ChannelPool
 from mfd.main_thread.precopy import Precopy, Progress
 from mfd.main_thread.stats import MigrationStats
-from mfd.options import MigrationParameters, SaveOptions, check_params
+from mfd.options import MigrationParameters, SaveOptions
 from mfd.protocol import constants as C
 from mfd.protocol import devices, mapped_ram, ram, stream, trailer
 from mfd.shm.control import GuestClient
@@ -58,7 +58,7 @@ class FileSaver(Precopy):
     def __init__(self, path: str, blocks: list[RAMBlock], params: MigrationParameters,
                  options: SaveOptions, guest: GuestClient | None = None,
                  progress: Progress | None = None) -> None:
-        super().__init__(blocks, check_params(params, mapped_ram=True), guest, progress,
+        super().__init__(blocks, params, guest, progress,
                          options.batch_pages, options.x)
         self.path = path
         self.options = options

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -17,6 +16,7 @@ import orjson
 import zmq
 
 from mfd.errors import GuestError
+from mfd.sysutil import python_m
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -125,10 +125,10 @@ def start_guest_daemon(argv: list[str], name: str, timeout: float = 30.0) -> Gue
     """Start ``mfd guest`` with ``argv`` in its own session; return once it answers."""
     os.makedirs(run_dir(), exist_ok=True)
     log = os.path.join(run_dir(), f"{name}.log")
+    command, env = python_m("mfd", "guest", *argv)
     with open(log, "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "mfd", "guest", *argv],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=err, start_new_session=True)
+        proc = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -31,6 +31,7 @@ from mfd.shm.ramblock import MappedBlock, RAMBlock, SharedRAM, attach
 from mfd.shm.uffd import UserfaultFd, open_uffd
 from mfd.shm.workload import Workload, WorkloadState
 from mfd.sysutil import set_parent_death_signal
+from mfd.xhooks import NO_HOOKS, XHooks
 
 TIMESLICE = 0.010  # QEMU's CPU_THROTTLE_TIMESLICE_NS
 
@@ -45,9 +46,8 @@ class GuestConfig:
     # dies with the process that started it until that process says "commit"
     attached: tuple[RAMBlock, ...] = ()
     kvm: bool = False  # a KVM vCPU runs the guest (kvmguest.py), not the built-in workload
-    manual_protect: bool = True  # KVM: with KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 where offered
-    kick: bool = True  # KVM: a stop kicks the vCPU out (False: waits for its next exit)
     resume: dict | None = None  # a saved workload state (either kind) to go on from
+    x: XHooks = NO_HOOKS  # test-only: no_manual_protect, no_kick
 
 
 def workload_from(mapped: list[MappedBlock], state: dict) -> Workload | KvmWorkload:
@@ -89,8 +89,8 @@ class Guest:
             elif cfg.kvm:
                 w = cfg.workload
                 self.workload = KvmWorkload(mapped, KvmState(w.dirty_rate, w.pattern, w.seed,
-                                                             cfg.manual_protect), fresh=True,
-                                            kick=cfg.kick)
+                                                             not cfg.x.no_manual_protect),
+                                            fresh=True, kick=not cfg.x.no_kick)
             else:
                 self.workload = Workload(mapped, cfg.workload)
         except BaseException:

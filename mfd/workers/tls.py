@@ -37,6 +37,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from mfd.errors import MfdError, UsageError
+from mfd.sysutil import python_m
 
 HANDSHAKE_S = 5.0  # a peer silent for this long in the handshake is refused
 LINGER_S = 1.0  # after the owner closed: how long the relay waits for the peer's end
@@ -176,10 +177,10 @@ def _spawn(role: str, net: socket.socket, opts: TLSOptions) -> socket.socket:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
     try:
-        _relays.append(subprocess.Popen(
-            [sys.executable, "-m", "mfd.workers.tls", role, str(net.fileno()),
-             str(theirs.fileno()), json.dumps(asdict(opts))],
-            pass_fds=(net.fileno(), theirs.fileno()), stdin=subprocess.DEVNULL))
+        command, env = python_m("mfd.workers.tls", role, str(net.fileno()),
+                                str(theirs.fileno()), json.dumps(asdict(opts)))
+        _relays.append(subprocess.Popen(command, env=env, pass_fds=(net.fileno(),
+                                        theirs.fileno()), stdin=subprocess.DEVNULL))
     except OSError as e:
         ours.close()
         raise MfdError(f"cannot start a TLS relay: {e.strerror}") from None

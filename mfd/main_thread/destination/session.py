@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mfd.errors import MfdError, ProtocolError
+from mfd.errors import ProtocolError
 from mfd.main_thread.destination.channels import Channels
 from mfd.main_thread.destination.loop import Loop
 from mfd.main_thread.destination.postcopy import Postcopy
@@ -112,8 +112,6 @@ class Incoming:
     def __init__(self, listen: str, *, images: dict[str, str] | None = None,
                  guest: str | None = None, options: IncomingOptions | None = None,
                  warn: Callable[[str], None] | None = None) -> None:
-        if images is not None and guest is not None:
-            raise MfdError("incoming takes either images or a guest name, not both")
         self.addr = tcp.parse_uri(listen)
         self.options = options or IncomingOptions()
         self.warn = warn or (lambda line: print(f"mfd incoming: {line}", file=sys.stderr))
