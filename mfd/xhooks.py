@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mfd.protocol.constants import MULTIFD_PAGE_COUNT
+
 # faults a receive channel injects, each of which verification must catch: one byte of
 # the page flipped; the page's content placed at the next page's offset (the previous one's
 # at a block's end) and the page left zero; the packet's pages received and thrown away
@@ -38,12 +40,17 @@ class XHooks:
     def delay(self, channel: int) -> float:
         return self.channel_delays[channel] if channel < len(self.channel_delays) else 0.0
 
-    def damaged(self, pages: int) -> tuple[int, ...]:
-        """The pages of the first block (of ``pages`` pages) that ``fault`` damages."""
+    def damaged(self, pages: int) -> range | tuple[int, ...]:
+        """The pages of the first block (of ``pages`` pages) that ``fault`` damages: the
+        page itself, and the one a misplaced page went to; for "drop", any page that can
+        share a packet (128 pages at most) with it."""
         assert self.fault is not None
         kind, page = self.fault
         if kind == "misplace":
             return (page, page + 1 if page + 1 < pages else page - 1)
+        if kind == "drop":
+            reach = MULTIFD_PAGE_COUNT - 1
+            return range(max(0, page - reach), min(pages, page + reach + 1))
         return (page,)
 
 

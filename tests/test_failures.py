@@ -13,6 +13,7 @@ from helpers import alive, children, shm_entries, start_mfd, until
 
 import mfd
 from mfd.errors import BrokenPipeline
+from mfd.options import RestoreOptions
 from mfd.ramimage import generate
 
 
@@ -87,7 +88,8 @@ def test_channel_error_breaks_the_pool(tmp_path):
         hdr = opened.file.blocks[0].mapped_ram
         os.truncate(mig, hdr.pages_offset + (1 << 20))
         with pytest.raises(BrokenPipeline, match=r"channel \d failed: OSError: short read"):
-            mfd.api._restore_images(opened, {"mem": str(out)}, 2, False)
+            mfd.api._restore_images(opened, {"mem": str(out)},
+                                    RestoreOptions(multifd_channels=2))
     assert not out.exists() and sorted(os.listdir(tmp_path)) == ["img.bin", "x.mig"]
 
 

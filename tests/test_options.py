@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import run_mfd
+from helpers import run_mfd
 
 import mfd
 from mfd.errors import UsageError

@@ -8,8 +8,8 @@
                 destination's shared memory and hash each chunk they read; sync; every
                 chunk digest equal to mfd's trailer's, when there is one
     stream:     pages placed as their records come, a run of records at a time (strided
-                numpy copies, no per-page loop), from the file's mapping or from the
-                decoder's buffer of a compressed stream (mfd.main_thread.decompress)
+                numpy copies, no per-page loop; mfd.shm.placer), from the file's mapping or
+                from the decoder's buffer of a compressed stream (mfd.main_thread.decompress)
 
 Where the stream starts: at the offset given, or after libvirt's save header found there
 (mfd.protocol.libvirt_save).
@@ -34,11 +34,11 @@ from mfd.main_thread import decompress
 from mfd.main_thread.lazy import FileFaults
 from mfd.main_thread.pipeline import ChannelPool, OnDone
 from mfd.main_thread.scanner import chunk_jobs
-from mfd.protocol import libvirt_save, livestream, trailer, xbzrle
+from mfd.protocol import libvirt_save, livestream, trailer
 from mfd.protocol import migration_file as mfile
 from mfd.protocol.constants import TARGET_PAGE_SIZE
+from mfd.shm.placer import MappedPlacer
 from mfd.shm.ramblock import RAMBlock, attach
-from mfd.shm.receivedmap import zero_pages
 from mfd.workers.file_channel import FileChannelConfig, channel_main
 from mfd.xhooks import NO_HOOKS, XHooks
 
@@ -309,33 +309,18 @@ def load_stream(opened: OpenedFile, targets: dict[str, RAMBlock]) -> int:
     moved = 0
     try:
         index = {b.idstr: i for i, b in enumerate(blocks)}
-        words = [m.words for m in mapped]
-        received = [np.zeros(b.num_pages, dtype=np.uint8) for b in blocks]
+        placer = MappedPlacer([m.words for m in mapped],
+                              [np.zeros(b.num_pages, dtype=np.uint8) for b in blocks], None)
         for ev in opened.events():
             if isinstance(ev, livestream.Pages):
-                i = index[ev.idstr]
-                pages, data = ev.pages, ev.data
-                step = np.diff(pages)
-                out = words[i].view(np.uint8)
-                if (step == 1).all():  # consecutive: one strided copy
-                    out[int(pages[0]) : int(pages[0]) + len(pages)] = data
-                else:
-                    if not (step > 0).all():  # a page sent twice in one run: the later copy
-                        # wins (numpy's fancy assignment does not promise which)
-                        last = len(pages) - 1 - np.unique(pages[::-1], return_index=True)[1]
-                        pages, data = pages[last], data[last]
-                    out[pages] = data
-                received[i][pages] = 1
+                placer.pages(index[ev.idstr], ev.pages, ev.data)
                 moved += len(ev.pages) * TARGET_PAGE_SIZE
             elif isinstance(ev, livestream.XbzrlePages):  # onto the page as it is now
-                i = index[ev.idstr]
-                xbzrle.decode_into(words[i].view(np.uint8), ev.pages, ev.data, ev.starts,
-                                   ev.lengths, f"block {ev.idstr!r}: XBZRLE page")
-                received[i][ev.pages] = 1
+                placer.xbzrle(index[ev.idstr], ev.pages, ev.data, ev.starts, ev.lengths,
+                              f"block {ev.idstr!r}: XBZRLE page")
                 moved += len(ev.pages) * TARGET_PAGE_SIZE
             elif isinstance(ev, livestream.ZeroPages):
-                i = index[ev.idstr]
-                zero_pages(received[i], words[i], ev.pages)
+                placer.zero(index[ev.idstr], ev.pages)
     finally:
         for m in mapped:
             m.close()

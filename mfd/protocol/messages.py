@@ -23,7 +23,8 @@ RELEASE    b"RELEASE": every channel reached its SYNC, go on             -> chan
 QUIESCE    b"QUIESCE": read nothing more from the connection             -> channel
 QUIESCED   b"QUIESCED": done; nothing more lands in RAM                  channel ->
 CLOSED     b"CLOSED": the peer ended the connection at a packet boundary  channel ->
-ERROR      b"ERROR", text (a traceback)                                  channel ->
+ERROR      b"ERROR", text (one line for an MfdError, else a traceback),   channel ->
+           b"link" when the connection to the other host was lost
 STOP       b"STOP"                                                       -> channel
 =========  ===========================================================  =========
 """

@@ -49,7 +49,8 @@ def hash_rows(rows: np.ndarray) -> np.ndarray:
 
 def hash_pages(words: np.ndarray, pages: np.ndarray) -> np.ndarray:
     """The hashes of ``pages`` of a (pages, 512) view of RAM, each read where it is."""
-    if len(pages) and int(pages[-1]) - int(pages[0]) + 1 == len(pages):
+    if len(pages) and int(pages[-1]) - int(pages[0]) + 1 == len(pages) \
+            and bool(np.all(pages[1:] > pages[:-1])):  # one run in order: slice, no gather
         return hash_rows(words[int(pages[0]) : int(pages[-1]) + 1])
     return _hash_each(map(words.__getitem__, pages.tolist()), len(pages))
 

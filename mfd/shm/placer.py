@@ -14,11 +14,21 @@ Two implementations of one interface (DESIGN.md invariant 7)::
     placed(block, pages, rows)   the hook every path ends in: the receivedmap, and the
                                  page hashes of what was placed (verification)
 
+A path that puts bytes into RAM itself, faster than through ``pages`` (socket -> RAM by
+splice or recvmsg_into, a decompressed run written to the block's file at once), ends in
+``placed`` all the same; it keeps the rule by writing in payload order, later over earlier.
+
 Both keep the receivedmap (one byte per page, ``mfd.shm.receivedmap``) and, when the
-source is mfd and verifies, this end's page hash table (``mfd.shm.pagehash``).
+source is mfd and verifies, this end's page hash table (``mfd.shm.pagehash``): a mapped
+placer hashes what RAM holds once the pages are placed (read back: a page placed at the
+wrong offset, a corrupted write or two channels racing on one page show, not only what
+arrived), a uffd placer the bytes it placed (it has no mapping of the guest's RAM).
+Everything is per call, a packet or a run of records at a time: numpy, no Python per page.
 """
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 
@@ -32,13 +42,19 @@ from mfd.shm.uffd import GuestRAM
 def last_copies(pages: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The placement rule: each page once, with its last copy in ``rows`` (QEMU's loader
     writes records in order, so the later one stays). Pages in increasing order, as
-    every sender but a hostile one sends them, cost one comparison."""
-    if len(pages) < 2 or bool(np.all(pages[1:] > pages[:-1])):
+    every sender but a hostile one sends them, cost one comparison; pages out of order
+    but each once (QEMU's multifd swaps zero pages out of a packet) are left as they are."""
+    if _increasing(pages):
         return pages, rows
-    reverse = pages[::-1]
-    _, first_in_reverse = np.unique(reverse, return_index=True)
+    _, first_in_reverse = np.unique(pages[::-1], return_index=True)
+    if len(first_in_reverse) == len(pages):
+        return pages, rows
     keep = len(pages) - 1 - first_in_reverse  # sorted by page
     return pages[keep], rows[keep]
+
+
+def _increasing(pages: np.ndarray) -> bool:
+    return len(pages) < 2 or bool(np.all(pages[1:] > pages[:-1]))
 
 
 class Placer:
@@ -49,6 +65,12 @@ class Placer:
         page hash table when verifying, else None."""
         self.received = received
         self.hashes = hashes
+        self.hashing = 0.0  # seconds spent hashing pages (thread time), see take_hashing
+
+    def take_hashing(self) -> float:
+        """Seconds spent hashing since the last call."""
+        seconds, self.hashing = self.hashing, 0.0
+        return seconds
 
     def pages(self, block: int, pages: np.ndarray, rows: np.ndarray) -> None:
         """Whole pages: ``rows[i]`` (4096 bytes, any dtype) is page ``pages[i]``."""
@@ -60,19 +82,22 @@ class Placer:
         raise NotImplementedError
 
     def placed(self, block: int, pages: np.ndarray, rows: np.ndarray | None) -> None:
-        """``pages`` are in RAM now: received, and hashed from ``rows`` (the bytes placed)
-        or, when the bytes went straight into RAM (``rows`` None), read back from it."""
+        """``pages`` are in RAM now: received, and hashed. ``rows``: the bytes placed, in
+        the order of ``pages``, or None when they went straight into RAM (a page may then
+        be named twice: RAM holds its later copy)."""
         self.received[block][pages] = 1
         if self.hashes is not None and len(pages):
-            self.hashes.table[block][pages] = hash_rows(rows) if rows is not None else \
-                self._hash_from_ram(block, pages)
+            started = time.thread_time()
+            self._hash(block, pages, rows)
+            self.hashing += time.thread_time() - started
 
     def _write(self, block: int, pages: np.ndarray, rows: np.ndarray
                ) -> tuple[np.ndarray, np.ndarray]:
         """Put ``rows`` (each page once) in place; returns what was placed."""
         raise NotImplementedError
 
-    def _hash_from_ram(self, block: int, pages: np.ndarray) -> np.ndarray:
+    def _hash(self, block: int, pages: np.ndarray, rows: np.ndarray | None) -> None:
+        """The page hashes of ``pages``, just placed, into the table."""
         raise NotImplementedError
 
 
@@ -94,7 +119,7 @@ class MappedPlacer(Placer):
 
     def zero(self, block: int, pages: np.ndarray) -> None:
         """QEMU's rule: memset only a page received before; one never received is still
-        zero and stays untouched (unallocated)."""
+        zero and stays untouched (unallocated), hashing to 0 without a read."""
         received = self.received[block]
         again = pages[received[pages] != 0]
         if len(again):
@@ -102,6 +127,8 @@ class MappedPlacer(Placer):
         received[pages] = 1
         if self.hashes is not None:
             self.hashes.table[block][pages] = 0  # hash of a zero page (pagehash)
+            if len(again):  # read back, as every page placed here
+                self.placed(block, again, None)
 
     def xbzrle(self, block: int, pages: np.ndarray, data: np.ndarray, starts: np.ndarray,
                lengths: np.ndarray, where: str) -> None:
@@ -111,8 +138,11 @@ class MappedPlacer(Placer):
                            where)
         self.placed(block, np.unique(pages), None)
 
-    def _hash_from_ram(self, block: int, pages: np.ndarray) -> np.ndarray:
-        return hash_pages(self.words[block], pages)
+    def _hash(self, block: int, pages: np.ndarray, rows: np.ndarray | None) -> None:
+        """Read back from RAM, whatever ``rows`` held."""
+        if not _increasing(pages):  # hash_pages reads a run of pages only in order
+            pages = np.unique(pages)
+        self.hashes.table[block][pages] = hash_pages(self.words[block], pages)
 
 
 class UffdPlacer(Placer):
@@ -131,8 +161,9 @@ class UffdPlacer(Placer):
         """Each run of consecutive pages not here yet gathered into one buffer (QEMU copies
         each page into its temp page too), placed by one UFFDIO_COPY."""
         todo = self.received[block][pages] == 0
-        pages = pages[todo]
-        rows = np.ascontiguousarray(rows[todo]).view(np.uint8).reshape(len(pages), -1)
+        if not todo.all():
+            pages, rows = pages[todo], rows[todo]
+        rows = np.ascontiguousarray(rows).view(np.uint8).reshape(len(pages), -1)
         src, at = rows.ctypes.data, 0
         for start, end in page_runs(pages).tolist():
             self.ram.uffd.copy(self.ram.address(block, start), src + at * TARGET_PAGE_SIZE,
@@ -141,6 +172,7 @@ class UffdPlacer(Placer):
         return pages, rows
 
     def zero(self, block: int, pages: np.ndarray) -> None:
+        """Zero pages mapped (UFFDIO_ZEROPAGE), unless here already."""
         pages = np.unique(pages[self.received[block][pages] == 0])
         for start, end in page_runs(pages).tolist():
             self.ram.uffd.zeropage(self.ram.address(block, start),
@@ -149,5 +181,6 @@ class UffdPlacer(Placer):
         if self.hashes is not None:
             self.hashes.table[block][pages] = 0
 
-    def _hash_from_ram(self, block: int, pages: np.ndarray) -> np.ndarray:
-        raise AssertionError("a uffd placer always has the bytes it placed")
+    def _hash(self, block: int, pages: np.ndarray, rows: np.ndarray | None) -> None:
+        assert rows is not None, "a uffd placer always has the bytes it placed"
+        self.hashes.table[block][pages] = hash_rows(rows)

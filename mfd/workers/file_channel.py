@@ -14,31 +14,34 @@ straight into the destination's shared memory. Only offsets cross the socket.
                            <--DONE(digests)-------   digest of each chunk just read
                            --DIGEST(block, runs)->   save completion: digest of each chunk
                            <--DONE(digests)-------   of the final RAM (mfd's trailer)
+
+The process around it is ``mfd.workers.channel``'s. A restore places pages by ``preadv``
+straight into RAM: mapped-ram has one slot per page, so no page comes twice, and it keeps
+no receivedmap and no page hashes (the trailer's chunk digests verify it), so there is
+nothing for the placer's hook to do. A lazy restore places them through the running guest's
+userfaultfd (``mfd.shm.placer.UffdPlacer``).
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
-import signal
 import time
-import traceback
 from dataclasses import dataclass
 
 import numpy as np
-import zmq
 
 from mfd.protocol import messages
 from mfd.protocol.constants import TARGET_PAGE_SIZE
 from mfd.protocol.mapped_ram import page_runs
 from mfd.protocol.trailer import CHUNK_PAGES, chunk_digests, whole_chunks
+from mfd.shm.placer import UffdPlacer
 from mfd.shm.ramblock import MappedBlock, RAMBlock, attach, nonzero_pages
-from mfd.shm.uffd import UserfaultFd
-from mfd.sysutil import set_parent_death_signal
+from mfd.shm.uffd import GuestRAM, UserfaultFd
+from mfd.workers.channel import Channel, Link, run_channel
 from mfd.xhooks import NO_HOOKS, XHooks
 
 SYNC_FILE_RANGE_WRITE = 2
-ERROR_LINGER_MS = 2000  # how long a failing channel's last ERROR may take to go out
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
 
@@ -63,51 +66,8 @@ class FileChannelConfig:
     bases: tuple[int, ...] = ()
 
 
-def die_with_parent() -> None:
-    """The channel must not outlive the main process (which alone unlinks shm)."""
-    set_parent_death_signal(signal.SIGTERM)
-
-
 def channel_main(cfg: FileChannelConfig) -> None:
-    """Process entry point: one DEALER socket, one file descriptor, one loop."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
-    die_with_parent()
-    if os.getppid() != cfg.parent_pid:  # died before PR_SET_PDEATHSIG was in place
-        return
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(cfg.endpoint)
-    try:
-        channel = FileChannel(cfg)
-        try:
-            sock.send_multipart(messages.encode_ready(cfg.channel_id))
-            while True:
-                if not sock.poll(1000):
-                    if os.getppid() != cfg.parent_pid:
-                        return
-                    continue
-                frames = sock.recv_multipart()  # small frames: copies are cheapest
-                kind = frames[0]
-                if kind == messages.STOP:
-                    return
-                if kind not in (messages.JOB, messages.DIGEST):
-                    raise RuntimeError(f"unexpected message {kind[:16]!r}")
-                job_id, block, pages, _ = messages.decode_job(frames)
-                reply = channel.run(job_id, block, pages, kind == messages.DIGEST)
-                if cfg.x.delay(cfg.channel_id):  # test-only: slow to finish after its I/O
-                    time.sleep(cfg.x.delay(cfg.channel_id))
-                sock.send_multipart(reply)
-        finally:
-            channel.close()
-    except Exception:
-        sock.send_multipart([messages.ERROR, traceback.format_exc().encode()])
-        # read before the main process sees the process gone: LINGER 0 could drop it
-        sock.setsockopt(zmq.LINGER, ERROR_LINGER_MS)
-        raise SystemExit(1) from None
-    finally:
-        sock.close()
-        ctx.term()
+    run_channel(cfg, FileChannel)
 
 
 def open_channel_fd(path: str, saving: bool, direct_io: bool) -> int:
@@ -115,24 +75,36 @@ def open_channel_fd(path: str, saving: bool, direct_io: bool) -> int:
     return os.open(path, flags)
 
 
-class FileChannel:
-    def __init__(self, cfg: FileChannelConfig) -> None:
+class FileChannel(Channel):
+    def __init__(self, cfg: FileChannelConfig, link: Link | None) -> None:
+        super().__init__(link)
         self.cfg = cfg
         self.fd = open_channel_fd(cfg.path, cfg.saving, cfg.direct_io)
-        self.uffd = UserfaultFd(cfg.uffd) if cfg.uffd >= 0 else None
         # lazy restore never touches the guest's RAM through a mapping (a page written
-        # there would be seen half done by the running guest): no mapping at all
-        self.blocks: list[MappedBlock] = [] if self.uffd else \
+        # there would be seen half done by the running guest): no mapping at all, pages
+        # placed through its uffd (inherited), each block where the guest maps it
+        self.placer = None if cfg.uffd < 0 else UffdPlacer(
+            GuestRAM(UserfaultFd(cfg.uffd), list(cfg.bases),
+                     [b.used_length for b in cfg.blocks]),
+            [np.zeros(b.num_pages, dtype=np.uint8) for b in cfg.blocks], None)
+        self.blocks: list[MappedBlock] = [] if self.placer is not None else \
             [attach(b, writable=not cfg.saving) for b in cfg.blocks]
-        self.buf = np.empty(0, dtype=np.uint8)
+        self.buf = np.empty((0, TARGET_PAGE_SIZE), dtype=np.uint8)
 
-    def run(self, job_id: int, block: int, pages: np.ndarray, digest_only: bool) -> list:
-        if digest_only:
-            return messages.encode_done(job_id, 0, None,
-                                        self._digests(block, pages.reshape(-1, 2)))
-        if self.cfg.saving:
-            return self.save_pages(job_id, block, pages)
-        return self.load_runs(job_id, block, pages)
+    def handle(self, kind: bytes, job_id: int, block: int, pages: np.ndarray,
+               flags: int) -> list:
+        if kind == messages.DIGEST:
+            reply = messages.encode_done(job_id, 0, None,
+                                         self._digests(block, pages.reshape(-1, 2)))
+        elif kind == messages.JOB and self.cfg.saving:
+            reply = self.save_pages(job_id, block, pages)
+        elif kind == messages.JOB:
+            reply = self.load_runs(job_id, block, pages)
+        else:
+            return super().handle(kind, job_id, block, pages, flags)
+        if self.cfg.x.delay(self.cfg.channel_id):  # test-only: slow to finish after its I/O
+            time.sleep(self.cfg.x.delay(self.cfg.channel_id))
+        return reply
 
     def save_pages(self, job_id: int, block: int, pages: np.ndarray) -> list:
         """Zero check per packet (max over (pages, 512) words), then one pwritev per run."""
@@ -159,48 +131,52 @@ class FileChannel:
         while they are still in this CPU's cache. The main process has already asked the
         kernel to read this job's span ahead (``mfd.main_thread.load.readahead``)."""
         runs = pairs.reshape(-1, 2)
-        if self.uffd is not None:
+        if self.placer is not None:
             return self._load_lazy(job_id, block, runs)
         moved = self._io(block, runs, os.preadv, "read")
         digests = self._digests(block, runs) if self.cfg.verify else b""
         return messages.encode_done(job_id, moved, None, digests)
 
     def _load_lazy(self, job_id: int, block: int, runs: np.ndarray) -> list:
-        """Lazy restore: the job's chunks read into a buffer (from the first chunk's start,
-        so chunk digests come out as from RAM), each run placed atomically in the running
-        guest; a page its fault had placed first is left alone (the same bytes)."""
-        assert self.uffd is not None
-        first = int(runs[0, 0]) // CHUNK_PAGES * CHUNK_PAGES
-        span = (int(runs[-1, 1]) - first) * TARGET_PAGE_SIZE
-        if len(self.buf) < span:
-            self.buf = np.empty(span, dtype=np.uint8)
-        view = memoryview(self.buf)
-        rel = runs - first
-        base = self.cfg.pages_offsets[block]
-        moved = 0
-        for start, (a, b) in zip(runs[:, 0].tolist(), (rel * TARGET_PAGE_SIZE).tolist(),
-                                 strict=True):
-            n = os.preadv(self.fd, [view[a:b]], base + start * TARGET_PAGE_SIZE)
-            if n != b - a:
-                raise OSError(f"short read: {n} of {b - a} bytes at "
-                              f"{base + start * TARGET_PAGE_SIZE:#x} (file truncated?)")
-            self.uffd.copy(self.cfg.bases[block] + start * TARGET_PAGE_SIZE,
-                           self.buf.ctypes.data + a, b - a)
-            moved += n
-        digests = chunk_digests(view, rel, TARGET_PAGE_SIZE) if self.cfg.verify else b""
-        return messages.encode_done(job_id, moved, None, digests)
+        """Lazy restore: the job's runs read one after the other into a buffer, placed
+        atomically in the running guest by the placer, which leaves alone a page its fault
+        placed first (the guest may have written it since); the chunk digests taken from
+        the buffer, each chunk's runs being consecutive there too."""
+        assert self.placer is not None
+        runs = runs.astype(np.int64)
+        lengths = runs[:, 1] - runs[:, 0]
+        count = int(lengths.sum())
+        if len(self.buf) < count:
+            self.buf = np.empty((count, TARGET_PAGE_SIZE), dtype=np.uint8)
+        rows = self.buf[:count]
+        view = memoryview(rows).cast("B")
+        self._io(block, runs, os.preadv, "read", view)
+        ends = np.cumsum(lengths)  # where each run ends in the buffer
+        self.placer.pages(block, np.repeat(runs[:, 0] - ends + lengths, lengths)
+                          + np.arange(count), rows)
+        digests = b""
+        if self.cfg.verify:
+            last = np.flatnonzero(np.diff(runs[:, 0] // CHUNK_PAGES, append=-1))  # per chunk
+            starts = np.concatenate(([0], ends[last[:-1]]))
+            digests = b"".join(chunk_digests(view, np.array([[a, b]]), TARGET_PAGE_SIZE)
+                               for a, b in zip(starts.tolist(), ends[last].tolist(),
+                                               strict=True))
+        return messages.encode_done(job_id, count * TARGET_PAGE_SIZE, None, digests)
 
     def _digests(self, block: int, runs: np.ndarray) -> bytes:
         return chunk_digests(self.blocks[block].view, runs, TARGET_PAGE_SIZE)
 
-    def _io(self, block: int, runs: np.ndarray, io, verb: str) -> int:
-        """One ``pwritev``/``preadv`` per run of pages, between the block and its slots."""
-        view = self.blocks[block].view
+    def _io(self, block: int, runs: np.ndarray, io, verb: str,
+            buffer: memoryview | None = None) -> int:
+        """One ``pwritev``/``preadv`` per run of pages, between the runs' slots in the file
+        and the block (or ``buffer``, where the runs follow each other)."""
+        view = self.blocks[block].view if buffer is None else buffer
         base = self.cfg.pages_offsets[block]
         moved = 0
         for start, end in runs.tolist():
             a, b = start * TARGET_PAGE_SIZE, end * TARGET_PAGE_SIZE
-            n = io(self.fd, [view[a:b]], base + a)
+            at = a if buffer is None else moved
+            n = io(self.fd, [view[at : at + b - a]], base + a)
             if n != b - a:
                 hint = " (file truncated?)" if verb == "read" else ""
                 raise OSError(f"short {verb}: {n} of {b - a} bytes at {base + a:#x}{hint}")

@@ -19,10 +19,12 @@ the sender's kernel, out of the receiver's.
                                                          EOF at a packet: --CLOSED-->
 
 Toward an mfd peer both ends hash every page they move (``mfd.shm.pagehash``): the send
-channel as it sends it (JOB_HASH), the receive channel from its RAM right after placing it.
+channel as it sends it (JOB_HASH), the receive channel from its RAM right after placing it
+(``mfd.shm.placer``, the hook every received page ends in).
 
-A channel whose connection fails, whose peer sends anything invalid, or whose main process
-goes away fails with one line (ERROR to its main process) and exits.
+The process around each is ``mfd.workers.channel``'s: a channel whose connection fails,
+whose peer sends anything invalid, or whose main process goes away fails with one line
+(ERROR to its main process) and exits.
 """
 
 from __future__ import annotations
@@ -30,21 +32,18 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import signal
 import socket
-import sys
 import time
-import traceback
 from dataclasses import dataclass
 
 import numpy as np
-import zmq
 
-from mfd.errors import MfdError, ProtocolError
+from mfd.errors import ProtocolError
 from mfd.protocol import messages, multifd
 from mfd.protocol.constants import MULTIFD_PACKET_SIZE, TARGET_PAGE_SIZE
 from mfd.protocol.mapped_ram import page_runs
 from mfd.shm.pagehash import PageHashes, hash_rows
+from mfd.shm.placer import MappedPlacer
 from mfd.shm.ramblock import (
     WORDS_PER_PAGE,
     DataExtents,
@@ -55,12 +54,11 @@ from mfd.shm.ramblock import (
 )
 from mfd.shm.receivedmap import ReceivedMap
 from mfd.workers import tcp
-from mfd.workers.file_channel import ERROR_LINGER_MS, die_with_parent
+from mfd.workers.channel import Channel, Link, run_channel
 from mfd.workers.methods import get_method
 from mfd.workers.tls import TLSOptions, wait_relays
 from mfd.xhooks import NO_HOOKS, XHooks
 
-POLL_MS = 500
 PAGE = TARGET_PAGE_SIZE
 # a packet in more runs than this is read through the mapping in one call rather than
 # spliced run by run (two system calls per run)
@@ -97,20 +95,16 @@ class SocketChannelConfig:
     x: XHooks = NO_HOOKS
 
 
-class _Channel:
-    """What both directions share: the main-process link, RAM mappings, the connection."""
+class SocketChannel(Channel):
+    """What both directions share: RAM mappings, the connection, a packet's pages."""
 
-    def __init__(self, cfg: SocketChannelConfig, ctx: zmq.Context, writable: bool) -> None:
+    def __init__(self, cfg: SocketChannelConfig, link: Link, writable: bool) -> None:
+        super().__init__(link)
         self.cfg = cfg
-        self.main = ctx.socket(zmq.DEALER)
-        self.main.setsockopt(zmq.LINGER, 0)
-        self.main.connect(cfg.endpoint)
+        self.method = get_method(cfg.compression)
         self.blocks: list[MappedBlock] = [attach(b, writable=writable) for b in cfg.blocks]
         self.words = [b.words for b in self.blocks]
         self.conn: socket.socket | None = None
-        self.poller = zmq.Poller()
-        self.poller.register(self.main, zmq.POLLIN)
-        self.deferred: list[list[bytes]] = []  # main-process messages read by tick()
         # one packet's pages: a compressed packet's data, pages gathered or read to hash
         self.buffer = np.empty((multifd.MULTIFD_PAGE_COUNT, WORDS_PER_PAGE), dtype=np.uint64)
         self.hashes = None if cfg.hashes is None else PageHashes(cfg.hashes, list(cfg.blocks))
@@ -118,50 +112,21 @@ class _Channel:
     def where(self) -> str:
         return f"channel {self.cfg.channel_id}"
 
-    def tick(self) -> None:
-        """Between waits on the connection: the main process must still be there, and a
-        STOP from it ends the channel even while its peer does not read (QEMU's channel
-        that stopped reading keeps a send waiting)."""
-        if os.getppid() != self.cfg.parent_pid:
-            raise SystemExit(0)
-        if self.main.poll(0):
-            frames = self.main.recv_multipart()
-            if frames[0] == messages.STOP:
-                raise SystemExit(0)
-            self.deferred.append(frames)
-
-    def handle(self, kind: bytes, job_id: int, block: int, pages: np.ndarray,
-               flags: int) -> list:
-        """A job from the main process."""
-        raise RuntimeError(f"{self.where()} cannot do {kind!r} jobs")
-
-    def on_ready(self, source: object) -> None:
-        """A socket other than the main process's is readable (receive channels)."""
-
-    def quiesce(self) -> None:
-        """QUIESCE from the main process (only receive channels read a connection)."""
-
-    def release(self) -> None:
-        """RELEASE from the main process (only receive channels wait for one)."""
-
     def close(self) -> None:
         if self.conn is not None:
             self.conn.close()
-        self.main.close()  # with its LINGER: 0, or time for a last ERROR to go out
         self.words = []
         if self.hashes is not None:
             self.hashes.close()
         for b in self.blocks:
             b.close()
+        wait_relays()  # its connection's TLS relay, ending now that it is closed
 
 
-class SendChannel(_Channel):
-    def __init__(self, cfg: SocketChannelConfig, ctx: zmq.Context) -> None:
-        super().__init__(cfg, ctx, writable=False)
-        method = get_method(cfg.compression)
-        self.flag = method.flag
-        self.compressor = method.send_setup(cfg.level)
-        self.nocomp = cfg.compression == "none"
+class SendChannel(SocketChannel):
+    def __init__(self, cfg: SocketChannelConfig, link: Link) -> None:
+        super().__init__(cfg, link, writable=False)
+        self.compressor = None if self.method.raw_pages else self.method.send_setup(cfg.level)
         self.idstrs = [b.idstr for b in cfg.blocks]
         self.extents = [DataExtents(b.fd) for b in self.blocks]
 
@@ -177,7 +142,7 @@ class SendChannel(_Channel):
     def _send(self, buffers: list) -> int:
         assert self.conn is not None
         try:
-            return tcp.send_all(self.conn, buffers, self.tick)
+            return tcp.send_all(self.conn, buffers, self.link.tick)
         except tcp.LinkLost as e:
             raise tcp.LinkLost(f"{self.where()}: {e}") from None
 
@@ -208,7 +173,7 @@ class SendChannel(_Channel):
             self._zero_check(block, packet, mask, extents)
             normal = packet[mask]
             data = None
-            if len(normal) and self.nocomp:
+            if len(normal) and self.method.raw_pages:  # from guest memory as they are
                 payload = self._views(block, normal, extents)
                 size = len(normal) * PAGE
             elif len(normal):
@@ -218,7 +183,7 @@ class SendChannel(_Channel):
             else:
                 payload, size = [], 0
             header = multifd.encode_packet(
-                flags=self.flag, packet_num=job_id + n, ramblock=self.idstrs[block],
+                flags=self.method.flag, packet_num=job_id + n, ramblock=self.idstrs[block],
                 normal=normal.astype(np.uint64) * PAGE,
                 zero=packet[~mask].astype(np.uint64) * PAGE, next_packet_size=size)
             moved += self._send([header, *payload])
@@ -282,7 +247,8 @@ class SendChannel(_Channel):
         return messages.encode_done(job_id, self._send([header]))
 
     def close(self) -> None:
-        self.compressor.close()
+        if self.compressor is not None:
+            self.compressor.close()
         super().close()
 
 
@@ -296,40 +262,38 @@ def _clip(runs: list[tuple[int, int]], lo: int, hi: int) -> list[tuple[int, int]
     return [(max(a, lo), min(b, hi)) for a, b in runs if a < hi and b > lo]
 
 
-class RecvChannel(_Channel):
-    def __init__(self, cfg: SocketChannelConfig, ctx: zmq.Context) -> None:
-        super().__init__(cfg, ctx, writable=True)
-        method = get_method(cfg.compression)
-        self.flag = method.flag
-        self.nocomp = cfg.compression == "none"
-        self.max_payload = method.max_payload
-        self.decompressor = method.recv_setup()
+class RecvChannel(SocketChannel):
+    def __init__(self, cfg: SocketChannelConfig, link: Link) -> None:
+        super().__init__(cfg, link, writable=True)
+        self.decompressor = None if self.method.raw_pages else self.method.recv_setup()
         self.sizes = {b.idstr: b.used_length for b in cfg.blocks}
         self.index = {b.idstr: i for i, b in enumerate(cfg.blocks)}
         self.header = bytearray(multifd.PACKET_SIZE)
-        self.payload = bytearray(0 if self.nocomp else self.max_payload)
+        # a packet's payload, decoded from here (raw pages go straight into RAM)
+        self.payload = bytearray(0 if self.method.raw_pages else self.method.max_payload)
         self.pipe = os.pipe()
         with contextlib.suppress(OSError):  # room for a whole packet: fewer splice calls
             fcntl.fcntl(self.pipe[1], _F_SETPIPE_SZ, MULTIFD_PACKET_SIZE)
         self.pipe_size = fcntl.fcntl(self.pipe[1], _F_GETPIPE_SZ)
         self.handoff = socket.socket(fileno=cfg.handoff)
-        self.poller.register(self.handoff.fileno(), zmq.POLLIN)
+        link.watch(self.handoff.fileno())
         self.waiting = False  # at a SYNC packet, until RELEASE
         self.quiesced = False  # QUIESCE: reads nothing more, for good
         assert cfg.receivedmap is not None
         self.receivedmap = ReceivedMap(cfg.receivedmap, list(cfg.blocks))
-        self.hashing = 0.0  # seconds spent hashing pages since the last SYNC
+        ram = (self.words, self.receivedmap.received, self.hashes)
+        self.placer = MappedPlacer(*ram) if cfg.x.fault is None else \
+            _DamagingPlacer(*ram, cfg.x.fault)
+        self.populating = 0.0  # seconds spent mapping pages to hash them, since the last SYNC
 
     def close(self) -> None:
-        self.decompressor.close()
+        if self.decompressor is not None:
+            self.decompressor.close()
         self.receivedmap.close()
         self.handoff.close()
         for fd in self.pipe:
             os.close(fd)
         super().close()
-
-    def start(self) -> None:
-        """The connection comes later, from the main process (:meth:`on_ready`)."""
 
     def on_ready(self, source: object) -> None:
         """``source``: the descriptor the poller reported."""
@@ -346,27 +310,27 @@ class RecvChannel(_Channel):
             raise RuntimeError(f"{self.where()}: the main process handed over no connection")
         self.conn = socket.socket(fileno=fds[0])
         self.conn.setblocking(False)
-        self.poller.unregister(self.handoff.fileno())
+        self.link.unwatch(self.handoff.fileno())
         if not self.quiesced:
-            self.poller.register(self.conn.fileno(), zmq.POLLIN)
+            self.link.watch(self.conn.fileno())
 
     def release(self) -> None:
         if self.waiting and not self.quiesced:
             self.waiting = False
             assert self.conn is not None
-            self.poller.register(self.conn.fileno(), zmq.POLLIN)
+            self.link.watch(self.conn.fileno())
 
     def quiesce(self) -> None:
         """Read no more: whatever the peer still sends never lands in RAM."""
         self.quiesced = True
         if self.conn is not None:
             with contextlib.suppress(KeyError):  # not registered: waiting, or at its end
-                self.poller.unregister(self.conn.fileno())
+                self.link.unwatch(self.conn.fileno())
 
     def _recv(self, buffers: list) -> None:
         assert self.conn is not None
         try:
-            tcp.recv_into(self.conn, buffers, self.tick, "the channel")
+            tcp.recv_into(self.conn, buffers, self.link.tick, "the channel")
         except tcp.LinkLost as e:
             raise tcp.LinkLost(f"{self.where()}: {e}") from None
 
@@ -385,7 +349,7 @@ class RecvChannel(_Channel):
                 n = os.splice(self.conn.fileno(), self.pipe[1], size - got,
                               flags=_SPLICE_F_MOVE)
             except BlockingIOError:
-                tcp.wait(self.conn, write=False, tick=self.tick)
+                tcp.wait(self.conn, write=False, tick=self.link.tick)
                 continue
             except OSError as e:
                 raise tcp.LinkLost(f"{self.where()}: connection lost ({e.strerror})") \
@@ -424,161 +388,112 @@ class RecvChannel(_Channel):
         except OSError as e:
             raise tcp.LinkLost(f"{self.where()}: connection lost ({e.strerror})") from None
         if got == 0:  # at a packet boundary: the source is done with this channel
-            self.poller.unregister(self.conn.fileno())
-            self.main.send_multipart([messages.CLOSED])
+            self.link.unwatch(self.conn.fileno())
+            self.link.send([messages.CLOSED])
             return
         self._recv([memoryview(self.header)[got:]])
-        pkt = multifd.decode_packet(self.header, blocks=self.sizes, compression_flag=self.flag,
-                                    where=self.where())
-        if pkt.normal_pages and not self.nocomp and pkt.next_packet_size > self.max_payload:
+        pkt = multifd.decode_packet(self.header, blocks=self.sizes,
+                                    compression_flag=self.method.flag, where=self.where())
+        if pkt.normal_pages and pkt.next_packet_size > self.method.max_payload:
             raise ProtocolError(f"{self.where()}: packet {pkt.packet_num} payload of "
-                                f"{pkt.next_packet_size} bytes (at most {self.max_payload})")
+                                f"{pkt.next_packet_size} bytes (at most "
+                                f"{self.method.max_payload})")
         if pkt.normal_pages or pkt.zero_pages:
             if self.cfg.x.delay(self.cfg.channel_id):
                 time.sleep(self.cfg.x.delay(self.cfg.channel_id))
             self.place(pkt)
         if pkt.flags & multifd.MULTIFD_FLAG_SYNC and not self.cfg.x.skip_sync:
-            self.main.send_multipart(messages.encode_synced(pkt.packet_num, self.hashing))
-            self.hashing = 0.0
+            hashing = self.placer.take_hashing() + self.populating
+            self.populating = 0.0
+            self.link.send(messages.encode_synced(pkt.packet_num, hashing))
             # wait at the SYNC: read nothing more from the connection until RELEASE
-            self.poller.unregister(self.conn.fileno())
+            self.link.unwatch(self.conn.fileno())
             self.waiting = True
 
     def place(self, pkt: multifd.MultiFDPacket) -> None:
-        """``multifd_nocomp_recv`` / the compressed recv methods, then the zero pages.
-        Uncompressed pages go from the socket straight into the block's RAM (spliced into
-        its file run by run, or, in many short runs, read through its mapping); compressed
-        ones are decompressed into this channel's buffer, then written to the block's file
-        (consecutive pages) or scattered through the mapping."""
+        """``multifd_nocomp_recv`` / the compressed recv methods, then the zero pages, all
+        ending in the placer (``mfd.shm.placer``). Raw pages go from the socket straight
+        into the block's RAM, in payload order (a page named twice keeps its later copy):
+        spliced into its file run by run, or, in many short runs, read through its
+        mapping. Compressed ones are decompressed into this channel's buffer, then written
+        to the block's file at once (consecutive pages) or placed by the placer."""
         block = self.index[pkt.ramblock]
-        mapped = self.blocks[block]
-        words = self.words[block]
-        received = self.receivedmap.received[block]
         normal = (pkt.normal // PAGE).astype(np.intp)
         zero = (pkt.zero // PAGE).astype(np.intp)
-        fault = self.cfg.x.fault
-        if fault is not None and not (block == 0 and fault[1] in normal):
-            fault = None
-        via_file: list[tuple[int, int]] = []  # runs written to the file, not mapped here
-        if fault is not None and fault[0] == "drop":
-            self._recv([self.buffer[: len(normal)]] if self.nocomp
-                       else [memoryview(self.payload)[: pkt.next_packet_size]])
-            _say_fault("drop", mapped, normal)
-            normal = normal[:0]
-        elif len(normal) and self.nocomp:
+        if self._drops(block, normal):  # test-only: received and thrown away
+            scratch = self.buffer if self.method.raw_pages else self.payload
+            self._recv([memoryview(scratch).cast("B")[: pkt.next_packet_size]])
+        elif len(normal) and self.method.raw_pages:
             runs = page_runs(normal).tolist()
             if len(runs) <= SPLICE_RUNS:
-                self._splice(mapped.fd, runs)
-                via_file = runs
+                self._splice(self.blocks[block].fd, runs)
+                self._placed(block, normal, runs)
             else:  # QEMU's order (zero pages swapped out): one recvmsg_into, not a splice each
-                self._recv([words[lo:hi] for lo, hi in runs])
+                self._recv([self.words[block][lo:hi] for lo, hi in runs])
+                self._placed(block, normal, [])
         elif len(normal):
             payload = memoryview(self.payload)[: pkt.next_packet_size]
             self._recv([payload])
             data = self.buffer[: len(normal)]
+            assert self.decompressor is not None
             self.decompressor.recv(payload, memoryview(data).cast("B"))
             runs = page_runs(normal).tolist()
             if len(runs) == 1:  # consecutive pages in order (QEMU's need not be)
-                n = os.pwrite(mapped.fd, data, runs[0][0] * PAGE)
+                n = os.pwrite(self.blocks[block].fd, data, runs[0][0] * PAGE)
                 if n != data.nbytes:
                     raise OSError(f"short write to RAM: {n} of {data.nbytes} bytes")
-                via_file = runs
+                self._placed(block, normal, runs)
             else:
-                words[normal] = data
-        if fault is not None and fault[0] != "drop":
-            _damage(fault[0], mapped, fault[1])
-        received[normal] = 1
-        again = self.receivedmap.zero_pages(block, words, zero) if len(zero) else zero
-        if self.hashes is not None:  # read back from RAM as placed
+                self.placer.pages(block, normal, data)
+        if len(zero):
+            self.placer.zero(block, zero)
+
+    def _placed(self, block: int, pages: np.ndarray, via_file: list[tuple[int, int]]
+                ) -> None:
+        """The placer's hook for ``pages``, put into RAM here. When it reads them back to
+        hash them, the runs written through the block's file (``via_file``), not through
+        this mapping, are mapped first, in one call per run rather than a fault per page
+        (0.68 + 0.52 us a page hashed, against 2.5 + 0.52)."""
+        if self.hashes is not None and via_file:
             started = time.thread_time()
-            for lo, hi in via_file:  # mapped in one call per run, not a fault per page:
-                mapped.populate(lo, hi)  # 0.68 + 0.52 us a page hashed, 2.5 + 0.52 by preadv
-            self.hashes.record(block, words, normal)
-            self.hashes.zeroed(block, words, zero, again)
-            self.hashing += time.thread_time() - started
+            for lo, hi in via_file:
+                self.blocks[block].populate(lo, hi)
+            self.populating += time.thread_time() - started
+        self.placer.placed(block, pages, None)
+
+    def _drops(self, block: int, normal: np.ndarray) -> bool:
+        """Test-only (``XHooks.fault`` "drop"): this packet's pages are thrown away."""
+        fault = self.cfg.x.fault
+        return fault is not None and fault[0] == "drop" and block == 0 and \
+            bool((normal == fault[1]).any())
 
 
-def _damage(fault: str, mapped: MappedBlock, page: int) -> None:
-    """Test-only: damage ``page``, just placed (FAULTS)."""
-    at = page * PAGE
-    if fault == "corrupt":
-        byte = os.pread(mapped.fd, 1, at + 100)
-        os.pwrite(mapped.fd, bytes([byte[0] ^ 0x5A]), at + 100)
-        _say_fault(fault, mapped, np.array([page]))
-        return
-    # as if it had gone to ``other`` instead, leaving ``page`` zero
-    other = page + 1 if page + 1 < mapped.block.num_pages else page - 1
-    os.pwrite(mapped.fd, os.pread(mapped.fd, PAGE, at), other * PAGE)
-    os.pwrite(mapped.fd, bytes(PAGE), at)
-    _say_fault(fault, mapped, np.array([page, other]))
+class _DamagingPlacer(MappedPlacer):
+    """Test-only (``XHooks.fault`` "corrupt", "misplace"): the fault's page, each time it
+    is placed, damaged in RAM before the hook reads it back, so that verification must
+    catch it; what it damaged the test knows from the hook (``XHooks.damaged``)."""
 
+    def __init__(self, words: list[np.ndarray], received: list[np.ndarray],
+                 hashes: PageHashes | None, fault: tuple[str, int]) -> None:
+        super().__init__(words, received, hashes)
+        self.fault = fault
 
-def _say_fault(fault: str, mapped: MappedBlock, pages: np.ndarray) -> None:
-    """One line a test reads: which pages it damaged."""
-    offsets = ",".join(f"{p * PAGE:#x}" for p in np.sort(pages).tolist())
-    print(f"mfd: test fault {fault}: block {mapped.block.idstr!r} offsets {offsets}",
-          file=sys.stderr, flush=True)
-
-
-def _loop(channel: SendChannel | RecvChannel, cfg: SocketChannelConfig) -> None:
-    channel.start()
-    channel.main.send_multipart(messages.encode_ready(cfg.channel_id))
-    while True:
-        ready = dict(channel.poller.poll(0 if channel.deferred else POLL_MS))
-        if channel.deferred or channel.main in ready:
-            frames = channel.deferred.pop(0) if channel.deferred else \
-                channel.main.recv_multipart()
-            kind = frames[0]
-            if kind == messages.STOP:
-                return
-            if kind == messages.RELEASE:
-                channel.release()
-            elif kind == messages.QUIESCE:
-                channel.quiesce()
-                channel.main.send_multipart([messages.QUIESCED])
-            elif kind in (messages.JOB, messages.SYNC):
-                job_id, block, pages, flags = messages.decode_job(frames)
-                channel.main.send_multipart(channel.handle(kind, job_id, block, pages, flags))
-            else:
-                raise RuntimeError(f"unexpected message {kind[:16]!r}")
-        for source in list(ready):
-            if source is not channel.main:
-                channel.on_ready(source)
-        if not ready and os.getppid() != cfg.parent_pid:
-            return
-
-
-def channel_main(cfg: SocketChannelConfig, receive: bool) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
-    die_with_parent()
-    if os.getppid() != cfg.parent_pid:
-        return
-    ctx = zmq.Context()
-    channel: SendChannel | RecvChannel | None = None
-    try:
-        channel = RecvChannel(cfg, ctx) if receive else SendChannel(cfg, ctx)
-        _loop(channel, cfg)
-    except SystemExit:
-        raise
-    except Exception as e:
-        text = str(e) if isinstance(e, MfdError) else traceback.format_exc()
-        if channel is not None:
-            channel.main.send_multipart([messages.ERROR, text.encode(),
-                                         b"link" if isinstance(e, tcp.LinkLost) else b""])
-            # the main process must read why before it sees the process gone ("died
-            # unexpectedly"): closing with LINGER 0 could drop the message
-            channel.main.setsockopt(zmq.LINGER, ERROR_LINGER_MS)
-        raise SystemExit(1) from None
-    finally:
-        if channel is not None:
-            channel.close()
-        ctx.destroy(0)  # also a socket of a channel that failed half-built
-        wait_relays()  # its connection's TLS relay, ending now that it is closed
+    def placed(self, block: int, pages: np.ndarray, rows: np.ndarray | None) -> None:
+        kind, page = self.fault
+        if kind != "drop" and block == 0 and bool((pages == page).any()):
+            ram = self.words[0].view(np.uint8).reshape(len(self.words[0]), -1)
+            if kind == "corrupt":
+                ram[page, 100] ^= 0x5A
+            else:  # as if it had gone to the next page instead, leaving it zero
+                other = page + 1 if page + 1 < len(ram) else page - 1
+                ram[other] = ram[page]
+                ram[page] = 0
+        super().placed(block, pages, rows)
 
 
 def send_main(cfg: SocketChannelConfig) -> None:
-    channel_main(cfg, receive=False)
+    run_channel(cfg, SendChannel)
 
 
 def recv_main(cfg: SocketChannelConfig) -> None:
-    channel_main(cfg, receive=True)
+    run_channel(cfg, RecvChannel)

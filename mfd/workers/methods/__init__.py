@@ -2,18 +2,26 @@
 
 Mirrors ``migration/multifd.h: MultiFDMethods`` and ``multifd_register_ops`` with the
 methods of ``multifd-nocomp.c``, ``multifd-zstd.c`` and ``multifd-zlib.c``. Worker loops call
-only this table; they never branch on the method's name::
+only this table; they never branch on the method's name, only on what it declares::
 
     send channel                                   receive channel (same id)
     ------------                                   -------------------------
+    raw_pages (none): the normal pages themselves, from guest memory to guest memory
+    sendmsg(header, pages in RAM)    ──socket──>   splice / recvmsg_into straight into RAM
+
+    otherwise (zstd, zlib): a payload each channel's own stream encodes and decodes
     st = get_method(name).send_setup(level)        rs = get_method(name).recv_setup()
     for each packet with normal pages:             for each packet, in arrival order:
-        payload = st.prepare(pages)  ──socket──>       rs.recv(payload, out)  # -> guest RAM
-        header.next_packet_size = len(payload)
+        payload = st.prepare(pages)  ──socket──>       rs.recv(payload, out)  # -> a buffer
+        header.next_packet_size = len(payload)         (then placed: mfd.shm.placer)
     st.close()                                     rs.close()
 
 Contract:
 
+- ``raw_pages`` True: the payload is the packet's normal pages as they are, in payload
+  order (QEMU's multifd-nocomp writev()s and readv()s iovs of guest pages). The channels move
+  them between RAM and the connection without a copy in between, so the method has no
+  channel state: ``send_setup`` and ``recv_setup`` are for methods without raw pages only.
 - ``prepare(pages)`` takes the packet's normal pages, contiguous (``n * 4096`` bytes, in
   offset order) and returns the payload to send after the header. Zero pages never reach
   a method, and a packet without normal pages has no payload (``prepare`` is not called,
@@ -60,8 +68,7 @@ class RecvState(Protocol):
     """One receive channel's decompression context."""
 
     def recv(self, payload: bytes | memoryview, out: memoryview) -> memoryview:
-        """One packet's pages (``recv`` hook): ``out``, decoded into, or, for a method whose
-        payload already is the pages (none), the payload itself, checked, not copied."""
+        """One packet's pages (``recv`` hook), decoded into ``out``, which it returns."""
         ...
 
     def close(self) -> None:
@@ -87,12 +94,19 @@ class MultiFDMethods(Protocol):
         """Largest next_packet_size the receiver accepts (a full packet, compressBound)."""
         ...
 
+    @property
+    def raw_pages(self) -> bool:
+        """The payload is the normal pages themselves: channels send them from guest memory
+        and receive them straight into RAM; no channel state (QEMU's multifd-nocomp)."""
+        ...
+
     def send_setup(self, level: int) -> SendState:
-        """A send channel's context; ``level`` was range-checked in ``options.py``."""
+        """A send channel's context (not raw_pages); ``level`` was range-checked in
+        ``options.py``."""
         ...
 
     def recv_setup(self) -> RecvState:
-        """A receive channel's context."""
+        """A receive channel's context (not raw_pages)."""
         ...
 
 

@@ -2,7 +2,11 @@
 
 Mirrors ``migration/multifd-nocomp.c``, which in QEMU also hosts the code common to all
 methods (``multifd_send_prepare_common``); the buffer and payload checks below play that
-role for ``zstd.py`` and ``zlib.py``. The payload is the normal pages' bytes, as they are.
+role for ``zstd.py`` and ``zlib.py``. The payload is the normal pages' bytes, as they are
+(``raw_pages``): the send channel writes them from guest memory and the receive channel
+reads them straight into RAM (``mfd.workers.socket_channel``), so there is nothing to
+encode and no channel state; ``mfd.protocol.multifd`` checks that next_packet_size is
+exactly the pages' size.
 """
 
 from __future__ import annotations
@@ -81,48 +85,14 @@ class RecvBase:
 # --- none ------------------------------------------------------------------------------------
 
 
-class NocompSend:
-    """``multifd_nocomp_send_prepare``: the pages are the payload (QEMU writev()s them)."""
-
-    def prepare(self, pages: memoryview | np.ndarray) -> bytes | memoryview:
-        mv = flat_bytes(pages)
-        check_pages(mv)
-        return mv  # the caller's memory: no copy
-
-    def close(self) -> None:
-        pass
-
-
-class NocompRecv(RecvBase):
-    """``multifd_nocomp_recv``: the payload is the pages (QEMU readv()s them straight into
-    guest memory; here the caller writes them from the payload, no copy in between)."""
-
-    name = "none"
-    max_payload = MULTIFD_PACKET_SIZE
-
-    def _decode(self, payload: memoryview, out: memoryview) -> memoryview:
-        if payload.nbytes != out.nbytes:
-            raise ProtocolError(f"none: payload is {payload.nbytes} bytes, expected "
-                                f"{out.nbytes}")
-        return payload
-
-    def close(self) -> None:
-        self._broken = "closed"
-
-
 @dataclass(frozen=True)
 class Nocomp:
-    """``multifd_nocomp_ops``."""
+    """``multifd_nocomp_ops``: no ``send_setup``/``recv_setup``, the pages are the payload."""
 
     name: str = "none"
     flag: int = MULTIFD_FLAG_NOCOMP
     max_payload: int = MULTIFD_PACKET_SIZE
-
-    def send_setup(self, level: int) -> NocompSend:
-        return NocompSend()  # no level: nothing to tune
-
-    def recv_setup(self) -> NocompRecv:
-        return NocompRecv()
+    raw_pages: bool = True
 
 
 NOCOMP = Nocomp()

@@ -95,6 +95,7 @@ class Zlib:
     name: str = "zlib"
     flag: int = MULTIFD_FLAG_ZLIB
     max_payload: int = MAX_PAYLOAD
+    raw_pages: bool = False
 
     def send_setup(self, level: int) -> ZlibSend:
         return ZlibSend(level)

@@ -120,6 +120,7 @@ class Zstd:
     name: str = "zstd"
     flag: int = MULTIFD_FLAG_ZSTD
     max_payload: int = MAX_PAYLOAD
+    raw_pages: bool = False
 
     def send_setup(self, level: int) -> ZstdSend:
         return ZstdSend(level)
