@@ -1,10 +1,13 @@
-"""Postcopy's placement on the destination, through a real userfaultfd (no guest, no mocks).
+"""The destination's main process places the main channel's pages: a page twice in one run
+of records ends with its later copy, as QEMU's loader, on both of its paths.
 
-A /dev/shm file is mapped here and registered on a uffd of this process, as a guest
-registers its RAM; records decoded from the stream's bytes by the preempt channel's decoder
-go to ``PostcopyRAM.place``, the handler the session gives PAGE and ZERO records from LISTEN
-on (the preempt channel's pages go there too). Only pages placed are read back: a read of
-a missing page would wait for this very process to place it.
+Records are decoded from the stream's bytes (bare RAM records, as the preempt channel's
+decoder reads them: the same events as the main channel's) and handed to the handler the
+session gives them: ``IncomingRAM.pages`` before postcopy (through the mapping), and
+``PostcopyRAM.place`` from LISTEN on, through a real userfaultfd: a /dev/shm file mapped
+here and registered on a uffd of this process, as a guest registers its RAM. Only pages
+placed are read back: a read of a missing page would wait for this very process to place
+it.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ import numpy as np
 import pytest
 
 from mfd.main_thread.destination.faults import PostcopyRAM
+from mfd.main_thread.destination.ram import IncomingRAM
 from mfd.protocol import livestream, ram
 from mfd.shm.pagehash import PageHashes, hash_rows, table_size
-from mfd.shm.ramblock import RAMBlock
+from mfd.shm.ramblock import SHM_DIR, RAMBlock
 from mfd.shm.uffd import GuestRAM, UserfaultFd, open_uffd
 
 PAGE = 4096
@@ -64,26 +68,46 @@ def guest():
             os.unlink(path)
 
 
-def place(postcopy: PostcopyRAM, records: bytes) -> None:
-    """``records`` decoded as the preempt channel's, each event to postcopy's handler."""
+def events(records: bytes) -> list[livestream.Event]:
     decoder = livestream.StreamDecoder("preempt channel", preempt={BLOCK: PAGES * PAGE})
-    events = decoder.feed(records)
-    assert events and decoder.start == decoder.end, "records left undecoded"
-    for ev in events:
+    out = decoder.feed(records)
+    assert out and decoder.start == decoder.end, "records left undecoded"
+    return out
+
+
+def place(postcopy: PostcopyRAM, records: bytes) -> None:
+    """``records`` decoded, each event to postcopy's handler."""
+    for ev in events(records):
         postcopy.place(ev)
 
 
-def test_a_page_twice_in_one_run_ends_with_its_later_copy(guest):
-    """QEMU's loader writes records in order: of two copies of a page in one run of
-    records (one Pages event), the later is what the guest gets, hashed as placed."""
+TWICE = (ram.encode_page(3 * PAGE, page_of(0x33), BLOCK)  # names the block
+         + ram.encode_page(5 * PAGE, page_of(0xA1), None)
+         + ram.encode_page(6 * PAGE, page_of(0x66), None)
+         + ram.encode_page(5 * PAGE, page_of(0xB2), None))
+
+
+def test_a_page_twice_in_one_run_of_the_main_channel_ends_with_its_later_copy():
+    """Without multifd, before postcopy: through the mapping (``MappedPlacer``)."""
+    dest = IncomingRAM(SHM_DIR, [(BLOCK, PAGES * PAGE)])
+    try:
+        dest.start_placing(verifying=True)
+        assert [ev.pages.tolist() for ev in events(TWICE)] == [[3], [5, 6, 5]]  # one run
+        for ev in events(TWICE):
+            dest.pages(ev)
+        assert bytes(dest.mapped[0].view[5 * PAGE:6 * PAGE]) == page_of(0xB2)
+        assert np.flatnonzero(dest.received[0]).tolist() == [3, 5, 6]
+        assert dest.hashes is not None
+        assert int(dest.hashes.table[0][5]) == int(
+            hash_rows(np.frombuffer(page_of(0xB2), np.uint64).reshape(1, -1))[0])
+    finally:
+        dest.close()
+
+
+def test_a_page_twice_in_one_postcopy_run_ends_with_its_later_copy(guest):
+    """From LISTEN on: through the guest's uffd (``UffdPlacer``), hashed as placed."""
     postcopy, mm, received, hashes = guest
-    run = (ram.encode_page(3 * PAGE, page_of(0x33), BLOCK)  # names the block
-           + ram.encode_page(5 * PAGE, page_of(0xA1), None)
-           + ram.encode_page(6 * PAGE, page_of(0x66), None)
-           + ram.encode_page(5 * PAGE, page_of(0xB2), None))
-    decoded = livestream.StreamDecoder("preempt channel", preempt={BLOCK: PAGES * PAGE})
-    assert [ev.pages.tolist() for ev in decoded.feed(run)] == [[3], [5, 6, 5]]  # one run
-    place(postcopy, run)
+    place(postcopy, TWICE)
     assert mm[5 * PAGE:6 * PAGE] == page_of(0xB2)
     assert mm[6 * PAGE:7 * PAGE] == page_of(0x66)
     assert np.flatnonzero(received[0]).tolist() == [3, 5, 6]
