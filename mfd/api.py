@@ -23,9 +23,10 @@ import orjson
 from mfd.describe import describe
 from mfd.errors import MfdError
 from mfd.main_thread import load as loader
-from mfd.main_thread.incoming import Incoming, IncomingResult
+from mfd.main_thread.destination.faults import receive_uffd
+from mfd.main_thread.destination.qmp import QmpHandlers
+from mfd.main_thread.destination.session import Incoming, IncomingResult
 from mfd.main_thread.lazy import FileFaults
-from mfd.main_thread.postcopy_dst import receive_uffd
 from mfd.main_thread.precopy import Progress
 from mfd.main_thread.save import FileSaver
 from mfd.main_thread.source.migration import Migration
@@ -309,7 +310,7 @@ def incoming(listen: str, *, images: dict[str, str] | None = None, guest: str | 
     check_ram("incoming", images, guest, required=False)
     options.check()
     inc = Incoming(listen, images=images, guest=guest, options=options, warn=warn)
-    return _monitored(monitor, inc, inc.run)
+    return _monitored(monitor, QmpHandlers(inc.control), inc.run)
 
 
 def inspect(path: str, offset: int = 0) -> dict[str, object]:

@@ -488,3 +488,44 @@ def test_qemu_to_mfd_mismatch(tmp_path: Path, sparse: Path, what: str, rp: bool)
     assert strays(tmp_path, {"src.bin"}) == []
     if rp:  # mfd said SHUT(1) on the return path
         assert status == "failed", status
+
+
+# ============================================================================ 5. replays
+
+SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "wire-samples"
+
+
+@pytest.mark.slow
+def test_replayed_channels_that_closed_are_forgotten(tmp_path: Path, sparse: Path) -> None:
+    """QEMU's recorded connections replayed into mfd incoming, the main channel garbled:
+    the multifd channels 0 and 1 say their MultiFDInit and a packet, then close. Each is
+    forgotten with one warning line, and the genuine QEMU source that follows, whose
+    channels reuse those ids, migrates (it failed "multifd channel 0 connected twice")."""
+    import socket
+
+    chan0 = (SAMPLES / "chan-id0-nocomp.head4k.bin").read_bytes()
+    chan1 = chan0[:24] + bytes([1]) + chan0[25:]  # MultiFDInit's id
+    garbled = b"XEVM" + (SAMPLES / "main-nocomp.bin").read_bytes()[4:]
+    src, out = source_copy(sparse, tmp_path), tmp_path / "out.bin"
+    port = free_ports(1)
+    case: Case = (2, "none", "multifd", False, True)
+    with Mfd(*incoming_args(port, case, "--image", f"mem={out}", "--timeout", str(WAIT))
+             ) as inc:
+        wait_listening(port, inc.alive)
+        for data in (chan0, chan1, garbled):
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                s.sendall(data)
+        time.sleep(1)  # sorted (each within 100 ms), and the channels forgotten
+        with QemuMachine(str(src), SIZE, timeout=QMP_TIMEOUT) as q:
+            q.set_migration(multifd_channels=2, multifd_compression="none",
+                            zero_page_detection="multifd", return_path=True)
+            q.start_migrate(f"tcp:127.0.0.1:{port}")
+            info = q.wait_migration(WAIT)
+            res = inc.completed()
+    assert info["status"] == "completed" and res["status"] == "completed"
+    assert_same_ram(src, out)
+    warnings = inc.err.strip().splitlines()
+    for i in (0, 1):
+        assert f"mfd incoming: forgot multifd channel {i} from 127.0.0.1:" in inc.err, warnings
+    assert sum("neither a main channel" in line for line in warnings) == 1, warnings
+    assert len(warnings) == 3, warnings

@@ -76,13 +76,6 @@ class PageHashes:
         them, the destination's as it placed them)."""
         self.table[block][pages] = hash_pages(words, pages)
 
-    def zeroed(self, block: int, words: np.ndarray, pages: np.ndarray,
-               again: np.ndarray) -> None:
-        """Zero ``pages`` were placed (QEMU's rule): those never received are still holes,
-        0 without a read; ``again``, received before and zeroed now, are read back."""
-        self.table[block][pages] = 0
-        self.record(block, words, again)
-
     def tables(self) -> dict[str, memoryview]:
         """Each block's table as bytes, without a copy (views of the shared file)."""
         return {b.idstr: memoryview(t).cast("B")

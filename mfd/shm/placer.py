@@ -114,7 +114,7 @@ class MappedPlacer(Placer):
                ) -> tuple[np.ndarray, np.ndarray]:
         words = self.words[block]
         words.view(np.uint8).reshape(len(words), -1)[pages] = \
-            rows.view(np.uint8).reshape(len(pages), -1)
+            rows.view(np.uint8).reshape(len(pages), TARGET_PAGE_SIZE)
         return pages, rows
 
     def zero(self, block: int, pages: np.ndarray) -> None:
@@ -163,7 +163,7 @@ class UffdPlacer(Placer):
         todo = self.received[block][pages] == 0
         if not todo.all():
             pages, rows = pages[todo], rows[todo]
-        rows = np.ascontiguousarray(rows).view(np.uint8).reshape(len(pages), -1)
+        rows = np.ascontiguousarray(rows).view(np.uint8).reshape(len(pages), TARGET_PAGE_SIZE)
         src, at = rows.ctypes.data, 0
         for start, end in page_runs(pages).tolist():
             self.ram.uffd.copy(self.ram.address(block, start), src + at * TARGET_PAGE_SIZE,

@@ -1,4 +1,5 @@
-"""QEMU's ``receivedmap`` on the destination: which pages have arrived, and the zero-page rule.
+"""QEMU's ``receivedmap`` on the destination: which pages have arrived (the zero-page
+rule that reads it is the placer's, ``mfd.shm.placer``).
 
 One byte per page of every block, in one file every receive channel and the destination's
 main process map: a byte store is atomic, so channels never lose each other's marks, as bits
@@ -23,20 +24,7 @@ class ReceivedMap:
         self.mapped = attach(where, writable=True)
         self.received = per_page(self.mapped, blocks, np.uint8)
 
-    def zero_pages(self, block: int, words: np.ndarray, pages: np.ndarray) -> np.ndarray:
-        return zero_pages(self.received[block], words, pages)
-
     def close(self) -> None:
         self.received = []
         self.mapped.close()
 
-
-def zero_pages(received: np.ndarray, words: np.ndarray, pages: np.ndarray) -> np.ndarray:
-    """QEMU's rule for zero pages: memset only a page received before; one never received
-    is still zero (destination RAM starts zeroed) and stays untouched (unallocated).
-    ``received``: a byte per page of the block; returns the pages set to zero here."""
-    again = pages[received[pages] != 0]
-    if len(again):
-        words[again] = 0
-    received[pages] = 1
-    return again

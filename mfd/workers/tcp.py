@@ -2,8 +2,9 @@
 
 One listening port per destination. The source connects the main channel and then each
 multifd channel to the same address; the destination tells them apart by their first bytes
-(``mfd.main_thread.accept``). ZeroMQ stays inside each host, between a main process and its
-channel processes: a ZeroMQ socket cannot be handed to another process, a plain one can.
+(``mfd.main_thread.destination.accept``). ZeroMQ stays inside each host, between a main
+process and its channel processes: a ZeroMQ socket cannot be handed to another process, a
+plain one can.
 
 A peer that vanishes without closing (a cable cut, a paused host) must not hold a migration
 for ever: every migration socket has keepalives and ``TCP_USER_TIMEOUT``, so unacknowledged

@@ -3,12 +3,12 @@
 Mirrors ``migration_ioc_process_incoming`` (QEMU 10): a connection whose first 4 bytes are
 ``QEVM`` is the main channel, one that starts with the multifd magic is a multifd channel
 (its 64-byte ``MultiFDInit_t`` is read here, in the main process, and the connection then
-goes to its channel process). Unlike QEMU 10, which takes anything else for a multifd
-channel and waits for a silent connection in its main loop, anything else is refused with
-one warning line (with postcopy-preempt, the first connection after the main channel is
-the preempt channel, as QEMU 10.0 takes it, unread), a connection that says nothing is dropped
-after :data:`SILENT_S`, and the migration goes on. Channels may come before the main
-channel and in any id order.
+goes to ``channels``, then to its channel process). Unlike QEMU 10, which takes anything
+else for a multifd channel and waits for a silent connection in its main loop, anything
+else is refused with one warning line (with postcopy-preempt, the first connection after
+the main channel is the preempt channel, as QEMU 10.0 takes it, unread), a connection that
+says nothing is dropped after :data:`SILENT_S`, and the migration goes on. Channels may
+come before the main channel and in any id order.
 
 With TLS (``mfd.workers.tls``) every accepted connection goes to a relay process at once;
 what is sorted is the relay's plaintext end, after its first byte said that the handshake
@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mfd.errors import ProtocolError
+from mfd.main_thread.destination.loop import Loop
 from mfd.protocol import constants as C
 from mfd.protocol import multifd
 from mfd.workers import tcp
@@ -47,23 +48,30 @@ class _Pending:
     head: bytearray = field(default_factory=bytearray)
 
 
-class Acceptor:
-    """Accepts and sorts connections. ``watch(sock, callback)`` / ``unwatch(sock)``: the
-    caller's poll loop; the results wait in ``main`` (with the stream bytes already read)
-    and ``channels`` (connections with their decoded MultiFDInit) for the caller."""
+@dataclass(frozen=True)
+class Channel:
+    """A multifd channel's connection, its MultiFDInit read."""
 
-    def __init__(self, listener: socket.socket, warn: Callable[[str], None],
-                 watch: Callable[[socket.socket, Callable[[], None]], None],
-                 unwatch: Callable[[socket.socket], None], preempt: bool = False,
-                 tls: TLSOptions | None = None) -> None:
+    sock: socket.socket
+    init: multifd.MultiFDInit
+    who: str  # the peer's address, for warnings
+
+
+class Acceptor:
+    """Accepts and sorts connections, read as ``loop`` finds them readable; the results
+    wait for the caller: :meth:`take_main` (with the stream bytes already read),
+    ``channels`` and :meth:`take_preempt`."""
+
+    def __init__(self, listener: socket.socket, loop: Loop, warn: Callable[[str], None],
+                 preempt: bool = False, tls: TLSOptions | None = None) -> None:
         self.listener = listener
         self.tls = tls
         self.warn = warn
-        self._watch, self._unwatch = watch, unwatch
+        self.loop = loop
         self.pending: dict[socket.socket, _Pending] = {}
         self.main: tuple[socket.socket, bytes] | None = None
         self.main_taken = False
-        self.channels: list[tuple[socket.socket, multifd.MultiFDInit]] = []
+        self.channels: list[Channel] = []
         # postcopy-preempt: the next connection after the main channel (QEMU 10.0's rule;
         # it has no header)
         self.expect_preempt = preempt
@@ -71,7 +79,7 @@ class Acceptor:
         # postcopy recovery: the source's new main connection starts with RECV_BITMAP, no
         # header (QEMU's migrate-recover waits for it the same way)
         self.expect_resume = False
-        watch(listener, self.accept)
+        loop.watch(listener, self.accept)
 
     def accept(self) -> None:
         while True:
@@ -96,7 +104,7 @@ class Acceptor:
             if p.opened and self._preempt(p):
                 continue
             self.pending[sock] = p
-            self._watch(sock, lambda p=p: self._read(p))
+            self.loop.watch(sock, lambda p=p: self._read(p))
 
     def drain(self) -> None:
         """Take every connection the kernel holds and every byte they already sent: what
@@ -146,8 +154,12 @@ class Acceptor:
             self._preempt(p)
             return
         p.head += data
-        if len(p.head) < 4:
-            return
+        if len(p.head) >= 4:
+            self._sort(p)
+
+    def _sort(self, p: _Pending) -> None:
+        """Its first bytes say what it is (a multifd channel's: once its MultiFDInit is
+        whole)."""
         if self.expect_resume and p.head[:3] == _RESUME:
             self.expect_resume = False
             self._done(p)
@@ -167,7 +179,7 @@ class Acceptor:
                 self._refuse(p, str(e))
                 return
             self._done(p)
-            self.channels.append((p.sock, init))
+            self.channels.append(Channel(p.sock, init, p.who))
         elif p.head[0] == _TLS_HANDSHAKE and self.tls is None:
             self._refuse(p, "it starts a TLS handshake, and this destination has no TLS "
                          "(--tls-creds)")
@@ -180,15 +192,26 @@ class Acceptor:
         self.main_taken |= main is not None
         return main
 
+    def take_preempt(self) -> socket.socket | None:
+        preempt, self.preempt = self.preempt, None
+        return preempt
+
+    def sockets(self) -> list[socket.socket]:
+        """Every socket held here: the listener and the connections not taken yet."""
+        return [self.listener, *self.pending, *(c.sock for c in self.channels),
+                *(s for s in (self.main and self.main[0], self.preempt) if s is not None)]
+
     def await_resume(self, preempt: bool) -> None:
         """Postcopy paused: the next main connection resumes (and the one after it, with
         preempt, is the new preempt channel)."""
         self.expect_resume = True
         self.expect_preempt = preempt
+        if self.preempt is not None:  # the old link's, never taken
+            self.preempt.close()
         self.preempt = None
 
     def _done(self, p: _Pending) -> None:
-        self._unwatch(p.sock)
+        self.loop.unwatch(p.sock)
         del self.pending[p.sock]
 
     def _refuse(self, p: _Pending, why: str) -> None:
@@ -200,8 +223,8 @@ class Acceptor:
         for p in list(self.pending.values()):
             self._done(p)
             p.sock.close()
-        for sock, _ in self.channels:
-            sock.close()
+        for channel in self.channels:
+            channel.sock.close()
         self.channels = []
         if self.main is not None:
             self.main[0].close()
@@ -209,5 +232,5 @@ class Acceptor:
             self.preempt.close()
         self.main = self.preempt = None
         with contextlib.suppress(KeyError):
-            self._unwatch(self.listener)
+            self.loop.unwatch(self.listener)
         self.listener.close()
