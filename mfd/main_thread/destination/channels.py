@@ -115,8 +115,13 @@ class Channels:
 
     def _forget_closed(self) -> None:
         """Before any main channel: a pending channel whose peer closed (even with data
-        unread) is no source's channel any more."""
+        unread) is no source's channel any more. Judged only once every connection the
+        kernel holds has been sorted: a source's main channel may have come just before its
+        channel's close (a source that fails at once), and then the channel is its own."""
         if self.acceptor.main_taken or not self.pending:
+            return
+        self.acceptor.drain()
+        if self.acceptor.main is not None or self.acceptor.pending:
             return
         poll = select.poll()
         for channel in self.pending.values():
