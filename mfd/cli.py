@@ -197,7 +197,20 @@ def build_parser() -> argparse.ArgumentParser:
                   "save/restore, as a multiprocess pipeline.")
     top.add_argument("--version", action="version", version=f"mfd {__version__}")
     sub = top.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _guest_command(sub)
+    _save_command(sub)
+    _restore_command(sub)
+    _migrate_command(sub)
+    _incoming_command(sub)
+    _tls_certs_command(sub)
+    _demo_command(sub)
+    _bench_command(sub)
+    _qmp_command(sub)
+    _inspect_command(sub)
+    return top
 
+
+def _guest_command(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser("guest", help="start or control the built-in guest")
     g.add_argument("--name", required=True)
     g.add_argument("--ram", type=parse_size, help="size of the RAM block 'mem' (e.g. 1G)")
@@ -228,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
         act.add_argument(f"--{name}", dest="action", action="store_const", const=name)
     act.add_argument("--throttle", type=int, metavar="PCT", help="set cpu throttle percentage")
 
+
+def _save_command(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("save", help="save guest RAM to a mapped-ram file, in parallel")
     _file_args(s, "a raw RAM image saved as the RAMBlock NAME", "a running guest (live save)")
     s.add_argument("--stop-first", action="store_true",
@@ -235,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--machine", default="none", help="machine type in the file (default none)")
     _precopy_args(s)
 
+
+def _restore_command(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("restore", help="restore a migration file (mfd's or QEMU's)")
     _file_args(r, "write RAMBlock NAME to the raw image PATH",
                "start a new, stopped guest with the restored RAM")
@@ -242,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --guest and a mapped-ram file: the guest runs at once, its "
                    "pages read as it touches them while the channels load the rest")
 
+
+def _migrate_command(sub: argparse._SubParsersAction) -> None:
     m = sub.add_parser("migrate", help="live-migrate a guest over TCP to 'mfd incoming' or "
                        "to a QEMU started with -incoming")
     m.add_argument("uri", help="tcp:HOST:PORT (or tcp://HOST:PORT) of the destination")
@@ -283,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     _tls_args(m, server=False)
     m.add_argument("--json", action="store_true")
 
+
+def _incoming_command(sub: argparse._SubParsersAction) -> None:
     n = sub.add_parser("incoming", help="wait for a migration from 'mfd migrate' or QEMU")
     n.add_argument("--listen", required=True, metavar="tcp:HOST:PORT",
                    help="the one port for the main channel and every multifd channel")
@@ -313,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--x-skip-sync", action="store_true", help=argparse.SUPPRESS)
     n.add_argument("--x-fault", type=_fault, help=argparse.SUPPRESS)
 
+
+def _tls_certs_command(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("tls-certs", help="make a throwaway CA and the certificates QEMU's "
                        "tls-creds-x509 reads, for --tls-creds (demos and tests); a CA already "
                        "in DIR signs them")
@@ -324,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the client certificate's CN (default mfd-client)")
     t.add_argument("--days", type=int, default=365, help="validity (default 365)")
 
+
+def _demo_command(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("demo", help="live migration of a writing 1 GiB guest (both ends on "
                        "this machine, or one end of the two-node demo)")
     role = d.add_mutually_exclusive_group()
@@ -363,12 +388,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--listen: serve a QMP-style monitor at PATH")
     d.add_argument("--json", action="store_true")
 
+
+def _bench_command(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("bench", help="measure save, restore, migrate and live migration "
                        "against QEMU and the physical limits")
     from mfd.bench.options import add_arguments
 
     add_arguments(b)
 
+
+def _qmp_command(sub: argparse._SubParsersAction) -> None:
     q = sub.add_parser("qmp", help="run one command on a QMP monitor (mfd's or QEMU's) and "
                        "print its return value")
     q.add_argument("socket", help="the monitor's unix socket")
@@ -377,11 +406,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help='its arguments, a JSON object, e.g. \'{"max-bandwidth": 104857600}\'')
     q.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS")
 
+
+def _inspect_command(sub: argparse._SubParsersAction) -> None:
     i = sub.add_parser("inspect", help="show the structure of a QEMU migration file")
     i.add_argument("file")
     i.add_argument("--offset", type=parse_size, default=0)
     i.add_argument("--json", action="store_true")
-    return top
 
 
 def cmd_guest(args: argparse.Namespace) -> int:
