@@ -56,7 +56,6 @@ file's (mfd's trailer), never an mfd peer's page hashes.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -64,26 +63,14 @@ import numpy as np
 
 from mfd.errors import ProtocolError, Truncated
 from mfd.protocol import constants as C
-from mfd.protocol import devices, mapped_ram, peer, postcopy, ram, stream
+from mfd.protocol import devices, mapped_ram, peer, postcopy, ram, ramruns, stream
 from mfd.protocol.codec import Reader
+from mfd.protocol.ramruns import Pages, XbzrlePages, ZeroPages
 
-_ZERO_CONT = C.RAM_SAVE_FLAG_ZERO | C.RAM_SAVE_FLAG_CONTINUE
-_ZERO_RECORD = 9  # be64 word + fill byte
-_PAGE_CONT = C.RAM_SAVE_FLAG_PAGE | C.RAM_SAVE_FLAG_CONTINUE
-_PAGE_RECORD = 8 + C.TARGET_PAGE_SIZE
-_XBZRLE_CONT = C.RAM_SAVE_FLAG_XBZRLE | C.RAM_SAVE_FLAG_CONTINUE
-_XBZRLE_HEADER = 8 + 3  # be64 word, encoding flag, be16 length
-_U16 = struct.Struct(">H")
-_U64 = struct.Struct(">Q")
 _VMDESC_MAX = 64 << 20
 # a device section mfd cannot parse is skipped to its footer; it is never this large
 _SKIP_MAX = 256 << 20
 _BUFFER = 1 << 20
-# a run of records is read in Python up to _RUN_FIRST records (numpy costs more for a few),
-# then by numpy in growing looks, up to _RUN_BYTES of stream per event (a whole mmap'd file
-# is never scanned at once)
-_RUN_FIRST = 16
-_RUN_BYTES = 8 << 20
 
 # A file's reader of what follows each block entry in a mapped-ram stream: called with the
 # reader just after the entry, the block's idstr and used_length, it consumes the block's
@@ -149,34 +136,6 @@ class Flush:
 @dataclass(frozen=True)
 class SectionEnd:
     final: bool
-
-
-@dataclass(frozen=True)
-class ZeroPages:
-    idstr: str
-    pages: np.ndarray
-
-
-@dataclass(frozen=True, eq=False)
-class Pages:
-    idstr: str
-    pages: np.ndarray
-    data: np.ndarray  # (len(pages), TARGET_PAGE_SIZE) uint8
-    offset: int = -1  # absolute stream offset of data[0]; the records follow each other
-
-    @property
-    def offsets(self) -> np.ndarray:
-        """The absolute stream offset of each page's data (a run's records are contiguous)."""
-        return self.offset + np.arange(len(self.pages), dtype=np.int64) * _PAGE_RECORD
-
-
-@dataclass(frozen=True, eq=False)
-class XbzrlePages:
-    idstr: str
-    pages: np.ndarray
-    data: np.ndarray  # uint8, the records' bytes; each delta at its start
-    starts: np.ndarray
-    lengths: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -448,7 +407,7 @@ class StreamDecoder:
             stream.decode_footer(r, hdr.section_id, name)
         elif self.ram_complete:
             body = r.pos
-            self._skip(r, hdr.section_id, name)
+            _skip_section(r, hdr.section_id, name)
             event = Skipped(name, r.base + body, r.pos - 5 - body)
         else:
             raise r.error(f"device section {name!r} before the RAM's END: mfd has no layout "
@@ -521,32 +480,6 @@ class StreamDecoder:
             events.append(Command(r.base + at, cmd))
         events.append(event)
 
-    def _skip(self, r: Reader, section_id: int, idstr: str) -> None:
-        """To just after the section's footer (0x7e, be32 id), found by scanning: the
-        stream does not record a section's length. A footer counts only where a plausible
-        next item follows it (a section, a command, EOF), so the section's own bytes that
-        happen to look like its footer are passed over."""
-        needle = bytes([C.QEMU_VM_SECTION_FOOTER]) + section_id.to_bytes(4, "big")
-        pos = r.pos
-        limit = min(self.end, r.pos + _SKIP_MAX)
-        while True:
-            found = _find(self.buf, needle, pos, limit)
-            if found < 0:
-                if limit < self.end:
-                    raise r.error(f"device section {idstr!r}: no footer within "
-                                  f"{_SKIP_MAX >> 20} MiB")
-                raise Truncated(f"{self.what} at offset {r.offset:#x}: truncated: device "
-                                f"section {idstr!r} (layout unknown) has no footer before "
-                                "the end of the bytes")
-            after = found + len(needle)
-            if after >= self.end:
-                raise Truncated(f"{self.what} at offset {r.offset:#x}: truncated: device "
-                                f"section {idstr!r} (layout unknown) ends the bytes")
-            if self.buf[after] in (C.QEMU_VM_EOF, C.QEMU_VM_SECTION_FULL, C.QEMU_VM_COMMAND):
-                r.seek(after, "device section footer")
-                return
-            pos = found + 1
-
     # ------------------------------------------------------------------ RAM records
 
     def _records(self, r: Reader, events: list[Event]) -> None:
@@ -555,7 +488,8 @@ class StreamDecoder:
         assert hdr is not None
         if self.mapped_ram:
             self._mapped_ram_record(r)
-        elif self._runs(r, events):
+        elif self.last_block is not None and ramruns.read(r, self.last_block,
+                                                          self.sizes[self.last_block], events):
             return
         rec = ram.decode_record(r, self.sizes, self.last_block)
         kind = rec.flags & ~C.RAM_SAVE_FLAG_CONTINUE
@@ -591,23 +525,6 @@ class StreamDecoder:
         else:
             events.append(ZeroPages(rec.idstr, page))
 
-    def _runs(self, r: Reader, events: list[Event]) -> bool:
-        """Runs of ZERO|CONTINUE and PAGE|CONTINUE records, as many as follow each other
-        whole (they change no state: one item, however short the runs); False if none."""
-        first = len(events)
-        while self.last_block is not None and r.remaining >= 8:
-            (low,) = _U16.unpack_from(r.buf, r.pos + 6)  # the record's flags, peeked
-            flags = low & ram.FLAG_MASK
-            if flags == _ZERO_CONT:
-                decoded = self._zero_run(r, events)
-            elif flags == _XBZRLE_CONT:
-                decoded = self._xbzrle_run(r, events)
-            else:
-                decoded = flags == _PAGE_CONT and self._page_run(r, events)
-            if not decoded:
-                break
-        return len(events) > first
-
     def _mapped_ram_record(self, r: Reader) -> None:
         """mapped-ram streams carry no record but EOS (QEMU: 'Unexpected RAM flags'): the
         pages are in the file's pages regions. A wrong one right where the stream resumed
@@ -623,130 +540,34 @@ class StreamDecoder:
             raise r.error(f"RAM record {word:#x} ({ram.flag_names(word & ram.FLAG_MASK)}) "
                           f"where EOS was expected{where}", at=at)
 
-    def _run(self, r: Reader, size: int, flags: int) -> tuple[int, np.ndarray] | None:
-        """Consecutive CONTINUE records of ``size`` bytes with these flags: (their count,
-        page numbers), offsets checked against the block and zero pages' fill bytes; None
-        if there is none. A short run is read in Python (numpy costs more for a few
-        records); one that reaches _RUN_FIRST records is read by numpy, in growing looks:
-        the cost follows the run's length, never the buffer's."""
-        n = min(r.remaining, _RUN_BYTES) // size
-        if self.last_block is None or n == 0:
-            return None
-        idstr = self.last_block
-        limit = self.sizes[idstr] - C.TARGET_PAGE_SIZE  # the last page's offset
-        zero = size == _ZERO_RECORD
-        buf, pos = self.buf, r.pos
-        pages: list[int] = []
-        while len(pages) < min(n, _RUN_FIRST):
-            addr = self._continued(r, pos, flags, limit)
-            if addr is None:
-                break
-            if zero and buf[pos + 8]:
-                raise self._fill(r, buf[pos + 8], pos + 8)
-            pages.append(addr // C.TARGET_PAGE_SIZE)
-            pos += size
-        if len(pages) < _RUN_FIRST or len(pages) == n:
-            if not pages:
-                return None
-            return len(pages), np.array(pages, dtype=np.int64)
-        # views that never leave this call (np.ndarray(buffer=) does not hold the buffer)
-        words = np.ndarray((n,), dtype=">u8", buffer=buf, offset=r.pos, strides=(size,))
-        k = _RUN_FIRST
-        while k < n:  # all of the last look matched: look twice as far
-            more = words[k : k + k] & np.uint64(ram.FLAG_MASK)
-            bad = np.flatnonzero(more != flags)
-            if len(bad):
-                k += int(bad[0])
-                break
-            k += len(more)
-        addrs_ = words[:k] & ~np.uint64(ram.FLAG_MASK)
-        if int(addrs_.max()) > limit:
-            i = int(np.argmax(addrs_ > limit))  # the first one
-            raise self._past_block(r, int(addrs_[i]), r.pos + i * size)
-        if zero:
-            fill = np.ndarray((k,), dtype=np.uint8, buffer=buf, offset=r.pos + 8,
-                              strides=(size,))
-            if fill.any():
-                i = int(np.argmax(fill != 0))
-                raise self._fill(r, int(fill[i]), r.pos + i * size + 8)
-        return k, (addrs_ // C.TARGET_PAGE_SIZE).astype(np.int64)
 
-    def _continued(self, r: Reader, pos: int, flags: int, limit: int) -> int | None:
-        """The offset of the CONTINUE record with ``flags`` at ``pos`` (at most ``limit``,
-        the block's last page), or None if another record is there."""
-        (word,) = _U64.unpack_from(self.buf, pos)
-        if word & ram.FLAG_MASK != flags:
-            return None
-        addr = word ^ flags
-        if addr > limit:
-            raise self._past_block(r, addr, pos)
-        return addr
 
-    def _past_block(self, r: Reader, addr: int, at: int) -> ProtocolError:
-        assert self.last_block is not None
-        return r.error(f"page offset {addr:#x} is past the end of block {self.last_block!r} "
-                       f"(used_length {self.sizes[self.last_block]:#x})", at=at)
-
-    @staticmethod
-    def _fill(r: Reader, fill: int, at: int) -> ProtocolError:
-        return r.error(f"zero page record with fill byte {fill:#04x}, expected 0", at=at)
-
-    def _zero_run(self, r: Reader, events: list[Event]) -> bool:
-        """ZERO|CONTINUE records (legacy zero-page detection sends one per zero page)."""
-        run = self._run(r, _ZERO_RECORD, _ZERO_CONT)
-        if run is None:
-            return False
-        k, pages = run
-        r.seek(r.pos + k * _ZERO_RECORD, "zero page records")
-        assert self.last_block is not None
-        events.append(ZeroPages(self.last_block, pages))
-        return True
-
-    def _xbzrle_run(self, r: Reader, events: list[Event]) -> bool:
-        """XBZRLE|CONTINUE records, as many as are whole: their headers are read one by one
-        (each delta's length says where the next record starts), the deltas stay where
-        they are for the caller to apply together."""
-        assert self.last_block is not None
-        limit = self.sizes[self.last_block] - C.TARGET_PAGE_SIZE
-        buf, pos, end = self.buf, r.pos, r.pos + r.remaining
-        pages, starts, lengths = [], [], []
-        while pos + _XBZRLE_HEADER <= end:
-            addr = self._continued(r, pos, _XBZRLE_CONT, limit)
-            if addr is None:
-                break
-            (length,) = _U16.unpack_from(buf, pos + 9)
-            length = ram.xbzrle_header(buf[pos + 8], length,
-                                       lambda why, at=pos + 8: r.error(why, at=at))
-            if pos + _XBZRLE_HEADER + length > end:
-                break
-            pages.append(addr // C.TARGET_PAGE_SIZE)
-            starts.append(pos + _XBZRLE_HEADER - r.pos)
-            lengths.append(length)
-            pos += _XBZRLE_HEADER + length
-        if not pages:
-            return False
-        data = np.frombuffer(self.buf, dtype=np.uint8, count=pos - r.pos, offset=r.pos)
-        r.seek(pos, "XBZRLE records")
-        events.append(XbzrlePages(self.last_block, np.array(pages, dtype=np.int64), data,
-                                  np.array(starts, dtype=np.int64),
-                                  np.array(lengths, dtype=np.int64)))
-        return True
-
-    def _page_run(self, r: Reader, events: list[Event]) -> bool:
-        """PAGE|CONTINUE records (pages on the main channel, without multifd)."""
-        run = self._run(r, _PAGE_RECORD, _PAGE_CONT)
-        if run is None:
-            return False
-        k, pages = run
-        # frombuffer holds the buffer (an mmap cannot be closed under the view);
-        # np.ndarray(buffer=) would not
-        data = np.frombuffer(self.buf, dtype=np.uint8, count=k * _PAGE_RECORD,
-                             offset=r.pos).reshape(k, _PAGE_RECORD)[:, 8:]
-        offset = r.offset + 8
-        r.seek(r.pos + k * _PAGE_RECORD, "page records")
-        assert self.last_block is not None
-        events.append(Pages(self.last_block, pages, data, offset))
-        return True
+def _skip_section(r: Reader, section_id: int, idstr: str) -> None:
+    """To just after the section's footer (0x7e, be32 id), found by scanning: the
+    stream does not record a section's length. A footer counts only where a plausible
+    next item follows it (a section, a command, EOF), so the section's own bytes that
+    happen to look like its footer are passed over."""
+    needle = bytes([C.QEMU_VM_SECTION_FOOTER]) + section_id.to_bytes(4, "big")
+    pos = r.pos
+    end = r.pos + r.remaining
+    limit = min(end, r.pos + _SKIP_MAX)
+    while True:
+        found = _find(r.buf, needle, pos, limit)
+        if found < 0:
+            if limit < end:
+                raise r.error(f"device section {idstr!r}: no footer within "
+                              f"{_SKIP_MAX >> 20} MiB")
+            raise Truncated(f"{r.what} at offset {r.offset:#x}: truncated: device "
+                            f"section {idstr!r} (layout unknown) has no footer before "
+                            "the end of the bytes")
+        after = found + len(needle)
+        if after >= end:
+            raise Truncated(f"{r.what} at offset {r.offset:#x}: truncated: device "
+                            f"section {idstr!r} (layout unknown) ends the bytes")
+        if r.buf[after] in (C.QEMU_VM_EOF, C.QEMU_VM_SECTION_FULL, C.QEMU_VM_COMMAND):
+            r.seek(after, "device section footer")
+            return
+        pos = found + 1
 
 
 def _find(buf, needle: bytes, pos: int, end: int) -> int:
