@@ -94,7 +94,7 @@ def test_a_page_twice_in_one_run_of_the_main_channel_ends_with_its_later_copy():
         dest.start_placing(verifying=True)
         assert [ev.pages.tolist() for ev in events(TWICE)] == [[3], [5, 6, 5]]  # one run
         for ev in events(TWICE):
-            dest.pages(ev)
+            dest.place(ev)
         assert bytes(dest.mapped[0].view[5 * PAGE:6 * PAGE]) == page_of(0xB2)
         assert np.flatnonzero(dest.received[0]).tolist() == [3, 5, 6]
         assert dest.hashes is not None

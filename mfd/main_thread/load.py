@@ -37,6 +37,7 @@ from mfd.main_thread.scanner import chunk_jobs
 from mfd.protocol import libvirt_save, livestream, trailer
 from mfd.protocol import migration_file as mfile
 from mfd.protocol.constants import TARGET_PAGE_SIZE
+from mfd.protocol.ramruns import RunEvent, ZeroPages
 from mfd.shm.placer import MappedPlacer
 from mfd.shm.ramblock import RAMBlock, attach
 from mfd.workers.file_channel import FileChannelConfig, channel_main
@@ -312,15 +313,10 @@ def load_stream(opened: OpenedFile, targets: dict[str, RAMBlock]) -> int:
         placer = MappedPlacer([m.words for m in mapped],
                               [np.zeros(b.num_pages, dtype=np.uint8) for b in blocks], None)
         for ev in opened.events():
-            if isinstance(ev, livestream.Pages):
-                placer.pages(index[ev.idstr], ev.pages, ev.data)
-                moved += len(ev.pages) * TARGET_PAGE_SIZE
-            elif isinstance(ev, livestream.XbzrlePages):  # onto the page as it is now
-                placer.xbzrle(index[ev.idstr], ev.pages, ev.data, ev.starts, ev.lengths,
-                              f"block {ev.idstr!r}: XBZRLE page")
-                moved += len(ev.pages) * TARGET_PAGE_SIZE
-            elif isinstance(ev, livestream.ZeroPages):
-                placer.zero(index[ev.idstr], ev.pages)
+            if isinstance(ev, RunEvent):  # XBZRLE: onto the page as it is now
+                placer.run(index[ev.idstr], ev, "")
+                if not isinstance(ev, ZeroPages):
+                    moved += len(ev.pages) * TARGET_PAGE_SIZE
     finally:
         for m in mapped:
             m.close()

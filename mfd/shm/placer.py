@@ -35,6 +35,7 @@ import numpy as np
 from mfd.protocol import xbzrle
 from mfd.protocol.constants import TARGET_PAGE_SIZE
 from mfd.protocol.mapped_ram import page_runs
+from mfd.protocol.ramruns import Pages, RunEvent, ZeroPages
 from mfd.shm.pagehash import PageHashes, hash_pages, hash_rows
 from mfd.shm.uffd import GuestRAM
 
@@ -80,6 +81,21 @@ class Placer:
 
     def zero(self, block: int, pages: np.ndarray) -> None:
         raise NotImplementedError
+
+    def xbzrle(self, block: int, pages: np.ndarray, data: np.ndarray, starts: np.ndarray,
+               lengths: np.ndarray, where: str) -> None:
+        raise NotImplementedError(f"{where}: XBZRLE pages cannot be placed here")
+
+    def run(self, block: int, ev: RunEvent, where: str) -> None:
+        """One run of a stream's RAM records (``mfd.protocol.ramruns``), by its kind;
+        ``where`` names the stream in an XBZRLE delta's refusal."""
+        if isinstance(ev, Pages):
+            self.pages(block, ev.pages, ev.data)
+        elif isinstance(ev, ZeroPages):
+            self.zero(block, ev.pages)
+        else:
+            self.xbzrle(block, ev.pages, ev.data, ev.starts, ev.lengths,
+                        f"{where}block {ev.idstr!r}: XBZRLE page")
 
     def placed(self, block: int, pages: np.ndarray, rows: np.ndarray | None) -> None:
         """``pages`` are in RAM now: received, and hashed. ``rows``: the bytes placed, in
@@ -140,7 +156,7 @@ class MappedPlacer(Placer):
 
     def _hash(self, block: int, pages: np.ndarray, rows: np.ndarray | None) -> None:
         """Read back from RAM, whatever ``rows`` held."""
-        if not _increasing(pages):  # hash_pages reads a run of pages only in order
+        if not _increasing(pages):  # a page named twice (raw pages, in payload order)
             pages = np.unique(pages)
         self.hashes.table[block][pages] = hash_pages(self.words[block], pages)
 

@@ -74,11 +74,7 @@ class PostcopyRAM:
         fresh = ev.pages[self.received[block][ev.pages] == 0]  # type: ignore[union-attr]
         if not len(fresh):  # all here already (the guest may have written them since)
             return
-        if isinstance(ev, livestream.Pages):
-            self.placer.pages(block, ev.pages, ev.data)
-        else:
-            assert isinstance(ev, livestream.ZeroPages)
-            self.placer.zero(block, ev.pages)
+        self.placer.run(block, ev, "postcopy: ")
         self.asked.resolved(block, fresh)
 
     def faults(self) -> bytes:

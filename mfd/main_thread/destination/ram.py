@@ -20,8 +20,8 @@ import mmap
 import numpy as np
 
 from mfd.errors import MfdError
-from mfd.protocol import livestream
 from mfd.protocol.constants import TARGET_PAGE_SIZE
+from mfd.protocol.ramruns import RunEvent
 from mfd.shm import pagehash
 from mfd.shm.placer import MappedPlacer
 from mfd.shm.ramblock import SHM_DIR, MappedBlock, PendingRAM, RAMBlock, attach
@@ -67,20 +67,11 @@ class IncomingRAM:
         self.placer = MappedPlacer([m.words for m in self.mapped], self.received,
                                    self.hashes if verifying else None)
 
-    def pages(self, ev: livestream.Pages) -> None:
-        """PAGE records on the main stream (no multifd)."""
+    def place(self, ev: RunEvent) -> None:
+        """PAGE, ZERO and XBZRLE records on the main stream (no multifd; XBZRLE: each
+        delta applied onto its page)."""
         assert self.placer is not None
-        self.placer.pages(self.index[ev.idstr], ev.pages, ev.data)
-
-    def zero(self, ev: livestream.ZeroPages) -> None:
-        assert self.placer is not None
-        self.placer.zero(self.index[ev.idstr], ev.pages)
-
-    def xbzrle(self, ev: livestream.XbzrlePages) -> None:
-        """XBZRLE records (no multifd, as QEMU): each delta applied onto its page."""
-        assert self.placer is not None
-        self.placer.xbzrle(self.index[ev.idstr], ev.pages, ev.data, ev.starts, ev.lengths,
-                           f"main channel: block {ev.idstr!r}: XBZRLE page")
+        self.placer.run(self.index[ev.idstr], ev, "main channel: ")
 
     def discard(self, idstr: str, runs: tuple[tuple[int, int], ...], verifying: bool) -> None:
         """POSTCOPY_RAM_DISCARD (before LISTEN): the pages are holes again (MADV_REMOVE

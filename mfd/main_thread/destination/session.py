@@ -131,7 +131,7 @@ class Incoming:
             livestream.Flush: lambda ev: self._sync_point(flush=True),
             livestream.SectionEnd: lambda ev: self._sync_point(flush=False),
             livestream.Pages: self._on_pages,  # both to postcopy from LISTEN on
-            livestream.ZeroPages: self._on_zero,
+            livestream.ZeroPages: self._on_pages,
             livestream.XbzrlePages: self._on_xbzrle,
             livestream.Advise: self.postcopy.advise,
             livestream.Discard: self._on_discard,
@@ -222,11 +222,8 @@ class Incoming:
         self._start_channels(flushed=flush)
         self.channels.sync_point(flush)
 
-    def _on_pages(self, ev: livestream.Pages) -> None:
-        self._start_channels(flushed=False).pages(ev)
-
-    def _on_zero(self, ev: livestream.ZeroPages) -> None:
-        self._start_channels(flushed=False).zero(ev)
+    def _on_pages(self, ev: livestream.Pages | livestream.ZeroPages) -> None:
+        self._start_channels(flushed=False).place(ev)
 
     def _on_xbzrle(self, ev: livestream.XbzrlePages) -> None:
         ram = self._start_channels(flushed=False)
@@ -237,7 +234,7 @@ class Incoming:
         if self.postcopy.ram is not None:
             raise ProtocolError("main channel: an XBZRLE page in postcopy (QEMU's postcopy "
                                 "loads whole and zero pages only)")
-        ram.xbzrle(ev)
+        ram.place(ev)
 
     # ------------------------------------------------------------------ postcopy
 
