@@ -61,6 +61,7 @@ from mfd.sysutil import default_signals
 START_TIMEOUT = 60.0
 JOIN_TIMEOUT = 5.0
 TICK_MS = 100
+LAST_WORDS_S = 0.2  # how long a dead channel's last message may lag its exit
 _NO_PAGES = np.empty(0, dtype=np.uint32)
 
 OnDone = Callable[[int, np.ndarray, bytes], None]  # bytes moved, nonzero mask, chunk digests
@@ -259,16 +260,26 @@ class ChannelPool:
             self.tick()
         dispatch(self.watched, events)
         if self.router in events:
-            while True:
-                try:
-                    frames = self.router.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                self._message(frames[0], frames[1:])
+            self._read_messages()
         for i, fd in enumerate(self.procs.sentinels):
             if fd in events:
+                # a channel that failed sent ERROR just before it exited: its reason may
+                # reach the router just after the exit is seen (pairs with the channel's
+                # LINGER on ERROR, mfd.workers.channel)
+                deadline = time.monotonic() + LAST_WORDS_S
+                while (left := deadline - time.monotonic()) > 0 and \
+                        self.router.poll(int(left * 1000) + 1):
+                    self._read_messages()
                 raise self._fail(BrokenPipeline(
                     f"channel {i} died unexpectedly ({self.procs.exit_reason(i)})"))
+
+    def _read_messages(self) -> None:
+        while True:
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._message(frames[0], frames[1:])
 
     def _message(self, ident: bytes, frames: list[bytes]) -> None:
         kind = frames[0]
