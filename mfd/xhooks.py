@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mfd.protocol.constants import MULTIFD_PAGE_COUNT
+from mfd.protocol.peer import MFD_PACKET_PAGES
 
 # faults a receive channel injects, each of which verification must catch: one byte of
 # the page flipped; the page's content placed at the next page's offset (the previous one's
@@ -43,13 +43,13 @@ class XHooks:
     def damaged(self, pages: int) -> range | tuple[int, ...]:
         """The pages of the first block (of ``pages`` pages) that ``fault`` damages: the
         page itself, and the one a misplaced page went to; for "drop", any page that can
-        share a packet (128 pages at most) with it."""
+        share a packet with it (a packet between two mfd ends: MFD_PACKET_PAGES)."""
         assert self.fault is not None
         kind, page = self.fault
         if kind == "misplace":
             return (page, page + 1 if page + 1 < pages else page - 1)
         if kind == "drop":
-            reach = MULTIFD_PAGE_COUNT - 1
+            reach = MFD_PACKET_PAGES - 1
             return range(max(0, page - reach), min(pages, page + reach + 1))
         return (page,)
 

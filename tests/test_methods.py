@@ -57,9 +57,9 @@ def recv(state, payload, n_bytes: int) -> bytes:
 
 
 def payloads(name: str, packets, level: int = 1) -> list[bytes]:
-    send = get_method(name).send_setup(level)
+    send = get_method(name).send_setup(level, 128)
     try:
-        return [bytes(send.prepare(p)) for p in packets]
+        return [bytes(send.prepare([p])) for p in packets]
     finally:
         send.close()
 
@@ -73,10 +73,10 @@ def test_registry():
                        ("zlib", M.MULTIFD_FLAG_ZLIB)):
         m: MultiFDMethods = get_method(name)
         assert (m.name, m.flag) == (name, flag)
-    assert get_method("none").max_payload == 512 * 1024
+    assert get_method("none").max_payload(128) == 512 * 1024
     assert [get_method(n).raw_pages for n in ("none", "zstd", "zlib")] == [True, False, False]
-    assert get_method("zstd").max_payload == zstd_compress_bound(512 * 1024) == 526336
-    assert get_method("zlib").max_payload == zlib_compress_bound(512 * 1024) == 524461
+    assert get_method("zstd").max_payload(128) == zstd_compress_bound(512 * 1024) == 526336
+    assert get_method("zlib").max_payload(128) == zlib_compress_bound(512 * 1024) == 524461
 
 
 def test_register_duplicate_is_refused():
@@ -101,10 +101,10 @@ def test_unknown_method():
 def test_stream_round_trip(name):
     packets = stream()
     m = get_method(name)
-    send, rs = m.send_setup(1), m.recv_setup()
+    send, rs = m.send_setup(1, 128), m.recv_setup(128)
     for p in packets:
-        payload = send.prepare(p)
-        assert len(payload) <= m.max_payload
+        payload = send.prepare([p])
+        assert len(payload) <= m.max_payload(128)
         assert recv(rs, payload, p.nbytes) == p.tobytes()
     send.close()
     rs.close()
@@ -113,7 +113,7 @@ def test_stream_round_trip(name):
 @pytest.mark.parametrize("name,level", [("zstd", 0), ("zstd", 19), ("zlib", 0), ("zlib", 9)])
 def test_levels(name, level):
     packets = stream(seed=7)[:4]
-    rs = get_method(name).recv_setup()
+    rs = get_method(name).recv_setup(128)
     for p, payload in zip(packets, payloads(name, packets, level), strict=True):
         assert recv(rs, payload, p.nbytes) == p.tobytes()
 
@@ -141,11 +141,11 @@ def test_wire_format_is_one_stream_per_channel():
 def test_packet_without_normal_pages(name):
     """Zero-only packets have no payload and leave the stream untouched."""
     m = get_method(name)
-    send, rs = m.send_setup(1), m.recv_setup()
+    send, rs = m.send_setup(1, 128), m.recv_setup(128)
     p = pages("text", 4, 0)
-    assert bytes(send.prepare(np.empty((0, PAGE), np.uint8))) == b""
+    assert bytes(send.prepare([np.empty((0, PAGE), np.uint8)])) == b""
     rs.recv(b"", memoryview(bytearray()))
-    assert recv(rs, send.prepare(p), p.nbytes) == p.tobytes()
+    assert recv(rs, send.prepare([p]), p.nbytes) == p.tobytes()
     with pytest.raises(ProtocolError, match="payload of 3 bytes for a packet without normal"):
         rs.recv(b"abc", memoryview(bytearray()))
 
@@ -161,7 +161,7 @@ def test_second_packet_on_fresh_context_fails(name):
     """
     packets = stream()
     p1, p2 = payloads(name, packets[:2])
-    rs = get_method(name).recv_setup()
+    rs = get_method(name).recv_setup(128)
     with pytest.raises(ProtocolError, match=f"^{name}: corrupt payload"):
         recv(rs, p2, packets[1].nbytes)
     with pytest.raises(ProtocolError, match="context is unusable"):
@@ -175,7 +175,7 @@ def test_skipped_packet_is_not_silently_ignored(name):
     or reorder a channel's packets; this documents that nothing in the payload detects it."""
     text = [pages("text", 8, s) for s in (1, 2, 3)]
     pl = payloads(name, text)
-    rs = get_method(name).recv_setup()
+    rs = get_method(name).recv_setup(128)
     assert recv(rs, pl[0], text[0].nbytes) == text[0].tobytes()
     try:
         got = recv(rs, pl[2], text[2].nbytes)
@@ -191,7 +191,7 @@ def test_skipped_packet_is_not_silently_ignored(name):
 def test_truncated_payload(name):
     p = pages("text", 16, 0)
     (payload,) = payloads(name, [p])
-    rs = get_method(name).recv_setup()
+    rs = get_method(name).recv_setup(128)
     with pytest.raises(ProtocolError, match=rf"^{name}: decompressed packet is \d+ bytes, "
                                             "expected 65536"):
         recv(rs, payload[:-8], p.nbytes)
@@ -201,14 +201,14 @@ def test_truncated_payload(name):
 def test_garbage_payload(name):
     garbage = np.random.default_rng(5).integers(0, 256, 3000, dtype=np.uint8).tobytes()
     with pytest.raises(ProtocolError, match=f"^{name}: corrupt payload of 3000 bytes"):
-        recv(get_method(name).recv_setup(), garbage, 4 * PAGE)
+        recv(get_method(name).recv_setup(128), garbage, 4 * PAGE)
 
 
 @pytest.mark.parametrize("name", COMPRESSED)
 def test_garbage_after_good_packet(name):
     packets = stream()[:1]
     (payload,) = payloads(name, packets)
-    rs = get_method(name).recv_setup()
+    rs = get_method(name).recv_setup(128)
     recv(rs, payload, packets[0].nbytes)
     with pytest.raises(ProtocolError):
         recv(rs, b"\xff" * 200, PAGE)
@@ -220,7 +220,7 @@ def test_payload_decompresses_to_more_than_claimed(name):
     (payload,) = payloads(name, [pages("text", 2, 0)])
     with pytest.raises(ProtocolError, match=f"^{name}: decompressed packet is at least "
                                             r"\d+ bytes, expected 4096"):
-        recv(get_method(name).recv_setup(), payload, PAGE)
+        recv(get_method(name).recv_setup(128), payload, PAGE)
 
 
 @pytest.mark.parametrize("name", COMPRESSED)
@@ -234,8 +234,8 @@ def test_decompression_bomb_is_stopped_with_bounded_memory(name):
         c = zlib.compressobj(1)
         bomb = c.compress(big) + c.flush(zlib.Z_SYNC_FLUSH)
     del big
-    assert len(bomb) < get_method(name).max_payload
-    rs = get_method(name).recv_setup()
+    assert len(bomb) < get_method(name).max_payload(128)
+    rs = get_method(name).recv_setup(128)
     out = bytearray(128 * PAGE)
     tracemalloc.start()
     try:
@@ -250,9 +250,9 @@ def test_decompression_bomb_is_stopped_with_bounded_memory(name):
 @pytest.mark.parametrize("name", COMPRESSED)
 def test_oversized_payload(name):
     m = get_method(name)
-    with pytest.raises(ProtocolError, match=f"^{name}: payload is {m.max_payload + 1} bytes, "
-                                            f"expected at most {m.max_payload}"):
-        recv(m.recv_setup(), bytes(m.max_payload + 1), 128 * PAGE)
+    with pytest.raises(ProtocolError, match=f"^{name}: payload is {m.max_payload(128) + 1} bytes, "
+                                            f"expected at most {m.max_payload(128)}"):
+        recv(m.recv_setup(128), bytes(m.max_payload(128) + 1), 128 * PAGE)
 
 
 def test_zlib_stream_must_not_end():
@@ -260,7 +260,7 @@ def test_zlib_stream_must_not_end():
     p = pages("text", 1, 0)
     payload = zlib.compress(p.tobytes())  # Z_FINISH
     with pytest.raises(ProtocolError, match="stream ended inside a packet"):
-        recv(get_method("zlib").recv_setup(), payload, PAGE)
+        recv(get_method("zlib").recv_setup(128), payload, PAGE)
 
 
 def test_zstd_refuses_huge_window():
@@ -268,12 +268,12 @@ def test_zstd_refuses_huge_window():
     c = zstandard.ZstdCompressor(level=22).compressobj()
     payload = c.compress(bytes(PAGE)) + c.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
     with pytest.raises(ProtocolError, match="too much memory"):
-        recv(get_method("zstd").recv_setup(), payload, PAGE)
+        recv(get_method("zstd").recv_setup(128), payload, PAGE)
 
 
 @pytest.mark.parametrize("name", COMPRESSED)
 def test_closed_state_refuses(name):
-    rs = get_method(name).recv_setup()
+    rs = get_method(name).recv_setup(128)
     rs.close()
     rs.close()
     with pytest.raises(ProtocolError, match="closed"):

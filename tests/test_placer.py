@@ -36,7 +36,7 @@ from mfd.protocol import migration_file as mfile
 from mfd.ramimage import generate
 from mfd.shm.pagehash import PageHashes, hash_rows, table_size
 from mfd.shm.placer import MappedPlacer, UffdPlacer, last_copies
-from mfd.shm.ramblock import RAMBlock
+from mfd.shm.ramblock import RAMBlock, attach
 from mfd.shm.uffd import GuestRAM, UserfaultFd, open_uffd
 from mfd.workers.file_channel import FileChannel, FileChannelConfig
 from mfd.workers.methods import get_method
@@ -74,14 +74,20 @@ def _hashes(tmp_path: Path) -> PageHashes:
 
 
 def test_mapped_placer_rule_zero_rule_and_hook(tmp_path):
-    words = np.zeros((PAGES, PAGE // 8), dtype=np.uint64)
+    (tmp_path / "ram").write_bytes(b"")
+    os.truncate(tmp_path / "ram", PAGES * PAGE)
+    mapped = attach(RAMBlock("mem", PAGES * PAGE, str(tmp_path / "ram")), writable=True)
     received = np.zeros(PAGES, dtype=np.uint8)
     hashes = _hashes(tmp_path)
-    placer = MappedPlacer([words], [received], hashes)
+    placer = MappedPlacer([mapped], [received], hashes)
     placer.pages(0, np.array([3, 4, 3]), rows(1, 2, 3))
-    ram = words.view(np.uint8)
+    ram = mapped.words.view(np.uint8)
+    # QEMU's order (zero pages swapped out): each page at its offset, through the file
+    placer.pages(0, np.array([12, 7, 8]), rows(4, 5, 6))
+    assert ram[[12, 7, 8], 0].tolist() == [4, 5, 6]
+    assert hashes.table[0][[7, 8, 12]].tolist() == hash_rows(rows(5, 6, 4)).tolist()
     assert ram[3, 0] == 3 and ram[4, 0] == 2, "the later copy of page 3"
-    assert np.flatnonzero(received).tolist() == [3, 4]
+    assert np.flatnonzero(received).tolist() == [3, 4, 7, 8, 12]
     assert hashes.table[0][[3, 4]].tolist() == hash_rows(rows(3, 2)).tolist()
     # zero pages: a page received before is cleared (and hashed again), others untouched
     placer.zero(0, np.array([4, 10]))
@@ -92,6 +98,8 @@ def test_mapped_placer_rule_zero_rule_and_hook(tmp_path):
     assert hashes.table[0][20] == hash_rows(rows(9))[0] and received[20] == 1
     assert placer.take_hashing() > 0 and placer.take_hashing() == 0
     hashes.close()
+    del ram
+    mapped.close()
 
 
 @contextlib.contextmanager
@@ -152,7 +160,7 @@ def expected(size: int, *extra: tuple[int, int]) -> bytes:
 
 def _packet(compression: str, num: int, normal: list[int], fills: list[int], send) -> bytes:
     data = rows(*fills)
-    payload = data.tobytes() if send is None else bytes(send.prepare(data))
+    payload = data.tobytes() if send is None else bytes(send.prepare([data]))
     return multifd.encode_packet(
         flags=get_method(compression).flag, packet_num=num, ramblock="mem",
         normal=np.array(normal, dtype=np.uint64) * PAGE, zero=np.empty(0, np.uint64),
@@ -171,7 +179,7 @@ def test_a_live_receive_channel_keeps_the_later_copy(tmp_path, compression):
     by the placer when compressed) and one of many (read into the mapping), each naming a
     page twice with different bytes."""
     method = get_method(compression)
-    send = None if method.raw_pages else method.send_setup(1)
+    send = None if method.raw_pages else method.send_setup(1, 128)
     size = 1 << 20
     many = [30 + 2 * i for i in range(20)]  # 20 runs, more than are spliced one by one
     port = free_ports(1)

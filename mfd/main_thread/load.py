@@ -310,7 +310,7 @@ def load_stream(opened: OpenedFile, targets: dict[str, RAMBlock]) -> int:
     moved = 0
     try:
         index = {b.idstr: i for i, b in enumerate(blocks)}
-        placer = MappedPlacer([m.words for m in mapped],
+        placer = MappedPlacer(mapped,
                               [np.zeros(b.num_pages, dtype=np.uint8) for b in blocks], None)
         for ev in opened.events():
             if isinstance(ev, RunEvent):  # XBZRLE: onto the page as it is now

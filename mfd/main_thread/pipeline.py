@@ -13,7 +13,7 @@ threads::
                                  (``multifd_recv_sync_main``)
     watch(fd, callback)          anything else the main process must react to while it waits
                                  for channels: its peer's main channel, a monitor's cancel
-    hand_over(i, sock)           receiver: channel i's connection, accepted by the main
+    hand_over(i, sock, pages)    receiver: channel i's connection, accepted by the main
                                  process, goes to channel i (SCM_RIGHTS on a socketpair made
                                  before the fork) and nowhere else
     done(moved, mask, digests)   the job's own callback, in order of completion, in the main
@@ -146,10 +146,12 @@ class ChannelPool:
         del self.watched[key]
         self.poller.unregister(key)
 
-    def hand_over(self, channel: int, sock: socket.socket) -> None:
-        """Give channel ``channel`` its connection; the main process keeps no copy."""
+    def hand_over(self, channel: int, sock: socket.socket, packet_pages: int) -> None:
+        """Give channel ``channel`` its connection, whose packets hold ``packet_pages``
+        pages; the main process keeps no copy."""
         try:
-            socket.send_fds(self.handoffs[channel], [b"c"], [sock.fileno()])
+            socket.send_fds(self.handoffs[channel], [packet_pages.to_bytes(4, "big")],
+                            [sock.fileno()])
         except OSError as e:
             raise self._fail(BrokenPipeline(f"channel {channel} is gone ({e.strerror})")) \
                 from None
@@ -191,17 +193,18 @@ class ChannelPool:
             raise self._fail(BrokenPipeline(
                 f"channel {i} died unexpectedly ({why})")) from None
 
-    def sync(self, kind: bytes | None = None) -> None:
+    def sync(self, kind: bytes | None = None, flags: int = 0) -> None:
         """``multifd_send_sync_main``: return when every channel has finished all work handed
         to it (LOCAL). With ``kind`` (SYNC ALL), each channel is then handed one ``kind`` job
-        of its own as soon as it is idle, and this returns when all of those are done."""
+        (with ``flags``) of its own as soon as it is idle, and this returns when all of those
+        are done."""
         self._check()
         if kind is not None:
             for ident in list(self.channel_of):
                 while ident not in self.idle:
                     self._pump(None)
                 self.idle.remove(ident)
-                self._hand(ident, 0, _NO_PAGES, None, kind)
+                self._hand(ident, 0, _NO_PAGES, None, kind, flags)
         while self.inflight:
             self._pump(None)
 

@@ -8,14 +8,17 @@ message    frames                                                       directio
 READY      b"READY", be32 channel id                                    channel ->
 JOB        b"JOB", be64 job id + be32 block + be32 flags, u32 page array  -> channel
            (save: page indices; restore: [start, end) pairs); flags:
-           JOB_HASH: put each page's hash in the page hash table
+           JOB_HASH: put each page's hash in the page hash table;
+           JOB_MFD_PACKETS: the peer is mfd, packets of the size agreed
+           (``mfd.protocol.peer``), else QEMU's
 DIGEST     b"DIGEST", as JOB with [start, end) pairs: hash, move nothing  -> channel
 DONE       b"DONE", be64 job id + be64 bytes moved + f64 seconds spent   channel ->
            hashing pages, u8 nonzero mask, chunk digests (save JOB: one
            mask byte per page of the job, 1 = written; restore JOB and
            DIGEST: 32 bytes per chunk)
-SYNC       b"SYNC", as JOB with no pages: put a SYNC packet on the       -> channel
-           connection (socket send channels), answered with DONE
+SYNC       b"SYNC", as JOB with no pages (flags as JOB's): put a SYNC    -> channel
+           packet on the connection (socket send channels), answered
+           with DONE
 SYNCED     b"SYNCED", be64 packet_num + f64 seconds spent hashing pages  channel ->
            since the last SYNC: reached a SYNC packet and waits (socket
            receive channels)
@@ -50,6 +53,7 @@ ERROR = b"ERROR"
 STOP = b"STOP"
 CLOSED = b"CLOSED"
 JOB_HASH = 0x1
+JOB_MFD_PACKETS = 0x2
 
 _JOB = struct.Struct(">QII")
 _DONE = struct.Struct(">QQd")

@@ -13,7 +13,13 @@ a QEMU peer never receives a byte it would refuse::
     source -> destination  bytes 32..63 of every MultiFDInit (unused by QEMU, zeros from a
                            QEMU source): "mfd" 1, channels, compression, flush mode, so an
                            mfd destination adopts what it was not told; and whether RAM is
-                           verified (not with mfd migrate --no-verify: then no hashing).
+                           verified (not with mfd migrate --no-verify: then no hashing);
+                           and the pages of its multifd packets to an mfd destination
+                           (MFD_PACKET_PAGES: 4 MiB, the job a channel is handed, against
+                           QEMU's 512 KiB; the per-packet work of both ends divided by 8).
+                           A QEMU destination ignores the bytes and, since the source
+                           knows its peer (the PONG) before its first packet, only ever
+                           gets QEMU's 128-page packets.
     source -> destination  after EOF and the vmdesc, to an mfd destination only: the page
                            hashes of its RAM at switchover (``mfd.shm.pagehash``, the
                            HASHES record below), compared there page by page.
@@ -34,6 +40,7 @@ import orjson
 
 from mfd.errors import ProtocolError
 from mfd.protocol.codec import Reader
+from mfd.protocol.constants import MULTIFD_PAGE_COUNT
 from mfd.protocol.multifd import COMPRESSION_NAMES, INIT_SIZE
 
 MFD_PING = 0x6D666401  # "mfd" 1
@@ -41,7 +48,10 @@ MFD_PONG = 0x6D666402
 MFD_ROUND_PING = 0x6D666403
 
 _MARK = b"mfd\x01"
-_SETTINGS = struct.Struct(">4sBBBB")
+_SETTINGS = struct.Struct(">4sBBBBH")
+
+MFD_PACKET_PAGES = 1024  # pages of a multifd packet between two mfd ends (4 MiB)
+MAX_PACKET_PAGES = 4096  # the most a destination accepts: 16 MiB a packet, per channel
 _COMPRESSION = {name: bits for bits, name in COMPRESSION_NAMES.items()}
 
 HASHES_MAGIC = b"MFDH"
@@ -56,12 +66,13 @@ class ChannelSettings:
     compression: str
     flush_after_each_section: bool
     verify: bool = True  # the source sends its page hashes: hash what is placed
+    packet_pages: int = MFD_PACKET_PAGES  # the pages of each of its multifd packets
 
 
 def encode_settings(s: ChannelSettings) -> bytes:
     """The 32 unused bytes of MultiFDInit."""
     raw = _SETTINGS.pack(_MARK, s.channels, _COMPRESSION[s.compression],
-                         int(s.flush_after_each_section), int(s.verify))
+                         int(s.flush_after_each_section), int(s.verify), s.packet_pages)
     return raw.ljust(INIT_SIZE - 32, b"\0")
 
 
@@ -69,10 +80,14 @@ def decode_settings(unused: bytes) -> ChannelSettings | None:
     """None for a QEMU source (zeros); garbage after mfd's mark is a protocol error."""
     if not unused.startswith(_MARK):
         return None
-    _, channels, bits, flush, verify = _SETTINGS.unpack_from(unused)
+    _, channels, bits, flush, verify, pages = _SETTINGS.unpack_from(unused)
     if bits not in COMPRESSION_NAMES or flush > 1 or verify > 1 or channels < 1:
-        raise ProtocolError(f"MultiFDInit: mfd settings {unused[:8].hex()} make no sense")
-    return ChannelSettings(channels, COMPRESSION_NAMES[bits], bool(flush), bool(verify))
+        raise ProtocolError(f"MultiFDInit: mfd settings {unused[:10].hex()} make no sense")
+    if not MULTIFD_PAGE_COUNT <= pages <= MAX_PACKET_PAGES:
+        raise ProtocolError(f"MultiFDInit: multifd packets of {pages} pages, expected "
+                            f"{MULTIFD_PAGE_COUNT} to {MAX_PACKET_PAGES}")
+    return ChannelSettings(channels, COMPRESSION_NAMES[bits], bool(flush), bool(verify),
+                           pages)
 
 
 def encode_hashes(tables: dict[str, bytes | memoryview]) -> list[bytes | memoryview]:

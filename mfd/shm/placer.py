@@ -2,8 +2,8 @@
 
 Two implementations of one interface (DESIGN.md invariant 7)::
 
-    MappedPlacer   through the block's mapping (or its file): live receive channels, the
-                   main channel without multifd, stream files, mapped-ram restore
+    MappedPlacer   through the block's file (and its mapping): live receive channels,
+                   the main channel without multifd, stream files
     UffdPlacer     through a userfaultfd, atomically into a guest that already runs:
                    postcopy, lazy restore
 
@@ -36,7 +36,8 @@ from mfd.protocol import xbzrle
 from mfd.protocol.constants import TARGET_PAGE_SIZE
 from mfd.protocol.mapped_ram import page_runs
 from mfd.protocol.ramruns import Pages, RunEvent, ZeroPages
-from mfd.shm.pagehash import PageHashes, hash_pages, hash_rows
+from mfd.shm.pagehash import PageHashes, hash_rows
+from mfd.shm.ramblock import WORDS_PER_PAGE, MappedBlock, read_at, write_at
 from mfd.shm.uffd import GuestRAM
 
 
@@ -118,19 +119,32 @@ class Placer:
 
 
 class MappedPlacer(Placer):
-    """Into RAM this process maps writable (``words[block]``: the block as (pages, 512)
-    uint64 rows)."""
+    """Into RAM this process maps writable (``blocks``). Whole pages go in through each
+    block's file, a ``pwrite`` per run of consecutive pages, as a spliced run does: the
+    page cache takes the bytes without the fault, and for a fresh page without the zeroing,
+    that a store through the mapping costs (0.49 against 0.64 CPU-s per 512 MiB of QEMU's
+    packets into fresh tmpfs here; 0.40 against 0.42 into RAM allocated ahead). Hashes are
+    read back the same way, into a buffer, rather than by mapping each page in."""
 
-    def __init__(self, words: list[np.ndarray], received: list[np.ndarray],
+    def __init__(self, blocks: list[MappedBlock], received: list[np.ndarray],
                  hashes: PageHashes | None) -> None:
         super().__init__(received, hashes)
-        self.words = words
+        self.fds = [b.fd for b in blocks]
+        self.words = [b.words for b in blocks]  # zero and XBZRLE pages: in place
+        self.readback = np.empty((0, WORDS_PER_PAGE), dtype=np.uint64)
 
     def _write(self, block: int, pages: np.ndarray, rows: np.ndarray
                ) -> tuple[np.ndarray, np.ndarray]:
-        words = self.words[block]
-        words.view(np.uint8).reshape(len(words), -1)[pages] = \
-            rows.view(np.uint8).reshape(len(pages), TARGET_PAGE_SIZE)
+        rows = rows.view(np.uint8).reshape(len(pages), TARGET_PAGE_SIZE)
+        if not _increasing(pages):  # QEMU's multifd swaps zero pages out of its packets
+            order = np.argsort(pages)
+            pages, rows = pages[order], rows[order]
+        elif not rows.flags.c_contiguous:  # records of a stream, each after its header
+            rows = np.ascontiguousarray(rows)
+        at = 0
+        for start, end in page_runs(pages).tolist():
+            write_at(self.fds[block], rows[at : at + end - start], start * TARGET_PAGE_SIZE)
+            at += end - start
         return pages, rows
 
     def zero(self, block: int, pages: np.ndarray) -> None:
@@ -155,10 +169,17 @@ class MappedPlacer(Placer):
         self.placed(block, np.unique(pages), None)
 
     def _hash(self, block: int, pages: np.ndarray, rows: np.ndarray | None) -> None:
-        """Read back from RAM, whatever ``rows`` held."""
+        """Read back from RAM, whatever ``rows`` held: what a page placed at the wrong
+        offset, a damaged write or two channels racing on a page left there shows."""
         if not _increasing(pages):  # a page named twice (raw pages, in payload order)
             pages = np.unique(pages)
-        self.hashes.table[block][pages] = hash_pages(self.words[block], pages)
+        if len(self.readback) < len(pages):
+            self.readback = np.empty((len(pages), WORDS_PER_PAGE), dtype=np.uint64)
+        out, at = self.readback[: len(pages)], 0
+        for start, end in page_runs(pages).tolist():
+            read_at(self.fds[block], out[at : at + end - start], start * TARGET_PAGE_SIZE)
+            at += end - start
+        self.hashes.table[block][pages] = hash_rows(out)
 
 
 class UffdPlacer(Placer):

@@ -70,6 +70,20 @@ def require_room(directory: str, blocks: list[tuple[str, int]]) -> None:
                        "(in a container, raise its shm_size)")
 
 
+def write_at(fd: int, data: np.ndarray, offset: int) -> None:
+    """All of ``data`` into the file at ``offset`` (tmpfs writes whole, or fails)."""
+    n = os.pwrite(fd, data, offset)
+    if n != data.nbytes:
+        raise MfdError(f"short write to RAM: {n} of {data.nbytes} bytes")
+
+
+def read_at(fd: int, out: np.ndarray, offset: int) -> None:
+    """``out`` filled from the file at ``offset``."""
+    n = os.preadv(fd, [out], offset)
+    if n != out.nbytes:
+        raise MfdError(f"short read of RAM: {n} of {out.nbytes} bytes")
+
+
 class MappedBlock:
     """A process's mapping of one RAMBlock; ``close()`` unmaps and never unlinks. The file
     stays open: its holes (SEEK_DATA/SEEK_HOLE) say which pages were never written."""

@@ -40,8 +40,9 @@ import numpy as np
 
 from mfd.errors import ProtocolError
 from mfd.protocol import messages, multifd
-from mfd.protocol.constants import MULTIFD_PACKET_SIZE, TARGET_PAGE_SIZE
+from mfd.protocol.constants import MULTIFD_PACKET_SIZE, MULTIFD_PAGE_COUNT, TARGET_PAGE_SIZE
 from mfd.protocol.mapped_ram import page_runs
+from mfd.protocol.peer import MAX_PACKET_PAGES
 from mfd.shm.pagehash import PageHashes, hash_rows
 from mfd.shm.placer import MappedPlacer
 from mfd.shm.ramblock import (
@@ -55,14 +56,17 @@ from mfd.shm.ramblock import (
 from mfd.shm.receivedmap import ReceivedMap
 from mfd.workers import tcp
 from mfd.workers.channel import Channel, Link, run_channel
-from mfd.workers.methods import get_method
+from mfd.workers.methods import RecvState, get_method
 from mfd.workers.tls import TLSOptions, wait_relays
 from mfd.xhooks import NO_HOOKS, XHooks
 
 PAGE = TARGET_PAGE_SIZE
-# a packet in more runs than this is read through the mapping in one call rather than
-# spliced run by run (two system calls per run)
+# a packet in more runs than this is read into the channel's buffer in one call and
+# written out a run at a time, rather than spliced run by run (two system calls per run)
 SPLICE_RUNS = 16
+# packets read one after another before the channel looks at its main process again: no
+# poll per packet while the connection has more
+BURST = 16
 _SPLICE_F_MOVE = 1
 _F_SETPIPE_SZ = 1031
 _F_GETPIPE_SZ = 1032
@@ -80,6 +84,8 @@ class SocketChannelConfig:
     peer: tcp.Address | None = None
     uuid: bytes = bytes(multifd.UUID_SIZE)
     init_unused: bytes = bytes(32)  # mfd's settings (``mfd.protocol.peer``)
+    # send: the pages of a packet to an mfd peer (JOB_MFD_PACKETS jobs), as the settings say
+    packet_pages: int = MULTIFD_PAGE_COUNT
     zero_page_detection: bool = True  # multifd mode: the send channel finds zero pages
     connect_timeout: float = 30.0
     tls: TLSOptions | None = None  # the connection's TLS (its relay does the handshake)
@@ -96,7 +102,7 @@ class SocketChannelConfig:
 
 
 class SocketChannel(Channel):
-    """What both directions share: RAM mappings, the connection, a packet's pages."""
+    """What both directions share: RAM mappings, the connection."""
 
     def __init__(self, cfg: SocketChannelConfig, link: Link, writable: bool) -> None:
         super().__init__(link)
@@ -105,8 +111,6 @@ class SocketChannel(Channel):
         self.blocks: list[MappedBlock] = [attach(b, writable=writable) for b in cfg.blocks]
         self.words = [b.words for b in self.blocks]
         self.conn: socket.socket | None = None
-        # one packet's pages: a compressed packet's data, pages gathered or read to hash
-        self.buffer = np.empty((multifd.MULTIFD_PAGE_COUNT, WORDS_PER_PAGE), dtype=np.uint64)
         self.hashes = None if cfg.hashes is None else PageHashes(cfg.hashes, list(cfg.blocks))
 
     def where(self) -> str:
@@ -126,7 +130,8 @@ class SocketChannel(Channel):
 class SendChannel(SocketChannel):
     def __init__(self, cfg: SocketChannelConfig, link: Link) -> None:
         super().__init__(cfg, link, writable=False)
-        self.compressor = None if self.method.raw_pages else self.method.send_setup(cfg.level)
+        self.compressor = None if self.method.raw_pages else \
+            self.method.send_setup(cfg.level, max(cfg.packet_pages, MULTIFD_PAGE_COUNT))
         self.idstrs = [b.idstr for b in cfg.blocks]
         self.extents = [DataExtents(b.fd) for b in self.blocks]
 
@@ -148,63 +153,60 @@ class SendChannel(SocketChannel):
 
     def handle(self, kind: bytes, job_id: int, block: int, pages: np.ndarray,
                flags: int) -> list:
+        page_count = self.cfg.packet_pages if flags & messages.JOB_MFD_PACKETS \
+            else MULTIFD_PAGE_COUNT
         if kind == messages.SYNC:
-            return self.sync(job_id)
+            return self.sync(job_id, page_count)
         if kind == messages.JOB:
-            return self.send_pages(job_id, block, pages, bool(flags & messages.JOB_HASH))
+            return self.send_pages(job_id, block, pages, page_count,
+                                   bool(flags & messages.JOB_HASH))
         return super().handle(kind, job_id, block, pages, flags)
 
-    def send_pages(self, job_id: int, block: int, pages: np.ndarray, hash: bool) -> list:
-        """A job of up to JOB_PACKETS packets, each ``multifd_send_prepare`` + write: find
-        the zero pages, header and pages on the connection straight from guest memory
-        (compressed: through this channel's stream). With ``hash`` each page's hash goes
-        into the page hash table, read right after the packet went out (the bytes it
-        sent, unless the guest wrote the page since: then it is dirty, and sent and hashed
-        again in a later round)."""
+    def send_pages(self, job_id: int, block: int, pages: np.ndarray, page_count: int,
+                   hash: bool) -> list:
+        """A job in packets of ``page_count`` pages, each ``multifd_send_prepare`` + write:
+        find the zero pages, header and pages on the connection straight from guest memory
+        (compressed: through this channel's stream, from guest memory too). With ``hash``
+        each page's hash goes into the page hash table, read right after the packet went
+        out (the bytes it sent, unless the guest wrote the page since: then it is dirty,
+        and sent and hashed again in a later round)."""
         lo, hi = int(pages[0]), int(pages[-1]) + 1
         extents = self.extents[block].runs(lo, hi) if hi - lo == len(pages) else None
         moved = 0
         hashing = 0.0
         nonzero = np.ones(len(pages), dtype=bool)
-        words = self.words[block]
-        for n, at in enumerate(range(0, len(pages), multifd.MULTIFD_PAGE_COUNT)):
-            packet = pages[at : at + multifd.MULTIFD_PAGE_COUNT]
+        for n, at in enumerate(range(0, len(pages), page_count)):
+            packet = pages[at : at + page_count]
             mask = nonzero[at : at + len(packet)]
             self._zero_check(block, packet, mask, extents)
             normal = packet[mask]
-            data = None
-            if len(normal) and self.method.raw_pages:  # from guest memory as they are
-                payload = self._views(block, normal, extents)
-                size = len(normal) * PAGE
-            elif len(normal):
-                data = np.take(words, normal, axis=0, out=self.buffer[: len(normal)])
-                payload = [self.compressor.prepare(memoryview(data).cast("B"))]
+            payload: list = self._views(block, normal, extents) if len(normal) else []
+            size = len(normal) * PAGE
+            if payload and not self.method.raw_pages:
+                payload = [self.compressor.prepare(payload)]
                 size = memoryview(payload[0]).nbytes
-            else:
-                payload, size = [], 0
             header = multifd.encode_packet(
                 flags=self.method.flag, packet_num=job_id + n, ramblock=self.idstrs[block],
                 normal=normal.astype(np.uint64) * PAGE,
-                zero=packet[~mask].astype(np.uint64) * PAGE, next_packet_size=size)
+                zero=packet[~mask].astype(np.uint64) * PAGE, next_packet_size=size,
+                page_count=page_count)
             moved += self._send([header, *payload])
             if hash:  # after the send: the kernel's copy left the pages in the cache
                 started = time.thread_time()
-                self._hash(block, packet, mask, extents, data)
+                self._hash(block, packet, mask, extents)
                 hashing += time.thread_time() - started
         return messages.encode_done(job_id, moved, nonzero, hashing=hashing)
 
     def _hash(self, block: int, packet: np.ndarray, mask: np.ndarray,
-              extents: list[tuple[int, int]] | None, data: np.ndarray | None) -> None:
+              extents: list[tuple[int, int]] | None) -> None:
         """The packet's page hashes into the table: zero pages hash to 0; the others from
-        the compressed packet's gathered ``data``, or from guest memory, where holes (sent
-        as zeros without zero-page detection, see :meth:`_views`) are not read."""
+        guest memory, where holes (sent as zeros without zero-page detection, see
+        :meth:`_views`) are not read."""
         assert self.hashes is not None
         table = self.hashes.table[block]
         table[packet[~mask]] = 0
         normal = packet[mask]
-        if data is not None:
-            table[normal] = hash_rows(data)
-        elif self.cfg.zero_page_detection or extents is None:
+        if self.cfg.zero_page_detection or extents is None:
             self.hashes.record(block, self.words[block], normal)
         else:
             table[normal] = 0
@@ -239,11 +241,11 @@ class SendChannel(SocketChannel):
         runs = [(lo, hi)] if extents is None else _clip(extents, lo, hi)
         mask[:] = nonzero_pages(self.blocks[block], packet, runs)
 
-    def sync(self, job_id: int) -> list:
+    def sync(self, job_id: int, page_count: int) -> list:
         """``multifd_send_sync_main`` (ALL) for this channel: a SYNC packet, no pages."""
         header = multifd.encode_packet(
             flags=multifd.MULTIFD_FLAG_SYNC, packet_num=job_id, ramblock="",
-            normal=_NONE, zero=_NONE, next_packet_size=0)
+            normal=_NONE, zero=_NONE, next_packet_size=0, page_count=page_count)
         return messages.encode_done(job_id, self._send([header]))
 
     def close(self) -> None:
@@ -253,7 +255,7 @@ class SendChannel(SocketChannel):
 
 
 _NONE = np.empty(0, dtype=np.uint64)
-_ZEROS = np.zeros((multifd.MULTIFD_PAGE_COUNT, WORDS_PER_PAGE), dtype=np.uint64)
+_ZEROS = np.zeros((MAX_PACKET_PAGES, WORDS_PER_PAGE), dtype=np.uint64)  # not touched: calloc
 _ZEROS.flags.writeable = False
 
 
@@ -265,12 +267,14 @@ def _clip(runs: list[tuple[int, int]], lo: int, hi: int) -> list[tuple[int, int]
 class RecvChannel(SocketChannel):
     def __init__(self, cfg: SocketChannelConfig, link: Link) -> None:
         super().__init__(cfg, link, writable=True)
-        self.decompressor = None if self.method.raw_pages else self.method.recv_setup()
         self.sizes = {b.idstr: b.used_length for b in cfg.blocks}
         self.index = {b.idstr: i for i, b in enumerate(cfg.blocks)}
-        self.header = bytearray(multifd.PACKET_SIZE)
-        # a packet's payload, decoded from here (raw pages go straight into RAM)
-        self.payload = bytearray(0 if self.method.raw_pages else self.method.max_payload)
+        # sized for the connection's packets once it comes (_take_connection)
+        self.page_count = 0
+        self.decompressor: RecvState | None = None
+        self.header = bytearray()
+        self.pages = np.empty((0, WORDS_PER_PAGE), dtype=np.uint64)  # a packet's, decoded
+        self.payload = bytearray()  # a compressed packet's payload
         self.pipe = os.pipe()
         with contextlib.suppress(OSError):  # room for a whole packet: fewer splice calls
             fcntl.fcntl(self.pipe[1], _F_SETPIPE_SZ, MULTIFD_PACKET_SIZE)
@@ -281,10 +285,9 @@ class RecvChannel(SocketChannel):
         self.quiesced = False  # QUIESCE: reads nothing more, for good
         assert cfg.receivedmap is not None
         self.receivedmap = ReceivedMap(cfg.receivedmap, list(cfg.blocks))
-        ram = (self.words, self.receivedmap.received, self.hashes)
+        ram = (self.blocks, self.receivedmap.received, self.hashes)
         self.placer = MappedPlacer(*ram) if cfg.x.fault is None else \
             _DamagingPlacer(*ram, cfg.x.fault)
-        self.populating = 0.0  # seconds spent mapping pages to hash them, since the last SYNC
 
     def close(self) -> None:
         if self.decompressor is not None:
@@ -300,16 +303,26 @@ class RecvChannel(SocketChannel):
         if source == self.handoff.fileno():
             self._take_connection()
         elif self.conn is not None and source == self.conn.fileno() and not self.quiesced:
-            self._packet()  # (quiesced: the poll saw it readable before QUIESCE came)
+            # (quiesced: the poll saw it readable before QUIESCE came)
+            for _ in range(BURST):
+                if not self._packet():
+                    break
 
     def _take_connection(self) -> None:
         """The main process accepted our source channel's connection and read its
-        MultiFDInit: from now on its bytes are ours alone."""
-        _, fds, _, _ = socket.recv_fds(self.handoff, 16, 1)
-        if not fds:
+        MultiFDInit: from now on its bytes are ours alone. With it comes the pages of its
+        packets (QEMU's 128, or what an mfd source said in its MultiFDInit)."""
+        data, fds, _, _ = socket.recv_fds(self.handoff, 16, 1)
+        if not fds or len(data) != 4:
             raise RuntimeError(f"{self.where()}: the main process handed over no connection")
         self.conn = socket.socket(fileno=fds[0])
         self.conn.setblocking(False)
+        self.page_count = int.from_bytes(data, "big")
+        self.header = bytearray(multifd.packet_size(self.page_count))
+        self.pages = np.empty((self.page_count, WORDS_PER_PAGE), dtype=np.uint64)
+        if not self.method.raw_pages:
+            self.decompressor = self.method.recv_setup(self.page_count)
+            self.payload = bytearray(self.method.max_payload(self.page_count))
         self.link.unwatch(self.handoff.fileno())
         if not self.quiesced:
             self.link.watch(self.conn.fileno())
@@ -336,13 +349,14 @@ class RecvChannel(SocketChannel):
 
     def _splice(self, fd: int, runs: list[tuple[int, int]]) -> None:
         """The packet's pages from the connection straight into the RAM file: socket ->
-        pipe moves the kernel's buffers (the whole payload fits the pipe), pipe -> file
-        copies them into the page cache once, run by run at each run's offset. Measured on
-        this machine (512 MiB, loopback, a fresh tmpfs file): 0.46-0.60 s, against
-        0.74-0.79 s for recvmsg_into through the mapping, which takes a fault and zeroes
-        each new page before writing it."""
+        pipe moves the kernel's buffers (a pipe's worth at a time), pipe -> file copies
+        them into the page cache once, run by run at each run's offset. Measured on this
+        machine (512 MiB, loopback, a fresh tmpfs file): 0.46-0.60 s, against 0.74-0.79 s
+        for recvmsg_into through the mapping, which takes a fault and zeroes each new page
+        before writing it."""
         assert self.conn is not None
-        size = sum(hi - lo for lo, hi in runs) * PAGE
+        spans = [(lo * PAGE, hi * PAGE) for lo, hi in runs]  # bytes: a pipe's worth may
+        size = sum(hi - lo for lo, hi in spans)              # end inside a page
         got = 0
         while got < size:
             try:
@@ -360,106 +374,96 @@ class RecvChannel(SocketChannel):
             got += n
             if got < size and got < self.pipe_size:
                 continue  # fill the pipe first: fewer calls to empty it
-            runs = self._drain(fd, runs, got)
+            spans = self._drain(fd, spans, got)
             size -= got
             got = 0
 
-    def _drain(self, fd: int, runs: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
-        """Move ``n`` bytes from the pipe into the file along ``runs``; the runs left."""
+    def _drain(self, fd: int, spans: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
+        """Move ``n`` bytes from the pipe into the file along ``spans`` (byte ranges);
+        the spans left."""
         while n:
-            lo, hi = runs[0]
-            take = min(n, (hi - lo) * PAGE)
+            lo, hi = spans[0]
+            take = min(n, hi - lo)
             moved = 0
             while moved < take:
-                moved += os.splice(self.pipe[0], fd, take - moved,
-                                   offset_dst=lo * PAGE + moved, flags=_SPLICE_F_MOVE)
+                moved += os.splice(self.pipe[0], fd, take - moved, offset_dst=lo + moved,
+                                   flags=_SPLICE_F_MOVE)
             n -= take
-            left = lo + take // PAGE
-            runs = runs[1:] if left == hi else [(left, hi), *runs[1:]]
-        return runs
+            spans = spans[1:] if lo + take == hi else [(lo + take, hi), *spans[1:]]
+        return spans
 
-    def _packet(self) -> None:
-        """One packet from the connection (``multifd_recv_thread``), or its clean end."""
+    def _packet(self) -> bool:
+        """One packet from the connection (``multifd_recv_thread``), or its clean end;
+        False when there is nothing more to read for now (nothing came yet, the end, or
+        a SYNC packet to wait at)."""
         assert self.conn is not None
         try:
             got = self.conn.recv_into(self.header)
         except BlockingIOError:
-            return
+            return False
         except OSError as e:
             raise tcp.LinkLost(f"{self.where()}: connection lost ({e.strerror})") from None
         if got == 0:  # at a packet boundary: the source is done with this channel
             self.link.unwatch(self.conn.fileno())
             self.link.send([messages.CLOSED])
-            return
-        self._recv([memoryview(self.header)[got:]])
+            return False
+        if got < len(self.header):
+            self._recv([memoryview(self.header)[got:]])
         pkt = multifd.decode_packet(self.header, blocks=self.sizes,
-                                    compression_flag=self.method.flag, where=self.where())
-        if pkt.normal_pages and pkt.next_packet_size > self.method.max_payload:
+                                    compression_flag=self.method.flag, where=self.where(),
+                                    page_count=self.page_count)
+        if pkt.normal_pages and pkt.next_packet_size > len(self.payload) and \
+                not self.method.raw_pages:
             raise ProtocolError(f"{self.where()}: packet {pkt.packet_num} payload of "
                                 f"{pkt.next_packet_size} bytes (at most "
-                                f"{self.method.max_payload})")
+                                f"{len(self.payload)})")
         if pkt.normal_pages or pkt.zero_pages:
             if self.cfg.x.delay(self.cfg.channel_id):
                 time.sleep(self.cfg.x.delay(self.cfg.channel_id))
             self.place(pkt)
         if pkt.flags & multifd.MULTIFD_FLAG_SYNC and not self.cfg.x.skip_sync:
-            hashing = self.placer.take_hashing() + self.populating
-            self.populating = 0.0
-            self.link.send(messages.encode_synced(pkt.packet_num, hashing))
+            self.link.send(messages.encode_synced(pkt.packet_num, self.placer.take_hashing()))
             # wait at the SYNC: read nothing more from the connection until RELEASE
             self.link.unwatch(self.conn.fileno())
             self.waiting = True
+            return False
+        return True
 
     def place(self, pkt: multifd.MultiFDPacket) -> None:
         """``multifd_nocomp_recv`` / the compressed recv methods, then the zero pages, all
-        ending in the placer (``mfd.shm.placer``). Raw pages go from the socket straight
-        into the block's RAM, in payload order (a page named twice keeps its later copy):
-        spliced into its file run by run, or, in many short runs, read through its
-        mapping. Compressed ones are decompressed into this channel's buffer, then written
-        to the block's file at once (consecutive pages) or placed by the placer."""
+        ending in the placer (``mfd.shm.placer``). Raw pages in order (an mfd source's)
+        are spliced from the socket into the block's file run by run, in payload order (a
+        page named twice keeps its later copy); in many runs (QEMU's, whose zero pages
+        are swapped out of order) they are read into this channel's buffer at once, as
+        compressed ones are decoded into it, and the placer writes them a run at a time."""
         block = self.index[pkt.ramblock]
         normal = (pkt.normal // PAGE).astype(np.intp)
         zero = (pkt.zero // PAGE).astype(np.intp)
         if self._drops(block, normal):  # test-only: received and thrown away
-            scratch = self.buffer if self.method.raw_pages else self.payload
+            scratch = self.pages if self.method.raw_pages else self.payload
             self._recv([memoryview(scratch).cast("B")[: pkt.next_packet_size]])
-        elif len(normal) and self.method.raw_pages:
-            runs = page_runs(normal).tolist()
-            if len(runs) <= SPLICE_RUNS:
-                self._splice(self.blocks[block].fd, runs)
-                self._placed(block, normal, runs)
-            else:  # QEMU's order (zero pages swapped out): one recvmsg_into, not a splice each
-                self._recv([self.words[block][lo:hi] for lo, hi in runs])
-                self._placed(block, normal, [])
         elif len(normal):
-            payload = memoryview(self.payload)[: pkt.next_packet_size]
-            self._recv([payload])
-            data = self.buffer[: len(normal)]
-            assert self.decompressor is not None
-            self.decompressor.recv(payload, memoryview(data).cast("B"))
-            runs = page_runs(normal).tolist()
-            if len(runs) == 1:  # consecutive pages in order (QEMU's need not be)
-                n = os.pwrite(self.blocks[block].fd, data, runs[0][0] * PAGE)
-                if n != data.nbytes:
-                    raise OSError(f"short write to RAM: {n} of {data.nbytes} bytes")
-                self._placed(block, normal, runs)
+            runs = page_runs(normal).tolist() if self.method.raw_pages else []
+            if 0 < len(runs) <= SPLICE_RUNS:
+                self._splice(self.blocks[block].fd, runs)
+                self.placer.placed(block, normal, None)
             else:
-                self.placer.pages(block, normal, data)
+                self.placer.pages(block, normal, self._read_pages(pkt, len(normal)))
         if len(zero):
             self.placer.zero(block, zero)
 
-    def _placed(self, block: int, pages: np.ndarray, via_file: list[tuple[int, int]]
-                ) -> None:
-        """The placer's hook for ``pages``, put into RAM here. When it reads them back to
-        hash them, the runs written through the block's file (``via_file``), not through
-        this mapping, are mapped first, in one call per run rather than a fault per page
-        (0.68 + 0.52 us a page hashed, against 2.5 + 0.52)."""
-        if self.hashes is not None and via_file:
-            started = time.thread_time()
-            for lo, hi in via_file:
-                self.blocks[block].populate(lo, hi)
-            self.populating += time.thread_time() - started
-        self.placer.placed(block, pages, None)
+    def _read_pages(self, pkt: multifd.MultiFDPacket, count: int) -> np.ndarray:
+        """The packet's ``count`` normal pages, in payload order, in this channel's buffer:
+        read as they are, or decoded from the payload (straight into the buffer)."""
+        pages = self.pages[:count]
+        if self.method.raw_pages:
+            self._recv([pages])
+        else:
+            payload = memoryview(self.payload)[: pkt.next_packet_size]
+            self._recv([payload])
+            assert self.decompressor is not None
+            self.decompressor.recv(payload, memoryview(pages).cast("B"))
+        return pages
 
     def _drops(self, block: int, normal: np.ndarray) -> bool:
         """Test-only (``XHooks.fault`` "drop"): this packet's pages are thrown away."""
@@ -473,9 +477,9 @@ class _DamagingPlacer(MappedPlacer):
     is placed, damaged in RAM before the hook reads it back, so that verification must
     catch it; what it damaged the test knows from the hook (``XHooks.damaged``)."""
 
-    def __init__(self, words: list[np.ndarray], received: list[np.ndarray],
+    def __init__(self, blocks: list[MappedBlock], received: list[np.ndarray],
                  hashes: PageHashes | None, fault: tuple[str, int]) -> None:
-        super().__init__(words, received, hashes)
+        super().__init__(blocks, received, hashes)
         self.fault = fault
 
     def placed(self, block: int, pages: np.ndarray, rows: np.ndarray | None) -> None:

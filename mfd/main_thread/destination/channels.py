@@ -151,7 +151,7 @@ class Channels:
         if init.id >= self.pool.channels:
             raise ProtocolError(f"{where}: this destination started "
                                 f"{self.pool.channels} channel(s)")
-        self.pool.hand_over(init.id, channel.sock)
+        self.pool.hand_over(init.id, channel.sock, _packet_pages(channel))
         self.handed.add(init.id)
 
     def _adopt_settings(self, settings: peer.ChannelSettings | None, channel: int) -> None:
@@ -201,7 +201,7 @@ class Channels:
                                 tick=self.loop.check)
         self.loop.join(self.pool)
         for i, channel in sorted(self.pending.items()):
-            self.pool.hand_over(i, channel.sock)
+            self.pool.hand_over(i, channel.sock, _packet_pages(channel))
             self.handed.add(i)
         self.pending.clear()
 
@@ -241,3 +241,10 @@ class Channels:
         self.pending.clear()
         if self._acceptor is not None:
             self._acceptor.close()
+
+
+def _packet_pages(channel: Channel) -> int:
+    """The pages of the channel's packets: what an mfd source said in its MultiFDInit
+    (checked there), QEMU's otherwise."""
+    settings = peer.decode_settings(channel.init.unused)
+    return settings.packet_pages if settings else multifd.MULTIFD_PAGE_COUNT

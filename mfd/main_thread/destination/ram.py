@@ -62,9 +62,9 @@ class IncomingRAM:
         return self.receivedmap.received
 
     def start_placing(self, verifying: bool) -> None:
-        """The main channel's records go in through the mapping from now on (the receive
-        channels', when there are some, are their own); hashed when ``verifying``."""
-        self.placer = MappedPlacer([m.words for m in self.mapped], self.received,
+        """The main channel's records go into RAM from now on (the receive channels', when
+        there are some, are their own); hashed when ``verifying``."""
+        self.placer = MappedPlacer(self.mapped, self.received,
                                    self.hashes if verifying else None)
 
     def place(self, ev: RunEvent) -> None:

@@ -84,10 +84,11 @@ class Migration:
             ram_stream = RamStream(channel, precopy, extents, self.verification, self.xbzrle,
                                    multifd)
             channel.send(self._setup_stream())
+            # the PONG says whether the peer is mfd, which sets the size of every packet
+            session.wait(lambda: channel.peer_mfd is not None, PEER_TIMEOUT, "answer PING")
             if multifd is not None:
                 multifd.flush_and_sync()
             channel.send(ram.encode_eos() + stream.encode_footer(devices.RAM_SECTION_ID))
-            session.wait(lambda: channel.peer_mfd is not None, PEER_TIMEOUT, "answer PING")
             channel.check()
             self.stats.setup_time = time.monotonic() - self.stats.start
             session.move(MigrationStatus.ACTIVE)

@@ -39,12 +39,14 @@ def start_channels(precopy: Precopy, options: MigrateOptions, channel: MainChann
              else params.multifd_zlib_level)
     n = params.multifd_channels if options.multifd else 0
     settings = peer.encode_settings(peer.ChannelSettings(
-        n, params.multifd_compression, options.flush_after_each_section, options.verify))
+        n, params.multifd_compression, options.flush_after_each_section, options.verify,
+        peer.MFD_PACKET_PAGES))
     configs = [SocketChannelConfig(
         channel_id=i, endpoint="", parent_pid=0, blocks=tuple(precopy.blocks),
         compression=params.multifd_compression, level=level,
         peer=channel.addr if options.multifd else None, uuid=options.uuid,
-        init_unused=settings, zero_page_detection=params.zero_page_detection == "multifd",
+        init_unused=settings, packet_pages=peer.MFD_PACKET_PAGES,
+        zero_page_detection=params.zero_page_detection == "multifd",
         connect_timeout=options.connect_timeout, tls=channel.tls, hashes=hashes)
         for i in range(n)]
     assert channel.sock is not None
@@ -60,21 +62,28 @@ class MultifdSender:
         self.verification = verification
         self.legacy = flush_after_each_section
 
+    @property
+    def packets(self) -> int:
+        """JOB_MFD_PACKETS toward an mfd peer (known from its PONG before the first packet
+        goes out): packets of the size its MultiFDInit proposed, QEMU's otherwise."""
+        assert self.channel.peer_mfd is not None, "the first packet waits for the PONG"
+        return messages.JOB_MFD_PACKETS if self.channel.peer_mfd else 0
+
     def send(self, block: int, pages: np.ndarray) -> None:
         """One job to an idle channel, which hashes what it sends when verifying."""
-        flags = messages.JOB_HASH if self.verification.on else 0
+        flags = self.packets | (messages.JOB_HASH if self.verification.on else 0)
         self.pool.send(block, pages, self.precopy.sent(pages), flags=flags)
 
     def flush_and_sync(self) -> None:
         """``multifd_ram_flush_and_sync``: every channel finishes its work and puts a SYNC
         packet on its connection; then MULTIFD_FLUSH on the main stream (not in legacy
         mode, where the destination syncs at EOS instead)."""
-        self.pool.sync(messages.SYNC)
+        self.pool.sync(messages.SYNC, self.packets)
         if not self.legacy:
             self.channel.send(ram.encode_multifd_flush())
 
     def end_round(self) -> None:
         if self.legacy:
-            self.pool.sync(messages.SYNC)  # per section: SYNC packets, EOS syncs the receiver
+            self.pool.sync(messages.SYNC, self.packets)  # per section; EOS syncs the receiver
         else:
             self.flush_and_sync()

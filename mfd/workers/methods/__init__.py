@@ -10,11 +10,14 @@ only this table; they never branch on the method's name, only on what it declare
     sendmsg(header, pages in RAM)    ──socket──>   splice / recvmsg_into straight into RAM
 
     otherwise (zstd, zlib): a payload each channel's own stream encodes and decodes
-    st = get_method(name).send_setup(level)        rs = get_method(name).recv_setup()
+    st = m.send_setup(level, pages)                rs = m.recv_setup(pages)
     for each packet with normal pages:             for each packet, in arrival order:
-        payload = st.prepare(pages)  ──socket──>       rs.recv(payload, out)  # -> a buffer
+        payload = st.prepare(runs)  ──socket──>        rs.recv(payload, out)  # -> a buffer
         header.next_packet_size = len(payload)         (then placed: mfd.shm.placer)
     st.close()                                     rs.close()
+
+``pages``: the most pages a packet of the channel holds (QEMU's 128, or the larger packet two
+mfd ends agree on, ``mfd.protocol.peer``); buffers and bounds are sized for it.
 
 Contract:
 
@@ -22,13 +25,14 @@ Contract:
   order (QEMU's multifd-nocomp writev()s and readv()s iovs of guest pages). The channels move
   them between RAM and the connection without a copy in between, so the method has no
   channel state: ``send_setup`` and ``recv_setup`` are for methods without raw pages only.
-- ``prepare(pages)`` takes the packet's normal pages, contiguous (``n * 4096`` bytes, in
-  offset order) and returns the payload to send after the header. Zero pages never reach
-  a method, and a packet without normal pages has no payload (``prepare`` is not called,
-  or returns ``b""`` for empty input).
+- ``prepare(runs)`` takes the packet's normal pages as a list of buffers of whole pages
+  (runs of consecutive pages where they are in guest RAM, in offset order) and returns the
+  payload to send after the header (it may be a view of the state's own buffer, valid until
+  the next call). Zero pages never reach a method, and a packet without normal pages has no
+  payload (``prepare`` is not called, or returns ``b""`` for empty input).
 - ``recv(payload, out)`` fills ``out`` (exactly ``normal_pages * 4096`` writable bytes) from
   one packet's payload. A payload that decodes to more or fewer bytes, is corrupt or is
-  longer than ``max_payload`` raises :class:`ProtocolError` (prefixed with the method name;
+  longer than ``max_payload(pages)`` raises :class:`ProtocolError` (prefixed with the method name;
   the worker adds its channel). No input can make it allocate more than a bounded amount.
   After an error the state is broken and refuses further packets.
 - ``close()`` releases the context; calling it twice is harmless.
@@ -55,7 +59,7 @@ from mfd.workers.methods.zstd import ZSTD
 class SendState(Protocol):
     """One send channel's compression context (QEMU's ``p->compress_data``)."""
 
-    def prepare(self, pages: memoryview | np.ndarray) -> bytes | memoryview:
+    def prepare(self, runs: list[memoryview | np.ndarray]) -> bytes | memoryview:
         """The payload for one packet's normal pages (``multifd_send_prepare`` hook)."""
         ...
 
@@ -89,9 +93,9 @@ class MultiFDMethods(Protocol):
         """The MULTIFD_FLAG_* compression bits this method puts in (and expects on) packets."""
         ...
 
-    @property
-    def max_payload(self) -> int:
-        """Largest next_packet_size the receiver accepts (a full packet, compressBound)."""
+    def max_payload(self, pages: int) -> int:
+        """Largest next_packet_size the receiver accepts for packets of ``pages`` pages (a
+        full packet, compressBound)."""
         ...
 
     @property
@@ -100,12 +104,12 @@ class MultiFDMethods(Protocol):
         and receive them straight into RAM; no channel state (QEMU's multifd-nocomp)."""
         ...
 
-    def send_setup(self, level: int) -> SendState:
+    def send_setup(self, level: int, pages: int) -> SendState:
         """A send channel's context (not raw_pages); ``level`` was range-checked in
         ``options.py``."""
         ...
 
-    def recv_setup(self) -> RecvState:
+    def recv_setup(self, pages: int) -> RecvState:
         """A receive channel's context (not raw_pages)."""
         ...
 

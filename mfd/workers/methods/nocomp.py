@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mfd.errors import ProtocolError
-from mfd.protocol.constants import MULTIFD_PACKET_SIZE, TARGET_PAGE_SIZE
+from mfd.protocol.constants import TARGET_PAGE_SIZE
 from mfd.protocol.multifd import MULTIFD_FLAG_NOCOMP
 
 # --- shared by all methods -------------------------------------------------------------------
@@ -40,7 +40,6 @@ def check_pages(pages: memoryview) -> None:
 def check_payload(name: str, payload: memoryview, out: memoryview, max_payload: int) -> None:
     """Receive-side checks that need no decoding; ``out`` is the caller's, so asserted."""
     assert not out.readonly and out.nbytes % TARGET_PAGE_SIZE == 0, out.nbytes
-    assert out.nbytes <= MULTIFD_PACKET_SIZE, out.nbytes
     if payload.nbytes > max_payload:
         raise ProtocolError(f"{name}: payload is {payload.nbytes} bytes, expected at most "
                             f"{max_payload}")
@@ -63,7 +62,7 @@ class RecvBase:
     """
 
     name = "?"
-    max_payload = 0
+    max_payload = 0  # for the channel's packet size, set by each method's recv_setup
     _broken: str | None = None
 
     def recv(self, payload: bytes | memoryview, out: memoryview) -> memoryview:
@@ -91,8 +90,10 @@ class Nocomp:
 
     name: str = "none"
     flag: int = MULTIFD_FLAG_NOCOMP
-    max_payload: int = MULTIFD_PACKET_SIZE
     raw_pages: bool = True
+
+    def max_payload(self, pages: int) -> int:
+        return pages * TARGET_PAGE_SIZE
 
 
 NOCOMP = Nocomp()

@@ -11,10 +11,8 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 
-import numpy as np
-
 from mfd.errors import MfdError, ProtocolError
-from mfd.protocol.constants import MULTIFD_PACKET_SIZE
+from mfd.protocol.constants import TARGET_PAGE_SIZE
 from mfd.protocol.multifd import MULTIFD_FLAG_ZLIB
 from mfd.workers.methods.nocomp import RecvBase, check_pages, flat_bytes, size_error
 
@@ -29,25 +27,31 @@ def zlib_compress_bound(size: int) -> int:
     return size + (size >> 12) + (size >> 14) + (size >> 25) + 13
 
 
-MAX_PAYLOAD = zlib_compress_bound(MULTIFD_PACKET_SIZE)  # 524461
+def max_payload(pages: int) -> int:
+    """The largest payload of a packet of ``pages`` pages (524461 for QEMU's 128)."""
+    return zlib_compress_bound(pages * TARGET_PAGE_SIZE)
 
 
 class ZlibSend:
     """``multifd_zlib_send_prepare`` with one deflate stream per channel."""
 
-    def __init__(self, level: int) -> None:
+    def __init__(self, level: int, pages: int) -> None:
         assert 0 <= level <= 9, level  # options.py checked multifd-zlib-level
         self._cobj = zlib.compressobj(level)
+        self.max_payload = max_payload(pages)
 
-    def prepare(self, pages: memoryview | np.ndarray) -> bytes | memoryview:
-        mv = flat_bytes(pages)
-        check_pages(mv)
-        if not mv.nbytes:
+    def prepare(self, parts: list) -> bytes:
+        views = [flat_bytes(p) for p in parts]
+        for mv in views:
+            check_pages(mv)
+        size = sum(mv.nbytes for mv in views)
+        if not size:
             return b""  # QEMU does not touch the stream for a packet without normal pages
-        payload = self._cobj.compress(mv) + self._cobj.flush(zlib.Z_SYNC_FLUSH)
-        if len(payload) > MAX_PAYLOAD:  # QEMU: "deflate failed to compress all input"
-            raise MfdError(f"zlib: {mv.nbytes} bytes compressed to {len(payload)}, more than "
-                           f"the bound {MAX_PAYLOAD}")
+        payload = b"".join(self._cobj.compress(mv) for mv in views) + \
+            self._cobj.flush(zlib.Z_SYNC_FLUSH)
+        if len(payload) > self.max_payload:  # QEMU: "deflate failed to compress all input"
+            raise MfdError(f"zlib: {size} bytes compressed to {len(payload)}, more than "
+                           f"the bound {self.max_payload}")
         return payload
 
     def close(self) -> None:
@@ -58,9 +62,9 @@ class ZlibRecv(RecvBase):
     """``multifd_zlib_recv`` with the channel's persistent inflate stream."""
 
     name = "zlib"
-    max_payload = MAX_PAYLOAD
 
-    def __init__(self) -> None:
+    def __init__(self, pages: int) -> None:
+        self.max_payload = max_payload(pages)
         self._dobj = zlib.decompressobj()
 
     def _decode(self, payload: memoryview, out: memoryview) -> memoryview:
@@ -94,14 +98,16 @@ class Zlib:
 
     name: str = "zlib"
     flag: int = MULTIFD_FLAG_ZLIB
-    max_payload: int = MAX_PAYLOAD
     raw_pages: bool = False
 
-    def send_setup(self, level: int) -> ZlibSend:
-        return ZlibSend(level)
+    def max_payload(self, pages: int) -> int:
+        return max_payload(pages)
 
-    def recv_setup(self) -> ZlibRecv:
-        return ZlibRecv()
+    def send_setup(self, level: int, pages: int) -> ZlibSend:
+        return ZlibSend(level, pages)
+
+    def recv_setup(self, pages: int) -> ZlibRecv:
+        return ZlibRecv(pages)
 
 
 ZLIB = Zlib()
