@@ -58,12 +58,13 @@ def rows(*fills: int) -> np.ndarray:
 
 
 def test_last_copies_keeps_each_page_once_with_its_later_copy():
-    pages, kept = last_copies(np.array([7, 3, 7, 5, 3]), rows(1, 2, 3, 4, 5))
-    assert pages.tolist() == [3, 5, 7] and kept[:, 0].tolist() == [5, 4, 3]
+    pages, order = last_copies(np.array([7, 3, 7, 5, 3]))
+    assert pages.tolist() == [3, 5, 7] and order.tolist() == [4, 3, 2]
     ordered = np.array([1, 2, 9])  # as every sender but a hostile one: as they are
-    assert last_copies(ordered, rows(1, 2, 3))[0] is ordered
-    swapped = np.array([4, 9, 6])  # QEMU's zero pages swapped out: each once, left so
-    assert last_copies(swapped, rows(1, 2, 3))[0] is swapped
+    assert last_copies(ordered)[0] is ordered and last_copies(ordered)[1] is None
+    swapped = np.array([4, 9, 6])  # QEMU's zero pages swapped out: each once, sorted
+    pages, order = last_copies(swapped)
+    assert pages.tolist() == [4, 6, 9] and order.tolist() == [0, 2, 1]
 
 
 def _hashes(tmp_path: Path) -> PageHashes:

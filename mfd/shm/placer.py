@@ -41,22 +41,26 @@ from mfd.shm.ramblock import WORDS_PER_PAGE, MappedBlock, read_at, write_at
 from mfd.shm.uffd import GuestRAM
 
 
-def last_copies(pages: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The placement rule: each page once, with its last copy in ``rows`` (QEMU's loader
-    writes records in order, so the later one stays). Pages in increasing order, as
-    every sender but a hostile one sends them, cost one comparison; pages out of order
-    but each once (QEMU's multifd swaps zero pages out of a packet) are left as they are."""
+def last_copies(pages: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """The placement rule: each page once, with its last copy (QEMU's loader writes records
+    in order, so the later one stays). Returns the pages in increasing order and, for each,
+    the index of its copy in the run; None when the run is in increasing order already, as
+    every sender but QEMU's multifd (which swaps zero pages out of a packet) and a hostile
+    one sends it: one comparison then."""
     if _increasing(pages):
-        return pages, rows
-    _, first_in_reverse = np.unique(pages[::-1], return_index=True)
-    if len(first_in_reverse) == len(pages):
-        return pages, rows
-    keep = len(pages) - 1 - first_in_reverse  # sorted by page
-    return pages[keep], rows[keep]
+        return pages, None
+    order = np.argsort(pages, kind="stable")  # equal pages keep their order: later last
+    pages = pages[order]
+    last = np.empty(len(pages), dtype=bool)
+    np.not_equal(pages[1:], pages[:-1], out=last[:-1])
+    last[-1] = True
+    if not last.all():
+        pages, order = pages[last], order[last]
+    return pages, order
 
 
 def _increasing(pages: np.ndarray) -> bool:
-    return len(pages) < 2 or bool(np.all(pages[1:] > pages[:-1]))
+    return len(pages) < 2 or bool((pages[1:] > pages[:-1]).all())
 
 
 class Placer:
@@ -76,9 +80,10 @@ class Placer:
 
     def pages(self, block: int, pages: np.ndarray, rows: np.ndarray) -> None:
         """Whole pages: ``rows[i]`` (4096 bytes, any dtype) is page ``pages[i]``."""
-        pages, rows = last_copies(pages, rows)
-        pages, rows = self._write(block, pages, rows)
-        self.placed(block, pages, rows)
+        pages, order = last_copies(pages)
+        rows = rows.view(np.uint8).reshape(len(rows), TARGET_PAGE_SIZE)
+        pages, placed = self._write(block, pages, rows, order)
+        self.placed(block, pages, placed)
 
     def zero(self, block: int, pages: np.ndarray) -> None:
         raise NotImplementedError
@@ -108,9 +113,10 @@ class Placer:
             self._hash(block, pages, rows)
             self.hashing += time.thread_time() - started
 
-    def _write(self, block: int, pages: np.ndarray, rows: np.ndarray
-               ) -> tuple[np.ndarray, np.ndarray]:
-        """Put ``rows`` (each page once) in place; returns what was placed."""
+    def _write(self, block: int, pages: np.ndarray, rows: np.ndarray,
+               order: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Put page ``pages[i]`` (increasing) in place from ``rows[order[i]]`` (``rows[i]``
+        without an order); returns the pages placed and their bytes (None: read them back)."""
         raise NotImplementedError
 
     def _hash(self, block: int, pages: np.ndarray, rows: np.ndarray | None) -> None:
@@ -133,19 +139,26 @@ class MappedPlacer(Placer):
         self.words = [b.words for b in blocks]  # zero and XBZRLE pages: in place
         self.readback = np.empty((0, WORDS_PER_PAGE), dtype=np.uint64)
 
-    def _write(self, block: int, pages: np.ndarray, rows: np.ndarray
-               ) -> tuple[np.ndarray, np.ndarray]:
-        rows = rows.view(np.uint8).reshape(len(pages), TARGET_PAGE_SIZE)
-        if not _increasing(pages):  # QEMU's multifd swaps zero pages out of its packets
-            order = np.argsort(pages)
-            pages, rows = pages[order], rows[order]
-        elif not rows.flags.c_contiguous:  # records of a stream, each after its header
-            rows = np.ascontiguousarray(rows)
+    def _write(self, block: int, pages: np.ndarray, rows: np.ndarray,
+               order: np.ndarray | None) -> tuple[np.ndarray, None]:
+        """A ``pwritev`` per run of consecutive pages, straight from ``rows``: a slice of
+        it when the run's rows follow each other there, else one buffer per row (QEMU's
+        swapped order; a stream's records, each after its header), never a gather."""
+        contiguous = order is None and rows.flags.c_contiguous
+        each = None if contiguous else list(rows)
+        index = None if order is None else order.tolist()
         at = 0
         for start, end in page_runs(pages).tolist():
-            write_at(self.fds[block], rows[at : at + end - start], start * TARGET_PAGE_SIZE)
-            at += end - start
-        return pages, rows
+            n = end - start
+            if each is None:
+                buffers = [rows[at : at + n]]
+            elif index is None:
+                buffers = each[at : at + n]
+            else:
+                buffers = [each[i] for i in index[at : at + n]]
+            write_at(self.fds[block], buffers, start * TARGET_PAGE_SIZE)
+            at += n
+        return pages, None
 
     def zero(self, block: int, pages: np.ndarray) -> None:
         """QEMU's rule: memset only a page received before; one never received is still
@@ -193,14 +206,16 @@ class UffdPlacer(Placer):
         super().__init__(received, hashes)
         self.ram = ram
 
-    def _write(self, block: int, pages: np.ndarray, rows: np.ndarray
-               ) -> tuple[np.ndarray, np.ndarray]:
+    def _write(self, block: int, pages: np.ndarray, rows: np.ndarray,
+               order: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """Each run of consecutive pages not here yet gathered into one buffer (QEMU copies
         each page into its temp page too), placed by one UFFDIO_COPY."""
+        if order is not None:
+            rows = rows[order]
         todo = self.received[block][pages] == 0
         if not todo.all():
             pages, rows = pages[todo], rows[todo]
-        rows = np.ascontiguousarray(rows).view(np.uint8).reshape(len(pages), TARGET_PAGE_SIZE)
+        rows = np.ascontiguousarray(rows)
         src, at = rows.ctypes.data, 0
         for start, end in page_runs(pages).tolist():
             self.ram.uffd.copy(self.ram.address(block, start), src + at * TARGET_PAGE_SIZE,

@@ -70,11 +70,19 @@ def require_room(directory: str, blocks: list[tuple[str, int]]) -> None:
                        "(in a container, raise its shm_size)")
 
 
-def write_at(fd: int, data: np.ndarray, offset: int) -> None:
-    """All of ``data`` into the file at ``offset`` (tmpfs writes whole, or fails)."""
-    n = os.pwrite(fd, data, offset)
-    if n != data.nbytes:
-        raise MfdError(f"short write to RAM: {n} of {data.nbytes} bytes")
+def write_at(fd: int, buffers: list, offset: int) -> None:
+    """``buffers``, one after the other, into the file from ``offset`` (tmpfs writes
+    whole, or fails), at most IOV_MAX buffers a call."""
+    for at in range(0, len(buffers), _IOV_MAX):
+        part = buffers[at : at + _IOV_MAX]
+        size = sum(b.nbytes for b in part)
+        n = os.pwritev(fd, part, offset)
+        if n != size:
+            raise MfdError(f"short write to RAM: {n} of {size} bytes")
+        offset += size
+
+
+_IOV_MAX = 1024  # Linux's UIO_MAXIOV
 
 
 def read_at(fd: int, out: np.ndarray, offset: int) -> None:

@@ -443,9 +443,9 @@ class RecvChannel(SocketChannel):
             scratch = self.pages if self.method.raw_pages else self.payload
             self._recv([memoryview(scratch).cast("B")[: pkt.next_packet_size]])
         elif len(normal):
-            runs = page_runs(normal).tolist() if self.method.raw_pages else []
-            if 0 < len(runs) <= SPLICE_RUNS:
-                self._splice(self.blocks[block].fd, runs)
+            if self.method.raw_pages and \
+                    np.count_nonzero(np.diff(normal) != 1) < SPLICE_RUNS:
+                self._splice(self.blocks[block].fd, page_runs(normal).tolist())
                 self.placer.placed(block, normal, None)
             else:
                 self.placer.pages(block, normal, self._read_pages(pkt, len(normal)))
