@@ -451,3 +451,30 @@ def resumed_to_the_end(src_qmp: str, port: int, mig: subprocess.Popen,
     assert rc == 0 and "RAM verified equal" in out, err
     assert running(dst)
     return err
+
+
+def hostile_source(action: Callable, expect: str, channels: int = 1,
+                   compression: str = "none", tmp_path: Path | None = None) -> None:
+    """A destination expecting ``channels`` channels; ``action(src)`` (a
+    ``netutil.FakeSource``) says something wrong on its port; it fails within seconds with
+    one line holding ``expect``, leaving nothing."""
+    from netutil import FakeSource
+
+    before = shm_entries()
+    port = free_ports(1)
+    out = (tmp_path or Path("/tmp")) / f"hostile-{port}.bin"
+    inc = start_incoming(port, "--image", f"mem={out}", "--multifd-channels", str(channels),
+                         "--multifd-compression", compression)
+    src = FakeSource(port)
+    try:
+        action(src)
+        rc, _, err = finish(inc, 30)
+    finally:
+        src.close()
+        if inc.poll() is None:
+            inc.kill()
+    assert rc == 1
+    line = one_line(err)
+    assert line.startswith("mfd: incoming migration failed:") and expect in line, line
+    assert not out.exists()
+    assert shm_entries() == before

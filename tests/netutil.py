@@ -16,9 +16,12 @@ from mfd.protocol import devices, ram, stream
 
 class Relay:
     """Forwards ports [listen, listen+n) to [target, target+n) on loopback, until ``cut()``
-    resets every connection (as a pulled cable would, but at once)."""
+    resets every connection (as a pulled cable would, but at once). With ``record``, what
+    each connection's client sent is kept in ``sent`` (in accept order)."""
 
-    def __init__(self, listen: int, target: int, n: int) -> None:
+    def __init__(self, listen: int, target: int, n: int, record: bool = False) -> None:
+        self.record = record
+        self.sent: list[bytearray] = []
         self.sel = selectors.DefaultSelector()
         self.pairs: dict[socket.socket, socket.socket] = {}
         self.listeners = []
@@ -49,6 +52,7 @@ class Relay:
                     conn, _ = s.accept()
                     out = socket.create_connection(("127.0.0.1", key.data))
                     self.accepted.append((conn, out))
+                    self.sent.append(bytearray())
                     for a, b in ((conn, out), (out, conn)):
                         a.setblocking(False)
                         self.pairs[a] = b
@@ -62,6 +66,10 @@ class Relay:
                 if not data or peer is None:
                     self._drop(s)
                     continue
+                if self.record:
+                    for i, (client, _) in enumerate(self.accepted):
+                        if client is s:
+                            self.sent[i] += data
                 peer.setblocking(True)
                 with contextlib.suppress(OSError):
                     peer.sendall(data)

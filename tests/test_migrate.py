@@ -24,6 +24,7 @@ from helpers import (
     children,
     cmdline,
     finish,
+    hostile_source,
     one_line,
     run_mfd,
     running,
@@ -167,31 +168,6 @@ def test_round_order_bites_without_the_receivers_sync(guests):
 # ---------------------------------------------------------------------------- hostile peers
 
 
-def _hostile(action, expect: str, channels: int = 1, compression: str = "none",
-             tmp_path: Path | None = None) -> None:
-    """A destination expecting ``channels`` channels; ``action(src)`` says something wrong
-    on its port; it fails within seconds with one line holding ``expect``, leaving
-    nothing."""
-    before = shm_entries()
-    port = free_ports(1)
-    out = (tmp_path or Path("/tmp")) / f"hostile-{port}.bin"
-    inc = start_incoming(port, "--image", f"mem={out}", "--multifd-channels", str(channels),
-                         "--multifd-compression", compression)
-    src = FakeSource(port)
-    try:
-        action(src)
-        rc, _, err = finish(inc, 30)
-    finally:
-        src.close()
-        if inc.poll() is None:
-            inc.kill()
-    assert rc == 1
-    line = one_line(err)
-    assert line.startswith("mfd: incoming migration failed:") and expect in line, line
-    assert not out.exists()
-    assert shm_entries() == before
-
-
 def _init(uuid=bytes(16), ident=0, magic=0x11223344, version=1) -> bytes:
     return struct.pack(">II16sB", magic, version, uuid, ident).ljust(64, b"\0")
 
@@ -215,7 +191,7 @@ def test_hostile_handshake(tmp_path, inits, channels, expect):
             src.channel(init)
         src.start()
 
-    _hostile(act, expect, channels, tmp_path=tmp_path)
+    hostile_source(act, expect, channels, tmp_path=tmp_path)
 
 
 def _header(*, flags=0, alloc=128, normal=0, size=0, num=1, zero=0, block=b"mem",
@@ -246,7 +222,7 @@ def test_hostile_packet(tmp_path, compression, packet, expect):
             link.sendall(b"".join(packet))
             link.shutdown(socket.SHUT_WR)
 
-    _hostile(act, expect, compression=compression, tmp_path=tmp_path)
+    hostile_source(act, expect, compression=compression, tmp_path=tmp_path)
 
 
 def test_strangers_are_refused_and_the_migration_still_works(tmp_path):
