@@ -308,7 +308,7 @@ def incoming(listen: str, *, images: dict[str, str] | None = None, guest: str | 
     verified (an mfd source) or loaded (QEMU), or to raw image files."""
     options = options or IncomingOptions()
     check_ram("incoming", images, guest, required=False)
-    options.check()
+    options.check(images)
     inc = Incoming(listen, images=images, guest=guest, options=options, warn=warn)
     return _monitored(monitor, QmpHandlers(inc.control), inc.run)
 

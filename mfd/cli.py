@@ -319,6 +319,10 @@ def _incoming_command(sub: argparse._SubParsersAction) -> None:
     dst.add_argument("--guest", help="name of the guest that will run here (default vm0)")
     dst.add_argument("--image", type=parse_named, action="append", metavar="NAME=PATH",
                      help="write RAMBlock NAME to the raw image PATH instead of a guest")
+    n.add_argument("--prealloc", type=named_size, action="append", default=[],
+                   metavar="NAME=SIZE", help="allocate and zero RAM block NAME (SIZE, e.g. "
+                   "1G, as the source has it) before listening, as QEMU's prealloc=on; "
+                   "repeatable")
     n.add_argument("--timeout", type=float, metavar="SECONDS",
                    help="give up when no migration completed within this")
     n.add_argument("--monitor", metavar="PATH", help="serve a QMP-style monitor at PATH")
@@ -563,7 +567,8 @@ def cmd_incoming(args: argparse.Namespace) -> int:
                            x=XHooks(channel_delays=delays, skip_sync=args.x_skip_sync,
                                     fault=args.x_fault),
                            stopped=args.stopped, postcopy_ram=args.postcopy_ram,
-                           postcopy_preempt=args.postcopy_preempt, tls=_tls(args, True))
+                           postcopy_preempt=args.postcopy_preempt, tls=_tls(args, True),
+                           prealloc=tuple(args.prealloc))
     with _outcome("incoming migration"):
         res = api.incoming(args.listen, images=dict(args.image) if args.image else None,
                            guest=args.guest, options=opts, monitor=args.monitor)

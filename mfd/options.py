@@ -193,14 +193,28 @@ class IncomingOptions:
     postcopy_ram: bool = False  # QEMU's capability: the source may switch to postcopy
     postcopy_preempt: bool = False  # QEMU's: requested pages come on a channel of their own
     tls: TLSOptions | None = None  # QEMU's tls-creds, verify-peer, tls-authz
+    # (idstr, size): RAM blocks allocated and zeroed before listening (QEMU's prealloc=on),
+    # each the size the source must list for it
+    prealloc: tuple[tuple[str, int], ...] = ()
     x: XHooks = NO_HOOKS  # test-only: channel_delays, skip_sync, fault
 
-    def check(self) -> None:
+    def check(self, images: dict[str, str] | None = None) -> None:
+        """``images``: where the RAM goes when not to a guest (``--image``)."""
         if self.multifd_channels is not None:
             check_channels(self.multifd_channels)
         if self.multifd_compression is not None:
             _one_of("multifd_compression", self.multifd_compression, COMPRESSION)
         _postcopy_preempt(self.postcopy_ram, self.postcopy_preempt)
+        seen: set[str] = set()
+        for idstr, size in self.prealloc:
+            if idstr in seen:
+                raise UsageError(f"--prealloc {idstr}: given twice")
+            seen.add(idstr)
+            if size <= 0 or size % C.TARGET_PAGE_SIZE:
+                raise UsageError(f"--prealloc {idstr}={size}: the size is not a positive "
+                                 f"multiple of {C.TARGET_PAGE_SIZE}")
+            if images is not None and idstr not in images:
+                raise UsageError(f"--prealloc {idstr}: no --image {idstr}=PATH to put it in")
 
 
 @dataclass(frozen=True)

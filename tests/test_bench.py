@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -91,7 +92,8 @@ def test_quick_all_runs_every_mode_and_writes_the_report(tmp_path):
         assert rows["mfd-2-zstd"]["vs_qemu"] > 0
         whats = {t["what"] for t in result["targets"]}
         assert "save, RAM with never-touched zero pages" in whats
-        assert "migrate, 2 ch zstd level 1" in whats
+        assert "mfd->mfd time, 2 ch zstd level 1" in whats
+        assert "QEMU->mfd time, 2 ch zstd level 1, prealloc" in whats
     else:
         assert any("QEMU not compared" in n for n in result["notes"])
 
@@ -118,8 +120,8 @@ def test_quick_migrate_over_tls_beside_clear(tmp_path):
     certificates), the cost of TLS per tool and the 1.2x target over TLS in the report."""
     out = tmp_path / "out"
     p = run_mfd("bench", "migrate", "--quick", "--against", "qemu", "--tls",
-                "--multifd-channels", "2", "--multifd-compression", "none", "--out", str(out),
-                "--json", timeout=600)
+                "--multifd-channels", "2", "--multifd-compression", "none", "--prealloc", "off",
+                "--out", str(out), "--json", timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     result = json.loads(p.stdout)
     rows = {r["key"]: r for r in result["summary"]}
@@ -132,8 +134,59 @@ def test_quick_migrate_over_tls_beside_clear(tmp_path):
     assert any("kernel TLS" in n for n in result["notes"])
     if qemu_binary() is not None:
         assert rows["mfd-tls-2-none"]["qemu"] == "qemu-tls-2-none"
-        (t,) = [t for t in result["targets"] if t["what"] == "migrate, 2 ch none, TLS"]
+        (t,) = [t for t in result["targets"] if t["what"] == "mfd->mfd time, 2 ch none, TLS"]
         assert t["target"] == 1.2
+
+
+@pytest.mark.slow
+def test_quick_migrate_pinned_and_preallocated(tmp_path):
+    """``--pin --prealloc on --verify both``: each pair with the destination's RAM allocated
+    ahead, on the shared CPUs and pinned (the source on the first CPU, the destination on
+    the second, each end recorded where it ran), mfd->mfd also unverified; the issue's
+    target lines for each view under the table."""
+    out = tmp_path / "out"
+    p = run_mfd("bench", "migrate", "--quick", "--against", "qemu", "--pin", "--prealloc",
+                "on", "--verify", "both", "--multifd-channels", "2", "--multifd-compression",
+                "none", "--out", str(out), "--json", timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    result = json.loads(p.stdout)
+    configs = {c["key"]: c for c in result["configs"]}
+    qemu = qemu_binary() is not None
+    prefixes = ["mfd", "mfd-noverify"] + (["qemu", "qemu-mfd", "mfd-qemu"] if qemu else [])
+    views = ("-prealloc", "-prealloc-pinned")
+    assert set(configs) == {"tcp-2"} | {f"{pre}-2-none{v}" for pre in prefixes for v in views}
+    src_cpu, dst_cpu = sorted(os.sched_getaffinity(0))[:2]
+    for key, c in configs.items():
+        if key == "tcp-2":
+            continue
+        assert c["error"] is None and c["params"]["prealloc"] is True, (key, c["error"])
+        (run,) = c["runs"]
+        assert run["verified"] and run["dst_cpu_startup_s"] is not None
+        if key.endswith("-pinned"):
+            assert (run["src_cpus"], run["dst_cpus"]) == ([src_cpu], [dst_cpu]), key
+        else:  # the shared view: each end may run anywhere
+            assert len(run["src_cpus"]) > 1 and len(run["dst_cpus"]) > 1, key
+    rows = {r["key"]: r for r in result["summary"]}
+    assert rows["mfd-noverify-2-none-prealloc"]["params"]["verify"] is False
+    whats = {t["what"]: t for t in result["targets"]}
+    if qemu:
+        assert rows["mfd-noverify-2-none-prealloc-pinned"]["qemu"] == \
+            "qemu-2-none-prealloc-pinned"
+        for what in ("QEMU->mfd time", "mfd->mfd time", "mfd->QEMU time"):
+            assert whats[f"{what}, 2 ch none, prealloc, pinned"]["target"] == 1.0
+        beside = whats["mfd->mfd --no-verify time, 2 ch none, prealloc"]
+        assert beside["target"] is None and beside["met"] is None
+    table = (out / "table.txt").read_text()
+    assert "2 ch none, prealloc, pinned, --no-verify" in table
+
+
+def test_pin_needs_two_cpus(tmp_path):
+    p = subprocess.run(["taskset", "-c", "0", sys.executable, "-m", "mfd", "bench", "migrate",
+                        "--pin", "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2
+    assert p.stderr.strip() == ("mfd bench: --pin puts each end on a CPU of its own: this "
+                                "process may use 1 CPU"), p.stderr
 
 
 @pytest.mark.slow
@@ -183,6 +236,7 @@ def test_ctrl_c_stops_and_removes_what_it_created(tmp_path):
     (["save", "--zero", "0.8", "--random", "0.5"], "must not exceed 1"),
     (["fly"], "invalid choice"),
     (["save", "--dir", "/proc/no/such/dir"], "--dir /proc/no/such/dir"),
+    (["migrate", "--prealloc", "sometimes"], "invalid choice: 'sometimes'"),
 ])
 def test_bad_options_are_one_line_and_exit_2(tmp_path, argv, says):
     p = run_mfd("bench", *argv, "--out", str(tmp_path / "o"), timeout=60)
@@ -224,9 +278,10 @@ def test_report_pairs_mfd_with_qemus_same_config_and_its_limit():
     x = rows["qemu-mfd-2-none"]  # a cross pair: against QEMU -> QEMU, no target of its own
     assert x["qemu"] == "qemu-2-none" and x["vs_qemu"] == pytest.approx(2.0 / 1.0)
     assert (x["src_cpu_s_per_gib"], x["dst_cpu_s_per_gib"]) == (1.25, 3.5)
-    (t,) = report.targets(list(rows.values()))
-    assert t["what"] == "migrate, 2 ch none" and t["ratio"] == pytest.approx(3.0)
-    assert not t["met"]
+    tgts = {t["what"]: t for t in report.targets(list(rows.values()))}
+    assert set(tgts) == {"QEMU->mfd time, 2 ch none", "mfd->mfd time, 2 ch none"}
+    t = tgts["mfd->mfd time, 2 ch none"]
+    assert t["ratio"] == pytest.approx(3.0) and t["target"] == 1.0 and not t["met"]
     table = report.mode_table(list(rows.values()))
     assert "FAILED: boom" in table
     table = report.migrate_table(list(rows.values())).splitlines()
@@ -234,6 +289,43 @@ def test_report_pairs_mfd_with_qemus_same_config_and_its_limit():
     (line,) = [ln for ln in table if ln.startswith("QEMU->mfd")]
     assert line.split()[-2:] == ["1.25", "3.50"]
     assert any(ln.startswith("mfd->QEMU") and "FAILED: cross boom" in ln for ln in table)
+
+
+def test_the_issue_targets_per_view():
+    """Each pair against QEMU->QEMU in the same view: time, the destination's CPU (1.5x with
+    fresh RAM, 1.0x with RAM allocated ahead), both ends' CPU (1.2x); --no-verify beside,
+    without a target."""
+    def row(key, tool, params, median, src=None, dst=None):
+        return {"key": key, "mode": "migrate", "tool": tool, "label": key, "params": params,
+                "error": None, "n": 3, "median": median, "src_cpu_s_per_gib": src,
+                "dst_cpu_s_per_gib": dst}
+
+    fresh = {"channels": 4, "compression": "zstd"}
+    ahead = {**fresh, "prealloc": True}
+    rows = [row("q", "qemu", fresh, 1.0, 0.5, 0.4), row("qp", "qemu", ahead, 0.8, 0.5, 0.2),
+            row("qm", "qemu->mfd", fresh, 0.9, 0.5, 0.5),
+            row("qmp", "qemu->mfd", ahead, 0.9, 0.5, 0.3),
+            row("m", "mfd", fresh, 1.1, 0.6, 0.4),
+            row("mn", "mfd", {**fresh, "verify": False}, 0.95, 0.5, 0.4)]
+    tgts = {t["what"]: t for t in report.targets(rows)}
+    dst = tgts["QEMU->mfd destination CPU, 4 ch zstd level 1"]
+    assert (dst["ratio"], dst["target"], dst["met"]) == (pytest.approx(1.25), 1.5, True)
+    dst = tgts["QEMU->mfd destination CPU, 4 ch zstd level 1, prealloc"]
+    assert (dst["ratio"], dst["target"], dst["met"]) == (pytest.approx(1.5), 1.0, False)
+    both = tgts["mfd->mfd CPU of both ends, 4 ch zstd level 1"]
+    assert (both["ratio"], both["target"], both["met"]) == (pytest.approx(1 / 0.9), 1.2, True)
+    beside = tgts["mfd->mfd --no-verify time, 4 ch zstd level 1"]
+    assert (beside["ratio"], beside["target"]) == (pytest.approx(0.95), None)
+    assert list(tgts) == [  # in the issue's order, then the configs'
+        "QEMU->mfd time, 4 ch zstd level 1", "QEMU->mfd time, 4 ch zstd level 1, prealloc",
+        "mfd->mfd time, 4 ch zstd level 1", "mfd->mfd --no-verify time, 4 ch zstd level 1",
+        "QEMU->mfd destination CPU, 4 ch zstd level 1",
+        "QEMU->mfd destination CPU, 4 ch zstd level 1, prealloc",
+        "mfd->mfd CPU of both ends, 4 ch zstd level 1"]
+    lines = report.target_lines(list(tgts.values()))
+    assert lines[4] == ("QEMU->mfd destination CPU, 4 ch zstd level 1: 0.50 CPU-s/GiB vs "
+                        "QEMU->QEMU 0.40 CPU-s/GiB -> 1.25 (target <= 1.5) met")
+    assert lines[3].endswith("-> 0.95 (no target: beside the verified run)")
 
 
 @pytest.mark.slow

@@ -15,6 +15,13 @@ copy of the image in /dev/shm per run (untimed), all on one port (QEMU's wire):
   as mfd -> mfd; QEMU's ``completed`` awaited after, untimed);
 * the limit: TCP loopback moving the same bytes over as many connections.
 
+Each pair in each :class:`View` asked for: the destination's RAM fresh (filled as the pages
+arrive) or allocated and zeroed ahead (QEMU's ``prealloc=on``, ``mfd incoming --prealloc``;
+before the timed part, in the destination's start), and both ends on the machine's shared
+CPUs or each pinned to a CPU of its own (``--pin``: the source on one, the destination and
+every thread and process it starts on another, as two hosts would give). mfd -> mfd also
+without verification (``--verify``).
+
 Each destination RAM is checked against the image outside the timed region. Each end's CPU
 time over the run (:mod:`mfd.bench.cpu`) is recorded per GiB of RAM.
 :class:`Incoming` is also what ``mfd bench live`` runs as its destination.
@@ -30,6 +37,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from mfd.bench import baselines
@@ -61,7 +69,70 @@ NOTES = [
     "channel processes included; what it does after the source returned, e.g. verifying, "
     "counts). mfd's source in this process: getrusage RUSAGE_SELF plus RUSAGE_CHILDREN (its "
     "forked channels, reaped when it returns) over the mfd.api.migrate() call.",
+    "migrate views: 'prealloc' is the destination's RAM allocated and zeroed before the "
+    "migration (QEMU: memory-backend-file prealloc=on, during its start; mfd: `mfd incoming "
+    "--prealloc mem=SIZE`, before it listens); neither is timed nor counted in dst-cpu "
+    "(dst_cpu_startup_s in results.json has it). Without it the destination's RAM is a "
+    "fresh sparse file that fills as pages arrive. 'pinned' (--pin): the source (QEMU and "
+    "its threads, or mfd's source in the bench process and its channels) on one CPU and the "
+    "destination (QEMU, or `mfd incoming` and its channels) on another, with taskset and "
+    "sched_setaffinity: the view two hosts would give; otherwise both share every CPU.",
 ]
+
+
+@dataclass(frozen=True)
+class View:
+    """How a pair runs besides its channels and compression."""
+
+    prealloc: bool = False  # the destination's RAM allocated and zeroed ahead (untimed)
+    pinned: bool = False  # the source on one CPU, the destination on another
+
+    @property
+    def key(self) -> str:
+        return ("-prealloc" if self.prealloc else "") + ("-pinned" if self.pinned else "")
+
+    @property
+    def label(self) -> str:
+        return (", prealloc" if self.prealloc else "") + (", pinned" if self.pinned else "")
+
+    @property
+    def params(self) -> dict[str, bool]:
+        return {k: True for k in ("prealloc", "pinned") if getattr(self, k)}
+
+    def cpu(self, end: str) -> int | None:
+        """The CPU ``end`` ("src" or "dst") is pinned to: the first and the second this
+        process may use."""
+        if not self.pinned:
+            return None
+        return sorted(os.sched_getaffinity(0))[0 if end == "src" else 1]
+
+    def incoming_args(self, size: int) -> list[str]:
+        return ["--prealloc", f"mem={size}"] if self.prealloc else []
+
+
+@contextlib.contextmanager
+def on_cpu(cpu: int | None) -> Iterator[None]:
+    """This thread, and every thread and process it starts meanwhile (mfd's source and its
+    channels), on ``cpu`` only (None: as it was)."""
+    if cpu is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def cpus(pid: int = 0) -> list[int]:
+    """The CPUs ``pid`` (0: this thread) may run on, recorded with each run."""
+    return sorted(os.sched_getaffinity(pid))
+
+
+def pinned(command: list[str], cpu: int | None) -> list[str]:
+    """``command`` with itself and all it starts on ``cpu`` (None: as it is)."""
+    return ["taskset", "-c", str(cpu), *command] if cpu is not None else command
 
 
 def tail(path: str, lines: int = 1) -> str:
@@ -90,18 +161,22 @@ def listening(port: int) -> bool:
 class Incoming:
     """``mfd incoming ...`` as a process, its output in files (no pipe to fill up)."""
 
-    def __init__(self, ws: Workspace, args: list[str], port: int) -> None:
+    def __init__(self, ws: Workspace, args: list[str], port: int,
+                 cpu: int | None = None) -> None:
+        """``cpu``: the one CPU it and its channels run on (None: any)."""
         self.port = port
         self.stdout_path = ws.shm("incoming.out")
         self.stderr_path = ws.shm("incoming.err")
         command, env = python_m("mfd", "incoming", *args)
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL,
+            self.proc = subprocess.Popen(pinned(command, cpu), env=env, stdin=subprocess.DEVNULL,
                                          stdout=out, stderr=err, close_fds=True)
         self.cleanup = ws.cleanup
         self.token = ws.cleanup.add_process(self.proc, "mfd incoming")
         self.cpu0: float | None = None  # its CPU seconds when the migration started
         self.src_cpu: SelfCpu | None = None  # this process's, over :meth:`migrate`
+        self.src_cpus: list[int] | None = None  # where :meth:`migrate` ran
+        self.dst_cpus: list[int] | None = None  # where it runs (from :meth:`mark`)
         self.dst_cpu: float | None = None  # its own from cpu0 to its exit (:meth:`result`)
 
     def __enter__(self) -> Incoming:
@@ -124,21 +199,23 @@ class Incoming:
     def mark(self) -> None:
         """The migration starts now: its CPU time so far (the start-up) is not counted."""
         self.cpu0 = proc_cpu(self.proc.pid)
+        self.dst_cpus = cpus(self.proc.pid)
 
-    def migrate(self, uri: str, **kwargs: Any) -> tuple[Any, float]:
-        """:func:`mfd.api.migrate` to this destination, timed, under a watchdog that kills
-        the destination (so the source fails) when it hangs."""
+    def migrate(self, uri: str, cpu: int | None = None, **kwargs: Any) -> tuple[Any, float]:
+        """:func:`mfd.api.migrate` to this destination (on ``cpu`` only, if given), timed,
+        under a watchdog that kills the destination (so the source fails) when it hangs."""
         from mfd import api
 
         watchdog = threading.Timer(MIGRATE_TIMEOUT, self.proc.kill)
         watchdog.start()
         self.mark()
         try:
-            with SelfCpu() as cpu:
+            with on_cpu(cpu), SelfCpu() as used:
+                self.src_cpus = cpus()
                 t0 = time.perf_counter()
                 r = api.migrate(uri, **kwargs)
                 dt = time.perf_counter() - t0
-            self.src_cpu = cpu
+            self.src_cpu = used
             return r, dt
         finally:
             watchdog.cancel()
@@ -156,9 +233,10 @@ class Incoming:
     def cpu_figures(self) -> dict[str, Any]:
         """Its CPU seconds before the migration (start-up, not counted) and, when the source
         was :meth:`migrate`, this process's split into its own and its channels'."""
-        out: dict[str, Any] = {"dst_cpu_startup_s": self.cpu0}
+        out: dict[str, Any] = {"dst_cpu_startup_s": self.cpu0, "dst_cpus": self.dst_cpus}
         if self.src_cpu is not None:
-            out.update(src_cpu_own_s=self.src_cpu.own, src_cpu_channels_s=self.src_cpu.children)
+            out.update(src_cpu_own_s=self.src_cpu.own, src_cpu_channels_s=self.src_cpu.children,
+                       src_cpus=self.src_cpus)
         return out
 
     def result(self) -> dict[str, Any]:
@@ -252,7 +330,7 @@ class MigrateBench:
         return MigrationParameters(multifd_channels=channels, multifd_compression=comp,
                                    multifd_zstd_level=LEVEL, multifd_zlib_level=LEVEL)
 
-    def mfd(self, channels: int, comp: str, verify: bool = True,
+    def mfd(self, channels: int, comp: str, view: View, verify: bool = True,
             tls: bool = False) -> dict[str, Any]:
         """mfd -> mfd (``verify=False``: mfd migrate --no-verify; the image is compared
         with its copy all the same, untimed; ``tls``: --tls-creds on both ends)."""
@@ -264,9 +342,11 @@ class MigrateBench:
         creds = self._tls_creds() if tls else None
         with self.ends(dst_exists=False) as (src, dst), \
                 Incoming(self.ws, ["--listen", uri, "--image", f"mem={dst}", "--json",
-                                   *(["--tls-creds", creds] if creds else [])], port) as inc:
+                                   *view.incoming_args(self.ws.size),
+                                   *(["--tls-creds", creds] if creds else [])], port,
+                         cpu=view.cpu("dst")) as inc:
             try:
-                r, dt = inc.migrate(uri, images={"mem": src},
+                r, dt = inc.migrate(uri, cpu=view.cpu("src"), images={"mem": src},
                                     params=self._params(channels, comp),
                                     options=MigrateOptions(verify=verify, tls=TLSOptions(
                                         creds, hostname="127.0.0.1") if creds else None))
@@ -278,14 +358,13 @@ class MigrateBench:
                 **per_gib(inc.src_cpu.total, inc.dst_cpu, self.ws.size), **inc.cpu_figures(),
                 "verified": True}
 
-    def qemu(self, channels: int, comp: str, tls: bool = False) -> dict[str, Any]:
+    def qemu(self, channels: int, comp: str, view: View, tls: bool = False) -> dict[str, Any]:
         """QEMU -> QEMU (``tls``: tls-creds-x509 on both)."""
-        from mfd.bench.qemu import QemuError, QemuMachine
+        from mfd.bench.qemu import QemuError
 
         uri = f"tcp:127.0.0.1:{free_ports(1)}"
         with self.ends(dst_exists=True) as (src, dst), \
-                QemuMachine(dst, self.ws.size, incoming=True, timeout=self.ws.qemu_timeout) as d, \
-                QemuMachine(src, self.ws.size, timeout=self.ws.qemu_timeout) as s:
+                self._qemu_dst(dst, view) as d, self._qemu_src(src, view) as s:
             for m in (d, s):
                 m.set_migration(mapped_ram=False, multifd_channels=channels,
                                 multifd_compression=comp, **_level(comp))
@@ -293,6 +372,7 @@ class MigrateBench:
                     m.set_tls(self._tls_creds(), server=m is d)
             d.start_migrate_incoming(uri)
             s0, d0 = proc_cpu(s.pid), proc_cpu(d.pid)
+            where = cpus(s.pid), cpus(d.pid)
             t0 = time.perf_counter()
             s.start_migrate(uri)
             info = s.wait_migration()
@@ -305,23 +385,38 @@ class MigrateBench:
                 time.sleep(0.002)
             d1 = proc_cpu(d.pid)
         return {"seconds": dt, **_qemu_figures(info),
-                **per_gib(delta(s0, s1), delta(d0, d1), self.ws.size), "verified": True}
+                **per_gib(delta(s0, s1), delta(d0, d1), self.ws.size),
+                "dst_cpu_startup_s": d0, "src_cpus": where[0], "dst_cpus": where[1],
+                "verified": True}
 
-    def qemu_to_mfd(self, channels: int, comp: str) -> dict[str, Any]:
-        """QEMU -> mfd: QEMU's source to `mfd incoming`, timed as QEMU -> QEMU."""
+    def _qemu_dst(self, ram: str, view: View) -> Any:
+        """QEMU's destination, -incoming defer on ``ram`` (``prealloc=on`` in the
+        prealloc view: every page allocated during its start, before QMP answers)."""
         from mfd.bench.qemu import QemuMachine
 
+        return QemuMachine(ram, self.ws.size, incoming=True, timeout=self.ws.qemu_timeout,
+                           prealloc=view.prealloc, cpu=view.cpu("dst"))
+
+    def _qemu_src(self, ram: str, view: View) -> Any:
+        from mfd.bench.qemu import QemuMachine
+
+        return QemuMachine(ram, self.ws.size, timeout=self.ws.qemu_timeout,
+                           cpu=view.cpu("src"))
+
+    def qemu_to_mfd(self, channels: int, comp: str, view: View) -> dict[str, Any]:
+        """QEMU -> mfd: QEMU's source to `mfd incoming`, timed as QEMU -> QEMU."""
         port = free_ports(1)
         uri = f"tcp:127.0.0.1:{port}"
-        with self.ends(dst_exists=False) as (src, dst), \
-                QemuMachine(src, self.ws.size, timeout=self.ws.qemu_timeout) as s, \
+        with self.ends(dst_exists=False) as (src, dst), self._qemu_src(src, view) as s, \
                 Incoming(self.ws, ["--listen", uri, "--image", f"mem={dst}",
                                    "--multifd-channels", str(channels),
-                                   "--multifd-compression", comp, "--json"], port) as inc:
+                                   "--multifd-compression", comp, "--json",
+                                   *view.incoming_args(self.ws.size)], port,
+                         cpu=view.cpu("dst")) as inc:
             s.set_migration(mapped_ram=False, multifd_channels=channels,
                             multifd_compression=comp, **_level(comp))
             inc.mark()
-            s0 = proc_cpu(s.pid)
+            s0, src_cpus = proc_cpu(s.pid), cpus(s.pid)
             t0 = time.perf_counter()
             try:
                 s.start_migrate(uri)
@@ -333,19 +428,19 @@ class MigrateBench:
             dest = inc.result()
         return {"seconds": dt, **_qemu_figures(info),
                 **per_gib(delta(s0, s1), inc.dst_cpu, self.ws.size), **inc.cpu_figures(),
+                "src_cpus": src_cpus,
                 "destination": {k: v for k, v in dest.items() if k != "blocks"},
                 "verified": True}
 
-    def mfd_to_qemu(self, channels: int, comp: str) -> dict[str, Any]:
+    def mfd_to_qemu(self, channels: int, comp: str, view: View) -> dict[str, Any]:
         """mfd -> QEMU: mfd.api.migrate() to QEMU's -incoming defer, timed as mfd -> mfd;
         QEMU's completion awaited after (untimed)."""
         from mfd import api
-        from mfd.bench.qemu import QemuError, QemuMachine
+        from mfd.bench.qemu import QemuError
 
         uri = f"tcp:127.0.0.1:{free_ports(1)}"
         warnings: list[str] = []
-        with self.ends(dst_exists=True) as (src, dst), \
-                QemuMachine(dst, self.ws.size, incoming=True, timeout=self.ws.qemu_timeout) as d:
+        with self.ends(dst_exists=True) as (src, dst), self._qemu_dst(dst, view) as d:
             d.set_migration(mapped_ram=False, multifd_channels=channels,
                             multifd_compression=comp, **_level(comp))
             d.start_migrate_incoming(uri)
@@ -362,9 +457,10 @@ class MigrateBench:
 
             watchdog = threading.Timer(limit, kill)
             watchdog.start()
-            d0 = proc_cpu(pid)
+            d0, dst_cpus = proc_cpu(pid), cpus(pid)
             try:
-                with SelfCpu() as cpu:
+                with on_cpu(view.cpu("src")), SelfCpu() as cpu:
+                    src_cpus = cpus()
                     t0 = time.perf_counter()
                     r = api.migrate(uri, images={"mem": src},
                                     params=self._params(channels, comp), warn=warnings.append)
@@ -388,6 +484,7 @@ class MigrateBench:
             d1 = proc_cpu(pid)
         return {"seconds": dt, **figures(r), **per_gib(cpu.total, delta(d0, d1), self.ws.size),
                 "src_cpu_own_s": cpu.own, "src_cpu_channels_s": cpu.children,
+                "dst_cpu_startup_s": d0, "src_cpus": src_cpus, "dst_cpus": dst_cpus,
                 "destination_completed_after_s": done, "warnings": warnings,
                 "verified": True}
 
@@ -397,34 +494,46 @@ class MigrateBench:
                       f"TCP loopback, {n} connection{'s' if n > 1 else ''}",
                       {"channels": n}, lambda n=n: baselines.tcp(self.ws.size, n))
                for n in s.channels]
-        run = {"mfd": self.mfd, "qemu": self.qemu, "qemu->mfd": self.qemu_to_mfd,
-               "mfd->qemu": self.mfd_to_qemu}
+        views = [View(prealloc, pin) for pin in s.pinned for prealloc in s.prealloc]
         for ch in s.channels:
             for comp in s.compressions:
-                lvl = f" level {LEVEL}" if comp != "none" else ""
-                params = {"channels": ch, "compression": comp}
-                for prefix, tool, label in self.PAIRS:
-                    if tool != "mfd" and not self.ws.qemu_ok:
-                        continue
-                    out.append(Config(f"{prefix}-{ch}-{comp}", "migrate", tool,
-                                      label.format(ch=ch, comp=comp) + lvl, params,
-                                      lambda f=run[tool], ch=ch, comp=comp: f(ch, comp),
-                                      limit=f"tcp-{ch}"))
+                for view in views:
+                    out += self._view_configs(ch, comp, view)
                 if s.tls:  # each tool over TLS, beside itself in clear
-                    for tool, run_tls in (("mfd", self.mfd), ("qemu", self.qemu)):
-                        if tool == "qemu" and not self.ws.qemu_ok:
-                            continue
-                        label = dict((t, lb) for _, t, lb in self.PAIRS)[tool]
-                        out.append(Config(f"{tool}-tls-{ch}-{comp}", "migrate", tool,
-                                          label.format(ch=ch, comp=comp) + lvl + ", TLS",
-                                          {**params, "tls": True},
-                                          lambda f=run_tls, ch=ch, comp=comp: f(ch, comp,
-                                                                                tls=True),
-                                          limit=f"tcp-{ch}"))
-                if False in s.verify:  # what the verification costs, beside it
-                    out.append(Config(f"mfd-noverify-{ch}-{comp}", "migrate", "mfd",
-                                      f"{ch} ch {comp}{lvl}, --no-verify",
-                                      {**params, "verify": False},
-                                      lambda ch=ch, comp=comp: self.mfd(ch, comp, False),
-                                      limit=f"tcp-{ch}"))
+                    out += self._tls_configs(ch, comp, views[0])
         return out
+
+    def _config(self, key: str, tool: str, label: str, params: dict[str, Any], fn: Any,
+                ch: int) -> Config:
+        return Config(key, "migrate", tool, label, params, fn, limit=f"tcp-{ch}")
+
+    def _view_configs(self, ch: int, comp: str, view: View) -> list[Config]:
+        """Each pair in one view; mfd -> mfd verified and not, as --verify asks."""
+        verify = self.ws.settings.migrate_verify
+        run = {"mfd": self.mfd, "qemu": self.qemu, "qemu->mfd": self.qemu_to_mfd,
+               "mfd->qemu": self.mfd_to_qemu}
+        lvl = f" level {LEVEL}" if comp != "none" else ""
+        params = {"channels": ch, "compression": comp, **view.params}
+        out = []
+        for prefix, tool, label in self.PAIRS:
+            if (tool != "mfd" and not self.ws.qemu_ok) or (tool == "mfd" and True not in verify):
+                continue
+            out.append(self._config(f"{prefix}-{ch}-{comp}{view.key}", tool,
+                                    label.format(ch=ch, comp=comp) + lvl + view.label, params,
+                                    lambda f=run[tool]: f(ch, comp, view), ch))
+        if False in verify:  # what the verification costs, beside it
+            out.append(self._config(f"mfd-noverify-{ch}-{comp}{view.key}", "mfd",
+                                    f"{ch} ch {comp}{lvl}{view.label}, --no-verify",
+                                    {**params, "verify": False},
+                                    lambda: self.mfd(ch, comp, view, False), ch))
+        return out
+
+    def _tls_configs(self, ch: int, comp: str, view: View) -> list[Config]:
+        lvl = f" level {LEVEL}" if comp != "none" else ""
+        labels = {t: lb for _, t, lb in self.PAIRS}
+        return [self._config(f"{tool}-tls-{ch}-{comp}{view.key}", tool,
+                             labels[tool].format(ch=ch, comp=comp) + lvl + view.label + ", TLS",
+                             {"channels": ch, "compression": comp, **view.params, "tls": True},
+                             lambda f=f: f(ch, comp, view, tls=True), ch)
+                for tool, f in (("mfd", self.mfd), ("qemu", self.qemu))
+                if tool == "mfd" or self.ws.qemu_ok]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 
 from mfd.errors import UsageError
@@ -14,6 +15,7 @@ MODES = ("save", "restore", "migrate", "live", "kvm", "postcopy", "all")
 # kvm and postcopy are modes of their own: they need /dev/kvm, /dev/userfaultfd
 ALL = ("save", "restore", "migrate", "live")
 PAGE = 4096
+ON_OFF = {"on": (True,), "off": (False,), "both": (True, False)}
 
 
 def _size(text: str) -> int:
@@ -100,10 +102,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="live: where the guest writes: random (any page), hotset (90%% of "
                    "the writes to 10%% of RAM), sequential (default random,hotset; --quick "
                    "random)")
-    p.add_argument("--verify", choices=("on", "off", "both"), default="on",
+    p.add_argument("--verify", choices=("on", "off", "both"),
                    help="live, migrate: mfd's RAM verification (off: mfd migrate --no-verify; "
                    "both: each mfd->mfd config both ways, the difference is its cost; "
-                   "migrate always runs it on)")
+                   "default on for live, both for migrate)")
+    p.add_argument("--prealloc", choices=("off", "on", "both"), default="both",
+                   help="migrate: the destination's RAM allocated and zeroed before the "
+                   "migration, untimed (QEMU's memory-backend-file prealloc=on, 'mfd "
+                   "incoming --prealloc'), or fresh RAM that fills as pages arrive (off), "
+                   "or each pair both ways (default both)")
+    p.add_argument("--pin", action="store_true",
+                   help="migrate: also each pair with its source on one CPU and its "
+                   "destination on another (the view two hosts give), beside the shared "
+                   "CPUs")
     ac = p.add_mutually_exclusive_group()
     ac.add_argument("--auto-converge", dest="auto_converge", action="store_const",
                     const="on", help="live: only with auto-converge (default: with and without)")
@@ -146,7 +157,10 @@ class Settings:
     direct_io: bool
     dirty_rates: tuple[int, ...]
     patterns: tuple[str, ...]
-    verify: tuple[bool, ...]
+    verify: tuple[bool, ...]  # live's
+    migrate_verify: tuple[bool, ...]
+    prealloc: tuple[bool, ...]  # migrate: destination RAM fresh (False), allocated ahead
+    pinned: tuple[bool, ...]  # migrate: both ends on the shared CPUs (False), each on its own
     auto_converge: tuple[bool, ...]
     live_timeout: float
     repeat: int
@@ -180,6 +194,9 @@ def settings(args: argparse.Namespace) -> Settings:
     timeout = args.live_timeout if args.live_timeout is not None else (20.0 if q else 60.0)
     if timeout <= 0:
         raise UsageError("mfd bench: --live-timeout must be positive")
+    if args.pin and len(os.sched_getaffinity(0)) < 2:
+        raise UsageError("mfd bench: --pin puts each end on a CPU of its own: this process "
+                         f"may use {len(os.sched_getaffinity(0))} CPU")
     default = 64 << 20 if q else (1 << 30 if args.mode in ("kvm", "postcopy") else 2 << 30)
     size = None if args.image else (args.size or default)
     ac = {"on": (True,), "off": (False,), None: (False, True)}[args.auto_converge]
@@ -191,7 +208,9 @@ def settings(args: argparse.Namespace) -> Settings:
         dirty_rates=tuple(args.dirty_rate or ([0, 16 << 20] if q else [0, 100 << 20,
                                                                       400 << 20])),
         patterns=tuple(args.pattern or (["random"] if q else ["random", "hotset"])),
-        verify={"on": (True,), "off": (False,), "both": (True, False)}[args.verify],
+        verify=ON_OFF[args.verify or "on"], migrate_verify=ON_OFF[args.verify or "both"],
+        prealloc={"off": (False,), "on": (True,), "both": (False, True)}[args.prealloc],
+        pinned=(False, True) if args.pin else (False,),
         auto_converge=ac, live_timeout=timeout, repeat=repeat, warmup=0 if q else 1,
         against_qemu=args.against == "qemu", tls=args.tls, xbzrle=args.xbzrle,
         max_bandwidth=args.max_bandwidth, out=args.out,

@@ -5,7 +5,8 @@
   cross migrations QEMU->mfd, mfd->QEMU), the physical limit measured in the same run as a
   dashed line;
 * ``migrate-cpu.png``: each migration's CPU seconds per GiB, source and destination stacked,
-  one group of bars per channel count, one panel per compression;
+  one group of bars per channel count, one panel per compression (the plainest view run:
+  fresh RAM, shared CPUs, verified);
 * ``live-remaining.png``: remaining dirty bytes against time, one line per dirty rate and
   auto-converge setting (the counted run with the median time);
 * ``live-downtime.png``: downtime against dirty rate, with and without auto-converge, and
@@ -59,6 +60,10 @@ def _variant(params: dict[str, Any]) -> str:
         bits.append("direct-io")
     if "source" in params:
         bits.append(f"{'QEMU' if params['source'] == 'qemu' else 'mfd'}'s file")
+    bits += [name for key, name in (("prealloc", "prealloc"), ("pinned", "pinned"),
+                                    ("tls", "TLS")) if params.get(key)]
+    if params.get("verify") is False:
+        bits.append("no verify")
     return ", ".join(bits)
 
 
@@ -131,6 +136,9 @@ def migrate_cpu(rows: list[dict[str, Any]], path: str, title: str) -> bool:
            and r.get("src_cpu_s_per_gib") is not None]
     if not mig:
         return False
+    # one bar per pair: its plainest view measured (fresh RAM, shared CPUs, verified)
+    view = min({_variant(r["params"]) for r in mig}, key=lambda v: (len(v), v))
+    mig = [r for r in mig if _variant(r["params"]) == view]
     comps = sorted({r["params"]["compression"] for r in mig})
     tools = [t for t in COLORS if any(r["tool"] == t for r in mig)]
     fig, axes = plt.subplots(1, len(comps), figsize=(5.6 * len(comps), 4.2), squeeze=False)
@@ -151,7 +159,7 @@ def migrate_cpu(rows: list[dict[str, Any]], path: str, title: str) -> bool:
                    label=f"{ROUTE_NAME[tool]} destination")
         ax.set_xticks(range(len(chans)), [str(c) for c in chans])
         ax.set_xlabel("multifd channels")
-        ax.set_title(f"migrate, {comp}")
+        ax.set_title(f"migrate, {comp}" + (f" ({view})" if view else ""))
         _style(ax, "CPU s per GiB (median): source + destination")
         ax.set_ylim(top=top * 1.7 or 1.0)  # room for the legend above the bars
         ax.legend(fontsize=7, ncols=2, loc="upper center")

@@ -205,6 +205,9 @@ class QemuMachine:
     - ``uuid`` is QEMU's ``-uuid`` (multifd channels carry it, the destination checks it);
       ``globals`` are ``-global`` options, e.g.
       ``"migration.multifd-flush-after-each-section=on"``.
+    - ``prealloc=True``: the backend's ``prealloc=on``, every page of the RAM allocated (and
+      zeroed where it was a hole) before QMP answers; ``cpu``: QEMU and every thread it
+      starts run on that CPU only (``taskset``).
 
     Use as a context manager; ``close()`` is idempotent.
     """
@@ -222,6 +225,8 @@ class QemuMachine:
         paused: bool = True,
         uuid: str | None = None,
         globals: Sequence[str] = (),  # shadows the builtin: named after -global
+        prealloc: bool = False,
+        cpu: int | None = None,
     ) -> None:
         binary = qemu_binary()
         if binary is None:
@@ -257,9 +262,11 @@ class QemuMachine:
         # -machine none has no ISA bus, so no COM1 to connect
         self.serial_path = os.path.join(workdir, "serial.log") if machine != "none" else None
         self.argv = [
+            *(["taskset", "-c", str(cpu)] if cpu is not None else []),
             binary,
             "-machine", f"{machine},memory-backend=mem",
-            "-object", f"memory-backend-file,id=mem,size={size},mem-path={ram_path},share=on",
+            "-object", f"memory-backend-file,id=mem,size={size},mem-path={ram_path},share=on"
+                       + (",prealloc=on" if prealloc else ""),
             "-nodefaults",
             "-display", "none",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",

@@ -36,6 +36,18 @@ ROUTES = {"mfd": "mfd->mfd", "qemu": "QEMU->QEMU", "qemu->mfd": "QEMU->mfd",
           "mfd->qemu": "mfd->QEMU"}
 WITH_MFD = ("mfd", "qemu->mfd", "mfd->qemu")  # the tools held against QEMU's own
 
+# issue 23's migrate targets, each against QEMU->QEMU in the same view (channels,
+# compression, prealloc, pinned, TLS): route, verified, figure, target (fresh RAM, RAM
+# allocated ahead, over TLS; None: no target, shown beside)
+MIGRATE_TARGETS = [
+    ("qemu->mfd", True, "time", (1.0, 1.0, None)),
+    ("mfd", True, "time", (1.0, 1.0, 1.2)),
+    ("mfd", False, "time", (None, None, None)),
+    ("qemu->mfd", True, "destination CPU", (1.5, 1.0, None)),
+    ("mfd", True, "CPU of both ends", (1.2, 1.2, None)),
+    ("mfd->qemu", True, "time", (1.0, 1.0, None)),
+]
+
 
 def _med(values: list[Any]) -> float | None:
     vals = [v for v in values if isinstance(v, int | float)]
@@ -52,9 +64,10 @@ def stats(c: Config, size: int) -> dict[str, Any]:
 
 
 def twin(c: Config, configs: list[Config]) -> Config | None:
-    """The QEMU config measured on the same input with the same parameters as ``c``."""
+    """The QEMU config measured on the same input with the same parameters as ``c`` (QEMU
+    has no verification: an mfd config without it is held against the same one)."""
     for q in configs:
-        if q.tool == "qemu" and q.mode == c.mode and q.params == c.params:
+        if q.tool == "qemu" and q.mode == c.mode and _view(q.params) == _view(c.params):
             return q
     return None
 
@@ -242,15 +255,7 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         m, q = best(mode, same, "mfd"), best(mode, same, "qemu")
         if m and q:
             out.append(_target(what, m, q, target))
-    for r in rows:
-        if r["mode"] == "migrate" and r["tool"] == "mfd" and ok(r) and "qemu" in r:
-            q = next(x for x in rows if x["key"] == r["qemu"])
-            p = r["params"]
-            comp = p["compression"] + (" level 1" if p["compression"] != "none" else "")
-            tls = p.get("tls", False)  # over TLS, issue 16 asks for <= 1.2x QEMU's time
-            out.append(_target(f"migrate, {p['channels']} ch {comp}{', TLS' if tls else ''}",
-                               r, q, 1.2 if tls else 1.0))
-    return out
+    return out + migrate_targets([r for r in rows if r["mode"] == "migrate" and ok(r)])
 
 
 def _target(what: str, m: dict[str, Any], q: dict[str, Any], target: float) -> dict[str, Any]:
@@ -258,6 +263,53 @@ def _target(what: str, m: dict[str, Any], q: dict[str, Any], target: float) -> d
     return {"what": what, "mfd": m["median"], "mfd_config": m["label"], "qemu": q["median"],
             "qemu_config": q["label"], "ratio": ratio, "target": target,
             "met": ratio <= target}
+
+
+def _figure(r: dict[str, Any], figure: str) -> float | None:
+    if figure == "time":
+        return r["median"]
+    if figure == "destination CPU":
+        return r.get("dst_cpu_s_per_gib")
+    src, dst = r.get("src_cpu_s_per_gib"), r.get("dst_cpu_s_per_gib")
+    return src + dst if src is not None and dst is not None else None
+
+
+def _config_name(p: dict[str, Any]) -> str:
+    """``2 ch zstd level 1, prealloc, pinned``: a migrate config's parameters."""
+    level = " level 1" if p["compression"] != "none" else ""
+    return f"{p['channels']} ch {p['compression']}{level}" + "".join(
+        f", {name}" for key, name in (("prealloc", "prealloc"), ("pinned", "pinned"),
+                                      ("tls", "TLS")) if p.get(key))
+
+
+def _view(params: dict[str, Any]) -> tuple:
+    """What a pair shares with its QEMU->QEMU twin: all parameters but verification."""
+    return tuple(sorted((k, v) for k, v in params.items() if k != "verify"))
+
+
+def migrate_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """:data:`MIGRATE_TARGETS` for every migrate config that has a QEMU->QEMU twin and the
+    figure; ``rows``: the migrate rows that have runs. Ordered by target, then config."""
+    qemu = {_view(r["params"]): r for r in rows if r["tool"] == "qemu"}
+    out = []
+    for tool, verified, figure, targets in MIGRATE_TARGETS:
+        for r in rows:
+            p = r["params"]
+            q = qemu.get(_view(p))
+            if r["tool"] != tool or p.get("verify", True) != verified or q is None:
+                continue
+            m_value, q_value = _figure(r, figure), _figure(q, figure)
+            target = targets[2 if p.get("tls") else 1 if p.get("prealloc") else 0]
+            if m_value is None or not q_value or (p.get("tls") and target is None):
+                continue
+            ratio = m_value / q_value
+            route = ROUTES[tool] + ("" if verified else " --no-verify")
+            out.append({"what": f"{route} {figure}, {_config_name(p)}",
+                        "mfd": m_value, "mfd_config": r["label"], "qemu": q_value,
+                        "qemu_config": q["label"], "ratio": ratio, "target": target,
+                        "met": None if target is None else ratio <= target,
+                        "unit": "s" if figure == "time" else "CPU-s/GiB"})
+    return out
 
 
 def tls_costs(rows: list[dict[str, Any]]) -> list[str]:
@@ -277,9 +329,18 @@ def tls_costs(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def target_lines(tgts: list[dict[str, Any]]) -> list[str]:
-    return [f"{t['what']}: mfd {t['mfd']:.3f} s ({t['mfd_config']}) vs QEMU {t['qemu']:.3f} s "
-            f"({t['qemu_config']}) -> {t['ratio']:.2f} (target <= {t['target']:g}) "
-            f"{'met' if t['met'] else 'MISSED'}" for t in tgts]
+    return [_target_line(t) for t in tgts]
+
+
+def _target_line(t: dict[str, Any]) -> str:
+    verdict = "(no target: beside the verified run)" if t["target"] is None else \
+        f"(target <= {t['target']:g}) {'met' if t['met'] else 'MISSED'}"
+    if "unit" not in t:  # save, restore: mfd's best against QEMU's best
+        return (f"{t['what']}: mfd {t['mfd']:.3f} s ({t['mfd_config']}) vs QEMU "
+                f"{t['qemu']:.3f} s ({t['qemu_config']}) -> {t['ratio']:.2f} {verdict}")
+    digits = 3 if t["unit"] == "s" else 2
+    return (f"{t['what']}: {t['mfd']:.{digits}f} {t['unit']} vs QEMU->QEMU "
+            f"{t['qemu']:.{digits}f} {t['unit']} -> {t['ratio']:.2f} {verdict}")
 
 
 def kvm_throttle_table(rows: list[dict[str, Any]]) -> str:

@@ -3,7 +3,9 @@
 ::
 
     blocks        the source's block list -> one unnamed file per block (``PendingRAM``:
-                  held by descriptors only, a destination killed outright leaves nothing)
+                  held by descriptors only, a destination killed outright leaves nothing);
+                  a block allocated ahead (``--prealloc``, before listening) is taken as
+                  it is, if its size is the source's
     receivedmap   a byte per page, shared with the receive channels (``mfd.shm.receivedmap``)
     hashes        this end's page hash table (``mfd.shm.pagehash``): every process hashes
                   what it placed, compared with the source's at the end
@@ -29,16 +31,18 @@ from mfd.shm.receivedmap import ReceivedMap, map_size
 
 
 class IncomingRAM:
-    def __init__(self, directory: str, blocks: list[tuple[str, int]]) -> None:
+    def __init__(self, directory: str, blocks: list[tuple[str, int]],
+                 ahead: PendingRAM | None = None) -> None:
         """``blocks``: (idstr, used_length) as the source listed them; the RAM goes into
-        ``directory`` (where it is named at the commit), the maps into /dev/shm."""
+        ``directory`` (where it is named at the commit), the maps into /dev/shm; ``ahead``:
+        the RAM allocated before the block list (``--prealloc``), taken over here."""
         self.files: list[PendingRAM] = []
         self.mapped: list[MappedBlock] = []
         self.receivedmap: ReceivedMap | None = None
         self.hashes: pagehash.PageHashes | None = None
         self.placer: MappedPlacer | None = None  # the main channel's, from start_placing
         try:
-            self.pending = self._file(directory, blocks)
+            self.pending = self._file(directory, blocks, ahead)
             self.blocks: list[RAMBlock] = self.pending.blocks
             self.index = {b.idstr: i for i, b in enumerate(self.blocks)}
             self.receivedmap_file = self._file(
@@ -52,8 +56,9 @@ class IncomingRAM:
             self.close()
             raise
 
-    def _file(self, directory: str, blocks: list[tuple[str, int]]) -> PendingRAM:
-        self.files.append(PendingRAM(directory, blocks))
+    def _file(self, directory: str, blocks: list[tuple[str, int]],
+              ahead: PendingRAM | None = None) -> PendingRAM:
+        self.files.append(PendingRAM(directory, blocks, ahead=ahead))
         return self.files[-1]
 
     @property

@@ -8,8 +8,9 @@ from a collaborator::
                    every wait, the channel pool's included
     Channels       the acceptor, the multifd channels' adoption, start and sync points
     MainChannel    the stream's events; answers on the return path
-    IncomingRAM    unnamed RAM, receivedmap, page hashes; the main channel's records go
-                   in through its MappedPlacer
+    IncomingRAM    unnamed RAM (taking over what --prealloc made before listening),
+                   receivedmap, page hashes; the main channel's records go in through its
+                   MappedPlacer
     SourceState    what the stream says besides RAM (runstate, guest state, hashes)
     Postcopy       its commands, the pause; from LISTEN the guest's uffd (PostcopyRAM):
                    PAGE and ZERO records then go to it, as the preempt channel's pages
@@ -42,6 +43,7 @@ from mfd.options import IncomingOptions
 from mfd.protocol import livestream, trailer
 from mfd.protocol.devices import GUEST_IDSTR
 from mfd.shm import pagehash
+from mfd.shm.ramblock import PendingRAM
 from mfd.workers import tcp
 from mfd.workers.tls import wait_relays
 
@@ -115,6 +117,10 @@ class Incoming:
         self.options = options or IncomingOptions()
         self.warn = warn or (lambda line: print(f"mfd incoming: {line}", file=sys.stderr))
         self.target = Images(images) if images is not None else Guest(guest)
+        # QEMU's prealloc=on: RAM allocated and zeroed before listening, outside the
+        # migration (and its clock)
+        self.prealloc = PendingRAM(self.target.directory(), list(self.options.prealloc),
+                                   zeroed=True) if self.options.prealloc else None
         self.control = Control(self.addr, self.options)
         self.loop = Loop(self._check)
         self.main = MainChannel(self.loop, self._lost)
@@ -198,7 +204,7 @@ class Incoming:
 
     def _on_blocks(self, ev: livestream.Blocks) -> None:
         """The block list: RAM without names, receivedmap, guest."""
-        self.ram = IncomingRAM(self.target.directory(ev.blocks), ev.blocks)
+        self.ram = IncomingRAM(self.target.directory(), ev.blocks, self.prealloc)
         self.target.prepare(self.ram.blocks)
         self.setup_time = time.monotonic() - self.control.start
 
@@ -293,5 +299,7 @@ class Incoming:
         self.postcopy.close()
         if self.ram is not None:
             self.ram.close()
+        if self.prealloc is not None:
+            self.prealloc.close()
         self.main.close()
         wait_relays()

@@ -2,7 +2,8 @@
 
 ::
 
-    prepare   the block list arrived: the directory the unnamed RAM is made in; a guest
+    directory where the unnamed RAM is made (and ``--prealloc``'s, before listening)
+    prepare   the block list arrived and its RAM was made: the images match it; a guest
               (the ``mfd guest`` daemon) starts, stopped, on that RAM
     commit    every page arrived (and was verified): each block gets its name (an image's
               path, atomically; a guest's /dev/shm name), the guest takes it and runs as
@@ -34,20 +35,19 @@ class Images:
     def __init__(self, paths: dict[str, str]) -> None:
         self.paths = paths
 
-    def directory(self, blocks: list[tuple[str, int]]) -> str:
+    def directory(self) -> str:
         """Where the unnamed RAM goes: the images' directory (a link cannot cross file
         systems)."""
-        missing = sorted(set(self.paths) ^ {idstr for idstr, _ in blocks})
-        if missing:
-            raise MfdError(f"the source's RAM blocks {[b for b, _ in blocks]} do not match "
-                           f"the images given ({sorted(self.paths)})")
-        dirs = {os.path.dirname(os.path.abspath(self.paths[i])) for i, _ in blocks}
+        dirs = {os.path.dirname(os.path.abspath(p)) for p in self.paths.values()}
         if len(dirs) != 1:
             raise MfdError("all --image files must be in one directory")
         return dirs.pop()
 
     def prepare(self, blocks: list[RAMBlock]) -> None:
-        pass
+        names = [b.idstr for b in blocks]
+        if set(names) != set(self.paths):
+            raise MfdError(f"the source's RAM blocks {names} do not match the images given "
+                           f"({sorted(self.paths)})")
 
     def commit(self, blocks: list[RAMBlock], link: Link, run: bool | None,
                said: dict | None) -> dict[str, str]:
@@ -76,7 +76,7 @@ class Guest:
         self.name = name or "vm0"
         self.client: control.GuestClient | None = None
 
-    def directory(self, blocks: list[tuple[str, int]]) -> str:
+    def directory(self) -> str:
         return SHM_DIR
 
     def prepare(self, blocks: list[RAMBlock]) -> None:
