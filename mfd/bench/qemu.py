@@ -222,6 +222,7 @@ class QemuMachine:
         paused: bool = True,
         uuid: str | None = None,
         globals: Sequence[str] = (),  # shadows the builtin: named after -global
+        trace: Sequence[str] = (),
     ) -> None:
         binary = qemu_binary()
         if binary is None:
@@ -256,6 +257,7 @@ class QemuMachine:
         self.stderr_path = os.path.join(workdir, "stderr.log")
         # -machine none has no ISA bus, so no COM1 to connect
         self.serial_path = os.path.join(workdir, "serial.log") if machine != "none" else None
+        self.trace_path = os.path.join(workdir, "trace.log")
         self.argv = [
             binary,
             "-machine", f"{machine},memory-backend=mem",
@@ -276,6 +278,9 @@ class QemuMachine:
             self.argv += ["-uuid", uuid]
         for prop in globals:
             self.argv += ["-global", prop]
+        if trace:  # QEMU's trace events, each line stamped pid@seconds.microseconds
+            self.argv += ["-msg", "timestamp=on", "-D", self.trace_path]
+            self.argv += [a for event in trace for a in ("-trace", event)]
         if incoming:
             self.argv += ["-incoming", "defer"]
 
