@@ -295,7 +295,7 @@ class PostcopyBench:
 
 
 def summary(configs: list[Config]) -> list[str]:
-    """One line per config: the medians the table has no column for."""
+    """One line per restore config: the medians its table has no column for."""
     lines = []
     for c in configs:
         runs = c.counted()
@@ -306,11 +306,7 @@ def summary(configs: list[Config]) -> list[str]:
             xs = [r[key] for r in runs if r.get(key) is not None]
             return statistics.median(xs) if xs else None
 
-        bits = [f"{key} {med(key):.3f}" for key in ("run_at_s", "downtime_ms",
-                                                      "postcopy_requests",
-                                                      "latency_median_ms", "latency_p99_ms",
-                                                      "vcpu_blocked_ms", "blocktime_ms",
-                                                      "vcpu_blocktime_ms", "faults")
+        bits = [f"{key} {med(key):.3f}" for key in ("run_at_s", "faults")
                 if med(key) is not None]
         lines.append(f"{c.label}: median {', '.join(bits)}")
     return lines
