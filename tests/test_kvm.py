@@ -191,3 +191,9 @@ def test_a_sequential_kvm_guest_sweeps_its_pages_in_turn(guests):
     sweeps, at = divmod(done, len(pages))
     assert sweeps >= 1 and (pages[:at] == sweeps + 1).all() and (pages[at:] == sweeps).all()
     assert not ram[DATA // 4096 :, 1:].any(), "nothing else in a page is written"
+
+
+def test_kvm_refuses_zero_fraction_in_one_line():
+    p = run_mfd("guest", "--name", "kvmzf", "--ram", "4M", "--kvm", "--zero-fraction", "0.5")
+    assert p.returncode == 2 and p.stderr.strip() == "mfd guest: --kvm takes no --zero-fraction", \
+        p.stderr
