@@ -202,6 +202,8 @@ class QemuMachine:
       in the work directory: :meth:`serial_text`.
     - ``paused=False`` drops ``-S``: the guest runs at once; for an incoming machine it runs
       on after the migration (``paused=True`` leaves it ``paused`` instead).
+    - ``trace``: QEMU trace events (e.g. ``postcopy_place_page``) logged to
+      ``trace_path`` in the work directory, each line ``pid@seconds.microseconds:event ...``.
     - ``uuid`` is QEMU's ``-uuid`` (multifd channels carry it, the destination checks it);
       ``globals`` are ``-global`` options, e.g.
       ``"migration.multifd-flush-after-each-section=on"``.
