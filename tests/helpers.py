@@ -440,17 +440,17 @@ def resumed_to_the_end(src_qmp: str, port: int, mig: subprocess.Popen,
                        inc: subprocess.Popen, dst: str) -> str:
     """QMP migrate with resume on the paused source (the push's cap lifted, as
     migrate-set-parameters can while migrating): both ends complete, RAM verified, the
-    guest running at the destination. The destination's stderr."""
+    guest running at the destination. Both ends' stderr, the source's first."""
     assert monitor_command(src_qmp, "migrate-set-parameters",
                            {"max-postcopy-bandwidth": 0}, 5.0) == {"return": {}}
     assert monitor_command(src_qmp, "migrate", {"uri": f"tcp:127.0.0.1:{port}",
                                                 "resume": True}, 5.0) == {"return": {}}
-    rc, _, err = finish(mig)
-    assert rc == 0 and "postcopy paused" in err, err
+    rc, _, src_err = finish(mig)
+    assert rc == 0 and "postcopy paused" in src_err, src_err
     rc, out, err = finish(inc)
     assert rc == 0 and "RAM verified equal" in out, err
     assert running(dst)
-    return err
+    return src_err + err
 
 
 def hostile_source(action: Callable, expect: str, channels: int = 1,

@@ -346,3 +346,53 @@ def test_a_real_ram_dump_is_the_image_and_is_left_as_it_was(tmp_path, reference)
     restores = [c for c in result["configs"] if c["tool"] == "mfd"]
     assert restores and all(c["runs"][0]["verified"] for c in restores)
     assert (dump.stat().st_size, dump.stat().st_mtime_ns, dump.read_bytes()) == before
+
+
+def test_qemus_traced_faults_give_each_pages_latency(tmp_path):
+    """QEMU's destination trace (``-msg timestamp=on``, the log backend): a fault asked for
+    and its page placed, by host address; a page placed without a fault counts nothing."""
+    from mfd.bench.postcopy import fault_latencies
+
+    trace = tmp_path / "trace.log"
+    trace.write_text(
+        "7@100.000100:postcopy_ram_fault_thread_request Request for HVA=0x7f0000001000 "
+        "rb=mem offset=0x1000 pid=9\n"
+        "7@100.000200:postcopy_place_page host=0x7f0000009000\n"
+        "7@100.000150:postcopy_ram_fault_thread_request Request for HVA=0x7f0000002000 "
+        "rb=mem offset=0x2000 pid=9\n"
+        "7@100.000600:postcopy_place_page host=0x7f0000001000\n"
+        "7@100.002150:postcopy_place_page_zero host=0x7f0000002000\n"
+        "garbage\n")
+    assert fault_latencies(str(trace)) == pytest.approx([0.5, 2.0])
+
+
+@pytest.mark.slow
+def test_quick_postcopy_against_qemu(tmp_path):
+    """``mfd bench postcopy --against qemu``: QEMU -> QEMU postcopy of the boot-sector guest
+    beside mfd -> mfd on the same loop, plain and preempt, each with its pages' latency
+    (QEMU's from its trace, with its postcopy-blocktime); nothing left behind."""
+    from mfd.shm.kvm import unavailable
+
+    if qemu_binary() is None or unavailable():
+        pytest.skip("needs QEMU and KVM")
+    out, work = tmp_path / "out", tmp_path / "work"
+    work.mkdir()
+    before = bench_leftovers(work)
+    p = run_mfd("bench", "postcopy", "--quick", "--against", "qemu", "--out", str(out),
+                "--dir", str(work), "--json", timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    result = json.loads(p.stdout)
+    assert left_behind(work, before) == set()
+    sweep = {c["key"]: c for c in result["configs"] if c["mode"] == "postcopy sweep"}
+    assert set(sweep) == {"postcopy-sweep", "postcopy-sweep-qemu", "postcopy-sweep-preempt",
+                          "postcopy-sweep-preempt-qemu"}
+    for key, c in sweep.items():
+        (run,) = c["runs"]
+        assert run["ok"], c["error"]
+        assert run["faults"] > 0 and run["latency_p99_ms"] >= run["latency_median_ms"] > 0
+        if key.endswith("qemu"):
+            assert c["tool"] == "qemu" and run["blocktime_ms"] is not None
+    rows = {r["key"]: r for r in result["summary"]}
+    assert rows["postcopy-sweep-preempt"]["qemu"] == "postcopy-sweep-preempt-qemu"
+    assert rows["postcopy-sweep-preempt"]["p99_vs_qemu"] > 0
+    assert "postcopy sweep:" in (out / "table.txt").read_text()

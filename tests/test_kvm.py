@@ -169,3 +169,31 @@ def test_kvm_unavailable_is_one_line(tmp_path):
     assert orjson.loads(out[1])["ok"] is True  # the demo: the built-in guest
     assert lines[-1].startswith("mfd: bench kvm: no KVM here: /dev/kvm"), p.stderr
     assert shm_entries() == before
+
+
+@needs_kvm
+def test_a_sequential_kvm_guest_sweeps_its_pages_in_turn(guests):
+    """``--kvm --pattern sequential`` runs SWEEP (the boot-sector guest's loop): after K
+    exits from a fresh start each data page's u32 at offset 0 counts the sweeps that
+    reached it, one more for the pages below where it stopped."""
+    import numpy as np
+
+    from mfd.shm.kvmguest import DATA, iterations_per_exit
+
+    rate = 400 << 20
+    _, g = guests.start("4M", "--kvm", "--dirty-rate", str(rate), "--pattern", "sequential",
+                        "--stopped")
+    st = run_exits(g, 20)
+    done = 20 * iterations_per_exit(rate)
+    assert st["counter"] == done
+    ram = np.fromfile(g.query()["blocks"][0]["path"], dtype=np.uint32).reshape(-1, 1024)
+    pages = ram[DATA // 4096 :, 0]
+    sweeps, at = divmod(done, len(pages))
+    assert sweeps >= 1 and (pages[:at] == sweeps + 1).all() and (pages[at:] == sweeps).all()
+    assert not ram[DATA // 4096 :, 1:].any(), "nothing else in a page is written"
+
+
+def test_kvm_refuses_zero_fraction_in_one_line():
+    p = run_mfd("guest", "--name", "kvmzf", "--ram", "4M", "--kvm", "--zero-fraction", "0.5")
+    assert p.returncode == 2 and p.stderr.strip() == "mfd guest: --kvm takes no --zero-fraction", \
+        p.stderr

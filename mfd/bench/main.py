@@ -77,7 +77,7 @@ def _notes(s: Settings, ws: Workspace, configs: list[Config], env: dict[str, Any
                   "migrate": migration.NOTES, "live": live.NOTES, "kvm": kvm.NOTES,
                   "postcopy": postcopy.NOTES}[mode]
     if "postcopy" in s.modes:
-        notes += postcopy.summary([c for c in configs if c.mode.startswith("postcopy")])
+        notes += postcopy.summary([c for c in configs if c.mode == "postcopy restore"])
     notes.append(f"Each config: {s.warmup} uncounted warm-up run(s), then {s.repeat} counted "
                  "runs, interleaved across the configs of its mode. MiB/s is RAM size / "
                  "median. mfd/QEMU is mfd's median time over QEMU's with the same parameters "

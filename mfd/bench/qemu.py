@@ -202,6 +202,8 @@ class QemuMachine:
       in the work directory: :meth:`serial_text`.
     - ``paused=False`` drops ``-S``: the guest runs at once; for an incoming machine it runs
       on after the migration (``paused=True`` leaves it ``paused`` instead).
+    - ``trace``: QEMU trace events (e.g. ``postcopy_place_page``) logged to
+      ``trace_path`` in the work directory, each line ``pid@seconds.microseconds:event ...``.
     - ``uuid`` is QEMU's ``-uuid`` (multifd channels carry it, the destination checks it);
       ``globals`` are ``-global`` options, e.g.
       ``"migration.multifd-flush-after-each-section=on"``.
@@ -227,6 +229,7 @@ class QemuMachine:
         globals: Sequence[str] = (),  # shadows the builtin: named after -global
         prealloc: bool = False,
         cpu: int | None = None,
+        trace: Sequence[str] = (),
     ) -> None:
         binary = qemu_binary()
         if binary is None:
@@ -261,6 +264,7 @@ class QemuMachine:
         self.stderr_path = os.path.join(workdir, "stderr.log")
         # -machine none has no ISA bus, so no COM1 to connect
         self.serial_path = os.path.join(workdir, "serial.log") if machine != "none" else None
+        self.trace_path = os.path.join(workdir, "trace.log")
         self.argv = [
             *(["taskset", "-c", str(cpu)] if cpu is not None else []),
             binary,
@@ -283,6 +287,9 @@ class QemuMachine:
             self.argv += ["-uuid", uuid]
         for prop in globals:
             self.argv += ["-global", prop]
+        if trace:  # QEMU's trace events, each line stamped pid@seconds.microseconds
+            self.argv += ["-msg", "timestamp=on", "-D", self.trace_path]
+            self.argv += [a for event in trace for a in ("-trace", event)]
         if incoming:
             self.argv += ["-incoming", "defer"]
 

@@ -18,7 +18,10 @@ from mfd.units import human
 
 MiB = 1 << 20
 MODE_ORDER = ("save", "restore warm", "restore cold", "migrate", "live", "kvm throttle",
-              "kvm stop")
+              "kvm stop", "postcopy migrate", "postcopy sweep", "postcopy restore")
+# a postcopy run's figures of its pages asked for (medians over the runs)
+POSTCOPY_FIGURES = ("run_at_s", "postcopy_requests", "faults", "latency_median_ms",
+                    "latency_p99_ms", "vcpu_blocked_ms", "blocktime_ms", "vcpu_blocktime_ms")
 
 # (mode, which runs are the same input, what, target of mfd's best / QEMU's best)
 TARGETS = [
@@ -108,6 +111,13 @@ def summarize(configs: list[Config], size: int) -> list[dict[str, Any]]:
                        throttle=_med([r.get("cpu_throttle_percentage") for r in ok]),
                        transferred=_med([r.get("transferred") for r in ok]),
                        xbzrle_rate=_med([r.get("xbzrle_encoding_rate") for r in ok]))
+        if c.mode in ("postcopy migrate", "postcopy sweep"):
+            runs = c.counted()
+            row.update({k: _med([r.get(k) for r in runs]) for k in POSTCOPY_FIGURES})
+            if q is not None and qst["n"]:
+                p99 = _med([r.get("latency_p99_ms") for r in q.counted()])
+                if row["latency_p99_ms"] is not None and p99:
+                    row["p99_vs_qemu"] = row["latency_p99_ms"] / p99
         if c.mode == "kvm throttle":
             runs = c.counted()
             row.update(iterations_per_s=_med([r.get("iterations_per_s") for r in runs]),
@@ -369,8 +379,35 @@ def kvm_stop_table(rows: list[dict[str, Any]]) -> str:
     return format_table(head, body, {1, 2, 3, 4})
 
 
+def postcopy_table(rows: list[dict[str, Any]]) -> str:
+    """Postcopy: each page the destination's guest asked for, from its fault to its place."""
+    head = ["tool", "config", "n", "median s", "run at s", "asked", "lat median ms",
+            "lat p99 ms", "p99 mfd/QEMU", "vCPU blocked ms", "QEMU blocktime ms"]
+    body = []
+
+    def f(x: float | None, fmt: str = "{:.3f}") -> str:
+        return fmt.format(x) if x is not None else ""
+
+    for r in rows:
+        tool = ROUTES.get(r["tool"], r["tool"])
+        if r["error"] is not None:
+            body.append([tool, r["label"], str(r["n"]), "FAILED: " + r["error"]])
+        elif not r["n"]:
+            body.append([tool, r["label"], "0", "no runs"])
+        else:
+            qemu = r.get("blocktime_ms") is not None
+            body.append([tool, r["label"], str(r["n"]), f(r["median"]), f(r.get("run_at_s")),
+                         f(r.get("faults"), "{:.0f}"), f(r.get("latency_median_ms")),
+                         f(r.get("latency_p99_ms")), _ratio(r.get("p99_vs_qemu")),
+                         f(r.get("vcpu_blocked_ms"), "{:.0f}"),
+                         f"{r['blocktime_ms']:.0f} (vCPU {r['vcpu_blocktime_ms']:.0f})"
+                         if qemu else ""])
+    return format_table(head, body, set(range(2, len(head))))
+
+
 TABLES = {"migrate": migrate_table, "live": live_table, "kvm throttle": kvm_throttle_table,
-          "kvm stop": kvm_stop_table}
+          "kvm stop": kvm_stop_table, "postcopy migrate": postcopy_table,
+          "postcopy sweep": postcopy_table}
 
 
 def text(header: list[str], rows: list[dict[str, Any]], tgts: list[dict[str, Any]],

@@ -9,6 +9,7 @@ window, ``threshold_size = bandwidth * downtime_limit``, expected downtime),
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from mfd.options import MigrationParameters
 from mfd.protocol.constants import TARGET_PAGE_SIZE
@@ -43,12 +44,19 @@ class RateLimiter:
     """``max-bandwidth``: a budget of ``max-bandwidth / 10`` bytes per 100 ms window; over
     it, wait for the window's end (``migration_rate_limit``). A job can be larger than a
     window's budget (8 packets, 4 MiB), so what a window could not pay is carried into the
-    next ones, and the wait lasts until it is paid: the rate holds for any job size."""
+    next ones, and the wait lasts until it is paid: the rate holds for any job size.
+
+    The wait is ``wait(seconds)``, a sleep unless the owner serves something meanwhile
+    (postcopy: the pages the destination asks for, as QEMU's urgent request posts
+    ``rate_limit_sem`` to cut the migration thread's wait short). What is sent during the
+    wait counts in the window (QEMU counts every channel's bytes) but is never held."""
 
     def __init__(self, max_bandwidth: int) -> None:
         self.budget = max_bandwidth * BUFFER_DELAY
         self.window_start = time.monotonic()
         self.used = 0.0
+        self.wait: Callable[[float], None] = time.sleep
+        self.waiting = False  # in ``wait``: what is sent now is urgent
 
     def set_bandwidth(self, max_bandwidth: int) -> None:
         """A new ``max-bandwidth`` (``migrate-set-parameters``), from the next window on."""
@@ -58,6 +66,8 @@ class RateLimiter:
         if self.budget <= 0:
             return
         self.used += nbytes
+        if self.waiting:
+            return
         now = time.monotonic()
         passed = int((now - self.window_start) / BUFFER_DELAY)
         if passed:  # whole windows went by: each paid its budget
@@ -65,7 +75,11 @@ class RateLimiter:
             self.used = max(0.0, self.used - passed * self.budget)
         if self.used >= self.budget:
             windows = int(self.used // self.budget)
-            time.sleep(max(0.0, self.window_start + windows * BUFFER_DELAY - now))
+            self.waiting = True
+            try:
+                self.wait(max(0.0, self.window_start + windows * BUFFER_DELAY - now))
+            finally:
+                self.waiting = False
             self.window_start += windows * BUFFER_DELAY
             self.used -= windows * self.budget
 

@@ -5,11 +5,15 @@ per RAMBlock over the block's /dev/shm mapping, dirty logged, the first block at
 0; one vCPU in a thread of its own, in 64-bit long mode at CPL3 over an identity map (the mode
 that runs natively under kvm_pvm here). The guest's layout in its first block::
 
-    0x1000   the program (PROGRAM below; the guest never writes it)
-    0x2000   params: u32 N (iterations per exit), u32 MASK (data offsets), u32 DATA (base)
+    0x1000   the program (PROGRAM below, or SWEEP; the guest never writes it)
+    0x2000   params: u32 N (iterations per exit), u32 MASK (data offsets) or, for SWEEP,
+             END (the block's end), u32 DATA (base)
     0x3000   u64 counter: one per iteration
     0x4000   PML4, 0x5000 PDPT, 0x6000.. one PD per GiB: 2 MiB pages, A and D preset
-    0x200000 the data area: each iteration stores 8 bytes at DATA + (x & MASK)
+    0x200000 the data area: each iteration stores 8 bytes at DATA + (x & MASK); SWEEP
+             (``--pattern sequential``) adds one to the u32 at offset 0 of each page in
+             turn, DATA to the end and again, as ``mfd.bench.bootsector``'s guest does in
+             QEMU (its postcopy faults come in the same order)
 
 The program is deterministic: RAM and registers fully decide its future, which is what the
 determinism test checks across a migration. It exits to the vCPU thread every N iterations
@@ -79,7 +83,24 @@ PROGRAM: tuple[tuple[bytes, str, str], ...] = (
     (b"\xe7\x10", "out 0x10, eax", "exit to the vCPU thread (KVM_EXIT_IO)"),
     (b"\xeb\xb8", "jmp outer", "back 0x48 bytes"),
 )
-PROGRAM_BYTES = b"".join(code for code, _, _ in PROGRAM)
+# EBX holds the page, ECX the iterations left before the next exit.
+SWEEP: tuple[tuple[bytes, str, str], ...] = (
+    (b"\x8b\x0c\x25\x00\x20\x00\x00", "mov ecx, [0x2000]", "outer: N iterations per exit"),
+    (b"\xff\x03", "inc dword [rbx]", "inner: the page's counter, at offset 0"),
+    (b"\x48\xff\x04\x25\x00\x30\x00\x00", "inc qword [0x3000]", "count the iteration"),
+    (b"\x81\xc3\x00\x10\x00\x00", "add ebx, 0x1000", "next page"),
+    (b"\x3b\x1c\x25\x04\x20\x00\x00", "cmp ebx, [0x2004]", "past the end?"),
+    (b"\x72\x07", "jb next", ""),
+    (b"\x8b\x1c\x25\x08\x20\x00\x00", "mov ebx, [0x2008]", "again from DATA"),
+    (b"\xff\xc9", "next: dec ecx", ""),
+    (b"\x75\xdc", "jnz inner", "back 0x24 bytes"),
+    (b"\xe7\x10", "out 0x10, eax", "exit to the vCPU thread (KVM_EXIT_IO)"),
+    (b"\xeb\xd1", "jmp outer", "back 0x2f bytes"),
+)
+
+
+def program(pattern: str) -> bytes:
+    return b"".join(code for code, _, _ in (SWEEP if pattern == "sequential" else PROGRAM))
 
 
 @dataclass
@@ -120,9 +141,11 @@ def install(ram: np.ndarray, state: KvmState) -> list[int]:
     """Write the program, its params and the page tables into the first block's bytes;
     return the pages written (this process's writes: KVM's log does not see them)."""
     size = len(ram)
-    ram[CODE:CODE + len(PROGRAM_BYTES)] = np.frombuffer(PROGRAM_BYTES, np.uint8)
-    struct.pack_into("<III", ram, PARAMS, iterations_per_exit(state.dirty_rate),
-                     data_mask(size, state.pattern), DATA)
+    code = program(state.pattern)
+    ram[CODE:CODE + len(code)] = np.frombuffer(code, np.uint8)
+    end = size // TARGET_PAGE_SIZE * TARGET_PAGE_SIZE if state.pattern == "sequential" \
+        else data_mask(size, state.pattern)
+    struct.pack_into("<III", ram, PARAMS, iterations_per_exit(state.dirty_rate), end, DATA)
     struct.pack_into("<Q", ram, COUNTER, 0)
     gibs = (size + GIB - 1) // GIB
     flags = 0x1 | 0x2 | 0x4  # present, writable, user
@@ -152,6 +175,7 @@ def initial_state(vm: kvm.VM, seed: int) -> tuple[bytes, bytes]:
         kvm.control_register(sregs, name, value)
     regs = [0] * 18
     regs[0] = seed & 0xFFFFFFFF or 0x12345678  # RAX: the xorshift state, never 0
+    regs[1] = DATA  # RBX: SWEEP's first page
     regs[6] = 0x10000  # RSP: unused by the program
     regs[kvm.RIP], regs[kvm.RFLAGS] = CODE, 0x3002  # IOPL 3: `out` is legal at CPL3
     return struct.pack("<18Q", *regs), bytes(sregs)

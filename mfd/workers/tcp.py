@@ -106,7 +106,7 @@ def listen(addr: Address, what: str) -> socket.socket:
 
 
 def connect(addr: Address, timeout: float,
-            tls: tls_relay.TLSOptions | None = None) -> socket.socket:
+            tls: tls_relay.TLSOptions | None = None, nodelay: bool = False) -> socket.socket:
     """A connection to ``addr`` (already resolved), within ``timeout`` seconds. A refused
     connection is tried again for up to :data:`REFUSED_S`: a destination started a moment
     before its source may not listen yet. With ``tls``, the plaintext end of its TLS relay
@@ -135,6 +135,8 @@ def connect(addr: Address, timeout: float,
             raise MfdError(f"cannot reach the destination at {addr}: "
                            f"{e.strerror or e}") from None
     tune(sock)
+    if nodelay:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if tls is not None:
         return tls_relay.client(sock, tls, str(addr))
     sock.setblocking(False)
@@ -191,10 +193,11 @@ def _advance(views: list[memoryview], i: int, n: int) -> int:
     return i
 
 
-def wait(sock: socket.socket, write: bool, tick: Tick | None) -> None:
-    """Up to WAIT_S for ``sock`` to be writable (or readable), then ``tick`` if it was not:
-    callers try again, so every wait stays bounded and watched."""
-    r, w, _ = select.select([] if write else [sock], [sock] if write else [], [], WAIT_S)
+def wait(sock: socket.socket, write: bool, tick: Tick | None, timeout: float = WAIT_S
+         ) -> None:
+    """Up to ``timeout`` for ``sock`` to be writable (or readable), then ``tick`` if it was
+    not: callers try again, so every wait stays bounded and watched."""
+    r, w, _ = select.select([] if write else [sock], [sock] if write else [], [], timeout)
     if not (r or w) and tick is not None:
         tick()
 

@@ -92,6 +92,9 @@ class Acceptor:
                 return
             sock.setblocking(False)
             tcp.tune(sock)
+            # the return path's page requests are small writes: none may wait for the ACK
+            # of the one before (Nagle), which the source may delay 40 ms
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             who = f"{addr[0]}:{addr[1]}"
             if self.tls is not None:
                 if sum(not p.opened for p in self.pending.values()) >= MAX_HANDSHAKES:

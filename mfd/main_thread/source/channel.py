@@ -81,8 +81,10 @@ class MainChannel:
         self.sock = tcp.connect(self.addr, self.connect_timeout, self.tls)
 
     def connect(self) -> socket.socket:
-        """Another connection to the same destination (postcopy-preempt's channel)."""
-        return tcp.connect(self.addr, self.connect_timeout, self.tls)
+        """Another connection to the same destination (postcopy-preempt's channel): each
+        page goes out as it is written, never held for the ACK of the one before (Nagle,
+        which the destination, sending nothing back on it, delays up to 40 ms)."""
+        return tcp.connect(self.addr, self.connect_timeout, self.tls, nodelay=True)
 
     def watch(self, pool: ChannelPool) -> None:
         """The return path is read whenever ``pool`` waits and the socket is readable."""
@@ -185,15 +187,16 @@ class MainChannel:
             raise ProtocolError(f"return path: {msg.name} is not something a precopy "
                                 "destination sends")
 
-    def wait(self) -> bool:
-        """Up to 100 ms for the destination to say something (50 ms without a connection:
-        postcopy-paused). False: it closed the connection, nothing more will come."""
+    def wait(self, timeout: float = tcp.WAIT_S) -> bool:
+        """Up to ``timeout`` (100 ms) for the destination to say something (at most 50 ms
+        without a connection: postcopy-paused). False: it closed the connection, nothing
+        more will come."""
         if self.sock is None:
-            time.sleep(0.05)
+            time.sleep(min(timeout, 0.05))
             return True
         if self.closed:
             return False
-        tcp.wait(self.sock, write=False, tick=None)
+        tcp.wait(self.sock, write=False, tick=None, timeout=timeout)
         return True
 
     # ------------------------------------------------------------------ its verdict

@@ -7,9 +7,11 @@
     switch     postcopy_start: stop the guest; discard on the destination every page still
                dirty (sent before or not); the device state in a PACKAGED blob that ends
                with RUN: the destination's guest runs from here, ours never again
-    push       the pages not sent since the switch, in order, in one PART section; before
-               each batch, the pages the destination asked for (on the preempt channel
-               when there is one); then END, EOF and the verdict (Switchover.finish)
+    push       the pages not sent since the switch, in order, in one PART section, at
+               max-postcopy-bandwidth; then END, EOF and the verdict (Switchover.finish)
+    requests   the pages the destination asked for, at once (on the preempt channel when
+               there is one): before each batch of the push, and whenever the push waits
+               for the rate limiter's window (they count in it, they never wait for it)
     pause      the link is lost: postcopy-paused, the guest stays stopped here with every
                page the destination may lack, until QMP ``migrate`` with ``resume``
     recover    a new main connection: RECV_BITMAP per block (what the destination lacks is
@@ -64,6 +66,7 @@ class Postcopy:
         """The switch, then the push until the destination's verdict; a lost link pauses
         and, once resumed, the push goes on."""
         self._switch()
+        self.precopy.limiter.wait = self._wait_serving
         while True:
             try:
                 if self.preempt is not None:
@@ -130,6 +133,17 @@ class Postcopy:
             block, first, n = requests.popleft()
             self._send_unsent(block, np.arange(first, first + n, dtype=np.int64),
                               urgent=True)
+
+    def _wait_serving(self, seconds: float) -> None:
+        """The push waits for the rate limiter's window: a page asked for meanwhile goes at
+        once (QEMU: the request posts ``rate_limit_sem``, which cuts the migration thread's
+        wait short; with preempt its return-path thread sends the page itself)."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if not self.channel.wait(left):  # closed: nothing more to serve
+                time.sleep(left)
+                return
+            self._serve_requests()
 
     def _send_unsent(self, block: int, pages: np.ndarray, urgent: bool = False) -> None:
         """Each page goes once after the switch (QEMU's destination fails on a second);

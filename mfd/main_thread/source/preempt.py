@@ -26,6 +26,7 @@ class Preempt:
         self.blocks = precopy.blocks
         self.mapped = precopy.mapped
         self.stats = precopy.stats
+        self.limiter = precopy.limiter
         self.verification = verification
         self.sock: socket.socket | None = None
         self.last_block: int | None = None  # the block its records last named
@@ -50,5 +51,6 @@ class Preempt:
         except tcp.LinkLost as e:
             raise tcp.LinkLost(f"preempt channel: {e}") from None
         self.stats.transferred += sent
+        self.limiter.account(sent)  # QEMU counts every channel's bytes in max-bandwidth
         self.stats.normal += len(pages)
         self.verification.record(block, words, pages)
