@@ -40,6 +40,8 @@ from mfd.shm.pagehash import PageHashes, hash_rows
 from mfd.shm.ramblock import WORDS_PER_PAGE, MappedBlock, read_at, write_at
 from mfd.shm.uffd import GuestRAM
 
+READBACK_PAGES = 64  # 256 KiB: read back and hashed while in the core's cache
+
 
 def last_copies(pages: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """The placement rule: each page once, with its last copy (QEMU's loader writes records
@@ -137,7 +139,7 @@ class MappedPlacer(Placer):
         super().__init__(received, hashes)
         self.fds = [b.fd for b in blocks]
         self.words = [b.words for b in blocks]  # zero and XBZRLE pages: in place
-        self.readback = np.empty((0, WORDS_PER_PAGE), dtype=np.uint64)
+        self.readback = np.empty((READBACK_PAGES, WORDS_PER_PAGE), dtype=np.uint64)
 
     def _write(self, block: int, pages: np.ndarray, rows: np.ndarray,
                order: np.ndarray | None) -> tuple[np.ndarray, None]:
@@ -183,16 +185,17 @@ class MappedPlacer(Placer):
 
     def _hash(self, block: int, pages: np.ndarray, rows: np.ndarray | None) -> None:
         """Read back from RAM, whatever ``rows`` held: what a page placed at the wrong
-        offset, a damaged write or two channels racing on a page left there shows."""
+        offset, a damaged write or two channels racing on a page left there shows. Read
+        READBACK_PAGES at a time into a buffer that stays in the cache while it is hashed
+        (0.74 us a page here, against 1.14 reading a 4 MiB packet at once)."""
         if not _increasing(pages):  # a page named twice (raw pages, in payload order)
             pages = np.unique(pages)
-        if len(self.readback) < len(pages):
-            self.readback = np.empty((len(pages), WORDS_PER_PAGE), dtype=np.uint64)
-        out, at = self.readback[: len(pages)], 0
+        table, fd, buffer = self.hashes.table[block], self.fds[block], self.readback
         for start, end in page_runs(pages).tolist():
-            read_at(self.fds[block], out[at : at + end - start], start * TARGET_PAGE_SIZE)
-            at += end - start
-        self.hashes.table[block][pages] = hash_rows(out)
+            for at in range(start, end, READBACK_PAGES):
+                out = buffer[: min(READBACK_PAGES, end - at)]
+                read_at(fd, out, at * TARGET_PAGE_SIZE)
+                table[at : at + len(out)] = hash_rows(out)
 
 
 class UffdPlacer(Placer):
