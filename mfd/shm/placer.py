@@ -37,7 +37,7 @@ from mfd.protocol.constants import TARGET_PAGE_SIZE
 from mfd.protocol.mapped_ram import page_runs
 from mfd.protocol.ramruns import Pages, RunEvent, ZeroPages
 from mfd.shm.pagehash import PageHashes, hash_rows
-from mfd.shm.ramblock import WORDS_PER_PAGE, MappedBlock, read_at, write_at
+from mfd.shm.ramblock import IOV_MAX, WORDS_PER_PAGE, MappedBlock, read_at, write_at
 from mfd.shm.uffd import GuestRAM
 
 READBACK_PAGES = 64  # 256 KiB: read back and hashed while in the core's cache
@@ -149,17 +149,18 @@ class MappedPlacer(Placer):
         contiguous = order is None and rows.flags.c_contiguous
         each = None if contiguous else list(rows)
         index = None if order is None else order.tolist()
-        at = 0
+        fd, at = self.fds[block], 0
         for start, end in page_runs(pages).tolist():
-            n = end - start
-            if each is None:
-                buffers = [rows[at : at + n]]
-            elif index is None:
-                buffers = each[at : at + n]
-            else:
-                buffers = [each[i] for i in index[at : at + n]]
-            write_at(self.fds[block], buffers, start * TARGET_PAGE_SIZE)
-            at += n
+            for first in range(start, end, IOV_MAX):  # a pwritev takes IOV_MAX buffers
+                n = min(end - first, IOV_MAX)
+                if each is None:
+                    buffers = [rows[at : at + n]]
+                elif index is None:
+                    buffers = each[at : at + n]
+                else:
+                    buffers = [each[i] for i in index[at : at + n]]
+                write_at(fd, buffers, first * TARGET_PAGE_SIZE, n * TARGET_PAGE_SIZE)
+                at += n
         return pages, None
 
     def zero(self, block: int, pages: np.ndarray) -> None:

@@ -71,19 +71,15 @@ def require_room(directory: str, blocks: list[tuple[str, int]]) -> None:
                        "(in a container, raise its shm_size)")
 
 
-def write_at(fd: int, buffers: list, offset: int) -> None:
-    """``buffers``, one after the other, into the file from ``offset`` (tmpfs writes
-    whole, or fails), at most IOV_MAX buffers a call."""
-    for at in range(0, len(buffers), _IOV_MAX):
-        part = buffers[at : at + _IOV_MAX]
-        size = sum(b.nbytes for b in part)
-        n = os.pwritev(fd, part, offset)
-        if n != size:
-            raise MfdError(f"short write to RAM: {n} of {size} bytes")
-        offset += size
+def write_at(fd: int, buffers: list, offset: int, size: int) -> None:
+    """``buffers`` (``size`` bytes, at most IOV_MAX of them), one after the other, into the
+    file from ``offset``: tmpfs writes whole, or fails."""
+    n = os.pwritev(fd, buffers, offset)
+    if n != size:
+        raise MfdError(f"short write to RAM: {n} of {size} bytes")
 
 
-_IOV_MAX = 1024  # Linux's UIO_MAXIOV
+IOV_MAX = 1024  # Linux's UIO_MAXIOV: buffers a pwritev takes
 
 
 def read_at(fd: int, out: np.ndarray, offset: int) -> None:
