@@ -55,9 +55,12 @@ def unnamed_ram(pid: int) -> list[os.stat_result]:
     return found
 
 
-def test_the_ram_is_allocated_before_listening_and_a_migration_fills_it(tmp_path):
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_the_ram_is_allocated_before_listening_and_a_migration_fills_it(tmp_path,
+                                                                        compression):
     """Every page of the preallocated block is allocated (no hole) while mfd listens, it has
-    no name, and an mfd source's image arrives in it byte for byte."""
+    no name, and an mfd source's image arrives in it byte for byte (through the channels'
+    mappings: raw pages from the socket, zstd decoded straight into RAM)."""
     img, out = tmp_path / "src.bin", tmp_path / "dst.bin"
     generate(str(img), 8 * MiB, seed=7)
     port = free_ports(1)
@@ -67,7 +70,7 @@ def test_the_ram_is_allocated_before_listening_and_a_migration_fills_it(tmp_path
     assert not out.exists()
     res = mfd.migrate(f"tcp:127.0.0.1:{port}", images={"mem": str(img)},
                       params=MigrationParameters(multifd_channels=2,
-                                                 multifd_compression="zstd"))
+                                                 multifd_compression=compression))
     rc, stdout, err = finish(inc)
     assert rc == 0, err
     assert res.status == "completed" and orjson.loads(stdout)["verified"]
@@ -106,17 +109,21 @@ def test_postcopy_into_preallocated_ram(guests):
 
 @pytest.mark.qemu
 @needs_qemu
-@pytest.mark.parametrize("channels", [0, 2], ids=["nomultifd", "2ch"])
-def test_qemu_to_preallocated_ram(tmp_path, image, channels):
+@pytest.mark.parametrize(("channels", "compression"), [(0, "none"), (2, "none"), (2, "zstd")],
+                         ids=["nomultifd", "2ch", "2ch-zstd"])
+def test_qemu_to_preallocated_ram(tmp_path, image, channels, compression):
+    """QEMU's packets (zero pages swapped out of order) into the mappings, zstd's through
+    the channel's buffer."""
     src, out = source_copy(image, tmp_path), tmp_path / "out.bin"
     port = free_ports(1)
-    multifd = ["--multifd-channels", str(channels)] if channels else []
+    multifd = ["--multifd-channels", str(channels), "--multifd-compression", compression] \
+        if channels else []
     with Mfd("incoming", "--listen", f"tcp:127.0.0.1:{port}", "--image", f"mem={out}",
              "--prealloc", f"mem={IMAGE_SIZE}", "--timeout", str(WAIT), "--json",
              *multifd) as inc, \
             QemuMachine(str(src), IMAGE_SIZE, timeout=QMP_TIMEOUT) as q:
         wait_listening(port, inc.alive)
-        q.set_migration(multifd_channels=channels)
+        q.set_migration(multifd_channels=channels, multifd_compression=compression)
         q.start_migrate(f"tcp:127.0.0.1:{port}")
         assert q.wait_migration(WAIT)["status"] == "completed"
         res = inc.completed()

@@ -345,7 +345,10 @@ class PendingRAM:
         the same size (QEMU's "Length mismatch"), and is used as it is."""
         self.fds: list[int] = []
         self.blocks: list[RAMBlock] = []
+        # each block's pages all exist (zeroed now, or ahead): writing one allocates nothing
+        self.allocated: list[bool] = []
         made = ahead.hand_over() if ahead is not None else {}
+        made_names = set(made)
         try:
             unknown = sorted(set(made) - {idstr for idstr, _ in blocks})
             if unknown:
@@ -366,6 +369,7 @@ class PendingRAM:
                 else:
                     path = self._tmpfile(directory, size, zeroed)
                 self.blocks.append(RAMBlock(idstr, size, path))
+                self.allocated.append(zeroed or idstr in made_names)
         except BaseException:
             for fd, _ in made.values():
                 os.close(fd)
@@ -391,7 +395,7 @@ class PendingRAM:
         """idstr -> (descriptor, size) of every block, which the caller now owns."""
         made = {b.idstr: (fd, b.used_length) for b, fd in zip(self.blocks, self.fds,
                                                                 strict=True)}
-        self.fds, self.blocks = [], []
+        self.fds, self.blocks, self.allocated = [], [], []
         return made
 
     def link(self, i: int, path: str) -> None:

@@ -92,8 +92,10 @@ class SocketChannelConfig:
     # this end's page hash table (send: filled for JOB_HASH jobs; receive: None when the
     # source is QEMU, which has nothing to compare)
     hashes: RAMBlock | None = None
-    # receive: the map shared by every channel; the socket the connection comes on
+    # receive: the map shared by every channel; the socket the connection comes on; which
+    # blocks were allocated ahead (``--prealloc``: written through the mapping)
     receivedmap: RAMBlock | None = None
+    allocated: tuple[bool, ...] = ()
     handoff: int = -1
     # test-only: a receive channel sleeps before placing each packet (channel_delays),
     # ignores SYNC packets (skip_sync: round order is then not kept, the test must fail),
@@ -285,7 +287,7 @@ class RecvChannel(SocketChannel):
         self.quiesced = False  # QUIESCE: reads nothing more, for good
         assert cfg.receivedmap is not None
         self.receivedmap = ReceivedMap(cfg.receivedmap, list(cfg.blocks))
-        ram = (self.blocks, self.receivedmap.received, self.hashes)
+        ram = (self.blocks, self.receivedmap.received, self.hashes, list(cfg.allocated))
         self.placer = MappedPlacer(*ram) if cfg.x.fault is None else \
             _DamagingPlacer(*ram, cfg.x.fault)
 
@@ -442,6 +444,8 @@ class RecvChannel(SocketChannel):
         if self._drops(block, normal):  # test-only: received and thrown away
             scratch = self.pages if self.method.raw_pages else self.payload
             self._recv([memoryview(scratch).cast("B")[: pkt.next_packet_size]])
+        elif len(normal) and self.placer.allocated[block]:
+            self._into_mapping(pkt, block, normal)
         elif len(normal):
             if self.method.raw_pages and \
                     np.count_nonzero(np.diff(normal) != 1) < SPLICE_RUNS:
@@ -451,6 +455,29 @@ class RecvChannel(SocketChannel):
                 self.placer.pages(block, normal, self._read_pages(pkt, len(normal)))
         if len(zero):
             self.placer.zero(block, zero)
+
+    def _into_mapping(self, pkt: multifd.MultiFDPacket, block: int, normal: np.ndarray
+                      ) -> None:
+        """RAM allocated ahead (``--prealloc``): its pages exist, so mapping a packet's in
+        allocates nothing, and they land with one copy, as in QEMU's readv into its RAM:
+        raw ones straight from the socket (a buffer per run, in payload order: a page named
+        twice keeps its later copy), compressed ones decoded straight into RAM when they
+        are consecutive (an mfd source's), else through the channel's buffer."""
+        runs = page_runs(normal).tolist()
+        if not (self.method.raw_pages or len(runs) == 1):
+            self.placer.pages(block, normal, self._read_pages(pkt, len(normal)))
+            return
+        self.placer.map_in(block, np.sort(normal))
+        words = self.words[block]
+        if self.method.raw_pages:
+            self._recv([words[lo:hi] for lo, hi in runs])
+        else:
+            payload = memoryview(self.payload)[: pkt.next_packet_size]
+            self._recv([payload])
+            assert self.decompressor is not None
+            lo, hi = runs[0]
+            self.decompressor.recv(payload, memoryview(words[lo:hi]).cast("B"))
+        self.placer.placed(block, normal, None)
 
     def _read_pages(self, pkt: multifd.MultiFDPacket, count: int) -> np.ndarray:
         """The packet's ``count`` normal pages, in payload order, in this channel's buffer:
@@ -478,8 +505,9 @@ class _DamagingPlacer(MappedPlacer):
     catch it; what it damaged the test knows from the hook (``XHooks.damaged``)."""
 
     def __init__(self, blocks: list[MappedBlock], received: list[np.ndarray],
-                 hashes: PageHashes | None, fault: tuple[str, int]) -> None:
-        super().__init__(blocks, received, hashes)
+                 hashes: PageHashes | None, allocated: list[bool],
+                 fault: tuple[str, int]) -> None:
+        super().__init__(blocks, received, hashes, allocated)
         self.fault = fault
 
     def placed(self, block: int, pages: np.ndarray, rows: np.ndarray | None) -> None:

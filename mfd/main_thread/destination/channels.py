@@ -193,6 +193,7 @@ class Channels:
         configs = [SocketChannelConfig(
             channel_id=i, endpoint="", parent_pid=0, blocks=tuple(ram.blocks),
             compression=self.compression, receivedmap=ram.receivedmap_file,
+            allocated=tuple(ram.allocated),
             hashes=ram.hash_file if self.verifying(mfd_source) else None, x=self.options.x)
             for i in range(self.count if self.multifd else 0)]
         inherited = (*inherited, *self.acceptor.sockets(),

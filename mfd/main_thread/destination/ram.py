@@ -62,6 +62,11 @@ class IncomingRAM:
         return self.files[-1]
 
     @property
+    def allocated(self) -> list[bool]:
+        """Each block's RAM allocated ahead (``--prealloc``): written through its mapping."""
+        return self.pending.allocated
+
+    @property
     def received(self) -> list[np.ndarray]:
         assert self.receivedmap is not None
         return self.receivedmap.received
@@ -70,7 +75,7 @@ class IncomingRAM:
         """The main channel's records go into RAM from now on (the receive channels', when
         there are some, are their own); hashed when ``verifying``."""
         self.placer = MappedPlacer(self.mapped, self.received,
-                                   self.hashes if verifying else None)
+                                   self.hashes if verifying else None, self.allocated)
 
     def place(self, ev: RunEvent) -> None:
         """PAGE, ZERO and XBZRLE records on the main stream (no multifd; XBZRLE: each
