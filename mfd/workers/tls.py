@@ -8,15 +8,18 @@ asks for a client certificate from the same CA and, with ``tls-authz``, checks t
 certificate's distinguished name. The credentials are a directory with QEMU's file names
 (:data:`FILES`). TLS 1.3 only: QEMU 10 with GnuTLS negotiates it, and mfd refuses less.
 
-mfd runs each connection's TLS in a process of its own (``python -m mfd.workers.tls``), the
-relay: it does the handshake (in parallel for every channel, as QEMU's multifd channels do
-theirs in their own threads), then moves bytes between the TLS connection and a socketpair
-whose other end its owner (the main process, a channel process) reads and writes exactly as
-it would a plain TCP connection: sendmsg, recvmsg_into, splice into guest RAM, poll. Python's
-``ssl`` cannot hand a TLS session to another process, and this kernel has no kernel TLS
-(``CONFIG_TLS`` unset): without the relay, a destination would have to decrypt every
-channel in the main process, which sorts the connections. The cost is one copy of each byte
-through the socketpair (measured in ``mfd bench migrate --tls``).
+A send channel (``mfd.workers.socket_channel.SendChannel``) does its TLS itself, in its own
+process (:func:`open_client`): it only writes, header and pages straight from guest memory
+into OpenSSL (one ``SSL_write`` per buffer, no copy on the way), and ends with
+:func:`goodbye`. Every other connection runs its TLS in a process of its own (``python -m
+mfd.workers.tls``), the relay: it does the handshake (in parallel for every channel, as
+QEMU's multifd channels do theirs in their own threads), then moves bytes between the TLS
+connection and a socketpair whose other end its owner (the main process, a receive channel)
+reads and writes exactly as it would a plain TCP connection: sendmsg, recvmsg_into, splice
+into guest RAM, poll. Python's ``ssl`` cannot hand a TLS session to another process, and this
+kernel has no kernel TLS (``CONFIG_TLS`` unset): without the relay, a destination would have
+to decrypt every channel in the main process, which sorts the connections. The cost is one
+copy of each byte through the socketpair (measured in ``mfd bench migrate --tls``).
 
 The first byte the owner reads from the socketpair is the handshake's result: 0, then the
 plaintext; or 1, then one line saying why, and the end.
@@ -221,6 +224,40 @@ def client(net: socket.socket, opts: TLSOptions, peer: str) -> socket.socket:
         raise
     plain.setblocking(False)
     return plain
+
+
+def open_client(net: socket.socket, opts: TLSOptions, peer: str) -> ssl.SSLSocket:
+    """TLS over the connected ``net`` to ``peer``, in this process: the handshake, then the
+    TLS socket (non-blocking), for a connection this end only writes (a send channel's:
+    ``mfd.workers.tcp.send_all``, then :func:`goodbye`)."""
+    try:
+        return _handshake(net, opts, server=False)
+    except (_Refused, ssl.SSLError, OSError) as e:
+        net.close()
+        raise MfdError(f"TLS with {peer}: {_reason(e)}") from None
+
+
+def goodbye(tls: ssl.SSLSocket) -> None:
+    """The end of a connection of :func:`open_client`, as the relay ends one: our
+    close_notify (QEMU's multifd "bye": a QEMU destination takes a channel that ends without
+    one for a truncated stream), our FIN, then whatever the peer still sends, until its end
+    or :data:`LINGER_S`: a socket closed with unread bytes resets the connection, and a reset
+    drops what the kernel had not sent yet. The socket is closed. Never raises."""
+    deadline = time.monotonic() + LINGER_S
+    with contextlib.suppress(OSError, ValueError):
+        while time.monotonic() < deadline:
+            try:
+                tls.unwrap()  # sends close_notify; returns once the peer's came too
+                break
+            except ssl.SSLWantReadError:
+                break  # ours is out, theirs is still to come
+            except ssl.SSLWantWriteError:  # (a peer that does not read: up to the deadline)
+                select.select([], [tls], [], max(deadline - time.monotonic(), 0))
+        tls.shutdown(socket.SHUT_WR)  # (plain from here: the TLS object is dropped)
+        while select.select([tls], [], [], max(deadline - time.monotonic(), 0))[0]:
+            if not tls.recv(BUFFER):
+                break
+    tls.close()
 
 
 def server(net: socket.socket, opts: TLSOptions) -> socket.socket:
