@@ -11,8 +11,8 @@ certificate's distinguished name. The credentials are a directory with QEMU's fi
 A send channel (``mfd.workers.socket_channel.SendChannel``) does its TLS itself, in its own
 process (:func:`open_client`): it only writes, header and pages straight from guest memory
 into OpenSSL (one ``SSL_write`` per buffer, no copy on the way), and ends with
-:func:`goodbye`. Every other connection runs its TLS in a process of its own (``python -m
-mfd.workers.tls``), the relay: it does the handshake (in parallel for every channel, as
+:func:`goodbye`. Every other connection runs its TLS in a process of its own, forked from its
+owner, the relay: it does the handshake (in parallel for every channel, as
 QEMU's multifd channels do theirs in their own threads), then moves bytes between the TLS
 connection and a socketpair whose other end its owner (the main process, a receive channel)
 reads and writes exactly as it would a plain TCP connection: sendmsg, recvmsg_into, splice
@@ -29,18 +29,17 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import json
+import gc
 import os
 import select
+import signal
 import socket
 import ssl
-import subprocess
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from mfd.errors import MfdError, UsageError
-from mfd.sysutil import python_m
+from mfd.sysutil import default_signals, set_process_name
 
 HANDSHAKE_S = 5.0  # a peer silent for this long in the handshake is refused
 LINGER_S = 1.0  # after the owner closed: how long the relay waits for the peer's end
@@ -50,6 +49,7 @@ CLIENT = ("client-cert.pem", "client-key.pem")
 FILES = (CA, *SERVER, *CLIENT)  # QEMU's names (crypto/tlscredsx509.h)
 OK, FAILED = b"\x00", b"\x01"
 BUFFER = 1 << 18  # bytes moved per read of either side
+RELAY_NAME = "mfd-tls-relay"  # a relay's name in ps and top (its command line is its owner's)
 _QEVM = b"QEVM"
 _HANDSHAKE_RECORD = 0x16
 
@@ -167,42 +167,59 @@ def _check_cert(path: str) -> None:
 
 # ------------------------------------------------------------------ owners' side
 
-_relays: list[subprocess.Popen] = []
+_relays: list[int] = []  # this process's relays (pids) not reaped yet
 
 
 def _spawn(role: str, net: socket.socket, opts: TLSOptions) -> socket.socket:
-    """The relay for ``net`` (which it takes over); the owner's end of the socketpair."""
-    for p in list(_relays):  # reap the ones that ended
-        if p.poll() is not None:
-            _relays.remove(p)
+    """The relay for ``net`` (which it takes over); the owner's end of the socketpair. The
+    relay is forked from its owner, which has ``ssl`` loaded already: a fresh interpreter
+    (``python -m``) cost 0.06-0.13 CPU-s to start here, more than a relay moving a GiB of
+    zstd pages spends; a fork, a few milliseconds. The child keeps only its two sockets,
+    never runs its owner's code or finalizers, and leaves with ``os._exit``."""
+    _relays[:] = [pid for pid in _relays if not os.waitpid(pid, os.WNOHANG)[0]]
     ours, theirs = socket.socketpair()
     for s in (ours, theirs):
         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
     try:
-        command, env = python_m("mfd.workers.tls", role, str(net.fileno()),
-                                str(theirs.fileno()), json.dumps(asdict(opts)))
-        _relays.append(subprocess.Popen(command, env=env, pass_fds=(net.fileno(),
-                                        theirs.fileno()), stdin=subprocess.DEVNULL))
+        pid = os.fork()
     except OSError as e:
-        ours.close()
+        for s in (ours, theirs, net):
+            s.close()
         raise MfdError(f"cannot start a TLS relay: {e.strerror}") from None
-    finally:
-        net.close()
-        theirs.close()
+    if pid == 0:
+        status = 1
+        try:
+            gc.freeze()  # no finalizer of an owner's object runs here
+            # only its own sockets: another connection ends when its owner closes it
+            keep = sorted({0, 1, 2, net.fileno(), theirs.fileno()})
+            for low, high in zip(keep, [*keep[1:], os.sysconf("SC_OPEN_MAX")], strict=True):
+                os.closerange(low + 1, high)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the owner closes its end
+            default_signals()
+            set_process_name(RELAY_NAME)
+            status = _serve(net, theirs, opts, role == "server")
+        finally:
+            os._exit(status)
+    net.close()
+    theirs.close()
+    _relays.append(pid)
     return ours
 
 
 def wait_relays(timeout: float = LINGER_S + 1) -> None:
-    """Reap this process's relays once their connections are closed (each ends then): their
-    CPU time is counted as this process's children's, and none is left behind."""
+    """Reap this process's relays once their connections are closed (each ends then), killing
+    any still there after ``timeout``: their CPU time is counted as this process's
+    children's, and none is left behind."""
     deadline = time.monotonic() + timeout
-    for p in _relays:
+    for pid in _relays:
+        ended = os.pidfd_open(pid)
         try:
-            p.wait(max(deadline - time.monotonic(), 0.01))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+            if not select.select([ended], [], [], max(deadline - time.monotonic(), 0.01))[0]:
+                os.kill(pid, signal.SIGKILL)
+        finally:
+            os.close(ended)
+        os.waitpid(pid, 0)
     _relays.clear()
 
 
@@ -210,7 +227,7 @@ def client(net: socket.socket, opts: TLSOptions, peer: str) -> socket.socket:
     """TLS over the connected ``net`` to ``peer`` (for messages): the plaintext end, once the
     handshake succeeded (non-blocking, as ``tcp.connect`` returns sockets)."""
     plain = _spawn("client", net, opts)
-    plain.settimeout(HANDSHAKE_S + 10)  # the relay's start (~0.1 s) and its handshake
+    plain.settimeout(HANDSHAKE_S + 10)  # the relay's handshake (it has its own deadline)
     try:
         status = plain.recv(1)
         if status != OK:
@@ -430,14 +447,11 @@ def _relay(tls: ssl.SSLSocket, plain: socket.socket) -> None:
         select.select(r, w, [], 0.1 if not tls_out else 1.0)
 
 
-def _main(argv: list[str]) -> int:
-    role, net_fd, plain_fd, raw = argv
-    opts = TLSOptions(**{k: tuple(v) if isinstance(v, list) else v
-                         for k, v in json.loads(raw).items()})
-    net = socket.socket(fileno=int(net_fd))
-    plain = socket.socket(fileno=int(plain_fd))
+def _serve(net: socket.socket, plain: socket.socket, opts: TLSOptions, server: bool) -> int:
+    """The relay's life: the handshake, its result on ``plain``, then the bytes both ways;
+    its exit status."""
     try:
-        tls = _handshake(net, opts, role == "server")
+        tls = _handshake(net, opts, server)
     except (_Refused, ssl.SSLError, OSError) as e:
         with contextlib.suppress(OSError):
             plain.sendall(FAILED + _reason(e).encode())
@@ -451,10 +465,3 @@ def _main(argv: list[str]) -> int:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    try:
-        sys.exit(_main(sys.argv[1:]))
-    except KeyboardInterrupt:
-        sys.exit(1)
