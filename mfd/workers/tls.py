@@ -170,13 +170,13 @@ def _check_cert(path: str) -> None:
 _relays: list[int] = []  # this process's relays (pids) not reaped yet
 
 
-def _spawn(role: str, net: socket.socket, opts: TLSOptions) -> socket.socket:
+def _spawn(net: socket.socket, opts: TLSOptions, server: bool) -> socket.socket:
     """The relay for ``net`` (which it takes over); the owner's end of the socketpair. The
     relay is forked from its owner, which has ``ssl`` loaded already: a fresh interpreter
     (``python -m``) cost 0.06-0.13 CPU-s to start here, more than a relay moving a GiB of
     zstd pages spends; a fork, a few milliseconds. The child keeps only its two sockets,
     never runs its owner's code or finalizers, and leaves with ``os._exit``."""
-    _relays[:] = [pid for pid in _relays if not os.waitpid(pid, os.WNOHANG)[0]]
+    _relays[:] = [pid for pid in _relays if not _reaped(pid)]
     ours, theirs = socket.socketpair()
     for s in (ours, theirs):
         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
@@ -198,7 +198,7 @@ def _spawn(role: str, net: socket.socket, opts: TLSOptions) -> socket.socket:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the owner closes its end
             default_signals()
             set_process_name(RELAY_NAME)
-            status = _serve(net, theirs, opts, role == "server")
+            status = _serve(net, theirs, opts, server)
         finally:
             os._exit(status)
     net.close()
@@ -207,26 +207,36 @@ def _spawn(role: str, net: socket.socket, opts: TLSOptions) -> socket.socket:
     return ours
 
 
+def _reaped(pid: int, timeout: float = 0.0) -> bool:
+    """Whether relay ``pid`` ended within ``timeout`` seconds (then it is reaped)."""
+    try:
+        if timeout > 0:
+            ended = os.pidfd_open(pid)
+            try:
+                select.select([ended], [], [], timeout)
+            finally:
+                os.close(ended)
+        return os.waitpid(pid, os.WNOHANG)[0] != 0
+    except (ChildProcessError, ProcessLookupError):  # (reaped by someone else)
+        return True
+
+
 def wait_relays(timeout: float = LINGER_S + 1) -> None:
     """Reap this process's relays once their connections are closed (each ends then), killing
     any still there after ``timeout``: their CPU time is counted as this process's
     children's, and none is left behind."""
     deadline = time.monotonic() + timeout
     for pid in _relays:
-        ended = os.pidfd_open(pid)
-        try:
-            if not select.select([ended], [], [], max(deadline - time.monotonic(), 0.01))[0]:
-                os.kill(pid, signal.SIGKILL)
-        finally:
-            os.close(ended)
-        os.waitpid(pid, 0)
+        if not _reaped(pid, max(deadline - time.monotonic(), 0.01)):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
     _relays.clear()
 
 
 def client(net: socket.socket, opts: TLSOptions, peer: str) -> socket.socket:
     """TLS over the connected ``net`` to ``peer`` (for messages): the plaintext end, once the
     handshake succeeded (non-blocking, as ``tcp.connect`` returns sockets)."""
-    plain = _spawn("client", net, opts)
+    plain = _spawn(net, opts, server=False)
     plain.settimeout(HANDSHAKE_S + 10)  # the relay's handshake (it has its own deadline)
     try:
         status = plain.recv(1)
@@ -280,7 +290,7 @@ def goodbye(tls: ssl.SSLSocket) -> None:
 def server(net: socket.socket, opts: TLSOptions) -> socket.socket:
     """TLS over the accepted ``net``: the plaintext end at once (non-blocking); its first
     byte says how the handshake went (OK, or FAILED and :func:`failure`)."""
-    plain = _spawn("server", net, opts)
+    plain = _spawn(net, opts, server=True)
     plain.setblocking(False)
     return plain
 
