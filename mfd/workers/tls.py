@@ -9,17 +9,19 @@ certificate's distinguished name. The credentials are a directory with QEMU's fi
 (:data:`FILES`). TLS 1.3 only: QEMU 10 with GnuTLS negotiates it, and mfd refuses less.
 
 A send channel (``mfd.workers.socket_channel.SendChannel``) does its TLS itself, in its own
-process (:func:`open_client`): it only writes, header and pages straight from guest memory
-into OpenSSL (one ``SSL_write`` per buffer, no copy on the way), and ends with
-:func:`goodbye`. Every other connection runs its TLS in a process of its own, forked from its
-owner, the relay: it does the handshake (in parallel for every channel, as
-QEMU's multifd channels do theirs in their own threads), then moves bytes between the TLS
-connection and a socketpair whose other end its owner (the main process, a receive channel)
-reads and writes exactly as it would a plain TCP connection: sendmsg, recvmsg_into, splice
-into guest RAM, poll. Python's ``ssl`` cannot hand a TLS session to another process, and this
-kernel has no kernel TLS (``CONFIG_TLS`` unset): without the relay, a destination would have
-to decrypt every channel in the main process, which sorts the connections. The cost is one
-copy of each byte through the socketpair (measured in ``mfd bench migrate --tls``).
+process (:func:`open_client`), as QEMU's channel threads do theirs: it only writes, header
+and pages straight from guest memory into OpenSSL (one ``SSL_write`` per buffer, no copy on
+the way), and ends with :func:`goodbye`. Every other connection runs its TLS in a process
+forked from its owner, the relay: it does the handshake (in parallel for every connection),
+then moves bytes between the TLS connection and a socketpair whose other end its owner (a
+main process; on a destination, the receive channel it hands the connection to) reads and
+writes exactly as it would a plain TCP connection: sendmsg, recvmsg_into, splice into guest
+RAM, poll. Python's ``ssl`` cannot hand a TLS session to another process, and this kernel
+has no kernel TLS (``CONFIG_TLS`` unset), while a destination sorts its connections in the
+main process by their first bytes, which TLS hides, and configures its receive channels
+from what the first MultiFDInit says: without the relay, it would decrypt every channel in
+the main process. The cost is one copy of each byte through the socketpair (measured in
+``mfd bench migrate --tls``).
 
 The first byte the owner reads from the socketpair is the handshake's result: 0, then the
 plaintext; or 1, then one line saying why, and the end.
