@@ -145,8 +145,9 @@ def connect(addr: Address, timeout: float, tls: tls_relay.TLSOptions | None = No
 
 
 def send_all(sock: socket.socket, buffers: list, tick: Tick | None = None) -> int:
-    """Write every buffer (``sendmsg``, at most IOV_MAX at a time, no copy) on a
-    non-blocking socket; ``tick`` runs between waits for room. Returns the bytes sent."""
+    """Write every buffer (``sendmsg``, at most IOV_MAX at a time, no copy; over TLS, one
+    ``SSL_write`` each) on a non-blocking socket; ``tick`` runs between waits for room.
+    Returns the bytes sent."""
     views = [v.cast("B") for v in map(memoryview, buffers) if v.nbytes]
     total = sum(v.nbytes for v in views)
     if isinstance(sock, ssl.SSLSocket):
