@@ -9,12 +9,18 @@ import signal
 import sys
 
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
 libc = ctypes.CDLL(None, use_errno=True)  # shared: mfd.shm.kvm adds ioctl
 
 
 def set_parent_death_signal(sig: int) -> None:
     """prctl(PR_SET_PDEATHSIG): get ``sig`` when the parent dies (0: never)."""
     libc.prctl(PR_SET_PDEATHSIG, int(sig))
+
+
+def set_process_name(name: str) -> None:
+    """prctl(PR_SET_NAME): what ps and top show for this process (at most 15 bytes)."""
+    libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]))
 
 
 class Terminated(KeyboardInterrupt):

@@ -14,9 +14,11 @@ import signal
 import socket
 import ssl
 import subprocess
+import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import (
     IMAGE_SIZE,
@@ -44,8 +46,19 @@ from netutil import Relay
 from mfd import tlscerts
 from mfd.bench.qemu import QemuMachine
 from mfd.qmp import monitor_command
+from mfd.workers import tcp
 from mfd.workers.tcp import free_ports
-from mfd.workers.tls import HANDSHAKE_S
+from mfd.workers.tls import (
+    HANDSHAKE_S,
+    LINGER_S,
+    OK,
+    RELAY_NAME,
+    TLSOptions,
+    goodbye,
+    open_client,
+    wait_relays,
+)
+from mfd.workers.tls import server as tls_server
 
 REFUSED_WITHIN = HANDSHAKE_S + 10  # a refusal shows on both ends within this
 
@@ -322,6 +335,62 @@ def test_garbage_instead_of_a_client_hello(guests, tmp_path, creds, image):
         inc.err
     assert "Traceback" not in inc.err
     assert_same_ram(image, out)
+
+
+def test_a_send_channels_tls_in_its_own_process(creds):
+    """A send channel's TLS (``tls.open_client``): the handshake and every SSL_write in this
+    process, buffers of any shape sent whole (a header, then pages from a mapping: many
+    records each), then close_notify and the end (``tls.goodbye``). Its peer here is a
+    relay forked from this process: it keeps none of this process's other sockets (their
+    peers see their end when this process closes them), and ps names it."""
+    other, other_peer = socket.socketpair()  # a connection of this process, unrelated
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        conn = socket.create_connection(listener.getsockname())
+        accepted, _ = listener.accept()
+    plain = tls_server(accepted, TLSOptions(creds))
+    assert len(relays()) == 1
+    other.close()
+    other_peer.settimeout(5)
+    assert other_peer.recv(1) == b""  # the relay holds no copy of it
+    other_peer.close()
+
+    pages = np.random.default_rng(1).integers(0, 2**63, (640, 512), dtype=np.uint64)
+    buffers = [b"header" * 224, pages[:500], pages[500:501], memoryview(pages[501:]).cast("B")]
+    received = bytearray()
+
+    def read() -> None:  # the plaintext the relay decrypted, to its end
+        plain.setblocking(True)
+        while chunk := plain.recv(1 << 20):
+            received.extend(chunk)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    sock = open_client(conn, TLSOptions(creds, hostname="127.0.0.1"), "the test")
+    assert isinstance(sock, ssl.SSLSocket) and sock.version() == "TLSv1.3"
+    assert tcp.send_all(sock, buffers) == 1344 + pages.nbytes
+    t0 = time.monotonic()
+    goodbye(sock)  # close_notify: the relay ends the plaintext
+    reader.join(10)
+    assert not reader.is_alive()
+    assert time.monotonic() - t0 <= LINGER_S + 0.5
+    assert bytes(received) == OK + b"header" * 224 + pages.tobytes()
+    plain.close()
+    wait_relays()
+    assert not relays()
+
+
+def relays() -> list[int]:
+    """This process's TLS relays (children named so)."""
+    mine = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        name, ppid = stat[stat.index("(") + 1 : stat.rindex(")")], stat.rsplit(")")[1].split()[1]
+        if name == RELAY_NAME and int(ppid) == os.getpid():
+            mine.append(int(pid))
+    return mine
 
 
 def test_bad_credentials_and_options_are_refused(tmp_path, creds):

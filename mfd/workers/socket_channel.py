@@ -33,6 +33,7 @@ import contextlib
 import fcntl
 import os
 import socket
+import ssl
 import time
 from dataclasses import dataclass
 
@@ -57,7 +58,7 @@ from mfd.shm.receivedmap import ReceivedMap
 from mfd.workers import tcp
 from mfd.workers.channel import Channel, Link, run_channel
 from mfd.workers.methods import RecvState, get_method
-from mfd.workers.tls import TLSOptions, wait_relays
+from mfd.workers.tls import TLSOptions, goodbye
 from mfd.xhooks import NO_HOOKS, XHooks
 
 PAGE = TARGET_PAGE_SIZE
@@ -88,7 +89,7 @@ class SocketChannelConfig:
     packet_pages: int = MULTIFD_PAGE_COUNT
     zero_page_detection: bool = True  # multifd mode: the send channel finds zero pages
     connect_timeout: float = 30.0
-    tls: TLSOptions | None = None  # the connection's TLS (its relay does the handshake)
+    tls: TLSOptions | None = None  # the connection's TLS (send: done in the channel)
     # this end's page hash table (send: filled for JOB_HASH jobs; receive: None when the
     # source is QEMU, which has nothing to compare)
     hashes: RAMBlock | None = None
@@ -126,7 +127,6 @@ class SocketChannel(Channel):
             self.hashes.close()
         for b in self.blocks:
             b.close()
-        wait_relays()  # its connection's TLS relay, ending now that it is closed
 
 
 class SendChannel(SocketChannel):
@@ -142,7 +142,8 @@ class SendChannel(SocketChannel):
         multifd (no peer) the channel only hashes RAM."""
         if self.cfg.peer is None:
             return
-        self.conn = tcp.connect(self.cfg.peer, self.cfg.connect_timeout, self.cfg.tls)
+        self.conn = tcp.connect(self.cfg.peer, self.cfg.connect_timeout, self.cfg.tls,
+                                relay=False)  # its TLS here: pages encrypted where they are
         init = multifd.MultiFDInit(self.cfg.uuid, self.cfg.channel_id, self.cfg.init_unused)
         self._send([multifd.encode_init(init)])
 
@@ -253,6 +254,8 @@ class SendChannel(SocketChannel):
     def close(self) -> None:
         if self.compressor is not None:
             self.compressor.close()
+        if isinstance(self.conn, ssl.SSLSocket):
+            goodbye(self.conn)
         super().close()
 
 

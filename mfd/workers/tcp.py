@@ -19,6 +19,7 @@ import random
 import re
 import select
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -105,12 +106,14 @@ def listen(addr: Address, what: str) -> socket.socket:
     return sock
 
 
-def connect(addr: Address, timeout: float,
-            tls: tls_relay.TLSOptions | None = None, nodelay: bool = False) -> socket.socket:
+def connect(addr: Address, timeout: float, tls: tls_relay.TLSOptions | None = None,
+            nodelay: bool = False, relay: bool = True) -> socket.socket:
     """A connection to ``addr`` (already resolved), within ``timeout`` seconds. A refused
     connection is tried again for up to :data:`REFUSED_S`: a destination started a moment
-    before its source may not listen yet. With ``tls``, the plaintext end of its TLS relay
-    once the handshake succeeded (``mfd.workers.tls``)."""
+    before its source may not listen yet. ``nodelay``: TCP_NODELAY (a page asked for goes
+    out at once). With ``tls``, once the handshake succeeded (``mfd.workers.tls``): the
+    plaintext end of its TLS relay, or, ``relay=False``, the TLS socket itself, for a
+    connection :func:`send_all` only writes."""
     deadline = time.monotonic() + timeout
     refused_until = time.monotonic() + min(REFUSED_S, timeout)
     while True:
@@ -138,16 +141,21 @@ def connect(addr: Address, timeout: float,
     if nodelay:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if tls is not None:
-        return tls_relay.client(sock, tls, str(addr))
+        return tls_relay.client(sock, tls, str(addr)) if relay else \
+            tls_relay.open_client(sock, tls, str(addr))
     sock.setblocking(False)
     return sock
 
 
 def send_all(sock: socket.socket, buffers: list, tick: Tick | None = None) -> int:
-    """Write every buffer (``sendmsg``, at most IOV_MAX at a time, no copy) on a
-    non-blocking socket; ``tick`` runs between waits for room. Returns the bytes sent."""
+    """Write every buffer (``sendmsg``, at most IOV_MAX at a time, no copy; over TLS, one
+    ``SSL_write`` each) on a non-blocking socket; ``tick`` runs between waits for room.
+    Returns the bytes sent."""
     views = [v.cast("B") for v in map(memoryview, buffers) if v.nbytes]
     total = sum(v.nbytes for v in views)
+    if isinstance(sock, ssl.SSLSocket):
+        _send_tls(sock, views, tick)
+        return total
     i = 0
     while i < len(views):
         try:
@@ -159,6 +167,23 @@ def send_all(sock: socket.socket, buffers: list, tick: Tick | None = None) -> in
             raise LinkLost(_why(e)) from None
         i = _advance(views, i, n)
     return total
+
+
+def _send_tls(sock: ssl.SSLSocket, views: list[memoryview], tick: Tick | None) -> None:
+    """One ``SSL_write`` per buffer, straight from it (OpenSSL encrypts it into records of
+    16 KiB and writes each to the socket). A write that cannot finish says so after part of
+    it went out; OpenSSL keeps its place, and the same buffer is given again."""
+    for view in views:
+        while True:
+            try:
+                sock.send(view)  # all of it, or SSLWant*Error
+                break
+            except ssl.SSLWantWriteError:
+                wait(sock, write=True, tick=tick)
+            except ssl.SSLWantReadError:  # (a TLS 1.3 key update from the peer, say)
+                wait(sock, write=False, tick=tick)
+            except OSError as e:
+                raise LinkLost(_why(e)) from None
 
 
 def recv_into(sock: socket.socket, buffers: list, tick: Tick | None = None,

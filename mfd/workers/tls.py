@@ -8,15 +8,20 @@ asks for a client certificate from the same CA and, with ``tls-authz``, checks t
 certificate's distinguished name. The credentials are a directory with QEMU's file names
 (:data:`FILES`). TLS 1.3 only: QEMU 10 with GnuTLS negotiates it, and mfd refuses less.
 
-mfd runs each connection's TLS in a process of its own (``python -m mfd.workers.tls``), the
-relay: it does the handshake (in parallel for every channel, as QEMU's multifd channels do
-theirs in their own threads), then moves bytes between the TLS connection and a socketpair
-whose other end its owner (the main process, a channel process) reads and writes exactly as
-it would a plain TCP connection: sendmsg, recvmsg_into, splice into guest RAM, poll. Python's
-``ssl`` cannot hand a TLS session to another process, and this kernel has no kernel TLS
-(``CONFIG_TLS`` unset): without the relay, a destination would have to decrypt every
-channel in the main process, which sorts the connections. The cost is one copy of each byte
-through the socketpair (measured in ``mfd bench migrate --tls``).
+A send channel (``mfd.workers.socket_channel.SendChannel``) does its TLS itself, in its own
+process (:func:`open_client`), as QEMU's channel threads do theirs: it only writes, header
+and pages straight from guest memory into OpenSSL (one ``SSL_write`` per buffer, no copy on
+the way), and ends with :func:`goodbye`. Every other connection runs its TLS in a process
+forked from its owner, the relay: it does the handshake (in parallel for every connection),
+then moves bytes between the TLS connection and a socketpair whose other end its owner (a
+main process; on a destination, the receive channel it hands the connection to) reads and
+writes exactly as it would a plain TCP connection: sendmsg, recvmsg_into, splice into guest
+RAM, poll. Python's ``ssl`` cannot hand a TLS session to another process, and this kernel
+has no kernel TLS (``CONFIG_TLS`` unset), while a destination sorts its connections in the
+main process by their first bytes, which TLS hides, and configures its receive channels
+from what the first MultiFDInit says: without the relay, it would decrypt every channel in
+the main process. The cost is one copy of each byte through the socketpair (measured in
+``mfd bench migrate --tls``).
 
 The first byte the owner reads from the socketpair is the handshake's result: 0, then the
 plaintext; or 1, then one line saying why, and the end.
@@ -26,18 +31,17 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import json
+import gc
 import os
 import select
+import signal
 import socket
 import ssl
-import subprocess
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from mfd.errors import MfdError, UsageError
-from mfd.sysutil import python_m
+from mfd.sysutil import default_signals, set_process_name
 
 HANDSHAKE_S = 5.0  # a peer silent for this long in the handshake is refused
 LINGER_S = 1.0  # after the owner closed: how long the relay waits for the peer's end
@@ -47,6 +51,7 @@ CLIENT = ("client-cert.pem", "client-key.pem")
 FILES = (CA, *SERVER, *CLIENT)  # QEMU's names (crypto/tlscredsx509.h)
 OK, FAILED = b"\x00", b"\x01"
 BUFFER = 1 << 18  # bytes moved per read of either side
+RELAY_NAME = "mfd-tls-relay"  # a relay's name in ps and top (its command line is its owner's)
 _QEVM = b"QEVM"
 _HANDSHAKE_RECORD = 0x16
 
@@ -164,50 +169,77 @@ def _check_cert(path: str) -> None:
 
 # ------------------------------------------------------------------ owners' side
 
-_relays: list[subprocess.Popen] = []
+_relays: list[int] = []  # this process's relays (pids) not reaped yet
 
 
-def _spawn(role: str, net: socket.socket, opts: TLSOptions) -> socket.socket:
-    """The relay for ``net`` (which it takes over); the owner's end of the socketpair."""
-    for p in list(_relays):  # reap the ones that ended
-        if p.poll() is not None:
-            _relays.remove(p)
+def _spawn(net: socket.socket, opts: TLSOptions, server: bool) -> socket.socket:
+    """The relay for ``net`` (which it takes over); the owner's end of the socketpair. The
+    relay is forked from its owner, which has ``ssl`` loaded already: a fresh interpreter
+    (``python -m``) cost 0.06-0.13 CPU-s to start here, more than a relay moving a GiB of
+    zstd pages spends; a fork, a few milliseconds. The child keeps only its two sockets,
+    never runs its owner's code or finalizers, and leaves with ``os._exit``."""
+    _relays[:] = [pid for pid in _relays if not _reaped(pid)]
     ours, theirs = socket.socketpair()
     for s in (ours, theirs):
         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
     try:
-        command, env = python_m("mfd.workers.tls", role, str(net.fileno()),
-                                str(theirs.fileno()), json.dumps(asdict(opts)))
-        _relays.append(subprocess.Popen(command, env=env, pass_fds=(net.fileno(),
-                                        theirs.fileno()), stdin=subprocess.DEVNULL))
+        pid = os.fork()
     except OSError as e:
-        ours.close()
+        for s in (ours, theirs, net):
+            s.close()
         raise MfdError(f"cannot start a TLS relay: {e.strerror}") from None
-    finally:
-        net.close()
-        theirs.close()
+    if pid == 0:
+        status = 1
+        try:
+            gc.freeze()  # no finalizer of an owner's object runs here
+            # only its own sockets: another connection ends when its owner closes it
+            keep = sorted({0, 1, 2, net.fileno(), theirs.fileno()})
+            for low, high in zip(keep, [*keep[1:], os.sysconf("SC_OPEN_MAX")], strict=True):
+                os.closerange(low + 1, high)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the owner closes its end
+            default_signals()
+            set_process_name(RELAY_NAME)
+            status = _serve(net, theirs, opts, server)
+        finally:
+            os._exit(status)
+    net.close()
+    theirs.close()
+    _relays.append(pid)
     return ours
 
 
+def _reaped(pid: int, timeout: float = 0.0) -> bool:
+    """Whether relay ``pid`` ended within ``timeout`` seconds (then it is reaped)."""
+    try:
+        if timeout > 0:
+            ended = os.pidfd_open(pid)
+            try:
+                select.select([ended], [], [], timeout)
+            finally:
+                os.close(ended)
+        return os.waitpid(pid, os.WNOHANG)[0] != 0
+    except (ChildProcessError, ProcessLookupError):  # (reaped by someone else)
+        return True
+
+
 def wait_relays(timeout: float = LINGER_S + 1) -> None:
-    """Reap this process's relays once their connections are closed (each ends then): their
-    CPU time is counted as this process's children's, and none is left behind."""
+    """Reap this process's relays once their connections are closed (each ends then), killing
+    any still there after ``timeout``: their CPU time is counted as this process's
+    children's, and none is left behind."""
     deadline = time.monotonic() + timeout
-    for p in _relays:
-        try:
-            p.wait(max(deadline - time.monotonic(), 0.01))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+    for pid in _relays:
+        if not _reaped(pid, max(deadline - time.monotonic(), 0.01)):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
     _relays.clear()
 
 
 def client(net: socket.socket, opts: TLSOptions, peer: str) -> socket.socket:
     """TLS over the connected ``net`` to ``peer`` (for messages): the plaintext end, once the
     handshake succeeded (non-blocking, as ``tcp.connect`` returns sockets)."""
-    plain = _spawn("client", net, opts)
-    plain.settimeout(HANDSHAKE_S + 10)  # the relay's start (~0.1 s) and its handshake
+    plain = _spawn(net, opts, server=False)
+    plain.settimeout(HANDSHAKE_S + 10)  # the relay's handshake (it has its own deadline)
     try:
         status = plain.recv(1)
         if status != OK:
@@ -223,10 +255,44 @@ def client(net: socket.socket, opts: TLSOptions, peer: str) -> socket.socket:
     return plain
 
 
+def open_client(net: socket.socket, opts: TLSOptions, peer: str) -> ssl.SSLSocket:
+    """TLS over the connected ``net`` to ``peer``, in this process: the handshake, then the
+    TLS socket (non-blocking), for a connection this end only writes (a send channel's:
+    ``mfd.workers.tcp.send_all``, then :func:`goodbye`)."""
+    try:
+        return _handshake(net, opts, server=False)
+    except (_Refused, ssl.SSLError, OSError) as e:
+        net.close()
+        raise MfdError(f"TLS with {peer}: {_reason(e)}") from None
+
+
+def goodbye(tls: ssl.SSLSocket) -> None:
+    """The end of a connection of :func:`open_client`, as the relay ends one: our
+    close_notify (QEMU's multifd "bye": a QEMU destination takes a channel that ends without
+    one for a truncated stream), our FIN, then whatever the peer still sends, until its end
+    or :data:`LINGER_S`: a socket closed with unread bytes resets the connection, and a reset
+    drops what the kernel had not sent yet. The socket is closed. Never raises."""
+    deadline = time.monotonic() + LINGER_S
+    with contextlib.suppress(OSError, ValueError):
+        while time.monotonic() < deadline:
+            try:
+                tls.unwrap()  # sends close_notify; returns once the peer's came too
+                break
+            except ssl.SSLWantReadError:
+                break  # ours is out, theirs is still to come
+            except ssl.SSLWantWriteError:  # (a peer that does not read: up to the deadline)
+                select.select([], [tls], [], max(deadline - time.monotonic(), 0))
+        tls.shutdown(socket.SHUT_WR)  # (plain from here: the TLS object is dropped)
+        while select.select([tls], [], [], max(deadline - time.monotonic(), 0))[0]:
+            if not tls.recv(BUFFER):
+                break
+    tls.close()
+
+
 def server(net: socket.socket, opts: TLSOptions) -> socket.socket:
     """TLS over the accepted ``net``: the plaintext end at once (non-blocking); its first
     byte says how the handshake went (OK, or FAILED and :func:`failure`)."""
-    plain = _spawn("server", net, opts)
+    plain = _spawn(net, opts, server=True)
     plain.setblocking(False)
     return plain
 
@@ -393,14 +459,11 @@ def _relay(tls: ssl.SSLSocket, plain: socket.socket) -> None:
         select.select(r, w, [], 0.1 if not tls_out else 1.0)
 
 
-def _main(argv: list[str]) -> int:
-    role, net_fd, plain_fd, raw = argv
-    opts = TLSOptions(**{k: tuple(v) if isinstance(v, list) else v
-                         for k, v in json.loads(raw).items()})
-    net = socket.socket(fileno=int(net_fd))
-    plain = socket.socket(fileno=int(plain_fd))
+def _serve(net: socket.socket, plain: socket.socket, opts: TLSOptions, server: bool) -> int:
+    """The relay's life: the handshake, its result on ``plain``, then the bytes both ways;
+    its exit status."""
     try:
-        tls = _handshake(net, opts, role == "server")
+        tls = _handshake(net, opts, server)
     except (_Refused, ssl.SSLError, OSError) as e:
         with contextlib.suppress(OSError):
             plain.sendall(FAILED + _reason(e).encode())
@@ -414,10 +477,3 @@ def _main(argv: list[str]) -> int:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    try:
-        sys.exit(_main(sys.argv[1:]))
-    except KeyboardInterrupt:
-        sys.exit(1)
