@@ -84,8 +84,11 @@ class Placer:
         """Whole pages: ``rows[i]`` (4096 bytes, any dtype) is page ``pages[i]``."""
         pages, order = last_copies(pages)
         rows = rows.view(np.uint8).reshape(len(rows), TARGET_PAGE_SIZE)
-        pages, placed = self._write(block, pages, rows, order)
-        self.placed(block, pages, placed)
+        for at in range(0, len(pages), READBACK_PAGES):  # hashed while in the cache
+            part = slice(at, at + READBACK_PAGES)
+            done, placed = self._write(block, pages[part], rows[part] if order is None
+                                       else rows, None if order is None else order[part])
+            self.placed(block, done, placed)
 
     def zero(self, block: int, pages: np.ndarray) -> None:
         raise NotImplementedError

@@ -68,6 +68,9 @@ SPLICE_RUNS = 16
 # packets read one after another before the channel looks at its main process again: no
 # poll per packet while the connection has more
 BURST = 16
+# pages moved and hashed at a time, at each end: 256 KiB, still in the core's cache when
+# they are hashed (a 4 MiB packet hashed after it went out is read back from memory)
+HOT_PAGES = 64
 _SPLICE_F_MOVE = 1
 _F_SETPIPE_SZ = 1031
 _F_GETPIPE_SZ = 1032
@@ -170,9 +173,10 @@ class SendChannel(SocketChannel):
         """A job in packets of ``page_count`` pages, each ``multifd_send_prepare`` + write:
         find the zero pages, header and pages on the connection straight from guest memory
         (compressed: through this channel's stream, from guest memory too). With ``hash``
-        each page's hash goes into the page hash table, read right after the packet went
-        out (the bytes it sent, unless the guest wrote the page since: then it is dirty,
-        and sent and hashed again in a later round)."""
+        each page's hash goes into the page hash table, read right after its pages went
+        out, HOT_PAGES at a time while the kernel's copy left them in the cache (the bytes
+        it sent, unless the guest wrote the page since: then it is dirty, and sent and
+        hashed again in a later round)."""
         lo, hi = int(pages[0]), int(pages[-1]) + 1
         extents = self.extents[block].runs(lo, hi) if hi - lo == len(pages) else None
         moved = 0
@@ -183,7 +187,10 @@ class SendChannel(SocketChannel):
             mask = nonzero[at : at + len(packet)]
             self._zero_check(block, packet, mask, extents)
             normal = packet[mask]
-            payload: list = self._views(block, normal, extents) if len(normal) else []
+            # raw pages go out a part at a time, each hashed right after it was sent
+            parts = _parts(normal) if hash and self.method.raw_pages and len(normal) \
+                else [normal]
+            payload: list = self._views(block, parts[0], extents) if len(normal) else []
             size = len(normal) * PAGE
             if payload and not self.method.raw_pages:
                 payload = [self.compressor.prepare(payload)]
@@ -193,22 +200,24 @@ class SendChannel(SocketChannel):
                 normal=normal.astype(np.uint64) * PAGE,
                 zero=packet[~mask].astype(np.uint64) * PAGE, next_packet_size=size,
                 page_count=page_count)
-            moved += self._send([header, *payload])
-            if hash:  # after the send: the kernel's copy left the pages in the cache
-                started = time.thread_time()
-                self._hash(block, packet, mask, extents)
-                hashing += time.thread_time() - started
+            for i, part in enumerate(parts):
+                moved += self._send([header, *payload] if i == 0 else
+                                    self._views(block, part, extents))
+                if hash and len(part):
+                    started = time.thread_time()
+                    self._hash(block, part, extents)
+                    hashing += time.thread_time() - started
+            if hash:
+                self.hashes.table[block][packet[~mask]] = 0  # a zero page's hash (pagehash)
         return messages.encode_done(job_id, moved, nonzero, hashing=hashing)
 
-    def _hash(self, block: int, packet: np.ndarray, mask: np.ndarray,
+    def _hash(self, block: int, normal: np.ndarray,
               extents: list[tuple[int, int]] | None) -> None:
-        """The packet's page hashes into the table: zero pages hash to 0; the others from
-        guest memory, where holes (sent as zeros without zero-page detection, see
-        :meth:`_views`) are not read."""
+        """The hashes of pages sent (``normal``, increasing) into the table, from guest
+        memory, where holes (sent as zeros without zero-page detection, see :meth:`_views`)
+        are not read."""
         assert self.hashes is not None
         table = self.hashes.table[block]
-        table[packet[~mask]] = 0
-        normal = packet[mask]
         if self.cfg.zero_page_detection or extents is None:
             self.hashes.record(block, self.words[block], normal)
         else:
@@ -262,6 +271,11 @@ class SendChannel(SocketChannel):
 _NONE = np.empty(0, dtype=np.uint64)
 _ZEROS = np.zeros((MAX_PACKET_PAGES, WORDS_PER_PAGE), dtype=np.uint64)  # not touched: calloc
 _ZEROS.flags.writeable = False
+
+
+def _parts(pages: np.ndarray) -> list[np.ndarray]:
+    """``pages`` in parts of HOT_PAGES, in their order."""
+    return [pages[i : i + HOT_PAGES] for i in range(0, len(pages), HOT_PAGES)]
 
 
 def _clip(runs: list[tuple[int, int]], lo: int, hi: int) -> list[tuple[int, int]]:
@@ -452,8 +466,9 @@ class RecvChannel(SocketChannel):
         elif len(normal):
             if self.method.raw_pages and \
                     np.count_nonzero(np.diff(normal) != 1) < SPLICE_RUNS:
-                self._splice(self.blocks[block].fd, page_runs(normal).tolist())
-                self.placer.placed(block, normal, None)
+                for part in _parts(normal):  # each hashed while it is in the cache
+                    self._splice(self.blocks[block].fd, page_runs(part).tolist())
+                    self.placer.placed(block, part, None)
             else:
                 self.placer.pages(block, normal, self._read_pages(pkt, len(normal)))
         if len(zero):
@@ -473,7 +488,10 @@ class RecvChannel(SocketChannel):
         self.placer.map_in(block, np.sort(normal))
         words = self.words[block]
         if self.method.raw_pages:
-            self._recv([words[lo:hi] for lo, hi in runs])
+            for part in _parts(normal):  # each hashed while it is in the cache
+                self._recv([words[lo:hi] for lo, hi in page_runs(part).tolist()])
+                self.placer.placed(block, part, None)
+            return
         else:
             payload = memoryview(self.payload)[: pkt.next_packet_size]
             self._recv([payload])
