@@ -10,6 +10,7 @@ import sys
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
+IOV_MAX = 1024  # Linux's UIO_MAXIOV: the most buffers one sendmsg/readv/pwritev takes
 libc = ctypes.CDLL(None, use_errno=True)  # shared: mfd.shm.kvm adds ioctl
 
 

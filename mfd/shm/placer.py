@@ -37,10 +37,13 @@ from mfd.protocol.constants import TARGET_PAGE_SIZE
 from mfd.protocol.mapped_ram import page_runs
 from mfd.protocol.ramruns import Pages, RunEvent, ZeroPages
 from mfd.shm.pagehash import PageHashes, hash_pages, hash_rows
-from mfd.shm.ramblock import IOV_MAX, WORDS_PER_PAGE, MappedBlock, read_at, write_at
+from mfd.shm.ramblock import WORDS_PER_PAGE, MappedBlock, read_at, write_at
 from mfd.shm.uffd import GuestRAM
+from mfd.sysutil import IOV_MAX
 
-READBACK_PAGES = 64  # 256 KiB: read back and hashed while in the core's cache
+# pages placed, read back and hashed at a time (and moved and hashed at a time by both ends of
+# a 4 MiB packet): 256 KiB, still in the core's cache when they are hashed
+HOT_PAGES = 64
 
 
 def last_copies(pages: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -84,8 +87,8 @@ class Placer:
         """Whole pages: ``rows[i]`` (4096 bytes, any dtype) is page ``pages[i]``."""
         pages, order = last_copies(pages)
         rows = rows.view(np.uint8).reshape(len(rows), TARGET_PAGE_SIZE)
-        for at in range(0, len(pages), READBACK_PAGES):  # hashed while in the cache
-            part = slice(at, at + READBACK_PAGES)
+        for at in range(0, len(pages), HOT_PAGES):  # hashed while in the cache
+            part = slice(at, at + HOT_PAGES)
             done, placed = self._write(block, pages[part], rows[part] if order is None
                                        else rows, None if order is None else order[part])
             self.placed(block, done, placed)
@@ -146,13 +149,15 @@ class MappedPlacer(Placer):
         self.fds = [b.fd for b in blocks]
         self.words = [b.words for b in blocks]  # zero and XBZRLE pages: in place
         self.allocated = allocated or [False] * len(blocks)
-        self.readback = np.empty((READBACK_PAGES, WORDS_PER_PAGE), dtype=np.uint64)
+        self.readback = np.empty((HOT_PAGES, WORDS_PER_PAGE), dtype=np.uint64)
 
     def _write(self, block: int, pages: np.ndarray, rows: np.ndarray,
                order: np.ndarray | None) -> tuple[np.ndarray, None]:
         """A ``pwritev`` per run of consecutive pages, straight from ``rows``: a slice of
         it when the run's rows follow each other there, else one buffer per row (QEMU's
         swapped order; a stream's records, each after its header), never a gather."""
+        if self.hashes is not None and self.allocated[block]:
+            self.map_in(block, pages)  # hashed through the mapping next (see _hash)
         contiguous = order is None and rows.flags.c_contiguous
         each = None if contiguous else list(rows)
         index = None if order is None else order.tolist()
@@ -164,15 +169,17 @@ class MappedPlacer(Placer):
                     buffers = [rows[at : at + n]]
                 elif index is None:
                     buffers = each[at : at + n]
-                else:
-                    buffers = [each[i] for i in index[at : at + n]]
+                else:  # no Python per page: map over a C method
+                    buffers = list(map(each.__getitem__, index[at : at + n]))
                 write_at(fd, buffers, first * TARGET_PAGE_SIZE, n * TARGET_PAGE_SIZE)
                 at += n
         return pages, None
 
     def map_in(self, block: int, pages: np.ndarray) -> None:
         """Map ``pages`` (increasing) of a block allocated ahead in, a call per run rather
-        than a fault per page; pages mapped already cost nothing more."""
+        than a fault per page. Whoever writes a page of such a block maps it in first (this
+        placer when it will hash it, a channel before it reads into the mapping), so that
+        :meth:`_hash` finds it mapped."""
         for start, end in page_runs(pages).tolist():
             self.blocks[block].populate(start, end)
 
@@ -200,18 +207,18 @@ class MappedPlacer(Placer):
     def _hash(self, block: int, pages: np.ndarray, rows: np.ndarray | None) -> None:
         """Read back from RAM, whatever ``rows`` held: what a page placed at the wrong
         offset, a damaged write or two channels racing on a page left there shows. Read
-        READBACK_PAGES at a time into a buffer that stays in the cache while it is hashed
+        HOT_PAGES at a time into a buffer that stays in the cache while it is hashed
         (0.74 us a page here, against 1.14 reading a 4 MiB packet at once)."""
         if not _increasing(pages):  # a page named twice (raw pages, in payload order)
             pages = np.unique(pages)
-        table, fd, buffer = self.hashes.table[block], self.fds[block], self.readback
-        if self.allocated[block]:
-            self.map_in(block, pages)
+        table = self.hashes.table[block]
+        if self.allocated[block]:  # mapped in by its writer (map_in)
             table[pages] = hash_pages(self.words[block], pages)
             return
+        fd, buffer = self.fds[block], self.readback
         for start, end in page_runs(pages).tolist():
-            for at in range(start, end, READBACK_PAGES):
-                out = buffer[: min(READBACK_PAGES, end - at)]
+            for at in range(start, end, HOT_PAGES):
+                out = buffer[: min(HOT_PAGES, end - at)]
                 read_at(fd, out, at * TARGET_PAGE_SIZE)
                 table[at : at + len(out)] = hash_rows(out)
 

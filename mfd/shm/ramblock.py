@@ -79,9 +79,6 @@ def write_at(fd: int, buffers: list, offset: int, size: int) -> None:
         raise MfdError(f"short write to RAM: {n} of {size} bytes")
 
 
-IOV_MAX = 1024  # Linux's UIO_MAXIOV: buffers a pwritev takes
-
-
 def read_at(fd: int, out: np.ndarray, offset: int) -> None:
     """``out`` filled from the file at ``offset``."""
     n = os.preadv(fd, [out], offset)

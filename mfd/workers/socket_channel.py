@@ -45,7 +45,7 @@ from mfd.protocol.constants import MULTIFD_PACKET_SIZE, MULTIFD_PAGE_COUNT, TARG
 from mfd.protocol.mapped_ram import page_runs
 from mfd.protocol.peer import MAX_PACKET_PAGES
 from mfd.shm.pagehash import PageHashes, hash_rows
-from mfd.shm.placer import MappedPlacer
+from mfd.shm.placer import HOT_PAGES, MappedPlacer
 from mfd.shm.ramblock import (
     WORDS_PER_PAGE,
     DataExtents,
@@ -68,9 +68,6 @@ SPLICE_RUNS = 16
 # packets read one after another before the channel looks at its main process again: no
 # poll per packet while the connection has more
 BURST = 16
-# pages moved and hashed at a time, at each end: 256 KiB, still in the core's cache when
-# they are hashed (a 4 MiB packet hashed after it went out is read back from memory)
-HOT_PAGES = 64
 _SPLICE_F_MOVE = 1
 _F_SETPIPE_SZ = 1031
 _F_GETPIPE_SZ = 1032
@@ -136,7 +133,7 @@ class SendChannel(SocketChannel):
     def __init__(self, cfg: SocketChannelConfig, link: Link) -> None:
         super().__init__(cfg, link, writable=False)
         self.compressor = None if self.method.raw_pages else \
-            self.method.send_setup(cfg.level, max(cfg.packet_pages, MULTIFD_PAGE_COUNT))
+            self.method.send_setup(cfg.level, cfg.packet_pages)
         self.idstrs = [b.idstr for b in cfg.blocks]
         self.extents = [DataExtents(b.fd) for b in self.blocks]
 
@@ -271,6 +268,11 @@ class SendChannel(SocketChannel):
 _NONE = np.empty(0, dtype=np.uint64)
 _ZEROS = np.zeros((MAX_PACKET_PAGES, WORDS_PER_PAGE), dtype=np.uint64)  # not touched: calloc
 _ZEROS.flags.writeable = False
+
+
+def _breaks(pages: np.ndarray) -> int:
+    """Where ``pages`` (in payload order) stop being consecutive: runs - 1."""
+    return int(np.count_nonzero(np.diff(pages) != 1))
 
 
 def _parts(pages: np.ndarray) -> list[np.ndarray]:
@@ -464,8 +466,7 @@ class RecvChannel(SocketChannel):
         elif len(normal) and self.placer.allocated[block]:
             self._into_mapping(pkt, block, normal)
         elif len(normal):
-            if self.method.raw_pages and \
-                    np.count_nonzero(np.diff(normal) != 1) < SPLICE_RUNS:
+            if self.method.raw_pages and _breaks(normal) < SPLICE_RUNS:
                 for part in _parts(normal):  # each hashed while it is in the cache
                     self._splice(self.blocks[block].fd, page_runs(part).tolist())
                     self.placer.placed(block, part, None)
@@ -481,8 +482,7 @@ class RecvChannel(SocketChannel):
         raw ones straight from the socket (a buffer per run, in payload order: a page named
         twice keeps its later copy), compressed ones decoded straight into RAM when they
         are consecutive (an mfd source's), else through the channel's buffer."""
-        runs = page_runs(normal).tolist()
-        if not (self.method.raw_pages or len(runs) == 1):
+        if not self.method.raw_pages and _breaks(normal):
             self.placer.pages(block, normal, self._read_pages(pkt, len(normal)))
             return
         self.placer.map_in(block, np.sort(normal))
@@ -491,14 +491,10 @@ class RecvChannel(SocketChannel):
             for part in _parts(normal):  # each hashed while it is in the cache
                 self._recv([words[lo:hi] for lo, hi in page_runs(part).tolist()])
                 self.placer.placed(block, part, None)
-            return
         else:
-            payload = memoryview(self.payload)[: pkt.next_packet_size]
-            self._recv([payload])
-            assert self.decompressor is not None
-            lo, hi = runs[0]
-            self.decompressor.recv(payload, memoryview(words[lo:hi]).cast("B"))
-        self.placer.placed(block, normal, None)
+            first = int(normal[0])
+            self._decode(pkt, words[first : first + len(normal)])
+            self.placer.placed(block, normal, None)
 
     def _read_pages(self, pkt: multifd.MultiFDPacket, count: int) -> np.ndarray:
         """The packet's ``count`` normal pages, in payload order, in this channel's buffer:
@@ -507,11 +503,15 @@ class RecvChannel(SocketChannel):
         if self.method.raw_pages:
             self._recv([pages])
         else:
-            payload = memoryview(self.payload)[: pkt.next_packet_size]
-            self._recv([payload])
-            assert self.decompressor is not None
-            self.decompressor.recv(payload, memoryview(pages).cast("B"))
+            self._decode(pkt, pages)
         return pages
+
+    def _decode(self, pkt: multifd.MultiFDPacket, out: np.ndarray) -> None:
+        """The packet's payload read and decoded straight into ``out`` (whole pages)."""
+        payload = memoryview(self.payload)[: pkt.next_packet_size]
+        self._recv([payload])
+        assert self.decompressor is not None
+        self.decompressor.recv(payload, memoryview(out).cast("B"))
 
     def _drops(self, block: int, normal: np.ndarray) -> bool:
         """Test-only (``XHooks.fault`` "drop"): this packet's pages are thrown away."""

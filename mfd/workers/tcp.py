@@ -25,12 +25,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mfd.errors import MfdError, UsageError
+from mfd.sysutil import IOV_MAX
 from mfd.workers import tls as tls_relay
 
 USER_TIMEOUT_S = 10
 WAIT_S = 0.1
 REFUSED_S = 5.0
-IOV_MAX = 1024  # sendmsg/recvmsg_into take at most this many buffers (Linux UIO_MAXIOV)
 
 _URI = re.compile(r"^tcp:(?://)?(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9._-]+):(\d{1,5})$")
 

@@ -27,10 +27,10 @@ from mfd.main_thread.xbzrle import Xbzrle
 from mfd.protocol import constants as C
 from mfd.protocol import devices, ram, stream
 from mfd.shm.ramblock import DataExtents, nonzero_pages
-from mfd.workers import tcp
+from mfd.sysutil import IOV_MAX
 
 # pages per sendmsg of PAGE records on the main channel (two buffers each, <= IOV_MAX)
-INLINE_PAGES = tcp.IOV_MAX // 2
+INLINE_PAGES = IOV_MAX // 2
 
 
 class RamStream:

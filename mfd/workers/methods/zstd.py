@@ -41,9 +41,15 @@ def max_payload(pages: int) -> int:
 WINDOW_LOG_MAX = 25
 
 
+def _error(result: int) -> str | None:
+    """libzstd's name for the error ``result`` is, or None when it is not one."""
+    return ffi.string(lib.ZSTD_getErrorName(result)).decode() \
+        if lib.ZSTD_isError(result) else None
+
+
 def _checked(result: int, what: str) -> int:
-    if lib.ZSTD_isError(result):
-        name = ffi.string(lib.ZSTD_getErrorName(result)).decode()
+    """A receiver's call: its error is the peer's (a corrupt payload)."""
+    if (name := _error(result)) is not None:
         raise ProtocolError(f"zstd: {what}: {name}")
     return result
 
@@ -72,8 +78,8 @@ class ZstdSend:
             self._in.src, self._in.size, self._in.pos = ffi.from_buffer(mv), mv.nbytes, 0
             while True:  # ZSTD_e_flush: until the packet's last block is out (returns 0)
                 left = lib.ZSTD_compressStream2(self._cctx, out, self._in, mode)
-                if lib.ZSTD_isError(left):
-                    raise MfdError(f"zstd: {ffi.string(lib.ZSTD_getErrorName(left)).decode()}")
+                if (name := _error(left)) is not None:
+                    raise MfdError(f"zstd: {name}")
                 done = self._in.pos == self._in.size and (mode != lib.ZSTD_e_flush or not left)
                 if done:
                     break
